@@ -1,0 +1,167 @@
+//! Types shared by the eBPF programs (`tracer-ebpf`) and the user side (`tracer`).
+//!
+//! Every type is `#[repr(C)]`, `Copy` and made of `u32`/`u64` fields only, so that no
+//! map key or value has implicit padding (a padded key would hash its garbage bytes).
+#![no_std]
+
+/// `isa` values of the `kvm:kvm_exit` tracepoint (`KVM_ISA_VMX` / `KVM_ISA_SVM` in
+/// `arch/x86/kvm/trace.h`).
+pub mod isa {
+    pub const VMX: u32 = 1;
+    pub const SVM: u32 = 2;
+}
+
+/// Map sizes. A full map is never silent: every failed insert bumps a [`drop_kind`] slot.
+pub mod limits {
+    /// Distinct (isa, reason, failed-entry) keys.
+    pub const MAX_REASONS: u32 = 1024;
+    /// Distinct (VM pid, vcpu, isa, reason, failed-entry) keys.
+    pub const MAX_VCPU_ROWS: u32 = 16384;
+    /// Distinct (isa, reason, failed-entry, bucket) histogram keys.
+    pub const MAX_HIST_ROWS: u32 = 16384;
+    /// vCPU threads with an exit whose next entry has not been seen yet.
+    pub const MAX_PENDING: u32 = 8192;
+    /// Processes in the `-p` / `-- CMD` filter (forked children are added).
+    pub const MAX_FILTER_PIDS: u32 = 4096;
+    /// log2 buckets of the exit-handling time histogram: bucket b holds
+    /// durations in [2^b, 2^(b+1)) ns; bucket 0 also holds 0 ns.
+    pub const HIST_BUCKETS: u32 = 48;
+}
+
+/// Slots of the `DROPS` per-CPU array: why an event could not be recorded in full.
+pub mod drop_kind {
+    /// The per-reason map was full: the exit is counted only here.
+    pub const EXIT_MAP_FULL: u32 = 0;
+    /// The per-vCPU map was full: the exit is in the per-reason totals only.
+    pub const VCPU_MAP_FULL: u32 = 1;
+    /// The histogram map was full: the exit's time is in the totals, not the histogram.
+    pub const HIST_MAP_FULL: u32 = 2;
+    /// The pending-exit map was full: this exit's handling time is unknown.
+    pub const PENDING_MAP_FULL: u32 = 3;
+    /// A tracepoint field could not be read: the exit is counted only here.
+    pub const READ_FAILED: u32 = 4;
+    /// The pid filter map was full: a forked child of a traced process is not traced.
+    pub const FILTER_MAP_FULL: u32 = 5;
+    /// Number of slots.
+    pub const COUNT: u32 = 6;
+}
+
+/// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).
+pub mod globals {
+    /// Offset of `exit_reason` in the `kvm:kvm_exit` record.
+    pub const EXIT_REASON_OFF: &str = "EXIT_REASON_OFF";
+    /// Offset of `isa` in the `kvm:kvm_exit` record.
+    pub const EXIT_ISA_OFF: &str = "EXIT_ISA_OFF";
+    /// Offset of `vcpu_id` in the `kvm:kvm_exit` record.
+    pub const EXIT_VCPU_OFF: &str = "EXIT_VCPU_OFF";
+    /// Offset of `child_pid` in the `sched:sched_process_fork` record.
+    pub const FORK_CHILD_OFF: &str = "FORK_CHILD_OFF";
+    /// Non-zero: count only processes in the `FILTER_PIDS` map.
+    pub const FILTER_PIDS_ENABLED: &str = "FILTER_PIDS_ENABLED";
+    /// Count only this vcpu_id; `u32::MAX` counts all.
+    pub const VCPU_FILTER: &str = "VCPU_FILTER";
+}
+
+/// Names of the eBPF maps.
+pub mod maps {
+    pub const EXITS: &str = "EXITS";
+    pub const VCPU_EXITS: &str = "VCPU_EXITS";
+    pub const HIST: &str = "HIST";
+    pub const PENDING: &str = "PENDING";
+    pub const FILTER_PIDS: &str = "FILTER_PIDS";
+    pub const DROPS: &str = "DROPS";
+}
+
+/// Low 16 bits of a VMX exit reason: the basic exit reason (SDM Vol. 3C, 28.2.1).
+pub const VMX_BASIC_REASON_MASK: u32 = 0xffff;
+/// Bit 31 of a VMX exit reason: VM-entry failure.
+pub const VMX_FAILED_VMENTRY: u32 = 1 << 31;
+
+/// One exit reason, as counted. VMX reasons are split into the basic reason and the
+/// failed-VM-entry flag; SVM exit codes are kept whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExitKey {
+    pub isa: u32,
+    pub reason: u32,
+    /// 1 when VMX reported a failed VM entry (bit 31), else 0.
+    pub failed_entry: u32,
+}
+
+impl ExitKey {
+    /// Splits a raw `kvm:kvm_exit` (isa, exit_reason) pair.
+    #[inline(always)]
+    pub fn from_raw(isa: u32, raw_reason: u32) -> Self {
+        if isa == isa::VMX {
+            Self {
+                isa,
+                reason: raw_reason & VMX_BASIC_REASON_MASK,
+                failed_entry: u32::from(raw_reason & VMX_FAILED_VMENTRY != 0),
+            }
+        } else {
+            Self {
+                isa,
+                reason: raw_reason,
+                failed_entry: 0,
+            }
+        }
+    }
+}
+
+/// Count and handling time of one key. `timed` counts the exits whose next
+/// `kvm:kvm_entry` was seen; `time_ns` sums their exit→entry time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    pub count: u64,
+    pub timed: u64,
+    pub time_ns: u64,
+}
+
+/// Key of the per-VM, per-vCPU map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VcpuKey {
+    /// Process id (tgid) of the VMM that owns the vCPU.
+    pub pid: u32,
+    pub vcpu_id: u32,
+    pub exit: ExitKey,
+}
+
+/// Key of the time histogram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HistKey {
+    pub exit: ExitKey,
+    pub bucket: u32,
+}
+
+/// An exit whose handling has not ended yet, keyed by the vCPU thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingExit {
+    pub start_ns: u64,
+    pub vcpu: VcpuKey,
+    pub _pad: u32,
+}
+
+/// log2 bucket of a duration in nanoseconds, clamped to the last bucket.
+#[inline(always)]
+pub fn hist_bucket(ns: u64) -> u32 {
+    let b = if ns == 0 { 0 } else { 63 - ns.leading_zeros() };
+    if b >= limits::HIST_BUCKETS {
+        limits::HIST_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and made of u32/u64 with no padding.
+    unsafe impl aya::Pod for super::ExitKey {}
+    unsafe impl aya::Pod for super::ExitStats {}
+    unsafe impl aya::Pod for super::VcpuKey {}
+    unsafe impl aya::Pod for super::HistKey {}
+    unsafe impl aya::Pod for super::PendingExit {}
+}

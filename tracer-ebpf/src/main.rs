@@ -1,0 +1,216 @@
+//! kvmtrace's eBPF side: counts every `kvm:kvm_exit` by (isa, reason) and by
+//! (VM, vCPU, isa, reason), and times each exit until the same thread's next
+//! `kvm:kvm_entry`.
+//!
+//! Counters live in per-CPU maps and are bumped with plain adds: a per-CPU slot has one
+//! writer. Every insert that fails bumps a `DROPS` slot, so nothing is lost silently.
+//! Field offsets are globals the loader fills in from the tracepoint's `format` file.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    programs::TracePointContext,
+};
+use tracer_common::{
+    ExitKey, ExitStats, HistKey, PendingExit, VcpuKey, drop_kind, hist_bucket, limits,
+};
+
+#[unsafe(no_mangle)]
+static EXIT_REASON_OFF: u32 = 8;
+#[unsafe(no_mangle)]
+static EXIT_ISA_OFF: u32 = 24;
+#[unsafe(no_mangle)]
+static EXIT_VCPU_OFF: u32 = 56;
+#[unsafe(no_mangle)]
+static FORK_CHILD_OFF: u32 = 44;
+#[unsafe(no_mangle)]
+static FILTER_PIDS_ENABLED: u32 = 0;
+#[unsafe(no_mangle)]
+static VCPU_FILTER: u32 = u32::MAX;
+
+#[map]
+static EXITS: PerCpuHashMap<ExitKey, ExitStats> =
+    PerCpuHashMap::with_max_entries(limits::MAX_REASONS, 0);
+#[map]
+static VCPU_EXITS: PerCpuHashMap<VcpuKey, ExitStats> =
+    PerCpuHashMap::with_max_entries(limits::MAX_VCPU_ROWS, 0);
+#[map]
+static HIST: PerCpuHashMap<HistKey, u64> =
+    PerCpuHashMap::with_max_entries(limits::MAX_HIST_ROWS, 0);
+/// vCPU thread id -> its exit being handled. One writer per key: the thread itself.
+#[map]
+static PENDING: HashMap<u32, PendingExit> = HashMap::with_max_entries(limits::MAX_PENDING, 0);
+/// Processes to trace when `FILTER_PIDS_ENABLED` is set.
+#[map]
+static FILTER_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_FILTER_PIDS, 0);
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT, 0);
+
+#[inline(always)]
+fn global(value: &'static u32) -> u32 {
+    // SAFETY: a read of a static; volatile so the loader's value is not folded away.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+#[inline(always)]
+fn count_drop(kind: u32) {
+    if let Some(slot) = DROPS.get_ptr_mut(kind) {
+        // SAFETY: a per-CPU slot, written only on this CPU with preemption off.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Adds `count` exits and `time_ns` (over `timed` of them) to `key`, creating the
+/// entry on first use. Returns false when the map is full.
+#[inline(always)]
+fn add_stats<K>(map: &PerCpuHashMap<K, ExitStats>, key: &K, delta: &ExitStats) -> bool {
+    if let Some(stats) = map.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of the entry; per-CPU, so no other writer.
+        unsafe {
+            (*stats).count += delta.count;
+            (*stats).timed += delta.timed;
+            (*stats).time_ns += delta.time_ns;
+        }
+        return true;
+    }
+    // A concurrent insert of the same key from another CPU only sets that CPU's slot,
+    // so BPF_ANY cannot overwrite anybody's count.
+    map.insert(key, delta, u64::from(BPF_ANY)).is_ok()
+}
+
+#[inline(always)]
+fn traced(tgid: u32) -> bool {
+    // SAFETY: the map value is only tested for presence.
+    global(&FILTER_PIDS_ENABLED) == 0 || unsafe { FILTER_PIDS.get(&tgid) }.is_some()
+}
+
+#[tracepoint(category = "kvm", name = "kvm_exit")]
+pub fn kvm_exit(ctx: TracePointContext) -> u32 {
+    try_kvm_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_kvm_exit(ctx: &TracePointContext) {
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if !traced(tgid) {
+        return;
+    }
+    // SAFETY: offsets come from this tracepoint's format file; read_at checks bounds.
+    let fields = unsafe {
+        (
+            ctx.read_at::<u32>(global(&EXIT_REASON_OFF) as usize),
+            ctx.read_at::<u32>(global(&EXIT_ISA_OFF) as usize),
+            ctx.read_at::<u32>(global(&EXIT_VCPU_OFF) as usize),
+        )
+    };
+    let (Ok(raw_reason), Ok(isa), Ok(vcpu_id)) = fields else {
+        count_drop(drop_kind::READ_FAILED);
+        return;
+    };
+    let vcpu_filter = global(&VCPU_FILTER);
+    if vcpu_filter != u32::MAX && vcpu_filter != vcpu_id {
+        return;
+    }
+    let exit = ExitKey::from_raw(isa, raw_reason);
+    let one = ExitStats {
+        count: 1,
+        timed: 0,
+        time_ns: 0,
+    };
+    if !add_stats(&EXITS, &exit, &one) {
+        count_drop(drop_kind::EXIT_MAP_FULL);
+        return;
+    }
+    let vcpu = VcpuKey {
+        pid: tgid,
+        vcpu_id,
+        exit,
+    };
+    if !add_stats(&VCPU_EXITS, &vcpu, &one) {
+        count_drop(drop_kind::VCPU_MAP_FULL);
+    }
+    let pending = PendingExit {
+        start_ns: now,
+        vcpu,
+        _pad: 0,
+    };
+    if PENDING.insert(&tid, &pending, u64::from(BPF_ANY)).is_err() {
+        count_drop(drop_kind::PENDING_MAP_FULL);
+    }
+}
+
+#[tracepoint(category = "kvm", name = "kvm_entry")]
+pub fn kvm_entry(ctx: TracePointContext) -> u32 {
+    let _ = ctx;
+    try_kvm_entry();
+    0
+}
+
+#[inline(always)]
+fn try_kvm_entry() {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the entry is copied out before the delete below.
+    let Some(pending) = (unsafe { PENDING.get(&tid) }).copied() else {
+        // The first entry after attach, or a thread we do not trace.
+        return;
+    };
+    let _ = PENDING.remove(&tid);
+    // SAFETY: a helper with no arguments.
+    let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(pending.start_ns);
+    let timed = ExitStats {
+        count: 0,
+        timed: 1,
+        time_ns: elapsed,
+    };
+    // Both entries exist unless the exit's insert failed, which was counted then.
+    add_stats(&EXITS, &pending.vcpu.exit, &timed);
+    add_stats(&VCPU_EXITS, &pending.vcpu, &timed);
+    let hist = HistKey {
+        exit: pending.vcpu.exit,
+        bucket: hist_bucket(elapsed),
+    };
+    if let Some(slot) = HIST.get_ptr_mut(&hist) {
+        // SAFETY: this CPU's slot; no other writer.
+        unsafe { *slot += 1 };
+    } else if HIST.insert(&hist, &1, u64::from(BPF_ANY)).is_err() {
+        count_drop(drop_kind::HIST_MAP_FULL);
+    }
+}
+
+/// Adds forked children of traced processes to the filter, so `kvmtrace record -- CMD`
+/// also counts a VMM that CMD starts.
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    if global(&FILTER_PIDS_ENABLED) != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // SAFETY: presence test only.
+        if unsafe { FILTER_PIDS.get(&tgid) }.is_some() {
+            // SAFETY: offset from the format file; read_at checks bounds.
+            if let Ok(child) = unsafe { ctx.read_at::<u32>(global(&FORK_CHILD_OFF) as usize) } {
+                if FILTER_PIDS.insert(&child, &1, u64::from(BPF_ANY)).is_err() {
+                    count_drop(drop_kind::FILTER_MAP_FULL);
+                }
+            }
+        }
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

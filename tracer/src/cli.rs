@@ -1,0 +1,126 @@
+//! The command line, as clap parses it. Checked and turned into work in `record.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use kvmtrace::{exit_reasons::Isa, render::Format, tracefs::Tracepoint};
+
+/// Count KVM VM exits by reason, per VM and per vCPU, with the time KVM spends on each.
+///
+/// kvmtrace attaches eBPF programs to the kvm:kvm_exit and kvm:kvm_entry tracepoints of
+/// this host (the L1 hypervisor). Run it as root while guests run.
+#[derive(Debug, Parser)]
+#[command(name = "kvmtrace", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Count VM exits until Ctrl-C, a duration, or the end of a command.
+    ///
+    /// Examples:
+    ///   kvmtrace record -d 10
+    ///   kvmtrace record -p 4242 --per-vcpu
+    ///   kvmtrace record --format json -o boot.json -- qemu-system-x86_64 -accel kvm ...
+    #[command(verbatim_doc_comment)]
+    Record(RecordArgs),
+    /// List the exit reasons kvmtrace knows, with their numbers.
+    Reasons(ReasonsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// Count only the VM process with this pid (repeatable); default: every VM.
+    #[arg(short, long = "pid", value_name = "PID", conflicts_with = "command")]
+    pub pids: Vec<u32>,
+
+    /// Count only exits of this vCPU id.
+    #[arg(long, value_name = "N")]
+    pub vcpu: Option<u32>,
+
+    /// Stop after this many seconds (fractions allowed).
+    #[arg(short, long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<std::time::Duration>,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+
+    /// Rows per VM and vCPU instead of per reason.
+    #[arg(long)]
+    pub per_vcpu: bool,
+
+    /// Write the report to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// The exit tracepoint (for tests and patched kernels).
+    #[arg(long, hide = true, default_value = "kvm:kvm_exit", value_parser = Tracepoint::parse)]
+    pub exit_tracepoint: Tracepoint,
+
+    /// The entry tracepoint (for tests and patched kernels).
+    #[arg(long, hide = true, default_value = "kvm:kvm_entry", value_parser = Tracepoint::parse)]
+    pub entry_tracepoint: Tracepoint,
+
+    /// Run this command and count the VMs it (or any process it forks) runs; the record
+    /// ends when it exits.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReasonsArgs {
+    /// vmx (Intel) or svm (AMD); default: both.
+    #[arg(long, value_parser = parse_isa)]
+    pub isa: Option<Isa>,
+}
+
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("'{text}' is not a positive number of seconds"))
+}
+
+fn parse_isa(text: &str) -> Result<Isa, String> {
+    text.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_parse() {
+        assert_eq!(parse_seconds("1.5"), Ok(std::time::Duration::from_millis(1500)));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("ten").is_err());
+    }
+
+    #[test]
+    fn record_takes_a_command() {
+        let cli = Cli::try_parse_from(["kvmtrace", "record", "-f", "json", "--", "qemu", "-m", "128"]);
+        let Ok(Cli {
+            command: Command::Record(args),
+        }) = cli
+        else {
+            panic!("parse failed: {cli:?}");
+        };
+        assert_eq!(args.command, ["qemu", "-m", "128"]);
+        assert_eq!(args.format, Format::Json);
+        assert!(Cli::try_parse_from(["kvmtrace", "record", "-p", "1", "--", "qemu"]).is_err());
+    }
+}

@@ -1,0 +1,80 @@
+//! Facts about the host a report records: kernel release, KVM paging mode, and the
+//! names of the processes that own the VMs.
+
+use std::{fs, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// Whether the loaded KVM vendor module uses nested paging (EPT / NPT) or shadow paging.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paging {
+    /// `kvm_intel` or `kvm_amd`.
+    pub module: String,
+    /// `ept` or `npt`.
+    pub parameter: String,
+    /// true: nested paging (EPT/NPT); false: shadow paging.
+    pub nested: bool,
+}
+
+impl Paging {
+    /// `ept=1`, `npt=0`, ... as the module parameter would be written.
+    pub fn label(&self) -> String {
+        format!("{}={}", self.parameter, u8::from(self.nested))
+    }
+}
+
+/// Reads the paging mode from `/sys/module/{kvm_intel,kvm_amd}/parameters`; `None`
+/// when neither module is loaded.
+pub fn paging() -> Option<Paging> {
+    paging_at(Path::new("/sys/module"))
+}
+
+/// [`paging`] under another sysfs root (tests).
+pub fn paging_at(sys_module: &Path) -> Option<Paging> {
+    [("kvm_intel", "ept"), ("kvm_amd", "npt")]
+        .into_iter()
+        .find_map(|(module, parameter)| {
+            let text = fs::read_to_string(sys_module.join(module).join("parameters").join(parameter)).ok()?;
+            let nested = matches!(text.trim(), "Y" | "y" | "1");
+            Some(Paging {
+                module: module.to_owned(),
+                parameter: parameter.to_owned(),
+                nested,
+            })
+        })
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// The command name of process `pid`, if it still exists.
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_ept_and_npt() {
+        let root = std::env::temp_dir().join(format!("kvmtrace-sysmod-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        assert_eq!(paging_at(&root), None);
+        fs::create_dir_all(root.join("kvm_amd/parameters")).ok();
+        fs::write(root.join("kvm_amd/parameters/npt"), "0\n").ok();
+        let p = paging_at(&root);
+        assert_eq!(p.as_ref().map(|p| (p.nested, p.label())), Some((false, "npt=0".into())));
+        fs::create_dir_all(root.join("kvm_intel/parameters")).ok();
+        fs::write(root.join("kvm_intel/parameters/ept"), "Y\n").ok();
+        let p = paging_at(&root);
+        assert_eq!(p.map(|p| p.label()), Some("ept=1".into()));
+        let _ = fs::remove_dir_all(&root);
+    }
+}

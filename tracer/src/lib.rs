@@ -1,0 +1,16 @@
+//! kvmtrace: counts KVM VM exits by reason, per VM and per vCPU, with the time KVM spent
+//! handling each, from eBPF programs on `kvm:kvm_exit` and `kvm:kvm_entry`.
+//!
+//! Data flows one way: [`probe`] (eBPF maps) → [`snapshot::Snapshot`] (plain data) →
+//! [`report::Report`] (the versioned JSON schema) → [`render`]. Everything after the
+//! snapshot is pure and tested without a kernel.
+
+pub mod exit_reasons;
+pub mod histogram;
+pub mod host;
+pub mod privileges;
+pub mod probe;
+pub mod render;
+pub mod report;
+pub mod snapshot;
+pub mod tracefs;

@@ -1,0 +1,223 @@
+//! Loading the eBPF programs, attaching them, and copying their maps into a
+//! [`Snapshot`]. This is the only module that touches aya.
+
+use std::collections::BTreeSet;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::{ProgramError, TracePoint},
+};
+use thiserror::Error;
+use tracer_common::{ExitKey, ExitStats, HistKey, VcpuKey, drop_kind, globals, maps};
+
+use crate::{
+    snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64},
+    tracefs::{Tracefs, TracefsError, Tracepoint},
+};
+
+/// How many verifier lines an error shows (the end of the log says what failed).
+const VERIFIER_TAIL: usize = 12;
+
+/// Failures of loading, attaching or reading the eBPF side.
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error("cannot load the eBPF object: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("the kernel rejected eBPF program {program} ({io_error}); the verifier's last lines:\n{tail}")]
+    Verifier {
+        program: String,
+        io_error: std::io::Error,
+        tail: String,
+    },
+    #[error("cannot {action} eBPF program {program}: {source}")]
+    Program {
+        action: &'static str,
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error(transparent)]
+    Overflow(#[from] Overflow),
+}
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub struct ProbeConfig {
+    /// The tracepoint of VM exits (`kvm:kvm_exit`; another name only in tests).
+    pub exit_tracepoint: Tracepoint,
+    /// The tracepoint of VM entries (`kvm:kvm_entry`).
+    pub entry_tracepoint: Tracepoint,
+    /// Count only these processes and their forked children; empty counts all.
+    pub pids: BTreeSet<u32>,
+    /// Count only this vcpu_id.
+    pub vcpu: Option<u32>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            exit_tracepoint: Tracepoint::new("kvm", "kvm_exit"),
+            entry_tracepoint: Tracepoint::new("kvm", "kvm_entry"),
+            pids: BTreeSet::new(),
+            vcpu: None,
+        }
+    }
+}
+
+/// The loaded and attached programs. Dropping it detaches them.
+pub struct Probe {
+    ebpf: Ebpf,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ProbeError {
+    move |source| ProbeError::Map { map, source }
+}
+
+impl Probe {
+    /// Loads the programs with field offsets from `tracefs`, fills the pid filter, and
+    /// attaches to the exit, entry and fork tracepoints.
+    pub fn attach(tracefs: &Tracefs, config: &ProbeConfig) -> Result<Self, ProbeError> {
+        let exit_tp = &config.exit_tracepoint;
+        tracefs.require(exit_tp)?;
+        tracefs.require(&config.entry_tracepoint)?;
+        let fork_tp = Tracepoint::new("sched", "sched_process_fork");
+        let reason_off = tracefs.offset(exit_tp, "exit_reason")?;
+        let isa_off = tracefs.offset(exit_tp, "isa")?;
+        let vcpu_off = tracefs.offset(exit_tp, "vcpu_id")?;
+        let child_off = tracefs.offset(&fork_tp, "child_pid")?;
+        let filter_enabled = u32::from(!config.pids.is_empty());
+        let vcpu_filter = config.vcpu.unwrap_or(u32::MAX);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::EXIT_REASON_OFF, &reason_off, true)
+            .override_global(globals::EXIT_ISA_OFF, &isa_off, true)
+            .override_global(globals::EXIT_VCPU_OFF, &vcpu_off, true)
+            .override_global(globals::FORK_CHILD_OFF, &child_off, true)
+            .override_global(globals::FILTER_PIDS_ENABLED, &filter_enabled, true)
+            .override_global(globals::VCPU_FILTER, &vcpu_filter, true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
+            .map_err(ProbeError::Object)?;
+
+        {
+            let mut filter: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
+                ebpf.map_mut(maps::FILTER_PIDS)
+                    .ok_or(ProbeError::MissingMap(maps::FILTER_PIDS))?,
+            )
+            .map_err(map_err(maps::FILTER_PIDS))?;
+            for pid in &config.pids {
+                filter.insert(pid, 1, 0).map_err(map_err(maps::FILTER_PIDS))?;
+            }
+        }
+
+        // The entry and fork programs first: an exit is only timed once its entry
+        // program is attached, and children forked from now on are followed.
+        for (program, tp) in [
+            ("kvm_entry", &config.entry_tracepoint),
+            ("sched_process_fork", &fork_tp),
+            ("kvm_exit", exit_tp),
+        ] {
+            let prog = ebpf.program_mut(program).ok_or_else(|| ProbeError::Program {
+                action: "find",
+                program: program.to_owned(),
+                source: ProgramError::NotLoaded,
+            })?;
+            let tracepoint: &mut TracePoint =
+                prog.try_into().map_err(|source| ProbeError::Program {
+                    action: "use",
+                    program: program.to_owned(),
+                    source,
+                })?;
+            tracepoint.load().map_err(|e| load_error(program, e))?;
+            tracepoint
+                .attach(&tp.category, &tp.name)
+                .map_err(|source| ProbeError::Program {
+                    action: "attach",
+                    program: format!("{program} to {tp}"),
+                    source,
+                })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Adds a process (and, from now on, its children) to the pid filter.
+    pub fn trace_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
+        let mut filter: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(maps::FILTER_PIDS)
+                .ok_or(ProbeError::MissingMap(maps::FILTER_PIDS))?,
+        )
+        .map_err(map_err(maps::FILTER_PIDS))?;
+        filter.insert(pid, 1, 0).map_err(map_err(maps::FILTER_PIDS))
+    }
+
+    /// Copies every map, summed over CPUs.
+    pub fn snapshot(&self) -> Result<Snapshot, ProbeError> {
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));
+        let mut snap = Snapshot::default();
+
+        let exits: PerCpuHashMap<&MapData, ExitKey, ExitStats> =
+            PerCpuHashMap::try_from(map(maps::EXITS)?).map_err(map_err(maps::EXITS))?;
+        for item in exits.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::EXITS))?;
+            snap.exits.insert(key, sum_stats(per_cpu.iter())?);
+        }
+
+        let vcpus: PerCpuHashMap<&MapData, VcpuKey, ExitStats> =
+            PerCpuHashMap::try_from(map(maps::VCPU_EXITS)?).map_err(map_err(maps::VCPU_EXITS))?;
+        for item in vcpus.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::VCPU_EXITS))?;
+            snap.vcpus.insert(key, sum_stats(per_cpu.iter())?);
+        }
+
+        let hist: PerCpuHashMap<&MapData, HistKey, u64> =
+            PerCpuHashMap::try_from(map(maps::HIST)?).map_err(map_err(maps::HIST))?;
+        for item in hist.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::HIST))?;
+            snap.add_hist(key.exit, key.bucket, sum_u64(per_cpu.iter().copied(), "histogram")?)?;
+        }
+
+        let drops: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map(maps::DROPS)?).map_err(map_err(maps::DROPS))?;
+        let mut counts = Drops::default();
+        for kind in 0..drop_kind::COUNT {
+            let per_cpu = drops.get(&kind, 0).map_err(map_err(maps::DROPS))?;
+            counts.0[kind as usize] = sum_u64(per_cpu.iter().copied(), "dropped")?;
+        }
+        snap.drops = counts;
+        Ok(snap)
+    }
+}
+
+fn load_error(program: &str, err: ProgramError) -> ProbeError {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL)..].join("\n");
+            ProbeError::Verifier {
+                program: program.to_owned(),
+                io_error,
+                tail,
+            }
+        }
+        source => ProbeError::Program {
+            action: "load",
+            program: program.to_owned(),
+            source,
+        },
+    }
+}

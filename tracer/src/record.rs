@@ -1,0 +1,181 @@
+//! `kvmtrace record`: attach, wait for the end of the run, snapshot, report.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Write as _,
+    path::Path,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use chrono::Utc;
+use kvmtrace::{
+    host, privileges,
+    probe::{Probe, ProbeConfig},
+    render::{self, Format},
+    report::{Filter, Report, RunInfo},
+    tracefs::Tracefs,
+};
+use log::warn;
+use tokio::{
+    process::{Child, Command},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::cli::RecordArgs;
+
+/// How long a command is given to exit after kvmtrace forwards SIGTERM to it.
+const CHILD_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the record ended.
+enum End {
+    Signal(&'static str),
+    Duration,
+    CommandExited(std::process::ExitStatus),
+}
+
+pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
+    if let Some(missing) = privileges::missing() {
+        bail!(missing);
+    }
+    for pid in &args.pids {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("no process with pid {pid}: check it with `ps -p {pid}`");
+        }
+    }
+    if let Some(out) = &args.output {
+        // Fail before tracing, not after a long run.
+        fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    let tracefs = Tracefs::find_or_mount()?;
+    let mut pids: BTreeSet<u32> = args.pids.iter().copied().collect();
+    if !args.command.is_empty() {
+        // Trace our own process: the fork program then adds the command (and whatever
+        // it forks) before it can run a vCPU. kvmtrace itself runs no VM.
+        pids.insert(std::process::id());
+    }
+    let config = ProbeConfig {
+        exit_tracepoint: args.exit_tracepoint.clone(),
+        entry_tracepoint: args.entry_tracepoint.clone(),
+        pids,
+        vcpu: args.vcpu,
+    };
+    let probe = Probe::attach(&tracefs, &config)?;
+    let started_at = Utc::now();
+    let paging = host::paging();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut comms = BTreeMap::new();
+    let mut filter_pids = args.pids.clone();
+    let end = runtime.block_on(async {
+        let mut child = match args.command.split_first() {
+            Some((program, rest)) => {
+                let child = Command::new(program)
+                    .args(rest)
+                    .spawn()
+                    .with_context(|| format!("cannot run {program}"))?;
+                if let Some(pid) = child.id() {
+                    filter_pids.push(pid);
+                    let base = Path::new(program).file_name().map(|n| n.to_string_lossy().into_owned());
+                    comms.insert(pid, base.unwrap_or_else(|| program.clone()));
+                }
+                Some(child)
+            }
+            None => None,
+        };
+        if child.is_none() && args.duration.is_none() {
+            eprintln_status("recording VM exits; press Ctrl-C to stop");
+        }
+        wait_for_end(child.as_mut(), args.duration).await
+    })?;
+    if let End::Signal(name) = end {
+        eprintln_status(&format!("stopped by {name}"));
+    }
+    let snapshot = probe.snapshot()?;
+    let ended_at = Utc::now();
+    drop(probe);
+
+    for pid in snapshot.vcpus.keys().map(|k| k.pid) {
+        if let Some(comm) = host::comm(pid) {
+            comms.entry(pid).or_insert(comm);
+        }
+    }
+    let info = RunInfo {
+        kernel_release: host::kernel_release(),
+        paging: paging.or_else(host::paging),
+        started_at,
+        ended_at,
+        filter: Filter {
+            pids: filter_pids,
+            vcpu: args.vcpu,
+        },
+        comms,
+    };
+    let report = Report::build(&snapshot, info)?;
+    let bytes = render::render(&report, args.format, render::Options { per_vcpu: args.per_vcpu })?;
+    match &args.output {
+        Some(path) => fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?,
+        None => std::io::stdout().write_all(&bytes)?,
+    }
+    if report.dropped.any() {
+        warn!("some exits were not recorded in full: {:?}", report.dropped);
+    }
+    if args.format != Format::Table && args.output.is_some() {
+        eprintln_status(&format!("{} exits recorded", report.total.count));
+    }
+    Ok(match end {
+        End::CommandExited(status) if !status.success() => {
+            eprintln_status(&format!("the command exited with {status}"));
+            ExitCode::FAILURE
+        }
+        End::Signal(_) | End::Duration | End::CommandExited(_) => ExitCode::SUCCESS,
+    })
+}
+
+fn eprintln_status(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "kvmtrace: {msg}");
+}
+
+async fn sleep_or_forever(duration: Option<Duration>) {
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_child(child: Option<&mut Child>) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for Ctrl-C, SIGTERM, the duration, or the command's exit. On a signal the
+/// command gets SIGTERM and a few seconds to end, so its VM's last exits are counted.
+async fn wait_for_end(mut child: Option<&mut Child>, duration: Option<Duration>) -> anyhow::Result<End> {
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let end = tokio::select! {
+        _ = sigint.recv() => End::Signal("SIGINT"),
+        _ = sigterm.recv() => End::Signal("SIGTERM"),
+        () = sleep_or_forever(duration) => End::Duration,
+        status = wait_child(child.as_deref_mut()) => {
+            End::CommandExited(status.context("cannot wait for the command")?)
+        }
+    };
+    if let (End::Signal(_) | End::Duration, Some(c)) = (&end, child) {
+        if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(CHILD_GRACE, c.wait()).await.is_err() {
+            let _ = c.kill().await;
+        }
+    }
+    Ok(end)
+}

@@ -1,0 +1,147 @@
+//! The table for people: a header with the run's facts, then one row per reason
+//! (or per VM and vCPU with `--per-vcpu`), and a warning line for anything dropped.
+
+use std::fmt::Write as _;
+
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+
+use super::{Options, human_ns, percent};
+use crate::report::{Report, Totals};
+
+fn new_table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    for i in 0..header.len() {
+        if let Some(col) = t.column_mut(i) {
+            col.set_cell_alignment(if header[i] == "name" || header[i] == "VM" {
+                CellAlignment::Left
+            } else {
+                CellAlignment::Right
+            });
+        }
+    }
+    t
+}
+
+fn time_cells(t: &Totals) -> [String; 2] {
+    [
+        human_ns(t.time_ns),
+        t.mean_ns().map(human_ns).unwrap_or_else(|| "-".to_owned()),
+    ]
+}
+
+fn reason_label(reason: u32, failed_entry: bool) -> String {
+    if failed_entry {
+        format!("{reason} (failed entry)")
+    } else {
+        reason.to_string()
+    }
+}
+
+pub fn render(report: &Report, opts: Options) -> String {
+    let mut out = String::new();
+    let paging = report
+        .paging
+        .as_ref()
+        .map(|p| {
+            let mode = if p.nested { "nested paging" } else { "shadow paging" };
+            format!("{} {} ({mode})", p.module, p.label())
+        })
+        .unwrap_or_else(|| "no kvm vendor module loaded".to_owned());
+    let _ = writeln!(
+        out,
+        "kernel {}, {}, {:.2} s, {} exits",
+        report.kernel_release,
+        paging,
+        report.duration_ns as f64 / 1e9,
+        report.total.count
+    );
+    let total = report.total.count;
+    let table = if opts.per_vcpu {
+        let mut t = new_table(&["VM", "vcpu", "reason", "name", "count", "% exits", "total time", "mean time"]);
+        for r in &report.vcpus {
+            let comm = report
+                .vms
+                .iter()
+                .find(|v| v.pid == r.pid)
+                .and_then(|v| v.comm.clone())
+                .unwrap_or_default();
+            let [time, mean] = time_cells(&r.totals);
+            t.add_row([
+                format!("{} {comm}", r.pid).trim_end().to_owned(),
+                r.vcpu_id.to_string(),
+                reason_label(r.reason, r.failed_entry),
+                r.name.clone(),
+                r.totals.count.to_string(),
+                percent(r.totals.count, total),
+                time,
+                mean,
+            ]);
+        }
+        t
+    } else {
+        let mut t = new_table(&["reason", "name", "count", "% exits", "total time", "mean time"]);
+        for r in &report.reasons {
+            let [time, mean] = time_cells(&r.totals);
+            t.add_row([
+                reason_label(r.reason, r.failed_entry),
+                r.name.clone(),
+                r.totals.count.to_string(),
+                percent(r.totals.count, total),
+                time,
+                mean,
+            ]);
+        }
+        t
+    };
+    if report.reasons.is_empty() {
+        out.push_str("no VM exits were recorded\n");
+    } else {
+        let _ = writeln!(out, "{table}");
+    }
+    if report.dropped.any() {
+        let _ = writeln!(
+            out,
+            "warning: incomplete data, see `dropped` in --format json: {:?}",
+            report.dropped
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::sample_report;
+
+    #[test]
+    fn per_reason_table() {
+        let t = render(&sample_report(), Options::default());
+        assert!(t.starts_with("kernel 6.1.0-test, kvm_intel ept=1 (nested paging), 1.50 s, 11 exits\n"), "{t}");
+        let ept = t.lines().find(|l| l.contains("EPT_VIOLATION")).unwrap_or_default();
+        for cell in ["48", "6", "54.5", "1.00 µs", "200 ns"] {
+            assert!(ept.contains(cell), "{cell} missing in {ept}");
+        }
+        assert!(t.contains("33 (failed entry)"), "{t}");
+        assert!(t.contains("UNKNOWN(99)"), "{t}");
+        assert!(!t.contains("warning"));
+    }
+
+    #[test]
+    fn per_vcpu_table_and_drops() {
+        let mut r = sample_report();
+        r.dropped.vcpu_map_full = 2;
+        let t = render(&r, Options { per_vcpu: true });
+        assert_eq!(t.lines().filter(|l| l.contains("42 qemu")).count(), 5, "{t}");
+        assert!(t.contains("warning: incomplete data"), "{t}");
+    }
+
+    #[test]
+    fn empty_report_says_so() {
+        let mut r = sample_report();
+        r.reasons.clear();
+        assert!(render(&r, Options::default()).contains("no VM exits were recorded"));
+    }
+}

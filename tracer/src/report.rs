@@ -1,0 +1,407 @@
+//! The record report: what `kvmtrace record --format json` writes, and what every
+//! other view is rendered from.
+//!
+//! # JSON format (`"schema": "kvmtrace.record.v1"`)
+//!
+//! One object. A reader must check `schema` first; fields may be added within `v1`,
+//! never renamed or removed.
+//!
+//! ```json
+//! {
+//!   "schema": "kvmtrace.record.v1",
+//!   "kvmtrace_version": "0.1.0",
+//!   "kernel_release": "6.1.0-27-cloud-amd64",
+//!   "paging": { "module": "kvm_intel", "parameter": "ept", "nested": true },
+//!   "started_at": "2026-11-24T16:00:00.000000Z",
+//!   "ended_at": "2026-11-24T16:00:09.000000Z",
+//!   "duration_ns": 9000000000,
+//!   "filter": { "pids": [1234], "vcpu": null },
+//!   "total": { "count": 6800, "timed": 6799, "time_ns": 123456789 },
+//!   "reasons": [
+//!     { "isa": "vmx", "reason": 30, "failed_entry": false, "name": "IO_INSTRUCTION",
+//!       "count": 1387, "timed": 1387, "time_ns": 45678901, "mean_ns": 32933,
+//!       "histogram": [ { "from_ns": 16384, "to_ns": 32768, "count": 1000 } ] }
+//!   ],
+//!   "vms": [ { "pid": 1234, "comm": "qemu-system-x86", "count": 6800, "timed": 6799, "time_ns": 123456789 } ],
+//!   "vcpus": [
+//!     { "pid": 1234, "vcpu_id": 0, "isa": "vmx", "reason": 30, "failed_entry": false,
+//!       "name": "IO_INSTRUCTION", "count": 1387, "timed": 1387, "time_ns": 45678901 }
+//!   ],
+//!   "dropped": { "exit_map_full": 0, "vcpu_map_full": 0, "hist_map_full": 0,
+//!                "pending_map_full": 0, "read_failed": 0, "filter_map_full": 0 }
+//! }
+//! ```
+//!
+//! - `reason` is the VMX basic exit reason (bits 15:0; bit 31 becomes `failed_entry`)
+//!   or the whole SVM exit code. `isa` is `"vmx"`, `"svm"`, or the raw number.
+//! - `count` counts `kvm:kvm_exit` events. `timed` of them were followed by a
+//!   `kvm:kvm_entry` of the same thread within the run; `time_ns` is the sum of those
+//!   exit→entry times (the time KVM spent handling the exit, sleeps in HLT included).
+//! - `reasons` are sorted by count, highest first; `vcpus` by pid, vcpu, reason.
+//! - `total.count` includes exits that were counted only in `dropped` (a full map or
+//!   an unreadable field). Any non-zero `dropped` field means some detail is missing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracer_common::{ExitKey, ExitStats, drop_kind};
+
+use crate::{
+    exit_reasons::{self, Isa},
+    histogram::{self, Bucket},
+    host::Paging,
+    snapshot::{Overflow, Snapshot, sum_u64},
+};
+
+/// The `schema` value this version writes and reads.
+pub const SCHEMA: &str = "kvmtrace.record.v1";
+
+/// Counts and time of a group of exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub count: u64,
+    pub timed: u64,
+    pub time_ns: u64,
+}
+
+impl From<ExitStats> for Totals {
+    fn from(s: ExitStats) -> Self {
+        Self {
+            count: s.count,
+            timed: s.timed,
+            time_ns: s.time_ns,
+        }
+    }
+}
+
+impl Totals {
+    fn checked_add(self, other: Self) -> Result<Self, Overflow> {
+        Ok(Self {
+            count: sum_u64([self.count, other.count], "count")?,
+            timed: sum_u64([self.timed, other.timed], "timed")?,
+            time_ns: sum_u64([self.time_ns, other.time_ns], "time_ns")?,
+        })
+    }
+
+    /// Mean exit→entry time, ns.
+    pub fn mean_ns(&self) -> Option<u64> {
+        histogram::mean(self.time_ns, self.timed)
+    }
+}
+
+/// One exit reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonRow {
+    pub isa: Isa,
+    pub reason: u32,
+    pub failed_entry: bool,
+    pub name: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+    pub mean_ns: Option<u64>,
+    pub histogram: Vec<Bucket>,
+}
+
+/// One VM (a VMM process).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRow {
+    pub pid: u32,
+    pub comm: Option<String>,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// One exit reason of one vCPU of one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuRow {
+    pub pid: u32,
+    pub vcpu_id: u32,
+    pub isa: Isa,
+    pub reason: u32,
+    pub failed_entry: bool,
+    pub name: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// Events the eBPF side could not record in full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    pub exit_map_full: u64,
+    pub vcpu_map_full: u64,
+    pub hist_map_full: u64,
+    pub pending_map_full: u64,
+    pub read_failed: u64,
+    pub filter_map_full: u64,
+}
+
+impl Dropped {
+    pub fn any(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// What was traced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    pub pids: Vec<u32>,
+    pub vcpu: Option<u32>,
+}
+
+/// Facts about the run that the maps do not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunInfo {
+    pub kernel_release: String,
+    pub paging: Option<Paging>,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+    pub filter: Filter,
+    /// Command names of the VM processes, where known.
+    pub comms: BTreeMap<u32, String>,
+}
+
+/// A whole record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: String,
+    pub kvmtrace_version: String,
+    pub kernel_release: String,
+    pub paging: Option<Paging>,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+    pub duration_ns: u64,
+    pub filter: Filter,
+    pub total: Totals,
+    pub reasons: Vec<ReasonRow>,
+    pub vms: Vec<VmRow>,
+    pub vcpus: Vec<VcpuRow>,
+    pub dropped: Dropped,
+}
+
+/// Why a JSON text is not a report this version can read.
+#[derive(Debug, Error)]
+pub enum ParseError {
+    #[error("not a kvmtrace record: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported schema '{found}': this kvmtrace reads {SCHEMA}")]
+    Schema { found: String },
+}
+
+fn name_of(exit: &ExitKey) -> String {
+    exit_reasons::name(Isa::from_raw(exit.isa), exit.reason).into_owned()
+}
+
+impl Report {
+    /// Builds the report from a snapshot. Pure: no I/O.
+    pub fn build(snap: &Snapshot, info: RunInfo) -> Result<Self, Overflow> {
+        let mut reasons: Vec<ReasonRow> = snap
+            .exits
+            .iter()
+            .map(|(exit, stats)| {
+                let totals = Totals::from(*stats);
+                ReasonRow {
+                    isa: Isa::from_raw(exit.isa),
+                    reason: exit.reason,
+                    failed_entry: exit.failed_entry != 0,
+                    name: name_of(exit),
+                    totals,
+                    mean_ns: totals.mean_ns(),
+                    histogram: snap
+                        .hist
+                        .get(exit)
+                        .map(|h| histogram::buckets(h))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        reasons.sort_by(|a, b| {
+            b.totals
+                .count
+                .cmp(&a.totals.count)
+                .then((a.isa, a.reason, a.failed_entry).cmp(&(b.isa, b.reason, b.failed_entry)))
+        });
+
+        let mut vms: BTreeMap<u32, Totals> = BTreeMap::new();
+        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        for (key, stats) in &snap.vcpus {
+            let totals = Totals::from(*stats);
+            let vm = vms.entry(key.pid).or_default();
+            *vm = vm.checked_add(totals)?;
+            vcpus.push(VcpuRow {
+                pid: key.pid,
+                vcpu_id: key.vcpu_id,
+                isa: Isa::from_raw(key.exit.isa),
+                reason: key.exit.reason,
+                failed_entry: key.exit.failed_entry != 0,
+                name: name_of(&key.exit),
+                totals,
+            });
+        }
+        let vms = vms
+            .into_iter()
+            .map(|(pid, totals)| VmRow {
+                pid,
+                comm: info.comms.get(&pid).cloned(),
+                totals,
+            })
+            .collect();
+
+        let mut total = reasons
+            .iter()
+            .try_fold(Totals::default(), |acc, r| acc.checked_add(r.totals))?;
+        total.count = snap.total_exits()?;
+        let d = &snap.drops;
+        let dropped = Dropped {
+            exit_map_full: d.get(drop_kind::EXIT_MAP_FULL),
+            vcpu_map_full: d.get(drop_kind::VCPU_MAP_FULL),
+            hist_map_full: d.get(drop_kind::HIST_MAP_FULL),
+            pending_map_full: d.get(drop_kind::PENDING_MAP_FULL),
+            read_failed: d.get(drop_kind::READ_FAILED),
+            filter_map_full: d.get(drop_kind::FILTER_MAP_FULL),
+        };
+        let duration_ns = (info.ended_at - info.started_at)
+            .num_nanoseconds()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        Ok(Self {
+            schema: SCHEMA.to_owned(),
+            kvmtrace_version: env!("CARGO_PKG_VERSION").to_owned(),
+            kernel_release: info.kernel_release,
+            paging: info.paging,
+            started_at: info.started_at,
+            ended_at: info.ended_at,
+            duration_ns,
+            filter: info.filter,
+            total,
+            reasons,
+            vms,
+            vcpus,
+            dropped,
+        })
+    }
+
+    /// Parses a report, checking the schema before anything else.
+    pub fn from_json(text: &str) -> Result<Self, ParseError> {
+        #[derive(Deserialize)]
+        struct Header {
+            schema: String,
+        }
+        let header: Header = serde_json::from_str(text)?;
+        if header.schema != SCHEMA {
+            return Err(ParseError::Schema {
+                found: header.schema,
+            });
+        }
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// The VM pids in the report.
+    pub fn pids(&self) -> BTreeSet<u32> {
+        self.vms.iter().map(|v| v.pid).collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use chrono::TimeZone;
+    use tracer_common::VcpuKey;
+
+    use super::*;
+
+    pub(crate) fn stats(count: u64, timed: u64, time_ns: u64) -> ExitStats {
+        ExitStats {
+            count,
+            timed,
+            time_ns,
+        }
+    }
+
+    /// A two-vCPU VMX run with an unknown reason and a failed entry.
+    pub(crate) fn sample_report() -> Report {
+        let mut snap = Snapshot::default();
+        let io = ExitKey::from_raw(1, 30);
+        let ept = ExitKey::from_raw(1, 48);
+        let odd = ExitKey::from_raw(1, 0x8000_0021);
+        let unknown = ExitKey::from_raw(1, 99);
+        for (key, s) in [
+            (io, stats(3, 3, 3000)),
+            (ept, stats(6, 5, 1000)),
+            (odd, stats(1, 0, 0)),
+            (unknown, stats(1, 1, 7)),
+        ] {
+            snap.exits.insert(key, s);
+        }
+        for (vcpu_id, key, s) in [
+            (0, io, stats(2, 2, 2000)),
+            (1, io, stats(1, 1, 1000)),
+            (0, ept, stats(6, 5, 1000)),
+            (1, odd, stats(1, 0, 0)),
+            (1, unknown, stats(1, 1, 7)),
+        ] {
+            snap.vcpus.insert(
+                VcpuKey {
+                    pid: 42,
+                    vcpu_id,
+                    exit: key,
+                },
+                s,
+            );
+        }
+        snap.add_hist(io, 9, 3).ok();
+        snap.add_hist(ept, 7, 5).ok();
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).single().unwrap_or_default();
+        let info = RunInfo {
+            kernel_release: "6.1.0-test".into(),
+            paging: Some(Paging {
+                module: "kvm_intel".into(),
+                parameter: "ept".into(),
+                nested: true,
+            }),
+            started_at: t0,
+            ended_at: t0 + chrono::Duration::milliseconds(1500),
+            filter: Filter::default(),
+            comms: [(42, "qemu".to_owned())].into(),
+        };
+        Report::build(&snap, info).unwrap_or_else(|e| panic!("build: {e}"))
+    }
+
+    #[test]
+    fn build_sorts_names_and_sums() {
+        let r = sample_report();
+        let names: Vec<_> = r.reasons.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["EPT_VIOLATION", "IO_INSTRUCTION", "INVALID_STATE", "UNKNOWN(99)"]);
+        assert!(r.reasons[2].failed_entry, "bit 31 is the failed-entry flag");
+        assert_eq!(r.reasons[2].reason, 33, "bits 15:0 are the basic reason");
+        assert_eq!(r.total, Totals { count: 11, timed: 9, time_ns: 4007 });
+        assert_eq!(r.reasons[1].mean_ns, Some(1000));
+        assert_eq!(r.reasons[2].mean_ns, None);
+        assert_eq!(r.duration_ns, 1_500_000_000);
+        assert_eq!(r.vms.len(), 1);
+        assert_eq!(r.vms[0].totals, r.total, "one VM: its rows sum to the totals");
+        assert_eq!(r.vms[0].comm.as_deref(), Some("qemu"));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let r = sample_report();
+        let text = serde_json::to_string_pretty(&r).unwrap_or_default();
+        let back = Report::from_json(&text).unwrap_or_else(|e| panic!("parse: {e}"));
+        assert_eq!(back, r);
+        assert!(text.contains("\"isa\": \"vmx\""));
+    }
+
+    #[test]
+    fn json_rejects_other_schemas() {
+        let text = serde_json::to_string(&sample_report())
+            .unwrap_or_default()
+            .replace(SCHEMA, "kvmtrace.record.v9");
+        let err = Report::from_json(&text).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("unsupported schema 'kvmtrace.record.v9': this kvmtrace reads kvmtrace.record.v1")
+        );
+        assert!(Report::from_json("{\"schema\": ").is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! A plain-data copy of the eBPF maps at one instant: per-CPU values summed, no aya
+//! types. Everything downstream ([`crate::report`], [`crate::render`]) works on this.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+use tracer_common::{ExitKey, ExitStats, VcpuKey, drop_kind, limits::HIST_BUCKETS};
+
+/// A sum over CPUs did not fit in 64 bits. Never wrapped: the run is reported as failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("the {what} counter overflowed 64 bits while summing CPUs")]
+pub struct Overflow {
+    pub what: &'static str,
+}
+
+/// Sums per-CPU `u64`s, failing instead of wrapping.
+pub fn sum_u64(values: impl IntoIterator<Item = u64>, what: &'static str) -> Result<u64, Overflow> {
+    values
+        .into_iter()
+        .try_fold(0u64, |acc, v| acc.checked_add(v))
+        .ok_or(Overflow { what })
+}
+
+/// Sums per-CPU [`ExitStats`] field by field, failing instead of wrapping.
+pub fn sum_stats<'a>(values: impl IntoIterator<Item = &'a ExitStats>) -> Result<ExitStats, Overflow> {
+    values.into_iter().try_fold(ExitStats::default(), |acc, v| {
+        Ok(ExitStats {
+            count: acc.count.checked_add(v.count).ok_or(Overflow { what: "count" })?,
+            timed: acc.timed.checked_add(v.timed).ok_or(Overflow { what: "timed" })?,
+            time_ns: acc
+                .time_ns
+                .checked_add(v.time_ns)
+                .ok_or(Overflow { what: "time_ns" })?,
+        })
+    })
+}
+
+/// Events the eBPF side could not record in full, by cause (see `drop_kind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drops(pub [u64; drop_kind::COUNT as usize]);
+
+impl Drops {
+    pub fn get(&self, kind: u32) -> u64 {
+        self.0.get(kind as usize).copied().unwrap_or(0)
+    }
+
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|&n| n > 0)
+    }
+}
+
+/// The maps' contents, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Per (isa, reason, failed-entry).
+    pub exits: BTreeMap<ExitKey, ExitStats>,
+    /// Per (VM pid, vcpu, isa, reason, failed-entry).
+    pub vcpus: BTreeMap<VcpuKey, ExitStats>,
+    /// Time histogram per exit key, indexed by bucket.
+    pub hist: BTreeMap<ExitKey, Vec<u64>>,
+    pub drops: Drops,
+}
+
+impl Snapshot {
+    /// Adds `count` to histogram bucket `bucket` of `exit` (buckets past the last are
+    /// folded into it).
+    pub fn add_hist(&mut self, exit: ExitKey, bucket: u32, count: u64) -> Result<(), Overflow> {
+        let buckets = self
+            .hist
+            .entry(exit)
+            .or_insert_with(|| vec![0; HIST_BUCKETS as usize]);
+        let i = (bucket.min(HIST_BUCKETS - 1)) as usize;
+        buckets[i] = buckets[i].checked_add(count).ok_or(Overflow { what: "histogram" })?;
+        Ok(())
+    }
+
+    /// All exits seen, including those only counted as dropped because a map was full
+    /// or a field unreadable.
+    pub fn total_exits(&self) -> Result<u64, Overflow> {
+        let counted = sum_u64(self.exits.values().map(|s| s.count), "total")?;
+        sum_u64(
+            [
+                counted,
+                self.drops.get(drop_kind::EXIT_MAP_FULL),
+                self.drops.get(drop_kind::READ_FAILED),
+            ],
+            "total",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(count: u64, timed: u64, time_ns: u64) -> ExitStats {
+        ExitStats {
+            count,
+            timed,
+            time_ns,
+        }
+    }
+
+    #[test]
+    fn sums_per_cpu_values() {
+        let per_cpu = [stats(3, 2, 100), stats(0, 1, 50), stats(7, 7, 1)];
+        assert_eq!(sum_stats(&per_cpu), Ok(stats(10, 10, 151)));
+        assert_eq!(sum_u64([1, 2, 3], "x"), Ok(6));
+        assert_eq!(sum_stats([].iter()), Ok(ExitStats::default()));
+    }
+
+    #[test]
+    fn overflow_is_an_error_not_a_wrap() {
+        assert_eq!(sum_u64([u64::MAX, 1], "count"), Err(Overflow { what: "count" }));
+        let per_cpu = [stats(1, 0, u64::MAX), stats(1, 0, 1)];
+        assert_eq!(sum_stats(&per_cpu), Err(Overflow { what: "time_ns" }));
+    }
+
+    #[test]
+    fn total_includes_drops() {
+        let mut s = Snapshot::default();
+        s.exits.insert(ExitKey::from_raw(1, 10), stats(5, 5, 0));
+        s.drops.0[drop_kind::EXIT_MAP_FULL as usize] = 2;
+        s.drops.0[drop_kind::VCPU_MAP_FULL as usize] = 9; // counted in exits already
+        assert_eq!(s.total_exits(), Ok(7));
+    }
+
+    #[test]
+    fn hist_folds_high_buckets() {
+        let mut s = Snapshot::default();
+        let k = ExitKey::from_raw(2, 0x400);
+        assert_eq!(s.add_hist(k, 3, 2), Ok(()));
+        assert_eq!(s.add_hist(k, 500, 1), Ok(()));
+        let h = &s.hist[&k];
+        assert_eq!(h[3], 2);
+        assert_eq!(h[HIST_BUCKETS as usize - 1], 1);
+    }
+}

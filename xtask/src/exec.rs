@@ -1,0 +1,45 @@
+//! Running commands, with the command line in every error.
+
+use std::process::{Command, Output};
+
+use anyhow::{Context as _, bail};
+
+/// Runs `cmd` with inherited stdio; fails unless it exits 0.
+pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", show(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout; fails unless it exits 0.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd
+        .output()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!(
+            "{} failed: {status}: {}",
+            show(cmd),
+            String::from_utf8_lossy(&stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
+}
+
+/// A command line as a shell would show it.
+pub fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,54 @@
+//! `cargo xtask VERB`: everything around the `kvmtrace` build that is not the product.
+
+mod exec;
+mod lab;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "kvmtrace developer tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install everything the build needs on a fresh Debian 12 machine: the nightly's
+    /// rust-src, bpf-linker against the nightly's LLVM, and apt packages.
+    Setup(setup::Options),
+    /// Run every check: setup, fmt, clippy, unit and integration tests (as root), and
+    /// the lab end-to-end tests.
+    Test(test::Options),
+    /// Boot the emulated lab (Bochs VMX / QEMU SVM) and trace a real KVM in it.
+    Lab(lab::Options),
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(PathBuf::from)
+        .context("xtask has no parent directory")
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = workspace_root().and_then(|root| match cli.command {
+        Command::Setup(opts) => setup::run(&opts, &root),
+        Command::Test(opts) => test::run(&opts, &root),
+        Command::Lab(opts) => lab::run(&opts, &root),
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
