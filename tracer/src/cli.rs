@@ -104,7 +104,10 @@ mod tests {
 
     #[test]
     fn seconds_parse() {
-        assert_eq!(parse_seconds("1.5"), Ok(std::time::Duration::from_millis(1500)));
+        assert_eq!(
+            parse_seconds("1.5"),
+            Ok(std::time::Duration::from_millis(1500))
+        );
         assert!(parse_seconds("0").is_err());
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("ten").is_err());
@@ -112,7 +115,9 @@ mod tests {
 
     #[test]
     fn record_takes_a_command() {
-        let cli = Cli::try_parse_from(["kvmtrace", "record", "-f", "json", "--", "qemu", "-m", "128"]);
+        let cli = Cli::try_parse_from([
+            "kvmtrace", "record", "-f", "json", "--", "qemu", "-m", "128",
+        ]);
         let Ok(Cli {
             command: Command::Record(args),
         }) = cli

@@ -230,8 +230,8 @@ const SVM: &[(u32, &str)] = &[
 /// Exception mnemonics by vector, for the SVM 0x40..=0x5f range.
 const EXCEPTIONS: [&str; 32] = [
     "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF",
-    "15", "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC",
-    "SX", "31",
+    "15", "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC", "SX",
+    "31",
 ];
 
 fn lookup(table: &[(u32, &'static str)], reason: u32) -> Option<&'static str> {
@@ -317,11 +317,17 @@ mod tests {
     #[test]
     fn tables_are_sorted_and_unique() {
         for table in [VMX, SVM] {
-            assert!(table.windows(2).all(|w| w[0].0 < w[1].0), "table not sorted");
+            assert!(
+                table.windows(2).all(|w| w[0].0 < w[1].0),
+                "table not sorted"
+            );
         }
         for isa in [Isa::Vmx, Isa::Svm] {
             let all = all(isa);
-            assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "{isa} has duplicates");
+            assert!(
+                all.windows(2).all(|w| w[0].0 < w[1].0),
+                "{isa} has duplicates"
+            );
         }
     }
 

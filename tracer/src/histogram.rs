@@ -70,7 +70,20 @@ mod tests {
 
     #[test]
     fn bucket_of_matches_bounds() {
-        for ns in [0u64, 1, 2, 3, 4, 7, 8, 1000, 1023, 1024, 1_000_000, 123_456_789] {
+        for ns in [
+            0u64,
+            1,
+            2,
+            3,
+            4,
+            7,
+            8,
+            1000,
+            1023,
+            1024,
+            1_000_000,
+            123_456_789,
+        ] {
             let b = hist_bucket(ns);
             let (from, to) = bounds(b);
             assert!(from <= ns, "{ns} below bucket {b} [{from}, {to:?})");

@@ -34,7 +34,9 @@ pub fn paging_at(sys_module: &Path) -> Option<Paging> {
     [("kvm_intel", "ept"), ("kvm_amd", "npt")]
         .into_iter()
         .find_map(|(module, parameter)| {
-            let text = fs::read_to_string(sys_module.join(module).join("parameters").join(parameter)).ok()?;
+            let text =
+                fs::read_to_string(sys_module.join(module).join("parameters").join(parameter))
+                    .ok()?;
             let nested = matches!(text.trim(), "Y" | "y" | "1");
             Some(Paging {
                 module: module.to_owned(),
@@ -70,7 +72,10 @@ mod tests {
         fs::create_dir_all(root.join("kvm_amd/parameters")).ok();
         fs::write(root.join("kvm_amd/parameters/npt"), "0\n").ok();
         let p = paging_at(&root);
-        assert_eq!(p.as_ref().map(|p| (p.nested, p.label())), Some((false, "npt=0".into())));
+        assert_eq!(
+            p.as_ref().map(|p| (p.nested, p.label())),
+            Some((false, "npt=0".into()))
+        );
         fs::create_dir_all(root.join("kvm_intel/parameters")).ok();
         fs::write(root.join("kvm_intel/parameters/ept"), "Y\n").ok();
         let p = paging_at(&root);

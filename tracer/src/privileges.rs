@@ -6,11 +6,12 @@ use caps::{CapSet, Capability};
 /// CAP_SYS_ADMIN, or both CAP_BPF and CAP_PERFMON (Linux 5.8+).
 pub fn missing() -> Option<String> {
     let has = |cap| caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false);
-    if has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON)) {
+    if has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON))
+    {
         return None;
     }
     Some(
-        "kvmtrace needs root, or CAP_BPF and CAP_PERFMON, to load eBPF programs: run it with sudo"
+        "root (or CAP_BPF and CAP_PERFMON) is needed to load eBPF programs: run kvmtrace with sudo"
             .to_owned(),
     )
 }

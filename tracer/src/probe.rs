@@ -26,7 +26,9 @@ pub enum ProbeError {
     Tracefs(#[from] TracefsError),
     #[error("cannot load the eBPF object: {0}")]
     Object(#[source] aya::EbpfError),
-    #[error("the kernel rejected eBPF program {program} ({io_error}); the verifier's last lines:\n{tail}")]
+    #[error(
+        "the kernel rejected eBPF program {program} ({io_error}); the verifier's last lines:\n{tail}"
+    )]
     Verifier {
         program: String,
         io_error: std::io::Error,
@@ -106,7 +108,10 @@ impl Probe {
             .override_global(globals::FORK_CHILD_OFF, &child_off, true)
             .override_global(globals::FILTER_PIDS_ENABLED, &filter_enabled, true)
             .override_global(globals::VCPU_FILTER, &vcpu_filter, true)
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/tracer"
+            )))
             .map_err(ProbeError::Object)?;
 
         {
@@ -116,7 +121,9 @@ impl Probe {
             )
             .map_err(map_err(maps::FILTER_PIDS))?;
             for pid in &config.pids {
-                filter.insert(pid, 1, 0).map_err(map_err(maps::FILTER_PIDS))?;
+                filter
+                    .insert(pid, 1, 0)
+                    .map_err(map_err(maps::FILTER_PIDS))?;
             }
         }
 
@@ -127,11 +134,13 @@ impl Probe {
             ("sched_process_fork", &fork_tp),
             ("kvm_exit", exit_tp),
         ] {
-            let prog = ebpf.program_mut(program).ok_or_else(|| ProbeError::Program {
-                action: "find",
-                program: program.to_owned(),
-                source: ProgramError::NotLoaded,
-            })?;
+            let prog = ebpf
+                .program_mut(program)
+                .ok_or_else(|| ProbeError::Program {
+                    action: "find",
+                    program: program.to_owned(),
+                    source: ProgramError::NotLoaded,
+                })?;
             let tracepoint: &mut TracePoint =
                 prog.try_into().map_err(|source| ProbeError::Program {
                     action: "use",
@@ -184,7 +193,11 @@ impl Probe {
             PerCpuHashMap::try_from(map(maps::HIST)?).map_err(map_err(maps::HIST))?;
         for item in hist.iter() {
             let (key, per_cpu) = item.map_err(map_err(maps::HIST))?;
-            snap.add_hist(key.exit, key.bucket, sum_u64(per_cpu.iter().copied(), "histogram")?)?;
+            snap.add_hist(
+                key.exit,
+                key.bucket,
+                sum_u64(per_cpu.iter().copied(), "histogram")?,
+            )?;
         }
 
         let drops: PerCpuArray<&MapData, u64> =

@@ -17,7 +17,12 @@ pub fn run(args: &ReasonsArgs) -> anyhow::Result<ExitCode> {
         .set_header(["isa", "reason", "hex", "name"]);
     for isa in isas {
         for (n, name) in exit_reasons::all(isa) {
-            t.add_row([isa.to_string(), n.to_string(), format!("{n:#x}"), name.into_owned()]);
+            t.add_row([
+                isa.to_string(),
+                n.to_string(),
+                format!("{n:#x}"),
+                name.into_owned(),
+            ]);
         }
     }
     writeln!(std::io::stdout(), "{t}")?;

@@ -81,7 +81,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("cannot run {program}"))?;
                 if let Some(pid) = child.id() {
                     filter_pids.push(pid);
-                    let base = Path::new(program).file_name().map(|n| n.to_string_lossy().into_owned());
+                    let base = Path::new(program)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned());
                     comms.insert(pid, base.unwrap_or_else(|| program.clone()));
                 }
                 Some(child)
@@ -117,9 +119,17 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         comms,
     };
     let report = Report::build(&snapshot, info)?;
-    let bytes = render::render(&report, args.format, render::Options { per_vcpu: args.per_vcpu })?;
+    let bytes = render::render(
+        &report,
+        args.format,
+        render::Options {
+            per_vcpu: args.per_vcpu,
+        },
+    )?;
     match &args.output {
-        Some(path) => fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?,
+        Some(path) => {
+            fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?
+        }
         None => std::io::stdout().write_all(&bytes)?,
     }
     if report.dropped.any() {
@@ -157,7 +167,10 @@ async fn wait_child(child: Option<&mut Child>) -> std::io::Result<std::process::
 
 /// Waits for Ctrl-C, SIGTERM, the duration, or the command's exit. On a signal the
 /// command gets SIGTERM and a few seconds to end, so its VM's last exits are counted.
-async fn wait_for_end(mut child: Option<&mut Child>, duration: Option<Duration>) -> anyhow::Result<End> {
+async fn wait_for_end(
+    mut child: Option<&mut Child>,
+    duration: Option<Duration>,
+) -> anyhow::Result<End> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let end = tokio::select! {

@@ -351,7 +351,10 @@ pub(crate) mod tests {
         }
         snap.add_hist(io, 9, 3).ok();
         snap.add_hist(ept, 7, 5).ok();
-        let t0 = Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).single().unwrap_or_default();
+        let t0 = Utc
+            .with_ymd_and_hms(2026, 11, 24, 12, 0, 0)
+            .single()
+            .unwrap_or_default();
         let info = RunInfo {
             kernel_release: "6.1.0-test".into(),
             paging: Some(Paging {
@@ -371,15 +374,33 @@ pub(crate) mod tests {
     fn build_sorts_names_and_sums() {
         let r = sample_report();
         let names: Vec<_> = r.reasons.iter().map(|x| x.name.as_str()).collect();
-        assert_eq!(names, ["EPT_VIOLATION", "IO_INSTRUCTION", "INVALID_STATE", "UNKNOWN(99)"]);
+        assert_eq!(
+            names,
+            [
+                "EPT_VIOLATION",
+                "IO_INSTRUCTION",
+                "INVALID_STATE",
+                "UNKNOWN(99)"
+            ]
+        );
         assert!(r.reasons[2].failed_entry, "bit 31 is the failed-entry flag");
         assert_eq!(r.reasons[2].reason, 33, "bits 15:0 are the basic reason");
-        assert_eq!(r.total, Totals { count: 11, timed: 9, time_ns: 4007 });
+        assert_eq!(
+            r.total,
+            Totals {
+                count: 11,
+                timed: 9,
+                time_ns: 4007
+            }
+        );
         assert_eq!(r.reasons[1].mean_ns, Some(1000));
         assert_eq!(r.reasons[2].mean_ns, None);
         assert_eq!(r.duration_ns, 1_500_000_000);
         assert_eq!(r.vms.len(), 1);
-        assert_eq!(r.vms[0].totals, r.total, "one VM: its rows sum to the totals");
+        assert_eq!(
+            r.vms[0].totals, r.total,
+            "one VM: its rows sum to the totals"
+        );
         assert_eq!(r.vms[0].comm.as_deref(), Some("qemu"));
     }
 

@@ -22,11 +22,19 @@ pub fn sum_u64(values: impl IntoIterator<Item = u64>, what: &'static str) -> Res
 }
 
 /// Sums per-CPU [`ExitStats`] field by field, failing instead of wrapping.
-pub fn sum_stats<'a>(values: impl IntoIterator<Item = &'a ExitStats>) -> Result<ExitStats, Overflow> {
+pub fn sum_stats<'a>(
+    values: impl IntoIterator<Item = &'a ExitStats>,
+) -> Result<ExitStats, Overflow> {
     values.into_iter().try_fold(ExitStats::default(), |acc, v| {
         Ok(ExitStats {
-            count: acc.count.checked_add(v.count).ok_or(Overflow { what: "count" })?,
-            timed: acc.timed.checked_add(v.timed).ok_or(Overflow { what: "timed" })?,
+            count: acc
+                .count
+                .checked_add(v.count)
+                .ok_or(Overflow { what: "count" })?,
+            timed: acc
+                .timed
+                .checked_add(v.timed)
+                .ok_or(Overflow { what: "timed" })?,
             time_ns: acc
                 .time_ns
                 .checked_add(v.time_ns)
@@ -70,7 +78,9 @@ impl Snapshot {
             .entry(exit)
             .or_insert_with(|| vec![0; HIST_BUCKETS as usize]);
         let i = (bucket.min(HIST_BUCKETS - 1)) as usize;
-        buckets[i] = buckets[i].checked_add(count).ok_or(Overflow { what: "histogram" })?;
+        buckets[i] = buckets[i]
+            .checked_add(count)
+            .ok_or(Overflow { what: "histogram" })?;
         Ok(())
     }
 
@@ -111,7 +121,10 @@ mod tests {
 
     #[test]
     fn overflow_is_an_error_not_a_wrap() {
-        assert_eq!(sum_u64([u64::MAX, 1], "count"), Err(Overflow { what: "count" }));
+        assert_eq!(
+            sum_u64([u64::MAX, 1], "count"),
+            Err(Overflow { what: "count" })
+        );
         let per_cpu = [stats(1, 0, u64::MAX), stats(1, 0, 1)];
         assert_eq!(sum_stats(&per_cpu), Err(Overflow { what: "time_ns" }));
     }

@@ -68,7 +68,9 @@ impl Tracepoint {
             Some((c, n)) if !c.is_empty() && !n.is_empty() && !n.contains(':') => {
                 Ok(Self::new(c, n))
             }
-            _ => Err(format!("'{text}' is not a tracepoint: write it as category:name")),
+            _ => Err(format!(
+                "'{text}' is not a tracepoint: write it as category:name"
+            )),
         }
     }
 }
@@ -171,7 +173,8 @@ impl Tracefs {
     pub fn fields(&self, tp: &Tracepoint) -> Result<Vec<Field>, TracefsError> {
         self.require(tp)?;
         let path = self.event_dir(tp).join("format");
-        let text = fs::read_to_string(&path).map_err(|source| TracefsError::Read { path, source })?;
+        let text =
+            fs::read_to_string(&path).map_err(|source| TracefsError::Read { path, source })?;
         Ok(parse_format(&text))
     }
 
@@ -236,7 +239,12 @@ print fmt: \"vcpu %u reason %s\", REC->vcpu_id";
     #[test]
     fn parses_offsets_and_array_names() {
         let fields = parse_format(KVM_EXIT_6_1);
-        let get = |n: &str| fields.iter().find(|f| f.name == n).map(|f| (f.offset, f.size));
+        let get = |n: &str| {
+            fields
+                .iter()
+                .find(|f| f.name == n)
+                .map(|f| (f.offset, f.size))
+        };
         assert_eq!(get("exit_reason"), Some((8, 4)));
         assert_eq!(get("isa"), Some((24, 4)));
         assert_eq!(get("vcpu_id"), Some((56, 4)));

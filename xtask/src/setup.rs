@@ -29,14 +29,22 @@ pub fn run(opts: &Options, _root: &Path) -> anyhow::Result<()> {
     ensure_toolchain(&toolchain)?;
     let llvm_major = llvm_major(&toolchain)?;
     ensure_bpf_linker(&toolchain, llvm_major, opts.force)?;
-    eprintln!("setup: {toolchain} (LLVM {llvm_major}) with rust-src, bpf-linker {BPF_LINKER_VERSION}: ready");
+    eprintln!(
+        "setup: {toolchain} (LLVM {llvm_major}) with rust-src, bpf-linker {BPF_LINKER_VERSION}: ready"
+    );
     Ok(())
 }
 
 fn ensure_toolchain(toolchain: &str) -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !installed.lines().any(|l| l.starts_with(toolchain)) {
-        exec(Command::new("rustup").args(["toolchain", "install", toolchain, "--profile", "minimal"]))?;
+        exec(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            toolchain,
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = output(Command::new("rustup").args([
         "component",
@@ -46,14 +54,24 @@ fn ensure_toolchain(toolchain: &str) -> anyhow::Result<()> {
         toolchain,
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))?;
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            toolchain,
+        ]))?;
     }
     Ok(())
 }
 
 /// The LLVM major version of `toolchain`'s rustc.
 fn llvm_major(toolchain: &str) -> anyhow::Result<u32> {
-    let vv = output(Command::new("rustc").arg(format!("+{toolchain}")).arg("-vV"))?;
+    let vv = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .arg("-vV"),
+    )?;
     vv.lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
@@ -62,15 +80,17 @@ fn llvm_major(toolchain: &str) -> anyhow::Result<u32> {
 }
 
 fn ensure_bpf_linker(toolchain: &str, llvm_major: u32, force: bool) -> anyhow::Result<()> {
-    if !force {
-        if let Ok(version) = output(Command::new("bpf-linker").arg("--version")) {
-            if version.contains(BPF_LINKER_VERSION) {
-                return Ok(());
-            }
-            eprintln!("setup: replacing {}", version.trim());
-        }
+    let installed = output(Command::new("bpf-linker").arg("--version")).ok();
+    match installed {
+        Some(version) if !force && version.contains(BPF_LINKER_VERSION) => return Ok(()),
+        Some(version) => eprintln!("setup: replacing {}", version.trim()),
+        None => {}
     }
-    let sysroot = output(Command::new("rustc").arg(format!("+{toolchain}")).args(["--print", "sysroot"]))?;
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .args(["--print", "sysroot"]),
+    )?;
     let libdir = Path::new(sysroot.trim()).join("lib");
     // libLLVM-22-rust-1.97.0-nightly.so -> link as LLVM-22-rust-1.97.0-nightly
     let llvm_lib = std::fs::read_dir(&libdir)
@@ -78,7 +98,11 @@ fn ensure_bpf_linker(toolchain: &str, llvm_major: u32, force: bool) -> anyhow::R
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
-        .map(|n| n.trim_start_matches("lib").trim_end_matches(".so").to_owned());
+        .map(|n| {
+            n.trim_start_matches("lib")
+                .trim_end_matches(".so")
+                .to_owned()
+        });
     let Some(llvm_lib) = llvm_lib else {
         bail!(
             "{toolchain} has no libLLVM-*.so in {}: install the llvm-tools component or another nightly",
@@ -92,7 +116,12 @@ fn ensure_bpf_linker(toolchain: &str, llvm_major: u32, force: bool) -> anyhow::R
     exec(
         Command::new("cargo")
             .arg(format!("+{toolchain}"))
-            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ])
             .args(["--no-default-features", "--features"])
             .arg(format!("llvm-{llvm_major},no-llvm-linking"))
             .env("RUSTFLAGS", rustflags),

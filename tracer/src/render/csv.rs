@@ -8,8 +8,17 @@ pub fn render(report: &Report, opts: Options) -> Result<Vec<u8>, RenderError> {
     let total = report.total.count;
     if opts.per_vcpu {
         w.write_record([
-            "pid", "vcpu_id", "isa", "reason", "name", "failed_entry", "count", "percent",
-            "timed", "time_ns", "mean_ns",
+            "pid",
+            "vcpu_id",
+            "isa",
+            "reason",
+            "name",
+            "failed_entry",
+            "count",
+            "percent",
+            "timed",
+            "time_ns",
+            "mean_ns",
         ])?;
         for r in &report.vcpus {
             w.write_record([
@@ -23,12 +32,22 @@ pub fn render(report: &Report, opts: Options) -> Result<Vec<u8>, RenderError> {
                 super::percent(r.totals.count, total),
                 r.totals.timed.to_string(),
                 r.totals.time_ns.to_string(),
-                r.totals.mean_ns().map(|m| m.to_string()).unwrap_or_default(),
+                r.totals
+                    .mean_ns()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
             ])?;
         }
     } else {
         w.write_record([
-            "isa", "reason", "name", "failed_entry", "count", "percent", "timed", "time_ns",
+            "isa",
+            "reason",
+            "name",
+            "failed_entry",
+            "count",
+            "percent",
+            "timed",
+            "time_ns",
             "mean_ns",
         ])?;
         for r in &report.reasons {
@@ -73,6 +92,10 @@ mod tests {
     fn per_vcpu_rows() {
         let t = text(true);
         assert_eq!(t.lines().count(), 6);
-        assert!(t.lines().any(|l| l == "42,1,vmx,30,IO_INSTRUCTION,false,1,9.1,1,1000,1000"), "{t}");
+        assert!(
+            t.lines()
+                .any(|l| l == "42,1,vmx,30,IO_INSTRUCTION,false,1,9.1,1,1000,1000"),
+            "{t}"
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::report::Report;
 pub enum Format {
     /// A table for people (comfy-table).
     Table,
-    /// The versioned JSON report (see [`crate::report`]).
+    /// The versioned JSON report (schema kvmtrace.record.v1).
     Json,
     /// One row per reason (or per VM, vCPU and reason with --per-vcpu).
     Csv,

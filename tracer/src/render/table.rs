@@ -13,9 +13,9 @@ fn new_table(header: &[&str]) -> Table {
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Disabled)
         .set_header(header.iter().copied());
-    for i in 0..header.len() {
+    for (i, title) in header.iter().enumerate() {
         if let Some(col) = t.column_mut(i) {
-            col.set_cell_alignment(if header[i] == "name" || header[i] == "VM" {
+            col.set_cell_alignment(if matches!(*title, "name" | "VM") {
                 CellAlignment::Left
             } else {
                 CellAlignment::Right
@@ -46,7 +46,11 @@ pub fn render(report: &Report, opts: Options) -> String {
         .paging
         .as_ref()
         .map(|p| {
-            let mode = if p.nested { "nested paging" } else { "shadow paging" };
+            let mode = if p.nested {
+                "nested paging"
+            } else {
+                "shadow paging"
+            };
             format!("{} {} ({mode})", p.module, p.label())
         })
         .unwrap_or_else(|| "no kvm vendor module loaded".to_owned());
@@ -60,7 +64,16 @@ pub fn render(report: &Report, opts: Options) -> String {
     );
     let total = report.total.count;
     let table = if opts.per_vcpu {
-        let mut t = new_table(&["VM", "vcpu", "reason", "name", "count", "% exits", "total time", "mean time"]);
+        let mut t = new_table(&[
+            "VM",
+            "vcpu",
+            "reason",
+            "name",
+            "count",
+            "% exits",
+            "total time",
+            "mean time",
+        ]);
         for r in &report.vcpus {
             let comm = report
                 .vms
@@ -82,7 +95,14 @@ pub fn render(report: &Report, opts: Options) -> String {
         }
         t
     } else {
-        let mut t = new_table(&["reason", "name", "count", "% exits", "total time", "mean time"]);
+        let mut t = new_table(&[
+            "reason",
+            "name",
+            "count",
+            "% exits",
+            "total time",
+            "mean time",
+        ]);
         for r in &report.reasons {
             let [time, mean] = time_cells(&r.totals);
             t.add_row([
@@ -119,8 +139,14 @@ mod tests {
     #[test]
     fn per_reason_table() {
         let t = render(&sample_report(), Options::default());
-        assert!(t.starts_with("kernel 6.1.0-test, kvm_intel ept=1 (nested paging), 1.50 s, 11 exits\n"), "{t}");
-        let ept = t.lines().find(|l| l.contains("EPT_VIOLATION")).unwrap_or_default();
+        assert!(
+            t.starts_with("kernel 6.1.0-test, kvm_intel ept=1 (nested paging), 1.50 s, 11 exits\n"),
+            "{t}"
+        );
+        let ept = t
+            .lines()
+            .find(|l| l.contains("EPT_VIOLATION"))
+            .unwrap_or_default();
         for cell in ["48", "6", "54.5", "1.00 µs", "200 ns"] {
             assert!(ept.contains(cell), "{cell} missing in {ept}");
         }
@@ -134,7 +160,11 @@ mod tests {
         let mut r = sample_report();
         r.dropped.vcpu_map_full = 2;
         let t = render(&r, Options { per_vcpu: true });
-        assert_eq!(t.lines().filter(|l| l.contains("42 qemu")).count(), 5, "{t}");
+        assert_eq!(
+            t.lines().filter(|l| l.contains("42 qemu")).count(),
+            5,
+            "{t}"
+        );
         assert!(t.contains("warning: incomplete data"), "{t}");
     }
 

@@ -1,0 +1,90 @@
+#!/bin/busybox sh
+# L1 /init of `cargo xtask lab`: runs inside the emulated host (Bochs or QEMU TCG).
+#
+# For each paging mode in /lab/env: load the kvm vendor module with that mode, arm the
+# kernel's hist trigger on kvm:kvm_exit (the ground truth), run /lab/workload (under
+# `kvmtrace record` when it is there), disarm, and print everything between markers on
+# the console, which xtask parses:
+#   KVMLAB step NAME BUDGET_S         a step starts; xtask kills the run if it overruns
+#   KVMLAB begin KIND MODE ... KVMLAB end KIND MODE     a file, verbatim
+#   KVMLAB result pass | KVMLAB result fail WHY         the last line, always
+# Lines from the L2 console are prefixed with "L2| ".
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tracefs tracefs /sys/kernel/tracing
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t bpf bpf /sys/fs/bpf
+# Only emergencies on the console: nothing may interleave with the files we print.
+echo 1 > /proc/sys/kernel/printk
+set -o pipefail
+. /lab/env
+
+say() { echo "KVMLAB $*"; }
+step() { say "step $1 $2"; }
+up() { cut -d' ' -f1 /proc/uptime; }
+finish() { say "result $*"; sync; poweroff -f; }
+section() { # KIND MODE FILE
+    say "begin $1 $2"
+    cat "$3"
+    echo
+    say "end $1 $2"
+}
+
+EXIT=/sys/kernel/tracing/events/kvm/kvm_exit
+BY_REASON='hist:keys=isa,exit_reason:vals=hitcount:sort=isa,exit_reason:size=256'
+BY_VCPU='hist:keys=vcpu_id,exit_reason:vals=hitcount:sort=vcpu_id,exit_reason:size=1024'
+
+step l1-modules 120
+say "l1 up uptime=$(up) kernel=$(uname -r) cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+for m in $KVM_DEPS; do
+    insmod /lib/modules/lab/$m || finish fail "insmod $m"
+done
+
+failed=""
+for mode in $MODES; do
+    tag=$PAGING$mode
+    step "$tag:load" 120
+    insmod /lib/modules/lab/$KVM_VENDOR.ko $PAGING=$mode || finish fail "insmod $KVM_VENDOR.ko $PAGING=$mode"
+    [ -c /dev/kvm ] || finish fail "no /dev/kvm with $PAGING=$mode"
+    say "paging $tag $PAGING=$(cat /sys/module/$KVM_MODULE/parameters/$PAGING)"
+
+    echo "$BY_REASON" > $EXIT/trigger || finish fail "cannot arm $BY_REASON"
+    echo "$BY_VCPU" >> $EXIT/trigger || finish fail "cannot arm $BY_VCPU"
+    step "$tag:run" $RUN_BUDGET
+    say "run $tag start uptime=$(up)"
+    rm -f /tmp/rec.json /tmp/l2.out /tmp/kvmtrace.err
+    if [ -x /bin/kvmtrace ]; then
+        timeout $RUN_TIMEOUT kvmtrace record --format json -o /tmp/rec.json $RECORD_ARGS \
+            -- /lab/workload </dev/null 2>/tmp/kvmtrace.err | tee /tmp/l2.out | sed 's/^/L2| /'
+        rc=$?
+        say "run $tag kvmtrace rc=$rc uptime=$(up)"
+        section kvmtrace-stderr $tag /tmp/kvmtrace.err
+        if ! grep -q "$END_MARKER" /tmp/l2.out; then
+            # kvmtrace did not get the workload to its end: still get the ground truth.
+            echo "!$BY_VCPU" >> $EXIT/trigger; echo "!$BY_REASON" >> $EXIT/trigger
+            echo "$BY_REASON" > $EXIT/trigger; echo "$BY_VCPU" >> $EXIT/trigger
+            say "run $tag without kvmtrace uptime=$(up)"
+            timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
+            rc=$?
+        fi
+    else
+        timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
+        rc=$?
+    fi
+    say "run $tag end rc=$rc uptime=$(up)"
+    grep -q "$END_MARKER" /tmp/l2.out || failed="$failed $tag:no-end-marker"
+
+    step "$tag:dump" 120
+    section hist $tag $EXIT/hist
+    [ -e /tmp/rec.json ] && section record $tag /tmp/rec.json
+    echo "!$BY_VCPU" >> $EXIT/trigger
+    echo "!$BY_REASON" >> $EXIT/trigger
+    rmmod $KVM_MODULE || finish fail "rmmod $KVM_MODULE"
+done
+
+step done 60
+if [ -z "$failed" ]; then finish pass; else finish fail$failed; fi
