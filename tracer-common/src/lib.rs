@@ -4,6 +4,8 @@
 //! map key or value has implicit padding (a padded key would hash its garbage bytes).
 #![no_std]
 
+pub mod exit_reasons;
+
 /// `isa` values of the `kvm:kvm_exit` tracepoint (`KVM_ISA_VMX` / `KVM_ISA_SVM` in
 /// `arch/x86/kvm/trace.h`).
 pub mod isa {

@@ -15,6 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 use tracer_common::{
     ExitKey, ExitStats, HistKey, PendingExit, VcpuKey, drop_kind, hist_bucket, limits,
 };
@@ -128,6 +129,10 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     };
     if !add_stats(&EXITS, &exit, &one) {
         count_drop(drop_kind::EXIT_MAP_FULL);
+        warn!(
+            ctx,
+            "exit map full: isa {} reason {:x} counted as dropped", isa, raw_reason
+        );
         return;
     }
     let vcpu = VcpuKey {
@@ -198,6 +203,10 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
             if let Ok(child) = unsafe { ctx.read_at::<u32>(global(&FORK_CHILD_OFF) as usize) } {
                 if FILTER_PIDS.insert(&child, &1, u64::from(BPF_ANY)).is_err() {
                     count_drop(drop_kind::FILTER_MAP_FULL);
+                    warn!(
+                        &ctx,
+                        "pid filter full: child {} of {} is not traced", child, tgid
+                    );
                 }
             }
         }

@@ -1,14 +1,14 @@
-//! Names of VMX basic exit reasons (Intel SDM Vol. 3D, Appendix C) and SVM exit codes
-//! (AMD APM Vol. 2, Appendix C), including the ones KVM does not handle.
-//!
-//! Names follow the kernel's `EXIT_REASON_*` / `SVM_EXIT_*` spellings without the
-//! prefix, so they match what `perf kvm stat` and the `kvm:kvm_exit` format print.
-//! A value missing from the tables is shown as `UNKNOWN(n)`, never dropped.
+//! Exit-reason names for people: the tables live in `tracer_common::exit_reasons`
+//! (Intel SDM Vol. 3D Appendix C, AMD APM Vol. 2 Appendix C). A value missing from the
+//! tables is shown as `UNKNOWN(n)`, never dropped.
 
 use std::{borrow::Cow, fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
-use tracer_common::isa;
+use tracer_common::{
+    exit_reasons::{self as names, ReasonName},
+    isa,
+};
 
 /// The virtualization extension an exit came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -65,206 +65,13 @@ impl FromStr for Isa {
     }
 }
 
-/// VMX basic exit reasons, SDM Vol. 3D Table C-1. Numbers 35, 38 and 42 are unused.
-const VMX: &[(u32, &str)] = &[
-    (0, "EXCEPTION_NMI"),
-    (1, "EXTERNAL_INTERRUPT"),
-    (2, "TRIPLE_FAULT"),
-    (3, "INIT_SIGNAL"),
-    (4, "SIPI_SIGNAL"),
-    (5, "IO_SMI"),
-    (6, "OTHER_SMI"),
-    (7, "INTERRUPT_WINDOW"),
-    (8, "NMI_WINDOW"),
-    (9, "TASK_SWITCH"),
-    (10, "CPUID"),
-    (11, "GETSEC"),
-    (12, "HLT"),
-    (13, "INVD"),
-    (14, "INVLPG"),
-    (15, "RDPMC"),
-    (16, "RDTSC"),
-    (17, "RSM"),
-    (18, "VMCALL"),
-    (19, "VMCLEAR"),
-    (20, "VMLAUNCH"),
-    (21, "VMPTRLD"),
-    (22, "VMPTRST"),
-    (23, "VMREAD"),
-    (24, "VMRESUME"),
-    (25, "VMWRITE"),
-    (26, "VMOFF"),
-    (27, "VMON"),
-    (28, "CR_ACCESS"),
-    (29, "DR_ACCESS"),
-    (30, "IO_INSTRUCTION"),
-    (31, "MSR_READ"),
-    (32, "MSR_WRITE"),
-    (33, "INVALID_STATE"),
-    (34, "MSR_LOAD_FAIL"),
-    (36, "MWAIT_INSTRUCTION"),
-    (37, "MONITOR_TRAP_FLAG"),
-    (39, "MONITOR_INSTRUCTION"),
-    (40, "PAUSE_INSTRUCTION"),
-    (41, "MCE_DURING_VMENTRY"),
-    (43, "TPR_BELOW_THRESHOLD"),
-    (44, "APIC_ACCESS"),
-    (45, "EOI_INDUCED"),
-    (46, "GDTR_IDTR"),
-    (47, "LDTR_TR"),
-    (48, "EPT_VIOLATION"),
-    (49, "EPT_MISCONFIG"),
-    (50, "INVEPT"),
-    (51, "RDTSCP"),
-    (52, "PREEMPTION_TIMER"),
-    (53, "INVVPID"),
-    (54, "WBINVD"),
-    (55, "XSETBV"),
-    (56, "APIC_WRITE"),
-    (57, "RDRAND"),
-    (58, "INVPCID"),
-    (59, "VMFUNC"),
-    (60, "ENCLS"),
-    (61, "RDSEED"),
-    (62, "PML_FULL"),
-    (63, "XSAVES"),
-    (64, "XRSTORS"),
-    (65, "PCONFIG"),
-    (66, "SPP_EVENT"),
-    (67, "UMWAIT"),
-    (68, "TPAUSE"),
-    (69, "LOADIWKEY"),
-    (70, "ENCLV"),
-    (71, "SGX_CONFLICT"),
-    (72, "ENQCMD_PASID_FAIL"),
-    (73, "ENQCMDS_PASID_FAIL"),
-    (74, "BUS_LOCK"),
-    (75, "NOTIFY"),
-    (76, "SEAMCALL"),
-    (77, "TDCALL"),
-    (78, "RDMSRLIST"),
-    (79, "WRMSRLIST"),
-    (80, "URDMSR"),
-    (81, "UWRMSR"),
-    (84, "MSR_READ_IMM"),
-    (85, "MSR_WRITE_IMM"),
-];
-
-/// SVM exit codes that are not part of a numbered range (APM Vol. 2, Table C-1, and
-/// the GHCB's software-defined VMGEXIT codes the kernel traces).
-const SVM: &[(u32, &str)] = &[
-    (0x60, "INTR"),
-    (0x61, "NMI"),
-    (0x62, "SMI"),
-    (0x63, "INIT"),
-    (0x64, "VINTR"),
-    (0x65, "CR0_SEL_WRITE"),
-    (0x66, "IDTR_READ"),
-    (0x67, "GDTR_READ"),
-    (0x68, "LDTR_READ"),
-    (0x69, "TR_READ"),
-    (0x6a, "IDTR_WRITE"),
-    (0x6b, "GDTR_WRITE"),
-    (0x6c, "LDTR_WRITE"),
-    (0x6d, "TR_WRITE"),
-    (0x6e, "RDTSC"),
-    (0x6f, "RDPMC"),
-    (0x70, "PUSHF"),
-    (0x71, "POPF"),
-    (0x72, "CPUID"),
-    (0x73, "RSM"),
-    (0x74, "IRET"),
-    (0x75, "SWINT"),
-    (0x76, "INVD"),
-    (0x77, "PAUSE"),
-    (0x78, "HLT"),
-    (0x79, "INVLPG"),
-    (0x7a, "INVLPGA"),
-    (0x7b, "IOIO"),
-    (0x7c, "MSR"),
-    (0x7d, "TASK_SWITCH"),
-    (0x7e, "FERR_FREEZE"),
-    (0x7f, "SHUTDOWN"),
-    (0x80, "VMRUN"),
-    (0x81, "VMMCALL"),
-    (0x82, "VMLOAD"),
-    (0x83, "VMSAVE"),
-    (0x84, "STGI"),
-    (0x85, "CLGI"),
-    (0x86, "SKINIT"),
-    (0x87, "RDTSCP"),
-    (0x88, "ICEBP"),
-    (0x89, "WBINVD"),
-    (0x8a, "MONITOR"),
-    (0x8b, "MWAIT"),
-    (0x8c, "MWAIT_COND"),
-    (0x8d, "XSETBV"),
-    (0x8e, "RDPRU"),
-    (0x8f, "EFER_WRITE_TRAP"),
-    (0xa0, "INVLPGB"),
-    (0xa1, "INVLPGB_ILLEGAL"),
-    (0xa2, "INVPCID"),
-    (0xa3, "MCOMMIT"),
-    (0xa4, "TLBSYNC"),
-    (0xa5, "BUS_LOCK"),
-    (0xa6, "IDLE_HLT"),
-    (0x400, "NPF"),
-    (0x401, "AVIC_INCOMPLETE_IPI"),
-    (0x402, "AVIC_UNACCELERATED_ACCESS"),
-    (0x403, "VMGEXIT"),
-    (0x8000_0001, "VMGEXIT_MMIO_READ"),
-    (0x8000_0002, "VMGEXIT_MMIO_WRITE"),
-    (0x8000_0003, "VMGEXIT_NMI_COMPLETE"),
-    (0x8000_0004, "VMGEXIT_AP_HLT_LOOP"),
-    (0x8000_0005, "VMGEXIT_AP_JUMP_TABLE"),
-    (0x8000_0010, "VMGEXIT_PSC"),
-    (0x8000_0011, "VMGEXIT_GUEST_REQUEST"),
-    (0x8000_0012, "VMGEXIT_EXT_GUEST_REQUEST"),
-    (0x8000_0013, "VMGEXIT_AP_CREATION"),
-    (0x8000_fffd, "VMGEXIT_HV_FEATURES"),
-    (0x8000_fffe, "VMGEXIT_TERM_REQUEST"),
-    (0x8000_ffff, "VMGEXIT_UNSUPPORTED"),
-    (0xffff_ffff, "INVALID"),
-];
-
-/// Exception mnemonics by vector, for the SVM 0x40..=0x5f range.
-const EXCEPTIONS: [&str; 32] = [
-    "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF",
-    "15", "MF", "AC", "MC", "XM", "VE", "CP", "22", "23", "24", "25", "26", "27", "HV", "VC", "SX",
-    "31",
-];
-
-fn lookup(table: &[(u32, &'static str)], reason: u32) -> Option<&'static str> {
-    table
-        .binary_search_by_key(&reason, |&(n, _)| n)
-        .ok()
-        .map(|i| table[i].1)
-}
-
-/// The name of an SVM code from one of the numbered ranges (CR/DR accesses,
-/// exceptions, CR write traps).
-fn svm_range_name(code: u32) -> Option<String> {
-    let n = code & 0xf;
-    match code {
-        0x00..=0x0f => Some(format!("READ_CR{n}")),
-        0x10..=0x1f => Some(format!("WRITE_CR{n}")),
-        0x20..=0x2f => Some(format!("READ_DR{n}")),
-        0x30..=0x3f => Some(format!("WRITE_DR{n}")),
-        0x40..=0x5f => Some(format!("EXCP_{}", EXCEPTIONS[(code - 0x40) as usize])),
-        0x90..=0x9f => Some(format!("CR{n}_WRITE_TRAP")),
-        _ => None,
-    }
-}
-
 /// The name of `reason` for `isa`, or `None` when no specification defines it.
 pub fn known_name(isa: Isa, reason: u32) -> Option<Cow<'static, str>> {
-    match isa {
-        Isa::Vmx => lookup(VMX, reason).map(Cow::Borrowed),
-        Isa::Svm => lookup(SVM, reason)
-            .map(Cow::Borrowed)
-            .or_else(|| svm_range_name(reason).map(Cow::Owned)),
-        Isa::Other(_) => None,
-    }
+    let name = names::name(isa.raw(), reason)?;
+    Some(match name {
+        ReasonName::Fixed(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
+    })
 }
 
 /// The name of `reason` for `isa`; `UNKNOWN(n)` when no specification defines it.
@@ -274,20 +81,18 @@ pub fn name(isa: Isa, reason: u32) -> Cow<'static, str> {
 
 /// Every defined (reason, name) of `isa`, in numeric order.
 pub fn all(isa: Isa) -> Vec<(u32, Cow<'static, str>)> {
-    match isa {
-        Isa::Vmx => VMX.iter().map(|&(n, s)| (n, Cow::Borrowed(s))).collect(),
-        Isa::Svm => {
-            let ranges = (0x00..=0x5f)
-                .chain(0x90..=0x9f)
-                .filter_map(|n| svm_range_name(n).map(|s| (n, Cow::Owned(s))));
-            let mut all: Vec<_> = ranges
-                .chain(SVM.iter().map(|&(n, s)| (n, Cow::Borrowed(s))))
-                .collect();
-            all.sort_by_key(|&(n, _)| n);
-            all
-        }
+    let mut codes: Vec<u32> = match isa {
+        Isa::Vmx => names::VMX.iter().map(|&(n, _)| n).collect(),
+        Isa::Svm => names::svm_range_codes()
+            .chain(names::SVM.iter().map(|&(n, _)| n))
+            .collect(),
         Isa::Other(_) => Vec::new(),
-    }
+    };
+    codes.sort_unstable();
+    codes
+        .into_iter()
+        .filter_map(|n| known_name(isa, n).map(|s| (n, s)))
+        .collect()
 }
 
 /// Parses a reason given by a user: a number (decimal or 0x hex) or a name of `isa`
@@ -316,7 +121,7 @@ mod tests {
 
     #[test]
     fn tables_are_sorted_and_unique() {
-        for table in [VMX, SVM] {
+        for table in [names::VMX, names::SVM] {
             assert!(
                 table.windows(2).all(|w| w[0].0 < w[1].0),
                 "table not sorted"
@@ -387,7 +192,7 @@ mod tests {
             assert_eq!(name(Isa::Svm, n), s, "SVM code {n:#x}");
         }
         assert_eq!(name(Isa::Svm, 0x404), "UNKNOWN(1028)");
-        assert_eq!(all(Isa::Svm).len(), 96 + 16 + SVM.len());
+        assert_eq!(all(Isa::Svm).len(), 96 + 16 + names::SVM.len());
     }
 
     #[test]

@@ -80,6 +80,8 @@ impl Default for ProbeConfig {
 /// The loaded and attached programs. Dropping it detaches them.
 pub struct Probe {
     ebpf: Ebpf,
+    /// Forwards the eBPF side's warnings (full maps) to the `log` crate.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ProbeError {
@@ -113,6 +115,9 @@ impl Probe {
                 "/tracer"
             )))
             .map_err(ProbeError::Object)?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(|e| log::debug!("no eBPF logger: {e}"))
+            .ok();
 
         {
             let mut filter: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
@@ -156,7 +161,14 @@ impl Probe {
                     source,
                 })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, logger })
+    }
+
+    /// Passes the eBPF side's pending log records to the `log` crate.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// Adds a process (and, from now on, its children) to the pid filter.

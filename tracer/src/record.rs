@@ -62,7 +62,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         pids,
         vcpu: args.vcpu,
     };
-    let probe = Probe::attach(&tracefs, &config)?;
+    let mut probe = Probe::attach(&tracefs, &config)?;
     let started_at = Utc::now();
     let paging = host::paging();
 
@@ -98,6 +98,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     if let End::Signal(name) = end {
         eprintln_status(&format!("stopped by {name}"));
     }
+    probe.flush_logs();
     let snapshot = probe.snapshot()?;
     let ended_at = Utc::now();
     drop(probe);

@@ -1,6 +1,7 @@
 //! `cargo xtask VERB`: everything around the `kvmtrace` build that is not the product.
 
 mod exec;
+mod kmod;
 mod lab;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Command {
     /// Run every check: setup, fmt, clippy, unit and integration tests (as root), and
     /// the lab end-to-end tests.
     Test(test::Options),
+    /// Build the patched KVM modules (CPUID exit-counter leaves) out of tree.
+    Kmod(kmod::Options),
     /// Boot the emulated lab (Bochs VMX / QEMU SVM) and trace a real KVM in it.
     Lab(lab::Options),
 }
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
     let result = workspace_root().and_then(|root| match cli.command {
         Command::Setup(opts) => setup::run(&opts, &root),
         Command::Test(opts) => test::run(&opts, &root),
+        Command::Kmod(opts) => kmod::run(&opts, &root),
         Command::Lab(opts) => lab::run(&opts, &root),
     });
     match result {

@@ -1,12 +1,643 @@
-//! `cargo xtask lab`: the emulated lab (placeholder until the lab lands).
+//! `cargo xtask lab`: the emulated lab. A real KVM runs inside an emulated host (L1):
+//! Bochs with VMX+EPT for kvm_intel, QEMU 7.2 TCG with SVM+NPT for kvm_amd. For each
+//! paging mode L1 runs an L2 workload under `kvmtrace record`, with the kernel's own
+//! hist trigger on kvm:kvm_exit as the ground truth, and ships both back over the serial
+//! console. Results land in `target/lab/<isa>/<mode>/`.
+//!
+//! Guest-side pieces (init scripts, the `micro` VMM, the Bochs config) live in `lab/`.
 
-use std::path::Path;
+mod assets;
+mod cpio;
+mod emulator;
+mod image;
+mod report;
+mod step;
 
-use clap::Args;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use self::{
+    assets::Apt,
+    image::{L1, Workload as L2Workload},
+    report::{ISA_SVM, ISA_VMX},
+    step::{Step, run_bounded},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Isa {
+    /// kvm_intel under Bochs (VMX + EPT).
+    Intel,
+    /// kvm_amd under QEMU 7.2 TCG (SVM + NPT).
+    Amd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// QEMU microvm boots a Linux L2 (Debian's kernel, busybox initrd) to its end marker.
+    Boot,
+    /// A tiny static VMM whose exits are known: N CPUID, M port writes, 1 HLT.
+    Micro,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Kvmtrace {
+    /// Build and run kvmtrace if it builds; otherwise collect only the kernel hist.
+    Auto,
+    /// Fail unless kvmtrace builds, runs, and agrees with the hist.
+    Required,
+    /// Only the kernel hist.
+    Off,
+}
 
 #[derive(Args, Debug)]
-pub struct Options {}
+pub struct Options {
+    /// Which KVM to run: kvm_intel (Bochs) or kvm_amd (QEMU TCG).
+    #[arg(long, value_enum, default_value_t = Isa::Intel)]
+    pub isa: Isa,
+    /// Paging modes, in order: 1 = nested paging (ept/npt=1), 0 = shadow paging.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u8, 0u8],
+          value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub modes: Vec<u8>,
+    /// What runs as L2.
+    #[arg(long, value_enum, default_value_t = Workload::Boot)]
+    pub workload: Workload,
+    /// vCPUs of the L2 VM (boot workload).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub smp: u8,
+    /// Whether to run kvmtrace next to the kernel hist.
+    #[arg(long, value_enum, default_value_t = Kvmtrace::Auto)]
+    pub kvmtrace: Kvmtrace,
+    /// Extra arguments for `kvmtrace record` inside L1.
+    #[arg(long, default_value = "--per-vcpu", allow_hyphen_values = true)]
+    pub record_args: String,
+    /// micro workload: how many CPUID instructions the guest runs.
+    #[arg(long, default_value_t = 1000)]
+    pub micro_cpuids: u32,
+    /// micro workload: how many port writes the guest does.
+    #[arg(long, default_value_t = 100)]
+    pub micro_outs: u32,
+    /// Directory with kvm.ko and the vendor module (e.g. patched ones) to load instead of
+    /// Debian's; their vermagic must match the L1 kernel.
+    #[arg(long)]
+    pub kvm_modules: Option<PathBuf>,
+    /// Multiplies every time limit (for slow machines).
+    #[arg(long, default_value_t = 1.0)]
+    pub timeout_scale: f64,
+}
 
-pub fn run(_opts: &Options, _root: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("the lab is not built yet")
+/// Debian's kernel for L1 and L2: the cloud flavour boots fastest under emulation (LZ4).
+const KERNEL_META: &str = "linux-image-cloud-amd64";
+/// bookworm's QEMU: 10.x breaks shadow paging under nested SVM (shared/LAB-NOTES.md).
+const QEMU_RELEASE: &str = "bookworm";
+const QEMU_VERSION_PREFIX: &str = "1:7.2";
+/// Firmware QEMU may look for when it boots a microvm or a PC with -kernel.
+const QEMU_FIRMWARE: &[&str] = &[
+    "bios-microvm.bin",
+    "qboot.rom",
+    "linuxboot_dma.bin",
+    "linuxboot.bin",
+    "pvh.bin",
+    "kvmvapic.bin",
+    "bios-256k.bin",
+];
+const L2_MEMORY_MB: u32 = 128;
+const L1_MEMORY_MB: u32 = 1024;
+
+impl Isa {
+    fn name(self) -> &'static str {
+        match self {
+            Isa::Intel => "intel",
+            Isa::Amd => "amd",
+        }
+    }
+
+    fn paging(self) -> &'static str {
+        match self {
+            Isa::Intel => "ept",
+            Isa::Amd => "npt",
+        }
+    }
+
+    fn trace_isa(self) -> u32 {
+        match self {
+            Isa::Intel => ISA_VMX,
+            Isa::Amd => ISA_SVM,
+        }
+    }
+
+    /// kvm modules (paths under lib/modules/<abi>/kernel) in load order, vendor last.
+    fn modules(self) -> &'static [&'static str] {
+        match self {
+            Isa::Intel => &[
+                "virt/lib/irqbypass.ko",
+                "arch/x86/kvm/kvm.ko",
+                "arch/x86/kvm/kvm-intel.ko",
+            ],
+            Isa::Amd => &[
+                "virt/lib/irqbypass.ko",
+                "drivers/crypto/ccp/ccp.ko",
+                "arch/x86/kvm/kvm.ko",
+                "arch/x86/kvm/kvm-amd.ko",
+            ],
+        }
+    }
+
+    fn host_packages(self) -> &'static [&'static str] {
+        match self {
+            Isa::Intel => &[
+                "bochs",
+                "bochsbios",
+                "vgabios",
+                "syslinux",
+                "syslinux-common",
+                "mtools",
+                "dosfstools",
+                "util-linux",
+                "gcc",
+                "libc6-dev",
+            ],
+            Isa::Amd => &["gcc", "libc6-dev"],
+        }
+    }
+}
+
+/// The unpacked Debian packages the lab is built from.
+struct Inputs {
+    abi: String,
+    kernel: PathBuf,
+    modules: Vec<PathBuf>,
+    busybox: PathBuf,
+    /// The unpacked qemu-system-x86 7.2 tree, and its firmware files.
+    qemu_root: PathBuf,
+    firmware: Vec<PathBuf>,
+    qemu_data_dirs: Vec<PathBuf>,
+}
+
+pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    if opts.modes.is_empty() {
+        bail!("--modes needs at least one mode");
+    }
+    if opts.timeout_scale <= 0.0 {
+        bail!("--timeout-scale must be positive");
+    }
+    let started = Instant::now();
+    let lab = root.join("target/lab");
+    let cache = lab.join("cache");
+    let out = lab.join(opts.isa.name());
+    let build = out.join("build");
+    std::fs::create_dir_all(&build).with_context(|| format!("cannot create {}", build.display()))?;
+    let mut apt = Apt::default();
+
+    let inputs = prepare_inputs(opts, &cache, &mut apt)?;
+    let kvmtrace = build_kvmtrace(opts, root)?;
+    let setup = started.elapsed();
+
+    let s = Step::start("initrd");
+    let workload = match opts.workload {
+        Workload::Boot => {
+            let l2 = build.join("l2-initrd.cpio");
+            image::l2_initrd(&inputs.busybox, &root.join("lab/l2-init.sh"), &l2)?;
+            let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
+            L2Workload::Boot {
+                qemu_libs: assets::shared_libraries(&qemu)?,
+                qemu,
+                firmware: inputs.firmware.clone(),
+                kernel: inputs.kernel.clone(),
+                l2_initrd: l2,
+                memory_mb: L2_MEMORY_MB,
+                smp: opts.smp,
+            }
+        }
+        Workload::Micro => {
+            let binary = build.join("micro");
+            run_bounded(
+                Command::new("gcc")
+                    .args(["-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o"])
+                    .arg(&binary)
+                    .arg(root.join("lab/micro.c")),
+                Duration::from_secs(120),
+            )?;
+            L2Workload::Micro {
+                binary,
+                cpuids: opts.micro_cpuids,
+                outs: opts.micro_outs,
+            }
+        }
+    };
+    let run_timeout = match opts.workload {
+        Workload::Boot => 300 * u64::from(opts.smp),
+        Workload::Micro => 120,
+    };
+    let l1 = L1 {
+        busybox: inputs.busybox.clone(),
+        init: root.join("lab/l1-init.sh"),
+        modules: inputs.modules.clone(),
+        paging: opts.isa.paging(),
+        modes: opts.modes.clone(),
+        workload,
+        kvmtrace,
+        record_args: opts.record_args.clone(),
+        run_timeout: (run_timeout as f64 * opts.timeout_scale) as u64,
+    };
+    let initrd = build.join("l1-initrd.cpio");
+    let size = image::l1_initrd(&l1, &initrd)?;
+    s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
+
+    let mut cmd = match opts.isa {
+        Isa::Intel => bochs_command(root, &build, &inputs.kernel, &initrd)?,
+        Isa::Amd => qemu_command(&build, &inputs, &initrd)?,
+    };
+    let s = Step::start(match opts.isa {
+        Isa::Intel => "bochs",
+        Isa::Amd => "qemu-tcg",
+    });
+    s.note(format!("L1 {} with {} modes {:?}", inputs.abi, opts.isa.paging(), opts.modes));
+    let serial_log = out.join("serial.log");
+    let run = emulator::run(
+        &mut cmd,
+        &build.join("serial.out"),
+        &build.join("emulator.log"),
+        &s,
+        opts.timeout_scale,
+        &serial_log,
+    )
+    .with_context(|| format!("{} died; console in {}", s.name(), serial_log.display()))?;
+    let result = run.result.clone().unwrap_or_else(|| "none".into());
+    let emu_time = s.done(format!("result {result} ({:.1} s)", run.wall));
+
+    let outcome = summarize(opts, &out, &run, &l1);
+    eprintln!(
+        "lab: setup {:.1} s, {} {:.1} s, total {:.1} s",
+        setup.as_secs_f64(),
+        match opts.isa {
+            Isa::Intel => "bochs",
+            Isa::Amd => "qemu",
+        },
+        emu_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    if run.result.as_deref() != Some("pass") {
+        bail!(
+            "the L1 run did not pass: {result} (console in {})",
+            serial_log.display()
+        );
+    }
+    outcome
+}
+
+fn prepare_inputs(opts: &Options, cache: &Path, apt: &mut Apt) -> anyhow::Result<Inputs> {
+    let s = Step::start("host packages");
+    apt.install(&s, opts.isa.host_packages())?;
+    s.done("installed");
+
+    let s = Step::start("downloads");
+    let debs = cache.join("debs");
+    let roots = cache.join("roots");
+    let abi = assets::kernel_abi(KERNEL_META)?;
+    let image_pkg = format!("linux-image-{abi}");
+    let kroot = assets::unpack(&apt.download(&s, &debs, &image_pkg)?, &roots)?;
+    let kernel = kroot.join(format!("boot/vmlinuz-{abi}"));
+    let kdir = kroot.join(format!("lib/modules/{abi}/kernel"));
+    let mut modules: Vec<PathBuf> = opts.isa.modules().iter().map(|m| kdir.join(m)).collect();
+    if let Some(dir) = &opts.kvm_modules {
+        use_patched_modules(&mut modules, dir)?;
+    }
+    for m in &modules {
+        if !m.is_file() {
+            bail!("{} is not in {image_pkg}", m.display());
+        }
+    }
+    let bbroot = assets::unpack(&apt.download(&s, &debs, "busybox-static")?, &roots)?;
+    let busybox = bbroot.join("bin/busybox");
+
+    let qemu_version = assets::candidate_version(&format!("qemu-system-x86/{QEMU_RELEASE}"))
+        .or_else(|_| assets::candidate_version("qemu-system-x86"))?;
+    if !qemu_version.starts_with(QEMU_VERSION_PREFIX) {
+        bail!("apt offers qemu-system-x86 {qemu_version}, the lab needs {QEMU_VERSION_PREFIX}");
+    }
+    let qemu_deb = apt.download(&s, &debs, &format!("qemu-system-x86={qemu_version}"))?;
+    let qemu_root = assets::unpack(&qemu_deb, &roots)?;
+    let data_root = assets::unpack(&apt.download(&s, &debs, &format!("qemu-system-data/{QEMU_RELEASE}"))?, &roots)?;
+    let seabios_root = assets::unpack(&apt.download(&s, &debs, "seabios")?, &roots)?;
+    let mut data_dirs = vec![data_root.join("usr/share/qemu"), seabios_root.join("usr/share/seabios")];
+    if opts.isa == Isa::Amd {
+        let common = apt.download(&s, &debs, &format!("qemu-system-common/{QEMU_RELEASE}"))?;
+        data_dirs.push(assets::unpack(&common, &roots)?.join("usr/share/qemu"));
+    }
+    // The libraries QEMU 7.2 links against, installed on the host so ldd finds them.
+    let libs = assets::library_depends(&qemu_deb)?;
+    let libs: Vec<&str> = libs.iter().map(String::as_str).collect();
+    apt.install(&s, &libs)?;
+    let microvm = qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
+    let version = crate::exec::output(Command::new(&microvm).arg("--version"))?;
+    let version = version.lines().next().unwrap_or("").to_owned();
+    if !version.contains("version 7.2") {
+        bail!("{} is {version}, not 7.2", microvm.display());
+    }
+    let firmware = QEMU_FIRMWARE
+        .iter()
+        .filter_map(|name| {
+            data_dirs
+                .iter()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .collect();
+    s.done(format!("kernel {abi}, {version}"));
+    Ok(Inputs {
+        abi,
+        kernel,
+        modules,
+        busybox,
+        qemu_root,
+        firmware,
+        qemu_data_dirs: data_dirs,
+    })
+}
+
+/// Replaces Debian's kvm.ko and vendor module by the ones in `dir`, after checking that
+/// they were built for the same kernel (vermagic).
+fn use_patched_modules(modules: &mut [PathBuf], dir: &Path) -> anyhow::Result<()> {
+    let vermagic = |p: &Path| {
+        crate::exec::output(Command::new("modinfo").args(["-F", "vermagic"]).arg(p))
+            .map(|v| v.trim().to_owned())
+    };
+    for m in modules.iter_mut() {
+        let Some(name) = m.file_name() else { continue };
+        let patched = dir.join(name);
+        if name == "irqbypass.ko" || name == "ccp.ko" || !patched.is_file() {
+            continue;
+        }
+        let (want, have) = (vermagic(m)?, vermagic(&patched)?);
+        if want != have {
+            bail!(
+                "{} was built for {have:?}, the L1 kernel is {want:?}",
+                patched.display()
+            );
+        }
+        *m = patched;
+    }
+    Ok(())
+}
+
+/// Builds `kvmtrace` (release) unless told not to; returns it with its libraries.
+fn build_kvmtrace(opts: &Options, root: &Path) -> anyhow::Result<Option<(PathBuf, Vec<PathBuf>)>> {
+    if opts.kvmtrace == Kvmtrace::Off {
+        return Ok(None);
+    }
+    let s = Step::start("kvmtrace");
+    s.message("cargo build --release -p tracer");
+    let built = run_bounded(
+        Command::new("cargo")
+            .args(["build", "--release", "-p", "tracer"])
+            .current_dir(root),
+        Duration::from_secs(600),
+    )
+    .and_then(|()| {
+        let bin = root.join("target/release/kvmtrace");
+        let libs = assets::shared_libraries(&bin)?;
+        Ok((bin, libs))
+    });
+    match built {
+        Ok(b) => {
+            s.done(format!("{}", b.0.display()));
+            Ok(Some(b))
+        }
+        Err(e) if opts.kvmtrace == Kvmtrace::Auto => {
+            s.done(format!("not available, the lab runs with the hist only: {e:#}"));
+            Ok(None)
+        }
+        Err(e) => Err(e.context("kvmtrace does not build")),
+    }
+}
+
+fn bochs_command(root: &Path, build: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<Command> {
+    let (disk, cylinders) = image::boot_disk(build, kernel, initrd)?;
+    let template = root.join("lab/bochsrc.in");
+    let template = std::fs::read_to_string(&template)
+        .with_context(|| format!("cannot read {}", template.display()))?;
+    let text = |p: &Path| p.to_string_lossy().into_owned();
+    let rc = template
+        .replace("@MEMORY_MB@", &L1_MEMORY_MB.to_string())
+        .replace("@DISK@", &text(&disk))
+        .replace("@CYLINDERS@", &cylinders.to_string())
+        .replace("@SERIAL@", &text(&build.join("serial.out")))
+        .replace("@LOG@", &text(&build.join("bochs.log")));
+    let bochsrc = build.join("bochsrc");
+    std::fs::write(&bochsrc, rc).with_context(|| format!("cannot write {}", bochsrc.display()))?;
+    // The debugger is compiled in: this script just says "continue".
+    let dbg = build.join("bochs-debugger.rc");
+    std::fs::write(&dbg, "c\n").with_context(|| format!("cannot write {}", dbg.display()))?;
+    let _ = std::fs::remove_file(build.join("disk.img.lock"));
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-n", "bochs-bin", "-q", "-f"])
+        .arg(&bochsrc)
+        .arg("-rc")
+        .arg(&dbg)
+        .current_dir(build);
+    Ok(cmd)
+}
+
+fn qemu_command(build: &Path, inputs: &Inputs, initrd: &Path) -> anyhow::Result<Command> {
+    let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64");
+    let mut cmd = Command::new(qemu);
+    cmd.env(
+        "QEMU_MODULE_DIR",
+        inputs.qemu_root.join("usr/lib/x86_64-linux-gnu/qemu"),
+    );
+    for d in &inputs.qemu_data_dirs {
+        cmd.arg("-L").arg(d);
+    }
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-no-reboot", "-nodefaults"])
+        .args(["-display", "none", "-monitor", "none", "-net", "none"])
+        .arg("-m")
+        .arg(format!("{L1_MEMORY_MB}M"))
+        .arg("-serial")
+        .arg(format!("file:{}", build.join("serial.out").display()))
+        .arg("-kernel")
+        .arg(&inputs.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(image::L1_APPEND)
+        .current_dir(build);
+    Ok(cmd)
+}
+
+/// Parses the console, writes `target/lab/<isa>/<mode>/`, prints the tables; fails if
+/// kvmtrace ran and disagrees with the hist, or the micro workload's counts are off.
+fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for mode in &opts.modes {
+        let tag = format!("{}{mode}", opts.isa.paging());
+        let mut dir_name = tag.clone();
+        match opts.workload {
+            Workload::Micro => dir_name.push_str(".micro"),
+            Workload::Boot if opts.smp > 1 => dir_name.push_str(&format!(".smp{}", opts.smp)),
+            Workload::Boot => {}
+        }
+        let dir = out.join(&dir_name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let lines = report::mode_lines(&run.lines, &tag);
+        let console: String = lines
+            .iter()
+            .map(|l| format!("[{:8.2}] {}\n", l.at, l.text))
+            .collect();
+        report::write(&dir, "serial.log", &console)?;
+
+        let Some(hist_text) = report::section(&run.lines, "hist", &tag) else {
+            problems.push(format!("{tag}: no hist on the console"));
+            continue;
+        };
+        report::write(&dir, "hist.txt", &hist_text)?;
+        let hist = report::parse_hist(&hist_text)?;
+        if hist.dropped != 0 {
+            problems.push(format!("{tag}: the hist dropped {} entries", hist.dropped));
+        }
+        let record = match report::section(&run.lines, "record", &tag) {
+            Some(text) => {
+                report::write(&dir, "record.json", &text)?;
+                Some(report::parse_record(&text)?)
+            }
+            None => None,
+        };
+        let kvmtrace_err = report::section(&run.lines, "kvmtrace-stderr", &tag).unwrap_or_default();
+        if !kvmtrace_err.trim().is_empty() {
+            report::write(&dir, "kvmtrace.stderr", &kvmtrace_err)?;
+        }
+        let rows = report::compare(&hist.by_reason, record.as_ref().map(|r| &r.by_reason));
+        let run_time = run_seconds(lines, &tag);
+        let reached_end = lines.iter().any(|l| l.text.starts_with(&format!("L2| {}", image::END_MARKER)));
+
+        println!(
+            "\n== {} {tag} ({}{}): L2 {} in {run_time:.1} s, {} exits",
+            opts.isa.name(),
+            match opts.workload {
+                Workload::Boot => "boot",
+                Workload::Micro => "micro",
+            },
+            if opts.smp > 1 { format!(", {} vCPUs", opts.smp) } else { String::new() },
+            if reached_end { "reached its end" } else { "did NOT reach its end" },
+            hist.by_reason.values().sum::<u64>()
+        );
+        print!("{}", report::table(&rows));
+        match (&record, &l1.kvmtrace) {
+            (Some(rec), _) => {
+                let diffs: Vec<&report::Row> = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
+                if diffs.is_empty() {
+                    println!("  kvmtrace == hist for all {} reasons", rows.len());
+                } else {
+                    problems.push(format!("{tag}: kvmtrace differs from the hist in {} reasons", diffs.len()));
+                }
+                println!("  kvmtrace paging: {}, dropped: {}", rec.paging, rec.dropped);
+            }
+            (None, Some(_)) => {
+                let why = kvmtrace_err.lines().last().unwrap_or("no output").to_owned();
+                println!("  kvmtrace produced no record: {why}");
+                problems.push(format!("{tag}: kvmtrace produced no record ({why})"));
+            }
+            (None, None) => println!("  (kvmtrace not run: hist only)"),
+        }
+        let vcpu_rows = per_vcpu(opts, &hist, record.as_ref());
+        if opts.smp > 1 {
+            println!("  per vCPU (hist / kvmtrace):");
+            for (vcpu, h, k) in &vcpu_rows {
+                println!("    vcpu {vcpu}: {h} / {}", k.map_or("-".into(), |k| k.to_string()));
+            }
+        }
+        if let L2Workload::Micro { cpuids, outs, .. } = &l1.workload {
+            let expect = micro_expectations(opts.isa, *cpuids, *outs);
+            for (reason, want) in expect {
+                let have = hist.by_reason.get(&reason).copied().unwrap_or(0);
+                let rec_have = record.as_ref().map(|r| r.by_reason.get(&reason).copied().unwrap_or(0));
+                let ok = have == want && rec_have.is_none_or(|k| k == want);
+                println!(
+                    "  micro {}: expected {want}, hist {have}{} {}",
+                    reason.name(),
+                    rec_have.map_or(String::new(), |k| format!(", kvmtrace {k}")),
+                    if ok { "ok" } else { "WRONG" }
+                );
+                if !ok {
+                    problems.push(format!("{tag}: micro {} count is off", reason.name()));
+                }
+            }
+        }
+        if !reached_end {
+            problems.push(format!("{tag}: L2 did not reach its end marker"));
+        }
+        let summary = json!({
+            "isa": opts.isa.name(),
+            "mode": tag,
+            "workload": format!("{:?}", opts.workload).to_lowercase(),
+            "smp": opts.smp,
+            "l2_reached_end": reached_end,
+            "l2_seconds": run_time,
+            "hist_total": hist.by_reason.values().sum::<u64>(),
+            "kvmtrace_total": record.as_ref().and_then(|r| r.total),
+            "reasons": rows,
+            "vcpus": vcpu_rows.iter().map(|(v, h, k)| json!({"vcpu_id": v, "hist": h, "kvmtrace": k})).collect::<Vec<_>>(),
+        });
+        report::write(&dir, "summary.json", &serde_json::to_string_pretty(&summary)?)?;
+        println!("  -> {}", dir.display());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", problems.join("; "))
+    }
+}
+
+/// Host seconds between `run MODE start` and `run MODE end` on the console.
+fn run_seconds(lines: &[emulator::Line], tag: &str) -> f64 {
+    let start = lines.iter().find(|l| l.text.starts_with(&format!("KVMLAB run {tag} start")));
+    let end = lines.iter().find(|l| l.text.starts_with(&format!("KVMLAB run {tag} end")));
+    match (start, end) {
+        (Some(s), Some(e)) => e.at - s.at,
+        _ => f64::NAN,
+    }
+}
+
+/// Per-vCPU exit totals: (vcpu_id, hist, kvmtrace).
+fn per_vcpu(
+    opts: &Options,
+    hist: &report::Hist,
+    record: Option<&report::Record>,
+) -> Vec<(u32, u64, Option<u64>)> {
+    let mut out: std::collections::BTreeMap<u32, (u64, Option<u64>)> = Default::default();
+    for (&(vcpu, _), &n) in &hist.by_vcpu {
+        out.entry(vcpu).or_default().0 += n;
+    }
+    if let Some(rec) = record {
+        for (&(vcpu, reason), &n) in &rec.by_vcpu {
+            if reason.isa == opts.isa.trace_isa() {
+                *out.entry(vcpu).or_default().1.get_or_insert(0) += n;
+            }
+        }
+    }
+    out.into_iter().map(|(v, (h, k))| (v, h, k)).collect()
+}
+
+/// The micro VMM's exits that are fixed in advance.
+fn micro_expectations(isa: Isa, cpuids: u32, outs: u32) -> Vec<(report::Reason, u64)> {
+    let r = |reason| report::Reason {
+        isa: isa.trace_isa(),
+        reason,
+        failed_entry: false,
+    };
+    let (cpuid, io, hlt) = match isa {
+        Isa::Intel => (10, 30, 12),
+        Isa::Amd => (0x72, 0x7b, 0x78),
+    };
+    vec![
+        (r(cpuid), u64::from(cpuids)),
+        (r(io), u64::from(outs)),
+        (r(hlt), 1),
+    ]
 }

@@ -1,0 +1,234 @@
+//! What the emulated host boots: the L2 initrd, the L1 initrd (busybox, kvm modules,
+//! the workload, kvmtrace) and, for Bochs, a FAT disk with syslinux.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{cpio::Archive, step::run_bounded};
+
+/// Marks the end of the workload on its console; the L1 init looks for it.
+pub const END_MARKER: &str = "KVMLAB-L2 end";
+
+/// The kernel command line of the L1 host.
+pub const L1_APPEND: &str =
+    "console=ttyS0,115200 rdinit=/init mitigations=off nokaslr cryptomgr.notests quiet";
+/// The kernel command line of the L2 test VM.
+const L2_APPEND: &str =
+    "console=ttyS0 quiet panic=-1 nokaslr mitigations=off cryptomgr.notests rdinit=/init";
+
+/// Where the QEMU microvm binary and its firmware live inside L1.
+const QEMU_IN_L1: &str = "/usr/bin/qemu-system-x86_64-microvm";
+const QEMU_DATA_IN_L1: &str = "/usr/share/qemu";
+
+/// What runs as L2 inside the emulated host.
+pub enum Workload {
+    /// QEMU microvm boots the L2 kernel with a busybox initrd that powers off at once.
+    Boot {
+        qemu: PathBuf,
+        qemu_libs: Vec<PathBuf>,
+        firmware: Vec<PathBuf>,
+        kernel: PathBuf,
+        l2_initrd: PathBuf,
+        memory_mb: u32,
+        smp: u8,
+    },
+    /// The static `micro` VMM: `cpuids` CPUID exits, `outs` port writes, one HLT.
+    Micro {
+        binary: PathBuf,
+        cpuids: u32,
+        outs: u32,
+    },
+}
+
+/// Everything the L1 initrd holds.
+pub struct L1 {
+    pub busybox: PathBuf,
+    pub init: PathBuf,
+    /// kvm modules in load order; the last one is the vendor module (kvm-intel/kvm-amd).
+    pub modules: Vec<PathBuf>,
+    /// `ept` or `npt`.
+    pub paging: &'static str,
+    pub modes: Vec<u8>,
+    pub workload: Workload,
+    pub kvmtrace: Option<(PathBuf, Vec<PathBuf>)>,
+    pub record_args: String,
+    /// Seconds one workload run may take inside L1.
+    pub run_timeout: u64,
+}
+
+/// Builds the L2 initrd: busybox and its /init.
+pub fn l2_initrd(busybox: &Path, init: &Path, out: &Path) -> anyhow::Result<u64> {
+    let mut a = Archive::default();
+    for d in ["proc", "sys", "dev", "tmp"] {
+        a.dir(d)?;
+    }
+    a.char_dev("dev/console", 5, 1)?;
+    a.file("bin/busybox", busybox)?;
+    a.bytes("init", std::fs::read(init).with_context(|| format!("cannot read {}", init.display()))?, 0o755)?;
+    a.write_to(out)
+}
+
+/// Builds the L1 initrd.
+pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
+    let mut a = Archive::default();
+    for d in ["proc", "sys", "dev", "tmp", "sys/kernel/tracing"] {
+        a.dir(d)?;
+    }
+    a.char_dev("dev/console", 5, 1)?;
+    a.file("bin/busybox", &l1.busybox)?;
+    let init = std::fs::read(&l1.init).with_context(|| format!("cannot read {}", l1.init.display()))?;
+    a.bytes("init", init, 0o755)?;
+
+    let names: Vec<String> = l1
+        .modules
+        .iter()
+        .map(|m| {
+            let name = file_name(m)?;
+            a.file(&format!("lib/modules/lab/{name}"), m)?;
+            Ok(name)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let Some((vendor, deps)) = names.split_last() else {
+        bail!("no kvm modules");
+    };
+    let vendor = vendor.trim_end_matches(".ko");
+
+    let workload = match &l1.workload {
+        Workload::Boot {
+            qemu,
+            qemu_libs,
+            firmware,
+            kernel,
+            l2_initrd,
+            memory_mb,
+            smp,
+        } => {
+            a.file(QEMU_IN_L1, qemu)?;
+            add_libraries(&mut a, qemu_libs)?;
+            for f in firmware {
+                a.file(&format!("{QEMU_DATA_IN_L1}/{}", file_name(f)?), f)?;
+            }
+            a.file("l2/bzImage", kernel)?;
+            a.file("l2/initrd.cpio", l2_initrd)?;
+            // -M microvm,rtc=on: without the RTC the L2 kernel polls it for a second.
+            format!(
+                "exec {QEMU_IN_L1} -L {QEMU_DATA_IN_L1} -accel kvm -M microvm,rtc=on -cpu host \
+                 -m {memory_mb} -smp {smp} -nodefaults -no-user-config -display none -no-reboot \
+                 -chardev stdio,id=s0,signal=off -serial chardev:s0 \
+                 -kernel /l2/bzImage -initrd /l2/initrd.cpio -append '{L2_APPEND}'"
+            )
+        }
+        Workload::Micro {
+            binary,
+            cpuids,
+            outs,
+        } => {
+            a.file("bin/micro", binary)?;
+            format!("exec /bin/micro {cpuids} {outs}")
+        }
+    };
+    a.bytes(
+        "lab/workload",
+        format!("#!/bin/sh\n# The L2 workload (written by cargo xtask lab).\n{workload}\n"),
+        0o755,
+    )?;
+
+    if let Some((kvmtrace, libs)) = &l1.kvmtrace {
+        a.file("bin/kvmtrace", kvmtrace)?;
+        add_libraries(&mut a, libs)?;
+    }
+
+    let modes: Vec<String> = l1.modes.iter().map(u8::to_string).collect();
+    let mut env = String::from("# Written by cargo xtask lab; sourced by /init.\n");
+    let module = vendor.replace('-', "_");
+    let _ = writeln!(env, "MODES='{}'", modes.join(" "));
+    let _ = writeln!(env, "PAGING={}", l1.paging);
+    let _ = writeln!(env, "KVM_DEPS='{}'", deps.join(" "));
+    let _ = writeln!(env, "KVM_VENDOR={vendor}");
+    let _ = writeln!(env, "KVM_MODULE={module}");
+    let _ = writeln!(env, "RUN_TIMEOUT={}", l1.run_timeout);
+    let _ = writeln!(env, "RUN_BUDGET={}", l1.run_timeout + 60);
+    let _ = writeln!(env, "RECORD_ARGS='{}'", l1.record_args);
+    let _ = writeln!(env, "END_MARKER='{END_MARKER}'");
+    a.bytes("lab/env", env, 0o644)?;
+    a.write_to(out)
+}
+
+/// Copies shared libraries to the same absolute paths inside the initrd, so binaries
+/// run there as they do on the host.
+fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
+    for lib in libs {
+        let inside = lib
+            .to_str()
+            .with_context(|| format!("non-UTF-8 library path {}", lib.display()))?;
+        if !a.contains(inside) {
+            a.file(inside, lib)?;
+        }
+    }
+    Ok(())
+}
+
+fn file_name(p: &Path) -> anyhow::Result<String> {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .with_context(|| format!("bad file name {}", p.display()))
+}
+
+/// Bytes per cylinder of the Bochs disk geometry (16 heads, 63 sectors of 512 bytes).
+const CYLINDER: u64 = 16 * 63 * 512;
+
+/// A FAT16 "superfloppy" that syslinux boots: kernel + initrd. Returns its cylinders.
+pub fn boot_disk(dir: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<(PathBuf, u64)> {
+    let disk = dir.join("disk.img");
+    let size = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.len())
+            .with_context(|| format!("cannot stat {}", p.display()))
+    };
+    let payload = size(kernel)? + size(initrd)?;
+    // FAT overhead and syslinux, plus room: 10% and 4 MiB.
+    let cylinders = (payload + payload / 10 + (4 << 20)).div_ceil(CYLINDER);
+    if cylinders > 1024 {
+        bail!("the boot disk would need {cylinders} cylinders (max 1024)");
+    }
+    let _ = std::fs::remove_file(&disk);
+    let f = std::fs::File::create(&disk).with_context(|| format!("cannot create {}", disk.display()))?;
+    f.set_len(cylinders * CYLINDER)
+        .with_context(|| format!("cannot size {}", disk.display()))?;
+    drop(f);
+
+    let t = Duration::from_secs(120);
+    run_bounded(
+        Command::new("mkfs.fat")
+            .args(["-F", "16", "-g", "16/63", "-n", "KVMLAB"])
+            .arg(&disk),
+        t,
+    )?;
+    run_bounded(Command::new("syslinux").arg("--install").arg(&disk), t)?;
+    let cfg = dir.join("syslinux.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "SERIAL 0 115200\nDEFAULT lab\nPROMPT 0\nTIMEOUT 0\nLABEL lab\n  KERNEL vmlinuz\n  INITRD initrd\n  APPEND {L1_APPEND}\n"
+        ),
+    )
+    .with_context(|| format!("cannot write {}", cfg.display()))?;
+    for (src, name) in [(cfg.as_path(), "syslinux.cfg"), (kernel, "vmlinuz"), (initrd, "initrd")] {
+        run_bounded(
+            Command::new("mcopy")
+                .arg("-i")
+                .arg(&disk)
+                .arg(src)
+                .arg(format!("::{name}")),
+            t,
+        )?;
+    }
+    Ok((disk, cylinders))
+}

@@ -1,0 +1,425 @@
+//! Turns the L1 console into per-mode results: the kernel hist (ground truth), the
+//! kvmtrace JSON, the comparison, and the files under `target/lab/<isa>/<mode>/`.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::emulator::Line;
+
+/// `isa` of the kvm_exit tracepoint (KVM_ISA_VMX / KVM_ISA_SVM).
+pub const ISA_VMX: u32 = 1;
+pub const ISA_SVM: u32 = 2;
+
+/// An exit reason as both sides report it: VMX basic reason (low 16 bits) plus the
+/// failed-VM-entry bit, or the whole SVM exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Reason {
+    pub isa: u32,
+    pub reason: u32,
+    pub failed_entry: bool,
+}
+
+impl Reason {
+    fn from_raw(isa: u32, raw: u64) -> Self {
+        if isa == ISA_VMX {
+            Self {
+                isa,
+                reason: (raw & 0xffff) as u32,
+                failed_entry: raw & (1 << 31) != 0,
+            }
+        } else {
+            Self {
+                isa,
+                reason: raw as u32,
+                failed_entry: false,
+            }
+        }
+    }
+
+    pub fn name(&self) -> String {
+        let name = match self.isa {
+            ISA_VMX => vmx_name(self.reason),
+            ISA_SVM => svm_name(self.reason),
+            _ => None,
+        };
+        let name = name.map_or_else(|| format!("{:#x}", self.reason), str::to_owned);
+        if self.failed_entry {
+            format!("{name} (failed entry)")
+        } else {
+            name
+        }
+    }
+}
+
+pub type Counts = BTreeMap<Reason, u64>;
+/// (vcpu_id, reason) -> count.
+pub type VcpuCounts = BTreeMap<(u32, Reason), u64>;
+
+/// The kernel's two hist triggers on kvm:kvm_exit, as printed by `cat hist`.
+#[derive(Default)]
+pub struct Hist {
+    pub by_reason: Counts,
+    /// Keyed by vcpu_id and the raw exit_reason; the hist has no isa in this key.
+    pub by_vcpu: BTreeMap<(u32, u64), u64>,
+    pub dropped: u64,
+}
+
+/// Parses the hist file; `isa` is the lab's ISA (for the per-vCPU table).
+pub fn parse_hist(text: &str) -> anyhow::Result<Hist> {
+    let mut hist = Hist::default();
+    for line in text.lines().map(str::trim) {
+        if let Some(d) = line.strip_prefix("Dropped:") {
+            hist.dropped += d.trim().parse::<u64>().unwrap_or(0);
+            continue;
+        }
+        // { isa:          1, exit_reason:         10 } hitcount:        651
+        let Some(keys) = line.strip_prefix('{') else {
+            continue;
+        };
+        let Some((keys, vals)) = keys.split_once('}') else {
+            continue;
+        };
+        let fields: BTreeMap<&str, u64> = keys
+            .split(',')
+            .filter_map(|kv| kv.split_once(':'))
+            .filter_map(|(k, v)| Some((k.trim(), v.trim().parse().ok()?)))
+            .collect();
+        let count: u64 = vals
+            .trim()
+            .strip_prefix("hitcount:")
+            .and_then(|c| c.trim().parse().ok())
+            .with_context(|| format!("hist line without hitcount: {line}"))?;
+        let raw = *fields
+            .get("exit_reason")
+            .with_context(|| format!("hist line without exit_reason: {line}"))?;
+        if let Some(&isa) = fields.get("isa") {
+            let isa = u32::try_from(isa).context("bad isa")?;
+            *hist.by_reason.entry(Reason::from_raw(isa, raw)).or_default() += count;
+        } else if let Some(&vcpu) = fields.get("vcpu_id") {
+            let vcpu = u32::try_from(vcpu).context("bad vcpu_id")?;
+            *hist.by_vcpu.entry((vcpu, raw)).or_default() += count;
+        }
+    }
+    Ok(hist)
+}
+
+/// kvmtrace's `kvmtrace.record.v1` JSON, the parts the lab compares.
+#[derive(Default)]
+pub struct Record {
+    pub by_reason: Counts,
+    pub by_vcpu: VcpuCounts,
+    pub total: Option<u64>,
+    pub dropped: Value,
+    pub paging: Value,
+}
+
+pub fn parse_record(text: &str) -> anyhow::Result<Record> {
+    let v: Value = serde_json::from_str(text).context("kvmtrace's JSON does not parse")?;
+    let schema = v.get("schema").and_then(Value::as_str).unwrap_or("?");
+    if schema != "kvmtrace.record.v1" {
+        bail!("unexpected kvmtrace JSON schema {schema:?}");
+    }
+    let reason = |r: &Value| -> anyhow::Result<(Reason, u64)> {
+        let isa = match r.get("isa") {
+            Some(Value::String(s)) if s == "vmx" => ISA_VMX,
+            Some(Value::String(s)) if s == "svm" => ISA_SVM,
+            Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            other => bail!("bad isa {other:?} in {r}"),
+        };
+        let code = r
+            .get("reason")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| format!("no reason in {r}"))?;
+        let failed_entry = r.get("failed_entry").and_then(Value::as_bool).unwrap_or(false);
+        let count = r
+            .get("count")
+            .and_then(Value::as_u64)
+            .with_context(|| format!("no count in {r}"))?;
+        Ok((
+            Reason {
+                isa,
+                reason: code,
+                failed_entry,
+            },
+            count,
+        ))
+    };
+    let mut rec = Record::default();
+    for r in v.get("reasons").and_then(Value::as_array).into_iter().flatten() {
+        let (key, count) = reason(r)?;
+        *rec.by_reason.entry(key).or_default() += count;
+    }
+    for r in v.get("vcpus").and_then(Value::as_array).into_iter().flatten() {
+        let (key, count) = reason(r)?;
+        let vcpu = r
+            .get("vcpu_id")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| format!("no vcpu_id in {r}"))?;
+        *rec.by_vcpu.entry((vcpu, key)).or_default() += count;
+    }
+    rec.total = v.pointer("/total/count").and_then(Value::as_u64);
+    rec.dropped = v.get("dropped").cloned().unwrap_or(Value::Null);
+    rec.paging = v.get("paging").cloned().unwrap_or(Value::Null);
+    Ok(rec)
+}
+
+/// The text between `KVMLAB begin KIND MODE` and `KVMLAB end KIND MODE`.
+pub fn section(lines: &[Line], kind: &str, mode: &str) -> Option<String> {
+    let begin = format!("KVMLAB begin {kind} {mode}");
+    let end = format!("KVMLAB end {kind} {mode}");
+    let start = lines.iter().position(|l| l.text == begin)?;
+    let len = lines[start + 1..].iter().position(|l| l.text == end)?;
+    let mut text = String::new();
+    for l in &lines[start + 1..start + 1 + len] {
+        text.push_str(&l.text);
+        text.push('\n');
+    }
+    Some(text)
+}
+
+/// The console lines of one mode: from its `load` step to the next mode's.
+pub fn mode_lines<'a>(lines: &'a [Line], mode: &str) -> &'a [Line] {
+    let first = format!("KVMLAB step {mode}:load ");
+    let Some(start) = lines.iter().position(|l| l.text.starts_with(&first)) else {
+        return &[];
+    };
+    let len = lines[start + 1..]
+        .iter()
+        .position(|l| l.text.starts_with("KVMLAB step ") && !l.text.contains(&format!(" {mode}:")))
+        .map_or(lines.len() - start, |n| n + 1);
+    &lines[start..start + len]
+}
+
+/// One row of the comparison.
+#[derive(Serialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub reason: Reason,
+    pub name: String,
+    pub hist: u64,
+    pub kvmtrace: Option<u64>,
+}
+
+/// Every reason either side saw, with both counts.
+pub fn compare(hist: &Counts, rec: Option<&Counts>) -> Vec<Row> {
+    let mut keys: Vec<Reason> = hist.keys().copied().collect();
+    if let Some(rec) = rec {
+        keys.extend(rec.keys().copied());
+    }
+    keys.sort();
+    keys.dedup();
+    let mut rows: Vec<Row> = keys
+        .into_iter()
+        .map(|k| Row {
+            name: k.name(),
+            hist: hist.get(&k).copied().unwrap_or(0),
+            kvmtrace: rec.map(|r| r.get(&k).copied().unwrap_or(0)),
+            reason: k,
+        })
+        .collect();
+    rows.sort_by(|a, b| b.hist.cmp(&a.hist).then(a.reason.cmp(&b.reason)));
+    rows
+}
+
+/// A plain-text table of `rows`.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let has_rec = rows.iter().any(|r| r.kvmtrace.is_some());
+    let _ = write!(out, "  {:>6}  {:<28} {:>9}", "reason", "name", "hist");
+    if has_rec {
+        let _ = write!(out, " {:>9}  {}", "kvmtrace", "diff");
+    }
+    out.push('\n');
+    let (mut th, mut tk) = (0u64, 0u64);
+    for r in rows {
+        th += r.hist;
+        let _ = write!(
+            out,
+            "  {:>6}  {:<28} {:>9}",
+            format!("{:#x}", r.reason.reason),
+            r.name,
+            r.hist
+        );
+        if let Some(k) = r.kvmtrace {
+            tk += k;
+            let diff = i128::from(k) - i128::from(r.hist);
+            let mark = if diff == 0 { "=".to_owned() } else { format!("{diff:+}") };
+            let _ = write!(out, " {k:>9}  {mark}");
+        }
+        out.push('\n');
+    }
+    let _ = write!(out, "  {:>6}  {:<28} {:>9}", "", "total", th);
+    if has_rec {
+        let mark = if th == tk { "=".to_owned() } else { format!("{:+}", i128::from(tk) - i128::from(th)) };
+        let _ = write!(out, " {tk:>9}  {mark}");
+    }
+    out.push('\n');
+    out
+}
+
+/// Writes `text` to `dir/name`.
+pub fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let p = dir.join(name);
+    std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
+}
+
+fn vmx_name(r: u32) -> Option<&'static str> {
+    Some(match r {
+        0 => "EXCEPTION_NMI",
+        1 => "EXTERNAL_INTERRUPT",
+        2 => "TRIPLE_FAULT",
+        3 => "INIT_SIGNAL",
+        4 => "SIPI_SIGNAL",
+        7 => "INTERRUPT_WINDOW",
+        8 => "NMI_WINDOW",
+        9 => "TASK_SWITCH",
+        10 => "CPUID",
+        12 => "HLT",
+        13 => "INVD",
+        14 => "INVLPG",
+        15 => "RDPMC",
+        16 => "RDTSC",
+        18 => "VMCALL",
+        19 => "VMCLEAR",
+        20 => "VMLAUNCH",
+        21 => "VMPTRLD",
+        22 => "VMPTRST",
+        23 => "VMREAD",
+        24 => "VMRESUME",
+        25 => "VMWRITE",
+        26 => "VMOFF",
+        27 => "VMON",
+        28 => "CR_ACCESS",
+        29 => "DR_ACCESS",
+        30 => "IO_INSTRUCTION",
+        31 => "MSR_READ",
+        32 => "MSR_WRITE",
+        33 => "INVALID_STATE",
+        34 => "MSR_LOAD_FAIL",
+        36 => "MWAIT_INSTRUCTION",
+        37 => "MONITOR_TRAP_FLAG",
+        39 => "MONITOR_INSTRUCTION",
+        40 => "PAUSE_INSTRUCTION",
+        41 => "MCE_DURING_VMENTRY",
+        43 => "TPR_BELOW_THRESHOLD",
+        44 => "APIC_ACCESS",
+        45 => "EOI_INDUCED",
+        46 => "GDTR_IDTR",
+        47 => "LDTR_TR",
+        48 => "EPT_VIOLATION",
+        49 => "EPT_MISCONFIG",
+        50 => "INVEPT",
+        51 => "RDTSCP",
+        52 => "PREEMPTION_TIMER",
+        53 => "INVVPID",
+        54 => "WBINVD",
+        55 => "XSETBV",
+        56 => "APIC_WRITE",
+        57 => "RDRAND",
+        58 => "INVPCID",
+        59 => "VMFUNC",
+        60 => "ENCLS",
+        61 => "RDSEED",
+        62 => "PML_FULL",
+        63 => "XSAVES",
+        64 => "XRSTORS",
+        67 => "UMWAIT",
+        68 => "TPAUSE",
+        74 => "BUS_LOCK",
+        75 => "NOTIFY",
+        _ => return None,
+    })
+}
+
+fn svm_name(r: u32) -> Option<&'static str> {
+    Some(match r {
+        0x000..=0x00f => "READ_CR",
+        0x010..=0x01f => "WRITE_CR",
+        0x020..=0x02f => "READ_DR",
+        0x030..=0x03f => "WRITE_DR",
+        0x040..=0x05f => "EXCP",
+        0x060 => "INTR",
+        0x061 => "NMI",
+        0x062 => "SMI",
+        0x063 => "INIT",
+        0x064 => "VINTR",
+        0x065 => "CR0_SEL_WRITE",
+        0x066 => "IDTR_READ",
+        0x067 => "GDTR_READ",
+        0x068 => "LDTR_READ",
+        0x069 => "TR_READ",
+        0x06a => "IDTR_WRITE",
+        0x06b => "GDTR_WRITE",
+        0x06c => "LDTR_WRITE",
+        0x06d => "TR_WRITE",
+        0x06e => "RDTSC",
+        0x06f => "RDPMC",
+        0x070 => "PUSHF",
+        0x071 => "POPF",
+        0x072 => "CPUID",
+        0x073 => "RSM",
+        0x074 => "IRET",
+        0x075 => "SWINT",
+        0x076 => "INVD",
+        0x077 => "PAUSE",
+        0x078 => "HLT",
+        0x079 => "INVLPG",
+        0x07a => "INVLPGA",
+        0x07b => "IOIO",
+        0x07c => "MSR",
+        0x07d => "TASK_SWITCH",
+        0x07e => "FERR_FREEZE",
+        0x07f => "SHUTDOWN",
+        0x080 => "VMRUN",
+        0x081 => "VMMCALL",
+        0x082 => "VMLOAD",
+        0x083 => "VMSAVE",
+        0x084 => "STGI",
+        0x085 => "CLGI",
+        0x086 => "SKINIT",
+        0x087 => "RDTSCP",
+        0x088 => "ICEBP",
+        0x089 => "WBINVD",
+        0x08a => "MONITOR",
+        0x08b => "MWAIT",
+        0x08c => "MWAIT_COND",
+        0x08d => "XSETBV",
+        0x08e => "RDPRU",
+        0x08f => "EFER_WRITE_TRAP",
+        0x090..=0x09f => "CR_WRITE_TRAP",
+        0x0a0 => "INVPCID",
+        0x400 => "NPF",
+        0x401 => "AVIC_INCOMPLETE_IPI",
+        0x402 => "AVIC_UNACCELERATED_ACCESS",
+        0x403 => "VMGEXIT",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hist_lines_parse_and_vmx_reasons_are_masked() -> anyhow::Result<()> {
+        let text = "# event histogram\n\
+            { isa:          1, exit_reason:         10 } hitcount:        651\n\
+            { isa:          1, exit_reason: 2147483681 } hitcount:          2\n\
+            { vcpu_id:          1, exit_reason:         12 } hitcount:          3\n\
+            \nTotals:\n    Hits: 656\n    Entries: 3\n    Dropped: 0\n";
+        let h = parse_hist(text)?;
+        let cpuid = Reason { isa: ISA_VMX, reason: 10, failed_entry: false };
+        let failed = Reason { isa: ISA_VMX, reason: 33, failed_entry: true };
+        assert_eq!(h.by_reason.get(&cpuid), Some(&651));
+        assert_eq!(h.by_reason.get(&failed), Some(&2));
+        assert_eq!(h.by_vcpu.get(&(1, 12)), Some(&3));
+        assert_eq!(h.dropped, 0);
+        assert_eq!(failed.name(), "INVALID_STATE (failed entry)");
+        Ok(())
+    }
+}
