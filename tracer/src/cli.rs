@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use kvmtrace::{exit_reasons::Isa, render::Format, tracefs::Tracepoint};
+use kvmtrace::{
+    exit_reasons::Isa,
+    render::{Format, diff::DiffFormat},
+    tracefs::Tracepoint,
+};
 
 /// Count KVM VM exits by reason, per VM and per vCPU, with the time KVM spends on each.
 ///
@@ -28,6 +32,26 @@ pub enum Command {
     Record(RecordArgs),
     /// List the exit reasons kvmtrace knows, with their numbers.
     Reasons(ReasonsArgs),
+    /// Compare two records reason by reason (e.g. ept=1 against ept=0).
+    ///
+    /// Example:
+    ///   kvmtrace diff ept1.json ept0.json --format md
+    #[command(verbatim_doc_comment)]
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The first record (JSON from `kvmtrace record --format json`).
+    pub a: PathBuf,
+    /// The second record.
+    pub b: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = DiffFormat::Table)]
+    pub format: DiffFormat,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

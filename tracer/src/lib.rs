@@ -5,6 +5,7 @@
 //! [`report::Report`] (the versioned JSON schema) → [`render`]. Everything after the
 //! snapshot is pure and tested without a kernel.
 
+pub mod diff;
 pub mod exit_reasons;
 pub mod histogram;
 pub mod host;

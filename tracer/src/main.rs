@@ -1,8 +1,7 @@
 //! `kvmtrace`: parses the command line, runs one subcommand, prints an error once.
 
 mod cli;
-mod reasons;
-mod record;
+mod commands;
 
 use std::{io::Write as _, process::ExitCode};
 
@@ -12,8 +11,9 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Record(args) => record::run(args),
-        cli::Command::Reasons(args) => reasons::run(&args),
+        cli::Command::Record(args) => commands::record::run(args),
+        cli::Command::Reasons(args) => commands::reasons::run(&args),
+        cli::Command::Diff(args) => commands::diff::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -22,7 +22,11 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let _ = writeln!(std::io::stderr(), "kvmtrace: {err:#}");
-            ExitCode::FAILURE
+            if err.downcast_ref::<commands::BadInput>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! fixed reports.
 
 mod csv;
+pub mod diff;
 mod json;
 mod table;
 

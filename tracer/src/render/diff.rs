@@ -1,0 +1,138 @@
+//! Rendering a [`Diff`]: table, JSON or Markdown.
+
+use std::fmt::Write as _;
+
+use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+
+use super::RenderError;
+use crate::diff::{Diff, DiffRow};
+
+/// Output formats of `kvmtrace diff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiffFormat {
+    /// A table for people.
+    Table,
+    /// JSON (schema kvmtrace.diff.v1).
+    Json,
+    /// A Markdown table, for reports.
+    Md,
+}
+
+fn ratio(r: &DiffRow) -> String {
+    match r.ratio {
+        Some(x) if x >= 100.0 => format!("{x:.0}×"),
+        Some(x) => format!("{x:.2}×"),
+        None => "new".to_owned(),
+    }
+}
+
+fn cells(r: &DiffRow) -> [String; 8] {
+    let reason = if r.failed_entry {
+        format!("{} (failed entry)", r.reason)
+    } else {
+        r.reason.to_string()
+    };
+    [
+        reason,
+        r.name.clone(),
+        r.a.to_string(),
+        r.b.to_string(),
+        format!("{:+}", r.delta),
+        ratio(r),
+        format!("{:.1} → {:.1}", r.share_a, r.share_b),
+        r.why.unwrap_or("").to_owned(),
+    ]
+}
+
+fn header(d: &Diff) -> [String; 8] {
+    [
+        "reason".into(),
+        "name".into(),
+        d.a_label.clone(),
+        d.b_label.clone(),
+        "delta".into(),
+        "ratio".into(),
+        "% of exits".into(),
+        "why".into(),
+    ]
+}
+
+fn title(d: &Diff) -> String {
+    format!(
+        "{} → {}: {} → {} exits",
+        d.a_label, d.b_label, d.a_total, d.b_total
+    )
+}
+
+pub fn render(d: &Diff, format: DiffFormat) -> Result<Vec<u8>, RenderError> {
+    let text = match format {
+        DiffFormat::Json => {
+            let mut v = serde_json::to_vec_pretty(d)?;
+            v.push(b'\n');
+            return Ok(v);
+        }
+        DiffFormat::Table => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED).set_header(header(d));
+            for r in &d.rows {
+                t.add_row(cells(r));
+            }
+            for i in [0, 2, 3, 4, 5, 6] {
+                if let Some(c) = t.column_mut(i) {
+                    c.set_cell_alignment(CellAlignment::Right);
+                }
+            }
+            format!("{}\n{t}\n", title(d))
+        }
+        DiffFormat::Md => {
+            let mut s = format!("**{}**\n\n", title(d));
+            let _ = writeln!(s, "| {} |", header(d).join(" | "));
+            let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---|");
+            for r in &d.rows {
+                let _ = writeln!(s, "| {} |", cells(r).join(" | "));
+            }
+            s
+        }
+    };
+    Ok(text.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{diff::diff, report::tests::sample_report};
+
+    fn sample() -> Diff {
+        let a = sample_report();
+        let mut b = sample_report();
+        for r in &mut b.reasons {
+            r.totals.count *= 3;
+        }
+        b.total.count *= 3;
+        diff(&a, "ept=1".into(), &b, "ept=0".into())
+    }
+
+    #[test]
+    fn markdown_rows() {
+        let md = String::from_utf8(render(&sample(), DiffFormat::Md).unwrap_or_default())
+            .unwrap_or_default();
+        assert!(md.starts_with("**ept=1 → ept=0: 11 → 33 exits**"), "{md}");
+        assert!(
+            md.contains("| 48 | EPT_VIOLATION | 6 | 18 | +12 | 3.00× | 54.5 → 54.5 | EPT only"),
+            "{md}"
+        );
+        assert_eq!(md.lines().filter(|l| l.starts_with("| ")).count(), 5);
+    }
+
+    #[test]
+    fn table_and_json() {
+        let t = String::from_utf8(render(&sample(), DiffFormat::Table).unwrap_or_default())
+            .unwrap_or_default();
+        assert!(t.contains("EPT_VIOLATION") && t.contains("+12"), "{t}");
+        let j = String::from_utf8(render(&sample(), DiffFormat::Json).unwrap_or_default())
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
+        assert_eq!(v["schema"], "kvmtrace.diff.v1");
+        assert_eq!(v["rows"][0]["delta"], 12);
+    }
+}
