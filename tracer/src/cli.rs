@@ -38,6 +38,54 @@ pub enum Command {
     ///   kvmtrace diff ept1.json ept0.json --format md
     #[command(verbatim_doc_comment)]
     Diff(DiffArgs),
+    /// Inside a guest: read a patched KVM's exit counters through CPUID.
+    ///
+    /// Exits 0 when the counters answer, 3 when the KVM is not patched.
+    Guest(GuestArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct GuestArgs {
+    /// Leaf layout: kvmtrace (count 0x4FFFFFFE, total 0x4FFFFFFF, cycles 0x4FFFFFFD) or
+    /// count-fffd (count 0x4FFFFFFD, cycles 0x4FFFFFFC).
+    #[arg(long, default_value = "kvmtrace")]
+    pub preset: String,
+    /// Leaf of the per-reason exit count (overrides the preset).
+    #[arg(long, value_parser = parse_leaf)]
+    pub count_leaf: Option<u32>,
+    /// Leaf of the totals (overrides the preset).
+    #[arg(long, value_parser = parse_leaf)]
+    pub total_leaf: Option<u32>,
+    /// Leaf of the per-reason cycles (overrides the preset).
+    #[arg(long, value_parser = parse_leaf)]
+    pub cycles_leaf: Option<u32>,
+    /// Reason numbering: vmx or svm; default: from the CPU vendor.
+    #[arg(long, value_parser = parse_isa)]
+    pub isa: Option<Isa>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = GuestFormat::Table)]
+    pub format: GuestFormat,
+    /// Show every reason, also those with no exits.
+    #[arg(long)]
+    pub all: bool,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+fn parse_leaf(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("'{text}' is not a CPUID leaf: write it like 0x4FFFFFFE"))
 }
 
 #[derive(Debug, Args)]

@@ -151,7 +151,9 @@ mod tests {
     fn diff_pairs_reasons_and_explains_paging() {
         let a = sample_report();
         let mut b = sample_report();
-        b.paging.as_mut().map(|p| p.nested = false);
+        if let Some(p) = b.paging.as_mut() {
+            p.nested = false;
+        }
         // Shadow paging: no EPT violations, many #PF and CR exits.
         b.reasons.retain(|r| r.name != "EPT_VIOLATION");
         let mut pf = b.reasons[0].clone();

@@ -7,6 +7,7 @@
 
 pub mod diff;
 pub mod exit_reasons;
+pub mod guest;
 pub mod histogram;
 pub mod host;
 pub mod privileges;

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         cli::Command::Record(args) => commands::record::run(args),
         cli::Command::Reasons(args) => commands::reasons::run(&args),
         cli::Command::Diff(args) => commands::diff::run(&args),
+        cli::Command::Guest(args) => commands::guest::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -221,3 +221,16 @@ fn unprivileged_user_is_told_to_use_sudo() {
         "kvmtrace: root (or CAP_BPF and CAP_PERFMON) is needed to load eBPF programs: run kvmtrace with sudo"
     );
 }
+
+#[test]
+fn guest_recognises_this_unpatched_kvm() {
+    // This machine is itself a guest of a stock KVM: the counter leaves are not there.
+    let out = run(kvmtrace().args(["guest", "--format", "json"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert_eq!(v["schema"], "kvmtrace.guest.v1");
+    assert_eq!(v["patched"], false, "{text}");
+    assert!(v["detection"].as_str().is_some_and(|d| d.contains("not patched")), "{text}");
+    assert_eq!(out.status.code(), Some(3));
+}

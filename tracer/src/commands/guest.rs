@@ -1,0 +1,94 @@
+//! `kvmtrace guest`: read a patched KVM's exit counters from inside the guest.
+
+use std::process::ExitCode;
+
+use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use kvmtrace::guest::{self, Cpu, GuestReadout, Leaves};
+
+use super::{BadInput, write_output};
+use crate::cli::{GuestArgs, GuestFormat};
+
+fn leaves(args: &GuestArgs) -> Result<Leaves, BadInput> {
+    let mut l = guest::preset(&args.preset).map_err(BadInput)?;
+    if let Some(c) = args.count_leaf {
+        l.count = c;
+    }
+    if args.total_leaf.is_some() {
+        l.total = args.total_leaf;
+    }
+    if args.cycles_leaf.is_some() {
+        l.cycles = args.cycles_leaf;
+    }
+    Ok(l)
+}
+
+fn table(r: &GuestReadout, all: bool) -> String {
+    let mut out = format!(
+        "{} guest, leaves count {:#x} total {} cycles {}: {}\n",
+        r.isa,
+        r.leaves.count,
+        r.leaves
+            .total
+            .map(|t| format!("{t:#x}"))
+            .unwrap_or_else(|| "-".into()),
+        r.leaves
+            .cycles
+            .map(|t| format!("{t:#x}"))
+            .unwrap_or_else(|| "-".into()),
+        r.detection
+    );
+    if !r.patched {
+        return out;
+    }
+    if let (Some(e), Some(c)) = (r.total_exits, r.total_cycles) {
+        out.push_str(&format!("total: {e} exits (low 32 bits), {c} cycles\n"));
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(["reason", "name", "exits", "cycles", "note"]);
+    for x in r
+        .reasons
+        .iter()
+        .filter(|x| all || x.count > 0 || x.undefined)
+    {
+        t.add_row([
+            x.reason.to_string(),
+            x.name.clone(),
+            x.count.to_string(),
+            x.cycles
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            if x.undefined {
+                "KVM says: undefined".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    for i in [0, 2, 3] {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    out.push_str(&format!("{t}\n"));
+    out
+}
+
+pub fn run(args: &GuestArgs) -> anyhow::Result<ExitCode> {
+    let leaves = leaves(args)?;
+    let readout = guest::read(&mut Cpu, leaves, args.isa).map_err(BadInput)?;
+    let bytes = match args.format {
+        GuestFormat::Json => {
+            let mut v = serde_json::to_vec_pretty(&readout)?;
+            v.push(b'\n');
+            v
+        }
+        GuestFormat::Table => table(&readout, args.all).into_bytes(),
+    };
+    write_output(args.output.as_deref(), &bytes)?;
+    Ok(if readout.patched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

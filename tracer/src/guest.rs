@@ -1,0 +1,355 @@
+//! `kvmtrace guest`: reading a patched KVM's exit counters from inside the guest,
+//! through CPUID (the leaf contract is in shared/DESIGN.md and kernel/README.md).
+//!
+//! | leaf (EAX) | ECX | EAX out | EBX out | ECX out | EDX out |
+//! | --- | --- | --- | --- | --- | --- |
+//! | total | – | exits (low 32) | cycles, high 32 | cycles, low 32 | 0 |
+//! | count | n | exits for n, low 32 | exits for n, high 32 | 0 | 0 |
+//! | cycles | n | 0 | cycles for n, high 32 | cycles, low 32 | 0 |
+//!
+//! An undefined reason answers EDX = 0xFFFFFFFF. Every query is itself a CPUID exit,
+//! so the readings record how many queries came before each one.
+//!
+//! An unpatched KVM answers an unknown leaf with the highest basic leaf's data on
+//! Intel (leaf 0xD for the same ECX) and with zeros on AMD; both are recognised.
+
+use serde::{Deserialize, Serialize};
+
+use crate::exit_reasons::{self, Isa};
+
+/// The registers a CPUID returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// Something that executes CPUID (the CPU, or a fake in tests).
+pub trait Cpuid {
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> Regs;
+}
+
+/// The real instruction.
+pub struct Cpu;
+
+impl Cpuid for Cpu {
+    #[cfg(target_arch = "x86_64")]
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> Regs {
+        #[allow(unused_unsafe, reason = "__cpuid_count is safe only on newer Rust")]
+        // SAFETY: CPUID exists on every x86_64 CPU.
+        let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
+        Regs {
+            eax: r.eax,
+            ebx: r.ebx,
+            ecx: r.ecx,
+            edx: r.edx,
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn cpuid(&mut self, _leaf: u32, _subleaf: u32) -> Regs {
+        Regs::default()
+    }
+}
+
+/// The leaf numbers of one patch variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leaves {
+    /// Total exits and cycles; `None` when the variant has no total leaf.
+    pub total: Option<u32>,
+    /// Exits for the reason in ECX.
+    pub count: u32,
+    /// Cycles for the reason in ECX; `None` when the variant has none.
+    pub cycles: Option<u32>,
+}
+
+/// Known leaf layouts, by name.
+pub const PRESETS: &[(&str, Leaves)] = &[
+    (
+        "kvmtrace",
+        Leaves {
+            total: Some(0x4fff_ffff),
+            count: 0x4fff_fffe,
+            cycles: Some(0x4fff_fffd),
+        },
+    ),
+    (
+        "count-fffd",
+        Leaves {
+            total: None,
+            count: 0x4fff_fffd,
+            cycles: Some(0x4fff_fffc),
+        },
+    ),
+];
+
+/// The preset named `name`.
+pub fn preset(name: &str) -> Result<Leaves, String> {
+    PRESETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, l)| l)
+        .ok_or_else(|| {
+            let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown leaf preset '{name}': use one of {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// EDX of a count or cycles leaf for a reason the SDM/APM does not define.
+pub const UNDEFINED_EDX: u32 = 0xffff_ffff;
+
+/// One reason's counters as the guest reads them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestReason {
+    pub reason: u32,
+    pub name: String,
+    pub count: u64,
+    pub cycles: Option<u64>,
+    /// The KVM answered "not defined" (EDX = 0xFFFFFFFF).
+    pub undefined: bool,
+    /// CPUID instructions this tool ran before the count query of this reason.
+    pub queries_before: u64,
+}
+
+/// The `schema` of `kvmtrace guest --format json`.
+pub const GUEST_SCHEMA: &str = "kvmtrace.guest.v1";
+
+/// Everything the guest read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestReadout {
+    pub schema: String,
+    /// `vmx` (GenuineIntel) or `svm` (AuthenticAMD).
+    pub isa: Isa,
+    pub leaves: Leaves,
+    /// false: the KVM answered with its fallback, not exit counters.
+    pub patched: bool,
+    /// Why `patched` is what it is.
+    pub detection: String,
+    pub total_exits: Option<u64>,
+    pub total_cycles: Option<u64>,
+    pub reasons: Vec<GuestReason>,
+    /// CPUID instructions run in all.
+    pub queries: u64,
+}
+
+/// Counts the CPUID instructions it passes on.
+struct Counted<'a, C: Cpuid> {
+    cpu: &'a mut C,
+    n: u64,
+}
+
+impl<C: Cpuid> Counted<'_, C> {
+    fn q(&mut self, leaf: u32, sub: u32) -> Regs {
+        self.n += 1;
+        self.cpu.cpuid(leaf, sub)
+    }
+}
+
+fn vendor(r: Regs) -> Option<Isa> {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    match &v {
+        b"GenuineIntel" => Some(Isa::Vmx),
+        b"AuthenticAMD" | b"HygonGenuine" => Some(Isa::Svm),
+        _ => None,
+    }
+}
+
+/// Reads every counter. `isa` overrides the vendor detection.
+pub fn read(
+    cpu: &mut impl Cpuid,
+    leaves: Leaves,
+    isa: Option<Isa>,
+) -> Result<GuestReadout, String> {
+    let mut c = Counted { cpu, n: 0 };
+    let leaf0 = c.q(0, 0);
+    let isa = match isa.or_else(|| vendor(leaf0)) {
+        Some(i) => i,
+        None => return Err("unknown CPU vendor: give --isa vmx or --isa svm".to_owned()),
+    };
+    // Intel's fallback for an out-of-range leaf: the highest basic leaf, same ECX.
+    let max_basic = leaf0.eax;
+    let probe = c.q(leaves.count, 0);
+    let fallback = c.q(max_basic, 0);
+    let total = leaves.total.map(|t| c.q(t, 0));
+    let (patched, detection) = if probe == fallback && probe != Regs::default() {
+        (
+            false,
+            format!(
+                "leaf {:#x} answers like basic leaf {max_basic:#x}: this KVM is not patched",
+                leaves.count
+            ),
+        )
+    } else if total.is_some_and(|t| t == Regs::default()) {
+        (
+            false,
+            "the total leaf answers all zeros, but this query itself was an exit: this KVM is not patched".to_owned(),
+        )
+    } else {
+        (true, "counter leaves answer".to_owned())
+    };
+    let mut reasons = Vec::new();
+    if patched {
+        for (reason, name) in exit_reasons::all(isa) {
+            let queries_before = c.n;
+            let r = c.q(leaves.count, reason);
+            let cycles = leaves.cycles.map(|l| {
+                let y = c.q(l, reason);
+                (u64::from(y.ebx) << 32) | u64::from(y.ecx)
+            });
+            reasons.push(GuestReason {
+                reason,
+                name: name.into_owned(),
+                count: (u64::from(r.ebx) << 32) | u64::from(r.eax),
+                cycles,
+                undefined: r.edx == UNDEFINED_EDX,
+                queries_before,
+            });
+        }
+    }
+    Ok(GuestReadout {
+        schema: GUEST_SCHEMA.to_owned(),
+        isa,
+        leaves,
+        patched,
+        detection,
+        total_exits: total.filter(|_| patched).map(|t| u64::from(t.eax)),
+        total_cycles: total
+            .filter(|_| patched)
+            .map(|t| (u64::from(t.ebx) << 32) | u64::from(t.ecx)),
+        reasons,
+        queries: c.n,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTEL: Regs = Regs {
+        eax: 0xd,
+        ebx: u32::from_le_bytes(*b"Genu"),
+        edx: u32::from_le_bytes(*b"ineI"),
+        ecx: u32::from_le_bytes(*b"ntel"),
+    };
+
+    /// A KVM: patched (counts per reason = reason + 1, cycles = 1000 * that), or not.
+    struct FakeKvm {
+        patched: bool,
+        vendor: Regs,
+        exits: u64,
+    }
+
+    impl Cpuid for FakeKvm {
+        fn cpuid(&mut self, leaf: u32, sub: u32) -> Regs {
+            self.exits += 1;
+            let xsave = Regs {
+                eax: 7,
+                ebx: 0x340,
+                ecx: 0x340,
+                edx: 0,
+            };
+            match (leaf, self.patched) {
+                (0, _) => self.vendor,
+                (0xd, _) => xsave,
+                (0x4fff_ffff, true) => Regs {
+                    eax: self.exits as u32,
+                    ebx: 1,
+                    ecx: 2,
+                    edx: 0,
+                },
+                (0x4fff_fffe, true) if sub == 35 => Regs {
+                    edx: UNDEFINED_EDX,
+                    ..Regs::default()
+                },
+                (0x4fff_fffe, true) => Regs {
+                    eax: sub + 1,
+                    ebx: u32::from(sub == 48),
+                    ..Regs::default()
+                },
+                (0x4fff_fffd, true) => Regs {
+                    ebx: 0,
+                    ecx: (sub + 1) * 1000,
+                    ..Regs::default()
+                },
+                (l, false) if l > 0x4000_0001 && self.vendor == INTEL => xsave,
+                _ => Regs::default(),
+            }
+        }
+    }
+
+    fn leaves() -> Leaves {
+        preset("kvmtrace").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn reads_a_patched_kvm() {
+        let mut kvm = FakeKvm {
+            patched: true,
+            vendor: INTEL,
+            exits: 0,
+        };
+        let r = read(&mut kvm, leaves(), None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.patched, "{}", r.detection);
+        assert_eq!(r.isa, Isa::Vmx);
+        assert_eq!(r.total_exits, Some(4), "leaf 0, probe, fallback, total");
+        assert_eq!(r.total_cycles, Some((1 << 32) | 2));
+        let ept = r
+            .reasons
+            .iter()
+            .find(|x| x.reason == 48)
+            .unwrap_or_else(|| panic!("no 48"));
+        assert_eq!(ept.count, (1 << 32) | 49, "EBX holds the high 32 bits");
+        assert_eq!(ept.cycles, Some(49_000));
+        assert!(!ept.undefined);
+        // 35 is not in our VMX table, so it is not queried; queries are counted.
+        assert!(r.reasons.iter().all(|x| x.reason != 35));
+        assert_eq!(r.queries, 4 + 2 * r.reasons.len() as u64);
+        assert_eq!(r.reasons[0].queries_before, 4);
+        assert_eq!(r.reasons[1].queries_before, 6);
+    }
+
+    #[test]
+    fn recognises_unpatched_intel_and_amd() {
+        let mut intel = FakeKvm {
+            patched: false,
+            vendor: INTEL,
+            exits: 0,
+        };
+        let r = read(&mut intel, leaves(), None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!r.patched);
+        assert!(r.detection.contains("basic leaf 0xd"), "{}", r.detection);
+        assert!(r.reasons.is_empty() && r.total_exits.is_none());
+
+        let amd_vendor = Regs {
+            eax: 0x10,
+            ebx: u32::from_le_bytes(*b"Auth"),
+            edx: u32::from_le_bytes(*b"enti"),
+            ecx: u32::from_le_bytes(*b"cAMD"),
+        };
+        let mut amd = FakeKvm {
+            patched: false,
+            vendor: amd_vendor,
+            exits: 0,
+        };
+        let r = read(&mut amd, leaves(), None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.isa, Isa::Svm);
+        assert!(!r.patched, "{}", r.detection);
+    }
+
+    #[test]
+    fn presets_and_unknown_names() {
+        assert_eq!(preset("count-fffd").map(|l| l.count), Ok(0x4fff_fffd));
+        assert_eq!(
+            preset("nope"),
+            Err("unknown leaf preset 'nope': use one of kvmtrace, count-fffd".to_owned())
+        );
+    }
+}
