@@ -25,6 +25,13 @@ pub mod limits {
     pub const MAX_PENDING: u32 = 8192;
     /// Processes in the `-p` / `-- CMD` filter (forked children are added).
     pub const MAX_FILTER_PIDS: u32 = 4096;
+    /// Distinct (VM pid, isa, reason, failed-entry) keys of the per-VM counts that
+    /// CPUID snapshots read.
+    pub const MAX_VM_ROWS: u32 = 16384;
+    /// VMs with a running total.
+    pub const MAX_VMS: u32 = 1024;
+    /// Bytes of the CPUID snapshot ring buffer (drained every 100 ms).
+    pub const CPUID_RING_BYTES: u32 = 16 << 20;
     /// log2 buckets of the exit-handling time histogram: bucket b holds
     /// durations in [2^b, 2^(b+1)) ns; bucket 0 also holds 0 ns.
     pub const HIST_BUCKETS: u32 = 48;
@@ -44,8 +51,12 @@ pub mod drop_kind {
     pub const READ_FAILED: u32 = 4;
     /// The pid filter map was full: a forked child of a traced process is not traced.
     pub const FILTER_MAP_FULL: u32 = 5;
+    /// The per-VM count map was full: CPUID snapshots of this VM are incomplete.
+    pub const VM_MAP_FULL: u32 = 6;
+    /// The CPUID snapshot ring buffer was full: a guest counter read was not recorded.
+    pub const CPUID_RING_FULL: u32 = 7;
     /// Number of slots.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
 }
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).
@@ -62,6 +73,19 @@ pub mod globals {
     pub const FILTER_PIDS_ENABLED: &str = "FILTER_PIDS_ENABLED";
     /// Count only this vcpu_id; `u32::MAX` counts all.
     pub const VCPU_FILTER: &str = "VCPU_FILTER";
+    /// Non-zero: keep per-VM counts and snapshot them at each guest counter-leaf read.
+    pub const SNAPSHOTS: &str = "SNAPSHOTS";
+    /// Offsets of `function`, `index`, `rax`, `rbx`, `rcx`, `rdx` in `kvm:kvm_cpuid`.
+    pub const CPUID_FUNCTION_OFF: &str = "CPUID_FUNCTION_OFF";
+    pub const CPUID_INDEX_OFF: &str = "CPUID_INDEX_OFF";
+    pub const CPUID_RAX_OFF: &str = "CPUID_RAX_OFF";
+    pub const CPUID_RBX_OFF: &str = "CPUID_RBX_OFF";
+    pub const CPUID_RCX_OFF: &str = "CPUID_RCX_OFF";
+    pub const CPUID_RDX_OFF: &str = "CPUID_RDX_OFF";
+    /// The counter leaves (0: none).
+    pub const LEAF_TOTAL: &str = "LEAF_TOTAL";
+    pub const LEAF_COUNT: &str = "LEAF_COUNT";
+    pub const LEAF_CYCLES: &str = "LEAF_CYCLES";
 }
 
 /// Names of the eBPF maps.
@@ -72,6 +96,9 @@ pub mod maps {
     pub const PENDING: &str = "PENDING";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const DROPS: &str = "DROPS";
+    pub const VM_EXITS: &str = "VM_EXITS";
+    pub const VM_TOTALS: &str = "VM_TOTALS";
+    pub const CPUID_EVENTS: &str = "CPUID_EVENTS";
 }
 
 /// Low 16 bits of a VMX exit reason: the basic exit reason (SDM Vol. 3C, 28.2.1).
@@ -147,6 +174,36 @@ pub struct PendingExit {
     pub _pad: u32,
 }
 
+/// Key of the per-VM count map that CPUID snapshots read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmExitKey {
+    pub pid: u32,
+    pub exit: ExitKey,
+}
+
+/// A guest read of a counter leaf, with the host's count for that VM at that instant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidEvent {
+    pub ts_ns: u64,
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    /// Count leaf: the VM's exits with reason `index` (of `isa`), this one included.
+    pub host_reason_count: u64,
+    /// The VM's exits of every reason, this one included.
+    pub host_total: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub function: u32,
+    pub index: u32,
+    /// isa of the CPUID exit being handled (0 if unknown).
+    pub isa: u32,
+    pub _pad: u32,
+}
+
 /// log2 bucket of a duration in nanoseconds, clamped to the last bucket.
 #[inline(always)]
 pub fn hist_bucket(ns: u64) -> u32 {
@@ -166,4 +223,6 @@ mod pod {
     unsafe impl aya::Pod for super::VcpuKey {}
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::PendingExit {}
+    unsafe impl aya::Pod for super::VmExitKey {}
+    unsafe impl aya::Pod for super::CpuidEvent {}
 }

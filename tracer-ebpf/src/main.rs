@@ -7,17 +7,26 @@
 //! Field offsets are globals the loader fills in from the tracepoint's `format` file.
 #![no_std]
 #![no_main]
+// bpfel has no compare-and-swap, so core's atomic types lack fetch_add; the intrinsic
+// lowers to BPF's atomic add.
+#![allow(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add on bpfel"
+)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
+use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    ExitKey, ExitStats, HistKey, PendingExit, VcpuKey, drop_kind, hist_bucket, limits,
+    CpuidEvent, ExitKey, ExitStats, HistKey, PendingExit, VcpuKey, VmExitKey, drop_kind,
+    hist_bucket, limits,
 };
 
 #[unsafe(no_mangle)]
@@ -32,6 +41,26 @@ static FORK_CHILD_OFF: u32 = 44;
 static FILTER_PIDS_ENABLED: u32 = 0;
 #[unsafe(no_mangle)]
 static VCPU_FILTER: u32 = u32::MAX;
+#[unsafe(no_mangle)]
+static SNAPSHOTS: u32 = 0;
+#[unsafe(no_mangle)]
+static CPUID_FUNCTION_OFF: u32 = 8;
+#[unsafe(no_mangle)]
+static CPUID_INDEX_OFF: u32 = 12;
+#[unsafe(no_mangle)]
+static CPUID_RAX_OFF: u32 = 16;
+#[unsafe(no_mangle)]
+static CPUID_RBX_OFF: u32 = 24;
+#[unsafe(no_mangle)]
+static CPUID_RCX_OFF: u32 = 32;
+#[unsafe(no_mangle)]
+static CPUID_RDX_OFF: u32 = 40;
+#[unsafe(no_mangle)]
+static LEAF_TOTAL: u32 = 0;
+#[unsafe(no_mangle)]
+static LEAF_COUNT: u32 = 0;
+#[unsafe(no_mangle)]
+static LEAF_CYCLES: u32 = 0;
 
 #[map]
 static EXITS: PerCpuHashMap<ExitKey, ExitStats> =
@@ -50,6 +79,14 @@ static PENDING: HashMap<u32, PendingExit> = HashMap::with_max_entries(limits::MA
 static FILTER_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_FILTER_PIDS, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT, 0);
+/// Per-VM counts, kept only with `SNAPSHOTS`: the vCPUs of one VM share an entry, so
+/// these are atomic adds (a VM's own vCPUs are the only writers).
+#[map]
+static VM_EXITS: HashMap<VmExitKey, u64> = HashMap::with_max_entries(limits::MAX_VM_ROWS, 0);
+#[map]
+static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
+#[map]
+static CPUID_EVENTS: RingBuf = RingBuf::with_byte_size(limits::CPUID_RING_BYTES, 0);
 
 #[inline(always)]
 fn global(value: &'static u32) -> u32 {
@@ -81,6 +118,25 @@ fn add_stats<K>(map: &PerCpuHashMap<K, ExitStats>, key: &K, delta: &ExitStats) -
     // A concurrent insert of the same key from another CPU only sets that CPU's slot,
     // so BPF_ANY cannot overwrite anybody's count.
     map.insert(key, delta, u64::from(BPF_ANY)).is_ok()
+}
+
+/// Atomically adds 1 to `key`, creating it. Returns false when the map is full.
+#[inline(always)]
+fn shared_inc<K>(map: &HashMap<K, u64>, key: &K) -> bool {
+    for _ in 0..2 {
+        if let Some(slot) = map.get_ptr_mut(key) {
+            // SAFETY: a live map value; other vCPUs of the VM add to it concurrently.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1)
+            };
+            return true;
+        }
+        // Lost a race with another vCPU's insert: EEXIST, so look it up again.
+        if map.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]
@@ -143,6 +199,12 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     if !add_stats(&VCPU_EXITS, &vcpu, &one) {
         count_drop(drop_kind::VCPU_MAP_FULL);
     }
+    if global(&SNAPSHOTS) != 0 {
+        let vm = VmExitKey { pid: tgid, exit };
+        if !shared_inc(&VM_EXITS, &vm) || !shared_inc(&VM_TOTALS, &tgid) {
+            count_drop(drop_kind::VM_MAP_FULL);
+        }
+    }
     let pending = PendingExit {
         start_ns: now,
         vcpu,
@@ -188,6 +250,85 @@ fn try_kvm_entry() {
         unsafe { *slot += 1 };
     } else if HIST.insert(&hist, &1, u64::from(BPF_ANY)).is_err() {
         count_drop(drop_kind::HIST_MAP_FULL);
+    }
+}
+
+/// Snapshots each guest read of a counter leaf together with the host's own counts
+/// for that VM at that instant (the CPUID exit being handled is already counted).
+#[tracepoint(category = "kvm", name = "kvm_cpuid")]
+pub fn kvm_cpuid(ctx: TracePointContext) -> u32 {
+    if global(&SNAPSHOTS) != 0 {
+        try_kvm_cpuid(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_kvm_cpuid(ctx: &TracePointContext) {
+    // SAFETY: offset from the format file; read_at checks bounds.
+    let Ok(function) = (unsafe { ctx.read_at::<u32>(global(&CPUID_FUNCTION_OFF) as usize) }) else {
+        count_drop(drop_kind::READ_FAILED);
+        return;
+    };
+    if function == 0
+        || (function != global(&LEAF_TOTAL)
+            && function != global(&LEAF_COUNT)
+            && function != global(&LEAF_CYCLES))
+    {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if !traced(tgid) {
+        return;
+    }
+    // SAFETY: offsets from the format file; read_at checks bounds.
+    let regs = unsafe {
+        (
+            ctx.read_at::<u32>(global(&CPUID_INDEX_OFF) as usize),
+            ctx.read_at::<u64>(global(&CPUID_RAX_OFF) as usize),
+            ctx.read_at::<u64>(global(&CPUID_RBX_OFF) as usize),
+            ctx.read_at::<u64>(global(&CPUID_RCX_OFF) as usize),
+            ctx.read_at::<u64>(global(&CPUID_RDX_OFF) as usize),
+        )
+    };
+    let (Ok(index), Ok(rax), Ok(rbx), Ok(rcx), Ok(rdx)) = regs else {
+        count_drop(drop_kind::READ_FAILED);
+        return;
+    };
+    // SAFETY: entries are copied out.
+    let isa = unsafe { PENDING.get(&tid) }.map_or(0, |p| p.vcpu.exit.isa);
+    let reason_key = VmExitKey {
+        pid: tgid,
+        exit: ExitKey {
+            isa,
+            reason: index,
+            failed_entry: 0,
+        },
+    };
+    // SAFETY: plain reads of values other vCPUs may be adding to.
+    let host_reason_count = unsafe { VM_EXITS.get(&reason_key) }.copied().unwrap_or(0);
+    // SAFETY: as above.
+    let host_total = unsafe { VM_TOTALS.get(&tgid) }.copied().unwrap_or(0);
+    let event = CpuidEvent {
+        // SAFETY: a helper with no arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        rax,
+        rbx,
+        rcx,
+        rdx,
+        host_reason_count,
+        host_total,
+        pid: tgid,
+        tid,
+        function,
+        index,
+        isa,
+        _pad: 0,
+    };
+    if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
+        count_drop(drop_kind::CPUID_RING_FULL);
     }
 }
 

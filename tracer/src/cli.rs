@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use kvmtrace::{
     exit_reasons::Isa,
+    guest::{self, Leaves},
     render::{Format, diff::DiffFormat},
     tracefs::Tracepoint,
 };
@@ -50,8 +51,9 @@ pub enum GuestFormat {
     Json,
 }
 
+/// Which CPUID leaves hold the patched KVM's counters.
 #[derive(Debug, Args)]
-pub struct GuestArgs {
+pub struct LeafArgs {
     /// Leaf layout: kvmtrace (count 0x4FFFFFFE, total 0x4FFFFFFF, cycles 0x4FFFFFFD) or
     /// count-fffd (count 0x4FFFFFFD, cycles 0x4FFFFFFC).
     #[arg(long, default_value = "kvmtrace")]
@@ -65,6 +67,29 @@ pub struct GuestArgs {
     /// Leaf of the per-reason cycles (overrides the preset).
     #[arg(long, value_parser = parse_leaf)]
     pub cycles_leaf: Option<u32>,
+}
+
+impl LeafArgs {
+    /// The preset with the overrides applied.
+    pub fn leaves(&self) -> Result<Leaves, String> {
+        let mut l = guest::preset(&self.preset)?;
+        if let Some(c) = self.count_leaf {
+            l.count = c;
+        }
+        if self.total_leaf.is_some() {
+            l.total = self.total_leaf;
+        }
+        if self.cycles_leaf.is_some() {
+            l.cycles = self.cycles_leaf;
+        }
+        Ok(l)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GuestArgs {
+    #[command(flatten)]
+    pub leaves: LeafArgs,
     /// Reason numbering: vmx or svm; default: from the CPU vendor.
     #[arg(long, value_parser = parse_isa)]
     pub isa: Option<Isa>,
@@ -127,6 +152,14 @@ pub struct RecordArgs {
     /// Write the report to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+
+    /// Record every guest read of the counter leaves with the host's count for that VM
+    /// at that instant (for `kvmtrace reconcile`).
+    #[arg(long)]
+    pub snapshots: bool,
+
+    #[command(flatten)]
+    pub leaves: LeafArgs,
 
     /// The exit tracepoint (for tests and patched kernels).
     #[arg(long, hide = true, default_value = "kvm:kvm_exit", value_parser = Tracepoint::parse)]

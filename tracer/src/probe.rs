@@ -5,13 +5,14 @@ use std::collections::BTreeSet;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProgramError, TracePoint},
 };
 use thiserror::Error;
-use tracer_common::{ExitKey, ExitStats, HistKey, VcpuKey, drop_kind, globals, maps};
+use tracer_common::{CpuidEvent, ExitKey, ExitStats, HistKey, VcpuKey, drop_kind, globals, maps};
 
 use crate::{
+    guest::Leaves,
     snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64},
     tracefs::{Tracefs, TracefsError, Tracepoint},
 };
@@ -64,6 +65,8 @@ pub struct ProbeConfig {
     pub pids: BTreeSet<u32>,
     /// Count only this vcpu_id.
     pub vcpu: Option<u32>,
+    /// Snapshot the host's counts at each guest read of these leaves.
+    pub snapshots: Option<Leaves>,
 }
 
 impl Default for ProbeConfig {
@@ -73,6 +76,7 @@ impl Default for ProbeConfig {
             entry_tracepoint: Tracepoint::new("kvm", "kvm_entry"),
             pids: BTreeSet::new(),
             vcpu: None,
+            snapshots: None,
         }
     }
 }
@@ -82,6 +86,7 @@ pub struct Probe {
     ebpf: Ebpf,
     /// Forwards the eBPF side's warnings (full maps) to the `log` crate.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    cpuid_events: RingBuf<MapData>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ProbeError {
@@ -100,10 +105,33 @@ impl Probe {
         let isa_off = tracefs.offset(exit_tp, "isa")?;
         let vcpu_off = tracefs.offset(exit_tp, "vcpu_id")?;
         let child_off = tracefs.offset(&fork_tp, "child_pid")?;
+        let cpuid_tp = Tracepoint::new("kvm", "kvm_cpuid");
+        let cpuid_off = |field| tracefs.offset(&cpuid_tp, field);
+        let cpuid_offsets = [
+            (globals::CPUID_FUNCTION_OFF, cpuid_off("function")?),
+            (globals::CPUID_INDEX_OFF, cpuid_off("index")?),
+            (globals::CPUID_RAX_OFF, cpuid_off("rax")?),
+            (globals::CPUID_RBX_OFF, cpuid_off("rbx")?),
+            (globals::CPUID_RCX_OFF, cpuid_off("rcx")?),
+            (globals::CPUID_RDX_OFF, cpuid_off("rdx")?),
+        ];
+        let leaves = config.snapshots;
+        let snapshots = u32::from(leaves.is_some());
+        let leaf_total = leaves.and_then(|l| l.total).unwrap_or(0);
+        let leaf_count = leaves.map_or(0, |l| l.count);
+        let leaf_cycles = leaves.and_then(|l| l.cycles).unwrap_or(0);
         let filter_enabled = u32::from(!config.pids.is_empty());
         let vcpu_filter = config.vcpu.unwrap_or(u32::MAX);
 
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        for (name, off) in &cpuid_offsets {
+            loader.override_global(name, off, true);
+        }
+        let mut ebpf = loader
+            .override_global(globals::SNAPSHOTS, &snapshots, true)
+            .override_global(globals::LEAF_TOTAL, &leaf_total, true)
+            .override_global(globals::LEAF_COUNT, &leaf_count, true)
+            .override_global(globals::LEAF_CYCLES, &leaf_cycles, true)
             .override_global(globals::EXIT_REASON_OFF, &reason_off, true)
             .override_global(globals::EXIT_ISA_OFF, &isa_off, true)
             .override_global(globals::EXIT_VCPU_OFF, &vcpu_off, true)
@@ -137,6 +165,7 @@ impl Probe {
         for (program, tp) in [
             ("kvm_entry", &config.entry_tracepoint),
             ("sched_process_fork", &fork_tp),
+            ("kvm_cpuid", &cpuid_tp),
             ("kvm_exit", exit_tp),
         ] {
             let prog = ebpf
@@ -161,7 +190,27 @@ impl Probe {
                     source,
                 })?;
         }
-        Ok(Self { ebpf, logger })
+        let cpuid_events = RingBuf::try_from(
+            ebpf.take_map(maps::CPUID_EVENTS)
+                .ok_or(ProbeError::MissingMap(maps::CPUID_EVENTS))?,
+        )
+        .map_err(map_err(maps::CPUID_EVENTS))?;
+        Ok(Self {
+            ebpf,
+            logger,
+            cpuid_events,
+        })
+    }
+
+    /// Takes the guest counter-leaf reads recorded since the last call.
+    pub fn drain_cpuid(&mut self, into: &mut Vec<CpuidEvent>) {
+        while let Some(item) = self.cpuid_events.next() {
+            if item.len() >= size_of::<CpuidEvent>() {
+                // SAFETY: the eBPF side writes whole CpuidEvents; read_unaligned copes
+                // with the ring buffer's 8-byte alignment.
+                into.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<CpuidEvent>()) });
+            }
+        }
     }
 
     /// Passes the eBPF side's pending log records to the `log` crate.

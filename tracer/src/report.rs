@@ -28,7 +28,14 @@
 //!       "name": "IO_INSTRUCTION", "count": 1387, "timed": 1387, "time_ns": 45678901 }
 //!   ],
 //!   "dropped": { "exit_map_full": 0, "vcpu_map_full": 0, "hist_map_full": 0,
-//!                "pending_map_full": 0, "read_failed": 0, "filter_map_full": 0 }
+//!                "pending_map_full": 0, "read_failed": 0, "filter_map_full": 0,
+//!                "vm_map_full": 0, "cpuid_ring_full": 0 },
+//!   "leaves": { "total": 1342177279, "count": 1342177278, "cycles": 1342177277 },
+//!   "cpuid_reads": [
+//!     { "ts_ns": 123456789, "pid": 1234, "tid": 1240, "kind": "count",
+//!       "leaf": 1342177278, "index": 10, "eax": 652, "ebx": 0, "ecx": 0, "edx": 0,
+//!       "isa": "vmx", "host_reason_count": 652, "host_total": 6801 }
+//!   ]
 //! }
 //! ```
 //!
@@ -38,6 +45,9 @@
 //!   `kvm:kvm_entry` of the same thread within the run; `time_ns` is the sum of those
 //!   exit→entry times (the time KVM spent handling the exit, sleeps in HLT included).
 //! - `reasons` are sorted by count, highest first; `vcpus` by pid, vcpu, reason.
+//! - `leaves` and `cpuid_reads` are present with `record --snapshots`: every guest read of
+//!   a counter leaf, the registers it got, and the host's own count for that VM at that
+//!   instant (the read's own CPUID exit included), for `kvmtrace reconcile`.
 //! - `total.count` includes exits that were counted only in `dropped` (a full map or
 //!   an unreadable field). Any non-zero `dropped` field means some detail is missing.
 
@@ -46,10 +56,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracer_common::{ExitKey, ExitStats, drop_kind};
+use tracer_common::{CpuidEvent, ExitKey, ExitStats, drop_kind};
 
 use crate::{
     exit_reasons::{self, Isa},
+    guest::Leaves,
     histogram::{self, Bucket},
     host::Paging,
     snapshot::{Overflow, Snapshot, sum_u64},
@@ -135,6 +146,10 @@ pub struct Dropped {
     pub pending_map_full: u64,
     pub read_failed: u64,
     pub filter_map_full: u64,
+    #[serde(default)]
+    pub vm_map_full: u64,
+    #[serde(default)]
+    pub cpuid_ring_full: u64,
 }
 
 impl Dropped {
@@ -160,6 +175,73 @@ pub struct RunInfo {
     pub filter: Filter,
     /// Command names of the VM processes, where known.
     pub comms: BTreeMap<u32, String>,
+    /// The counter leaves whose guest reads were snapshotted.
+    pub leaves: Option<Leaves>,
+}
+
+/// Which counter leaf a guest read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeafKind {
+    Total,
+    Count,
+    Cycles,
+}
+
+/// One guest read of a counter leaf, with the host's count at that instant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidRead {
+    /// Monotonic kernel time of the read, ns.
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub kind: Option<LeafKind>,
+    pub leaf: u32,
+    pub index: u32,
+    /// The registers the guest got.
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+    /// isa of the CPUID exit (the reason numbering of `index`).
+    pub isa: Isa,
+    /// The host's count of exits with reason `index` for this VM, this read included.
+    pub host_reason_count: u64,
+    /// The host's count of all exits for this VM, this read included.
+    pub host_total: u64,
+}
+
+impl CpuidRead {
+    fn new(e: &CpuidEvent, leaves: Option<Leaves>) -> Self {
+        let kind = leaves.and_then(|l| {
+            if Some(e.function) == l.total {
+                Some(LeafKind::Total)
+            } else if e.function == l.count {
+                Some(LeafKind::Count)
+            } else if Some(e.function) == l.cycles {
+                Some(LeafKind::Cycles)
+            } else {
+                None
+            }
+        });
+        // The registers are 32-bit CPUID outputs carried in unsigned longs.
+        let low = |r: u64| (r & 0xffff_ffff) as u32;
+        Self {
+            ts_ns: e.ts_ns,
+            pid: e.pid,
+            tid: e.tid,
+            kind,
+            leaf: e.function,
+            index: e.index,
+            eax: low(e.rax),
+            ebx: low(e.rbx),
+            ecx: low(e.rcx),
+            edx: low(e.rdx),
+            isa: Isa::from_raw(e.isa),
+            host_reason_count: e.host_reason_count,
+            host_total: e.host_total,
+        }
+    }
 }
 
 /// A whole record.
@@ -178,6 +260,12 @@ pub struct Report {
     pub vms: Vec<VmRow>,
     pub vcpus: Vec<VcpuRow>,
     pub dropped: Dropped,
+    /// The leaves snapshotted with `--snapshots`.
+    #[serde(default)]
+    pub leaves: Option<Leaves>,
+    /// Guest reads of the counter leaves (`--snapshots`), in order.
+    #[serde(default)]
+    pub cpuid_reads: Vec<CpuidRead>,
 }
 
 /// Why a JSON text is not a report this version can read.
@@ -260,7 +348,14 @@ impl Report {
             pending_map_full: d.get(drop_kind::PENDING_MAP_FULL),
             read_failed: d.get(drop_kind::READ_FAILED),
             filter_map_full: d.get(drop_kind::FILTER_MAP_FULL),
+            vm_map_full: d.get(drop_kind::VM_MAP_FULL),
+            cpuid_ring_full: d.get(drop_kind::CPUID_RING_FULL),
         };
+        let cpuid_reads = snap
+            .cpuid
+            .iter()
+            .map(|e| CpuidRead::new(e, info.leaves))
+            .collect();
         let duration_ns = (info.ended_at - info.started_at)
             .num_nanoseconds()
             .and_then(|n| u64::try_from(n).ok())
@@ -279,6 +374,8 @@ impl Report {
             vms,
             vcpus,
             dropped,
+            leaves: info.leaves,
+            cpuid_reads,
         })
     }
 
@@ -366,6 +463,7 @@ pub(crate) mod tests {
             ended_at: t0 + chrono::Duration::milliseconds(1500),
             filter: Filter::default(),
             comms: [(42, "qemu".to_owned())].into(),
+            leaves: None,
         };
         Report::build(&snap, info).unwrap_or_else(|e| panic!("build: {e}"))
     }
@@ -402,6 +500,38 @@ pub(crate) mod tests {
             "one VM: its rows sum to the totals"
         );
         assert_eq!(r.vms[0].comm.as_deref(), Some("qemu"));
+    }
+
+    #[test]
+    fn cpuid_reads_are_classified_by_leaf() {
+        let leaves = crate::guest::preset("kvmtrace").ok();
+        let event = CpuidEvent {
+            ts_ns: 5,
+            rax: 0xffff_ffff_0000_0007,
+            rbx: 1,
+            function: 0x4fff_fffe,
+            index: 48,
+            isa: 1,
+            host_reason_count: 7,
+            host_total: 99,
+            ..CpuidEvent::default()
+        };
+        let read = CpuidRead::new(&event, leaves);
+        assert_eq!(read.kind, Some(LeafKind::Count));
+        assert_eq!(
+            (read.eax, read.ebx, read.isa),
+            (7, 1, Isa::Vmx),
+            "low 32 bits of rax"
+        );
+        let other = CpuidRead::new(
+            &CpuidEvent {
+                function: 0x4fff_ffff,
+                ..event
+            },
+            leaves,
+        );
+        assert_eq!(other.kind, Some(LeafKind::Total));
+        assert_eq!(CpuidRead::new(&event, None).kind, None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use thiserror::Error;
-use tracer_common::{ExitKey, ExitStats, VcpuKey, drop_kind, limits::HIST_BUCKETS};
+use tracer_common::{CpuidEvent, ExitKey, ExitStats, VcpuKey, drop_kind, limits::HIST_BUCKETS};
 
 /// A sum over CPUs did not fit in 64 bits. Never wrapped: the run is reported as failed.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -67,6 +67,8 @@ pub struct Snapshot {
     /// Time histogram per exit key, indexed by bucket.
     pub hist: BTreeMap<ExitKey, Vec<u64>>,
     pub drops: Drops,
+    /// Guest reads of the counter leaves, in the order they were taken.
+    pub cpuid: Vec<CpuidEvent>,
 }
 
 impl Snapshot {

@@ -231,6 +231,11 @@ fn guest_recognises_this_unpatched_kvm() {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
     assert_eq!(v["schema"], "kvmtrace.guest.v1");
     assert_eq!(v["patched"], false, "{text}");
-    assert!(v["detection"].as_str().is_some_and(|d| d.contains("not patched")), "{text}");
+    assert!(
+        v["detection"]
+            .as_str()
+            .is_some_and(|d| d.contains("not patched")),
+        "{text}"
+    );
     assert_eq!(out.status.code(), Some(3));
 }

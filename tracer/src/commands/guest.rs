@@ -3,24 +3,10 @@
 use std::process::ExitCode;
 
 use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
-use kvmtrace::guest::{self, Cpu, GuestReadout, Leaves};
+use kvmtrace::guest::{self, Cpu, GuestReadout};
 
 use super::{BadInput, write_output};
 use crate::cli::{GuestArgs, GuestFormat};
-
-fn leaves(args: &GuestArgs) -> Result<Leaves, BadInput> {
-    let mut l = guest::preset(&args.preset).map_err(BadInput)?;
-    if let Some(c) = args.count_leaf {
-        l.count = c;
-    }
-    if args.total_leaf.is_some() {
-        l.total = args.total_leaf;
-    }
-    if args.cycles_leaf.is_some() {
-        l.cycles = args.cycles_leaf;
-    }
-    Ok(l)
-}
 
 fn table(r: &GuestReadout, all: bool) -> String {
     let mut out = format!(
@@ -75,7 +61,7 @@ fn table(r: &GuestReadout, all: bool) -> String {
 }
 
 pub fn run(args: &GuestArgs) -> anyhow::Result<ExitCode> {
-    let leaves = leaves(args)?;
+    let leaves = args.leaves.leaves().map_err(BadInput)?;
     let readout = guest::read(&mut Cpu, leaves, args.isa).map_err(BadInput)?;
     let bytes = match args.format {
         GuestFormat::Json => {

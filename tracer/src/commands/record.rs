@@ -24,10 +24,14 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use super::BadInput;
 use crate::cli::RecordArgs;
 
 /// How long a command is given to exit after kvmtrace forwards SIGTERM to it.
 const CHILD_GRACE: Duration = Duration::from_secs(5);
+
+/// How often guest counter-leaf reads are taken from the ring buffer.
+const CPUID_DRAIN: Duration = Duration::from_millis(100);
 
 /// Why the record ended.
 enum End {
@@ -61,6 +65,11 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         entry_tracepoint: args.entry_tracepoint.clone(),
         pids,
         vcpu: args.vcpu,
+        snapshots: if args.snapshots {
+            Some(args.leaves.leaves().map_err(BadInput)?)
+        } else {
+            None
+        },
     };
     let mut probe = Probe::attach(&tracefs, &config)?;
     let started_at = Utc::now();
@@ -72,6 +81,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let mut comms = BTreeMap::new();
     let mut filter_pids = args.pids.clone();
+    let mut cpuid_reads = Vec::new();
     let end = runtime.block_on(async {
         let mut child = match args.command.split_first() {
             Some((program, rest)) => {
@@ -93,13 +103,23 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         if child.is_none() && args.duration.is_none() {
             eprintln_status("recording VM exits; press Ctrl-C to stop");
         }
-        wait_for_end(child.as_mut(), args.duration).await
+        let ending = wait_for_end(child.as_mut(), args.duration);
+        tokio::pin!(ending);
+        let mut drain = tokio::time::interval(CPUID_DRAIN);
+        loop {
+            tokio::select! {
+                end = &mut ending => break end,
+                _ = drain.tick() => probe.drain_cpuid(&mut cpuid_reads),
+            }
+        }
     })?;
+    probe.drain_cpuid(&mut cpuid_reads);
     if let End::Signal(name) = end {
         eprintln_status(&format!("stopped by {name}"));
     }
     probe.flush_logs();
-    let snapshot = probe.snapshot()?;
+    let mut snapshot = probe.snapshot()?;
+    snapshot.cpuid = cpuid_reads;
     let ended_at = Utc::now();
     drop(probe);
 
@@ -118,6 +138,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             vcpu: args.vcpu,
         },
         comms,
+        leaves: config.snapshots,
     };
     let report = Report::build(&snapshot, info)?;
     let bytes = render::render(
