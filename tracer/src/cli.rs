@@ -43,10 +43,35 @@ pub enum Command {
     ///
     /// Exits 0 when the counters answer, 3 when the KVM is not patched.
     Guest(GuestArgs),
+    /// Compare the guest's counter reads with the host's count at the same instant.
+    ///
+    /// Needs a record made with `record --snapshots`. Exits 1 when a difference has no
+    /// known cause.
+    ///
+    /// Example:
+    ///   kvmtrace reconcile boot.json --guest guest.json
+    #[command(verbatim_doc_comment)]
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// A record made with `kvmtrace record --snapshots --format json`.
+    pub record: PathBuf,
+    /// The guest's `kvmtrace guest --format json` output, checked against what the
+    /// host saw it read.
+    #[arg(long, value_name = "FILE")]
+    pub guest: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = TextFormat::Table)]
+    pub format: TextFormat,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum GuestFormat {
+pub enum TextFormat {
     Table,
     Json,
 }
@@ -94,8 +119,8 @@ pub struct GuestArgs {
     #[arg(long, value_parser = parse_isa)]
     pub isa: Option<Isa>,
     /// Output format.
-    #[arg(short, long, value_enum, default_value_t = GuestFormat::Table)]
-    pub format: GuestFormat,
+    #[arg(short, long, value_enum, default_value_t = TextFormat::Table)]
+    pub format: TextFormat,
     /// Show every reason, also those with no exits.
     #[arg(long)]
     pub all: bool,

@@ -12,6 +12,7 @@ pub mod histogram;
 pub mod host;
 pub mod privileges;
 pub mod probe;
+pub mod reconcile;
 pub mod render;
 pub mod report;
 pub mod snapshot;

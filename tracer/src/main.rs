@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         cli::Command::Reasons(args) => commands::reasons::run(&args),
         cli::Command::Diff(args) => commands::diff::run(&args),
         cli::Command::Guest(args) => commands::guest::run(&args),
+        cli::Command::Reconcile(args) => commands::reconcile::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -6,7 +6,7 @@ use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use kvmtrace::guest::{self, Cpu, GuestReadout};
 
 use super::{BadInput, write_output};
-use crate::cli::{GuestArgs, GuestFormat};
+use crate::cli::{GuestArgs, TextFormat};
 
 fn table(r: &GuestReadout, all: bool) -> String {
     let mut out = format!(
@@ -64,12 +64,12 @@ pub fn run(args: &GuestArgs) -> anyhow::Result<ExitCode> {
     let leaves = args.leaves.leaves().map_err(BadInput)?;
     let readout = guest::read(&mut Cpu, leaves, args.isa).map_err(BadInput)?;
     let bytes = match args.format {
-        GuestFormat::Json => {
+        TextFormat::Json => {
             let mut v = serde_json::to_vec_pretty(&readout)?;
             v.push(b'\n');
             v
         }
-        GuestFormat::Table => table(&readout, args.all).into_bytes(),
+        TextFormat::Table => table(&readout, args.all).into_bytes(),
     };
     write_output(args.output.as_deref(), &bytes)?;
     Ok(if readout.patched {

@@ -3,6 +3,7 @@
 pub mod diff;
 pub mod guest;
 pub mod reasons;
+pub mod reconcile;
 pub mod record;
 
 use std::path::Path;
