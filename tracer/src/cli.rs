@@ -52,6 +52,24 @@ pub enum Command {
     ///   kvmtrace reconcile boot.json --guest guest.json
     #[command(verbatim_doc_comment)]
     Reconcile(ReconcileArgs),
+    /// A live view of exit rates per reason and per VM, like kvm_stat (q quits).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Count only the VM process with this pid (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Seconds between refreshes.
+    #[arg(short, long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
+    pub interval: std::time::Duration,
+    /// Stop after this many refreshes.
+    #[arg(short = 'n', long, value_name = "N")]
+    pub iterations: Option<u64>,
+    /// Rows per table.
+    #[arg(long, default_value_t = 20)]
+    pub rows: usize,
 }
 
 #[derive(Debug, Args)]

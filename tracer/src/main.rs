@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         cli::Command::Diff(args) => commands::diff::run(&args),
         cli::Command::Guest(args) => commands::guest::run(&args),
         cli::Command::Reconcile(args) => commands::reconcile::run(&args),
+        cli::Command::Top(args) => commands::top::run(&args),
     };
     match result {
         Ok(code) => code,

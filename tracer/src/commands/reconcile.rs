@@ -9,7 +9,7 @@ use kvmtrace::{
 };
 
 use super::{BadInput, load_report, write_output};
-use crate::cli::{TextFormat, ReconcileArgs};
+use crate::cli::{ReconcileArgs, TextFormat};
 
 fn table(rec: &Reconciliation, mismatches: &[String]) -> String {
     let mut by_verdict: BTreeMap<&str, usize> = BTreeMap::new();
