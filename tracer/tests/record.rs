@@ -245,9 +245,14 @@ fn top_refreshes_and_stops() {
     if !is_root() || !has_kvm_tracepoints() {
         return;
     }
-    let out = run(kvmtrace().args(["top", "-n", "3", "-i", "0.2"]).stdin(Stdio::null()));
+    let out = run(kvmtrace()
+        .args(["top", "-n", "3", "-i", "0.2"])
+        .stdin(Stdio::null()));
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("kvmtrace top").count(), 3, "{text}");
-    assert!(!text.contains('\x1b'), "no terminal escapes when stdout is not a terminal");
+    assert!(
+        !text.contains('\x1b'),
+        "no terminal escapes when stdout is not a terminal"
+    );
 }

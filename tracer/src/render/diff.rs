@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
 use super::RenderError;
 use crate::diff::{Diff, DiffRow};
@@ -16,6 +16,8 @@ pub enum DiffFormat {
     Json,
     /// A Markdown table, for reports.
     Md,
+    /// An SVG grouped bar chart on a log axis.
+    Svg,
 }
 
 fn ratio(r: &DiffRow) -> String {
@@ -71,9 +73,14 @@ pub fn render(d: &Diff, format: DiffFormat) -> Result<Vec<u8>, RenderError> {
             v.push(b'\n');
             return Ok(v);
         }
+        DiffFormat::Svg => super::chart::render(d).map_err(RenderError::Chart)?,
         DiffFormat::Table => {
             let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED).set_header(header(d));
+            // The why column wraps to keep the table readable in a terminal.
+            t.load_preset(UTF8_FULL_CONDENSED)
+                .set_content_arrangement(ContentArrangement::Dynamic)
+                .set_width(140)
+                .set_header(header(d));
             for r in &d.rows {
                 t.add_row(cells(r));
             }

@@ -1,6 +1,7 @@
 //! Renderers: a [`Report`] in, bytes out. No I/O here, so every format is tested with
 //! fixed reports.
 
+mod chart;
 mod csv;
 pub mod diff;
 mod json;
@@ -46,6 +47,8 @@ pub enum RenderError {
     Csv(#[from] ::csv::Error),
     #[error("cannot write JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cannot draw the chart: {0}")]
+    Chart(String),
 }
 
 /// Renders `report` as `format`.
