@@ -1,10 +1,7 @@
 //! The diff as an SVG grouped bar chart on a log axis (plotters' SVG backend; text is
 //! left to the SVG viewer, so no font files are needed).
 
-use plotters::{
-    prelude::*,
-    style::{Color as _, RGBColor},
-};
+use plotters::{prelude::*, style::RGBColor};
 
 use crate::diff::Diff;
 
