@@ -31,6 +31,8 @@ pub enum Command {
     ///   kvmtrace record --format json -o boot.json -- qemu-system-x86_64 -accel kvm ...
     #[command(verbatim_doc_comment)]
     Record(RecordArgs),
+    /// Show a saved record (`record --format json`) as a table, CSV or JSON.
+    Show(ShowArgs),
     /// List the exit reasons kvmtrace knows, with their numbers.
     Reasons(ReasonsArgs),
     /// Compare two records reason by reason (e.g. ept=1 against ept=0).
@@ -154,6 +156,21 @@ fn parse_leaf(text: &str) -> Result<u32, String> {
         None => t.parse(),
     };
     parsed.map_err(|_| format!("'{text}' is not a CPUID leaf: write it like 0x4FFFFFFE"))
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// A record written by `kvmtrace record --format json`.
+    pub record: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Rows per VM and vCPU instead of per reason.
+    #[arg(long)]
+    pub per_vcpu: bool,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

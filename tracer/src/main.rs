@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Record(args) => commands::record::run(args),
+        cli::Command::Show(args) => commands::show::run(&args),
         cli::Command::Reasons(args) => commands::reasons::run(&args),
         cli::Command::Diff(args) => commands::diff::run(&args),
         cli::Command::Guest(args) => commands::guest::run(&args),

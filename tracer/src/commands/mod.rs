@@ -5,6 +5,7 @@ pub mod guest;
 pub mod reasons;
 pub mod reconcile;
 pub mod record;
+pub mod show;
 pub mod top;
 
 use std::path::Path;
