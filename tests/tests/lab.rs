@@ -1,0 +1,120 @@
+//! The lab end-to-end tests: a real KVM (kvm_intel under Bochs, kvm_amd under QEMU TCG)
+//! runs a real guest, and kvmtrace's counts must equal the kernel's own hist trigger on
+//! kvm:kvm_exit exactly, reason by reason, in nested and shadow paging.
+//!
+//! Each scenario boots once (`cargo xtask lab`), the first time a test asks for it.
+
+use kvmtrace::exit_reasons::Isa;
+use kvmtrace_e2e::{
+    Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, mode_dir, record,
+};
+
+const fn boot(isa: &'static str) -> Scenario {
+    Scenario {
+        isa,
+        workload: "boot",
+        smp: 1,
+        modules: "patched",
+    }
+}
+
+const fn micro(isa: &'static str) -> Scenario {
+    Scenario {
+        isa,
+        workload: "micro",
+        smp: 1,
+        modules: "patched",
+    }
+}
+
+fn boot_matches_hist(isa: &'static str) {
+    for nested in [true, false] {
+        let dir = mode_dir(boot(isa), nested);
+        assert_l2_ended(&dir);
+        assert_matches_hist(&dir);
+    }
+}
+
+/// Nested-paging exits exist only with nested paging; #PF and CR exits explode without.
+fn paging_exits_move(isa: &'static str, nested_only: &[&str], shadow_up: &[&str]) {
+    let nested = record(&mode_dir(boot(isa), true));
+    let shadow = record(&mode_dir(boot(isa), false));
+    assert_eq!(nested.paging.as_ref().map(|p| p.nested), Some(true));
+    assert_eq!(shadow.paging.as_ref().map(|p| p.nested), Some(false));
+    for name in nested_only {
+        assert!(count_of(&nested, name) > 0, "no {name} with nested paging");
+        assert_eq!(count_of(&shadow, name), 0, "{name} with shadow paging");
+    }
+    for name in shadow_up {
+        let (n, s) = (count_of(&nested, name), count_of(&shadow, name));
+        assert!(
+            s > 1000 && s >= 10 * n.max(1),
+            "{name}: nested {n}, shadow {s}"
+        );
+    }
+    assert!(shadow.total.count > 3 * nested.total.count);
+}
+
+/// The micro VMM runs exactly 1000 CPUIDs, 100 port writes and one HLT.
+fn micro_counts_are_exact(isa: &'static str, cpuid: &str, io: &str, hlt: &str) {
+    for nested in [true, false] {
+        let dir = mode_dir(micro(isa), nested);
+        assert_matches_hist(&dir);
+        let rec = record(&dir);
+        assert_eq!(count_of(&rec, cpuid), 1000, "{}", dir.display());
+        assert_eq!(count_of(&rec, io), 100, "{}", dir.display());
+        assert_eq!(count_of(&rec, hlt), 1, "{}", dir.display());
+        assert!(
+            rec.reasons
+                .iter()
+                .all(|r| r.isa == if isa == "intel" { Isa::Vmx } else { Isa::Svm })
+        );
+    }
+}
+
+#[test]
+fn intel_boot_matches_hist_in_both_modes() {
+    boot_matches_hist("intel");
+}
+
+#[test]
+fn intel_paging_exits_move() {
+    paging_exits_move(
+        "intel",
+        &["EPT_VIOLATION", "EPT_MISCONFIG"],
+        &["EXCEPTION_NMI", "CR_ACCESS"],
+    );
+}
+
+#[test]
+fn intel_micro_counts_are_exact() {
+    micro_counts_are_exact("intel", "CPUID", "IO_INSTRUCTION", "HLT");
+}
+
+#[test]
+fn intel_two_vcpus_rows_sum_to_totals() {
+    let s = Scenario {
+        smp: 2,
+        ..boot("intel")
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        assert_matches_hist(&dir);
+        assert_vcpus_sum(&dir, 2);
+    }
+}
+
+#[test]
+fn amd_boot_matches_hist_in_both_modes() {
+    boot_matches_hist("amd");
+}
+
+#[test]
+fn amd_paging_exits_move() {
+    paging_exits_move("amd", &["NPF"], &["EXCP_PF", "WRITE_CR3"]);
+}
+
+#[test]
+fn amd_micro_counts_are_exact() {
+    micro_counts_are_exact("amd", "CPUID", "IOIO", "HLT");
+}
