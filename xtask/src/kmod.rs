@@ -83,6 +83,20 @@ pub struct Options {
     pub jobs: u32,
 }
 
+impl Default for Options {
+    /// The lab's modules: 6.1, cloud, the good series.
+    fn default() -> Self {
+        Self {
+            kernel: KernelLine::V6_1,
+            flavour: Flavour::Cloud,
+            variant: Variant::Good,
+            check: false,
+            force: false,
+            jobs: 2,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum KernelLine {
     /// Debian 12's own kernel, the lab's.

@@ -4,13 +4,16 @@ use std::{path::Path, process::Command};
 
 use clap::Args;
 
-use crate::{exec::exec, setup};
+use crate::{exec::exec, kmod, setup};
 
 #[derive(Args, Debug)]
 pub struct Options {
-    /// Skip the lab end-to-end tests (they boot emulated machines).
+    /// Skip the lab end-to-end tests (they boot emulated machines, ~10 minutes).
     #[arg(long)]
     pub no_lab: bool,
+    /// Skip building the KVM patch (checkpatch still runs).
+    #[arg(long)]
+    pub no_kmod: bool,
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
@@ -22,11 +25,29 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     };
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
     exec(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    exec(cargo().args(["clippy", "-p", "kvmtrace-e2e", "--all-targets", "--", "-D", "warnings"]))?;
     // Unit tests, and the integration tests that load the eBPF programs (as root).
     // One thread: the tests attach to the same kernel tracepoints.
     exec(cargo().args(["test", "--", "--test-threads=1"]))?;
+
+    // The KVM patch: checkpatch --strict, then the series must build for both kernels.
+    let check = kmod::Options {
+        check: true,
+        ..kmod::Options::default()
+    };
+    kmod::run(&check, root)?;
+    if !opts.no_kmod {
+        for kernel in [kmod::KernelLine::V6_12, kmod::KernelLine::V6_1] {
+            let build = kmod::Options {
+                kernel,
+                ..kmod::Options::default()
+            };
+            kmod::run(&build, root)?;
+        }
+    }
     if !opts.no_lab {
-        eprintln!("test: the lab end-to-end tests are not part of this build yet");
+        // One scenario at a time: each boots an emulator that wants a whole core.
+        exec(cargo().args(["test", "--release", "-p", "kvmtrace-e2e", "--", "--test-threads=1"]))?;
     }
     Ok(())
 }
