@@ -26,7 +26,22 @@ set -o pipefail
 say() { echo "KVMLAB $*"; }
 step() { say "step $1 $2"; }
 up() { cut -d' ' -f1 /proc/uptime; }
-finish() { say "result $*"; sync; poweroff -f; }
+# The UART sends at line speed: wait until its transmit count stops moving, or
+# power-off cuts the console short.
+drain() {
+    was=
+    now=$(grep '^0:' /proc/tty/driver/serial)
+    while [ "$was" != "$now" ]; do
+        was=$now
+        sleep 0.5
+        now=$(grep '^0:' /proc/tty/driver/serial)
+    done
+}
+finish() {
+    say "result $*"
+    drain
+    poweroff -f
+}
 section() { # KIND MODE FILE
     say "begin $1 $2"
     cat "$3"

@@ -25,7 +25,15 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     };
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
     exec(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    exec(cargo().args(["clippy", "-p", "kvmtrace-e2e", "--all-targets", "--", "-D", "warnings"]))?;
+    exec(cargo().args([
+        "clippy",
+        "-p",
+        "kvmtrace-e2e",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // Unit tests, and the integration tests that load the eBPF programs (as root).
     // One thread: the tests attach to the same kernel tracepoints.
     exec(cargo().args(["test", "--", "--test-threads=1"]))?;
@@ -47,7 +55,14 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     }
     if !opts.no_lab {
         // One scenario at a time: each boots an emulator that wants a whole core.
-        exec(cargo().args(["test", "--release", "-p", "kvmtrace-e2e", "--", "--test-threads=1"]))?;
+        exec(cargo().args([
+            "test",
+            "--release",
+            "-p",
+            "kvmtrace-e2e",
+            "--",
+            "--test-threads=1",
+        ]))?;
     }
     Ok(())
 }

@@ -32,11 +32,7 @@ impl Apt {
 
     /// Installs the packages that are not installed yet.
     pub fn install(&mut self, step: &Step, packages: &[&str]) -> anyhow::Result<()> {
-        let missing: Vec<&str> = packages
-            .iter()
-            .copied()
-            .filter(|p| !installed(p))
-            .collect();
+        let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -61,14 +57,22 @@ impl Apt {
     /// The `.deb` for `spec` (`name`, `name=version` or `name/release`) in `debs`,
     /// downloaded unless a file of the same name is already there.
     pub fn download(&mut self, step: &Step, debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(debs).with_context(|| format!("cannot create {}", debs.display()))?;
-        let uris = match print_uris(spec) {
-            Ok(u) => u,
-            Err(_) => {
+        std::fs::create_dir_all(debs)
+            .with_context(|| format!("cannot create {}", debs.display()))?;
+        // Package lists go stale when the mirror moves: refresh once and retry.
+        match self.fetch(step, debs, spec) {
+            Ok(path) => Ok(path),
+            Err(e) if !self.updated => {
+                step.note(format!("{e:#}; retrying after apt-get update"));
                 self.update(step)?;
-                print_uris(spec)?
+                self.fetch(step, debs, spec)
             }
-        };
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fetch(&mut self, step: &Step, debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
+        let uris = output(Command::new("apt-get").args(["download", "--print-uris", spec]))?;
         // 'http://…/foo_1.2_amd64.deb' foo_1.2_amd64.deb 12345 SHA256:…
         let mut fields = uris
             .lines()
@@ -98,10 +102,6 @@ impl Apt {
     }
 }
 
-fn print_uris(spec: &str) -> anyhow::Result<String> {
-    output(Command::new("apt-get").args(["download", "--print-uris", spec]))
-}
-
 fn installed(package: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
         .is_ok_and(|s| s.trim() == "install ok installed")
@@ -120,7 +120,8 @@ pub fn unpack(deb: &Path, roots: &Path) -> anyhow::Result<PathBuf> {
             std::fs::remove_dir_all(&root)
                 .with_context(|| format!("cannot remove {}", root.display()))?;
         }
-        std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create {}", root.display()))?;
         run_bounded(
             Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root),
             Duration::from_secs(300),
@@ -141,15 +142,23 @@ pub fn kernel_abi(meta: &str) -> anyhow::Result<String> {
         .with_context(|| format!("apt-cache depends {meta} names no linux-image-<abi>"))
 }
 
-/// The candidate version apt would install for `package`.
-pub fn candidate_version(package: &str) -> anyhow::Result<String> {
-    let policy = output(Command::new("apt-cache").args(["policy", package]))?;
-    policy
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate: "))
-        .filter(|v| *v != "(none)")
-        .map(str::to_owned)
-        .with_context(|| format!("apt has no candidate for {package}"))
+/// The version of the source package a `.deb` was built from: the version of its
+/// `Architecture: all` siblings, which binary-only rebuilds (`+bN`) do not touch.
+pub fn deb_source_version(deb: &Path) -> anyhow::Result<String> {
+    let source = output(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Source"))?;
+    match source.split_once('(').and_then(|(_, v)| v.split_once(')')) {
+        Some((v, _)) => Ok(v.trim().to_owned()),
+        None => deb_version(deb),
+    }
+}
+
+/// The version recorded in a `.deb`.
+pub fn deb_version(deb: &Path) -> anyhow::Result<String> {
+    Ok(
+        output(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version"))?
+            .trim()
+            .to_owned(),
+    )
 }
 
 /// The names of the `lib*` packages a `.deb` depends on (first of each alternative):
@@ -176,7 +185,10 @@ pub fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
         }
         let path = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
             libs.push(PathBuf::from(p));

@@ -1,5 +1,5 @@
-//! A minimal `newc` cpio writer: enough for an initramfs (directories, files, symlinks,
-//! a console device node), built in memory so no root-owned staging tree is needed.
+//! A minimal `newc` cpio writer: enough for an initramfs (directories, files, a console
+//! device node), built in memory so no root-owned staging tree is needed.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +12,6 @@ use anyhow::{Context as _, bail};
 enum Entry {
     Dir,
     File { source: Source, mode: u32 },
-    Symlink(String),
     CharDev { major: u32, minor: u32 },
 }
 
@@ -78,10 +77,6 @@ impl Archive {
         )
     }
 
-    pub fn symlink(&mut self, path: &str, target: &str) -> anyhow::Result<()> {
-        self.insert(path, Entry::Symlink(target.to_owned()))
-    }
-
     pub fn char_dev(&mut self, path: &str, major: u32, minor: u32) -> anyhow::Result<()> {
         self.insert(path, Entry::CharDev { major, minor })
     }
@@ -110,11 +105,6 @@ impl Archive {
                     };
                     header(&mut w, ino, 0o100_000 | mode, name, data.len(), (0, 0))?;
                     w.write_all(&data)?;
-                    pad(&mut w)?;
-                }
-                Entry::Symlink(target) => {
-                    header(&mut w, ino, 0o120_777, name, target.len(), (0, 0))?;
-                    w.write_all(target.as_bytes())?;
                     pad(&mut w)?;
                 }
                 Entry::CharDev { major, minor } => {

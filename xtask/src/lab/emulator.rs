@@ -49,7 +49,8 @@ pub fn run(
 ) -> anyhow::Result<Run> {
     let _ = std::fs::remove_file(serial);
     std::fs::write(serial, b"").with_context(|| format!("cannot create {}", serial.display()))?;
-    let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out
         .try_clone()
         .with_context(|| format!("cannot reopen {}", log.display()))?;
@@ -99,8 +100,8 @@ impl Watch {
 
     fn follow(&mut self, cmd: &mut Command, serial: &Path, step: &Step) -> anyhow::Result<()> {
         let mut child = ChildGuard::spawn(cmd)?;
-        let mut file =
-            std::fs::File::open(serial).with_context(|| format!("cannot open {}", serial.display()))?;
+        let mut file = std::fs::File::open(serial)
+            .with_context(|| format!("cannot open {}", serial.display()))?;
         let mut offset = 0u64;
         let mut result_at: Option<Instant> = None;
         loop {
@@ -135,7 +136,12 @@ impl Watch {
         }
     }
 
-    fn read_new(&mut self, file: &mut std::fs::File, offset: u64, serial: &Path) -> anyhow::Result<u64> {
+    fn read_new(
+        &mut self,
+        file: &mut std::fs::File,
+        offset: u64,
+        serial: &Path,
+    ) -> anyhow::Result<u64> {
         file.seek(SeekFrom::Start(offset))
             .with_context(|| format!("cannot read {}", serial.display()))?;
         let mut buf = Vec::new();
@@ -184,11 +190,7 @@ impl Watch {
             let (prev, _) = self.steps.last().cloned().unwrap_or_default();
             let took = self.steps.last().map_or(0.0, |s| s.1);
             step.note(format!("{prev}: {took:.1} s"));
-            self.current = (
-                name,
-                at,
-                Duration::from_secs(budget).mul_f64(self.scale),
-            );
+            self.current = (name, at, Duration::from_secs(budget).mul_f64(self.scale));
         } else if let Some(result) = text.strip_prefix("KVMLAB result ") {
             self.result = Some(result.to_owned());
         }

@@ -70,7 +70,11 @@ pub fn l2_initrd(busybox: &Path, init: &Path, out: &Path) -> anyhow::Result<u64>
     }
     a.char_dev("dev/console", 5, 1)?;
     a.file("bin/busybox", busybox)?;
-    a.bytes("init", std::fs::read(init).with_context(|| format!("cannot read {}", init.display()))?, 0o755)?;
+    a.bytes(
+        "init",
+        std::fs::read(init).with_context(|| format!("cannot read {}", init.display()))?,
+        0o755,
+    )?;
     a.write_to(out)
 }
 
@@ -82,7 +86,8 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     }
     a.char_dev("dev/console", 5, 1)?;
     a.file("bin/busybox", &l1.busybox)?;
-    let init = std::fs::read(&l1.init).with_context(|| format!("cannot read {}", l1.init.display()))?;
+    let init =
+        std::fs::read(&l1.init).with_context(|| format!("cannot read {}", l1.init.display()))?;
     a.bytes("init", init, 0o755)?;
 
     let names: Vec<String> = l1
@@ -199,7 +204,8 @@ pub fn boot_disk(dir: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<(Pa
         bail!("the boot disk would need {cylinders} cylinders (max 1024)");
     }
     let _ = std::fs::remove_file(&disk);
-    let f = std::fs::File::create(&disk).with_context(|| format!("cannot create {}", disk.display()))?;
+    let f = std::fs::File::create(&disk)
+        .with_context(|| format!("cannot create {}", disk.display()))?;
     f.set_len(cylinders * CYLINDER)
         .with_context(|| format!("cannot size {}", disk.display()))?;
     drop(f);
@@ -220,7 +226,11 @@ pub fn boot_disk(dir: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<(Pa
         ),
     )
     .with_context(|| format!("cannot write {}", cfg.display()))?;
-    for (src, name) in [(cfg.as_path(), "syslinux.cfg"), (kernel, "vmlinuz"), (initrd, "initrd")] {
+    for (src, name) in [
+        (cfg.as_path(), "syslinux.cfg"),
+        (kernel, "vmlinuz"),
+        (initrd, "initrd"),
+    ] {
         run_bounded(
             Command::new("mcopy")
                 .arg("-i")

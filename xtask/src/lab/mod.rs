@@ -140,9 +140,9 @@ impl Isa {
                 "arch/x86/kvm/kvm.ko",
                 "arch/x86/kvm/kvm-intel.ko",
             ],
+            // The cloud kernel has no ccp (SEV) driver, so kvm-amd does not need it.
             Isa::Amd => &[
                 "virt/lib/irqbypass.ko",
-                "drivers/crypto/ccp/ccp.ko",
                 "arch/x86/kvm/kvm.ko",
                 "arch/x86/kvm/kvm-amd.ko",
             ],
@@ -178,6 +178,8 @@ struct Inputs {
     qemu_root: PathBuf,
     firmware: Vec<PathBuf>,
     qemu_data_dirs: Vec<PathBuf>,
+    /// QEMU's loadable modules (TCG lives there), for the AMD lab's L1 emulator.
+    qemu_module_dir: Option<PathBuf>,
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
@@ -192,7 +194,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let cache = lab.join("cache");
     let out = lab.join(opts.isa.name());
     let build = out.join("build");
-    std::fs::create_dir_all(&build).with_context(|| format!("cannot create {}", build.display()))?;
+    std::fs::create_dir_all(&build)
+        .with_context(|| format!("cannot create {}", build.display()))?;
     let mut apt = Apt::default();
 
     let inputs = prepare_inputs(opts, &cache, &mut apt)?;
@@ -258,7 +261,12 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         Isa::Intel => "bochs",
         Isa::Amd => "qemu-tcg",
     });
-    s.note(format!("L1 {} with {} modes {:?}", inputs.abi, opts.isa.paging(), opts.modes));
+    s.note(format!(
+        "L1 {} with {} modes {:?}",
+        inputs.abi,
+        opts.isa.paging(),
+        opts.modes
+    ));
     let serial_log = out.join("serial.log");
     let run = emulator::run(
         &mut cmd,
@@ -317,22 +325,31 @@ fn prepare_inputs(opts: &Options, cache: &Path, apt: &mut Apt) -> anyhow::Result
     let bbroot = assets::unpack(&apt.download(&s, &debs, "busybox-static")?, &roots)?;
     let busybox = bbroot.join("bin/busybox");
 
-    let qemu_version = assets::candidate_version(&format!("qemu-system-x86/{QEMU_RELEASE}"))
-        .or_else(|_| assets::candidate_version("qemu-system-x86"))?;
+    let qemu_deb = apt.download(&s, &debs, &format!("qemu-system-x86/{QEMU_RELEASE}"))?;
+    let qemu_version = assets::deb_version(&qemu_deb)?;
     if !qemu_version.starts_with(QEMU_VERSION_PREFIX) {
         bail!("apt offers qemu-system-x86 {qemu_version}, the lab needs {QEMU_VERSION_PREFIX}");
     }
-    let qemu_deb = apt.download(&s, &debs, &format!("qemu-system-x86={qemu_version}"))?;
     let qemu_root = assets::unpack(&qemu_deb, &roots)?;
-    let data_root = assets::unpack(&apt.download(&s, &debs, &format!("qemu-system-data/{QEMU_RELEASE}"))?, &roots)?;
+    // The firmware and common packages must come from the same QEMU source.
+    let source_version = assets::deb_source_version(&qemu_deb)?;
+    let data_deb = apt.download(&s, &debs, &format!("qemu-system-data={source_version}"))?;
+    let data_root = assets::unpack(&data_deb, &roots)?;
     let seabios_root = assets::unpack(&apt.download(&s, &debs, "seabios")?, &roots)?;
-    let mut data_dirs = vec![data_root.join("usr/share/qemu"), seabios_root.join("usr/share/seabios")];
-    if opts.isa == Isa::Amd {
-        let common = apt.download(&s, &debs, &format!("qemu-system-common/{QEMU_RELEASE}"))?;
-        data_dirs.push(assets::unpack(&common, &roots)?.join("usr/share/qemu"));
-    }
+    let mut data_dirs = vec![
+        data_root.join("usr/share/qemu"),
+        seabios_root.join("usr/share/seabios"),
+    ];
     // The libraries QEMU 7.2 links against, installed on the host so ldd finds them.
-    let libs = assets::library_depends(&qemu_deb)?;
+    let mut libs = assets::library_depends(&qemu_deb)?;
+    let mut qemu_module_dir = None;
+    if opts.isa == Isa::Amd {
+        let common = apt.download(&s, &debs, &format!("qemu-system-common={qemu_version}"))?;
+        let common_root = assets::unpack(&common, &roots)?;
+        data_dirs.push(common_root.join("usr/share/qemu"));
+        qemu_module_dir = Some(common_root.join("usr/lib/x86_64-linux-gnu/qemu"));
+        libs.extend(assets::library_depends(&common)?);
+    }
     let libs: Vec<&str> = libs.iter().map(String::as_str).collect();
     apt.install(&s, &libs)?;
     let microvm = qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
@@ -343,12 +360,7 @@ fn prepare_inputs(opts: &Options, cache: &Path, apt: &mut Apt) -> anyhow::Result
     }
     let firmware = QEMU_FIRMWARE
         .iter()
-        .filter_map(|name| {
-            data_dirs
-                .iter()
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
+        .filter_map(|name| data_dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()))
         .collect();
     s.done(format!("kernel {abi}, {version}"));
     Ok(Inputs {
@@ -359,6 +371,7 @@ fn prepare_inputs(opts: &Options, cache: &Path, apt: &mut Apt) -> anyhow::Result
         qemu_root,
         firmware,
         qemu_data_dirs: data_dirs,
+        qemu_module_dir,
     })
 }
 
@@ -372,7 +385,7 @@ fn use_patched_modules(modules: &mut [PathBuf], dir: &Path) -> anyhow::Result<()
     for m in modules.iter_mut() {
         let Some(name) = m.file_name() else { continue };
         let patched = dir.join(name);
-        if name == "irqbypass.ko" || name == "ccp.ko" || !patched.is_file() {
+        if name == "irqbypass.ko" || !patched.is_file() {
             continue;
         }
         let (want, have) = (vermagic(m)?, vermagic(&patched)?);
@@ -411,14 +424,21 @@ fn build_kvmtrace(opts: &Options, root: &Path) -> anyhow::Result<Option<(PathBuf
             Ok(Some(b))
         }
         Err(e) if opts.kvmtrace == Kvmtrace::Auto => {
-            s.done(format!("not available, the lab runs with the hist only: {e:#}"));
+            s.done(format!(
+                "not available, the lab runs with the hist only: {e:#}"
+            ));
             Ok(None)
         }
         Err(e) => Err(e.context("kvmtrace does not build")),
     }
 }
 
-fn bochs_command(root: &Path, build: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<Command> {
+fn bochs_command(
+    root: &Path,
+    build: &Path,
+    kernel: &Path,
+    initrd: &Path,
+) -> anyhow::Result<Command> {
     let (disk, cylinders) = image::boot_disk(build, kernel, initrd)?;
     let template = root.join("lab/bochsrc.in");
     let template = std::fs::read_to_string(&template)
@@ -448,26 +468,34 @@ fn bochs_command(root: &Path, build: &Path, kernel: &Path, initrd: &Path) -> any
 fn qemu_command(build: &Path, inputs: &Inputs, initrd: &Path) -> anyhow::Result<Command> {
     let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64");
     let mut cmd = Command::new(qemu);
-    cmd.env(
-        "QEMU_MODULE_DIR",
-        inputs.qemu_root.join("usr/lib/x86_64-linux-gnu/qemu"),
-    );
+    if let Some(dir) = &inputs.qemu_module_dir {
+        cmd.env("QEMU_MODULE_DIR", dir);
+    }
     for d in &inputs.qemu_data_dirs {
         cmd.arg("-L").arg(d);
     }
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-no-reboot", "-nodefaults"])
-        .args(["-display", "none", "-monitor", "none", "-net", "none"])
-        .arg("-m")
-        .arg(format!("{L1_MEMORY_MB}M"))
-        .arg("-serial")
-        .arg(format!("file:{}", build.join("serial.out").display()))
-        .arg("-kernel")
-        .arg(&inputs.kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(image::L1_APPEND)
-        .current_dir(build);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "1",
+        "-no-reboot",
+        "-nodefaults",
+    ])
+    .args(["-display", "none", "-monitor", "none", "-net", "none"])
+    .arg("-m")
+    .arg(format!("{L1_MEMORY_MB}M"))
+    .arg("-serial")
+    .arg(format!("file:{}", build.join("serial.out").display()))
+    .arg("-kernel")
+    .arg(&inputs.kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-append")
+    .arg(image::L1_APPEND)
+    .current_dir(build);
     Ok(cmd)
 }
 
@@ -484,7 +512,8 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             Workload::Boot => {}
         }
         let dir = out.join(&dir_name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let lines = report::mode_lines(&run.lines, &tag);
         let console: String = lines
             .iter()
@@ -514,7 +543,9 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
         }
         let rows = report::compare(&hist.by_reason, record.as_ref().map(|r| &r.by_reason));
         let run_time = run_seconds(lines, &tag);
-        let reached_end = lines.iter().any(|l| l.text.starts_with(&format!("L2| {}", image::END_MARKER)));
+        let reached_end = lines
+            .iter()
+            .any(|l| l.text.starts_with(&format!("L2| {}", image::END_MARKER)));
 
         println!(
             "\n== {} {tag} ({}{}): L2 {} in {run_time:.1} s, {} exits",
@@ -523,40 +554,73 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
                 Workload::Boot => "boot",
                 Workload::Micro => "micro",
             },
-            if opts.smp > 1 { format!(", {} vCPUs", opts.smp) } else { String::new() },
-            if reached_end { "reached its end" } else { "did NOT reach its end" },
+            if opts.smp > 1 {
+                format!(", {} vCPUs", opts.smp)
+            } else {
+                String::new()
+            },
+            if reached_end {
+                "reached its end"
+            } else {
+                "did NOT reach its end"
+            },
             hist.by_reason.values().sum::<u64>()
         );
         print!("{}", report::table(&rows));
         match (&record, &l1.kvmtrace) {
             (Some(rec), _) => {
-                let diffs: Vec<&report::Row> = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
+                let diffs: Vec<&report::Row> =
+                    rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
                 if diffs.is_empty() {
                     println!("  kvmtrace == hist for all {} reasons", rows.len());
                 } else {
-                    problems.push(format!("{tag}: kvmtrace differs from the hist in {} reasons", diffs.len()));
+                    problems.push(format!(
+                        "{tag}: kvmtrace differs from the hist in {} reasons",
+                        diffs.len()
+                    ));
                 }
-                println!("  kvmtrace paging: {}, dropped: {}", rec.paging, rec.dropped);
+                println!(
+                    "  kvmtrace paging: {}, dropped: {}",
+                    rec.paging, rec.dropped
+                );
             }
             (None, Some(_)) => {
-                let why = kvmtrace_err.lines().last().unwrap_or("no output").to_owned();
+                let why = kvmtrace_err
+                    .lines()
+                    .last()
+                    .unwrap_or("no output")
+                    .to_owned();
                 println!("  kvmtrace produced no record: {why}");
                 problems.push(format!("{tag}: kvmtrace produced no record ({why})"));
             }
             (None, None) => println!("  (kvmtrace not run: hist only)"),
         }
-        let vcpu_rows = per_vcpu(opts, &hist, record.as_ref());
+        let vcpu_rows = per_vcpu(&hist, record.as_ref());
+        if let Some(rec) = &record {
+            let vcpu_problems = per_vcpu_problems(&tag, &hist, rec);
+            if vcpu_problems.is_empty() {
+                println!(
+                    "  per (vCPU, reason): kvmtrace == hist, and its vCPU rows sum to its totals"
+                );
+            }
+            problems.extend(vcpu_problems);
+        }
         if opts.smp > 1 {
             println!("  per vCPU (hist / kvmtrace):");
             for (vcpu, h, k) in &vcpu_rows {
-                println!("    vcpu {vcpu}: {h} / {}", k.map_or("-".into(), |k| k.to_string()));
+                println!(
+                    "    vcpu {vcpu}: {h} / {}",
+                    k.map_or("-".into(), |k| k.to_string())
+                );
             }
         }
         if let L2Workload::Micro { cpuids, outs, .. } = &l1.workload {
             let expect = micro_expectations(opts.isa, *cpuids, *outs);
             for (reason, want) in expect {
                 let have = hist.by_reason.get(&reason).copied().unwrap_or(0);
-                let rec_have = record.as_ref().map(|r| r.by_reason.get(&reason).copied().unwrap_or(0));
+                let rec_have = record
+                    .as_ref()
+                    .map(|r| r.by_reason.get(&reason).copied().unwrap_or(0));
                 let ok = have == want && rec_have.is_none_or(|k| k == want);
                 println!(
                     "  micro {}: expected {want}, hist {have}{} {}",
@@ -579,12 +643,17 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             "smp": opts.smp,
             "l2_reached_end": reached_end,
             "l2_seconds": run_time,
+            "l1_steps": run.steps.iter().map(|(n, t)| json!({"step": n, "seconds": t})).collect::<Vec<_>>(),
             "hist_total": hist.by_reason.values().sum::<u64>(),
             "kvmtrace_total": record.as_ref().and_then(|r| r.total),
             "reasons": rows,
             "vcpus": vcpu_rows.iter().map(|(v, h, k)| json!({"vcpu_id": v, "hist": h, "kvmtrace": k})).collect::<Vec<_>>(),
         });
-        report::write(&dir, "summary.json", &serde_json::to_string_pretty(&summary)?)?;
+        report::write(
+            &dir,
+            "summary.json",
+            &serde_json::to_string_pretty(&summary)?,
+        )?;
         println!("  -> {}", dir.display());
     }
     if problems.is_empty() {
@@ -596,8 +665,12 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
 
 /// Host seconds between `run MODE start` and `run MODE end` on the console.
 fn run_seconds(lines: &[emulator::Line], tag: &str) -> f64 {
-    let start = lines.iter().find(|l| l.text.starts_with(&format!("KVMLAB run {tag} start")));
-    let end = lines.iter().find(|l| l.text.starts_with(&format!("KVMLAB run {tag} end")));
+    let start = lines
+        .iter()
+        .find(|l| l.text.starts_with(&format!("KVMLAB run {tag} start")));
+    let end = lines
+        .iter()
+        .find(|l| l.text.starts_with(&format!("KVMLAB run {tag} end")));
     match (start, end) {
         (Some(s), Some(e)) => e.at - s.at,
         _ => f64::NAN,
@@ -605,23 +678,46 @@ fn run_seconds(lines: &[emulator::Line], tag: &str) -> f64 {
 }
 
 /// Per-vCPU exit totals: (vcpu_id, hist, kvmtrace).
-fn per_vcpu(
-    opts: &Options,
-    hist: &report::Hist,
-    record: Option<&report::Record>,
-) -> Vec<(u32, u64, Option<u64>)> {
+fn per_vcpu(hist: &report::Hist, record: Option<&report::Record>) -> Vec<(u32, u64, Option<u64>)> {
     let mut out: std::collections::BTreeMap<u32, (u64, Option<u64>)> = Default::default();
     for (&(vcpu, _), &n) in &hist.by_vcpu {
         out.entry(vcpu).or_default().0 += n;
     }
     if let Some(rec) = record {
-        for (&(vcpu, reason), &n) in &rec.by_vcpu {
-            if reason.isa == opts.isa.trace_isa() {
-                *out.entry(vcpu).or_default().1.get_or_insert(0) += n;
-            }
+        for (&(vcpu, _), &n) in &rec.by_vcpu {
+            *out.entry(vcpu).or_default().1.get_or_insert(0) += n;
         }
     }
     out.into_iter().map(|(v, (h, k))| (v, h, k)).collect()
+}
+
+/// Per-vCPU problems: (vcpu, reason) counts that differ between the hist and kvmtrace,
+/// and kvmtrace vCPU rows that do not sum to its per-reason totals.
+fn per_vcpu_problems(tag: &str, hist: &report::Hist, rec: &report::Record) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut rec_raw: std::collections::BTreeMap<(u32, u64), u64> = Default::default();
+    let mut sums = report::Counts::new();
+    for (&(vcpu, reason), &n) in &rec.by_vcpu {
+        *rec_raw.entry((vcpu, reason.raw())).or_default() += n;
+        *sums.entry(reason).or_default() += n;
+    }
+    if rec_raw != hist.by_vcpu {
+        let keys: std::collections::BTreeSet<_> =
+            rec_raw.keys().chain(hist.by_vcpu.keys()).collect();
+        let bad = keys
+            .into_iter()
+            .filter(|k| rec_raw.get(k) != hist.by_vcpu.get(k))
+            .count();
+        problems.push(format!(
+            "{tag}: {bad} (vCPU, reason) counts differ between kvmtrace and the hist"
+        ));
+    }
+    if sums != rec.by_reason {
+        problems.push(format!(
+            "{tag}: kvmtrace's vCPU rows do not sum to its per-reason totals"
+        ));
+    }
+    problems
 }
 
 /// The micro VMM's exits that are fixed in advance.

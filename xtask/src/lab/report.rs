@@ -39,13 +39,23 @@ impl Reason {
         }
     }
 
+    /// The tracepoint's raw exit_reason (VMX: failed entry in bit 31).
+    pub fn raw(&self) -> u64 {
+        u64::from(self.reason) | if self.failed_entry { 1 << 31 } else { 0 }
+    }
+
     pub fn name(&self) -> String {
         let name = match self.isa {
-            ISA_VMX => vmx_name(self.reason),
-            ISA_SVM => svm_name(self.reason),
+            ISA_VMX => vmx_name(self.reason).map(str::to_owned),
+            ISA_SVM => svm_name(self.reason).map(|n| match self.reason {
+                // CR/DR accesses and exceptions: one code per register / vector.
+                0x000..=0x03f => format!("{n}{}", self.reason & 0xf),
+                0x040..=0x05f => format!("{n}_{}", exception_name(self.reason - 0x40)),
+                _ => n.to_owned(),
+            }),
             _ => None,
         };
-        let name = name.map_or_else(|| format!("{:#x}", self.reason), str::to_owned);
+        let name = name.unwrap_or_else(|| format!("{:#x}", self.reason));
         if self.failed_entry {
             format!("{name} (failed entry)")
         } else {
@@ -97,7 +107,10 @@ pub fn parse_hist(text: &str) -> anyhow::Result<Hist> {
             .with_context(|| format!("hist line without exit_reason: {line}"))?;
         if let Some(&isa) = fields.get("isa") {
             let isa = u32::try_from(isa).context("bad isa")?;
-            *hist.by_reason.entry(Reason::from_raw(isa, raw)).or_default() += count;
+            *hist
+                .by_reason
+                .entry(Reason::from_raw(isa, raw))
+                .or_default() += count;
         } else if let Some(&vcpu) = fields.get("vcpu_id") {
             let vcpu = u32::try_from(vcpu).context("bad vcpu_id")?;
             *hist.by_vcpu.entry((vcpu, raw)).or_default() += count;
@@ -134,7 +147,10 @@ pub fn parse_record(text: &str) -> anyhow::Result<Record> {
             .and_then(Value::as_u64)
             .and_then(|n| u32::try_from(n).ok())
             .with_context(|| format!("no reason in {r}"))?;
-        let failed_entry = r.get("failed_entry").and_then(Value::as_bool).unwrap_or(false);
+        let failed_entry = r
+            .get("failed_entry")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let count = r
             .get("count")
             .and_then(Value::as_u64)
@@ -149,11 +165,21 @@ pub fn parse_record(text: &str) -> anyhow::Result<Record> {
         ))
     };
     let mut rec = Record::default();
-    for r in v.get("reasons").and_then(Value::as_array).into_iter().flatten() {
+    for r in v
+        .get("reasons")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let (key, count) = reason(r)?;
         *rec.by_reason.entry(key).or_default() += count;
     }
-    for r in v.get("vcpus").and_then(Value::as_array).into_iter().flatten() {
+    for r in v
+        .get("vcpus")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let (key, count) = reason(r)?;
         let vcpu = r
             .get("vcpu_id")
@@ -232,7 +258,7 @@ pub fn table(rows: &[Row]) -> String {
     let has_rec = rows.iter().any(|r| r.kvmtrace.is_some());
     let _ = write!(out, "  {:>6}  {:<28} {:>9}", "reason", "name", "hist");
     if has_rec {
-        let _ = write!(out, " {:>9}  {}", "kvmtrace", "diff");
+        let _ = write!(out, " {:>9}  diff", "kvmtrace");
     }
     out.push('\n');
     let (mut th, mut tk) = (0u64, 0u64);
@@ -248,14 +274,22 @@ pub fn table(rows: &[Row]) -> String {
         if let Some(k) = r.kvmtrace {
             tk += k;
             let diff = i128::from(k) - i128::from(r.hist);
-            let mark = if diff == 0 { "=".to_owned() } else { format!("{diff:+}") };
+            let mark = if diff == 0 {
+                "=".to_owned()
+            } else {
+                format!("{diff:+}")
+            };
             let _ = write!(out, " {k:>9}  {mark}");
         }
         out.push('\n');
     }
     let _ = write!(out, "  {:>6}  {:<28} {:>9}", "", "total", th);
     if has_rec {
-        let mark = if th == tk { "=".to_owned() } else { format!("{:+}", i128::from(tk) - i128::from(th)) };
+        let mark = if th == tk {
+            "=".to_owned()
+        } else {
+            format!("{:+}", i128::from(tk) - i128::from(th))
+        };
         let _ = write!(out, " {tk:>9}  {mark}");
     }
     out.push('\n');
@@ -336,6 +370,16 @@ fn vmx_name(r: u32) -> Option<&'static str> {
     })
 }
 
+fn exception_name(vector: u32) -> String {
+    const NAMES: [&str; 20] = [
+        "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF",
+        "15", "MF", "AC", "MC", "XM",
+    ];
+    NAMES
+        .get(vector as usize)
+        .map_or_else(|| vector.to_string(), |n| (*n).to_owned())
+}
+
 fn svm_name(r: u32) -> Option<&'static str> {
     Some(match r {
         0x000..=0x00f => "READ_CR",
@@ -413,13 +457,29 @@ mod tests {
             { vcpu_id:          1, exit_reason:         12 } hitcount:          3\n\
             \nTotals:\n    Hits: 656\n    Entries: 3\n    Dropped: 0\n";
         let h = parse_hist(text)?;
-        let cpuid = Reason { isa: ISA_VMX, reason: 10, failed_entry: false };
-        let failed = Reason { isa: ISA_VMX, reason: 33, failed_entry: true };
+        let cpuid = Reason {
+            isa: ISA_VMX,
+            reason: 10,
+            failed_entry: false,
+        };
+        let failed = Reason {
+            isa: ISA_VMX,
+            reason: 33,
+            failed_entry: true,
+        };
         assert_eq!(h.by_reason.get(&cpuid), Some(&651));
         assert_eq!(h.by_reason.get(&failed), Some(&2));
         assert_eq!(h.by_vcpu.get(&(1, 12)), Some(&3));
         assert_eq!(h.dropped, 0);
         assert_eq!(failed.name(), "INVALID_STATE (failed entry)");
+        let svm = |reason| Reason {
+            isa: ISA_SVM,
+            reason,
+            failed_entry: false,
+        };
+        assert_eq!(svm(0x13).name(), "WRITE_CR3");
+        assert_eq!(svm(0x4e).name(), "EXCP_PF");
+        assert_eq!(svm(0x400).name(), "NPF");
         Ok(())
     }
 }

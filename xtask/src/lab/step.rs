@@ -22,7 +22,9 @@ impl Step {
     pub fn start(name: impl Into<String>) -> Self {
         let name = name.into();
         let bar = ProgressBar::new_spinner();
-        if let Ok(style) = ProgressStyle::with_template("{spinner} {prefix}: {wide_msg} [{elapsed}]") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {prefix}: {wide_msg} [{elapsed}]")
+        {
             bar.set_style(style);
         }
         bar.set_prefix(name.clone());
@@ -48,12 +50,9 @@ impl Step {
         if self.bar.is_hidden() {
             eprintln!("  {}: {}", self.name, line.as_ref());
         } else {
-            self.bar.println(format!("  {}: {}", self.name, line.as_ref()));
+            self.bar
+                .println(format!("  {}: {}", self.name, line.as_ref()));
         }
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// Ends the step with a one-line result and returns how long it took.
@@ -99,10 +98,6 @@ impl ChildGuard {
 
     pub fn what(&self) -> &str {
         &self.what
-    }
-
-    pub fn id(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
     }
 
     /// The exit status if the child has ended.
