@@ -1,6 +1,14 @@
 #!/bin/busybox sh
 # L2 /init of `cargo xtask lab`'s boot workload: the test VM's whole user space.
+# With kvmtrace in the initrd, the guest reads the patched KVM's exit counters through
+# CPUID and prints them as JSON between markers; L1's `kvmtrace record --snapshots`
+# sees every one of those reads with the host's own count at that instant.
 B=/bin/busybox
 $B mount -t proc proc /proc
+if [ -x /bin/kvmtrace ]; then
+    echo "KVMLAB-GUEST begin"
+    /bin/kvmtrace guest --format json
+    echo "KVMLAB-GUEST end rc=$?"
+fi
 echo "KVMLAB-L2 end uptime=$($B cut -d' ' -f1 /proc/uptime) cpus=$($B grep -c ^processor /proc/cpuinfo)"
 $B poweroff -f

@@ -4,9 +4,13 @@
 //!
 //! Each scenario boots once (`cargo xtask lab`), the first time a test asks for it.
 
-use kvmtrace::exit_reasons::Isa;
+use kvmtrace::{
+    exit_reasons::Isa,
+    reconcile::{Verdict, reconcile},
+};
 use kvmtrace_e2e::{
-    Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, mode_dir, record,
+    Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, mode_dir, read,
+    record,
 };
 
 const fn boot(isa: &'static str) -> Scenario {
@@ -117,4 +121,118 @@ fn amd_paging_exits_move() {
 #[test]
 fn amd_micro_counts_are_exact() {
     micro_counts_are_exact("amd", "CPUID", "IOIO", "HLT");
+}
+
+fn guest_json(dir: &std::path::Path) -> serde_json::Value {
+    let text = read(&dir.join("guest.json"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", dir.display()))
+}
+
+/// The guest's reads of the patched KVM's leaves equal the host's count at that instant,
+/// for every reason and the total, in both paging modes.
+fn patched_counters_reconcile(isa: &'static str) {
+    for nested in [true, false] {
+        let dir = mode_dir(boot(isa), nested);
+        let guest = guest_json(&dir);
+        assert_eq!(
+            guest["patched"],
+            true,
+            "{}: {}",
+            dir.display(),
+            guest["detection"]
+        );
+        let rec = record(&dir);
+        let r = reconcile(&rec);
+        assert!(r.reads > 60, "{}: only {} reads", dir.display(), r.reads);
+        let bad: Vec<_> = r.rows.iter().filter(|x| !x.verdict.is_ok()).collect();
+        assert!(bad.is_empty(), "{}: {bad:#?}", dir.display());
+        // The guest printed what the host saw it read.
+        for g in guest["reasons"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let reason = g["reason"].as_u64().and_then(|n| u32::try_from(n).ok());
+            let host_row = r.rows.iter().find(|x| x.reason == reason);
+            assert_eq!(
+                host_row.map(|x| x.guest),
+                g["count"].as_u64(),
+                "{}: reason {reason:?}",
+                dir.display()
+            );
+        }
+        // Undefined reasons are answered as such (VMX 35 is reserved).
+        if isa == "intel" {
+            assert!(
+                r.rows
+                    .iter()
+                    .all(|x| x.reason != Some(35) || x.verdict == Verdict::Undefined)
+            );
+        }
+    }
+}
+
+#[test]
+fn intel_patched_counters_reconcile_exactly() {
+    patched_counters_reconcile("intel");
+}
+
+#[test]
+fn amd_patched_counters_reconcile_exactly() {
+    patched_counters_reconcile("amd");
+}
+
+#[test]
+fn amd_stock_kvm_is_told_apart() {
+    let s = Scenario {
+        modules: "stock",
+        ..boot("amd")
+    };
+    let guest = guest_json(&mode_dir(s, true));
+    assert_eq!(guest["patched"], false, "{guest}");
+    assert!(
+        guest["detection"]
+            .as_str()
+            .is_some_and(|d| d.contains("not patched"))
+    );
+    assert_matches_hist(&mode_dir(s, true));
+}
+
+#[test]
+fn intel_slowpath_only_build_is_blamed_on_fastpath_exits() {
+    let s = Scenario {
+        modules: "slowpath-only",
+        ..boot("intel")
+    };
+    let dir = mode_dir(s, true);
+    let r = reconcile(&record(&dir));
+    let fast: Vec<_> = r
+        .rows
+        .iter()
+        .filter(|x| x.verdict == Verdict::FastpathNotCounted)
+        .map(|x| x.name.as_str())
+        .collect();
+    assert!(
+        fast.contains(&"PREEMPTION_TIMER") || fast.contains(&"MSR_WRITE"),
+        "{}: {:#?}",
+        dir.display(),
+        r.rows
+    );
+}
+
+#[test]
+fn amd_survives_reload_build_is_blamed_on_carried_over_counts() {
+    let s = Scenario {
+        modules: "survives-reload",
+        ..boot("amd")
+    };
+    // npt=0 runs after kvm_amd was reloaded: its counters start from npt=1's.
+    let dir = mode_dir(s, false);
+    let r = reconcile(&record(&dir));
+    assert!(
+        r.rows.iter().any(|x| x.verdict == Verdict::CarriedOver),
+        "{}: {:#?}",
+        dir.display(),
+        r.rows
+    );
 }

@@ -63,13 +63,22 @@ pub struct L1 {
 }
 
 /// Builds the L2 initrd: busybox and its /init.
-pub fn l2_initrd(busybox: &Path, init: &Path, out: &Path) -> anyhow::Result<u64> {
+pub fn l2_initrd(
+    busybox: &Path,
+    init: &Path,
+    kvmtrace: Option<&Path>,
+    out: &Path,
+) -> anyhow::Result<u64> {
     let mut a = Archive::default();
     for d in ["proc", "sys", "dev", "tmp"] {
         a.dir(d)?;
     }
     a.char_dev("dev/console", 5, 1)?;
     a.file("bin/busybox", busybox)?;
+    if let Some(k) = kvmtrace {
+        // Static: `kvmtrace guest` reads the counter leaves from inside L2.
+        a.file("bin/kvmtrace", k)?;
+    }
     a.bytes(
         "init",
         std::fs::read(init).with_context(|| format!("cannot read {}", init.display()))?,

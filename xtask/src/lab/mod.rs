@@ -47,6 +47,29 @@ pub enum Workload {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Modules {
+    /// Debian's kvm modules, unpatched.
+    Stock,
+    /// kvm with the CPUID exit-counter leaves (kernel/).
+    Patched,
+    /// TEST ONLY: counts in the slow exit handler only.
+    SlowpathOnly,
+    /// TEST ONLY: counters that survive module reloads.
+    SurvivesReload,
+}
+
+impl Modules {
+    fn variant(self) -> Option<crate::kmod::Variant> {
+        match self {
+            Self::Stock => None,
+            Self::Patched => Some(crate::kmod::Variant::Good),
+            Self::SlowpathOnly => Some(crate::kmod::Variant::SlowpathOnly),
+            Self::SurvivesReload => Some(crate::kmod::Variant::SurvivesReload),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Kvmtrace {
     /// Build and run kvmtrace if it builds; otherwise collect only the kernel hist.
     Auto,
@@ -75,8 +98,19 @@ pub struct Options {
     #[arg(long, value_enum, default_value_t = Kvmtrace::Auto)]
     pub kvmtrace: Kvmtrace,
     /// Extra arguments for `kvmtrace record` inside L1.
-    #[arg(long, default_value = "--per-vcpu", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        default_value = "--per-vcpu --snapshots",
+        allow_hyphen_values = true
+    )]
     pub record_args: String,
+    /// Which kvm modules L1 loads: the patched ones (built by `cargo xtask kmod`),
+    /// Debian's stock ones, or a deliberately wrong TEST-ONLY variant of the patch.
+    #[arg(long, value_enum, default_value_t = Modules::Patched)]
+    pub modules: Modules,
+    /// Where the results go (default: target/lab/<isa>, with .micro/.smpN suffixes).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     /// micro workload: how many CPUID instructions the guest runs.
     #[arg(long, default_value_t = 1000)]
     pub micro_cpuids: u32,
@@ -108,6 +142,8 @@ const QEMU_FIRMWARE: &[&str] = &[
     "bios-256k.bin",
 ];
 const L2_MEMORY_MB: u32 = 128;
+/// The target kvmtrace is built for, statically linked, for L1 and L2.
+const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 const L1_MEMORY_MB: u32 = 1024;
 
 impl Isa {
@@ -192,13 +228,16 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let lab = root.join("target/lab");
     let cache = lab.join("cache");
-    let out = lab.join(opts.isa.name());
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| lab.join(opts.isa.name()));
     let build = out.join("build");
     std::fs::create_dir_all(&build)
         .with_context(|| format!("cannot create {}", build.display()))?;
     let mut apt = Apt::default();
 
-    let inputs = prepare_inputs(opts, &cache, &mut apt)?;
+    let inputs = prepare_inputs(opts, root, &cache, &mut apt)?;
     let kvmtrace = build_kvmtrace(opts, root)?;
     let setup = started.elapsed();
 
@@ -206,7 +245,13 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let workload = match opts.workload {
         Workload::Boot => {
             let l2 = build.join("l2-initrd.cpio");
-            image::l2_initrd(&inputs.busybox, &root.join("lab/l2-init.sh"), &l2)?;
+            let guest_tool = kvmtrace.as_ref().map(|(bin, _)| bin.as_path());
+            image::l2_initrd(
+                &inputs.busybox,
+                &root.join("lab/l2-init.sh"),
+                guest_tool,
+                &l2,
+            )?;
             let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
             L2Workload::Boot {
                 qemu_libs: assets::shared_libraries(&qemu)?,
@@ -300,7 +345,12 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     outcome
 }
 
-fn prepare_inputs(opts: &Options, cache: &Path, apt: &mut Apt) -> anyhow::Result<Inputs> {
+fn prepare_inputs(
+    opts: &Options,
+    root: &Path,
+    cache: &Path,
+    apt: &mut Apt,
+) -> anyhow::Result<Inputs> {
     let s = Step::start("host packages");
     apt.install(&s, opts.isa.host_packages())?;
     s.done("installed");
@@ -314,7 +364,19 @@ fn prepare_inputs(opts: &Options, cache: &Path, apt: &mut Apt) -> anyhow::Result
     let kernel = kroot.join(format!("boot/vmlinuz-{abi}"));
     let kdir = kroot.join(format!("lib/modules/{abi}/kernel"));
     let mut modules: Vec<PathBuf> = opts.isa.modules().iter().map(|m| kdir.join(m)).collect();
-    if let Some(dir) = &opts.kvm_modules {
+    let patched_dir = match (&opts.kvm_modules, opts.modules.variant()) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(variant)) => {
+            s.message(format!("cargo xtask kmod --variant {variant:?}"));
+            let kmod = crate::kmod::Options {
+                variant,
+                ..crate::kmod::Options::default()
+            };
+            Some(crate::kmod::build(&kmod, root)?.out_dir)
+        }
+        (None, None) => None,
+    };
+    if let Some(dir) = &patched_dir {
         use_patched_modules(&mut modules, dir)?;
     }
     for m in &modules {
@@ -406,17 +468,30 @@ fn build_kvmtrace(opts: &Options, root: &Path) -> anyhow::Result<Option<(PathBuf
         return Ok(None);
     }
     let s = Step::start("kvmtrace");
-    s.message("cargo build --release -p tracer");
+    // Static, so the same binary runs in L1 and in the L2 guest (`kvmtrace guest`).
+    s.message(format!(
+        "cargo build --release -p tracer --target {STATIC_TARGET} (static)"
+    ));
     let built = run_bounded(
         Command::new("cargo")
-            .args(["build", "--release", "-p", "tracer"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "tracer",
+                "--target",
+                STATIC_TARGET,
+            ])
+            .env(
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                "-C target-feature=+crt-static",
+            )
             .current_dir(root),
-        Duration::from_secs(600),
+        Duration::from_secs(900),
     )
-    .and_then(|()| {
-        let bin = root.join("target/release/kvmtrace");
-        let libs = assets::shared_libraries(&bin)?;
-        Ok((bin, libs))
+    .map(|()| {
+        let bin = root.join(format!("target/{STATIC_TARGET}/release/kvmtrace"));
+        (bin, Vec::new())
     });
     match built {
         Ok(b) => {
@@ -499,6 +574,58 @@ fn qemu_command(build: &Path, inputs: &Inputs, initrd: &Path) -> anyhow::Result<
     Ok(cmd)
 }
 
+/// Saves what `kvmtrace guest` printed in L2 (`guest.json`) and, with patched modules,
+/// reconciles it with the record's snapshots using the same kvmtrace binary
+/// (`reconcile.txt`). Returns a problem when the patched KVM's counters do not
+/// reconcile; the TEST-ONLY variants are expected not to, and are only reported.
+fn guest_readout(
+    opts: &Options,
+    dir: &Path,
+    lines: &[emulator::Line],
+    l1: &L1,
+) -> anyhow::Result<Option<String>> {
+    let text: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.text.strip_prefix("L2| "))
+        .skip_while(|t| !t.starts_with("KVMLAB-GUEST begin"))
+        .skip(1)
+        .take_while(|t| !t.starts_with("KVMLAB-GUEST end"))
+        .collect();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let guest = dir.join("guest.json");
+    report::write(dir, "guest.json", &text.join("\n"))?;
+    let (Some((kvmtrace, _)), Modules::Patched | Modules::SlowpathOnly | Modules::SurvivesReload) =
+        (&l1.kvmtrace, opts.modules)
+    else {
+        return Ok(None);
+    };
+    let record = dir.join("record.json");
+    let out = Command::new(kvmtrace)
+        .arg("reconcile")
+        .arg(&record)
+        .arg("--guest")
+        .arg(&guest)
+        .output()
+        .with_context(|| format!("cannot run {}", kvmtrace.display()))?;
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    report::write(dir, "reconcile.txt", &table)?;
+    println!("  guest counters vs host (kvmtrace reconcile):");
+    for line in table.lines().take(40) {
+        println!("    {line}");
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Ok(match (out.status.code(), opts.modules) {
+        (Some(0), _) => None,
+        (Some(1), Modules::SlowpathOnly | Modules::SurvivesReload) => None,
+        (code, _) => Some(format!(
+            "kvmtrace reconcile exited {code:?}: {}",
+            err.trim()
+        )),
+    })
+}
+
 /// Parses the console, writes `target/lab/<isa>/<mode>/`, prints the tables; fails if
 /// kvmtrace ran and disagrees with the hist, or the micro workload's counts are off.
 fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow::Result<()> {
@@ -507,6 +634,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
         let tag = format!("{}{mode}", opts.isa.paging());
         let mut dir_name = tag.clone();
         match opts.workload {
+            _ if opts.out.is_some() => {}
             Workload::Micro => dir_name.push_str(".micro"),
             Workload::Boot if opts.smp > 1 => dir_name.push_str(&format!(".smp{}", opts.smp)),
             Workload::Boot => {}
@@ -594,6 +722,9 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
                 problems.push(format!("{tag}: kvmtrace produced no record ({why})"));
             }
             (None, None) => println!("  (kvmtrace not run: hist only)"),
+        }
+        if let Some(problem) = guest_readout(opts, &dir, lines, l1)? {
+            problems.push(format!("{tag}: {problem}"));
         }
         let vcpu_rows = per_vcpu(&hist, record.as_ref());
         if let Some(rec) = &record {
