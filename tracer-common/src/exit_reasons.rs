@@ -241,3 +241,11 @@ pub fn name(isa: u32, reason: u32) -> Option<ReasonName> {
 pub fn svm_range_codes() -> impl Iterator<Item = u32> {
     (0x00..=0x5f).chain(0x90..=0x9f)
 }
+
+/// Whether the SDM (VMX) or the APM (SVM) defines `reason` as a hardware exit reason.
+/// The GHCB's software VMGEXIT codes (0x8000_xxxx) have names, since KVM traces them
+/// for SEV-ES guests, but hardware reports all of them as VMGEXIT (0x403).
+pub fn defined_by_spec(isa: u32, reason: u32) -> bool {
+    let ghcb = isa == crate::isa::SVM && reason & 0xffff_0000 == 0x8000_0000;
+    !ghcb && name(isa, reason).is_some()
+}

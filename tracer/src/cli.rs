@@ -141,7 +141,7 @@ pub struct GuestArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = TextFormat::Table)]
     pub format: TextFormat,
-    /// Show every reason, also those with no exits.
+    /// Show every reason (table and JSON), also those with no exits.
     #[arg(long)]
     pub all: bool,
     /// Write to FILE instead of standard output.

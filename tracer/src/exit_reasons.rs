@@ -95,6 +95,15 @@ pub fn all(isa: Isa) -> Vec<(u32, Cow<'static, str>)> {
         .collect()
 }
 
+/// Every (reason, name) of `isa` that the SDM/APM defines as a hardware exit reason:
+/// [`all`] without the GHCB's software VMGEXIT codes.
+pub fn hardware(isa: Isa) -> Vec<(u32, Cow<'static, str>)> {
+    all(isa)
+        .into_iter()
+        .filter(|&(n, _)| names::defined_by_spec(isa.raw(), n))
+        .collect()
+}
+
 /// Parses a reason given by a user: a number (decimal or 0x hex) or a name of `isa`
 /// (case-insensitive).
 pub fn parse(isa: Isa, text: &str) -> Result<u32, String> {
@@ -193,6 +202,15 @@ mod tests {
         }
         assert_eq!(name(Isa::Svm, 0x404), "UNKNOWN(1028)");
         assert_eq!(all(Isa::Svm).len(), 96 + 16 + names::SVM.len());
+    }
+
+    #[test]
+    fn ghcb_codes_are_not_hardware_reasons() {
+        let hw = hardware(Isa::Svm);
+        assert!(hw.iter().any(|&(n, _)| n == 0x403));
+        assert!(hw.iter().all(|&(n, _)| n < 0x8000_0000 || n == 0xffff_ffff));
+        assert_eq!(all(Isa::Svm).len() - hw.len(), 12);
+        assert_eq!(hardware(Isa::Vmx).len(), all(Isa::Vmx).len());
     }
 
     #[test]

@@ -197,7 +197,7 @@ pub fn read(
     };
     let mut reasons = Vec::new();
     if patched {
-        for (reason, name) in exit_reasons::all(isa) {
+        for (reason, name) in exit_reasons::hardware(isa) {
             let queries_before = c.n;
             let r = c.q(leaves.count, reason);
             let cycles = leaves.cycles.map(|l| {

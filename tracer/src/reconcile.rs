@@ -95,7 +95,7 @@ fn cpuid_reason(isa: Isa) -> Option<u32> {
 
 fn verdict(isa: Isa, reason: Option<u32>, read: &CpuidRead, host: u64, guest: u64) -> Verdict {
     if let Some(r) = reason {
-        let defined = exit_reasons::known_name(isa, r).is_some();
+        let defined = tracer_common::exit_reasons::defined_by_spec(isa.raw(), r);
         let says_undefined = read.edx == UNDEFINED_EDX;
         match (defined, says_undefined) {
             (false, true) if guest == 0 && read.ecx == 0 => return Verdict::Undefined,

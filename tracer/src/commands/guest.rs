@@ -8,7 +8,7 @@ use kvmtrace::guest::{self, Cpu, GuestReadout};
 use super::{BadInput, write_output};
 use crate::cli::{GuestArgs, TextFormat};
 
-fn table(r: &GuestReadout, all: bool) -> String {
+fn table(r: &GuestReadout) -> String {
     let mut out = format!(
         "{} guest, leaves count {:#x} total {} cycles {}: {}\n",
         r.isa,
@@ -32,11 +32,7 @@ fn table(r: &GuestReadout, all: bool) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_header(["reason", "name", "exits", "cycles", "note"]);
-    for x in r
-        .reasons
-        .iter()
-        .filter(|x| all || x.count > 0 || x.undefined)
-    {
+    for x in &r.reasons {
         t.add_row([
             x.reason.to_string(),
             x.name.clone(),
@@ -62,14 +58,18 @@ fn table(r: &GuestReadout, all: bool) -> String {
 
 pub fn run(args: &GuestArgs) -> anyhow::Result<ExitCode> {
     let leaves = args.leaves.leaves().map_err(BadInput)?;
-    let readout = guest::read(&mut Cpu, leaves, args.isa).map_err(BadInput)?;
+    let mut readout = guest::read(&mut Cpu, leaves, args.isa).map_err(BadInput)?;
+    if !args.all {
+        // Reasons with no exits say nothing; a serial console pays for every byte.
+        readout.reasons.retain(|x| x.count > 0 || x.undefined);
+    }
     let bytes = match args.format {
         TextFormat::Json => {
             let mut v = serde_json::to_vec_pretty(&readout)?;
             v.push(b'\n');
             v
         }
-        TextFormat::Table => table(&readout, args.all).into_bytes(),
+        TextFormat::Table => table(&readout).into_bytes(),
     };
     write_output(args.output.as_deref(), &bytes)?;
     Ok(if readout.patched {
