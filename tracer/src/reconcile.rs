@@ -157,6 +157,7 @@ pub fn reconcile(report: &Report) -> Reconciliation {
             verdict: v,
         });
     }
+    attribute_totals(&mut rows);
     Reconciliation {
         schema: RECONCILE_SCHEMA,
         reads: rows.len(),
@@ -165,6 +166,36 @@ pub fn reconcile(report: &Report) -> Reconciliation {
             .filter(|r| r.verdict == Verdict::Unexplained)
             .count(),
         rows,
+    }
+}
+
+/// A total that is short by no more than what the per-reason reads after it (up to the
+/// next total read of the VM) blame on fastpath exits, while every other reason of that
+/// readout is exact, has that cause too. The later reads are an upper bound: fastpath
+/// exits keep happening between the total read and the per-reason reads.
+fn attribute_totals(rows: &mut [Row]) {
+    for i in 0..rows.len() {
+        if rows[i].reason.is_some() || rows[i].verdict != Verdict::Unexplained {
+            continue;
+        }
+        let pid = rows[i].pid;
+        let readout: Vec<&Row> = rows[i + 1..]
+            .iter()
+            .filter(|r| r.pid == pid)
+            .take_while(|r| r.reason.is_some())
+            .collect();
+        let fastpath_deficit: i128 = readout
+            .iter()
+            .filter(|r| r.verdict == Verdict::FastpathNotCounted)
+            .map(|r| r.difference)
+            .sum();
+        let others_ok = readout
+            .iter()
+            .all(|r| r.verdict.is_ok() || r.verdict == Verdict::FastpathNotCounted);
+        let deficit = rows[i].difference;
+        if others_ok && deficit < 0 && fastpath_deficit <= deficit {
+            rows[i].verdict = Verdict::FastpathNotCounted;
+        }
     }
 }
 
@@ -223,6 +254,26 @@ mod tests {
                 Verdict::CpuidSelfExit,
                 Verdict::Truncated32,
             ]
+        );
+    }
+
+    #[test]
+    fn a_total_short_by_the_fastpath_deficit_is_explained() {
+        let v = verdicts(vec![
+            read(LeafKind::Total, 0, 3184, 0, 4617),
+            read(LeafKind::Count, 32, 31, 0, 753),
+            read(LeafKind::Count, 52, 5, 0, 721),
+            read(LeafKind::Count, 30, 558, 0, 558),
+        ]);
+        assert_eq!(v[0], Verdict::FastpathNotCounted, "1433 <= 722 + 711");
+        let v = verdicts(vec![
+            read(LeafKind::Total, 0, 3000, 0, 4617),
+            read(LeafKind::Count, 32, 31, 0, 753),
+        ]);
+        assert_eq!(
+            v[0],
+            Verdict::Unexplained,
+            "more missing than the fastpath explains"
         );
     }
 
