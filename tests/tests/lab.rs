@@ -119,6 +119,21 @@ fn amd_paging_exits_move() {
 }
 
 #[test]
+fn amd_lab_writes_the_ab_report() {
+    let dir = kvmtrace_e2e::lab(boot("amd"));
+    let md = read(&dir.join("report.md"));
+    assert!(
+        md.contains("| NPF |") && md.contains("| WRITE_CR3 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("npt1: ") && md.contains("0 unexplained"),
+        "{md}"
+    );
+    assert!(read(&dir.join("report.svg")).starts_with("<svg"));
+}
+
+#[test]
 fn amd_micro_counts_are_exact() {
     micro_counts_are_exact("amd", "CPUID", "IOIO", "HLT");
 }

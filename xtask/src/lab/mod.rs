@@ -326,6 +326,9 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let emu_time = s.done(format!("result {result} ({:.1} s)", run.wall));
 
     let outcome = summarize(opts, &out, &run, &l1);
+    if let Some((kvmtrace, _)) = &l1.kvmtrace {
+        ab_report(opts, &out, kvmtrace)?;
+    }
     eprintln!(
         "lab: setup {:.1} s, {} {:.1} s, total {:.1} s",
         setup.as_secs_f64(),
@@ -574,6 +577,58 @@ fn qemu_command(build: &Path, inputs: &Inputs, initrd: &Path) -> anyhow::Result<
     Ok(cmd)
 }
 
+/// The results directory of one mode: `ept1`, `npt0.micro`, `ept1.smp2`, ... (the bare
+/// tag with an explicit --out).
+fn mode_dir_name(opts: &Options, mode: u8) -> String {
+    let mut name = format!("{}{mode}", opts.isa.paging());
+    match opts.workload {
+        _ if opts.out.is_some() => {}
+        Workload::Micro => name.push_str(".micro"),
+        Workload::Boot if opts.smp > 1 => name.push_str(&format!(".smp{}", opts.smp)),
+        Workload::Boot => {}
+    }
+    name
+}
+
+/// Writes the nested-vs-shadow A/B report, `report.md` and `report.svg`, with the
+/// same kvmtrace binary that recorded (`kvmtrace diff`), plus each mode's
+/// reconciliation. Needs both modes and their records.
+fn ab_report(opts: &Options, out: &Path, kvmtrace: &Path) -> anyhow::Result<()> {
+    let nested = out.join(mode_dir_name(opts, 1)).join("record.json");
+    let shadow = out.join(mode_dir_name(opts, 0)).join("record.json");
+    if !nested.is_file() || !shadow.is_file() {
+        return Ok(());
+    }
+    let diff = |format: &str, file: &str| {
+        crate::exec::output(
+            Command::new(kvmtrace)
+                .arg("diff")
+                .args([&nested, &shadow])
+                .args(["--format", format, "-o"])
+                .arg(out.join(file)),
+        )
+    };
+    diff("md", "report.md.tmp")?;
+    diff("svg", "report.svg")?;
+    let mut md = format!("# {} lab: nested vs shadow paging\n\n", opts.isa.name());
+    md.push_str(&std::fs::read_to_string(out.join("report.md.tmp"))?);
+    std::fs::remove_file(out.join("report.md.tmp"))?;
+    md.push_str("\n![chart](report.svg)\n\n## Guest counters vs host\n\n");
+    for mode in [1, 0] {
+        let name = mode_dir_name(opts, mode);
+        if let Ok(text) = std::fs::read_to_string(out.join(&name).join("reconcile.txt")) {
+            let first = text.lines().next().unwrap_or_default();
+            md.push_str(&format!("- {name}: {first}\n"));
+        }
+    }
+    report::write(out, "report.md", &md)?;
+    println!(
+        "\nA/B report: {} and report.svg",
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
 /// Saves what `kvmtrace guest` printed in L2 (`guest.json`) and, with patched modules,
 /// reconciles it with the record's snapshots using the same kvmtrace binary
 /// (`reconcile.txt`). Returns a problem when the patched KVM's counters do not
@@ -632,13 +687,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
     let mut problems = Vec::new();
     for mode in &opts.modes {
         let tag = format!("{}{mode}", opts.isa.paging());
-        let mut dir_name = tag.clone();
-        match opts.workload {
-            _ if opts.out.is_some() => {}
-            Workload::Micro => dir_name.push_str(".micro"),
-            Workload::Boot if opts.smp > 1 => dir_name.push_str(&format!(".smp{}", opts.smp)),
-            Workload::Boot => {}
-        }
+        let dir_name = mode_dir_name(opts, *mode);
         let dir = out.join(&dir_name);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
