@@ -10,8 +10,7 @@ use serde_json::Value;
 use super::emulator::Line;
 
 /// `isa` of the kvm_exit tracepoint (KVM_ISA_VMX / KVM_ISA_SVM).
-pub const ISA_VMX: u32 = 1;
-pub const ISA_SVM: u32 = 2;
+pub use tracer_common::isa::{SVM as ISA_SVM, VMX as ISA_VMX};
 
 /// An exit reason as both sides report it: VMX basic reason (low 16 bits) plus the
 /// failed-VM-entry bit, or the whole SVM exit code.
@@ -45,17 +44,9 @@ impl Reason {
     }
 
     pub fn name(&self) -> String {
-        let name = match self.isa {
-            ISA_VMX => vmx_name(self.reason).map(str::to_owned),
-            ISA_SVM => svm_name(self.reason).map(|n| match self.reason {
-                // CR/DR accesses and exceptions: one code per register / vector.
-                0x000..=0x03f => format!("{n}{}", self.reason & 0xf),
-                0x040..=0x05f => format!("{n}_{}", exception_name(self.reason - 0x40)),
-                _ => n.to_owned(),
-            }),
-            _ => None,
-        };
-        let name = name.unwrap_or_else(|| format!("{:#x}", self.reason));
+        // The same table kvmtrace prints (tracer-common), so the two columns agree.
+        let name = tracer_common::exit_reasons::name(self.isa, self.reason)
+            .map_or_else(|| format!("UNKNOWN({})", self.reason), |n| n.to_string());
         if self.failed_entry {
             format!("{name} (failed entry)")
         } else {
@@ -300,149 +291,6 @@ pub fn table(rows: &[Row]) -> String {
 pub fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     let p = dir.join(name);
     std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
-}
-
-fn vmx_name(r: u32) -> Option<&'static str> {
-    Some(match r {
-        0 => "EXCEPTION_NMI",
-        1 => "EXTERNAL_INTERRUPT",
-        2 => "TRIPLE_FAULT",
-        3 => "INIT_SIGNAL",
-        4 => "SIPI_SIGNAL",
-        7 => "INTERRUPT_WINDOW",
-        8 => "NMI_WINDOW",
-        9 => "TASK_SWITCH",
-        10 => "CPUID",
-        12 => "HLT",
-        13 => "INVD",
-        14 => "INVLPG",
-        15 => "RDPMC",
-        16 => "RDTSC",
-        18 => "VMCALL",
-        19 => "VMCLEAR",
-        20 => "VMLAUNCH",
-        21 => "VMPTRLD",
-        22 => "VMPTRST",
-        23 => "VMREAD",
-        24 => "VMRESUME",
-        25 => "VMWRITE",
-        26 => "VMOFF",
-        27 => "VMON",
-        28 => "CR_ACCESS",
-        29 => "DR_ACCESS",
-        30 => "IO_INSTRUCTION",
-        31 => "MSR_READ",
-        32 => "MSR_WRITE",
-        33 => "INVALID_STATE",
-        34 => "MSR_LOAD_FAIL",
-        36 => "MWAIT_INSTRUCTION",
-        37 => "MONITOR_TRAP_FLAG",
-        39 => "MONITOR_INSTRUCTION",
-        40 => "PAUSE_INSTRUCTION",
-        41 => "MCE_DURING_VMENTRY",
-        43 => "TPR_BELOW_THRESHOLD",
-        44 => "APIC_ACCESS",
-        45 => "EOI_INDUCED",
-        46 => "GDTR_IDTR",
-        47 => "LDTR_TR",
-        48 => "EPT_VIOLATION",
-        49 => "EPT_MISCONFIG",
-        50 => "INVEPT",
-        51 => "RDTSCP",
-        52 => "PREEMPTION_TIMER",
-        53 => "INVVPID",
-        54 => "WBINVD",
-        55 => "XSETBV",
-        56 => "APIC_WRITE",
-        57 => "RDRAND",
-        58 => "INVPCID",
-        59 => "VMFUNC",
-        60 => "ENCLS",
-        61 => "RDSEED",
-        62 => "PML_FULL",
-        63 => "XSAVES",
-        64 => "XRSTORS",
-        67 => "UMWAIT",
-        68 => "TPAUSE",
-        74 => "BUS_LOCK",
-        75 => "NOTIFY",
-        _ => return None,
-    })
-}
-
-fn exception_name(vector: u32) -> String {
-    const NAMES: [&str; 20] = [
-        "DE", "DB", "NMI", "BP", "OF", "BR", "UD", "NM", "DF", "09", "TS", "NP", "SS", "GP", "PF",
-        "15", "MF", "AC", "MC", "XM",
-    ];
-    NAMES
-        .get(vector as usize)
-        .map_or_else(|| vector.to_string(), |n| (*n).to_owned())
-}
-
-fn svm_name(r: u32) -> Option<&'static str> {
-    Some(match r {
-        0x000..=0x00f => "READ_CR",
-        0x010..=0x01f => "WRITE_CR",
-        0x020..=0x02f => "READ_DR",
-        0x030..=0x03f => "WRITE_DR",
-        0x040..=0x05f => "EXCP",
-        0x060 => "INTR",
-        0x061 => "NMI",
-        0x062 => "SMI",
-        0x063 => "INIT",
-        0x064 => "VINTR",
-        0x065 => "CR0_SEL_WRITE",
-        0x066 => "IDTR_READ",
-        0x067 => "GDTR_READ",
-        0x068 => "LDTR_READ",
-        0x069 => "TR_READ",
-        0x06a => "IDTR_WRITE",
-        0x06b => "GDTR_WRITE",
-        0x06c => "LDTR_WRITE",
-        0x06d => "TR_WRITE",
-        0x06e => "RDTSC",
-        0x06f => "RDPMC",
-        0x070 => "PUSHF",
-        0x071 => "POPF",
-        0x072 => "CPUID",
-        0x073 => "RSM",
-        0x074 => "IRET",
-        0x075 => "SWINT",
-        0x076 => "INVD",
-        0x077 => "PAUSE",
-        0x078 => "HLT",
-        0x079 => "INVLPG",
-        0x07a => "INVLPGA",
-        0x07b => "IOIO",
-        0x07c => "MSR",
-        0x07d => "TASK_SWITCH",
-        0x07e => "FERR_FREEZE",
-        0x07f => "SHUTDOWN",
-        0x080 => "VMRUN",
-        0x081 => "VMMCALL",
-        0x082 => "VMLOAD",
-        0x083 => "VMSAVE",
-        0x084 => "STGI",
-        0x085 => "CLGI",
-        0x086 => "SKINIT",
-        0x087 => "RDTSCP",
-        0x088 => "ICEBP",
-        0x089 => "WBINVD",
-        0x08a => "MONITOR",
-        0x08b => "MWAIT",
-        0x08c => "MWAIT_COND",
-        0x08d => "XSETBV",
-        0x08e => "RDPRU",
-        0x08f => "EFER_WRITE_TRAP",
-        0x090..=0x09f => "CR_WRITE_TRAP",
-        0x0a0 => "INVPCID",
-        0x400 => "NPF",
-        0x401 => "AVIC_INCOMPLETE_IPI",
-        0x402 => "AVIC_UNACCELERATED_ACCESS",
-        0x403 => "VMGEXIT",
-        _ => return None,
-    })
 }
 
 #[cfg(test)]
