@@ -10,5 +10,10 @@ if [ -x /bin/kvmtrace ]; then
     /bin/kvmtrace guest --format json
     echo "KVMLAB-GUEST end rc=$?"
 fi
+if $B grep -q kvmlab.sweep /proc/cmdline && [ -x /bin/kvmtrace ]; then
+    echo "KVMLAB-SWEEP begin"
+    /bin/kvmtrace guest --sweep --format json
+    echo "KVMLAB-SWEEP end rc=$?"
+fi
 echo "KVMLAB-L2 end uptime=$($B cut -d' ' -f1 /proc/uptime) cpus=$($B grep -c ^processor /proc/cpuinfo)"
 $B poweroff -f

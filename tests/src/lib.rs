@@ -24,6 +24,8 @@ pub struct Scenario {
     pub smp: u8,
     /// The modules: `stock`, `patched`, or a test-only variant.
     pub modules: &'static str,
+    /// VMs run one after the other in each mode.
+    pub vms: u8,
 }
 
 impl Scenario {
@@ -60,6 +62,7 @@ pub fn lab(s: Scenario) -> PathBuf {
     cmd.current_dir(&root)
         .args(["xtask", "lab", "--isa", s.isa, "--workload", s.workload])
         .args(["--smp", &s.smp.to_string(), "--modules", s.modules])
+        .args(["--vms", &s.vms.to_string()])
         .args(["--kvmtrace", "required", "--out"])
         .arg(&out);
     let output = cmd

@@ -144,6 +144,10 @@ pub struct GuestArgs {
     /// Show every reason (table and JSON), also those with no exits.
     #[arg(long)]
     pub all: bool,
+    /// Ask the count and cycles leaves about every ECX in 0..=0xFFFF and the 32-bit
+    /// edges, and check each answer against the tables (exit 1 on any disagreement).
+    #[arg(long)]
+    pub sweep: bool,
     /// Write to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,

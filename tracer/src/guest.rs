@@ -162,6 +162,11 @@ fn vendor(r: Regs) -> Option<Isa> {
     }
 }
 
+/// The reason numbering of this CPU's vendor (CPUID leaf 0).
+pub fn vendor_isa(cpu: &mut impl Cpuid) -> Option<Isa> {
+    vendor(cpu.cpuid(0, 0))
+}
+
 /// Reads every counter. `isa` overrides the vendor detection.
 pub fn read(
     cpu: &mut impl Cpuid,
@@ -227,6 +232,93 @@ pub fn read(
         reasons,
         queries: c.n,
     })
+}
+
+/// The `schema` of `kvmtrace guest --sweep --format json`.
+pub const SWEEP_SCHEMA: &str = "kvmtrace.sweep.v1";
+
+/// ECX values a sweep tries beyond `0..=0xFFFF`: the edges of the 32-bit range.
+pub const SWEEP_EXTRA: [u32; 3] = [0x7fff_ffff, 0x8000_0000, 0xffff_ffff];
+
+/// A sweep that disagreed with the tables.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepMismatch {
+    pub leaf: u32,
+    pub ecx: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx_out: u32,
+    pub edx: u32,
+    /// What the tables say: the SDM/APM defines this reason.
+    pub defined: bool,
+}
+
+/// The result of asking the count and cycles leaves about every ECX in
+/// `0..=0xFFFF` and [`SWEEP_EXTRA`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sweep {
+    pub schema: String,
+    pub isa: Isa,
+    pub leaves: Leaves,
+    pub queried: u64,
+    /// Answers with EDX = 0xFFFFFFFF (undefined reason).
+    pub undefined: u64,
+    /// Answers for reasons the SDM/APM defines.
+    pub defined: u64,
+    /// Answers that disagree with the tables (at most the first 100 are kept).
+    pub mismatches: u64,
+    pub first_mismatches: Vec<SweepMismatch>,
+}
+
+/// Asks the count (and cycles) leaf about every ECX of the sweep and checks each answer
+/// against the tables: an undefined reason must answer EAX=EBX=ECX=0, EDX=0xFFFFFFFF;
+/// a defined one must not say undefined.
+pub fn sweep(cpu: &mut impl Cpuid, leaves: Leaves, isa: Isa) -> Sweep {
+    let mut out = Sweep {
+        schema: SWEEP_SCHEMA.to_owned(),
+        isa,
+        leaves,
+        queried: 0,
+        undefined: 0,
+        defined: 0,
+        mismatches: 0,
+        first_mismatches: Vec::new(),
+    };
+    let leaf_list: Vec<u32> = std::iter::once(leaves.count).chain(leaves.cycles).collect();
+    for ecx in (0..=0xffff).chain(SWEEP_EXTRA) {
+        let defined = tracer_common::exit_reasons::defined_by_spec(isa.raw(), ecx);
+        for &leaf in &leaf_list {
+            let r = cpu.cpuid(leaf, ecx);
+            out.queried += 1;
+            let says_undefined = r.edx == UNDEFINED_EDX;
+            if says_undefined {
+                out.undefined += 1;
+            } else {
+                out.defined += 1;
+            }
+            let clean_undefined = r.eax == 0 && r.ebx == 0 && r.ecx == 0;
+            let ok = if defined {
+                !says_undefined
+            } else {
+                says_undefined && clean_undefined
+            };
+            if !ok {
+                out.mismatches += 1;
+                if out.first_mismatches.len() < 100 {
+                    out.first_mismatches.push(SweepMismatch {
+                        leaf,
+                        ecx,
+                        eax: r.eax,
+                        ebx: r.ebx,
+                        ecx_out: r.ecx,
+                        edx: r.edx,
+                        defined,
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -342,6 +434,24 @@ mod tests {
         let r = read(&mut amd, leaves(), None).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.isa, Isa::Svm);
         assert!(!r.patched, "{}", r.detection);
+    }
+
+    #[test]
+    fn sweep_checks_every_answer_against_the_tables() {
+        let mut kvm = FakeKvm {
+            patched: true,
+            vendor: INTEL,
+            exits: 0,
+        };
+        let s = sweep(&mut kvm, leaves(), Isa::Vmx);
+        assert_eq!(s.queried, 2 * (0x10000 + 3));
+        // The fake answers "undefined" only for 35 on the count leaf: every other
+        // undefined VMX reason (and 35 on the cycles leaf) is a mismatch.
+        let defined = crate::exit_reasons::hardware(Isa::Vmx).len() as u64;
+        assert_eq!(s.undefined, 1);
+        assert_eq!(s.mismatches, s.queried - 2 * defined - 1);
+        assert_eq!(s.first_mismatches.len(), 100);
+        assert!(s.first_mismatches.iter().all(|m| !m.defined));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Workload {
         l2_initrd: PathBuf,
         memory_mb: u32,
         smp: u8,
+        /// L2 also sweeps ECX over the counter leaves (`kvmtrace guest --sweep`).
+        sweep: bool,
     },
     /// The static `micro` VMM: `cpuids` CPUID exits, `outs` port writes, one HLT.
     Micro {
@@ -60,6 +62,8 @@ pub struct L1 {
     pub record_args: String,
     /// Seconds one workload run may take inside L1.
     pub run_timeout: u64,
+    /// How many VMs the workload runs, one after the other.
+    pub vms: u8,
 }
 
 /// Builds the L2 initrd: busybox and its /init.
@@ -122,6 +126,7 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
             l2_initrd,
             memory_mb,
             smp,
+            sweep,
         } => {
             a.file(QEMU_IN_L1, qemu)?;
             add_libraries(&mut a, qemu_libs)?;
@@ -135,7 +140,8 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
                 "exec {QEMU_IN_L1} -L {QEMU_DATA_IN_L1} -accel kvm -M microvm,rtc=on -cpu host \
                  -m {memory_mb} -smp {smp} -nodefaults -no-user-config -display none -no-reboot \
                  -chardev stdio,id=s0,signal=off -serial chardev:s0 \
-                 -kernel /l2/bzImage -initrd /l2/initrd.cpio -append '{L2_APPEND}'"
+                 -kernel /l2/bzImage -initrd /l2/initrd.cpio -append '{L2_APPEND}{}'",
+                if *sweep { " kvmlab.sweep" } else { "" }
             )
         }
         Workload::Micro {
@@ -147,11 +153,14 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
             format!("exec /bin/micro {cpuids} {outs}")
         }
     };
-    a.bytes(
-        "lab/workload",
-        format!("#!/bin/sh\n# The L2 workload (written by cargo xtask lab).\n{workload}\n"),
-        0o755,
-    )?;
+    // `vms` VMs one after the other, each a new VM (its counters start at zero).
+    let again = workload.strip_prefix("exec ").unwrap_or(&workload);
+    let mut script = String::from("#!/bin/sh\n# The L2 workload (written by cargo xtask lab).\n");
+    for _ in 1..l1.vms {
+        let _ = writeln!(script, "{again} || exit $?");
+    }
+    let _ = writeln!(script, "{workload}");
+    a.bytes("lab/workload", script, 0o755)?;
 
     if let Some((kvmtrace, libs)) = &l1.kvmtrace {
         a.file("bin/kvmtrace", kvmtrace)?;

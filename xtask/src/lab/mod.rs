@@ -44,6 +44,9 @@ pub enum Workload {
     Boot,
     /// A tiny static VMM whose exits are known: N CPUID, M port writes, 1 HLT.
     Micro,
+    /// The boot, then L2 asks the counter leaves about every ECX in 0..=0xFFFF and the
+    /// 32-bit edges (`kvmtrace guest --sweep`); L1's dmesg is kept.
+    Sweep,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -108,6 +111,9 @@ pub struct Options {
     /// Debian's stock ones, or a deliberately wrong TEST-ONLY variant of the patch.
     #[arg(long, value_enum, default_value_t = Modules::Patched)]
     pub modules: Modules,
+    /// How many VMs run one after the other in each mode (each must start from zero).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub vms: u8,
     /// Where the results go (default: target/lab/<isa>, with .micro/.smpN suffixes).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -243,7 +249,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     let s = Step::start("initrd");
     let workload = match opts.workload {
-        Workload::Boot => {
+        Workload::Boot | Workload::Sweep => {
             let l2 = build.join("l2-initrd.cpio");
             let guest_tool = kvmtrace.as_ref().map(|(bin, _)| bin.as_path());
             image::l2_initrd(
@@ -261,6 +267,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
                 l2_initrd: l2,
                 memory_mb: L2_MEMORY_MB,
                 smp: opts.smp,
+                sweep: opts.workload == Workload::Sweep,
             }
         }
         Workload::Micro => {
@@ -280,7 +287,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         }
     };
     let run_timeout = match opts.workload {
-        Workload::Boot => 300 * u64::from(opts.smp),
+        Workload::Boot | Workload::Sweep => 300 * u64::from(opts.smp),
         Workload::Micro => 120,
     };
     let l1 = L1 {
@@ -291,8 +298,9 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         modes: opts.modes.clone(),
         workload,
         kvmtrace,
-        record_args: opts.record_args.clone(),
-        run_timeout: (run_timeout as f64 * opts.timeout_scale) as u64,
+        record_args: record_args(opts),
+        run_timeout: (run_timeout as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
+        vms: opts.vms,
     };
     let initrd = build.join("l1-initrd.cpio");
     let size = image::l1_initrd(&l1, &initrd)?;
@@ -584,6 +592,8 @@ fn mode_dir_name(opts: &Options, mode: u8) -> String {
     match opts.workload {
         _ if opts.out.is_some() => {}
         Workload::Micro => name.push_str(".micro"),
+        _ if opts.vms > 1 => name.push_str(&format!(".vms{}", opts.vms)),
+        Workload::Sweep => name.push_str(".sweep"),
         Workload::Boot if opts.smp > 1 => name.push_str(&format!(".smp{}", opts.smp)),
         Workload::Boot => {}
     }
@@ -629,6 +639,32 @@ fn ab_report(opts: &Options, out: &Path, kvmtrace: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `kvmtrace record` arguments inside L1. A sweep makes 131 078 counter reads: their
+/// snapshots would be tens of MB of JSON on a serial console, so it records without.
+fn record_args(opts: &Options) -> String {
+    if opts.workload == Workload::Sweep {
+        opts.record_args
+            .split_whitespace()
+            .filter(|a| *a != "--snapshots")
+            .collect::<Vec<_>>()
+            .join(" ")
+    } else {
+        opts.record_args.clone()
+    }
+}
+
+/// What L2 printed between `MARKER begin` and `MARKER end`.
+fn l2_section(lines: &[emulator::Line], marker: &str) -> Option<String> {
+    let text: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.text.strip_prefix("L2| "))
+        .skip_while(|t| !t.starts_with(&format!("{marker} begin")))
+        .skip(1)
+        .take_while(|t| !t.starts_with(&format!("{marker} end")))
+        .collect();
+    (!text.is_empty()).then(|| text.join("\n"))
+}
+
 /// Saves what `kvmtrace guest` printed in L2 (`guest.json`) and, with patched modules,
 /// reconciles it with the record's snapshots using the same kvmtrace binary
 /// (`reconcile.txt`). Returns a problem when the patched KVM's counters do not
@@ -639,21 +675,22 @@ fn guest_readout(
     lines: &[emulator::Line],
     l1: &L1,
 ) -> anyhow::Result<Option<String>> {
-    let text: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| l.text.strip_prefix("L2| "))
-        .skip_while(|t| !t.starts_with("KVMLAB-GUEST begin"))
-        .skip(1)
-        .take_while(|t| !t.starts_with("KVMLAB-GUEST end"))
-        .collect();
-    if text.is_empty() {
-        return Ok(None);
+    if let Some(sweep) = l2_section(lines, "KVMLAB-SWEEP") {
+        report::write(dir, "sweep.json", &sweep)?;
+        println!("  ECX sweep: {}", sweep.trim());
     }
+    let Some(text) = l2_section(lines, "KVMLAB-GUEST") else {
+        return Ok(None);
+    };
     let guest = dir.join("guest.json");
-    report::write(dir, "guest.json", &text.join("\n"))?;
+    report::write(dir, "guest.json", &text)?;
     let (Some((kvmtrace, _)), Modules::Patched | Modules::SlowpathOnly | Modules::SurvivesReload) =
         (&l1.kvmtrace, opts.modules)
     else {
+        return Ok(None);
+    };
+    if opts.workload == Workload::Sweep {
+        // Recorded without snapshots (see record_args): nothing to reconcile.
         return Ok(None);
     };
     let record = dir.join("record.json");
@@ -714,6 +751,12 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             }
             None => None,
         };
+        if let Some(bad) = report::section(&run.lines, "dmesg-bad", &tag) {
+            report::write(&dir, "dmesg-bad.txt", &bad)?;
+            if !bad.trim().is_empty() {
+                problems.push(format!("{tag}: L1's kernel complained:\n{}", bad.trim()));
+            }
+        }
         let kvmtrace_err = report::section(&run.lines, "kvmtrace-stderr", &tag).unwrap_or_default();
         if !kvmtrace_err.trim().is_empty() {
             report::write(&dir, "kvmtrace.stderr", &kvmtrace_err)?;
@@ -729,6 +772,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             opts.isa.name(),
             match opts.workload {
                 Workload::Boot => "boot",
+                Workload::Sweep => "sweep",
                 Workload::Micro => "micro",
             },
             if opts.smp > 1 {
