@@ -96,8 +96,9 @@ for mode in $MODES; do
     step "$tag:dump" 120
     section hist $tag $EXIT/hist
     [ -e /tmp/rec.json ] && section record $tag /tmp/rec.json
-    # Anything the kernel complained about while this mode ran (empty when healthy).
-    dmesg | grep -E 'BUG|WARNING|Oops|general protection|Call Trace|UBSAN' > /tmp/dmesg-bad.txt
+    # How much the kernel logged, then anything it complained about (nothing when healthy).
+    echo "dmesg lines=$(dmesg | wc -l)" > /tmp/dmesg-bad.txt
+    dmesg | grep -E 'BUG|WARNING|Oops|general protection|Call Trace|UBSAN' >> /tmp/dmesg-bad.txt
     section dmesg-bad $tag /tmp/dmesg-bad.txt
     echo "!$BY_VCPU" >> $EXIT/trigger
     echo "!$BY_REASON" >> $EXIT/trigger

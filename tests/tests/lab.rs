@@ -279,7 +279,18 @@ fn sweep_classifies_every_ecx(isa: &'static str) {
             dir.display()
         );
         let dmesg = read(&dir.join("dmesg-bad.txt"));
-        assert!(dmesg.trim().is_empty(), "{}: {dmesg}", dir.display());
+        let mut lines = dmesg.lines().filter(|l| !l.trim().is_empty());
+        let logged = lines
+            .next()
+            .and_then(|l| l.strip_prefix("dmesg lines="))
+            .and_then(|n| n.trim().parse::<u32>().ok());
+        assert!(
+            logged.is_some_and(|n| n > 50),
+            "{}: dmesg was not read: {dmesg}",
+            dir.display()
+        );
+        let complaints: Vec<&str> = lines.collect();
+        assert!(complaints.is_empty(), "{}: {complaints:?}", dir.display());
     }
 }
 

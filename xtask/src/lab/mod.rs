@@ -753,8 +753,17 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
         };
         if let Some(bad) = report::section(&run.lines, "dmesg-bad", &tag) {
             report::write(&dir, "dmesg-bad.txt", &bad)?;
-            if !bad.trim().is_empty() {
-                problems.push(format!("{tag}: L1's kernel complained:\n{}", bad.trim()));
+            // The first line counts dmesg's lines; anything after it is a complaint.
+            let complaints: Vec<&str> = bad
+                .lines()
+                .skip(1)
+                .filter(|l| !l.trim().is_empty())
+                .collect();
+            if !complaints.is_empty() {
+                problems.push(format!(
+                    "{tag}: L1's kernel complained:\n{}",
+                    complaints.join("\n")
+                ));
             }
         }
         let kvmtrace_err = report::section(&run.lines, "kvmtrace-stderr", &tag).unwrap_or_default();
