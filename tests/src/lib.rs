@@ -31,8 +31,8 @@ pub struct Scenario {
 impl Scenario {
     pub fn name(&self) -> String {
         format!(
-            "{}-{}-smp{}-{}",
-            self.isa, self.workload, self.smp, self.modules
+            "{}-{}-smp{}-vms{}-{}",
+            self.isa, self.workload, self.smp, self.vms, self.modules
         )
     }
 
