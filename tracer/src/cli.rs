@@ -162,19 +162,26 @@ fn parse_leaf(text: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("'{text}' is not a CPUID leaf: write it like 0x4FFFFFFE"))
 }
 
+/// How a record is rendered, for `record` and `show`.
 #[derive(Debug, Args)]
-pub struct ShowArgs {
-    /// A record written by `kvmtrace record --format json`.
-    pub record: PathBuf,
+pub struct ReportArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Rows per VM and vCPU instead of per reason.
     #[arg(long)]
     pub per_vcpu: bool,
-    /// Write to FILE instead of standard output.
+    /// Write the report to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// A record written by `kvmtrace record --format json`.
+    pub record: PathBuf,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(Debug, Args)]
@@ -205,17 +212,8 @@ pub struct RecordArgs {
     #[arg(short, long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub duration: Option<std::time::Duration>,
 
-    /// Output format.
-    #[arg(short, long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
-
-    /// Rows per VM and vCPU instead of per reason.
-    #[arg(long)]
-    pub per_vcpu: bool,
-
-    /// Write the report to FILE instead of standard output.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 
     /// Record every guest read of the counter leaves with the host's count for that VM
     /// at that instant (for `kvmtrace reconcile`).
@@ -294,7 +292,7 @@ mod tests {
             panic!("parse failed: {cli:?}");
         };
         assert_eq!(args.command, ["qemu", "-m", "128"]);
-        assert_eq!(args.format, Format::Json);
+        assert_eq!(args.report.format, Format::Json);
         assert!(Cli::try_parse_from(["kvmtrace", "record", "-p", "1", "--", "qemu"]).is_err());
     }
 }

@@ -49,7 +49,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             bail!("no process with pid {pid}: check it with `ps -p {pid}`");
         }
     }
-    if let Some(out) = &args.output {
+    if let Some(out) = &args.report.output {
         // Fail before tracing, not after a long run.
         fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
     }
@@ -143,12 +143,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let report = Report::build(&snapshot, info)?;
     let bytes = render::render(
         &report,
-        args.format,
+        args.report.format,
         render::Options {
-            per_vcpu: args.per_vcpu,
+            per_vcpu: args.report.per_vcpu,
         },
     )?;
-    match &args.output {
+    match &args.report.output {
         Some(path) => {
             fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?
         }
@@ -157,7 +157,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     if report.dropped.any() {
         warn!("some exits were not recorded in full: {:?}", report.dropped);
     }
-    if args.format != Format::Table && args.output.is_some() {
+    if args.report.format != Format::Table && args.report.output.is_some() {
         eprintln_status(&format!("{} exits recorded", report.total.count));
     }
     Ok(match end {

@@ -11,11 +11,11 @@ pub fn run(args: &ShowArgs) -> anyhow::Result<ExitCode> {
     let report = load_report(&args.record)?;
     let bytes = render::render(
         &report,
-        args.format,
+        args.report.format,
         Options {
-            per_vcpu: args.per_vcpu,
+            per_vcpu: args.report.per_vcpu,
         },
     )?;
-    write_output(args.output.as_deref(), &bytes)?;
+    write_output(args.report.output.as_deref(), &bytes)?;
     Ok(ExitCode::SUCCESS)
 }
