@@ -10,6 +10,7 @@
  * interrupts or paging, come from the host and are not fixed). Prints the counts it saw
  * and the lab's end marker.
  */
+#include <cpuid.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -30,7 +31,11 @@
 #define STR(x) #x
 #define XSTR(x) STR(x)
 
-/* RDI = CPUIDs to run, RSI = port writes to do. */
+/*
+ * RDI = CPUIDs to run, RSI = port writes to do. Then the guest reads the patched KVM's
+ * counters: leaf 0x4FFFFFFE for reason R8 (CPUID) into R10, for reason R9 (I/O) into
+ * R11, and the total leaf 0x4FFFFFFF into R12, and halts; the VMM prints them.
+ */
 __asm__(".pushsection .rodata\n"
         ".globl guest_code, guest_code_end\n"
         "guest_code:\n"
@@ -48,8 +53,19 @@ __asm__(".pushsection .rodata\n"
         "    out %al, (%dx)\n"
         "    dec %rsi\n"
         "    jmp 3b\n"
-        "4:  hlt\n"
-        "    jmp 4b\n"
+        "4:  mov $0x4ffffffe, %eax\n"
+        "    mov %r8d, %ecx\n"
+        "    cpuid\n"
+        "    mov %eax, %r10d\n"
+        "    mov $0x4ffffffe, %eax\n"
+        "    mov %r9d, %ecx\n"
+        "    cpuid\n"
+        "    mov %eax, %r11d\n"
+        "    mov $0x4fffffff, %eax\n"
+        "    cpuid\n"
+        "    mov %eax, %r12d\n"
+        "5:  hlt\n"
+        "    jmp 5b\n"
         "guest_code_end:\n"
         ".popsection\n");
 extern const uint8_t guest_code[], guest_code_end[];
@@ -154,8 +170,14 @@ int main(int argc, char **argv)
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
     if (ioctl(vcpu, KVM_SET_SREGS, &sregs) < 0)
         die("KVM_SET_SREGS");
+    /* The CPUID and I/O exit reasons of this CPU's vendor: VMX 10 and 30, SVM 0x72
+     * and 0x7b. */
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    __get_cpuid(0, &eax, &ebx, &ecx, &edx);
+    int amd = ebx == 0x68747541; /* "Auth" */
     struct kvm_regs regs = {
         .rip = CODE, .rflags = 2, .rdi = cpuids, .rsi = outs,
+        .r8 = amd ? 0x72 : 10, .r9 = amd ? 0x7b : 30,
     };
     if (ioctl(vcpu, KVM_SET_REGS, &regs) < 0)
         die("KVM_SET_REGS");
@@ -178,6 +200,12 @@ int main(int argc, char **argv)
             break;
         case KVM_EXIT_HLT:
             printf("micro: cpuid=%lu out=%lu hlt=1 (userspace exits %lu)\n", cpuids, seen_outs, runs);
+            if (ioctl(vcpu, KVM_GET_REGS, &regs) < 0)
+                die("KVM_GET_REGS");
+            /* Read before the HLT exit: each count includes its own CPUID query. */
+            printf("micro: leaves cpuid=%llu io=%llu total=%llu\n",
+                   (unsigned long long)regs.r10, (unsigned long long)regs.r11,
+                   (unsigned long long)regs.r12);
             if (seen_outs != outs) {
                 fprintf(stderr, "micro: expected %lu port writes, saw %lu\n", outs, seen_outs);
                 return 1;
