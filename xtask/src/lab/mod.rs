@@ -111,6 +111,9 @@ pub struct Options {
     /// Debian's stock ones, or a deliberately wrong TEST-ONLY variant of the patch.
     #[arg(long, value_enum, default_value_t = Modules::Patched)]
     pub modules: Modules,
+    /// Short for `--modules stock`: Debian's unpatched kvm modules.
+    #[arg(long, conflicts_with = "modules")]
+    pub stock: bool,
     /// How many VMs run one after the other in each mode (each must start from zero).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
     pub vms: u8,
@@ -151,6 +154,17 @@ const L2_MEMORY_MB: u32 = 128;
 /// The target kvmtrace is built for, statically linked, for L1 and L2.
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 const L1_MEMORY_MB: u32 = 1024;
+
+impl Options {
+    /// The modules to load, with `--stock` applied.
+    fn module_set(&self) -> Modules {
+        if self.stock {
+            Modules::Stock
+        } else {
+            self.modules
+        }
+    }
+}
 
 impl Isa {
     fn name(self) -> &'static str {
@@ -375,7 +389,7 @@ fn prepare_inputs(
     let kernel = kroot.join(format!("boot/vmlinuz-{abi}"));
     let kdir = kroot.join(format!("lib/modules/{abi}/kernel"));
     let mut modules: Vec<PathBuf> = opts.isa.modules().iter().map(|m| kdir.join(m)).collect();
-    let patched_dir = match (&opts.kvm_modules, opts.modules.variant()) {
+    let patched_dir = match (&opts.kvm_modules, opts.module_set().variant()) {
         (Some(dir), _) => Some(dir.clone()),
         (None, Some(variant)) => {
             s.message(format!("cargo xtask kmod --variant {variant:?}"));
@@ -685,7 +699,7 @@ fn guest_readout(
     let guest = dir.join("guest.json");
     report::write(dir, "guest.json", &text)?;
     let (Some((kvmtrace, _)), Modules::Patched | Modules::SlowpathOnly | Modules::SurvivesReload) =
-        (&l1.kvmtrace, opts.modules)
+        (&l1.kvmtrace, opts.module_set())
     else {
         return Ok(None);
     };
@@ -708,7 +722,7 @@ fn guest_readout(
         println!("    {line}");
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    Ok(match (out.status.code(), opts.modules) {
+    Ok(match (out.status.code(), opts.module_set()) {
         (Some(0), _) => None,
         (Some(1), Modules::SlowpathOnly | Modules::SurvivesReload) => None,
         (code, _) => Some(format!(
