@@ -362,13 +362,13 @@ mod tests {
                     ..Regs::default()
                 },
                 (0x4fff_fffe, true) => Regs {
-                    eax: sub + 1,
+                    eax: sub.wrapping_add(1),
                     ebx: u32::from(sub == 48),
                     ..Regs::default()
                 },
                 (0x4fff_fffd, true) => Regs {
                     ebx: 0,
-                    ecx: (sub + 1) * 1000,
+                    ecx: sub.wrapping_add(1).wrapping_mul(1000),
                     ..Regs::default()
                 },
                 (l, false) if l > 0x4000_0001 && self.vendor == INTEL => xsave,
