@@ -1,74 +1,73 @@
 //! CSV: one row per reason, or per (VM, vCPU, reason) with `--per-vcpu`. Times in ns.
 
 use super::{Options, RenderError};
-use crate::report::Report;
+use crate::{
+    exit_reasons::Isa,
+    report::{Report, Totals},
+};
+
+/// The columns every row ends with, after the row's own key columns.
+const REASON_COLUMNS: [&str; 9] = [
+    "isa",
+    "reason",
+    "name",
+    "failed_entry",
+    "count",
+    "percent",
+    "timed",
+    "time_ns",
+    "mean_ns",
+];
+
+/// The [`REASON_COLUMNS`] of one row.
+fn reason_cells(
+    isa: Isa,
+    reason: u32,
+    name: &str,
+    failed_entry: bool,
+    t: &Totals,
+    all: u64,
+) -> [String; 9] {
+    [
+        isa.to_string(),
+        reason.to_string(),
+        name.to_owned(),
+        failed_entry.to_string(),
+        t.count.to_string(),
+        super::percent(t.count, all),
+        t.timed.to_string(),
+        t.time_ns.to_string(),
+        t.mean_ns().map(|m| m.to_string()).unwrap_or_default(),
+    ]
+}
 
 pub fn render(report: &Report, opts: Options) -> Result<Vec<u8>, RenderError> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    let total = report.total.count;
+    let all = report.total.count;
     if opts.per_vcpu {
-        w.write_record([
-            "pid",
-            "vcpu_id",
-            "isa",
-            "reason",
-            "name",
-            "failed_entry",
-            "count",
-            "percent",
-            "timed",
-            "time_ns",
-            "mean_ns",
-        ])?;
+        w.write_record(["pid", "vcpu_id"].into_iter().chain(REASON_COLUMNS))?;
         for r in &report.vcpus {
-            w.write_record([
-                r.pid.to_string(),
-                r.vcpu_id.to_string(),
-                r.isa.to_string(),
-                r.reason.to_string(),
-                r.name.clone(),
-                r.failed_entry.to_string(),
-                r.totals.count.to_string(),
-                super::percent(r.totals.count, total),
-                r.totals.timed.to_string(),
-                r.totals.time_ns.to_string(),
-                r.totals
-                    .mean_ns()
-                    .map(|m| m.to_string())
-                    .unwrap_or_default(),
-            ])?;
+            let key = [r.pid.to_string(), r.vcpu_id.to_string()];
+            let cells = reason_cells(r.isa, r.reason, &r.name, r.failed_entry, &r.totals, all);
+            w.write_record(key.into_iter().chain(cells))?;
         }
     } else {
-        w.write_record([
-            "isa",
-            "reason",
-            "name",
-            "failed_entry",
-            "count",
-            "percent",
-            "timed",
-            "time_ns",
-            "mean_ns",
-        ])?;
+        w.write_record(REASON_COLUMNS)?;
         for r in &report.reasons {
-            w.write_record([
-                r.isa.to_string(),
-                r.reason.to_string(),
-                r.name.clone(),
-                r.failed_entry.to_string(),
-                r.totals.count.to_string(),
-                super::percent(r.totals.count, total),
-                r.totals.timed.to_string(),
-                r.totals.time_ns.to_string(),
-                r.mean_ns.map(|m| m.to_string()).unwrap_or_default(),
-            ])?;
+            w.write_record(reason_cells(
+                r.isa,
+                r.reason,
+                &r.name,
+                r.failed_entry,
+                &r.totals,
+                all,
+            ))?;
         }
     }
     w.flush().map_err(csv::Error::from)?;
     w.into_inner()
         .map_err(|e| RenderError::Csv(csv::Error::from(e.into_error())))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
