@@ -25,19 +25,31 @@ fn new_table(header: &[&str]) -> Table {
     t
 }
 
-fn time_cells(t: &Totals) -> [String; 2] {
-    [
-        human_ns(t.time_ns),
-        t.mean_ns().map(human_ns).unwrap_or_else(|| "-".to_owned()),
-    ]
-}
+/// The columns every row ends with, after the row's own key columns.
+const REASON_HEADER: [&str; 6] = [
+    "reason",
+    "name",
+    "count",
+    "% exits",
+    "total time",
+    "mean time",
+];
 
-fn reason_label(reason: u32, failed_entry: bool) -> String {
-    if failed_entry {
+/// The [`REASON_HEADER`] cells of one row.
+fn reason_cells(reason: u32, failed_entry: bool, name: &str, t: &Totals, all: u64) -> [String; 6] {
+    let label = if failed_entry {
         format!("{reason} (failed entry)")
     } else {
         reason.to_string()
-    }
+    };
+    [
+        label,
+        name.to_owned(),
+        t.count.to_string(),
+        percent(t.count, all),
+        human_ns(t.time_ns),
+        t.mean_ns().map(human_ns).unwrap_or_else(|| "-".to_owned()),
+    ]
 }
 
 pub fn render(report: &Report, opts: Options) -> String {
@@ -64,16 +76,8 @@ pub fn render(report: &Report, opts: Options) -> String {
     );
     let total = report.total.count;
     let table = if opts.per_vcpu {
-        let mut t = new_table(&[
-            "VM",
-            "vcpu",
-            "reason",
-            "name",
-            "count",
-            "% exits",
-            "total time",
-            "mean time",
-        ]);
+        let header: Vec<&str> = ["VM", "vcpu"].into_iter().chain(REASON_HEADER).collect();
+        let mut t = new_table(&header);
         for r in &report.vcpus {
             let comm = report
                 .vms
@@ -81,38 +85,24 @@ pub fn render(report: &Report, opts: Options) -> String {
                 .find(|v| v.pid == r.pid)
                 .and_then(|v| v.comm.clone())
                 .unwrap_or_default();
-            let [time, mean] = time_cells(&r.totals);
-            t.add_row([
+            let key = [
                 format!("{} {comm}", r.pid).trim_end().to_owned(),
                 r.vcpu_id.to_string(),
-                reason_label(r.reason, r.failed_entry),
-                r.name.clone(),
-                r.totals.count.to_string(),
-                percent(r.totals.count, total),
-                time,
-                mean,
-            ]);
+            ];
+            let cells = reason_cells(r.reason, r.failed_entry, &r.name, &r.totals, total);
+            t.add_row(key.into_iter().chain(cells));
         }
         t
     } else {
-        let mut t = new_table(&[
-            "reason",
-            "name",
-            "count",
-            "% exits",
-            "total time",
-            "mean time",
-        ]);
+        let mut t = new_table(&REASON_HEADER);
         for r in &report.reasons {
-            let [time, mean] = time_cells(&r.totals);
-            t.add_row([
-                reason_label(r.reason, r.failed_entry),
-                r.name.clone(),
-                r.totals.count.to_string(),
-                percent(r.totals.count, total),
-                time,
-                mean,
-            ]);
+            t.add_row(reason_cells(
+                r.reason,
+                r.failed_entry,
+                &r.name,
+                &r.totals,
+                total,
+            ));
         }
         t
     };
