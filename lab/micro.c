@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MICRO_PORT 0x1e0
@@ -183,6 +184,8 @@ int main(int argc, char **argv)
         die("KVM_SET_REGS");
 
     unsigned long seen_outs = 0, runs = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         if (ioctl(vcpu, KVM_RUN, 0) < 0) {
             if (errno == EINTR)
@@ -199,7 +202,11 @@ int main(int argc, char **argv)
             seen_outs += run->io.count;
             break;
         case KVM_EXIT_HLT:
+            clock_gettime(CLOCK_MONOTONIC, &t1);
             printf("micro: cpuid=%lu out=%lu hlt=1 (userspace exits %lu)\n", cpuids, seen_outs, runs);
+            /* From the first KVM_RUN to the HLT exit: the guest's run, in L1 time. */
+            printf("micro: run_ns=%lld\n",
+                   (long long)(t1.tv_sec - t0.tv_sec) * 1000000000ll + (t1.tv_nsec - t0.tv_nsec));
             if (ioctl(vcpu, KVM_GET_REGS, &regs) < 0)
                 die("KVM_GET_REGS");
             /* Read before the HLT exit: each count includes its own CPUID query. */

@@ -15,7 +15,7 @@ pub mod isa {
 
 /// Map sizes. A full map is never silent: every failed insert bumps a [`drop_kind`] slot.
 pub mod limits {
-    /// Distinct (isa, reason, failed-entry) keys.
+    /// Distinct (phase, isa, reason, failed-entry) keys.
     pub const MAX_REASONS: u32 = 1024;
     /// Distinct (VM pid, vcpu, isa, reason, failed-entry) keys.
     pub const MAX_VCPU_ROWS: u32 = 16384;
@@ -32,6 +32,8 @@ pub mod limits {
     pub const MAX_VMS: u32 = 1024;
     /// Bytes of the CPUID snapshot ring buffer (drained every 100 ms).
     pub const CPUID_RING_BYTES: u32 = 16 << 20;
+    /// Bytes of that ring buffer when no snapshots are taken (one page: it stays empty).
+    pub const CPUID_RING_MIN_BYTES: u32 = 4096;
     /// log2 buckets of the exit-handling time histogram: bucket b holds
     /// durations in [2^b, 2^(b+1)) ns; bucket 0 also holds 0 ns.
     pub const HIST_BUCKETS: u32 = 48;
@@ -86,6 +88,8 @@ pub mod globals {
     pub const LEAF_TOTAL: &str = "LEAF_TOTAL";
     pub const LEAF_COUNT: &str = "LEAF_COUNT";
     pub const LEAF_CYCLES: &str = "LEAF_CYCLES";
+    /// Offset of `name` (a `__data_loc char[]`) in the `module:module_load` record.
+    pub const MODULE_NAME_OFF: &str = "MODULE_NAME_OFF";
 }
 
 /// Names of the eBPF maps.
@@ -99,6 +103,15 @@ pub mod maps {
     pub const VM_EXITS: &str = "VM_EXITS";
     pub const VM_TOTALS: &str = "VM_TOTALS";
     pub const CPUID_EVENTS: &str = "CPUID_EVENTS";
+    pub const PHASE: &str = "PHASE";
+}
+
+/// The kvm vendor modules whose load starts a new phase. A module cannot be removed
+/// while a VM holds `/dev/kvm`, so every exit of a phase ran under one load of it.
+pub mod vendor {
+    /// NUL-terminated, as the `module:module_load` record holds them.
+    pub const INTEL: &[u8; 10] = b"kvm_intel\0";
+    pub const AMD: &[u8; 8] = b"kvm_amd\0";
 }
 
 /// Low 16 bits of a VMX exit reason: the basic exit reason (SDM Vol. 3C, 28.2.1).
@@ -137,6 +150,16 @@ impl ExitKey {
     }
 }
 
+/// Key of the per-reason map: the reason within one phase (phase `n` began with the
+/// `n`-th load of a kvm vendor module since the probe attached; 0 is what was loaded
+/// before).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PhaseExitKey {
+    pub phase: u32,
+    pub exit: ExitKey,
+}
+
 /// Count and handling time of one key. `timed` counts the exits whose next
 /// `kvm:kvm_entry` was seen; `time_ns` sums their exit→entry time.
 #[repr(C)]
@@ -171,7 +194,8 @@ pub struct HistKey {
 pub struct PendingExit {
     pub start_ns: u64,
     pub vcpu: VcpuKey,
-    pub _pad: u32,
+    /// The phase the exit was counted in.
+    pub phase: u32,
 }
 
 /// Key of the per-VM count map that CPUID snapshots read.
@@ -219,6 +243,7 @@ pub fn hist_bucket(ns: u64) -> u32 {
 mod pod {
     // SAFETY: all of these are repr(C), Copy, and made of u32/u64 with no padding.
     unsafe impl aya::Pod for super::ExitKey {}
+    unsafe impl aya::Pod for super::PhaseExitKey {}
     unsafe impl aya::Pod for super::ExitStats {}
     unsafe impl aya::Pod for super::VcpuKey {}
     unsafe impl aya::Pod for super::HistKey {}

@@ -1,6 +1,8 @@
 //! kvmtrace's eBPF side: counts every `kvm:kvm_exit` by (isa, reason) and by
 //! (VM, vCPU, isa, reason), and times each exit until the same thread's next
-//! `kvm:kvm_entry`.
+//! `kvm:kvm_entry`. Per-reason counts are split into phases: each load of a kvm vendor
+//! module (`module:module_load`) starts a new one, so a record that spans
+//! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
 //!
 //! Counters live in per-CPU maps and are bumped with plain adds: a per-CPU slot has one
 //! writer. Every insert that fails bumps a `DROPS` slot, so nothing is lost silently.
@@ -19,14 +21,14 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    CpuidEvent, ExitKey, ExitStats, HistKey, PendingExit, VcpuKey, VmExitKey, drop_kind,
-    hist_bucket, limits,
+    CpuidEvent, ExitKey, ExitStats, HistKey, PendingExit, PhaseExitKey, VcpuKey, VmExitKey,
+    drop_kind, hist_bucket, limits, vendor,
 };
 
 #[unsafe(no_mangle)]
@@ -61,9 +63,11 @@ static LEAF_TOTAL: u32 = 0;
 static LEAF_COUNT: u32 = 0;
 #[unsafe(no_mangle)]
 static LEAF_CYCLES: u32 = 0;
+#[unsafe(no_mangle)]
+static MODULE_NAME_OFF: u32 = 12;
 
 #[map]
-static EXITS: PerCpuHashMap<ExitKey, ExitStats> =
+static EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_REASONS, 0);
 #[map]
 static VCPU_EXITS: PerCpuHashMap<VcpuKey, ExitStats> =
@@ -85,6 +89,9 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT,
 static VM_EXITS: HashMap<VmExitKey, u64> = HashMap::with_max_entries(limits::MAX_VM_ROWS, 0);
 #[map]
 static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
+/// Slot 0: the current phase, bumped at each load of a kvm vendor module.
+#[map]
+static PHASE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static CPUID_EVENTS: RingBuf = RingBuf::with_byte_size(limits::CPUID_RING_BYTES, 0);
 
@@ -178,17 +185,15 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         return;
     }
     let exit = ExitKey::from_raw(isa, raw_reason);
+    let phase = PHASE.get(0).copied().unwrap_or(0);
     let one = ExitStats {
         count: 1,
         timed: 0,
         time_ns: 0,
     };
-    if !add_stats(&EXITS, &exit, &one) {
+    // A full map is counted, not logged: a log line per exit would flood the host.
+    if !add_stats(&EXITS, &PhaseExitKey { phase, exit }, &one) {
         count_drop(drop_kind::EXIT_MAP_FULL);
-        warn!(
-            ctx,
-            "exit map full: isa {} reason {:x} counted as dropped", isa, raw_reason
-        );
         return;
     }
     let vcpu = VcpuKey {
@@ -208,7 +213,7 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     let pending = PendingExit {
         start_ns: now,
         vcpu,
-        _pad: 0,
+        phase,
     };
     if PENDING.insert(&tid, &pending, u64::from(BPF_ANY)).is_err() {
         count_drop(drop_kind::PENDING_MAP_FULL);
@@ -239,7 +244,11 @@ fn try_kvm_entry() {
         time_ns: elapsed,
     };
     // Both entries exist unless the exit's insert failed, which was counted then.
-    add_stats(&EXITS, &pending.vcpu.exit, &timed);
+    let key = PhaseExitKey {
+        phase: pending.phase,
+        exit: pending.vcpu.exit,
+    };
+    add_stats(&EXITS, &key, &timed);
     add_stats(&VCPU_EXITS, &pending.vcpu, &timed);
     let hist = HistKey {
         exit: pending.vcpu.exit,
@@ -330,6 +339,27 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
     if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
         count_drop(drop_kind::CPUID_RING_FULL);
     }
+}
+
+/// Starts a new phase when kvm_intel or kvm_amd is loaded. It runs before the module's
+/// init, so before any exit of a VM under the new load.
+#[tracepoint(category = "module", name = "module_load")]
+pub fn module_load(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the format file; read_at checks bounds.
+    let Ok(loc) = (unsafe { ctx.read_at::<u32>(global(&MODULE_NAME_OFF) as usize) }) else {
+        return 0;
+    };
+    // __data_loc: the low 16 bits are the string's offset in the record.
+    let at = (loc & 0xffff) as usize;
+    // SAFETY: read_at checks bounds; a short read of a shorter name fails or differs.
+    let is_vendor = unsafe { ctx.read_at::<[u8; 10]>(at) }.is_ok_and(|n| n == *vendor::INTEL)
+        // SAFETY: as above.
+        || unsafe { ctx.read_at::<[u8; 8]>(at) }.is_ok_and(|n| n == *vendor::AMD);
+    if is_vendor && let Some(slot) = PHASE.get_ptr_mut(0) {
+        // SAFETY: a live map value; module loads are serialised, the add is atomic anyway.
+        unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
+    0
 }
 
 /// Adds forked children of traced processes to the filter, so `kvmtrace record -- CMD`

@@ -223,6 +223,18 @@ pub struct RecordArgs {
     #[command(flatten)]
     pub leaves: LeafArgs,
 
+    /// Room for this many (reason, phase) rows; exits beyond it are still in the total,
+    /// counted as `dropped.exit_map_full`.
+    #[arg(long, value_name = "N", default_value_t = tracer_common::limits::MAX_REASONS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS))]
+    pub max_reasons: u32,
+
+    /// Room for this many (VM, vCPU, reason) rows; exits beyond it are in the per-reason
+    /// rows only, counted as `dropped.vcpu_map_full`.
+    #[arg(long, value_name = "N", default_value_t = tracer_common::limits::MAX_VCPU_ROWS,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS))]
+    pub max_vcpu_rows: u32,
+
     /// The exit tracepoint (for tests and patched kernels).
     #[arg(long, hide = true, default_value = "kvm:kvm_exit", value_parser = Tracepoint::parse)]
     pub exit_tracepoint: Tracepoint,
@@ -243,6 +255,9 @@ pub struct ReasonsArgs {
     #[arg(long, value_parser = parse_isa)]
     pub isa: Option<Isa>,
 }
+
+/// The largest map kvmtrace asks for (each row is a few dozen bytes per CPU).
+const MAX_MAP_ROWS: i64 = 1 << 20;
 
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
     let secs: f64 = text

@@ -60,9 +60,30 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// Peak resident memory of this process, KiB (`getrusage`); 0 if unknown.
+pub fn peak_rss_kib() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    u64::try_from(usage.ru_maxrss).unwrap_or(0)
+}
+
+/// Whether the kernel measures eBPF run times (`sysctl kernel.bpf_stats_enabled`).
+pub fn bpf_stats_enabled() -> bool {
+    fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_has_a_peak_rss() {
+        assert!(peak_rss_kib() > 0);
+    }
 
     #[test]
     fn reads_ept_and_npt() {

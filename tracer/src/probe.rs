@@ -5,11 +5,13 @@ use std::collections::BTreeSet;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProgramError, TracePoint},
 };
 use thiserror::Error;
-use tracer_common::{CpuidEvent, ExitKey, ExitStats, HistKey, VcpuKey, drop_kind, globals, maps};
+use tracer_common::{
+    CpuidEvent, ExitStats, HistKey, PhaseExitKey, VcpuKey, drop_kind, globals, limits, maps,
+};
 
 use crate::{
     guest::Leaves,
@@ -67,6 +69,18 @@ pub struct ProbeConfig {
     pub vcpu: Option<u32>,
     /// Snapshot the host's counts at each guest read of these leaves.
     pub snapshots: Option<Leaves>,
+    /// Entries of the per-reason map (one per phase and reason).
+    pub max_reasons: u32,
+    /// Entries of the per-vCPU map (one per VM, vCPU and reason).
+    pub max_vcpu_rows: u32,
+}
+
+/// What one of the probe's programs cost so far (`kernel.bpf_stats_enabled`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramCost {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 impl Default for ProbeConfig {
@@ -77,6 +91,8 @@ impl Default for ProbeConfig {
             pids: BTreeSet::new(),
             vcpu: None,
             snapshots: None,
+            max_reasons: limits::MAX_REASONS,
+            max_vcpu_rows: limits::MAX_VCPU_ROWS,
         }
     }
 }
@@ -87,7 +103,20 @@ pub struct Probe {
     /// Forwards the eBPF side's warnings (full maps) to the `log` crate.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     cpuid_events: RingBuf<MapData>,
+    /// False when this kernel has no `module:module_load`: everything is phase 0.
+    tracks_phases: bool,
 }
+
+/// The programs, in attach order: the entry and fork programs first, so an exit is only
+/// timed once its entry program is attached and children forked from now on are
+/// followed.
+const PROGRAMS: [&str; 5] = [
+    "kvm_entry",
+    "sched_process_fork",
+    "kvm_cpuid",
+    "module_load",
+    "kvm_exit",
+];
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ProbeError {
     move |source| ProbeError::Map { map, source }
@@ -122,8 +151,28 @@ impl Probe {
         let leaf_cycles = leaves.and_then(|l| l.cycles).unwrap_or(0);
         let filter_enabled = u32::from(!config.pids.is_empty());
         let vcpu_filter = config.vcpu.unwrap_or(u32::MAX);
+        // Optional: without it a vendor module reload does not start a new phase.
+        let module_tp = Tracepoint::new("module", "module_load");
+        let module_name_off = tracefs.offset(&module_tp, "name").ok();
+        let name_off = module_name_off.unwrap_or(0);
 
         let mut loader = EbpfLoader::new();
+        loader
+            // No CO-RE relocations: field offsets come from tracefs.
+            .btf(None)
+            .map_max_entries(maps::EXITS, config.max_reasons)
+            .map_max_entries(maps::VCPU_EXITS, config.max_vcpu_rows)
+            // The kernel maps all of a ring buffer's pages (twice) into our memory at
+            // once: only size it for snapshots when they are taken.
+            .map_max_entries(
+                maps::CPUID_EVENTS,
+                if leaves.is_some() {
+                    limits::CPUID_RING_BYTES
+                } else {
+                    limits::CPUID_RING_MIN_BYTES
+                },
+            )
+            .override_global(globals::MODULE_NAME_OFF, &name_off, true);
         for (name, off) in &cpuid_offsets {
             loader.override_global(name, off, true);
         }
@@ -160,14 +209,20 @@ impl Probe {
             }
         }
 
-        // The entry and fork programs first: an exit is only timed once its entry
-        // program is attached, and children forked from now on are followed.
-        for (program, tp) in [
-            ("kvm_entry", &config.entry_tracepoint),
-            ("sched_process_fork", &fork_tp),
-            ("kvm_cpuid", &cpuid_tp),
-            ("kvm_exit", exit_tp),
-        ] {
+        for program in PROGRAMS {
+            let tp = match program {
+                "kvm_entry" => &config.entry_tracepoint,
+                "sched_process_fork" => &fork_tp,
+                "kvm_cpuid" => &cpuid_tp,
+                "module_load" if module_name_off.is_none() => {
+                    log::info!(
+                        "this kernel has no {module_tp}: a kvm module reload during the record does not start a new phase"
+                    );
+                    continue;
+                }
+                "module_load" => &module_tp,
+                _ => exit_tp,
+            };
             let prog = ebpf
                 .program_mut(program)
                 .ok_or_else(|| ProbeError::Program {
@@ -199,7 +254,40 @@ impl Probe {
             ebpf,
             logger,
             cpuid_events,
+            tracks_phases: module_name_off.is_some(),
         })
+    }
+
+    /// Whether a vendor module load starts a new phase on this kernel.
+    pub fn tracks_phases(&self) -> bool {
+        self.tracks_phases
+    }
+
+    /// The current phase: how many times kvm_intel or kvm_amd was loaded since attach.
+    pub fn phase(&self) -> Result<u32, ProbeError> {
+        let phase: Array<&MapData, u32> = Array::try_from(
+            self.ebpf
+                .map(maps::PHASE)
+                .ok_or(ProbeError::MissingMap(maps::PHASE))?,
+        )
+        .map_err(map_err(maps::PHASE))?;
+        phase.get(&0, 0).map_err(map_err(maps::PHASE))
+    }
+
+    /// Run counts and times of the probe's programs. The times stay 0 unless
+    /// `kernel.bpf_stats_enabled` is 1.
+    pub fn costs(&self) -> Vec<ProgramCost> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let info = prog.info().ok()?;
+                Some(ProgramCost {
+                    name: name.to_owned(),
+                    run_count: info.run_count(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
     }
 
     /// Takes the guest counter-leaf reads recorded since the last call.
@@ -236,11 +324,11 @@ impl Probe {
         let map = |name: &'static str| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));
         let mut snap = Snapshot::default();
 
-        let exits: PerCpuHashMap<&MapData, ExitKey, ExitStats> =
+        let exits: PerCpuHashMap<&MapData, PhaseExitKey, ExitStats> =
             PerCpuHashMap::try_from(map(maps::EXITS)?).map_err(map_err(maps::EXITS))?;
         for item in exits.iter() {
             let (key, per_cpu) = item.map_err(map_err(maps::EXITS))?;
-            snap.exits.insert(key, sum_stats(per_cpu.iter())?);
+            snap.add_exits(key.phase, key.exit, sum_stats(per_cpu.iter())?)?;
         }
 
         let vcpus: PerCpuHashMap<&MapData, VcpuKey, ExitStats> =

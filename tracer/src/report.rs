@@ -30,6 +30,14 @@
 //!   "dropped": { "exit_map_full": 0, "vcpu_map_full": 0, "hist_map_full": 0,
 //!                "pending_map_full": 0, "read_failed": 0, "filter_map_full": 0,
 //!                "vm_map_full": 0, "cpuid_ring_full": 0 },
+//!   "phases": [
+//!     { "phase": 0, "paging": { "module": "kvm_intel", "parameter": "ept", "nested": true },
+//!       "since": "2026-11-24T16:00:00.000000Z", "total": { "count": 6800, "timed": 6799, "time_ns": 123456789 },
+//!       "reasons": [ { "isa": "vmx", "reason": 30, "failed_entry": false, "name": "IO_INSTRUCTION",
+//!                      "count": 1387, "timed": 1387, "time_ns": 45678901 } ] }
+//!   ],
+//!   "cost": { "attach_ns": 41000000, "peak_rss_kib": 9200, "bpf_stats": true,
+//!             "programs": [ { "name": "kvm_exit", "run_count": 6800, "run_time_ns": 1904000 } ] },
 //!   "leaves": { "total": 1342177279, "count": 1342177278, "cycles": 1342177277 },
 //!   "cpuid_reads": [
 //!     { "ts_ns": 123456789, "pid": 1234, "tid": 1240, "kind": "count",
@@ -48,6 +56,14 @@
 //! - `leaves` and `cpuid_reads` are present with `record --snapshots`: every guest read of
 //!   a counter leaf, the registers it got, and the host's own count for that VM at that
 //!   instant (the read's own CPUID exit included), for `kvmtrace reconcile`.
+//! - `phases`: the same counts split at each load of kvm_intel / kvm_amd during the run
+//!   (`rmmod kvm_intel; insmod kvm-intel.ko ept=0` starts phase 1), each with the paging
+//!   mode that load had (`null` when it was reloaded again before kvmtrace looked).
+//!   Phase 0 is whatever was loaded when the record began. A VM cannot outlive its
+//!   module, so every VM's exits fall in one phase.
+//! - `cost`: what kvmtrace itself cost: time from its start to all probes attached, its
+//!   peak resident memory, and each eBPF program's run count and run time (the times
+//!   are 0 unless `sysctl kernel.bpf_stats_enabled=1`, then `bpf_stats` is true).
 //! - `total.count` includes exits that were counted only in `dropped` (a full map or
 //!   an unreadable field). Any non-zero `dropped` field means some detail is missing.
 
@@ -165,8 +181,59 @@ pub struct Filter {
     pub vcpu: Option<u32>,
 }
 
-/// Facts about the run that the maps do not hold.
+/// The reasons of one phase (a load of the kvm vendor module).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseRow {
+    pub phase: u32,
+    /// The paging mode of that load; `None` when it is not known.
+    pub paging: Option<Paging>,
+    /// When kvmtrace first saw the phase (the record's start for phase 0).
+    pub since: Option<DateTime<Utc>>,
+    pub total: Totals,
+    pub reasons: Vec<PhaseReason>,
+}
+
+/// One reason within a phase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseReason {
+    pub isa: Isa,
+    pub reason: u32,
+    pub failed_entry: bool,
+    pub name: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// What kvmtrace knew of a phase when it saw it begin.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhaseInfo {
+    pub paging: Option<Paging>,
+    pub since: DateTime<Utc>,
+}
+
+/// What one eBPF program cost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramCost {
+    pub name: String,
+    pub run_count: u64,
+    /// 0 unless `kernel.bpf_stats_enabled` was 1.
+    pub run_time_ns: u64,
+}
+
+/// What kvmtrace itself cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    /// From the start of the command to every program attached.
+    pub attach_ns: u64,
+    /// Peak resident memory of the kvmtrace process.
+    pub peak_rss_kib: u64,
+    /// Whether `kernel.bpf_stats_enabled` was on, so run times were measured.
+    pub bpf_stats: bool,
+    pub programs: Vec<ProgramCost>,
+}
+
+/// Facts about the run that the maps do not hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunInfo {
     pub kernel_release: String,
     pub paging: Option<Paging>,
@@ -177,6 +244,9 @@ pub struct RunInfo {
     pub comms: BTreeMap<u32, String>,
     /// The counter leaves whose guest reads were snapshotted.
     pub leaves: Option<Leaves>,
+    /// The phases kvmtrace saw begin, by number.
+    pub phases: BTreeMap<u32, PhaseInfo>,
+    pub cost: Option<Cost>,
 }
 
 /// Which counter leaf a guest read.
@@ -260,6 +330,12 @@ pub struct Report {
     pub vms: Vec<VmRow>,
     pub vcpus: Vec<VcpuRow>,
     pub dropped: Dropped,
+    /// The counts split at each load of the kvm vendor module.
+    #[serde(default)]
+    pub phases: Vec<PhaseRow>,
+    /// What kvmtrace itself cost (written by `record`).
+    #[serde(default)]
+    pub cost: Option<Cost>,
     /// The leaves snapshotted with `--snapshots`.
     #[serde(default)]
     pub leaves: Option<Leaves>,
@@ -279,6 +355,39 @@ pub enum ParseError {
 
 fn name_of(exit: &ExitKey) -> String {
     exit_reasons::name(Isa::from_raw(exit.isa), exit.reason).into_owned()
+}
+
+fn phase_row(
+    phase: u32,
+    exits: &BTreeMap<ExitKey, ExitStats>,
+    info: Option<&PhaseInfo>,
+) -> Result<PhaseRow, Overflow> {
+    let mut reasons: Vec<PhaseReason> = exits
+        .iter()
+        .map(|(exit, stats)| PhaseReason {
+            isa: Isa::from_raw(exit.isa),
+            reason: exit.reason,
+            failed_entry: exit.failed_entry != 0,
+            name: name_of(exit),
+            totals: Totals::from(*stats),
+        })
+        .collect();
+    reasons.sort_by(|a, b| {
+        b.totals
+            .count
+            .cmp(&a.totals.count)
+            .then((a.isa, a.reason, a.failed_entry).cmp(&(b.isa, b.reason, b.failed_entry)))
+    });
+    let total = reasons
+        .iter()
+        .try_fold(Totals::default(), |acc, r| acc.checked_add(r.totals))?;
+    Ok(PhaseRow {
+        phase,
+        paging: info.and_then(|i| i.paging.clone()),
+        since: info.map(|i| i.since),
+        total,
+        reasons,
+    })
 }
 
 impl Report {
@@ -356,6 +465,11 @@ impl Report {
             .iter()
             .map(|e| CpuidRead::new(e, info.leaves))
             .collect();
+        let phases = snap
+            .phases
+            .iter()
+            .map(|(&phase, exits)| phase_row(phase, exits, info.phases.get(&phase)))
+            .collect::<Result<_, _>>()?;
         let duration_ns = (info.ended_at - info.started_at)
             .num_nanoseconds()
             .and_then(|n| u64::try_from(n).ok())
@@ -374,6 +488,8 @@ impl Report {
             vms,
             vcpus,
             dropped,
+            phases,
+            cost: info.cost,
             leaves: info.leaves,
             cpuid_reads,
         })
@@ -463,7 +579,7 @@ pub(crate) mod tests {
             ended_at: t0 + chrono::Duration::milliseconds(1500),
             filter: Filter::default(),
             comms: [(42, "qemu".to_owned())].into(),
-            leaves: None,
+            ..RunInfo::default()
         };
         Report::build(&snap, info).unwrap_or_else(|e| panic!("build: {e}"))
     }
@@ -500,6 +616,60 @@ pub(crate) mod tests {
             "one VM: its rows sum to the totals"
         );
         assert_eq!(r.vms[0].comm.as_deref(), Some("qemu"));
+    }
+
+    #[test]
+    fn phases_keep_their_paging_mode() {
+        let mut snap = Snapshot::default();
+        let cpuid = ExitKey::from_raw(1, 10);
+        let cr = ExitKey::from_raw(1, 28);
+        for (phase, exit, n) in [(0, cpuid, 5), (1, cpuid, 5), (1, cr, 9)] {
+            snap.add_exits(phase, exit, stats(n, n, n))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let paging = |nested| Paging {
+            module: "kvm_intel".into(),
+            parameter: "ept".into(),
+            nested,
+        };
+        let t0 = DateTime::<Utc>::default();
+        let info = RunInfo {
+            phases: [
+                (
+                    0,
+                    PhaseInfo {
+                        paging: Some(paging(true)),
+                        since: t0,
+                    },
+                ),
+                (
+                    1,
+                    PhaseInfo {
+                        paging: Some(paging(false)),
+                        since: t0,
+                    },
+                ),
+            ]
+            .into(),
+            ..RunInfo::default()
+        };
+        let r = Report::build(&snap, info).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.total.count, 19);
+        assert_eq!(r.phases.len(), 2);
+        assert_eq!(r.phases[0].total.count, 5);
+        assert_eq!(
+            r.phases[0].paging.as_ref().map(Paging::label).as_deref(),
+            Some("ept=1")
+        );
+        assert_eq!(r.phases[1].total.count, 14);
+        assert_eq!(r.phases[1].reasons[0].name, "CR_ACCESS");
+        assert_eq!(
+            r.phases[1].paging.as_ref().map(Paging::label).as_deref(),
+            Some("ept=0")
+        );
+        let back = Report::from_json(&serde_json::to_string(&r).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, r);
     }
 
     #[test]

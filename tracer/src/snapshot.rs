@@ -60,8 +60,11 @@ impl Drops {
 /// The maps' contents, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Per (isa, reason, failed-entry).
+    /// Per (isa, reason, failed-entry), all phases together.
     pub exits: BTreeMap<ExitKey, ExitStats>,
+    /// The same per phase: phase n began with the n-th load of a kvm vendor module
+    /// after the probe attached.
+    pub phases: BTreeMap<u32, BTreeMap<ExitKey, ExitStats>>,
     /// Per (VM pid, vcpu, isa, reason, failed-entry).
     pub vcpus: BTreeMap<VcpuKey, ExitStats>,
     /// Time histogram per exit key, indexed by bucket.
@@ -72,6 +75,25 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Adds the stats of `exit` in `phase`, to that phase and to the all-phase total.
+    pub fn add_exits(
+        &mut self,
+        phase: u32,
+        exit: ExitKey,
+        stats: ExitStats,
+    ) -> Result<(), Overflow> {
+        let all = self.exits.entry(exit).or_default();
+        *all = sum_stats([&*all, &stats])?;
+        let one = self
+            .phases
+            .entry(phase)
+            .or_default()
+            .entry(exit)
+            .or_default();
+        *one = sum_stats([&*one, &stats])?;
+        Ok(())
+    }
+
     /// Adds `count` to histogram bucket `bucket` of `exit` (buckets past the last are
     /// folded into it).
     pub fn add_hist(&mut self, exit: ExitKey, bucket: u32, count: u64) -> Result<(), Overflow> {
@@ -138,6 +160,21 @@ mod tests {
         s.drops.0[drop_kind::EXIT_MAP_FULL as usize] = 2;
         s.drops.0[drop_kind::VCPU_MAP_FULL as usize] = 9; // counted in exits already
         assert_eq!(s.total_exits(), Ok(7));
+    }
+
+    #[test]
+    fn phases_add_up_to_the_total() {
+        let mut s = Snapshot::default();
+        let cpuid = ExitKey::from_raw(1, 10);
+        assert_eq!(s.add_exits(0, cpuid, stats(3, 3, 30)), Ok(()));
+        assert_eq!(s.add_exits(1, cpuid, stats(4, 3, 40)), Ok(()));
+        assert_eq!(s.exits[&cpuid], stats(7, 6, 70));
+        assert_eq!(s.phases[&0][&cpuid], stats(3, 3, 30));
+        assert_eq!(s.phases[&1][&cpuid], stats(4, 3, 40));
+        assert_eq!(
+            s.add_exits(2, cpuid, stats(u64::MAX, 0, 0)),
+            Err(Overflow { what: "count" })
+        );
     }
 
     #[test]

@@ -1,21 +1,22 @@
 //! `kvmtrace record`: attach, wait for the end of the run, snapshot, report.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fs,
     io::Write as _,
     path::Path,
     process::ExitCode,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use chrono::Utc;
 use kvmtrace::{
     host, privileges,
+    probe::ProgramCost,
     probe::{Probe, ProbeConfig},
     render::{self, Format},
-    report::{Filter, Report, RunInfo},
+    report::{self, Cost, Filter, PhaseInfo, Report, RunInfo},
     tracefs::Tracefs,
 };
 use log::warn;
@@ -41,6 +42,7 @@ enum End {
 }
 
 pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
+    let start = Instant::now();
     if let Some(missing) = privileges::missing() {
         bail!(missing);
     }
@@ -70,10 +72,14 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         } else {
             None
         },
+        max_reasons: args.max_reasons,
+        max_vcpu_rows: args.max_vcpu_rows,
     };
     let mut probe = Probe::attach(&tracefs, &config)?;
+    let attach_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let started_at = Utc::now();
     let paging = host::paging();
+    let mut phases = Phases::new(&probe, paging.clone(), started_at)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -109,11 +115,15 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         loop {
             tokio::select! {
                 end = &mut ending => break end,
-                _ = drain.tick() => probe.drain_cpuid(&mut cpuid_reads),
+                _ = drain.tick() => {
+                    probe.drain_cpuid(&mut cpuid_reads);
+                    phases.look(&probe)?;
+                }
             }
         }
     })?;
     probe.drain_cpuid(&mut cpuid_reads);
+    phases.look(&probe)?;
     if let End::Signal(name) = end {
         eprintln_status(&format!("stopped by {name}"));
     }
@@ -121,6 +131,26 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let mut snapshot = probe.snapshot()?;
     snapshot.cpuid = cpuid_reads;
     let ended_at = Utc::now();
+    let cost = Cost {
+        attach_ns,
+        peak_rss_kib: host::peak_rss_kib(),
+        bpf_stats: host::bpf_stats_enabled(),
+        programs: probe
+            .costs()
+            .into_iter()
+            .map(
+                |ProgramCost {
+                     name,
+                     run_count,
+                     run_time_ns,
+                 }| report::ProgramCost {
+                    name,
+                    run_count,
+                    run_time_ns,
+                },
+            )
+            .collect(),
+    };
     drop(probe);
 
     for pid in snapshot.vcpus.keys().map(|k| k.pid) {
@@ -139,6 +169,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         },
         comms,
         leaves: config.snapshots,
+        phases: phases.seen,
+        cost: Some(cost),
     };
     let report = Report::build(&snapshot, info)?;
     let bytes = render::render(
@@ -167,6 +199,44 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         }
         End::Signal(_) | End::Duration | End::CommandExited(_) => ExitCode::SUCCESS,
     })
+}
+
+/// The phases seen so far, each with the paging mode its module load had.
+struct Phases {
+    seen: BTreeMap<u32, PhaseInfo>,
+}
+
+impl Phases {
+    fn new(
+        probe: &Probe,
+        paging: Option<host::Paging>,
+        since: chrono::DateTime<Utc>,
+    ) -> anyhow::Result<Self> {
+        let mut seen = BTreeMap::new();
+        seen.insert(probe.phase()?, PhaseInfo { paging, since });
+        Ok(Self { seen })
+    }
+
+    /// Notes a new phase. Called every 100 ms: a module reloaded twice within that
+    /// leaves the phase in between without a known paging mode.
+    fn look(&mut self, probe: &Probe) -> anyhow::Result<()> {
+        let phase = probe.phase()?;
+        if let Entry::Vacant(e) = self.seen.entry(phase) {
+            let paging = host::paging();
+            eprintln_status(&format!(
+                "kvm module reloaded ({}): phase {phase} begins",
+                paging.as_ref().map_or_else(
+                    || "now unloaded".to_owned(),
+                    |p| format!("{} {}", p.module, p.label())
+                )
+            ));
+            e.insert(PhaseInfo {
+                paging,
+                since: Utc::now(),
+            });
+        }
+        Ok(())
+    }
 }
 
 fn eprintln_status(msg: &str) {

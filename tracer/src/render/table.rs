@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
 use super::{Options, human_ns, percent};
-use crate::report::{Report, Totals};
+use crate::report::{PhaseRow, Report, Totals};
 
 fn new_table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -50,6 +50,44 @@ fn reason_cells(reason: u32, failed_entry: bool, name: &str, t: &Totals, all: u6
         human_ns(t.time_ns),
         t.mean_ns().map(human_ns).unwrap_or_else(|| "-".to_owned()),
     ]
+}
+
+fn phase_label(p: &PhaseRow) -> String {
+    match &p.paging {
+        Some(paging) => format!("phase {} {}", p.phase, paging.label()),
+        None => format!("phase {} (mode unknown)", p.phase),
+    }
+}
+
+/// Counts per reason and phase, when the kvm vendor module was reloaded during the run.
+fn phases_table(phases: &[PhaseRow]) -> Table {
+    let labels: Vec<String> = phases.iter().map(phase_label).collect();
+    let header: Vec<&str> = ["reason", "name"]
+        .into_iter()
+        .chain(labels.iter().map(String::as_str))
+        .collect();
+    let mut t = new_table(&header);
+    let mut keys: Vec<(crate::exit_reasons::Isa, u32, bool, &str)> = phases
+        .iter()
+        .flat_map(|p| &p.reasons)
+        .map(|r| (r.isa, r.reason, r.failed_entry, r.name.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut total_row = vec!["".to_owned(), "all".to_owned()];
+    total_row.extend(phases.iter().map(|p| p.total.count.to_string()));
+    t.add_row(total_row);
+    for (isa, reason, failed_entry, name) in keys {
+        let mut row = vec![reason.to_string(), name.to_owned()];
+        row.extend(phases.iter().map(|p| {
+            p.reasons
+                .iter()
+                .find(|r| (r.isa, r.reason, r.failed_entry) == (isa, reason, failed_entry))
+                .map_or_else(|| "-".to_owned(), |r| r.totals.count.to_string())
+        }));
+        t.add_row(row);
+    }
+    t
 }
 
 pub fn render(report: &Report, opts: Options) -> String {
@@ -111,6 +149,9 @@ pub fn render(report: &Report, opts: Options) -> String {
     } else {
         let _ = writeln!(out, "{table}");
     }
+    if report.phases.len() > 1 {
+        let _ = writeln!(out, "{}", phases_table(&report.phases));
+    }
     if report.dropped.any() {
         let _ = writeln!(
             out,
@@ -156,6 +197,49 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("warning: incomplete data"), "{t}");
+    }
+
+    #[test]
+    fn reloads_show_each_phase() {
+        let mut r = sample_report();
+        assert!(!render(&r, Options::default()).contains("phase"));
+        let row = |phase, nested, count| PhaseRow {
+            phase,
+            paging: Some(crate::host::Paging {
+                module: "kvm_intel".into(),
+                parameter: "ept".into(),
+                nested,
+            }),
+            since: None,
+            total: Totals {
+                count,
+                ..Totals::default()
+            },
+            reasons: vec![crate::report::PhaseReason {
+                isa: crate::exit_reasons::Isa::Vmx,
+                reason: 28,
+                failed_entry: false,
+                name: "CR_ACCESS".into(),
+                totals: Totals {
+                    count,
+                    ..Totals::default()
+                },
+            }],
+        };
+        r.phases = vec![row(0, true, 10), row(1, false, 17602)];
+        let t = render(&r, Options::default());
+        assert!(
+            t.contains("phase 0 ept=1") && t.contains("phase 1 ept=0"),
+            "{t}"
+        );
+        let cr = t
+            .lines()
+            .filter(|l| l.contains("CR_ACCESS"))
+            .collect::<Vec<_>>();
+        assert!(
+            cr.iter().any(|l| l.contains("10") && l.contains("17602")),
+            "{t}"
+        );
     }
 
     #[test]

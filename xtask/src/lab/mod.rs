@@ -248,10 +248,11 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let lab = root.join("target/lab");
     let cache = lab.join("cache");
+    // Absolute: the emulators run in a directory of their own.
     let out = opts
         .out
-        .clone()
-        .unwrap_or_else(|| lab.join(opts.isa.name()));
+        .as_ref()
+        .map_or_else(|| lab.join(opts.isa.name()), |o| root.join(o));
     let build = out.join("build");
     std::fs::create_dir_all(&build)
         .with_context(|| format!("cannot create {}", build.display()))?;
