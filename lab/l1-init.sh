@@ -9,6 +9,13 @@
 #   KVMLAB begin KIND MODE ... KVMLAB end KIND MODE     a file, verbatim
 #   KVMLAB result pass | KVMLAB result fail WHY         the last line, always
 # Lines from the L2 console are prefixed with "L2| ".
+#
+# SCENARIO (in /lab/env) says how kvmtrace runs:
+#   modes   one `kvmtrace record -- workload` per paging mode (the default);
+#   reload  one `kvmtrace record` across all modes, started before the vendor module is
+#           first loaded: each mode is an rmmod + insmod while it runs;
+#   signal  each mode's `kvmtrace record -- workload` gets the next signal of SIGNALS
+#           SIGNAL_AFTER seconds in, while the workload still runs.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -59,7 +66,30 @@ for m in $KVM_DEPS; do
     insmod /lib/modules/lab/$m || finish fail "insmod $m"
 done
 
+# Waits until kvmtrace (pid $1, stderr in $2) says it is recording.
+attached() {
+    n=0
+    until grep -q "recording VM exits" "$2"; do
+        kill -0 "$1" 2>/dev/null || return 1
+        n=$((n + 1))
+        [ $n -lt 600 ] || return 1
+        sleep 0.2
+    done
+}
+
+# Runs the workload alone: the L2 console goes to ours and /tmp/l2.out.
+workload() {
+    timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
+}
+
 failed=""
+if [ "$SCENARIO" = reload ]; then
+    step reload:attach 300
+    kvmtrace record --format json -o /tmp/rec-all.json $RECORD_ARGS </dev/null 2>/tmp/kvmtrace-all.err &
+    KT=$!
+    attached $KT /tmp/kvmtrace-all.err || { cat /tmp/kvmtrace-all.err; finish fail "kvmtrace did not attach"; }
+    say "reload kvmtrace attached uptime=$(up)"
+fi
 for mode in $MODES; do
     tag=$PAGING$mode
     step "$tag:load" 120
@@ -72,7 +102,28 @@ for mode in $MODES; do
     step "$tag:run" $RUN_BUDGET
     say "run $tag start uptime=$(up)"
     rm -f /tmp/rec.json /tmp/l2.out /tmp/kvmtrace.err
-    if [ -x /bin/kvmtrace ]; then
+    expect_end=1
+    if [ ! -x /bin/kvmtrace ] || [ "$SCENARIO" = reload ]; then
+        workload
+        rc=$?
+    elif [ "$SCENARIO" = signal ]; then
+        sig=${SIGNALS%% *}
+        SIGNALS="${SIGNALS#* } $sig"
+        kvmtrace record --format json -o /tmp/rec.json $RECORD_ARGS \
+            -- /lab/workload </dev/null >/tmp/l2.out 2>/tmp/kvmtrace.err &
+        KT=$!
+        attached $KT /tmp/kvmtrace.err || finish fail "kvmtrace did not attach"
+        sleep $SIGNAL_AFTER
+        grep -q "$END_MARKER" /tmp/l2.out && finish fail "$tag: the workload ended before the signal"
+        say "run $tag signal $sig uptime=$(up)"
+        kill -$sig $KT
+        wait $KT
+        rc=$?
+        sed 's/^/L2| /' /tmp/l2.out
+        say "run $tag kvmtrace rc=$rc uptime=$(up)"
+        section kvmtrace-stderr $tag /tmp/kvmtrace.err
+        expect_end=0
+    else
         timeout $RUN_TIMEOUT kvmtrace record --format json -o /tmp/rec.json $RECORD_ARGS \
             -- /lab/workload </dev/null 2>/tmp/kvmtrace.err | tee /tmp/l2.out | sed 's/^/L2| /'
         rc=$?
@@ -83,15 +134,14 @@ for mode in $MODES; do
             echo "!$BY_VCPU" >> $EXIT/trigger; echo "!$BY_REASON" >> $EXIT/trigger
             echo "$BY_REASON" > $EXIT/trigger; echo "$BY_VCPU" >> $EXIT/trigger
             say "run $tag without kvmtrace uptime=$(up)"
-            timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
+            workload
             rc=$?
         fi
-    else
-        timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
-        rc=$?
     fi
     say "run $tag end rc=$rc uptime=$(up)"
-    grep -q "$END_MARKER" /tmp/l2.out || failed="$failed $tag:no-end-marker"
+    if [ $expect_end = 1 ]; then
+        grep -q "$END_MARKER" /tmp/l2.out || failed="$failed $tag:no-end-marker"
+    fi
 
     step "$tag:dump" 120
     section hist $tag $EXIT/hist
@@ -104,6 +154,14 @@ for mode in $MODES; do
     echo "!$BY_REASON" >> $EXIT/trigger
     rmmod $KVM_MODULE || finish fail "rmmod $KVM_MODULE"
 done
+if [ "$SCENARIO" = reload ]; then
+    step reload:stop 300
+    kill -INT $KT
+    wait $KT
+    say "reload kvmtrace rc=$? uptime=$(up)"
+    section kvmtrace-stderr all /tmp/kvmtrace-all.err
+    [ -e /tmp/rec-all.json ] && section record all /tmp/rec-all.json
+fi
 
 step done 60
 if [ -z "$failed" ]; then finish pass; else finish fail$failed; fi

@@ -26,14 +26,23 @@ pub struct Scenario {
     pub modules: &'static str,
     /// VMs run one after the other in each mode.
     pub vms: u8,
+    /// More `cargo xtask lab` arguments (scenario, counts, record arguments).
+    pub extra: &'static [&'static str],
+    /// Names the scenario's results directory when `extra` is not empty.
+    pub tag: &'static str,
 }
 
 impl Scenario {
     pub fn name(&self) -> String {
-        format!(
+        let name = format!(
             "{}-{}-smp{}-vms{}-{}",
             self.isa, self.workload, self.smp, self.vms, self.modules
-        )
+        );
+        if self.tag.is_empty() {
+            name
+        } else {
+            format!("{name}-{}", self.tag)
+        }
     }
 
     pub fn paging(&self) -> &'static str {
@@ -63,6 +72,7 @@ pub fn lab(s: Scenario) -> PathBuf {
         .args(["xtask", "lab", "--isa", s.isa, "--workload", s.workload])
         .args(["--smp", &s.smp.to_string(), "--modules", s.modules])
         .args(["--vms", &s.vms.to_string()])
+        .args(s.extra)
         .args(["--kvmtrace", "required", "--out"])
         .arg(&out);
     let output = cmd
@@ -95,6 +105,16 @@ pub fn read(path: &Path) -> String {
 pub fn record(dir: &Path) -> Report {
     let path = dir.join("record.json");
     Report::from_json(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// kvmtrace's record of the whole run (`--scenario reload`).
+pub fn whole_record(s: Scenario) -> Report {
+    record(&lab(s))
+}
+
+/// Whether L2 printed its end marker in this mode.
+pub fn l2_ended(dir: &Path) -> bool {
+    read(&dir.join("serial.log")).contains("KVMLAB-L2 end")
 }
 
 /// The kernel's `hist:keys=isa,exit_reason` output, split like kvmtrace splits reasons
@@ -199,9 +219,8 @@ pub fn assert_matches_hist(dir: &Path) {
 
 /// Asserts that L2 reached its end marker in this mode.
 pub fn assert_l2_ended(dir: &Path) {
-    let serial = read(&dir.join("serial.log"));
     assert!(
-        serial.contains("KVMLAB-L2 end"),
+        l2_ended(dir),
         "{}: L2 did not reach its end marker",
         dir.display()
     );

@@ -9,8 +9,8 @@ use kvmtrace::{
     reconcile::{Verdict, reconcile},
 };
 use kvmtrace_e2e::{
-    Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, mode_dir, read,
-    record,
+    Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, counts,
+    differences, hist, l2_ended, mode_dir, read, record, whole_record,
 };
 
 const fn boot(isa: &'static str) -> Scenario {
@@ -20,6 +20,8 @@ const fn boot(isa: &'static str) -> Scenario {
         smp: 1,
         modules: "patched",
         vms: 1,
+        extra: &[],
+        tag: "",
     }
 }
 
@@ -30,6 +32,8 @@ const fn micro(isa: &'static str) -> Scenario {
         smp: 1,
         modules: "patched",
         vms: 1,
+        extra: &[],
+        tag: "",
     }
 }
 
@@ -392,4 +396,167 @@ fn amd_second_vm_starts_from_zero() {
             rec.total.count
         );
     }
+}
+
+/// `rmmod kvm_intel; insmod kvm-intel.ko ept=0` while one `kvmtrace record` runs: it
+/// keeps running (its tracepoints live in kvm.ko) and reports each load as a phase with
+/// its paging mode, each equal to the hist of that load.
+#[test]
+fn intel_reload_mid_record_reports_each_phase() {
+    let s = Scenario {
+        extra: &["--scenario", "reload"],
+        tag: "reload",
+        ..micro("intel")
+    };
+    let rec = whole_record(s);
+    let with_exits: Vec<_> = rec.phases.iter().filter(|p| p.total.count > 0).collect();
+    let labels: Vec<String> = with_exits
+        .iter()
+        .map(|p| p.paging.as_ref().map_or("?".into(), |g| g.label()))
+        .collect();
+    assert_eq!(labels, ["ept=1", "ept=0"], "{:#?}", rec.phases);
+    let mut all = 0;
+    for (phase, nested) in with_exits.iter().zip([true, false]) {
+        let h = hist(&mode_dir(s, nested));
+        let mine = phase
+            .reasons
+            .iter()
+            .map(|r| {
+                let key = tracer_common::ExitKey {
+                    isa: r.isa.raw(),
+                    reason: r.reason,
+                    failed_entry: u32::from(r.failed_entry),
+                };
+                (key, r.totals.count)
+            })
+            .collect();
+        let diffs = differences(&mine, &h);
+        assert!(diffs.is_empty(), "phase {}: {diffs:?}", phase.phase);
+        all += h.values().sum::<u64>();
+    }
+    assert_eq!(rec.total.count, all);
+    assert!(!rec.dropped.any(), "{:?}", rec.dropped);
+    assert_eq!(rec.vms.len(), 2, "one micro VM per load: {:?}", rec.vms);
+    assert_eq!(counts(&rec).values().sum::<u64>(), all);
+}
+
+/// SIGINT and SIGTERM (one per mode) reach `kvmtrace record -- micro` while the VM still
+/// runs: the VM is stopped, and the report has every exit it made, equal to the hist.
+#[test]
+fn amd_signals_mid_run_keep_the_report_complete() {
+    let s = Scenario {
+        extra: &["--scenario", "signal", "--micro-cpuids", "50000000"],
+        tag: "signal",
+        ..micro("amd")
+    };
+    for (nested, signal) in [(true, "SIGINT"), (false, "SIGTERM")] {
+        let dir = mode_dir(s, nested);
+        assert!(
+            !l2_ended(&dir),
+            "{}: the VM ended on its own",
+            dir.display()
+        );
+        assert_matches_hist(&dir);
+        let rec = record(&dir);
+        assert!(
+            count_of(&rec, "CPUID") > 1000,
+            "{}: the VM hardly ran",
+            dir.display()
+        );
+        let stderr = read(&dir.join("kvmtrace.stderr"));
+        assert!(stderr.contains(&format!("stopped by {signal}")), "{stderr}");
+    }
+}
+
+/// A long VM runs while two short ones start and stop: every VM keeps its own rows,
+/// each with exactly its own CPUID, I/O and HLT exits.
+#[test]
+fn amd_vms_starting_and_stopping_keep_their_rows() {
+    let s = Scenario {
+        workload: "churn",
+        tag: "churn",
+        extra: &["--micro-cpuids", "1000", "--micro-outs", "10"],
+        ..micro("amd")
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        assert_matches_hist(&dir);
+        let rec = record(&dir);
+        let mut per_vm: Vec<(u64, u64, u64)> = rec
+            .vms
+            .iter()
+            .map(|vm| {
+                let of = |name: &str| -> u64 {
+                    rec.vcpus
+                        .iter()
+                        .filter(|v| v.pid == vm.pid && v.name == name)
+                        .map(|v| v.totals.count)
+                        .sum()
+                };
+                (of("CPUID"), of("IOIO"), of("HLT"))
+            })
+            .collect();
+        per_vm.sort_unstable();
+        // (CPUIDs + the 3 leaf reads, port writes, HLT) of the three VMs.
+        assert_eq!(
+            per_vm,
+            [(1003, 10, 1), (2003, 20, 1), (20003, 0, 1)],
+            "{}",
+            dir.display()
+        );
+    }
+}
+
+/// Maps far too small for the run: the reasons and vCPU rows that got in are exact,
+/// everything else is counted as dropped, and the total still equals the hist.
+#[test]
+fn amd_full_maps_are_reported_not_silent() {
+    let s = Scenario {
+        tag: "full",
+        extra: &[
+            "--record-args",
+            "--per-vcpu --max-reasons 2 --max-vcpu-rows 1",
+        ],
+        ..micro("amd")
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        let rec = record(&dir);
+        let h = hist(&dir);
+        let mine = counts(&rec);
+        assert_eq!(mine.len(), 2, "{mine:?}");
+        for (k, n) in &mine {
+            assert_eq!(h.get(k), Some(n), "{}: {k:?}", dir.display());
+        }
+        let hist_total: u64 = h.values().sum();
+        let counted: u64 = mine.values().sum();
+        assert!(rec.dropped.exit_map_full > 0);
+        assert_eq!(rec.dropped.exit_map_full, hist_total - counted);
+        assert_eq!(rec.total.count, hist_total);
+        assert_eq!(rec.vcpus.len(), 1);
+        assert_eq!(
+            rec.dropped.vcpu_map_full,
+            counted - rec.vcpus[0].totals.count
+        );
+        let table = String::from_utf8(
+            kvmtrace::render::render(&rec, kvmtrace::render::Format::Table, Default::default())
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        assert!(table.contains("warning: incomplete data"), "{table}");
+    }
+}
+
+/// A million exits in one run, and not one differs from the hist.
+#[test]
+fn amd_a_million_exits_match_the_hist() {
+    let s = Scenario {
+        tag: "million",
+        extra: &["--micro-cpuids", "1000000", "--modes", "1"],
+        ..micro("amd")
+    };
+    let dir = mode_dir(s, true);
+    assert_matches_hist(&dir);
+    assert_l2_ended(&dir);
+    assert!(record(&dir).total.count >= 1_000_000);
 }

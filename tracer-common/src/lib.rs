@@ -20,7 +20,7 @@ pub mod limits {
     /// Distinct (VM pid, vcpu, isa, reason, failed-entry) keys.
     pub const MAX_VCPU_ROWS: u32 = 16384;
     /// Distinct (isa, reason, failed-entry, bucket) histogram keys.
-    pub const MAX_HIST_ROWS: u32 = 16384;
+    pub const MAX_HIST_ROWS: u32 = 4096;
     /// vCPU threads with an exit whose next entry has not been seen yet.
     pub const MAX_PENDING: u32 = 8192;
     /// Processes in the `-p` / `-- CMD` filter (forked children are added).

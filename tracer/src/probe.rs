@@ -156,14 +156,25 @@ impl Probe {
         let module_name_off = tracefs.offset(&module_tp, "name").ok();
         let name_off = module_name_off.unwrap_or(0);
 
-        let mut loader = EbpfLoader::new();
+        let mut loader = loader_without_kernel_btf();
         loader
-            // No CO-RE relocations: field offsets come from tracefs.
-            .btf(None)
             .map_max_entries(maps::EXITS, config.max_reasons)
             .map_max_entries(maps::VCPU_EXITS, config.max_vcpu_rows)
             // The kernel maps all of a ring buffer's pages (twice) into our memory at
             // once: only size it for snapshots when they are taken.
+            // Per-VM counts are only kept for snapshots.
+            .map_max_entries(
+                maps::VM_EXITS,
+                if leaves.is_some() {
+                    limits::MAX_VM_ROWS
+                } else {
+                    1
+                },
+            )
+            .map_max_entries(
+                maps::VM_TOTALS,
+                if leaves.is_some() { limits::MAX_VMS } else { 1 },
+            )
             .map_max_entries(
                 maps::CPUID_EVENTS,
                 if leaves.is_some() {
@@ -359,6 +370,49 @@ impl Probe {
         snap.drops = counts;
         Ok(snap)
     }
+}
+
+/// An `EbpfLoader` that has not parsed the kernel's BTF. The programs have no CO-RE
+/// relocations (field offsets come from tracefs), but `EbpfLoader::new` parses all of
+/// /sys/kernel/btf/vmlinux anyway: on a 6.x kernel that is most of kvmtrace's start
+/// time and ~17 MB of its peak memory. So the loader is made in a private mount
+/// namespace where that file is hidden, and the thread goes back to its own namespace
+/// at once. If that cannot be done, the loader has simply parsed the BTF.
+fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+    use std::os::fd::AsRawFd as _;
+    let Ok(own) = std::fs::File::open("/proc/self/ns/mnt") else {
+        return EbpfLoader::new();
+    };
+    // SAFETY: plain syscalls on this thread; no memory is shared with them.
+    let hidden = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+            && libc::mount(
+                c"none".as_ptr(),
+                c"/sys/kernel/btf".as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY,
+                std::ptr::null(),
+            ) == 0
+    };
+    let loader = EbpfLoader::new();
+    // SAFETY: `own` is this process's original mount namespace.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+        log::warn!(
+            "cannot return to the original mount namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if !hidden {
+        log::debug!("kernel BTF not hidden: {}", std::io::Error::last_os_error());
+    }
+    loader
 }
 
 fn load_error(program: &str, err: ProgramError) -> ProbeError {

@@ -40,12 +40,21 @@ pub enum Workload {
         /// L2 also sweeps ECX over the counter leaves (`kvmtrace guest --sweep`).
         sweep: bool,
     },
-    /// The static `micro` VMM: `cpuids` CPUID exits, `outs` port writes, one HLT.
+    /// The static `micro` VMM, once per VM: `cpuids` CPUID exits, `outs` port writes,
+    /// one HLT. With `overlap` the first VM runs in the background while the others run
+    /// one after the other.
     Micro {
         binary: PathBuf,
-        cpuids: u32,
-        outs: u32,
+        vms: Vec<MicroVm>,
+        overlap: bool,
     },
+}
+
+/// One run of the `micro` VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MicroVm {
+    pub cpuids: u32,
+    pub outs: u32,
 }
 
 /// Everything the L1 initrd holds.
@@ -64,6 +73,12 @@ pub struct L1 {
     pub run_timeout: u64,
     /// How many VMs the workload runs, one after the other.
     pub vms: u8,
+    /// How kvmtrace runs (`modes`, `reload`, `signal`; see lab/l1-init.sh).
+    pub scenario: &'static str,
+    /// `signal`: the signal names, one per mode in turn.
+    pub signals: String,
+    /// `signal`: L1 seconds from attach to the signal.
+    pub signal_after: u32,
 }
 
 /// Builds the L2 initrd: busybox and its /init.
@@ -146,11 +161,30 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
         }
         Workload::Micro {
             binary,
-            cpuids,
-            outs,
+            vms,
+            overlap: true,
         } => {
             a.file("bin/micro", binary)?;
-            format!("exec /bin/micro {cpuids} {outs}")
+            let Some((first, rest)) = vms.split_first() else {
+                bail!("no micro VMs");
+            };
+            let mut s = format!("/bin/micro {} {} &\nfirst=$!\n", first.cpuids, first.outs);
+            for vm in rest {
+                let _ = writeln!(s, "/bin/micro {} {} || exit $?", vm.cpuids, vm.outs);
+            }
+            s.push_str("wait $first");
+            s
+        }
+        Workload::Micro { binary, vms, .. } => {
+            a.file("bin/micro", binary)?;
+            let runs: Vec<String> = vms
+                .iter()
+                .map(|vm| format!("/bin/micro {} {}", vm.cpuids, vm.outs))
+                .collect();
+            match runs.as_slice() {
+                [one] => format!("exec {one}"),
+                _ => runs.join(" && "),
+            }
         }
     };
     // `vms` VMs one after the other, each a new VM (its counters start at zero).
@@ -179,6 +213,9 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     let _ = writeln!(env, "RUN_BUDGET={}", l1.run_timeout + 60);
     let _ = writeln!(env, "RECORD_ARGS='{}'", l1.record_args);
     let _ = writeln!(env, "END_MARKER='{END_MARKER}'");
+    let _ = writeln!(env, "SCENARIO={}", l1.scenario);
+    let _ = writeln!(env, "SIGNALS='{}'", l1.signals);
+    let _ = writeln!(env, "SIGNAL_AFTER={}", l1.signal_after);
     a.bytes("lab/env", env, 0o644)?;
     a.write_to(out)
 }

@@ -47,6 +47,21 @@ pub enum Workload {
     /// The boot, then L2 asks the counter leaves about every ECX in 0..=0xFFFF and the
     /// 32-bit edges (`kvmtrace guest --sweep`); L1's dmesg is kept.
     Sweep,
+    /// VMs that start and stop while others run: a long micro VM in the background,
+    /// two short ones after each other meanwhile (see [`churn_vms`]).
+    Churn,
+}
+
+/// How kvmtrace runs inside L1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// One `kvmtrace record -- workload` per paging mode.
+    Modes,
+    /// One `kvmtrace record` for all modes: the vendor module is removed and loaded
+    /// again with the next mode while it runs.
+    Reload,
+    /// Each mode's record gets a signal (--signals) while the workload still runs.
+    Signal,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -133,6 +148,16 @@ pub struct Options {
     /// Multiplies every time limit (for slow machines).
     #[arg(long, default_value_t = 1.0)]
     pub timeout_scale: f64,
+    /// How kvmtrace runs: per mode, across module reloads, or stopped by a signal.
+    #[arg(long, value_enum, default_value_t = Scenario::Modes)]
+    pub scenario: Scenario,
+    /// --scenario signal: the signal each mode's record gets, in mode order.
+    #[arg(long, value_delimiter = ',', default_values_t = ["INT".to_owned(), "TERM".to_owned()],
+          value_parser = ["INT", "TERM"])]
+    pub signals: Vec<String>,
+    /// --scenario signal: L1 seconds after kvmtrace attached.
+    #[arg(long, default_value_t = 3)]
+    pub signal_after: u32,
 }
 
 /// Debian's kernel for L1 and L2: the cloud flavour boots fastest under emulation (LZ4).
@@ -285,7 +310,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
                 sweep: opts.workload == Workload::Sweep,
             }
         }
-        Workload::Micro => {
+        Workload::Micro | Workload::Churn => {
             let binary = build.join("micro");
             run_bounded(
                 Command::new("gcc")
@@ -296,14 +321,21 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
             )?;
             L2Workload::Micro {
                 binary,
-                cpuids: opts.micro_cpuids,
-                outs: opts.micro_outs,
+                vms: if opts.workload == Workload::Churn {
+                    churn_vms(opts)
+                } else {
+                    vec![image::MicroVm {
+                        cpuids: opts.micro_cpuids,
+                        outs: opts.micro_outs,
+                    }]
+                },
+                overlap: opts.workload == Workload::Churn,
             }
         }
     };
     let run_timeout = match opts.workload {
         Workload::Boot | Workload::Sweep => 300 * u64::from(opts.smp),
-        Workload::Micro => 120,
+        Workload::Micro | Workload::Churn => 120,
     };
     let l1 = L1 {
         busybox: inputs.busybox.clone(),
@@ -316,6 +348,13 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         record_args: record_args(opts),
         run_timeout: (run_timeout as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,
+        scenario: match opts.scenario {
+            Scenario::Modes => "modes",
+            Scenario::Reload => "reload",
+            Scenario::Signal => "signal",
+        },
+        signals: opts.signals.join(" "),
+        signal_after: opts.signal_after,
     };
     let initrd = build.join("l1-initrd.cpio");
     let size = image::l1_initrd(&l1, &initrd)?;
@@ -607,6 +646,7 @@ fn mode_dir_name(opts: &Options, mode: u8) -> String {
     match opts.workload {
         _ if opts.out.is_some() => {}
         Workload::Micro => name.push_str(".micro"),
+        Workload::Churn => name.push_str(".churn"),
         _ if opts.vms > 1 => name.push_str(&format!(".vms{}", opts.vms)),
         Workload::Sweep => name.push_str(".sweep"),
         Workload::Boot if opts.smp > 1 => name.push_str(&format!(".smp{}", opts.smp)),
@@ -737,6 +777,17 @@ fn guest_readout(
 /// kvmtrace ran and disagrees with the hist, or the micro workload's counts are off.
 fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow::Result<()> {
     let mut problems = Vec::new();
+    // --scenario reload: one record for the whole run, split into phases.
+    let whole = report::section(&run.lines, "record", "all");
+    if let Some(text) = &whole {
+        report::write(out, "record.json", text)?;
+    }
+    if let Some(err) = report::section(&run.lines, "kvmtrace-stderr", "all") {
+        report::write(out, "kvmtrace.stderr", &err)?;
+    }
+    if opts.scenario == Scenario::Reload && whole.is_none() && l1.kvmtrace.is_some() {
+        problems.push("kvmtrace wrote no record across the reloads".to_owned());
+    }
     for mode in &opts.modes {
         let tag = format!("{}{mode}", opts.isa.paging());
         let dir_name = mode_dir_name(opts, *mode);
@@ -759,12 +810,22 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
         if hist.dropped != 0 {
             problems.push(format!("{tag}: the hist dropped {} entries", hist.dropped));
         }
-        let record = match report::section(&run.lines, "record", &tag) {
-            Some(text) => {
+        let record = match (report::section(&run.lines, "record", &tag), &whole) {
+            (Some(text), _) => {
                 report::write(&dir, "record.json", &text)?;
                 Some(report::parse_record(&text)?)
             }
-            None => None,
+            (None, Some(all)) => match report::phase_record(all, &tag)? {
+                Some((rec, text)) => {
+                    report::write(&dir, "phase.json", &text)?;
+                    Some(rec)
+                }
+                None => {
+                    problems.push(format!("{tag}: the record has no phase with {tag}"));
+                    None
+                }
+            },
+            (None, None) => None,
         };
         if let Some(bad) = report::section(&run.lines, "dmesg-bad", &tag) {
             report::write(&dir, "dmesg-bad.txt", &bad)?;
@@ -798,6 +859,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
                 Workload::Boot => "boot",
                 Workload::Sweep => "sweep",
                 Workload::Micro => "micro",
+                Workload::Churn => "churn",
             },
             if opts.smp > 1 {
                 format!(", {} vCPUs", opts.smp)
@@ -816,8 +878,25 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             (Some(rec), _) => {
                 let diffs: Vec<&report::Row> =
                     rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
+                // A full per-reason map: the reasons that got in are exact, the
+                // others are all in dropped.exit_map_full.
+                let full = rec.dropped("exit_map_full");
+                let uncounted: u64 = diffs
+                    .iter()
+                    .filter(|r| r.kvmtrace == Some(0))
+                    .map(|r| r.hist)
+                    .sum();
                 if diffs.is_empty() {
                     println!("  kvmtrace == hist for all {} reasons", rows.len());
+                } else if full > 0
+                    && diffs.iter().all(|r| r.kvmtrace == Some(0))
+                    && uncounted == full
+                {
+                    println!(
+                        "  kvmtrace == hist for the {} reasons it had room for; the other {} reasons' {full} exits are in dropped.exit_map_full",
+                        rows.len() - diffs.len(),
+                        diffs.len()
+                    );
                 } else {
                     problems.push(format!(
                         "{tag}: kvmtrace differs from the hist in {} reasons",
@@ -844,7 +923,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             problems.push(format!("{tag}: {problem}"));
         }
         let vcpu_rows = per_vcpu(&hist, record.as_ref());
-        if let Some(rec) = &record {
+        if let Some(rec) = record.as_ref().filter(|_| whole.is_none()) {
             let vcpu_problems = per_vcpu_problems(&tag, &hist, rec);
             if vcpu_problems.is_empty() {
                 println!(
@@ -862,14 +941,18 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
                 );
             }
         }
-        if let L2Workload::Micro { cpuids, outs, .. } = &l1.workload {
-            let expect = micro_expectations(opts.isa, *cpuids, *outs);
+        if let L2Workload::Micro { vms, .. } = &l1.workload
+            && opts.scenario != Scenario::Signal
+        {
+            let expect = micro_expectations(opts.isa, vms);
             for (reason, want) in expect {
                 let have = hist.by_reason.get(&reason).copied().unwrap_or(0);
                 let rec_have = record
                     .as_ref()
                     .map(|r| r.by_reason.get(&reason).copied().unwrap_or(0));
-                let ok = have == want && rec_have.is_none_or(|k| k == want);
+                // With a full per-reason map a reason may be only in the drops.
+                let full = record.as_ref().map_or(0, |r| r.dropped("exit_map_full"));
+                let ok = have == want && rec_have.is_none_or(|k| k == want || (k == 0 && full > 0));
                 println!(
                     "  micro {}: expected {want}, hist {have}{} {}",
                     reason.name(),
@@ -881,8 +964,12 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
                 }
             }
         }
-        if !reached_end {
-            problems.push(format!("{tag}: L2 did not reach its end marker"));
+        match (opts.scenario, reached_end) {
+            (Scenario::Signal, true) => {
+                problems.push(format!("{tag}: L2 ended before kvmtrace got its signal"));
+            }
+            (Scenario::Signal, false) | (_, true) => {}
+            (_, false) => problems.push(format!("{tag}: L2 did not reach its end marker")),
         }
         let summary = json!({
             "isa": opts.isa.name(),
@@ -949,6 +1036,20 @@ fn per_vcpu_problems(tag: &str, hist: &report::Hist, rec: &report::Record) -> Ve
         *rec_raw.entry((vcpu, reason.raw())).or_default() += n;
         *sums.entry(reason).or_default() += n;
     }
+    let full = rec.dropped("vcpu_map_full");
+    if full > 0 {
+        // A full per-vCPU map: the rows that got in are exact, the rest is in
+        // dropped.vcpu_map_full.
+        let exact = rec_raw.iter().all(|(k, n)| hist.by_vcpu.get(k) == Some(n));
+        let rows: u64 = rec_raw.values().sum();
+        let counted: u64 = rec.by_reason.values().sum();
+        if !exact || rows + full != counted {
+            problems.push(format!(
+                "{tag}: vCPU rows ({rows}) + dropped.vcpu_map_full ({full}) != counted exits ({counted}), or a row differs from the hist"
+            ));
+        }
+        return problems;
+    }
     if rec_raw != hist.by_vcpu {
         let keys: std::collections::BTreeSet<_> =
             rec_raw.keys().chain(hist.by_vcpu.keys()).collect();
@@ -972,7 +1073,20 @@ fn per_vcpu_problems(tag: &str, hist: &report::Hist, rec: &report::Record) -> Ve
 /// The micro guest's own counter-leaf reads at the end (CPUID count, I/O count, total).
 pub const MICRO_LEAF_READS: u64 = 3;
 
-fn micro_expectations(isa: Isa, cpuids: u32, outs: u32) -> Vec<(report::Reason, u64)> {
+/// The VMs of the churn workload, from --micro-cpuids C and --micro-outs O: one with
+/// 20·C CPUIDs in the background, then (C, O) and (2·C, 2·O) one after the other.
+fn churn_vms(opts: &Options) -> Vec<image::MicroVm> {
+    let (c, o) = (opts.micro_cpuids, opts.micro_outs);
+    [(20 * c, 0), (c, o), (2 * c, 2 * o)]
+        .into_iter()
+        .map(|(cpuids, outs)| image::MicroVm { cpuids, outs })
+        .collect()
+}
+
+fn micro_expectations(isa: Isa, vms: &[image::MicroVm]) -> Vec<(report::Reason, u64)> {
+    let n = vms.len() as u64;
+    let cpuids: u64 = vms.iter().map(|v| u64::from(v.cpuids)).sum();
+    let outs: u64 = vms.iter().map(|v| u64::from(v.outs)).sum();
     let r = |reason| report::Reason {
         isa: isa.trace_isa(),
         reason,
@@ -983,8 +1097,8 @@ fn micro_expectations(isa: Isa, cpuids: u32, outs: u32) -> Vec<(report::Reason, 
         Isa::Amd => (0x72, 0x7b, 0x78),
     };
     vec![
-        (r(cpuid), u64::from(cpuids) + MICRO_LEAF_READS),
-        (r(io), u64::from(outs)),
-        (r(hlt), 1),
+        (r(cpuid), cpuids + n * MICRO_LEAF_READS),
+        (r(io), outs),
+        (r(hlt), n),
     ]
 }

@@ -185,6 +185,43 @@ pub fn parse_record(text: &str) -> anyhow::Result<Record> {
     Ok(rec)
 }
 
+impl Record {
+    /// A `dropped` counter of the record (0 when absent).
+    pub fn dropped(&self, field: &str) -> u64 {
+        self.dropped.get(field).and_then(Value::as_u64).unwrap_or(0)
+    }
+}
+
+/// The phase of a whole-run record (`--scenario reload`) whose paging mode is `tag`
+/// (`ept1`, `npt0`), as a record of its own: its reasons, total and paging, and the
+/// whole run's `dropped`. `None` when no phase had that mode.
+pub fn phase_record(all: &str, tag: &str) -> anyhow::Result<Option<(Record, String)>> {
+    let v: Value = serde_json::from_str(all).context("kvmtrace's JSON does not parse")?;
+    let label = |p: &Value| {
+        let param = p.pointer("/paging/parameter")?.as_str()?;
+        let nested = p.pointer("/paging/nested")?.as_bool()?;
+        Some(format!("{param}{}", u8::from(nested)))
+    };
+    let Some(phase) = v
+        .get("phases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|p| label(p).as_deref() == Some(tag))
+    else {
+        return Ok(None);
+    };
+    let text = serde_json::to_string_pretty(&serde_json::json!({
+        "schema": v.get("schema"),
+        "phase": phase.get("phase"),
+        "paging": phase.get("paging"),
+        "total": phase.get("total"),
+        "reasons": phase.get("reasons"),
+        "dropped": v.get("dropped"),
+    }))?;
+    Ok(Some((parse_record(&text)?, text)))
+}
+
 /// The text between `KVMLAB begin KIND MODE` and `KVMLAB end KIND MODE`.
 pub fn section(lines: &[Line], kind: &str, mode: &str) -> Option<String> {
     let begin = format!("KVMLAB begin {kind} {mode}");
