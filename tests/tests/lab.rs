@@ -507,8 +507,9 @@ fn amd_vms_starting_and_stopping_keep_their_rows() {
     }
 }
 
-/// Maps far too small for the run: the reasons and vCPU rows that got in are exact,
-/// everything else is counted as dropped, and the total still equals the hist.
+/// Maps far too small for the run (one vCPU row, two overflow reasons): the rows that
+/// got in are exact, everything else is counted as dropped, and the total still equals
+/// the hist.
 #[test]
 fn amd_full_maps_are_reported_not_silent() {
     let s = Scenario {
@@ -523,8 +524,9 @@ fn amd_full_maps_are_reported_not_silent() {
         let dir = mode_dir(s, nested);
         let rec = record(&dir);
         let h = hist(&dir);
+        // One reason has the vCPU row, at most two more the per-reason overflow rows.
         let mine = counts(&rec);
-        assert_eq!(mine.len(), 2, "{mine:?}");
+        assert!((2..=3).contains(&mine.len()), "{mine:?}");
         for (k, n) in &mine {
             assert_eq!(h.get(k), Some(n), "{}: {k:?}", dir.display());
         }
@@ -536,7 +538,7 @@ fn amd_full_maps_are_reported_not_silent() {
         assert_eq!(rec.vcpus.len(), 1);
         assert_eq!(
             rec.dropped.vcpu_map_full,
-            counted - rec.vcpus[0].totals.count
+            hist_total - rec.vcpus[0].totals.count
         );
         let table = String::from_utf8(
             kvmtrace::render::render(&rec, kvmtrace::render::Format::Table, Default::default())

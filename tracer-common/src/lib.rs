@@ -15,9 +15,11 @@ pub mod isa {
 
 /// Map sizes. A full map is never silent: every failed insert bumps a [`drop_kind`] slot.
 pub mod limits {
-    /// Distinct (phase, isa, reason, failed-entry) keys.
+    /// Distinct (phase, isa, reason, failed-entry) keys of the overflow map, which
+    /// counts the exits the per-vCPU map had no room for.
     pub const MAX_REASONS: u32 = 1024;
-    /// Distinct (VM pid, vcpu, isa, reason, failed-entry) keys.
+    /// Distinct (phase, VM pid, vcpu, isa, reason, failed-entry) keys: every exit is
+    /// counted here; per-reason totals are the sums of these rows.
     pub const MAX_VCPU_ROWS: u32 = 16384;
     /// Distinct (isa, reason, failed-entry, bucket) histogram keys.
     pub const MAX_HIST_ROWS: u32 = 4096;
@@ -34,6 +36,9 @@ pub mod limits {
     pub const CPUID_RING_BYTES: u32 = 16 << 20;
     /// Bytes of that ring buffer when no snapshots are taken (one page: it stays empty).
     pub const CPUID_RING_MIN_BYTES: u32 = 4096;
+    /// Bytes of the `kvm:kvm_exit` record read at once (the fields kvmtrace needs lie
+    /// within 52 bytes on every kernel since 5.7).
+    pub const EXIT_FIELDS_BYTES: u32 = 64;
     /// log2 buckets of the exit-handling time histogram: bucket b holds
     /// durations in [2^b, 2^(b+1)) ns; bucket 0 also holds 0 ns.
     pub const HIST_BUCKETS: u32 = 48;
@@ -41,9 +46,11 @@ pub mod limits {
 
 /// Slots of the `DROPS` per-CPU array: why an event could not be recorded in full.
 pub mod drop_kind {
-    /// The per-reason map was full: the exit is counted only here.
+    /// The per-vCPU map and the per-reason overflow map were both full: the exit is
+    /// counted only here.
     pub const EXIT_MAP_FULL: u32 = 0;
-    /// The per-vCPU map was full: the exit is in the per-reason totals only.
+    /// The per-vCPU map was full: the exit is in the per-reason overflow map (or, if that
+    /// was full too, only in `EXIT_MAP_FULL`).
     pub const VCPU_MAP_FULL: u32 = 1;
     /// The histogram map was full: the exit's time is in the totals, not the histogram.
     pub const HIST_MAP_FULL: u32 = 2;
@@ -63,11 +70,14 @@ pub mod drop_kind {
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).
 pub mod globals {
-    /// Offset of `exit_reason` in the `kvm:kvm_exit` record.
+    /// Where the `kvm:kvm_exit` fields kvmtrace reads begin: one read of
+    /// [`EXIT_FIELDS_BYTES`](super::limits::EXIT_FIELDS_BYTES) from here takes them all.
+    pub const EXIT_FIELDS_OFF: &str = "EXIT_FIELDS_OFF";
+    /// Offset of `exit_reason` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
     pub const EXIT_REASON_OFF: &str = "EXIT_REASON_OFF";
-    /// Offset of `isa` in the `kvm:kvm_exit` record.
+    /// Offset of `isa` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
     pub const EXIT_ISA_OFF: &str = "EXIT_ISA_OFF";
-    /// Offset of `vcpu_id` in the `kvm:kvm_exit` record.
+    /// Offset of `vcpu_id` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
     pub const EXIT_VCPU_OFF: &str = "EXIT_VCPU_OFF";
     /// Offset of `child_pid` in the `sched:sched_process_fork` record.
     pub const FORK_CHILD_OFF: &str = "FORK_CHILD_OFF";
@@ -180,22 +190,102 @@ pub struct VcpuKey {
     pub exit: ExitKey,
 }
 
-/// Key of the time histogram.
+/// Key of the per-vCPU map on the eBPF side: one row of one phase, packed into 16
+/// bytes (the map hashes and compares every key byte on every exit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PhaseVcpuKey {
+    pub pid: u32,
+    pub vcpu_id: u32,
+    pub reason: u32,
+    /// isa (bits 7:0), failed entry (bit 8), phase (bits 31:16, saturated).
+    pub meta: u32,
+}
+
+/// Packs isa, the failed-entry flag and a 16-bit value (bits 31:16, saturated).
+#[inline(always)]
+fn pack_meta(exit: &ExitKey, high: u32) -> u32 {
+    let high = if high > 0xffff { 0xffff } else { high };
+    (exit.isa & 0xff) | ((exit.failed_entry & 1) << 8) | (high << 16)
+}
+
+#[inline(always)]
+fn unpack_exit(reason: u32, meta: u32) -> ExitKey {
+    ExitKey {
+        isa: meta & 0xff,
+        reason,
+        failed_entry: (meta >> 8) & 1,
+    }
+}
+
+impl PhaseVcpuKey {
+    /// The row of `vcpu` in `phase` (phases past 65535 share the last one).
+    #[inline(always)]
+    pub fn new(phase: u32, vcpu: &VcpuKey) -> Self {
+        Self {
+            pid: vcpu.pid,
+            vcpu_id: vcpu.vcpu_id,
+            reason: vcpu.exit.reason,
+            meta: pack_meta(&vcpu.exit, phase),
+        }
+    }
+
+    #[inline(always)]
+    pub fn exit(&self) -> ExitKey {
+        unpack_exit(self.reason, self.meta)
+    }
+
+    pub fn phase(&self) -> u32 {
+        self.meta >> 16
+    }
+
+    pub fn vcpu(&self) -> VcpuKey {
+        VcpuKey {
+            pid: self.pid,
+            vcpu_id: self.vcpu_id,
+            exit: self.exit(),
+        }
+    }
+}
+
+/// Key of the time histogram, packed into 8 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HistKey {
-    pub exit: ExitKey,
-    pub bucket: u32,
+    pub reason: u32,
+    /// isa (bits 7:0), failed entry (bit 8), bucket (bits 31:16).
+    pub meta: u32,
+}
+
+impl HistKey {
+    #[inline(always)]
+    pub fn new(exit: &ExitKey, bucket: u32) -> Self {
+        Self {
+            reason: exit.reason,
+            meta: pack_meta(exit, bucket),
+        }
+    }
+
+    pub fn exit(&self) -> ExitKey {
+        unpack_exit(self.reason, self.meta)
+    }
+
+    pub fn bucket(&self) -> u32 {
+        self.meta >> 16
+    }
 }
 
 /// An exit whose handling has not ended yet, keyed by the vCPU thread id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingExit {
+    /// 0 once the exit's entry was seen (the entry stays, for the thread's next exit).
     pub start_ns: u64,
-    pub vcpu: VcpuKey,
-    /// The phase the exit was counted in.
-    pub phase: u32,
+    /// The row the exit was counted in.
+    pub row: PhaseVcpuKey,
+    /// The vCPU thread (in the per-CPU slot; unused in the per-thread map).
+    pub tid: u32,
+    pub _pad: u32,
 }
 
 /// Key of the per-VM count map that CPUID snapshots read.
@@ -246,6 +336,7 @@ mod pod {
     unsafe impl aya::Pod for super::PhaseExitKey {}
     unsafe impl aya::Pod for super::ExitStats {}
     unsafe impl aya::Pod for super::VcpuKey {}
+    unsafe impl aya::Pod for super::PhaseVcpuKey {}
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::PendingExit {}
     unsafe impl aya::Pod for super::VmExitKey {}

@@ -1,6 +1,9 @@
-//! kvmtrace's eBPF side: counts every `kvm:kvm_exit` by (isa, reason) and by
-//! (VM, vCPU, isa, reason), and times each exit until the same thread's next
-//! `kvm:kvm_entry`. Per-reason counts are split into phases: each load of a kvm vendor
+//! kvmtrace's eBPF side: counts every `kvm:kvm_exit` by (VM, vCPU, isa, reason), and
+//! times each exit until the same thread's next `kvm_entry` (a raw tracepoint: only the
+//! thread and the time are needed, so the kernel need not format a record). Per-reason
+//! totals are the sums of those rows, made in user space; the per-reason map only
+//! takes the exits the per-vCPU map had no room for. That is one hash lookup per exit
+//! and event, the least the counts and times need. Per-reason counts are split into phases: each load of a kvm vendor
 //! module (`module:module_load`) starts a new one, so a record that spans
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
 //!
@@ -20,23 +23,25 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    CpuidEvent, ExitKey, ExitStats, HistKey, PendingExit, PhaseExitKey, VcpuKey, VmExitKey,
-    drop_kind, hist_bucket, limits, vendor,
+    CpuidEvent, ExitKey, ExitStats, HistKey, PendingExit, PhaseExitKey, PhaseVcpuKey, VcpuKey,
+    VmExitKey, drop_kind, hist_bucket, limits, vendor,
 };
 
 #[unsafe(no_mangle)]
-static EXIT_REASON_OFF: u32 = 8;
+static EXIT_FIELDS_OFF: u32 = 8;
 #[unsafe(no_mangle)]
-static EXIT_ISA_OFF: u32 = 24;
+static EXIT_REASON_OFF: u32 = 0;
 #[unsafe(no_mangle)]
-static EXIT_VCPU_OFF: u32 = 56;
+static EXIT_ISA_OFF: u32 = 16;
+#[unsafe(no_mangle)]
+static EXIT_VCPU_OFF: u32 = 48;
 #[unsafe(no_mangle)]
 static FORK_CHILD_OFF: u32 = 44;
 #[unsafe(no_mangle)]
@@ -66,18 +71,20 @@ static LEAF_CYCLES: u32 = 0;
 #[unsafe(no_mangle)]
 static MODULE_NAME_OFF: u32 = 12;
 
+/// Exits the per-vCPU map had no room for, per reason.
 #[map]
 static EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_REASONS, 0);
 #[map]
-static VCPU_EXITS: PerCpuHashMap<VcpuKey, ExitStats> =
+static VCPU_EXITS: PerCpuHashMap<PhaseVcpuKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_VCPU_ROWS, 0);
 #[map]
 static HIST: PerCpuHashMap<HistKey, u64> =
     PerCpuHashMap::with_max_entries(limits::MAX_HIST_ROWS, 0);
-/// vCPU thread id -> its exit being handled. One writer per key: the thread itself.
+/// vCPU thread id -> its exit being handled. One writer per key: the thread itself,
+/// which updates its entry in place; LRU, so threads that are gone make room.
 #[map]
-static PENDING: HashMap<u32, PendingExit> = HashMap::with_max_entries(limits::MAX_PENDING, 0);
+static PENDING: LruHashMap<u32, PendingExit> = LruHashMap::with_max_entries(limits::MAX_PENDING, 0);
 /// Processes to trace when `FILTER_PIDS_ENABLED` is set.
 #[map]
 static FILTER_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_FILTER_PIDS, 0);
@@ -89,6 +96,12 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT,
 static VM_EXITS: HashMap<VmExitKey, u64> = HashMap::with_max_entries(limits::MAX_VM_ROWS, 0);
 #[map]
 static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
+/// Slot 0 of each CPU: the exit its vCPU thread is handling, while that thread has not
+/// left the CPU. `sched_switch` moves it to `PENDING` when the thread is switched out,
+/// so an entry finds its exit here (no hash lookup) unless the thread slept, was
+/// preempted or migrated in between.
+#[map]
+static CPU_PENDING: PerCpuArray<PendingExit> = PerCpuArray::with_max_entries(1, 0);
 /// Slot 0: the current phase, bumped at each load of a kvm vendor module.
 #[map]
 static PHASE: Array<u32> = Array::with_max_entries(1, 0);
@@ -168,60 +181,101 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     if !traced(tgid) {
         return;
     }
-    // SAFETY: offsets come from this tracepoint's format file; read_at checks bounds.
-    let fields = unsafe {
-        (
-            ctx.read_at::<u32>(global(&EXIT_REASON_OFF) as usize),
-            ctx.read_at::<u32>(global(&EXIT_ISA_OFF) as usize),
-            ctx.read_at::<u32>(global(&EXIT_VCPU_OFF) as usize),
+    // One read for all three fields (the helper call is most of a read's cost).
+    // SAFETY: the offset comes from this tracepoint's format file; read_at checks it.
+    let Ok(fields) = (unsafe {
+        ctx.read_at::<[u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>(
+            global(&EXIT_FIELDS_OFF) as usize
         )
-    };
-    let (Ok(raw_reason), Ok(isa), Ok(vcpu_id)) = fields else {
+    }) else {
         count_drop(drop_kind::READ_FAILED);
         return;
     };
+    // The loader checked that each offset is 4-aligned and within the bytes read; the
+    // mask only shows the verifier the bound.
+    let field = |off: &'static u32| {
+        let i = (global(off) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 1) as usize);
+        fields[i]
+    };
+    let (raw_reason, isa, vcpu_id) = (
+        field(&EXIT_REASON_OFF),
+        field(&EXIT_ISA_OFF),
+        field(&EXIT_VCPU_OFF),
+    );
     let vcpu_filter = global(&VCPU_FILTER);
     if vcpu_filter != u32::MAX && vcpu_filter != vcpu_id {
         return;
     }
     let exit = ExitKey::from_raw(isa, raw_reason);
-    let phase = PHASE.get(0).copied().unwrap_or(0);
-    let one = ExitStats {
-        count: 1,
-        timed: 0,
-        time_ns: 0,
-    };
-    // A full map is counted, not logged: a log line per exit would flood the host.
-    if !add_stats(&EXITS, &PhaseExitKey { phase, exit }, &one) {
-        count_drop(drop_kind::EXIT_MAP_FULL);
-        return;
-    }
     let vcpu = VcpuKey {
         pid: tgid,
         vcpu_id,
         exit,
     };
-    if !add_stats(&VCPU_EXITS, &vcpu, &one) {
-        count_drop(drop_kind::VCPU_MAP_FULL);
-    }
+    let phase = PHASE.get(0).copied().unwrap_or(0);
+    let row = PhaseVcpuKey::new(phase, &vcpu);
+    let one = ExitStats {
+        count: 1,
+        timed: 0,
+        time_ns: 0,
+    };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
         if !shared_inc(&VM_EXITS, &vm) || !shared_inc(&VM_TOTALS, &tgid) {
             count_drop(drop_kind::VM_MAP_FULL);
         }
     }
-    let pending = PendingExit {
-        start_ns: now,
-        vcpu,
-        phase,
-    };
-    if PENDING.insert(&tid, &pending, u64::from(BPF_ANY)).is_err() {
-        count_drop(drop_kind::PENDING_MAP_FULL);
+    // A full map is counted, not logged: a log line per exit would flood the host.
+    if !add_stats(&VCPU_EXITS, &row, &one) {
+        count_drop(drop_kind::VCPU_MAP_FULL);
+        let overflow = PhaseExitKey { phase, exit };
+        if !add_stats(&EXITS, &overflow, &one) {
+            count_drop(drop_kind::EXIT_MAP_FULL);
+        }
+        // Not timed: its row does not exist to add the time to.
+        return;
+    }
+    if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a tracing program does not migrate, and the slot is
+        // only written by programs running on this CPU.
+        unsafe {
+            (*slot).start_ns = now;
+            (*slot).tid = tid;
+            (*slot).row = row;
+        }
     }
 }
 
-#[tracepoint(category = "kvm", name = "kvm_entry")]
-pub fn kvm_entry(ctx: TracePointContext) -> u32 {
+/// Moves the pending exit of a vCPU thread that leaves its CPU (it sleeps, is
+/// preempted, or goes on elsewhere) from the CPU's slot to the per-thread map. The
+/// raw tracepoint runs before the switch, so the current task is the one leaving.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
+    let _ = ctx;
+    let Some(slot) = CPU_PENDING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot.
+    let pending = unsafe { *slot };
+    if pending.start_ns == 0 || pending.tid != bpf_get_current_pid_tgid() as u32 {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { (*slot).start_ns = 0 };
+    if let Some(entry) = PENDING.get_ptr_mut(&pending.tid) {
+        // SAFETY: the thread's entry; the thread is not running anywhere else now.
+        unsafe { *entry = pending };
+    } else if PENDING
+        .insert(&pending.tid, &pending, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count_drop(drop_kind::PENDING_MAP_FULL);
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "kvm_entry")]
+pub fn kvm_entry(ctx: RawTracePointContext) -> u32 {
     let _ = ctx;
     try_kvm_entry();
     0
@@ -229,31 +283,36 @@ pub fn kvm_entry(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_kvm_entry() {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: the entry is copied out before the delete below.
-    let Some(pending) = (unsafe { PENDING.get(&tid) }).copied() else {
-        // The first entry after attach, or a thread we do not trace.
-        return;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    // The exit is in this CPU's slot unless the thread left the CPU since.
+    let pending = match CPU_PENDING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        Some(slot) if unsafe { (*slot).tid == tid && (*slot).start_ns != 0 } => slot,
+        _ => match PENDING.get_ptr_mut(&tid) {
+            Some(entry) => entry,
+            // A thread we do not trace.
+            None => return,
+        },
     };
-    let _ = PENDING.remove(&tid);
+    // SAFETY: this CPU's slot, or the thread's own entry: only this thread uses it now.
+    let (start_ns, row) = unsafe { ((*pending).start_ns, (*pending).row) };
+    if start_ns == 0 || row.pid != (pid_tgid >> 32) as u32 {
+        // The first entry after attach, or an old exit of a thread id now reused.
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { (*pending).start_ns = 0 };
     // SAFETY: a helper with no arguments.
-    let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(pending.start_ns);
+    let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start_ns);
     let timed = ExitStats {
         count: 0,
         timed: 1,
         time_ns: elapsed,
     };
-    // Both entries exist unless the exit's insert failed, which was counted then.
-    let key = PhaseExitKey {
-        phase: pending.phase,
-        exit: pending.vcpu.exit,
-    };
-    add_stats(&EXITS, &key, &timed);
-    add_stats(&VCPU_EXITS, &pending.vcpu, &timed);
-    let hist = HistKey {
-        exit: pending.vcpu.exit,
-        bucket: hist_bucket(elapsed),
-    };
+    // The row exists: its exit created it.
+    add_stats(&VCPU_EXITS, &row, &timed);
+    let hist = HistKey::new(&row.exit(), hist_bucket(elapsed));
     if let Some(slot) = HIST.get_ptr_mut(&hist) {
         // SAFETY: this CPU's slot; no other writer.
         unsafe { *slot += 1 };
@@ -307,7 +366,11 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         return;
     };
     // SAFETY: entries are copied out.
-    let isa = unsafe { PENDING.get(&tid) }.map_or(0, |p| p.vcpu.exit.isa);
+    let isa = match CPU_PENDING.get(0) {
+        Some(slot) if slot.tid == tid && slot.start_ns != 0 => slot.row.meta & 0xff,
+        // SAFETY: the entry is copied out.
+        _ => unsafe { PENDING.get(&tid) }.map_or(0, |p| p.row.meta & 0xff),
+    };
     let reason_key = VmExitKey {
         pid: tgid,
         exit: ExitKey {

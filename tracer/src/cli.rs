@@ -61,16 +61,17 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct TopArgs {
     /// Count only the VM process with this pid (repeatable).
-    #[arg(short, long = "pid", value_name = "PID")]
+    #[arg(short, long = "pid", value_name = "PID", value_parser = parse_pid, allow_negative_numbers = true)]
     pub pids: Vec<u32>,
     /// Seconds between refreshes.
-    #[arg(short, long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
+    #[arg(short, long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds,
+          allow_negative_numbers = true)]
     pub interval: std::time::Duration,
     /// Stop after this many refreshes.
-    #[arg(short = 'n', long, value_name = "N")]
+    #[arg(short = 'n', long, value_name = "N", value_parser = parse_refreshes, allow_negative_numbers = true)]
     pub iterations: Option<u64>,
     /// Rows per table.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub rows: usize,
 }
 
@@ -101,16 +102,16 @@ pub enum TextFormat {
 pub struct LeafArgs {
     /// Leaf layout: kvmtrace (count 0x4FFFFFFE, total 0x4FFFFFFF, cycles 0x4FFFFFFD) or
     /// count-fffd (count 0x4FFFFFFD, cycles 0x4FFFFFFC).
-    #[arg(long, default_value = "kvmtrace")]
+    #[arg(long, default_value = "kvmtrace", value_parser = parse_preset)]
     pub preset: String,
     /// Leaf of the per-reason exit count (overrides the preset).
-    #[arg(long, value_parser = parse_leaf)]
+    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
     pub count_leaf: Option<u32>,
     /// Leaf of the totals (overrides the preset).
-    #[arg(long, value_parser = parse_leaf)]
+    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
     pub total_leaf: Option<u32>,
     /// Leaf of the per-reason cycles (overrides the preset).
-    #[arg(long, value_parser = parse_leaf)]
+    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
     pub cycles_leaf: Option<u32>,
 }
 
@@ -153,15 +154,6 @@ pub struct GuestArgs {
     pub output: Option<PathBuf>,
 }
 
-fn parse_leaf(text: &str) -> Result<u32, String> {
-    let t = text.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16),
-        None => t.parse(),
-    };
-    parsed.map_err(|_| format!("'{text}' is not a CPUID leaf: write it like 0x4FFFFFFE"))
-}
-
 /// How a record is rendered, for `record` and `show`.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -201,15 +193,16 @@ pub struct DiffArgs {
 #[derive(Debug, Args)]
 pub struct RecordArgs {
     /// Count only the VM process with this pid (repeatable); default: every VM.
-    #[arg(short, long = "pid", value_name = "PID", conflicts_with = "command")]
+    #[arg(short, long = "pid", value_name = "PID", conflicts_with = "command", value_parser = parse_pid,
+          allow_negative_numbers = true)]
     pub pids: Vec<u32>,
 
     /// Count only exits of this vCPU id.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub vcpu: Option<u32>,
 
     /// Stop after this many seconds (fractions allowed).
-    #[arg(short, long, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(short, long, value_name = "SECONDS", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub duration: Option<std::time::Duration>,
 
     #[command(flatten)]
@@ -226,13 +219,13 @@ pub struct RecordArgs {
     /// Room for this many (reason, phase) rows; exits beyond it are still in the total,
     /// counted as `dropped.exit_map_full`.
     #[arg(long, value_name = "N", default_value_t = tracer_common::limits::MAX_REASONS,
-          value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS), allow_negative_numbers = true)]
     pub max_reasons: u32,
 
     /// Room for this many (VM, vCPU, reason) rows; exits beyond it are in the per-reason
     /// rows only, counted as `dropped.vcpu_map_full`.
     #[arg(long, value_name = "N", default_value_t = tracer_common::limits::MAX_VCPU_ROWS,
-          value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS), allow_negative_numbers = true)]
     pub max_vcpu_rows: u32,
 
     /// The exit tracepoint (for tests and patched kernels).
@@ -261,12 +254,59 @@ const MAX_MAP_ROWS: i64 = 1 << 20;
 
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
     let secs: f64 = text
+        .trim()
         .parse()
         .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!("'{text}' is not a positive number of seconds"));
+    }
     std::time::Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("'{text}' is not a positive number of seconds"))
+        .ok_or_else(|| {
+            format!(
+                "'{text}' seconds is out of range: give at least 1e-9 and at most a few centuries"
+            )
+        })
+}
+
+/// A number of refreshes: 1 or more.
+fn parse_refreshes(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{text}' is not a number of refreshes: give 1 or more"))
+}
+
+/// Linux hands out pids below this (`PID_MAX_LIMIT` on 64-bit).
+const PID_MAX_LIMIT: u32 = 1 << 22;
+
+/// A pid of a process that exists now: checked while parsing, so a typo is a usage
+/// error (exit 2) before kvmtrace asks for privileges or attaches anything.
+fn parse_pid(text: &str) -> Result<u32, String> {
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a process id: give a number like 4242"))?;
+    if pid == 0 || pid >= PID_MAX_LIMIT {
+        return Err(format!(
+            "'{text}' is not a process id: pids go from 1 to {}",
+            PID_MAX_LIMIT - 1
+        ));
+    }
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(format!(
+            "no process with pid {pid}: check it with `ps -p {pid}`"
+        ));
+    }
+    Ok(pid)
+}
+
+/// A leaf preset name, checked while parsing so that `record` rejects it even without
+/// `--snapshots`.
+fn parse_preset(text: &str) -> Result<String, String> {
+    guest::preset(text).map(|_| text.to_owned())
 }
 
 fn parse_isa(text: &str) -> Result<Isa, String> {
@@ -293,6 +333,23 @@ mod tests {
         assert!(parse_seconds("0").is_err());
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("ten").is_err());
+        assert!(parse_seconds("NaN").is_err());
+        assert!(parse_seconds("inf").is_err());
+        assert!(parse_seconds("1e30").is_err_and(|e| e.contains("out of range")));
+    }
+
+    #[test]
+    fn pids_and_presets_parse() {
+        assert_eq!(parse_pid("1"), Ok(1));
+        assert_eq!(
+            parse_pid(&std::process::id().to_string()),
+            Ok(std::process::id())
+        );
+        for bad in ["0", "-1", "pid", "", "4194304", "99999999999"] {
+            assert!(parse_pid(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_preset("count-fffd").as_deref(), Ok("count-fffd"));
+        assert!(parse_preset("nope").is_err());
     }
 
     #[test]

@@ -101,13 +101,14 @@ pub fn diff(a: &Report, a_label: String, b: &Report, b_label: String) -> Diff {
         let e = counts
             .entry((r.isa, r.reason, r.failed_entry))
             .or_insert_with(|| (r.name.clone(), 0, 0));
-        e.1 += r.totals.count;
+        // A record may repeat a row (hand-made, or merged): saturate, never wrap.
+        e.1 = e.1.saturating_add(r.totals.count);
     }
     for r in &b.reasons {
         let e = counts
             .entry((r.isa, r.reason, r.failed_entry))
             .or_insert_with(|| (r.name.clone(), 0, 0));
-        e.2 += r.totals.count;
+        e.2 = e.2.saturating_add(r.totals.count);
     }
     let (a_total, b_total) = (a.total.count, b.total.count);
     let mut rows: Vec<DiffRow> = counts
@@ -146,6 +147,17 @@ pub fn diff(a: &Report, a_label: String, b: &Report, b_label: String) -> Diff {
 mod tests {
     use super::*;
     use crate::report::tests::sample_report;
+
+    #[test]
+    fn repeated_rows_saturate_instead_of_wrapping() {
+        let mut a = sample_report();
+        let mut row = a.reasons[0].clone();
+        row.totals.count = u64::MAX;
+        a.reasons.push(row.clone());
+        a.reasons.push(row);
+        let d = diff(&a, "a".into(), &sample_report(), "b".into());
+        assert!(d.rows.iter().any(|r| r.a == u64::MAX), "{:?}", d.rows);
+    }
 
     #[test]
     fn diff_pairs_reasons_and_explains_paging() {

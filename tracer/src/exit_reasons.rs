@@ -109,6 +109,8 @@ pub fn hardware(isa: Isa) -> Vec<(u32, Cow<'static, str>)> {
 pub fn parse(isa: Isa, text: &str) -> Result<u32, String> {
     let t = text.trim();
     let number = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        // from_str_radix takes a sign, which a hex reason never has.
+        Some(hex) if hex.starts_with(['+', '-']) => None,
         Some(hex) => u32::from_str_radix(hex, 16).ok(),
         None => t.parse().ok(),
     };
@@ -220,6 +222,10 @@ mod tests {
         assert_eq!(parse(Isa::Svm, "npf"), Ok(0x400));
         assert_eq!(parse(Isa::Vmx, "ept_violation"), Ok(48));
         assert!(parse(Isa::Vmx, "bogus").is_err());
+        for bad in ["0x+5", "0x-5", "-1", "0x1ffffffff", "4294967296", "", "0x"] {
+            let err = parse(Isa::Vmx, bad).err().unwrap_or_default();
+            assert!(err.contains(&format!("'{bad}'")), "{bad}: {err}");
+        }
     }
 
     #[test]

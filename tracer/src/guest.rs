@@ -100,6 +100,18 @@ pub fn preset(name: &str) -> Result<Leaves, String> {
         })
 }
 
+/// Parses a CPUID leaf given by a user: decimal, or hex with `0x`.
+pub fn parse_leaf(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        // from_str_radix takes a sign, which a hex leaf never has.
+        Some(h) if h.starts_with(['+', '-']) => None,
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => t.parse().ok(),
+    };
+    parsed.ok_or_else(|| format!("'{text}' is not a CPUID leaf: write it like 0x4FFFFFFE"))
+}
+
 /// EDX of a count or cycles leaf for a reason the SDM/APM does not define.
 pub const UNDEFINED_EDX: u32 = 0xffff_ffff;
 
@@ -135,6 +147,32 @@ pub struct GuestReadout {
     pub reasons: Vec<GuestReason>,
     /// CPUID instructions run in all.
     pub queries: u64,
+}
+
+/// Why a JSON text is not a guest readout this version can read.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("not a kvmtrace guest readout: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported schema '{found}': this kvmtrace reads {GUEST_SCHEMA}")]
+    Schema { found: String },
+}
+
+impl GuestReadout {
+    /// Parses `kvmtrace guest --format json` output, checking the schema first.
+    pub fn from_json(text: &str) -> Result<Self, ParseError> {
+        #[derive(Deserialize)]
+        struct Header {
+            schema: String,
+        }
+        let header: Header = serde_json::from_str(text)?;
+        if header.schema != GUEST_SCHEMA {
+            return Err(ParseError::Schema {
+                found: header.schema,
+            });
+        }
+        Ok(serde_json::from_str(text)?)
+    }
 }
 
 /// Counts the CPUID instructions it passes on.
@@ -452,6 +490,49 @@ mod tests {
         assert_eq!(s.mismatches, s.queried - 2 * defined - 1);
         assert_eq!(s.first_mismatches.len(), 100);
         assert!(s.first_mismatches.iter().all(|m| !m.defined));
+    }
+
+    #[test]
+    fn readout_json_checks_the_schema_first() {
+        let mut kvm = FakeKvm {
+            patched: true,
+            vendor: INTEL,
+            exits: 0,
+        };
+        let r = read(&mut kvm, leaves(), None).unwrap_or_else(|e| panic!("{e}"));
+        let text = serde_json::to_string(&r).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(GuestReadout::from_json(&text).ok(), Some(r));
+        let v2 = text.replace(GUEST_SCHEMA, "kvmtrace.guest.v2");
+        assert!(matches!(
+            GuestReadout::from_json(&v2),
+            Err(ParseError::Schema { found }) if found == "kvmtrace.guest.v2"
+        ));
+        for bad in ["", "[]", "{\"schema\":", &text[..text.len() / 2]] {
+            assert!(
+                matches!(GuestReadout::from_json(bad), Err(ParseError::Json(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn leaves_parse() {
+        assert_eq!(parse_leaf("0x4FFFFFFE"), Ok(0x4fff_fffe));
+        assert_eq!(parse_leaf(" 0X4fffffff "), Ok(0x4fff_ffff));
+        assert_eq!(parse_leaf("10"), Ok(10));
+        for bad in [
+            "0x+5",
+            "0x-5",
+            "0x",
+            "0x1ffffffff",
+            "4294967296",
+            "-1",
+            "leaf",
+            "",
+        ] {
+            let err = parse_leaf(bad).err().unwrap_or_default();
+            assert!(err.contains(&format!("'{bad}'")), "{bad}: {err}");
+        }
     }
 
     #[test]

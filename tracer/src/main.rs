@@ -5,11 +5,17 @@ mod commands;
 
 use std::{io::Write as _, process::ExitCode};
 
-use clap::Parser as _;
+use clap::{
+    CommandFactory as _, Parser as _,
+    error::{ContextKind, ContextValue, ErrorKind},
+};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
     let result = match cli.command {
         cli::Command::Record(args) => commands::record::run(args),
         cli::Command::Show(args) => commands::show::run(&args),
@@ -41,4 +47,70 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// clap's errors as one line, like every other error: `kvmtrace: invalid value 'abc' for
+/// '--duration <SECONDS>': ... (see `kvmtrace record --help`)`, exit status 2. Help and
+/// version (and the help shown for a bare `kvmtrace`) print as clap renders them.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    let code = |c: i32| ExitCode::from(u8::try_from(c).unwrap_or(2));
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        // A closed pipe (`kvmtrace --help | head`) is not an error.
+        let _ = err.print();
+        return code(err.exit_code());
+    }
+    let _ = writeln!(std::io::stderr(), "kvmtrace: {}", one_line(err));
+    code(err.exit_code())
+}
+
+/// The message of a clap error without its usage and tips: the lines up to the first
+/// blank one (a list of missing arguments or possible values is indented under it),
+/// a suggestion if clap has one, and where to read more.
+fn one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let mut msg = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some(rest) = msg.strip_prefix("error: ") {
+        msg = rest.to_owned();
+    }
+    for kind in [
+        ContextKind::SuggestedSubcommand,
+        ContextKind::SuggestedArg,
+        ContextKind::SuggestedValue,
+    ] {
+        match err.get(kind) {
+            Some(ContextValue::String(s)) => msg.push_str(&format!("; did you mean '{s}'?")),
+            Some(ContextValue::Strings(v)) if !v.is_empty() => {
+                msg.push_str(&format!("; did you mean '{}'?", v.join("' or '")));
+            }
+            _ => {}
+        }
+    }
+    let command = subcommand_in_args()
+        .map(|name| format!("kvmtrace {name}"))
+        .unwrap_or_else(|| "kvmtrace".to_owned());
+    format!("{msg} (see `{command} --help`)")
+}
+
+/// The subcommand named on the command line, if any: the first word that is not an
+/// option, when it names one.
+fn subcommand_in_args() -> Option<String> {
+    let word = std::env::args_os()
+        .skip(1)
+        .find(|a| !a.as_encoded_bytes().starts_with(b"-"))?
+        .into_string()
+        .ok()?;
+    cli::Cli::command()
+        .get_subcommands()
+        .any(|c| c.get_name() == word)
+        .then_some(word)
 }

@@ -6,11 +6,11 @@ use std::collections::BTreeSet;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, RawTracePoint, TracePoint},
 };
 use thiserror::Error;
 use tracer_common::{
-    CpuidEvent, ExitStats, HistKey, PhaseExitKey, VcpuKey, drop_kind, globals, limits, maps,
+    CpuidEvent, ExitStats, HistKey, PhaseExitKey, PhaseVcpuKey, drop_kind, globals, limits, maps,
 };
 
 use crate::{
@@ -50,6 +50,14 @@ pub enum ProbeError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "the fields of {tracepoint} lie {span} bytes apart, kvmtrace reads them in one {max}-byte read: this kernel's tracepoint is not supported"
+    )]
+    FieldsApart {
+        tracepoint: String,
+        span: u32,
+        max: u32,
+    },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error(transparent)]
@@ -81,6 +89,8 @@ pub struct ProgramCost {
     pub name: String,
     pub run_count: u64,
     pub run_time_ns: u64,
+    /// Bytes of native code; 0 means the kernel interprets the program.
+    pub jited_bytes: u32,
 }
 
 impl Default for ProbeConfig {
@@ -110,8 +120,9 @@ pub struct Probe {
 /// The programs, in attach order: the entry and fork programs first, so an exit is only
 /// timed once its entry program is attached and children forked from now on are
 /// followed.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 6] = [
     "kvm_entry",
+    "sched_switch",
     "sched_process_fork",
     "kvm_cpuid",
     "module_load",
@@ -130,9 +141,13 @@ impl Probe {
         tracefs.require(exit_tp)?;
         tracefs.require(&config.entry_tracepoint)?;
         let fork_tp = Tracepoint::new("sched", "sched_process_fork");
-        let reason_off = tracefs.offset(exit_tp, "exit_reason")?;
-        let isa_off = tracefs.offset(exit_tp, "isa")?;
-        let vcpu_off = tracefs.offset(exit_tp, "vcpu_id")?;
+        let switch_tp = Tracepoint::new("sched", "sched_switch");
+        let fields = [
+            tracefs.offset(exit_tp, "exit_reason")?,
+            tracefs.offset(exit_tp, "isa")?,
+            tracefs.offset(exit_tp, "vcpu_id")?,
+        ];
+        let [fields_off, reason_off, isa_off, vcpu_off] = exit_fields(exit_tp, fields)?;
         let child_off = tracefs.offset(&fork_tp, "child_pid")?;
         let cpuid_tp = Tracepoint::new("kvm", "kvm_cpuid");
         let cpuid_off = |field| tracefs.offset(&cpuid_tp, field);
@@ -192,6 +207,7 @@ impl Probe {
             .override_global(globals::LEAF_TOTAL, &leaf_total, true)
             .override_global(globals::LEAF_COUNT, &leaf_count, true)
             .override_global(globals::LEAF_CYCLES, &leaf_cycles, true)
+            .override_global(globals::EXIT_FIELDS_OFF, &fields_off, true)
             .override_global(globals::EXIT_REASON_OFF, &reason_off, true)
             .override_global(globals::EXIT_ISA_OFF, &isa_off, true)
             .override_global(globals::EXIT_VCPU_OFF, &vcpu_off, true)
@@ -223,8 +239,8 @@ impl Probe {
         for program in PROGRAMS {
             let tp = match program {
                 "kvm_entry" => &config.entry_tracepoint,
+                "sched_switch" => &switch_tp,
                 "sched_process_fork" => &fork_tp,
-                "kvm_cpuid" => &cpuid_tp,
                 "module_load" if module_name_off.is_none() => {
                     log::info!(
                         "this kernel has no {module_tp}: a kvm module reload during the record does not start a new phase"
@@ -232,6 +248,9 @@ impl Probe {
                     continue;
                 }
                 "module_load" => &module_tp,
+                // Its tracepoint fires on every CPUID exit: only pay for it when used.
+                "kvm_cpuid" if leaves.is_none() => continue,
+                "kvm_cpuid" => &cpuid_tp,
                 _ => exit_tp,
             };
             let prog = ebpf
@@ -241,20 +260,31 @@ impl Probe {
                     program: program.to_owned(),
                     source: ProgramError::NotLoaded,
                 })?;
-            let tracepoint: &mut TracePoint =
-                prog.try_into().map_err(|source| ProbeError::Program {
-                    action: "use",
-                    program: program.to_owned(),
-                    source,
-                })?;
-            tracepoint.load().map_err(|e| load_error(program, e))?;
-            tracepoint
-                .attach(&tp.category, &tp.name)
-                .map_err(|source| ProbeError::Program {
-                    action: "attach",
-                    program: format!("{program} to {tp}"),
-                    source,
-                })?;
+            let attached = if matches!(program, "kvm_entry" | "sched_switch") {
+                // A raw tracepoint: it needs no field of the record.
+                let raw: &mut RawTracePoint =
+                    prog.try_into().map_err(|source| ProbeError::Program {
+                        action: "use",
+                        program: program.to_owned(),
+                        source,
+                    })?;
+                raw.load().map_err(|e| load_error(program, e))?;
+                raw.attach(&tp.name).map(drop)
+            } else {
+                let tracepoint: &mut TracePoint =
+                    prog.try_into().map_err(|source| ProbeError::Program {
+                        action: "use",
+                        program: program.to_owned(),
+                        source,
+                    })?;
+                tracepoint.load().map_err(|e| load_error(program, e))?;
+                tracepoint.attach(&tp.category, &tp.name).map(drop)
+            };
+            attached.map_err(|source| ProbeError::Program {
+                action: "attach",
+                program: format!("{program} to {tp}"),
+                source,
+            })?;
         }
         let cpuid_events = RingBuf::try_from(
             ebpf.take_map(maps::CPUID_EVENTS)
@@ -296,6 +326,7 @@ impl Probe {
                     name: name.to_owned(),
                     run_count: info.run_count(),
                     run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    jited_bytes: info.size_jitted(),
                 })
             })
             .collect()
@@ -335,18 +366,21 @@ impl Probe {
         let map = |name: &'static str| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));
         let mut snap = Snapshot::default();
 
-        let exits: PerCpuHashMap<&MapData, PhaseExitKey, ExitStats> =
-            PerCpuHashMap::try_from(map(maps::EXITS)?).map_err(map_err(maps::EXITS))?;
-        for item in exits.iter() {
-            let (key, per_cpu) = item.map_err(map_err(maps::EXITS))?;
-            snap.add_exits(key.phase, key.exit, sum_stats(per_cpu.iter())?)?;
-        }
-
-        let vcpus: PerCpuHashMap<&MapData, VcpuKey, ExitStats> =
+        // Every counted exit is in a per-vCPU row, or (when that map was full) in the
+        // per-reason overflow map.
+        let vcpus: PerCpuHashMap<&MapData, PhaseVcpuKey, ExitStats> =
             PerCpuHashMap::try_from(map(maps::VCPU_EXITS)?).map_err(map_err(maps::VCPU_EXITS))?;
         for item in vcpus.iter() {
             let (key, per_cpu) = item.map_err(map_err(maps::VCPU_EXITS))?;
-            snap.vcpus.insert(key, sum_stats(per_cpu.iter())?);
+            let stats = sum_stats(per_cpu.iter())?;
+            snap.add_vcpu(key.vcpu(), stats)?;
+            snap.add_exits(key.phase(), key.exit(), stats)?;
+        }
+        let overflow: PerCpuHashMap<&MapData, PhaseExitKey, ExitStats> =
+            PerCpuHashMap::try_from(map(maps::EXITS)?).map_err(map_err(maps::EXITS))?;
+        for item in overflow.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::EXITS))?;
+            snap.add_exits(key.phase, key.exit, sum_stats(per_cpu.iter())?)?;
         }
 
         let hist: PerCpuHashMap<&MapData, HistKey, u64> =
@@ -354,8 +388,8 @@ impl Probe {
         for item in hist.iter() {
             let (key, per_cpu) = item.map_err(map_err(maps::HIST))?;
             snap.add_hist(
-                key.exit,
-                key.bucket,
+                key.exit(),
+                key.bucket(),
                 sum_u64(per_cpu.iter().copied(), "histogram")?,
             )?;
         }
@@ -370,6 +404,21 @@ impl Probe {
         snap.drops = counts;
         Ok(snap)
     }
+}
+
+/// Where the one read of the exit fields starts, and each field's offset from there.
+fn exit_fields(tp: &Tracepoint, offsets: [u32; 3]) -> Result<[u32; 4], ProbeError> {
+    let base = offsets.iter().copied().min().unwrap_or(0);
+    let end = offsets.iter().map(|o| o + 4).max().unwrap_or(0);
+    let rel = offsets.map(|o| o - base);
+    if end - base > limits::EXIT_FIELDS_BYTES || rel.iter().any(|r| r % 4 != 0) {
+        return Err(ProbeError::FieldsApart {
+            tracepoint: tp.to_string(),
+            span: end - base,
+            max: limits::EXIT_FIELDS_BYTES,
+        });
+    }
+    Ok([base, rel[0], rel[1], rel[2]])
 }
 
 /// An `EbpfLoader` that has not parsed the kernel's BTF. The programs have no CO-RE
@@ -435,5 +484,47 @@ fn load_error(program: &str, err: ProgramError) -> ProbeError {
             program: program.to_owned(),
             source,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_fields_are_read_at_once() {
+        let tp = Tracepoint::new("kvm", "kvm_exit");
+        // 6.1: exit_reason 8, isa 24 (after guest_rip), vcpu_id 56.
+        assert_eq!(exit_fields(&tp, [8, 24, 56]).ok(), Some([8, 0, 16, 48]));
+        assert_eq!(exit_fields(&tp, [56, 8, 24]).ok(), Some([8, 48, 0, 16]));
+        let apart = exit_fields(&tp, [8, 24, 80]).err().map(|e| e.to_string());
+        assert!(
+            apart.is_some_and(|e| e.contains("76 bytes apart")),
+            "fields too far apart are refused"
+        );
+        assert!(exit_fields(&tp, [8, 26, 40]).is_err(), "misaligned");
+    }
+
+    #[test]
+    fn packed_keys_round_trip() {
+        let exit = tracer_common::ExitKey::from_raw(tracer_common::isa::VMX, 0x8000_0021);
+        let vcpu = tracer_common::VcpuKey {
+            pid: 4_194_304,
+            vcpu_id: 4095,
+            exit,
+        };
+        let row = tracer_common::PhaseVcpuKey::new(3, &vcpu);
+        assert_eq!((row.phase(), row.vcpu()), (3, vcpu));
+        assert_eq!(
+            tracer_common::PhaseVcpuKey::new(70_000, &vcpu).phase(),
+            0xffff,
+            "saturates"
+        );
+        let svm = tracer_common::ExitKey::from_raw(tracer_common::isa::SVM, 0x8000_0010);
+        let h = tracer_common::HistKey::new(&svm, 47);
+        assert_eq!((h.exit(), h.bucket()), (svm, 47));
+        assert_eq!(size_of::<PhaseVcpuKey>(), 16);
+        assert_eq!(size_of::<HistKey>(), 8);
+        assert_eq!(size_of::<tracer_common::PendingExit>(), 32);
     }
 }

@@ -37,7 +37,7 @@
 //!                      "count": 1387, "timed": 1387, "time_ns": 45678901 } ] }
 //!   ],
 //!   "cost": { "attach_ns": 41000000, "peak_rss_kib": 9200, "bpf_stats": true,
-//!             "programs": [ { "name": "kvm_exit", "run_count": 6800, "run_time_ns": 1904000 } ] },
+//!             "programs": [ { "name": "kvm_exit", "run_count": 6800, "run_time_ns": 1904000, "jited_bytes": 1024 } ] },
 //!   "leaves": { "total": 1342177279, "count": 1342177278, "cycles": 1342177277 },
 //!   "cpuid_reads": [
 //!     { "ts_ns": 123456789, "pid": 1234, "tid": 1240, "kind": "count",
@@ -64,6 +64,9 @@
 //! - `cost`: what kvmtrace itself cost: time from its start to all probes attached, its
 //!   peak resident memory, and each eBPF program's run count and run time (the times
 //!   are 0 unless `sysctl kernel.bpf_stats_enabled=1`, then `bpf_stats` is true).
+//! - `dropped.vcpu_map_full`: exits with no per-vCPU row (`record --max-vcpu-rows`); they
+//!   are still in `reasons` unless `dropped.exit_map_full` counts them too
+//!   (`--max-reasons` rows of overflow were full as well).
 //! - `total.count` includes exits that were counted only in `dropped` (a full map or
 //!   an unreadable field). Any non-zero `dropped` field means some detail is missing.
 
@@ -218,6 +221,9 @@ pub struct ProgramCost {
     pub run_count: u64,
     /// 0 unless `kernel.bpf_stats_enabled` was 1.
     pub run_time_ns: u64,
+    /// Bytes of native code the JIT made; 0: the kernel interprets the program.
+    #[serde(default)]
+    pub jited_bytes: u32,
 }
 
 /// What kvmtrace itself cost.

@@ -75,6 +75,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Adds a per-vCPU row (rows of the same vCPU and reason in several phases add up).
+    pub fn add_vcpu(&mut self, key: VcpuKey, stats: ExitStats) -> Result<(), Overflow> {
+        let row = self.vcpus.entry(key).or_default();
+        *row = sum_stats([&*row, &stats])?;
+        Ok(())
+    }
+
     /// Adds the stats of `exit` in `phase`, to that phase and to the all-phase total.
     pub fn add_exits(
         &mut self,

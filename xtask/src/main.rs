@@ -1,6 +1,7 @@
 //! `cargo xtask VERB`: everything around the `kvmtrace` build that is not the product.
 
 mod exec;
+mod fuzz;
 mod kmod;
 mod lab;
 mod setup;
@@ -30,6 +31,12 @@ enum Command {
     Kmod(kmod::Options),
     /// Boot the emulated lab (Bochs VMX / QEMU SVM) and trace a real KVM in it.
     Lab(lab::Options),
+    /// Fuzz the parsers (record and guest JSON, reasons, leaves, tracefs format files)
+    /// with cargo-fuzz for a bounded time each; fails on a crash, naming the input.
+    Fuzz(fuzz::Options),
+    /// Measure what tracing costs an exit-bound guest in the Bochs lab: kvmtrace,
+    /// perf kvm stat, the hist trigger and the patched modules against stock, untraced.
+    Bench(lab::bench::Options),
 }
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
@@ -47,6 +54,8 @@ fn main() -> std::process::ExitCode {
         Command::Test(opts) => test::run(&opts, &root),
         Command::Kmod(opts) => kmod::run(&opts, &root),
         Command::Lab(opts) => lab::run(&opts, &root),
+        Command::Fuzz(opts) => fuzz::run(&opts, &root),
+        Command::Bench(opts) => lab::bench::run(&opts, &root),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

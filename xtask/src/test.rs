@@ -4,7 +4,7 @@ use std::{path::Path, process::Command};
 
 use clap::Args;
 
-use crate::{exec::exec, kmod, setup};
+use crate::{exec::exec, fuzz, kmod, setup};
 
 #[derive(Args, Debug)]
 pub struct Options {
@@ -14,6 +14,9 @@ pub struct Options {
     /// Skip building the KVM patch (checkpatch still runs).
     #[arg(long)]
     pub no_kmod: bool,
+    /// Seconds of fuzzing per parser (`cargo xtask fuzz`); 0 skips it.
+    #[arg(long, default_value_t = 20)]
+    pub fuzz_seconds: u64,
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
@@ -37,6 +40,16 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     // Unit tests, and the integration tests that load the eBPF programs (as root).
     // One thread: the tests attach to the same kernel tracepoints.
     exec(cargo().args(["test", "--", "--test-threads=1"]))?;
+    // Every parser of user input, fuzzed for a bounded time.
+    if opts.fuzz_seconds > 0 {
+        fuzz::run(
+            &fuzz::Options {
+                seconds: opts.fuzz_seconds,
+                targets: Vec::new(),
+            },
+            root,
+        )?;
+    }
 
     // The KVM patch: checkpatch --strict, then the series must build for both kernels.
     let check = kmod::Options {

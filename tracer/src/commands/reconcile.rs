@@ -8,7 +8,7 @@ use kvmtrace::{
     reconcile::{Reconciliation, reconcile},
 };
 
-use super::{BadInput, load_report, write_output};
+use super::{BadInput, load_guest_readout, load_report, write_output};
 use crate::cli::{ReconcileArgs, TextFormat};
 
 fn table(rec: &Reconciliation, mismatches: &[String]) -> String {
@@ -98,17 +98,7 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
     }
     let rec = reconcile(&report);
     let mismatches = match &args.guest {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| BadInput(format!("cannot read {}: {e}", path.display())))?;
-            let guest: GuestReadout = serde_json::from_str(&text).map_err(|e| {
-                BadInput(format!(
-                    "{}: not a kvmtrace guest readout: {e}",
-                    path.display()
-                ))
-            })?;
-            guest_mismatches(&rec, &guest)
-        }
+        Some(path) => guest_mismatches(&rec, &load_guest_readout(path)?),
         None => Vec::new(),
     };
     let bytes = match args.format {

@@ -106,9 +106,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
-        if child.is_none() && args.duration.is_none() {
-            eprintln_status("recording VM exits; press Ctrl-C to stop");
-        }
+        // Once attached, say so: scripts wait for this line before starting VMs.
+        eprintln_status(&match (&args.command.first(), args.duration) {
+            (Some(program), _) => format!("recording VM exits until {program} exits"),
+            (None, Some(d)) => format!("recording VM exits for {:.1} s", d.as_secs_f64()),
+            (None, None) => "recording VM exits; press Ctrl-C to stop".to_owned(),
+        });
         let ending = wait_for_end(child.as_mut(), args.duration);
         tokio::pin!(ending);
         let mut drain = tokio::time::interval(CPUID_DRAIN);
@@ -138,17 +141,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         programs: probe
             .costs()
             .into_iter()
-            .map(
-                |ProgramCost {
-                     name,
-                     run_count,
-                     run_time_ns,
-                 }| report::ProgramCost {
-                    name,
-                    run_count,
-                    run_time_ns,
-                },
-            )
+            .map(|p: ProgramCost| report::ProgramCost {
+                name: p.name,
+                run_count: p.run_count,
+                run_time_ns: p.run_time_ns,
+                jited_bytes: p.jited_bytes,
+            })
             .collect(),
     };
     drop(probe);

@@ -7,6 +7,7 @@
 //! Guest-side pieces (init scripts, the `micro` VMM, the Bochs config) live in `lab/`.
 
 mod assets;
+pub mod bench;
 mod cpio;
 mod emulator;
 mod image;
@@ -1042,10 +1043,10 @@ fn per_vcpu_problems(tag: &str, hist: &report::Hist, rec: &report::Record) -> Ve
         // dropped.vcpu_map_full.
         let exact = rec_raw.iter().all(|(k, n)| hist.by_vcpu.get(k) == Some(n));
         let rows: u64 = rec_raw.values().sum();
-        let counted: u64 = rec.by_reason.values().sum();
-        if !exact || rows + full != counted {
+        let all: u64 = hist.by_vcpu.values().sum();
+        if !exact || rows + full != all {
             problems.push(format!(
-                "{tag}: vCPU rows ({rows}) + dropped.vcpu_map_full ({full}) != counted exits ({counted}), or a row differs from the hist"
+                "{tag}: vCPU rows ({rows}) + dropped.vcpu_map_full ({full}) != all exits ({all}), or a row differs from the hist"
             ));
         }
         return problems;

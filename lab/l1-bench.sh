@@ -1,0 +1,133 @@
+#!/bin/busybox sh
+# L1 /init of `cargo xtask bench`: runs inside Bochs (guest time follows the instruction
+# count, so a run's time repeats). The `micro` VMM runs CPUIDS CPUID exits under each
+# configuration, ROUNDS times, configurations interleaved within a round:
+#   stock      Debian's kvm modules, nothing tracing
+#   kvmtrace   + `kvmtrace record` (system-wide, attached before the VM starts)
+#   perf       + `perf kvm stat record -a` (Debian's linux-perf)
+#   hist       + the kernel's hist trigger on kvm:kvm_exit
+#   patched    our patched kvm modules, nothing tracing
+# then once more under kvmtrace with kernel.bpf_stats_enabled=1 for the eBPF run time
+# per exit. Lines for xtask:
+#   KVMLAB bench CONFIG ROUND run_ns=N        one timed run
+#   KVMLAB begin KIND TAG ... KVMLAB end KIND TAG   a file, verbatim
+#   KVMLAB result pass | KVMLAB result fail WHY
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tracefs tracefs /sys/kernel/tracing
+mount -t debugfs debugfs /sys/kernel/debug
+echo 1 > /proc/sys/kernel/printk
+. /lab/env
+
+say() { echo "KVMLAB $*"; }
+step() { say "step $1 $2"; } # xtask kills the run if a step overruns its budget (s)
+drain() {
+    was=
+    now=$(grep '^0:' /proc/tty/driver/serial)
+    while [ "$was" != "$now" ]; do
+        was=$now
+        sleep 0.5
+        now=$(grep '^0:' /proc/tty/driver/serial)
+    done
+}
+finish() {
+    say "result $*"
+    drain
+    poweroff -f
+}
+section() { # KIND TAG FILE
+    say "begin $1 $2"
+    cat "$3"
+    echo
+    say "end $1 $2"
+}
+load() { # stock | patched
+    for m in $KVM_DEPS $KVM_VENDOR.ko; do
+        args=
+        [ "$m" = "$KVM_VENDOR.ko" ] && args="$PAGING=1"
+        insmod /lib/modules/$1/$m $args || finish fail "insmod $1/$m"
+    done
+}
+unload() {
+    rmmod $KVM_MODULE && rmmod kvm && rmmod irqbypass || finish fail "rmmod"
+}
+# One timed run of the micro VMM; its own clock covers KVM_RUN to the HLT exit.
+measure() { # CONFIG ROUND
+    /bin/micro $CPUIDS 0 > /tmp/micro.out 2>&1 || { cat /tmp/micro.out; finish fail "micro under $1"; }
+    ns=$(sed -n 's/^micro: run_ns=//p' /tmp/micro.out)
+    say "bench $1 $2 run_ns=$ns"
+}
+# kvmtrace record in the background; returns once it is attached.
+kvmtrace_start() { # TAG
+    kvmtrace record --format json -o /tmp/kt-$1.json </dev/null 2>/tmp/kt-$1.err &
+    KT=$!
+    n=0
+    until grep -q "recording VM exits" /tmp/kt-$1.err; do
+        kill -0 $KT 2>/dev/null || { cat /tmp/kt-$1.err; finish fail "kvmtrace exited"; }
+        n=$((n + 1))
+        [ $n -lt 600 ] || finish fail "kvmtrace did not attach"
+        sleep 0.1
+    done
+}
+kvmtrace_stop() { # TAG
+    kill -INT $KT
+    wait $KT
+    section kvmtrace $1 /tmp/kt-$1.json
+}
+
+EXIT=/sys/kernel/tracing/events/kvm/kvm_exit
+step l1-modules 120
+say "l1 up kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) bpf_jit_enable=$(cat /proc/sys/net/core/bpf_jit_enable) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+load stock
+/bin/micro 1000 0 > /dev/null || finish fail "micro warm-up"
+for round in $(seq 1 $ROUNDS); do
+    step round$round $ROUND_BUDGET
+    measure stock $round
+
+    kvmtrace_start r$round
+    measure kvmtrace $round
+    kvmtrace_stop r$round
+
+    # -a: every CPU, like kvmtrace; -o in tmpfs. perf writes its header at once.
+    perf kvm stat record -a -o /tmp/perf.data </dev/null >/tmp/perf.err 2>&1 &
+    PERF=$!
+    n=0
+    until [ -s /tmp/perf.data ]; do
+        kill -0 $PERF 2>/dev/null || { cat /tmp/perf.err; finish fail "perf exited"; }
+        n=$((n + 1))
+        [ $n -lt 600 ] || finish fail "perf did not start"
+        sleep 0.1
+    done
+    sleep 1
+    measure perf $round
+    kill -INT $PERF
+    wait $PERF
+    if [ $round = 1 ]; then
+        perf kvm -i /tmp/perf.data stat report --event=vmexit > /tmp/perf.txt 2>&1
+        section perf-report r$round /tmp/perf.txt
+        section perf-stderr r$round /tmp/perf.err
+    fi
+    rm -f /tmp/perf.data /tmp/perf.data.old
+
+    echo 'hist:keys=exit_reason:vals=hitcount' > $EXIT/trigger || finish fail "hist trigger"
+    measure hist $round
+    echo '!hist:keys=exit_reason:vals=hitcount' >> $EXIT/trigger
+
+    unload
+    load patched
+    measure patched $round
+    unload
+    load stock
+done
+
+step bpf-stats $ROUND_BUDGET
+echo 1 > /proc/sys/kernel/bpf_stats_enabled || finish fail "no kernel.bpf_stats_enabled"
+kvmtrace_start stats
+measure kvmtrace-stats 1
+kvmtrace_stop stats
+echo 0 > /proc/sys/kernel/bpf_stats_enabled
+finish pass

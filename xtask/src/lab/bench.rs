@@ -1,0 +1,455 @@
+//! `cargo xtask bench`: what tracing costs a busy KVM host, measured in the Bochs lab.
+//!
+//! L1 (lab/l1-bench.sh) runs the `micro` VMM, an exit-bound guest (N CPUID exits), under
+//! five configurations in interleaved rounds: stock modules untraced, + `kvmtrace
+//! record`, + `perf kvm stat record`, + the kernel's hist trigger, and our patched
+//! modules untraced. Bochs runs with `clock: sync=none`, so L1's clock follows the
+//! instruction count: each time is a count of L1 instructions, and ratios repeat.
+//! Every configuration is printed as a ratio to the untraced stock run of the same
+//! round, with kvmtrace's own numbers (eBPF ns per exit from
+//! `kernel.bpf_stats_enabled`, start-to-attached time, peak RSS), in L1 and on this
+//! host. Results: target/bench/bench.md and bench.json.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+use super::{
+    Isa, Kvmtrace, Modules, Scenario, Workload, assets, bochs_command, build_kvmtrace,
+    cpio::Archive, emulator, prepare_inputs, report, step::Step, step::run_bounded,
+};
+
+#[derive(Args, Debug)]
+pub struct Options {
+    /// CPUID exits the guest makes in each timed run.
+    #[arg(long, default_value_t = 200_000)]
+    pub cpuids: u32,
+    /// Rounds of the five configurations (each round times each once).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub rounds: u32,
+    /// Where the results go.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Multiplies every time limit (for slow machines).
+    #[arg(long, default_value_t = 1.0)]
+    pub timeout_scale: f64,
+}
+
+/// The configurations, in the order L1 runs them; the first is the baseline.
+const CONFIGS: [(&str, &str); 5] = [
+    ("stock", "stock kvm, untraced"),
+    ("kvmtrace", "+ kvmtrace record"),
+    ("perf", "+ perf kvm stat record"),
+    ("hist", "+ hist trigger on kvm:kvm_exit"),
+    ("patched", "patched kvm (counter leaves), untraced"),
+];
+
+/// The lab options the bench shares with `cargo xtask lab`: Intel, stock modules
+/// (the patched ones are added separately), kvmtrace required.
+fn lab_options() -> super::Options {
+    super::Options {
+        isa: Isa::Intel,
+        modes: vec![1],
+        workload: Workload::Micro,
+        smp: 1,
+        kvmtrace: Kvmtrace::Required,
+        record_args: String::new(),
+        modules: Modules::Stock,
+        stock: false,
+        vms: 1,
+        out: None,
+        micro_cpuids: 0,
+        micro_outs: 0,
+        kvm_modules: None,
+        timeout_scale: 1.0,
+        scenario: Scenario::Modes,
+        signals: Vec::new(),
+        signal_after: 0,
+    }
+}
+
+pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    if opts.timeout_scale <= 0.0 {
+        bail!("--timeout-scale must be positive");
+    }
+    let out = root.join(&opts.out);
+    let build = out.join("build");
+    std::fs::create_dir_all(&build)
+        .with_context(|| format!("cannot create {}", build.display()))?;
+    let cache = root.join("target/lab/cache");
+    let lab = lab_options();
+    let mut apt = assets::Apt::default();
+
+    let inputs = prepare_inputs(&lab, root, &cache, &mut apt)?;
+    let s = Step::start("perf");
+    apt.install(&s, &["linux-perf"])?;
+    let perf = PathBuf::from("/usr/bin/perf");
+    let perf_libs = assets::shared_libraries(&perf)?;
+    s.done(format!(
+        "{} ({} libraries)",
+        crate::exec::output(Command::new(&perf).arg("version"))?.trim(),
+        perf_libs.len()
+    ));
+    let s = Step::start("kmod");
+    let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
+    s.done(patched.display().to_string());
+    let Some((kvmtrace, kvmtrace_libs)) = build_kvmtrace(&lab, root)? else {
+        bail!("kvmtrace did not build for the lab");
+    };
+    let micro = build.join("micro");
+    run_bounded(
+        Command::new("gcc")
+            .args(["-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&micro)
+            .arg(root.join("lab/micro.c")),
+        Duration::from_secs(120),
+    )?;
+
+    let s = Step::start("initrd");
+    let mut a = Archive::default();
+    for d in ["proc", "sys", "dev", "tmp", "sys/kernel/tracing"] {
+        a.dir(d)?;
+    }
+    a.char_dev("dev/console", 5, 1)?;
+    a.file("bin/busybox", &inputs.busybox)?;
+    let init = root.join("lab/l1-bench.sh");
+    a.bytes(
+        "init",
+        std::fs::read(&init).with_context(|| format!("cannot read {}", init.display()))?,
+        0o755,
+    )?;
+    let mut names = Vec::new();
+    for m in &inputs.modules {
+        let name = file_name(m)?;
+        a.file(&format!("lib/modules/stock/{name}"), m)?;
+        let ours = patched.join(&name);
+        a.file(
+            &format!("lib/modules/patched/{name}"),
+            if ours.is_file() { &ours } else { m },
+        )?;
+        names.push(name);
+    }
+    let Some((vendor, deps)) = names.split_last() else {
+        bail!("no kvm modules");
+    };
+    a.file("bin/micro", &micro)?;
+    a.file("bin/kvmtrace", &kvmtrace)?;
+    for lib in kvmtrace_libs.iter().chain(&perf_libs) {
+        let inside = lib
+            .to_str()
+            .with_context(|| format!("non-UTF-8 path {}", lib.display()))?;
+        if !a.contains(inside) {
+            a.file(inside, lib)?;
+        }
+    }
+    a.file("usr/bin/perf", &perf)?;
+    // A round is five runs; a traced run in Bochs takes ~0.2 ms of host time per exit.
+    let round_budget = (f64::from(opts.cpuids) * 5.0 * 0.4e-3 + 120.0) * opts.timeout_scale;
+    let env = format!(
+        "# Written by cargo xtask bench; sourced by /init.\nCPUIDS={}\nROUNDS={}\nPAGING=ept\n\
+         KVM_DEPS='{}'\nKVM_VENDOR={}\nKVM_MODULE={}\nROUND_BUDGET={}\n",
+        opts.cpuids,
+        opts.rounds,
+        deps.join(" "),
+        vendor.trim_end_matches(".ko"),
+        vendor.trim_end_matches(".ko").replace('-', "_"),
+        round_budget as u64
+    );
+    a.bytes("lab/env", env, 0o644)?;
+    let initrd = build.join("l1-initrd.cpio");
+    let size = a.write_to(&initrd)?;
+    s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
+
+    let host = host_costs(&kvmtrace)?;
+
+    let mut cmd = bochs_command(root, &build, &inputs.kernel, &initrd)?;
+    let s = Step::start("bochs");
+    s.note(format!(
+        "{} rounds of {} configurations, {} CPUID exits each",
+        opts.rounds,
+        CONFIGS.len(),
+        opts.cpuids
+    ));
+    let serial_log = out.join("serial.log");
+    let run = emulator::run(
+        &mut cmd,
+        &build.join("serial.out"),
+        &build.join("emulator.log"),
+        &s,
+        opts.timeout_scale,
+        &serial_log,
+    )
+    .with_context(|| format!("bochs died; console in {}", serial_log.display()))?;
+    let result = run.result.clone().unwrap_or_else(|| "none".into());
+    s.done(format!("result {result} ({:.1} s)", run.wall));
+    if result != "pass" {
+        bail!(
+            "the bench did not finish: {result} (console in {})",
+            serial_log.display()
+        );
+    }
+    let results = Results::parse(&run.lines, opts.cpuids)?;
+    let md = results.markdown(opts, &host);
+    report::write(&out, "bench.md", &md)?;
+    report::write(
+        &out,
+        "bench.json",
+        &serde_json::to_string_pretty(&results.json(opts, &host))?,
+    )?;
+    println!("\n{md}");
+    println!("-> {}", out.join("bench.md").display());
+    Ok(())
+}
+
+fn file_name(p: &Path) -> anyhow::Result<String> {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .with_context(|| format!("bad file name {}", p.display()))
+}
+
+/// kvmtrace's own costs from one record: start to attached, peak RSS, and the eBPF
+/// run time per exit when bpf stats were on.
+#[derive(Clone, Debug, Default)]
+struct Cost {
+    attach_ms: f64,
+    peak_rss_mib: f64,
+    exits: u64,
+    ns_per_exit: Option<f64>,
+}
+
+impl Cost {
+    fn from_record(text: &str) -> anyhow::Result<Self> {
+        let v: Value = serde_json::from_str(text).context("kvmtrace's JSON does not parse")?;
+        let num = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+        let programs = v
+            .pointer("/cost/programs")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let program = |name: &str| {
+            programs
+                .iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+                .map(|p| {
+                    (
+                        p.get("run_count").and_then(Value::as_u64).unwrap_or(0),
+                        p.get("run_time_ns").and_then(Value::as_u64).unwrap_or(0),
+                    )
+                })
+                .unwrap_or_default()
+        };
+        let (exit_runs, exit_ns) = program("kvm_exit");
+        let (_, entry_ns) = program("kvm_entry");
+        let stats = v.pointer("/cost/bpf_stats").and_then(Value::as_bool) == Some(true);
+        Ok(Self {
+            attach_ms: num("/cost/attach_ns") as f64 / 1e6,
+            peak_rss_mib: num("/cost/peak_rss_kib") as f64 / 1024.0,
+            exits: num("/total/count"),
+            // Both programs run once per exit: their time together is the cost of one.
+            ns_per_exit: (stats && exit_runs > 0)
+                .then(|| (exit_ns + entry_ns) as f64 / exit_runs as f64),
+        })
+    }
+}
+
+/// kvmtrace started and stopped on this host (real CPU, no VM running): the median of
+/// a few start-to-attached times and peak RSS.
+fn host_costs(kvmtrace: &Path) -> anyhow::Result<Cost> {
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let out = crate::exec::output(Command::new(kvmtrace).args([
+            "record",
+            "--duration",
+            "0.2",
+            "--format",
+            "json",
+        ]))?;
+        runs.push(Cost::from_record(&out)?);
+    }
+    runs.sort_by(|a, b| a.attach_ms.total_cmp(&b.attach_ms));
+    Ok(runs.swap_remove(runs.len() / 2))
+}
+
+/// The timed runs, by configuration and round.
+struct Results {
+    /// config -> round -> L1 ns
+    runs: BTreeMap<String, BTreeMap<u32, u64>>,
+    /// kvmtrace's record of each round, and of the bpf-stats run.
+    kvmtrace: Vec<Cost>,
+    stats: Cost,
+    /// perf kvm stat report's line for CPUID (what perf counted).
+    perf_cpuid: Option<String>,
+}
+
+impl Results {
+    fn parse(lines: &[emulator::Line], cpuids: u32) -> anyhow::Result<Self> {
+        let mut runs: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
+        let mut rounds = 0;
+        for l in lines {
+            let Some(rest) = l.text.strip_prefix("KVMLAB bench ") else {
+                continue;
+            };
+            let mut it = rest.split_whitespace();
+            let (Some(config), Some(round), Some(ns)) = (it.next(), it.next(), it.next()) else {
+                bail!("bad bench line: {}", l.text);
+            };
+            let round: u32 = round.parse().context("bad round")?;
+            let ns: u64 = ns
+                .strip_prefix("run_ns=")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("bad bench line: {}", l.text))?;
+            rounds = rounds.max(round);
+            runs.entry(config.to_owned()).or_default().insert(round, ns);
+        }
+        let mut kvmtrace = Vec::new();
+        for round in 1..=rounds {
+            let text = report::section(lines, "kvmtrace", &format!("r{round}"))
+                .with_context(|| format!("no kvmtrace record of round {round}"))?;
+            let cost = Cost::from_record(&text)?;
+            if cost.exits < u64::from(cpuids) {
+                bail!(
+                    "kvmtrace counted {} exits in round {round}, fewer than the {cpuids} CPUIDs",
+                    cost.exits
+                );
+            }
+            kvmtrace.push(cost);
+        }
+        let stats = Cost::from_record(
+            &report::section(lines, "kvmtrace", "stats").context("no bpf-stats record")?,
+        )?;
+        let perf_cpuid = report::section(lines, "perf-report", "r1").and_then(|t| {
+            t.lines()
+                .find(|l| l.trim_start().starts_with("CPUID"))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        });
+        Ok(Self {
+            runs,
+            kvmtrace,
+            stats,
+            perf_cpuid,
+        })
+    }
+
+    /// The ratio of `config` to the untraced stock run, per round.
+    fn ratios(&self, config: &str) -> Vec<f64> {
+        let (Some(base), Some(runs)) = (self.runs.get("stock"), self.runs.get(config)) else {
+            return Vec::new();
+        };
+        runs.iter()
+            .filter_map(|(round, &ns)| {
+                let b = *base.get(round)?;
+                (b > 0).then(|| ns as f64 / b as f64)
+            })
+            .collect()
+    }
+
+    fn mean_ns(&self, config: &str) -> Option<f64> {
+        let runs = self.runs.get(config)?;
+        (!runs.is_empty()).then(|| runs.values().sum::<u64>() as f64 / runs.len() as f64)
+    }
+
+    fn markdown(&self, opts: &Options, host: &Cost) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "`cargo xtask bench --cpuids {} --rounds {}`: Bochs (Haswell, VMX+EPT, \
+             `clock: sync=none`), L1 Debian 6.1, a guest making {} CPUID exits.\n",
+            opts.cpuids, opts.rounds, opts.cpuids
+        );
+        let _ = writeln!(
+            md,
+            "| configuration | L1 time per exit | vs untraced stock (each round) | overhead |\n|---|---:|---:|---:|"
+        );
+        for (config, label) in CONFIGS {
+            let per_exit = self.mean_ns(config).map_or("-".into(), |ns| {
+                format!("{:.2} µs", ns / f64::from(opts.cpuids) / 1e3)
+            });
+            let ratios = self.ratios(config);
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.4}")).collect();
+            let mean = if ratios.is_empty() {
+                f64::NAN
+            } else {
+                ratios.iter().sum::<f64>() / ratios.len() as f64
+            };
+            let _ = writeln!(
+                md,
+                "| {label} | {per_exit} | {} | {:+.2} % |",
+                each.join(" / "),
+                (mean - 1.0) * 100.0
+            );
+        }
+        let attach: Vec<String> = self
+            .kvmtrace
+            .iter()
+            .map(|c| format!("{:.0} ms", c.attach_ms))
+            .collect();
+        let rss: Vec<String> = self
+            .kvmtrace
+            .iter()
+            .map(|c| format!("{:.1} MiB", c.peak_rss_mib))
+            .collect();
+        let _ = writeln!(md, "\nkvmtrace itself:\n");
+        let _ = writeln!(
+            md,
+            "| | L1 (Bochs) | this host ({}) |\n|---|---:|---:|",
+            host_cpu()
+        );
+        let _ = writeln!(
+            md,
+            "| eBPF run time per exit (kvm_exit + kvm_entry, bpf_stats) | {} | - |",
+            self.stats
+                .ns_per_exit
+                .map_or("-".into(), |ns| format!("{ns:.0} ns"))
+        );
+        let _ = writeln!(
+            md,
+            "| start → attached | {} | {:.1} ms |",
+            attach.join(" / "),
+            host.attach_ms
+        );
+        let _ = writeln!(
+            md,
+            "| peak RSS | {} | {:.1} MiB |",
+            rss.join(" / "),
+            host.peak_rss_mib
+        );
+        if let Some(line) = &self.perf_cpuid {
+            let _ = writeln!(md, "\nperf kvm stat report, round 1: `{line}`");
+        }
+        md
+    }
+
+    fn json(&self, opts: &Options, host: &Cost) -> Value {
+        json!({
+            "cpuids": opts.cpuids,
+            "rounds": opts.rounds,
+            "runs_ns": self.runs,
+            "ratios": CONFIGS.iter().map(|(c, _)| (c.to_string(), json!(self.ratios(c)))).collect::<serde_json::Map<_, _>>(),
+            "kvmtrace": self.kvmtrace.iter().map(|c| json!({"attach_ms": c.attach_ms, "peak_rss_mib": c.peak_rss_mib, "exits": c.exits})).collect::<Vec<_>>(),
+            "ebpf_ns_per_exit": self.stats.ns_per_exit,
+            "host": {"attach_ms": host.attach_ms, "peak_rss_mib": host.peak_rss_mib},
+            "perf_cpuid": self.perf_cpuid,
+        })
+    }
+}
+
+fn host_cpu() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
