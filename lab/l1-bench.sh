@@ -10,41 +10,11 @@
 # then once more under kvmtrace with kernel.bpf_stats_enabled=1 for the eBPF run time
 # per exit. Lines for xtask:
 #   KVMLAB bench CONFIG ROUND run_ns=N        one timed run
-#   KVMLAB begin KIND TAG ... KVMLAB end KIND TAG   a file, verbatim
-#   KVMLAB result pass | KVMLAB result fail WHY
-/bin/busybox --install -s /bin
+# besides the protocol of lab/l1-lib.sh.
 export PATH=/bin:/usr/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-mount -t tracefs tracefs /sys/kernel/tracing
-mount -t debugfs debugfs /sys/kernel/debug
-echo 1 > /proc/sys/kernel/printk
+. /lab/lib.sh
 . /lab/env
 
-say() { echo "KVMLAB $*"; }
-step() { say "step $1 $2"; } # xtask kills the run if a step overruns its budget (s)
-drain() {
-    was=
-    now=$(grep '^0:' /proc/tty/driver/serial)
-    while [ "$was" != "$now" ]; do
-        was=$now
-        sleep 0.5
-        now=$(grep '^0:' /proc/tty/driver/serial)
-    done
-}
-finish() {
-    say "result $*"
-    drain
-    poweroff -f
-}
-section() { # KIND TAG FILE
-    say "begin $1 $2"
-    cat "$3"
-    echo
-    say "end $1 $2"
-}
 load() { # stock | patched
     for m in $KVM_DEPS $KVM_VENDOR.ko; do
         args=
@@ -65,13 +35,7 @@ measure() { # CONFIG ROUND
 kvmtrace_start() { # TAG
     kvmtrace record --format json -o /tmp/kt-$1.json </dev/null 2>/tmp/kt-$1.err &
     KT=$!
-    n=0
-    until grep -q "recording VM exits" /tmp/kt-$1.err; do
-        kill -0 $KT 2>/dev/null || { cat /tmp/kt-$1.err; finish fail "kvmtrace exited"; }
-        n=$((n + 1))
-        [ $n -lt 600 ] || finish fail "kvmtrace did not attach"
-        sleep 0.1
-    done
+    attached $KT /tmp/kt-$1.err || { cat /tmp/kt-$1.err; finish fail "kvmtrace did not attach"; }
 }
 kvmtrace_stop() { # TAG
     kill -INT $KT

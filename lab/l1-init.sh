@@ -4,11 +4,8 @@
 # For each paging mode in /lab/env: load the kvm vendor module with that mode, arm the
 # kernel's hist trigger on kvm:kvm_exit (the ground truth), run /lab/workload (under
 # `kvmtrace record` when it is there), disarm, and print everything between markers on
-# the console, which xtask parses:
-#   KVMLAB step NAME BUDGET_S         a step starts; xtask kills the run if it overruns
-#   KVMLAB begin KIND MODE ... KVMLAB end KIND MODE     a file, verbatim
-#   KVMLAB result pass | KVMLAB result fail WHY         the last line, always
-# Lines from the L2 console are prefixed with "L2| ".
+# the console, which xtask parses (the protocol is in lab/l1-lib.sh). Lines from the L2
+# console are prefixed with "L2| ".
 #
 # SCENARIO (in /lab/env) says how kvmtrace runs:
 #   modes   one `kvmtrace record -- workload` per paging mode (the default);
@@ -16,45 +13,10 @@
 #           first loaded: each mode is an rmmod + insmod while it runs;
 #   signal  each mode's `kvmtrace record -- workload` gets the next signal of SIGNALS
 #           SIGNAL_AFTER seconds in, while the workload still runs.
-/bin/busybox --install -s /bin
 export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-mount -t tracefs tracefs /sys/kernel/tracing
-mount -t debugfs debugfs /sys/kernel/debug
-mount -t bpf bpf /sys/fs/bpf
-# Only emergencies on the console: nothing may interleave with the files we print.
-echo 1 > /proc/sys/kernel/printk
+. /lab/lib.sh
 set -o pipefail
 . /lab/env
-
-say() { echo "KVMLAB $*"; }
-step() { say "step $1 $2"; }
-up() { cut -d' ' -f1 /proc/uptime; }
-# The UART sends at line speed: wait until its transmit count stops moving, or
-# power-off cuts the console short.
-drain() {
-    was=
-    now=$(grep '^0:' /proc/tty/driver/serial)
-    while [ "$was" != "$now" ]; do
-        was=$now
-        sleep 0.5
-        now=$(grep '^0:' /proc/tty/driver/serial)
-    done
-}
-finish() {
-    say "result $*"
-    drain
-    poweroff -f
-}
-section() { # KIND MODE FILE
-    say "begin $1 $2"
-    cat "$3"
-    echo
-    say "end $1 $2"
-}
 
 EXIT=/sys/kernel/tracing/events/kvm/kvm_exit
 BY_REASON='hist:keys=isa,exit_reason:vals=hitcount:sort=isa,exit_reason:size=256'
@@ -65,17 +27,6 @@ say "l1 up uptime=$(up) kernel=$(uname -r) cpu=$(grep -m1 'model name' /proc/cpu
 for m in $KVM_DEPS; do
     insmod /lib/modules/lab/$m || finish fail "insmod $m"
 done
-
-# Waits until kvmtrace (pid $1, stderr in $2) says it is recording.
-attached() {
-    n=0
-    until grep -q "recording VM exits" "$2"; do
-        kill -0 "$1" 2>/dev/null || return 1
-        n=$((n + 1))
-        [ $n -lt 600 ] || return 1
-        sleep 0.2
-    done
-}
 
 # Runs the workload alone: the L2 console goes to ours and /tmp/l2.out.
 workload() {

@@ -60,15 +60,18 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-/// Peak resident memory of this process, KiB (`getrusage`); 0 if unknown.
+/// Peak resident memory of this process, KiB (`VmHWM`); 0 if unknown. Not `getrusage`:
+/// its `ru_maxrss` keeps the high-water mark from before `exec`, i.e. of the parent's
+/// forked copy.
 pub fn peak_rss_kib() -> u64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return 0;
-    }
-    u64::try_from(usage.ru_maxrss).unwrap_or(0)
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Whether the kernel measures eBPF run times (`sysctl kernel.bpf_stats_enabled`).

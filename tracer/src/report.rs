@@ -363,6 +363,28 @@ fn name_of(exit: &ExitKey) -> String {
     exit_reasons::name(Isa::from_raw(exit.isa), exit.reason).into_owned()
 }
 
+/// The order of reason rows: most exits first, then by (isa, reason, failed entry).
+fn busiest_first(
+    a: &Totals,
+    a_key: (Isa, u32, bool),
+    b: &Totals,
+    b_key: (Isa, u32, bool),
+) -> std::cmp::Ordering {
+    b.count.cmp(&a.count).then(a_key.cmp(&b_key))
+}
+
+impl ReasonRow {
+    fn key(&self) -> (Isa, u32, bool) {
+        (self.isa, self.reason, self.failed_entry)
+    }
+}
+
+impl PhaseReason {
+    fn key(&self) -> (Isa, u32, bool) {
+        (self.isa, self.reason, self.failed_entry)
+    }
+}
+
 fn phase_row(
     phase: u32,
     exits: &BTreeMap<ExitKey, ExitStats>,
@@ -378,12 +400,7 @@ fn phase_row(
             totals: Totals::from(*stats),
         })
         .collect();
-    reasons.sort_by(|a, b| {
-        b.totals
-            .count
-            .cmp(&a.totals.count)
-            .then((a.isa, a.reason, a.failed_entry).cmp(&(b.isa, b.reason, b.failed_entry)))
-    });
+    reasons.sort_by(|a, b| busiest_first(&a.totals, a.key(), &b.totals, b.key()));
     let total = reasons
         .iter()
         .try_fold(Totals::default(), |acc, r| acc.checked_add(r.totals))?;
@@ -419,12 +436,7 @@ impl Report {
                 }
             })
             .collect();
-        reasons.sort_by(|a, b| {
-            b.totals
-                .count
-                .cmp(&a.totals.count)
-                .then((a.isa, a.reason, a.failed_entry).cmp(&(b.isa, b.reason, b.failed_entry)))
-        });
+        reasons.sort_by(|a, b| busiest_first(&a.totals, a.key(), &b.totals, b.key()));
 
         let mut vms: BTreeMap<u32, Totals> = BTreeMap::new();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());

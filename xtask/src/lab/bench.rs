@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use super::{
     Isa, Kvmtrace, Modules, Scenario, Workload, assets, bochs_command, build_kvmtrace,
-    cpio::Archive, emulator, prepare_inputs, report, step::Step, step::run_bounded,
+    cpio::Archive, emulator, image, prepare_inputs, report, step::Step, step::run_bounded,
 };
 
 #[derive(Args, Debug)]
@@ -120,15 +120,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     }
     a.char_dev("dev/console", 5, 1)?;
     a.file("bin/busybox", &inputs.busybox)?;
-    let init = root.join("lab/l1-bench.sh");
-    a.bytes(
-        "init",
-        std::fs::read(&init).with_context(|| format!("cannot read {}", init.display()))?,
-        0o755,
-    )?;
+    image::add_init(&mut a, &root.join("lab/l1-bench.sh"))?;
     let mut names = Vec::new();
     for m in &inputs.modules {
-        let name = file_name(m)?;
+        let name = image::file_name(m)?;
         a.file(&format!("lib/modules/stock/{name}"), m)?;
         let ours = patched.join(&name);
         a.file(
@@ -142,14 +137,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     };
     a.file("bin/micro", &micro)?;
     a.file("bin/kvmtrace", &kvmtrace)?;
-    for lib in kvmtrace_libs.iter().chain(&perf_libs) {
-        let inside = lib
-            .to_str()
-            .with_context(|| format!("non-UTF-8 path {}", lib.display()))?;
-        if !a.contains(inside) {
-            a.file(inside, lib)?;
-        }
-    }
+    image::add_libraries(&mut a, &kvmtrace_libs)?;
+    image::add_libraries(&mut a, &perf_libs)?;
     a.file("usr/bin/perf", &perf)?;
     // A round is five runs; a traced run in Bochs takes ~0.2 ms of host time per exit.
     let round_budget = (f64::from(opts.cpuids) * 5.0 * 0.4e-3 + 120.0) * opts.timeout_scale;
@@ -179,17 +168,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         opts.cpuids
     ));
     let serial_log = out.join("serial.log");
-    let run = emulator::run(
-        &mut cmd,
-        &build.join("serial.out"),
-        &build.join("emulator.log"),
-        &s,
-        opts.timeout_scale,
-        &serial_log,
-    )
-    .with_context(|| format!("bochs died; console in {}", serial_log.display()))?;
-    let result = run.result.clone().unwrap_or_else(|| "none".into());
-    s.done(format!("result {result} ({:.1} s)", run.wall));
+    let (run, result, _) = emulator::boot(&mut cmd, &build, s, opts.timeout_scale, &serial_log)?;
     if result != "pass" {
         bail!(
             "the bench did not finish: {result} (console in {})",
@@ -207,13 +186,6 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     println!("\n{md}");
     println!("-> {}", out.join("bench.md").display());
     Ok(())
-}
-
-fn file_name(p: &Path) -> anyhow::Result<String> {
-    p.file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_owned)
-        .with_context(|| format!("bad file name {}", p.display()))
 }
 
 /// kvmtrace's own costs from one record: start to attached, peak RSS, and the eBPF

@@ -36,6 +36,30 @@ pub struct Run {
     pub wall: f64,
 }
 
+/// Runs the emulator of a lab build directory (`serial.out`, `emulator.log` in
+/// `build`), copying the console to `serial_copy`, and closes `step` with the result.
+/// Returns the run and its result (`pass`, `fail WHY`, or `none`).
+pub fn boot(
+    cmd: &mut Command,
+    build: &Path,
+    step: Step,
+    scale: f64,
+    serial_copy: &Path,
+) -> anyhow::Result<(Run, String, std::time::Duration)> {
+    let run = run(
+        cmd,
+        &build.join("serial.out"),
+        &build.join("emulator.log"),
+        &step,
+        scale,
+        serial_copy,
+    )
+    .with_context(|| format!("{} died; console in {}", step.name(), serial_copy.display()))?;
+    let result = run.result.clone().unwrap_or_else(|| "none".into());
+    let took = step.done(format!("result {result} ({:.1} s)", run.wall));
+    Ok((run, result, took))
+}
+
 /// Starts `cmd` (stdout/stderr into `log`), follows `serial`, and returns the console.
 /// On a panic or an overrun step the emulator is killed and the error names the step;
 /// the console so far is still written to `serial_copy`.

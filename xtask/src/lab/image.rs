@@ -114,9 +114,7 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     }
     a.char_dev("dev/console", 5, 1)?;
     a.file("bin/busybox", &l1.busybox)?;
-    let init =
-        std::fs::read(&l1.init).with_context(|| format!("cannot read {}", l1.init.display()))?;
-    a.bytes("init", init, 0o755)?;
+    add_init(&mut a, &l1.init)?;
 
     let names: Vec<String> = l1
         .modules
@@ -220,9 +218,21 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     a.write_to(out)
 }
 
+/// Adds an L1 init script as /init, and lab/l1-lib.sh (beside it), which it sources, as
+/// /lab/lib.sh.
+pub(super) fn add_init(a: &mut Archive, init: &Path) -> anyhow::Result<()> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    a.bytes("init", read(init)?, 0o755)?;
+    a.bytes(
+        "lab/lib.sh",
+        read(&init.with_file_name("l1-lib.sh"))?,
+        0o644,
+    )
+}
+
 /// Copies shared libraries to the same absolute paths inside the initrd, so binaries
 /// run there as they do on the host.
-fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
+pub(super) fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
     for lib in libs {
         let inside = lib
             .to_str()
@@ -234,7 +244,7 @@ fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn file_name(p: &Path) -> anyhow::Result<String> {
+pub(super) fn file_name(p: &Path) -> anyhow::Result<String> {
     p.file_name()
         .and_then(|n| n.to_str())
         .map(str::to_owned)

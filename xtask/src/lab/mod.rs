@@ -376,17 +376,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         opts.modes
     ));
     let serial_log = out.join("serial.log");
-    let run = emulator::run(
-        &mut cmd,
-        &build.join("serial.out"),
-        &build.join("emulator.log"),
-        &s,
-        opts.timeout_scale,
-        &serial_log,
-    )
-    .with_context(|| format!("{} died; console in {}", s.name(), serial_log.display()))?;
-    let result = run.result.clone().unwrap_or_else(|| "none".into());
-    let emu_time = s.done(format!("result {result} ({:.1} s)", run.wall));
+    let (run, result, emu_time) =
+        emulator::boot(&mut cmd, &build, s, opts.timeout_scale, &serial_log)?;
 
     let outcome = summarize(opts, &out, &run, &l1);
     if let Some((kvmtrace, _)) = &l1.kvmtrace {
