@@ -34,7 +34,8 @@
 //!     { "phase": 0, "paging": { "module": "kvm_intel", "parameter": "ept", "nested": true },
 //!       "since": "2026-11-24T16:00:00.000000Z", "total": { "count": 6800, "timed": 6799, "time_ns": 123456789 },
 //!       "reasons": [ { "isa": "vmx", "reason": 30, "failed_entry": false, "name": "IO_INSTRUCTION",
-//!                      "count": 1387, "timed": 1387, "time_ns": 45678901 } ] }
+//!                      "count": 1387, "timed": 1387, "time_ns": 45678901, "mean_ns": 32933,
+//!                      "histogram": [] } ] }
 //!   ],
 //!   "cost": { "attach_ns": 41000000, "peak_rss_kib": 9200, "bpf_stats": true,
 //!             "programs": [ { "name": "kvm_exit", "run_count": 6800, "run_time_ns": 1904000, "jited_bytes": 1024 } ] },
@@ -56,7 +57,7 @@
 //! - `leaves` and `cpuid_reads` are present with `record --snapshots`: every guest read of
 //!   a counter leaf, the registers it got, and the host's own count for that VM at that
 //!   instant (the read's own CPUID exit included), for `kvmtrace reconcile`.
-//! - `phases`: the same counts split at each load of kvm_intel / kvm_amd during the run
+//! - `phases`: the same rows (without histograms) split at each load of kvm_intel / kvm_amd during the run
 //!   (`rmmod kvm_intel; insmod kvm-intel.ko ept=0` starts phase 1), each with the paging
 //!   mode that load had (`null` when it was reloaded again before kvmtrace looked).
 //!   Phase 0 is whatever was loaded when the record began. A VM cannot outlive its
@@ -193,18 +194,8 @@ pub struct PhaseRow {
     /// When kvmtrace first saw the phase (the record's start for phase 0).
     pub since: Option<DateTime<Utc>>,
     pub total: Totals,
-    pub reasons: Vec<PhaseReason>,
-}
-
-/// One reason within a phase.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PhaseReason {
-    pub isa: Isa,
-    pub reason: u32,
-    pub failed_entry: bool,
-    pub name: String,
-    #[serde(flatten)]
-    pub totals: Totals,
+    /// The phase's reasons (without histograms: those are kept for the whole run).
+    pub reasons: Vec<ReasonRow>,
 }
 
 /// What kvmtrace knew of a phase when it saw it begin.
@@ -363,26 +354,39 @@ fn name_of(exit: &ExitKey) -> String {
     exit_reasons::name(Isa::from_raw(exit.isa), exit.reason).into_owned()
 }
 
-/// The order of reason rows: most exits first, then by (isa, reason, failed entry).
-fn busiest_first(
-    a: &Totals,
-    a_key: (Isa, u32, bool),
-    b: &Totals,
-    b_key: (Isa, u32, bool),
-) -> std::cmp::Ordering {
-    b.count.cmp(&a.count).then(a_key.cmp(&b_key))
-}
-
 impl ReasonRow {
-    fn key(&self) -> (Isa, u32, bool) {
-        (self.isa, self.reason, self.failed_entry)
+    /// The row of `exit`, with its histogram when there is one.
+    fn new(exit: &ExitKey, stats: ExitStats, hist: Option<&Vec<u64>>) -> Self {
+        let totals = Totals::from(stats);
+        Self {
+            isa: Isa::from_raw(exit.isa),
+            reason: exit.reason,
+            failed_entry: exit.failed_entry != 0,
+            name: name_of(exit),
+            totals,
+            mean_ns: totals.mean_ns(),
+            histogram: hist.map(|h| histogram::buckets(h)).unwrap_or_default(),
+        }
     }
 }
 
-impl PhaseReason {
-    fn key(&self) -> (Isa, u32, bool) {
-        (self.isa, self.reason, self.failed_entry)
-    }
+/// Reason rows from a per-key map, most exits first, then by (isa, reason, failed
+/// entry).
+fn reason_rows(
+    exits: &BTreeMap<ExitKey, ExitStats>,
+    hist: Option<&BTreeMap<ExitKey, Vec<u64>>>,
+) -> Vec<ReasonRow> {
+    let mut rows: Vec<ReasonRow> = exits
+        .iter()
+        .map(|(exit, stats)| ReasonRow::new(exit, *stats, hist.and_then(|h| h.get(exit))))
+        .collect();
+    rows.sort_by(|a, b| {
+        b.totals
+            .count
+            .cmp(&a.totals.count)
+            .then((a.isa, a.reason, a.failed_entry).cmp(&(b.isa, b.reason, b.failed_entry)))
+    });
+    rows
 }
 
 fn phase_row(
@@ -390,17 +394,7 @@ fn phase_row(
     exits: &BTreeMap<ExitKey, ExitStats>,
     info: Option<&PhaseInfo>,
 ) -> Result<PhaseRow, Overflow> {
-    let mut reasons: Vec<PhaseReason> = exits
-        .iter()
-        .map(|(exit, stats)| PhaseReason {
-            isa: Isa::from_raw(exit.isa),
-            reason: exit.reason,
-            failed_entry: exit.failed_entry != 0,
-            name: name_of(exit),
-            totals: Totals::from(*stats),
-        })
-        .collect();
-    reasons.sort_by(|a, b| busiest_first(&a.totals, a.key(), &b.totals, b.key()));
+    let reasons = reason_rows(exits, None);
     let total = reasons
         .iter()
         .try_fold(Totals::default(), |acc, r| acc.checked_add(r.totals))?;
@@ -416,27 +410,7 @@ fn phase_row(
 impl Report {
     /// Builds the report from a snapshot. Pure: no I/O.
     pub fn build(snap: &Snapshot, info: RunInfo) -> Result<Self, Overflow> {
-        let mut reasons: Vec<ReasonRow> = snap
-            .exits
-            .iter()
-            .map(|(exit, stats)| {
-                let totals = Totals::from(*stats);
-                ReasonRow {
-                    isa: Isa::from_raw(exit.isa),
-                    reason: exit.reason,
-                    failed_entry: exit.failed_entry != 0,
-                    name: name_of(exit),
-                    totals,
-                    mean_ns: totals.mean_ns(),
-                    histogram: snap
-                        .hist
-                        .get(exit)
-                        .map(|h| histogram::buckets(h))
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
-        reasons.sort_by(|a, b| busiest_first(&a.totals, a.key(), &b.totals, b.key()));
+        let reasons = reason_rows(&snap.exits, Some(&snap.hist));
 
         let mut vms: BTreeMap<u32, Totals> = BTreeMap::new();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());

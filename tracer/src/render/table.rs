@@ -215,7 +215,7 @@ mod tests {
                 count,
                 ..Totals::default()
             },
-            reasons: vec![crate::report::PhaseReason {
+            reasons: vec![crate::report::ReasonRow {
                 isa: crate::exit_reasons::Isa::Vmx,
                 reason: 28,
                 failed_entry: false,
@@ -224,6 +224,8 @@ mod tests {
                     count,
                     ..Totals::default()
                 },
+                mean_ns: None,
+                histogram: Vec::new(),
             }],
         };
         r.phases = vec![row(0, true, 10), row(1, false, 17602)];

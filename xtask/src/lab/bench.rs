@@ -15,7 +15,6 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -23,8 +22,8 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use super::{
-    Isa, Kvmtrace, Modules, Scenario, Workload, assets, bochs_command, build_kvmtrace,
-    cpio::Archive, emulator, image, prepare_inputs, report, step::Step, step::run_bounded,
+    Isa, Kvmtrace, Modules, Scenario, Workload, assets, bochs_command, build_kvmtrace, build_micro,
+    cpio::Archive, emulator, image, prepare_inputs, report, step::Step,
 };
 
 #[derive(Args, Debug)]
@@ -104,14 +103,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let Some((kvmtrace, kvmtrace_libs)) = build_kvmtrace(&lab, root)? else {
         bail!("kvmtrace did not build for the lab");
     };
-    let micro = build.join("micro");
-    run_bounded(
-        Command::new("gcc")
-            .args(["-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&micro)
-            .arg(root.join("lab/micro.c")),
-        Duration::from_secs(120),
-    )?;
+    let micro = build_micro(root, &build)?;
 
     let s = Step::start("initrd");
     let mut a = Archive::default();

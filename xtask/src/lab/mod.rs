@@ -311,28 +311,18 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
                 sweep: opts.workload == Workload::Sweep,
             }
         }
-        Workload::Micro | Workload::Churn => {
-            let binary = build.join("micro");
-            run_bounded(
-                Command::new("gcc")
-                    .args(["-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o"])
-                    .arg(&binary)
-                    .arg(root.join("lab/micro.c")),
-                Duration::from_secs(120),
-            )?;
-            L2Workload::Micro {
-                binary,
-                vms: if opts.workload == Workload::Churn {
-                    churn_vms(opts)
-                } else {
-                    vec![image::MicroVm {
-                        cpuids: opts.micro_cpuids,
-                        outs: opts.micro_outs,
-                    }]
-                },
-                overlap: opts.workload == Workload::Churn,
-            }
-        }
+        Workload::Micro | Workload::Churn => L2Workload::Micro {
+            binary: build_micro(root, &build)?,
+            vms: if opts.workload == Workload::Churn {
+                churn_vms(opts)
+            } else {
+                vec![image::MicroVm {
+                    cpuids: opts.micro_cpuids,
+                    outs: opts.micro_outs,
+                }]
+            },
+            overlap: opts.workload == Workload::Churn,
+        },
     };
     let run_timeout = match opts.workload {
         Workload::Boot | Workload::Sweep => 300 * u64::from(opts.smp),
@@ -492,6 +482,19 @@ fn prepare_inputs(
         qemu_data_dirs: data_dirs,
         qemu_module_dir,
     })
+}
+
+/// Builds the static `micro` VMM (lab/micro.c) into `build`.
+fn build_micro(root: &Path, build: &Path) -> anyhow::Result<PathBuf> {
+    let binary = build.join("micro");
+    run_bounded(
+        Command::new("gcc")
+            .args(["-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&binary)
+            .arg(root.join("lab/micro.c")),
+        Duration::from_secs(120),
+    )?;
+    Ok(binary)
 }
 
 /// Replaces Debian's kvm.ko and vendor module by the ones in `dir`, after checking that
