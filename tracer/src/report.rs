@@ -131,7 +131,9 @@ pub struct ReasonRow {
     pub name: String,
     #[serde(flatten)]
     pub totals: Totals,
+    #[serde(default)]
     pub mean_ns: Option<u64>,
+    #[serde(default)]
     pub histogram: Vec<Bucket>,
 }
 

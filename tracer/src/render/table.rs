@@ -104,6 +104,12 @@ pub fn render(report: &Report, opts: Options) -> String {
             format!("{} {} ({mode})", p.module, p.label())
         })
         .unwrap_or_else(|| "no kvm vendor module loaded".to_owned());
+    let paging = if report.phases.len() > 1 {
+        let modes: Vec<String> = report.phases.iter().map(phase_label).collect();
+        format!("the kvm vendor module was reloaded: {}", modes.join(", "))
+    } else {
+        paging
+    };
     let _ = writeln!(
         out,
         "kernel {}, {}, {:.2} s, {} exits",
