@@ -11,7 +11,10 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
-use kvmtrace::{exit_reasons::Isa, report::Report};
+use kvmtrace::{
+    exit_reasons::Isa,
+    report::{ReasonRow, Report},
+};
 use tracer_common::ExitKey;
 
 /// One lab scenario.
@@ -152,9 +155,12 @@ pub fn hist(dir: &Path) -> BTreeMap<ExitKey, u64> {
 
 /// kvmtrace's per-reason counts, keyed like [`hist`].
 pub fn counts(report: &Report) -> BTreeMap<ExitKey, u64> {
-    report
-        .reasons
-        .iter()
+    reason_counts(&report.reasons)
+}
+
+/// The counts of some reason rows (a report's, or one phase's), keyed like [`hist`].
+pub fn reason_counts(rows: &[ReasonRow]) -> BTreeMap<ExitKey, u64> {
+    rows.iter()
         .map(|r| {
             let key = ExitKey {
                 isa: r.isa.raw(),

@@ -10,7 +10,7 @@ use kvmtrace::{
 };
 use kvmtrace_e2e::{
     Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, counts,
-    differences, hist, l2_ended, mode_dir, read, record, whole_record,
+    differences, hist, l2_ended, mode_dir, read, reason_counts, record, whole_record,
 };
 
 const fn boot(isa: &'static str) -> Scenario {
@@ -418,19 +418,7 @@ fn intel_reload_mid_record_reports_each_phase() {
     let mut all = 0;
     for (phase, nested) in with_exits.iter().zip([true, false]) {
         let h = hist(&mode_dir(s, nested));
-        let mine = phase
-            .reasons
-            .iter()
-            .map(|r| {
-                let key = tracer_common::ExitKey {
-                    isa: r.isa.raw(),
-                    reason: r.reason,
-                    failed_entry: u32::from(r.failed_entry),
-                };
-                (key, r.totals.count)
-            })
-            .collect();
-        let diffs = differences(&mine, &h);
+        let diffs = differences(&reason_counts(&phase.reasons), &h);
         assert!(diffs.is_empty(), "phase {}: {diffs:?}", phase.phase);
         all += h.values().sum::<u64>();
     }

@@ -3,8 +3,10 @@
 //! thread and the time are needed, so the kernel need not format a record). Per-reason
 //! totals are the sums of those rows, made in user space; the per-reason map only
 //! takes the exits the per-vCPU map had no room for. That is one hash lookup per exit
-//! and event, the least the counts and times need. Per-reason counts are split into phases: each load of a kvm vendor
-//! module (`module:module_load`) starts a new one, so a record that spans
+//! and event, the least the counts and times need.
+//!
+//! Every row is also keyed by phase: each load of a kvm vendor module
+//! (`module:module_load`) starts a new one, so a record that spans
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
 //!
 //! Counters live in per-CPU maps and are bumped with plain adds: a per-CPU slot has one
@@ -365,11 +367,11 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         count_drop(drop_kind::READ_FAILED);
         return;
     };
-    // SAFETY: entries are copied out.
+    // The isa of the exit being handled: in this CPU's slot, or the thread's entry.
     let isa = match CPU_PENDING.get(0) {
-        Some(slot) if slot.tid == tid && slot.start_ns != 0 => slot.row.meta & 0xff,
+        Some(slot) if slot.tid == tid && slot.start_ns != 0 => slot.row.exit().isa,
         // SAFETY: the entry is copied out.
-        _ => unsafe { PENDING.get(&tid) }.map_or(0, |p| p.row.meta & 0xff),
+        _ => unsafe { PENDING.get(&tid) }.map_or(0, |p| p.row.exit().isa),
     };
     let reason_key = VmExitKey {
         pid: tgid,

@@ -108,13 +108,7 @@ pub fn hardware(isa: Isa) -> Vec<(u32, Cow<'static, str>)> {
 /// (case-insensitive).
 pub fn parse(isa: Isa, text: &str) -> Result<u32, String> {
     let t = text.trim();
-    let number = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        // from_str_radix takes a sign, which a hex reason never has.
-        Some(hex) if hex.starts_with(['+', '-']) => None,
-        Some(hex) => u32::from_str_radix(hex, 16).ok(),
-        None => t.parse().ok(),
-    };
-    if let Some(n) = number {
+    if let Some(n) = crate::parse::u32_dec_or_hex(t) {
         return Ok(n);
     }
     all(isa)

@@ -102,14 +102,8 @@ pub fn preset(name: &str) -> Result<Leaves, String> {
 
 /// Parses a CPUID leaf given by a user: decimal, or hex with `0x`.
 pub fn parse_leaf(text: &str) -> Result<u32, String> {
-    let t = text.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        // from_str_radix takes a sign, which a hex leaf never has.
-        Some(h) if h.starts_with(['+', '-']) => None,
-        Some(h) => u32::from_str_radix(h, 16).ok(),
-        None => t.parse().ok(),
-    };
-    parsed.ok_or_else(|| format!("'{text}' is not a CPUID leaf: write it like 0x4FFFFFFE"))
+    crate::parse::u32_dec_or_hex(text)
+        .ok_or_else(|| format!("'{text}' is not a CPUID leaf: write it like 0x4FFFFFFE"))
 }
 
 /// EDX of a count or cycles leaf for a reason the SDM/APM does not define.
@@ -161,17 +155,7 @@ pub enum ParseError {
 impl GuestReadout {
     /// Parses `kvmtrace guest --format json` output, checking the schema first.
     pub fn from_json(text: &str) -> Result<Self, ParseError> {
-        #[derive(Deserialize)]
-        struct Header {
-            schema: String,
-        }
-        let header: Header = serde_json::from_str(text)?;
-        if header.schema != GUEST_SCHEMA {
-            return Err(ParseError::Schema {
-                found: header.schema,
-            });
-        }
-        Ok(serde_json::from_str(text)?)
+        crate::parse::versioned_json(text, GUEST_SCHEMA, |found| ParseError::Schema { found })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod exit_reasons;
 pub mod guest;
 pub mod histogram;
 pub mod host;
+pub mod parse;
 pub mod privileges;
 pub mod probe;
 pub mod reconcile;

@@ -15,6 +15,7 @@ use tracer_common::{
 
 use crate::{
     guest::Leaves,
+    report::ProgramCost,
     snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64},
     tracefs::{Tracefs, TracefsError, Tracepoint},
 };
@@ -81,16 +82,6 @@ pub struct ProbeConfig {
     pub max_reasons: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
     pub max_vcpu_rows: u32,
-}
-
-/// What one of the probe's programs cost so far (`kernel.bpf_stats_enabled`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProgramCost {
-    pub name: String,
-    pub run_count: u64,
-    pub run_time_ns: u64,
-    /// Bytes of native code; 0 means the kernel interprets the program.
-    pub jited_bytes: u32,
 }
 
 impl Default for ProbeConfig {
@@ -171,32 +162,19 @@ impl Probe {
         let module_name_off = tracefs.offset(&module_tp, "name").ok();
         let name_off = module_name_off.unwrap_or(0);
 
+        let for_snapshots = |size, otherwise| if leaves.is_some() { size } else { otherwise };
         let mut loader = loader_without_kernel_btf();
         loader
             .map_max_entries(maps::EXITS, config.max_reasons)
             .map_max_entries(maps::VCPU_EXITS, config.max_vcpu_rows)
-            // The kernel maps all of a ring buffer's pages (twice) into our memory at
-            // once: only size it for snapshots when they are taken.
-            // Per-VM counts are only kept for snapshots.
-            .map_max_entries(
-                maps::VM_EXITS,
-                if leaves.is_some() {
-                    limits::MAX_VM_ROWS
-                } else {
-                    1
-                },
-            )
-            .map_max_entries(
-                maps::VM_TOTALS,
-                if leaves.is_some() { limits::MAX_VMS } else { 1 },
-            )
+            // Per-VM counts are only kept for snapshots. The kernel maps all of a ring
+            // buffer's pages (twice) into our memory at once: it too is only sized for
+            // snapshots when they are taken.
+            .map_max_entries(maps::VM_EXITS, for_snapshots(limits::MAX_VM_ROWS, 1))
+            .map_max_entries(maps::VM_TOTALS, for_snapshots(limits::MAX_VMS, 1))
             .map_max_entries(
                 maps::CPUID_EVENTS,
-                if leaves.is_some() {
-                    limits::CPUID_RING_BYTES
-                } else {
-                    limits::CPUID_RING_MIN_BYTES
-                },
+                for_snapshots(limits::CPUID_RING_BYTES, limits::CPUID_RING_MIN_BYTES),
             )
             .override_global(globals::MODULE_NAME_OFF, &name_off, true);
         for (name, off) in &cpuid_offsets {
@@ -260,23 +238,18 @@ impl Probe {
                     program: program.to_owned(),
                     source: ProgramError::NotLoaded,
                 })?;
+            let unusable = |source| ProbeError::Program {
+                action: "use",
+                program: program.to_owned(),
+                source,
+            };
             let attached = if matches!(program, "kvm_entry" | "sched_switch") {
                 // A raw tracepoint: it needs no field of the record.
-                let raw: &mut RawTracePoint =
-                    prog.try_into().map_err(|source| ProbeError::Program {
-                        action: "use",
-                        program: program.to_owned(),
-                        source,
-                    })?;
+                let raw: &mut RawTracePoint = prog.try_into().map_err(unusable)?;
                 raw.load().map_err(|e| load_error(program, e))?;
                 raw.attach(&tp.name).map(drop)
             } else {
-                let tracepoint: &mut TracePoint =
-                    prog.try_into().map_err(|source| ProbeError::Program {
-                        action: "use",
-                        program: program.to_owned(),
-                        source,
-                    })?;
+                let tracepoint: &mut TracePoint = prog.try_into().map_err(unusable)?;
                 tracepoint.load().map_err(|e| load_error(program, e))?;
                 tracepoint.attach(&tp.category, &tp.name).map(drop)
             };

@@ -491,17 +491,7 @@ impl Report {
 
     /// Parses a report, checking the schema before anything else.
     pub fn from_json(text: &str) -> Result<Self, ParseError> {
-        #[derive(Deserialize)]
-        struct Header {
-            schema: String,
-        }
-        let header: Header = serde_json::from_str(text)?;
-        if header.schema != SCHEMA {
-            return Err(ParseError::Schema {
-                found: header.schema,
-            });
-        }
-        Ok(serde_json::from_str(text)?)
+        crate::parse::versioned_json(text, SCHEMA, |found| ParseError::Schema { found })
     }
 
     /// The VM pids in the report.

@@ -13,10 +13,9 @@ use anyhow::{Context as _, bail};
 use chrono::Utc;
 use kvmtrace::{
     host, privileges,
-    probe::ProgramCost,
     probe::{Probe, ProbeConfig},
     render::{self, Format},
-    report::{self, Cost, Filter, PhaseInfo, Report, RunInfo},
+    report::{Cost, Filter, PhaseInfo, Report, RunInfo},
     tracefs::Tracefs,
 };
 use log::warn;
@@ -138,16 +137,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         attach_ns,
         peak_rss_kib: host::peak_rss_kib(),
         bpf_stats: host::bpf_stats_enabled(),
-        programs: probe
-            .costs()
-            .into_iter()
-            .map(|p: ProgramCost| report::ProgramCost {
-                name: p.name,
-                run_count: p.run_count,
-                run_time_ns: p.run_time_ns,
-                jited_bytes: p.jited_bytes,
-            })
-            .collect(),
+        programs: probe.costs(),
     };
     drop(probe);
 

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use super::{
     Isa, Kvmtrace, Modules, Scenario, Workload, assets, bochs_command, build_kvmtrace, build_micro,
-    cpio::Archive, emulator, image, prepare_inputs, report, step::Step,
+    emulator, image, prepare_inputs, report, step::Step,
 };
 
 #[derive(Args, Debug)]
@@ -106,13 +106,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let micro = build_micro(root, &build)?;
 
     let s = Step::start("initrd");
-    let mut a = Archive::default();
-    for d in ["proc", "sys", "dev", "tmp", "sys/kernel/tracing"] {
-        a.dir(d)?;
-    }
-    a.char_dev("dev/console", 5, 1)?;
-    a.file("bin/busybox", &inputs.busybox)?;
-    image::add_init(&mut a, &root.join("lab/l1-bench.sh"))?;
+    let mut a = image::l1_base(&inputs.busybox, &root.join("lab/l1-bench.sh"))?;
     let mut names = Vec::new();
     for m in &inputs.modules {
         let name = image::file_name(m)?;

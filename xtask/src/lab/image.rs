@@ -108,13 +108,7 @@ pub fn l2_initrd(
 
 /// Builds the L1 initrd.
 pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
-    let mut a = Archive::default();
-    for d in ["proc", "sys", "dev", "tmp", "sys/kernel/tracing"] {
-        a.dir(d)?;
-    }
-    a.char_dev("dev/console", 5, 1)?;
-    a.file("bin/busybox", &l1.busybox)?;
-    add_init(&mut a, &l1.init)?;
+    let mut a = l1_base(&l1.busybox, &l1.init)?;
 
     let names: Vec<String> = l1
         .modules
@@ -218,16 +212,23 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     a.write_to(out)
 }
 
-/// Adds an L1 init script as /init, and lab/l1-lib.sh (beside it), which it sources, as
-/// /lab/lib.sh.
-pub(super) fn add_init(a: &mut Archive, init: &Path) -> anyhow::Result<()> {
+/// What every L1 initrd holds: the mount points, the console, busybox, the init script
+/// `init` as /init, and lab/l1-lib.sh (beside it), which it sources, as /lab/lib.sh.
+pub(super) fn l1_base(busybox: &Path, init: &Path) -> anyhow::Result<Archive> {
+    let mut a = Archive::default();
+    for d in ["proc", "sys", "dev", "tmp", "sys/kernel/tracing"] {
+        a.dir(d)?;
+    }
+    a.char_dev("dev/console", 5, 1)?;
+    a.file("bin/busybox", busybox)?;
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     a.bytes("init", read(init)?, 0o755)?;
     a.bytes(
         "lab/lib.sh",
         read(&init.with_file_name("l1-lib.sh"))?,
         0o644,
-    )
+    )?;
+    Ok(a)
 }
 
 /// Copies shared libraries to the same absolute paths inside the initrd, so binaries
