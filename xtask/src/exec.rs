@@ -1,15 +1,16 @@
-//! Running commands, with the command line in every error.
+//! Running commands, with the command line in every error. Every child is started
+//! through [`crate::process`], so a signal to xtask ends it too.
 
 use std::process::{Command, Output};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+
+use crate::process;
 
 /// Runs `cmd` with inherited stdio; fails unless it exits 0.
 pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("+ {}", show(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    let status = process::status(cmd)?;
     if !status.success() {
         bail!("{} failed: {status}", show(cmd));
     }
@@ -22,9 +23,7 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
         status,
         stdout,
         stderr,
-    } = cmd
-        .output()
-        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    } = process::output(cmd)?;
     if !status.success() {
         bail!(
             "{} failed: {status}: {}",

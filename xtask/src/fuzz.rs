@@ -64,8 +64,7 @@ struct Outcome {
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     setup::run(&setup::Options::default(), root)?;
     ensure_cargo_fuzz()?;
-    let toolchain =
-        std::env::var("AYA_EBPF_TOOLCHAIN").unwrap_or_else(|_| setup::EBPF_TOOLCHAIN.into());
+    let toolchain = setup::ebpf_toolchain(root)?;
     let fuzz_dir = root.join("fuzz");
     let corpus = fuzz_dir.join("corpus");
     let logs = fuzz_dir.join("target/logs");

@@ -4,16 +4,18 @@
 //!
 //! 1. Look up the kernel release (ABI) behind the flavour's image metapackage, every
 //!    time: the mirror moves with security updates.
-//! 2. apt-install the source, the headers and the build tools that are missing or not
-//!    at the candidate version, then refuse unless image, headers and source are the
-//!    same Debian version (otherwise vermagic or struct layouts may not match).
+//! 2. Download the source and the headers (the flavour's, the common ones and kbuild)
+//!    and unpack them under `target/kmod/`: never installed, since the headers'
+//!    dependencies would put a kernel image on the host. Install only the missing
+//!    build tools. Refuse unless image, headers and source are the same Debian
+//!    version (otherwise vermagic or struct layouts may not match).
 //! 3. Extract only `arch/x86/kvm`, `virt/kvm`, the headers the series patches and
 //!    checkpatch into `target/kmod/<kernel>-<flavour>/src` (kept while the source
 //!    version and the file list do not change).
 //! 4. Copy that to `build-<variant>`, apply the series (and the variant's patches)
 //!    with `patch --fuzz=0`, point the kvm Makefile at the copy and put the patched
 //!    headers ahead of the installed ones (`NOSTDINC_FLAGS`), then
-//!    `make -C /usr/src/linux-headers-<release> M=... modules`.
+//!    `make -C <unpacked headers>/usr/src/linux-headers-<release> M=... modules`.
 //! 5. Copy the modules to `out` (`out-<variant>` for the test-only variants), strip
 //!    them, check their vermagic and write `kmod.json`, whose fingerprint of every input
 //!    lets the next run skip all of this.
@@ -30,7 +32,10 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::exec::{exec, output, show};
+use crate::{
+    apt,
+    exec::{exec, output, show},
+};
 
 /// Bump when the build recipe changes, so earlier outputs are rebuilt.
 const RECIPE: &str = "kmod-recipe-1";
@@ -243,38 +248,19 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 /// Builds (or finds up to date) the modules `opts` asks for.
 pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
     ensure!(opts.jobs > 0, "--jobs must be at least 1");
-    let release = kernel_release(opts.kernel, opts.flavour)?;
-    let headers_pkg = format!("linux-headers-{release}");
-    let image_pkg = format!("linux-image-{release}");
-    let source_pkg = opts.kernel.source_package();
-
-    apt_install(&[&headers_pkg, &source_pkg], &BUILD_DEPS)?;
-
-    let [image, headers, source]: [Policy; 3] = policies(&[&image_pkg, &headers_pkg, &source_pkg])?
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("apt-cache policy: expected three packages"))?;
-    let image_version = image
-        .candidate
-        .with_context(|| format!("apt has no candidate for {image_pkg}: run apt-get update"))?;
-    let headers_version = headers.installed.unwrap_or_else(|| "(none)".into());
-    let source_version = source.installed.unwrap_or_else(|| "(none)".into());
-    same_versions(&[
-        (&image_pkg, &image_version),
-        (&headers_pkg, &headers_version),
-        (&source_pkg, &source_version),
-    ])?;
-
-    let headers_dir = PathBuf::from(format!("/usr/src/linux-headers-{release}"));
-    ensure!(
-        headers_dir.join("Makefile").is_file(),
-        "{} has no Makefile although {headers_pkg} is installed",
-        headers_dir.display()
-    );
-
-    let patches = series(root, opts.kernel, opts.variant)?;
+    apt::install(&BUILD_DEPS)?;
     let work = root
         .join("target/kmod")
         .join(format!("{}-{}", opts.kernel, opts.flavour));
+    let Inputs {
+        release,
+        image_version,
+        source_version,
+        tarball,
+        headers_dir,
+    } = apt::with_fresh_lists(|| inputs(opts, root, &work))?;
+
+    let patches = series(root, opts.kernel, opts.variant)?;
     let out_dir = match opts.variant {
         Variant::Good => work.join("out"),
         v => work.join(format!("out-{v}")),
@@ -307,7 +293,7 @@ pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
 
     let src = work.join("src");
     let extract_start = Instant::now();
-    extract(opts.kernel, &source_version, &patches, &src)?;
+    extract(opts.kernel, &tarball, &source_version, &patches, &src)?;
     eprintln!(
         "kmod: source ready in {:.1}s",
         extract_start.elapsed().as_secs_f64()
@@ -371,15 +357,46 @@ pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
     })
 }
 
+/// The Debian inputs of one build, all of the same version.
+struct Inputs {
+    /// `uname -r` of the image, e.g. `6.1.0-56-cloud-amd64`.
+    release: String,
+    image_version: String,
+    source_version: String,
+    /// The source tarball, unpacked from `linux-source-<line>`.
+    tarball: PathBuf,
+    /// The unpacked `linux-headers-<release>` directory.
+    headers_dir: PathBuf,
+}
+
+/// Looks up today's release, downloads its source and headers, and refuses unless
+/// the image, the headers and the source are one Debian version.
+fn inputs(opts: &Options, root: &Path, work: &Path) -> anyhow::Result<Inputs> {
+    let release = kernel_release(opts.kernel, opts.flavour)?;
+    let image_pkg = format!("linux-image-{release}");
+    let image_version = apt::candidate(&image_pkg)?;
+    let (source_version, tarball) = source_tarball(opts.kernel, root)?;
+    let (headers_version, headers_dir) = headers_tree(&release, root, work)?;
+    same_versions(&[
+        (&image_pkg, &image_version),
+        (&format!("linux-headers-{release}"), &headers_version),
+        (&opts.kernel.source_package(), &source_version),
+    ])?;
+    Ok(Inputs {
+        release,
+        image_version,
+        source_version,
+        tarball,
+        headers_dir,
+    })
+}
+
 /// Runs `checkpatch.pl --strict` on the series of `opts.kernel` and on every
 /// test-only variant of it.
 fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    apt::install(&["perl", "xz-utils"])?;
     let source_pkg = opts.kernel.source_package();
-    apt_install(&[&source_pkg], &["perl"])?;
-    let source_version = policies(&[&source_pkg])?
-        .pop()
-        .and_then(|p| p.installed)
-        .with_context(|| format!("{source_pkg} is not installed"))?;
+    let (source_version, tarball) = apt::with_fresh_lists(|| source_tarball(opts.kernel, root))?;
 
     let mut patches = series(root, opts.kernel, Variant::Good)?;
     for variant in Variant::TEST_ONLY {
@@ -390,7 +407,7 @@ fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
         .join("target/kmod")
         .join(format!("{}-{}", opts.kernel, opts.flavour));
     let src = work.join("src");
-    extract(opts.kernel, &source_version, &patches, &src)?;
+    extract(opts.kernel, &tarball, &source_version, &patches, &src)?;
 
     let checkpatch = src.join("scripts/checkpatch.pl");
     let mut failed = Vec::new();
@@ -448,16 +465,68 @@ fn checkpatch_totals(line: &str) -> Option<(u32, u32, u32)> {
 /// The kernel release behind the image metapackage, e.g. `6.1.0-56-cloud-amd64`.
 fn kernel_release(kernel: KernelLine, flavour: Flavour) -> anyhow::Result<String> {
     let meta = kernel.image_metapackage(flavour);
-    let lookup = || -> Option<String> {
-        let deps = output(Command::new("apt-cache").args(["depends", &meta])).ok()?;
-        parse_release(&deps, flavour)
-    };
-    if let Some(release) = lookup() {
-        return Ok(release);
+    apt::cache(&["depends", &meta], |deps| parse_release(deps, flavour))
+        .with_context(|| format!("apt names no linux-image package for {meta}"))
+}
+
+/// Downloads the kernel source package and unpacks it under `target/kmod/debs`; its
+/// version and the path of the tarball it holds.
+fn source_tarball(kernel: KernelLine, root: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let debs = root.join("target/kmod/debs");
+    let deb = apt::download(&debs, &kernel.source_package())?;
+    let version = apt::deb_field(&deb, "Version")?;
+    let unpacked = apt::unpack(&deb, &debs.join("roots"))?;
+    let tarball = unpacked.join(format!("usr/src/{}.tar.xz", kernel.source_package()));
+    ensure!(
+        tarball.is_file(),
+        "{} holds no {}",
+        deb.display(),
+        tarball.display()
+    );
+    Ok((version, tarball))
+}
+
+/// The headers of `release`, downloaded and unpacked under `work`, never installed:
+/// installing `linux-headers-*` would pull a kernel image, initramfs-tools and udev
+/// onto the host through its dependencies (6.12 depends on its image). The
+/// flavour's headers, the common headers and kbuild are unpacked into one root, and
+/// the flavour's one-line Makefile is pointed at the unpacked common tree. Returns
+/// the headers' version and their directory (`make -C` it).
+fn headers_tree(release: &str, root: &Path, work: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let debs = root.join("target/kmod/debs");
+    let headers_pkg = format!("linux-headers-{release}");
+    let flavour_deb = apt::download(&debs, &headers_pkg)?;
+    let version = apt::deb_field(&flavour_deb, "Version")?;
+    let mut all = vec![flavour_deb.clone()];
+    for dep in apt::depends_names(&apt::deb_field(&flavour_deb, "Depends")?) {
+        if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
+            all.push(apt::download(&debs, &format!("{dep}={version}"))?);
+        }
     }
-    // No package lists yet (fresh machine) or stale ones: refresh once.
-    exec(apt_get().arg("update"))?;
-    lookup().with_context(|| format!("`apt-cache depends {meta}` names no linux-image package"))
+    ensure!(
+        all.len() == 3,
+        "{headers_pkg} {version} does not depend on one common headers and one kbuild package"
+    );
+    let tree = apt::unpack_into(&all, &work.join(format!("headers-{version}")))?;
+    let dir = tree.join(format!("usr/src/{headers_pkg}"));
+    let makefile = dir.join("Makefile");
+    let text = fs::read_to_string(&makefile)
+        .with_context(|| format!("cannot read {}", makefile.display()))?;
+    // "include /usr/src/linux-headers-<version>-common/Makefile"
+    let rewritten = text.replace(
+        "include /usr/src/",
+        &format!("include {}/usr/src/", tree.display()),
+    );
+    if rewritten != text {
+        fs::write(&makefile, rewritten)
+            .with_context(|| format!("cannot write {}", makefile.display()))?;
+    }
+    ensure!(
+        fs::read_to_string(&makefile).is_ok_and(|t| t.contains(&*tree.to_string_lossy())),
+        "{} does not include the unpacked common headers",
+        makefile.display()
+    );
+    Ok((version, dir))
 }
 
 /// The release from `apt-cache depends linux-image-...` output.
@@ -484,74 +553,6 @@ fn same_versions(pkgs: &[(&str, &str)]) -> anyhow::Result<()> {
         "version mismatch, refusing to build: {} (modules built so would not match the \
          image: retry once the mirror carries one version of all three)",
         list.join(", ")
-    )
-}
-
-fn apt_get() -> Command {
-    let mut cmd = Command::new("apt-get");
-    cmd.env("DEBIAN_FRONTEND", "noninteractive");
-    cmd
-}
-
-/// `apt-cache policy` of one package.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Policy {
-    installed: Option<String>,
-    candidate: Option<String>,
-}
-
-/// `apt-cache policy` of each of `pkgs`, in one call; a package apt does not know
-/// gets the default (neither installed nor a candidate).
-fn policies(pkgs: &[&str]) -> anyhow::Result<Vec<Policy>> {
-    let text = output(Command::new("apt-cache").arg("policy").args(pkgs))?;
-    Ok(pkgs.iter().map(|pkg| parse_policy(&text, pkg)).collect())
-}
-
-/// The `Installed:` and `Candidate:` lines of `pkg`'s block in `apt-cache policy` output.
-fn parse_policy(text: &str, pkg: &str) -> Policy {
-    let header = format!("{pkg}:");
-    let block: Vec<&str> = text
-        .lines()
-        .skip_while(|l| l.trim_end() != header)
-        .skip(1)
-        .take_while(|l| l.starts_with(char::is_whitespace))
-        .collect();
-    let field = |name: &str| {
-        block
-            .iter()
-            .find_map(|l| l.trim().strip_prefix(name))
-            .map(str::trim)
-            .filter(|v| *v != "(none)")
-            .map(str::to_owned)
-    };
-    Policy {
-        installed: field("Installed:"),
-        candidate: field("Candidate:"),
-    }
-}
-
-/// Installs the packages of `current` that are missing or not at apt's candidate
-/// version (the kernel packages must match the image), and those of `present` that
-/// are missing.
-fn apt_install(current: &[&str], present: &[&str]) -> anyhow::Result<()> {
-    let pkgs: Vec<&str> = current.iter().chain(present).copied().collect();
-    let mut missing = Vec::new();
-    for (pkg, p) in pkgs.iter().zip(policies(&pkgs)?) {
-        if p.candidate.is_none() && p.installed.is_none() {
-            bail!("apt knows no package {pkg}: run apt-get update, or check the apt sources");
-        }
-        let stale = current.contains(pkg) && p.candidate.is_some() && p.installed != p.candidate;
-        if p.installed.is_none() || stale {
-            missing.push(*pkg);
-        }
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    exec(
-        apt_get()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
     )
 }
 
@@ -641,6 +642,7 @@ fn include_root(header: &str) -> Option<&'static str> {
 /// unless `src` already holds exactly that from the same source version.
 fn extract(
     kernel: KernelLine,
+    tarball: &Path,
     source_version: &str,
     patches: &[PathBuf],
     src: &Path,
@@ -654,8 +656,6 @@ fn extract(
         return Ok(());
     }
 
-    let tarball = PathBuf::from(format!("/usr/src/{}.tar.xz", kernel.source_package()));
-    ensure!(tarball.is_file(), "{} is missing", tarball.display());
     let staging = src.with_extension("tmp");
     for dir in [src, staging.as_path()] {
         if dir.exists() {
@@ -669,7 +669,7 @@ fn extract(
             .arg("-C")
             .arg(&staging)
             .args(["--strip-components=1", "-xJf"])
-            .arg(&tarball)
+            .arg(tarball)
             .args(members.iter().map(|m| format!("{prefix}/{m}"))),
     )?;
     fs::write(staging.join(".kmod-extracted"), stamp)
@@ -785,28 +785,6 @@ mod tests {
         );
         assert_eq!(parse_release(cloud, Flavour::Generic), None);
         assert_eq!(parse_release("linux-image-amd64\n", Flavour::Generic), None);
-    }
-
-    #[test]
-    fn policy_fields() {
-        let text = "linux-source-6.1:\n  Installed: (none)\n  Candidate: 6.1.192-2\n  \
-                    Version table:\n     6.1.192-2 500\n";
-        let two = format!("{text}make:\n  Installed: 4.3-4.1\n  Candidate: 4.3-4.1\n");
-        assert_eq!(
-            parse_policy(&two, "linux-source-6.1"),
-            Policy {
-                installed: None,
-                candidate: Some("6.1.192-2".into())
-            }
-        );
-        assert_eq!(
-            parse_policy(&two, "make"),
-            Policy {
-                installed: Some("4.3-4.1".into()),
-                candidate: Some("4.3-4.1".into())
-            }
-        );
-        assert_eq!(parse_policy(&two, "gcc"), Policy::default());
     }
 
     #[test]

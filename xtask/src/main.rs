@@ -1,9 +1,11 @@
 //! `cargo xtask VERB`: everything around the `kvmtrace` build that is not the product.
 
+mod apt;
 mod exec;
 mod fuzz;
 mod kmod;
 mod lab;
+mod process;
 mod setup;
 mod test;
 
@@ -49,14 +51,16 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = workspace_root().and_then(|root| match cli.command {
-        Command::Setup(opts) => setup::run(&opts, &root),
-        Command::Test(opts) => test::run(&opts, &root),
-        Command::Kmod(opts) => kmod::run(&opts, &root),
-        Command::Lab(opts) => lab::run(&opts, &root),
-        Command::Fuzz(opts) => fuzz::run(&opts, &root),
-        Command::Bench(opts) => lab::bench::run(&opts, &root),
-    });
+    let result = process::stop_children_on_signals()
+        .and_then(|()| workspace_root())
+        .and_then(|root| match cli.command {
+            Command::Setup(opts) => setup::run(&opts, &root),
+            Command::Test(opts) => test::run(&opts, &root),
+            Command::Kmod(opts) => kmod::run(&opts, &root),
+            Command::Lab(opts) => lab::run(&opts, &root),
+            Command::Fuzz(opts) => fuzz::run(&opts, &root),
+            Command::Bench(opts) => lab::bench::run(&opts, &root),
+        });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

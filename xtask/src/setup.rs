@@ -12,8 +12,8 @@ use clap::Args;
 
 use crate::exec::{exec, output};
 
-/// The toolchain the eBPF crate is built with (`AYA_EBPF_TOOLCHAIN` overrides it).
-pub const EBPF_TOOLCHAIN: &str = "nightly";
+/// Where the nightly that builds the eBPF crate is pinned (tracer/build.rs reads it too).
+const TOOLCHAIN_PIN: &str = "tracer-ebpf/rust-toolchain.toml";
 /// bpf-linker release known to work with aya-ebpf 0.2.1 (shared/LAB-NOTES.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -24,8 +24,25 @@ pub struct Options {
     pub force: bool,
 }
 
-pub fn run(opts: &Options, _root: &Path) -> anyhow::Result<()> {
-    let toolchain = std::env::var("AYA_EBPF_TOOLCHAIN").unwrap_or_else(|_| EBPF_TOOLCHAIN.into());
+/// The toolchain the eBPF crate is built with: `AYA_EBPF_TOOLCHAIN`, else the pinned
+/// nightly.
+pub fn ebpf_toolchain(root: &Path) -> anyhow::Result<String> {
+    if let Ok(t) = std::env::var("AYA_EBPF_TOOLCHAIN") {
+        return Ok(t);
+    }
+    let pin = root.join(TOOLCHAIN_PIN);
+    let text =
+        std::fs::read_to_string(&pin).with_context(|| format!("cannot read {}", pin.display()))?;
+    // channel = "nightly-YYYY-MM-DD"
+    text.lines()
+        .find(|l| l.trim_start().starts_with("channel"))
+        .and_then(|l| l.split('"').nth(1))
+        .map(str::to_owned)
+        .with_context(|| format!("{} has no channel = \"...\" line", pin.display()))
+}
+
+pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    let toolchain = ebpf_toolchain(root)?;
     ensure_toolchain(&toolchain)?;
     let llvm_major = llvm_major(&toolchain)?;
     ensure_bpf_linker(&toolchain, llvm_major, opts.force)?;
@@ -80,18 +97,26 @@ fn llvm_major(toolchain: &str) -> anyhow::Result<u32> {
 }
 
 fn ensure_bpf_linker(toolchain: &str, llvm_major: u32, force: bool) -> anyhow::Result<()> {
-    let installed = output(Command::new("bpf-linker").arg("--version")).ok();
-    match installed {
-        Some(version) if !force && version.contains(BPF_LINKER_VERSION) => return Ok(()),
-        Some(version) => eprintln!("setup: replacing {}", version.trim()),
-        None => {}
-    }
     let sysroot = output(
         Command::new("rustc")
             .arg(format!("+{toolchain}"))
             .args(["--print", "sysroot"]),
     )?;
     let libdir = Path::new(sysroot.trim()).join("lib");
+    let installed = output(Command::new("bpf-linker").arg("--version")).ok();
+    match installed {
+        // Built for this release and against this toolchain's own libLLVM.
+        Some(version)
+            if !force && version.contains(BPF_LINKER_VERSION) && links_llvm_from(&libdir) =>
+        {
+            return Ok(());
+        }
+        Some(version) => eprintln!(
+            "setup: replacing {} (built for another release or toolchain)",
+            version.trim()
+        ),
+        None => {}
+    }
     // libLLVM-22-rust-1.97.0-nightly.so -> link as LLVM-22-rust-1.97.0-nightly
     let llvm_lib = std::fs::read_dir(&libdir)
         .with_context(|| format!("cannot list {}", libdir.display()))?
@@ -126,4 +151,27 @@ fn ensure_bpf_linker(toolchain: &str, llvm_major: u32, force: bool) -> anyhow::R
             .arg(format!("llvm-{llvm_major},no-llvm-linking"))
             .env("RUSTFLAGS", rustflags),
     )
+}
+
+/// Whether the installed bpf-linker loads its libLLVM from `libdir` (the pinned
+/// toolchain's), as `ldd` resolves it.
+fn links_llvm_from(libdir: &Path) -> bool {
+    let Ok(path) = which("bpf-linker") else {
+        return false;
+    };
+    output(Command::new("ldd").arg(path)).is_ok_and(|ldd| {
+        ldd.lines()
+            .filter(|l| l.contains("libLLVM"))
+            .any(|l| l.contains(&*libdir.to_string_lossy()))
+    })
+}
+
+/// The first `name` on PATH.
+fn which(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} is not on PATH"))
 }

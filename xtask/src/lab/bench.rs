@@ -85,11 +85,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", build.display()))?;
     let cache = root.join("target/lab/cache");
     let lab = lab_options();
-    let mut apt = assets::Apt::default();
 
-    let inputs = prepare_inputs(&lab, root, &cache, &mut apt)?;
+    let inputs = prepare_inputs(&lab, root, &cache)?;
     let s = Step::start("perf");
-    apt.install(&s, &["linux-perf"])?;
+    crate::apt::install(&["linux-perf"])?;
     let perf = PathBuf::from("/usr/bin/perf");
     let perf_libs = assets::shared_libraries(&perf)?;
     s.done(format!(

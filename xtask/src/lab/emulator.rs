@@ -12,7 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::step::{ChildGuard, Step};
+use super::step::Step;
+use crate::process::ChildGuard;
 
 /// The budget of the first step: from power-on to the L1 init's first marker.
 const BOOT_BUDGET: Duration = Duration::from_secs(240);

@@ -10,7 +10,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{cpio::Archive, step::run_bounded};
+use super::cpio::Archive;
+use crate::process::run_bounded;
 
 /// Marks the end of the workload on its console; the L1 init looks for it.
 pub const END_MARKER: &str = "KVMLAB-L2 end";

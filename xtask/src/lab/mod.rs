@@ -24,11 +24,12 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
+use crate::{apt, process::run_bounded};
+
 use self::{
-    assets::Apt,
     image::{L1, Workload as L2Workload},
     report::{ISA_SVM, ISA_VMX},
-    step::{Step, run_bounded},
+    step::Step,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -90,11 +91,9 @@ impl Modules {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Kvmtrace {
-    /// Build and run kvmtrace if it builds; otherwise collect only the kernel hist.
-    Auto,
-    /// Fail unless kvmtrace builds, runs, and agrees with the hist.
+    /// Fail, naming the step, unless kvmtrace builds, runs, and equals the hist.
     Required,
-    /// Only the kernel hist.
+    /// Only the kernel hist: a run of the lab itself, which proves nothing of kvmtrace.
     Off,
 }
 
@@ -114,7 +113,7 @@ pub struct Options {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
     pub smp: u8,
     /// Whether to run kvmtrace next to the kernel hist.
-    #[arg(long, value_enum, default_value_t = Kvmtrace::Auto)]
+    #[arg(long, value_enum, default_value_t = Kvmtrace::Required)]
     pub kvmtrace: Kvmtrace,
     /// Extra arguments for `kvmtrace record` inside L1.
     #[arg(
@@ -253,6 +252,8 @@ impl Isa {
 /// The unpacked Debian packages the lab is built from.
 struct Inputs {
     abi: String,
+    /// `qemu-system-x86_64-microvm --version`'s first line.
+    qemu_version: String,
     kernel: PathBuf,
     modules: Vec<PathBuf>,
     busybox: PathBuf,
@@ -282,9 +283,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let build = out.join("build");
     std::fs::create_dir_all(&build)
         .with_context(|| format!("cannot create {}", build.display()))?;
-    let mut apt = Apt::default();
-
-    let inputs = prepare_inputs(opts, root, &cache, &mut apt)?;
+    let inputs = prepare_inputs(opts, root, &cache)?;
     let kvmtrace = build_kvmtrace(opts, root)?;
     let setup = started.elapsed();
 
@@ -392,59 +391,59 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     outcome
 }
 
-fn prepare_inputs(
-    opts: &Options,
-    root: &Path,
-    cache: &Path,
-    apt: &mut Apt,
-) -> anyhow::Result<Inputs> {
+fn prepare_inputs(opts: &Options, root: &Path, cache: &Path) -> anyhow::Result<Inputs> {
     let s = Step::start("host packages");
-    apt.install(&s, opts.isa.host_packages())?;
+    apt::install(opts.isa.host_packages())?;
     s.done("installed");
 
     let s = Step::start("downloads");
-    let debs = cache.join("debs");
-    let roots = cache.join("roots");
-    let abi = assets::kernel_abi(KERNEL_META)?;
-    let image_pkg = format!("linux-image-{abi}");
-    let kroot = assets::unpack(&apt.download(&s, &debs, &image_pkg)?, &roots)?;
-    let kernel = kroot.join(format!("boot/vmlinuz-{abi}"));
-    let kdir = kroot.join(format!("lib/modules/{abi}/kernel"));
-    let mut modules: Vec<PathBuf> = opts.isa.modules().iter().map(|m| kdir.join(m)).collect();
+    let mut inputs = apt::with_fresh_lists(|| download_inputs(opts, cache))?;
+    s.done(format!("kernel {}, {}", inputs.abi, inputs.qemu_version));
     let patched_dir = match (&opts.kvm_modules, opts.module_set().variant()) {
         (Some(dir), _) => Some(dir.clone()),
         (None, Some(variant)) => {
-            s.message(format!("cargo xtask kmod --variant {variant:?}"));
+            let s = Step::start("kmod");
             let kmod = crate::kmod::Options {
                 variant,
                 ..crate::kmod::Options::default()
             };
-            Some(crate::kmod::build(&kmod, root)?.out_dir)
+            let dir = crate::kmod::build(&kmod, root)?.out_dir;
+            s.done(format!("{variant} modules in {}", dir.display()));
+            Some(dir)
         }
         (None, None) => None,
     };
     if let Some(dir) = &patched_dir {
-        use_patched_modules(&mut modules, dir)?;
+        use_patched_modules(&mut inputs.modules, dir)?;
     }
-    for m in &modules {
-        if !m.is_file() {
-            bail!("{} is not in {image_pkg}", m.display());
-        }
-    }
-    let bbroot = assets::unpack(&apt.download(&s, &debs, "busybox-static")?, &roots)?;
+    Ok(inputs)
+}
+
+/// Downloads and unpacks L1's kernel and modules, busybox and QEMU 7.2, and installs
+/// QEMU's libraries on the host.
+fn download_inputs(opts: &Options, cache: &Path) -> anyhow::Result<Inputs> {
+    let debs = cache.join("debs");
+    let roots = cache.join("roots");
+    let abi = assets::kernel_abi(KERNEL_META)?;
+    let image_pkg = format!("linux-image-{abi}");
+    let kroot = apt::unpack(&apt::download(&debs, &image_pkg)?, &roots)?;
+    let kernel = kroot.join(format!("boot/vmlinuz-{abi}"));
+    let kdir = kroot.join(format!("lib/modules/{abi}/kernel"));
+    let modules: Vec<PathBuf> = opts.isa.modules().iter().map(|m| kdir.join(m)).collect();
+    let bbroot = apt::unpack(&apt::download(&debs, "busybox-static")?, &roots)?;
     let busybox = bbroot.join("bin/busybox");
 
-    let qemu_deb = apt.download(&s, &debs, &format!("qemu-system-x86/{QEMU_RELEASE}"))?;
-    let qemu_version = assets::deb_version(&qemu_deb)?;
+    let qemu_deb = apt::download(&debs, &format!("qemu-system-x86/{QEMU_RELEASE}"))?;
+    let qemu_version = apt::deb_field(&qemu_deb, "Version")?;
     if !qemu_version.starts_with(QEMU_VERSION_PREFIX) {
         bail!("apt offers qemu-system-x86 {qemu_version}, the lab needs {QEMU_VERSION_PREFIX}");
     }
-    let qemu_root = assets::unpack(&qemu_deb, &roots)?;
+    let qemu_root = apt::unpack(&qemu_deb, &roots)?;
     // The firmware and common packages must come from the same QEMU source.
     let source_version = assets::deb_source_version(&qemu_deb)?;
-    let data_deb = apt.download(&s, &debs, &format!("qemu-system-data={source_version}"))?;
-    let data_root = assets::unpack(&data_deb, &roots)?;
-    let seabios_root = assets::unpack(&apt.download(&s, &debs, "seabios")?, &roots)?;
+    let data_deb = apt::download(&debs, &format!("qemu-system-data={source_version}"))?;
+    let data_root = apt::unpack(&data_deb, &roots)?;
+    let seabios_root = apt::unpack(&apt::download(&debs, "seabios")?, &roots)?;
     let mut data_dirs = vec![
         data_root.join("usr/share/qemu"),
         seabios_root.join("usr/share/seabios"),
@@ -453,14 +452,14 @@ fn prepare_inputs(
     let mut libs = assets::library_depends(&qemu_deb)?;
     let mut qemu_module_dir = None;
     if opts.isa == Isa::Amd {
-        let common = apt.download(&s, &debs, &format!("qemu-system-common={qemu_version}"))?;
-        let common_root = assets::unpack(&common, &roots)?;
+        let common = apt::download(&debs, &format!("qemu-system-common={qemu_version}"))?;
+        let common_root = apt::unpack(&common, &roots)?;
         data_dirs.push(common_root.join("usr/share/qemu"));
         qemu_module_dir = Some(common_root.join("usr/lib/x86_64-linux-gnu/qemu"));
         libs.extend(assets::library_depends(&common)?);
     }
     let libs: Vec<&str> = libs.iter().map(String::as_str).collect();
-    apt.install(&s, &libs)?;
+    apt::install(&libs)?;
     let microvm = qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
     let version = crate::exec::output(Command::new(&microvm).arg("--version"))?;
     let version = version.lines().next().unwrap_or("").to_owned();
@@ -471,9 +470,9 @@ fn prepare_inputs(
         .iter()
         .filter_map(|name| data_dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()))
         .collect();
-    s.done(format!("kernel {abi}, {version}"));
     Ok(Inputs {
         abi,
+        qemu_version: version,
         kernel,
         modules,
         busybox,
@@ -532,7 +531,9 @@ fn build_kvmtrace(opts: &Options, root: &Path) -> anyhow::Result<Option<(PathBuf
     s.message(format!(
         "cargo build --release -p tracer --target {STATIC_TARGET} (static)"
     ));
-    let built = run_bounded(
+    crate::setup::run(&crate::setup::Options::default(), root)
+        .context("step kvmtrace: the eBPF toolchain set-up failed")?;
+    run_bounded(
         Command::new("cargo")
             .args([
                 "build",
@@ -549,23 +550,12 @@ fn build_kvmtrace(opts: &Options, root: &Path) -> anyhow::Result<Option<(PathBuf
             .current_dir(root),
         Duration::from_secs(900),
     )
-    .map(|()| {
-        let bin = root.join(format!("target/{STATIC_TARGET}/release/kvmtrace"));
-        (bin, Vec::new())
-    });
-    match built {
-        Ok(b) => {
-            s.done(format!("{}", b.0.display()));
-            Ok(Some(b))
-        }
-        Err(e) if opts.kvmtrace == Kvmtrace::Auto => {
-            s.done(format!(
-                "not available, the lab runs with the hist only: {e:#}"
-            ));
-            Ok(None)
-        }
-        Err(e) => Err(e.context("kvmtrace does not build")),
-    }
+    .context(
+        "step kvmtrace: kvmtrace does not build (or use --kvmtrace off for a hist-only lab run)",
+    )?;
+    let bin = root.join(format!("target/{STATIC_TARGET}/release/kvmtrace"));
+    s.done(format!("{}", bin.display()));
+    Ok(Some((bin, Vec::new())))
 }
 
 fn bochs_command(
@@ -776,6 +766,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
     let whole = report::section(&run.lines, "record", "all");
     if let Some(text) = &whole {
         report::write(out, "record.json", text)?;
+        problems.extend(timing_check("the whole record", text)?);
     }
     if let Some(err) = report::section(&run.lines, "kvmtrace-stderr", "all") {
         report::write(out, "kvmtrace.stderr", &err)?;
@@ -808,6 +799,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
         let record = match (report::section(&run.lines, "record", &tag), &whole) {
             (Some(text), _) => {
                 report::write(&dir, "record.json", &text)?;
+                problems.extend(timing_check(&tag, &text)?);
                 Some(report::parse_record(&text)?)
             }
             (None, Some(all)) => match report::phase_record(all, &tag)? {
@@ -991,6 +983,19 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
     } else {
         bail!("{}", problems.join("; "))
     }
+}
+
+/// The timing invariants of one record (see [`report::timing_problems`]), printed;
+/// what breaks them, as problems of `what`.
+fn timing_check(what: &str, record: &str) -> anyhow::Result<Vec<String>> {
+    let problems = report::timing_problems(record)?;
+    if problems.is_empty() {
+        println!("  {what}: timing invariants hold (timed <= count, histogram sums to timed)");
+    }
+    Ok(problems
+        .into_iter()
+        .map(|p| format!("{what}: timing: {p}"))
+        .collect())
 }
 
 /// Host seconds between `run MODE start` and `run MODE end` on the console.

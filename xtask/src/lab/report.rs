@@ -330,6 +330,70 @@ pub fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
 }
 
+/// What breaks the timing invariants in a `kvmtrace.record.v1` JSON: in every row
+/// (reasons, VMs, vCPU rows, phases and their reasons, the total) `timed <= count`,
+/// and every reason's histogram buckets add up to its `timed` (unless the histogram
+/// map was full, which `dropped.hist_map_full` says). Empty when all hold; an error
+/// when the JSON has no rows to check at all.
+pub fn timing_problems(text: &str) -> anyhow::Result<Vec<String>> {
+    let v: Value = serde_json::from_str(text).context("kvmtrace's JSON does not parse")?;
+    let hist_full = v
+        .pointer("/dropped/hist_map_full")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let rows = |key: &str| -> Vec<(String, &Value)> {
+        v.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| (format!("{key}[{i}]"), r))
+            .collect()
+    };
+    let mut checked: Vec<(String, &Value)> = ["reasons", "vms", "vcpus"]
+        .into_iter()
+        .flat_map(rows)
+        .collect();
+    for (name, phase) in rows("phases") {
+        checked.push((format!("{name}.total"), &phase["total"]));
+        for (i, r) in phase["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            checked.push((format!("{name}.reasons[{i}]"), r));
+        }
+    }
+    if checked.is_empty() {
+        bail!("the record has no rows: nothing to check the timing of");
+    }
+    checked.push(("total".to_owned(), &v["total"]));
+    let mut problems = Vec::new();
+    for (name, row) in checked {
+        let field = |f: &str| row.get(f).and_then(Value::as_u64);
+        let (Some(count), Some(timed)) = (field("count"), field("timed")) else {
+            problems.push(format!("{name} has no count or timed"));
+            continue;
+        };
+        if timed > count {
+            problems.push(format!("{name}: timed {timed} > count {count}"));
+        }
+        if let Some(buckets) = row.get("histogram").and_then(Value::as_array) {
+            let sum: u64 = buckets
+                .iter()
+                .filter_map(|b| b.get("count").and_then(Value::as_u64))
+                .sum();
+            if sum != timed && !(hist_full > 0 && sum < timed) {
+                problems.push(format!(
+                    "{name}: histogram buckets sum to {sum}, timed is {timed}"
+                ));
+            }
+        }
+    }
+    Ok(problems)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,5 +430,29 @@ mod tests {
         assert_eq!(svm(0x4e).name(), "EXCP_PF");
         assert_eq!(svm(0x400).name(), "NPF");
         Ok(())
+    }
+
+    #[test]
+    fn timing_invariants() {
+        let good = r#"{"total":{"count":5,"timed":4,"time_ns":9},
+            "reasons":[{"count":5,"timed":4,"histogram":[{"count":3},{"count":1}]}],
+            "vcpus":[{"count":5,"timed":4}],
+            "phases":[{"total":{"count":5,"timed":4},"reasons":[{"count":5,"timed":4}]}]}"#;
+        assert_eq!(timing_problems(good).ok(), Some(Vec::new()));
+        let bad = r#"{"total":{"count":5,"timed":6},
+            "reasons":[{"count":5,"timed":4,"histogram":[{"count":3}]}],
+            "vms":[{"count":1}]}"#;
+        assert_eq!(
+            timing_problems(bad).ok(),
+            Some(vec![
+                "reasons[0]: histogram buckets sum to 3, timed is 4".to_owned(),
+                "vms[0] has no count or timed".to_owned(),
+                "total: timed 6 > count 5".to_owned(),
+            ])
+        );
+        let full = r#"{"dropped":{"hist_map_full":1},"total":{"count":5,"timed":4},
+            "reasons":[{"count":5,"timed":4,"histogram":[{"count":3}]}]}"#;
+        assert_eq!(timing_problems(full).ok(), Some(Vec::new()));
+        assert!(timing_problems(r#"{"total":{"count":0,"timed":0}}"#).is_err());
     }
 }

@@ -1,15 +1,8 @@
-//! Steps with progress, time limits, and child processes that never outlive the lab.
+//! Steps of the lab, each with a spinner while it runs and one line when it ends.
 
-use std::{
-    process::{Child, Command, ExitStatus, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-
-use crate::exec::show;
 
 /// One named step of the lab: a spinner while it runs, one line when it ends.
 pub struct Step {
@@ -75,99 +68,4 @@ impl Drop for Step {
             self.bar.finish_and_clear();
         }
     }
-}
-
-/// A child process that is killed and reaped when the guard goes away, whatever the
-/// reason (error, time-out, panic, Ctrl-C unwinding through `?`).
-pub struct ChildGuard {
-    child: Option<Child>,
-    what: String,
-}
-
-impl ChildGuard {
-    pub fn spawn(cmd: &mut Command) -> anyhow::Result<Self> {
-        let what = show(cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {what}"))?;
-        Ok(Self {
-            child: Some(child),
-            what,
-        })
-    }
-
-    pub fn what(&self) -> &str {
-        &self.what
-    }
-
-    /// The exit status if the child has ended.
-    pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        match self.child.as_mut() {
-            Some(child) => child
-                .try_wait()
-                .with_context(|| format!("cannot wait for {}", self.what)),
-            None => bail!("{} was already reaped", self.what),
-        }
-    }
-
-    /// Kills the child (if still running) and reaps it.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Either it is still running and dies now, or it has exited already.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Runs `cmd` to completion within `limit`; output goes where `cmd` says (by default
-/// it is discarded, and stderr is captured into the error).
-pub fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<()> {
-    let err_file = tempfile_path("stderr");
-    let err = std::fs::File::create(&err_file)
-        .with_context(|| format!("cannot create {}", err_file.display()))?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
-    let result = wait_bounded(cmd, limit);
-    let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
-    let _ = std::fs::remove_file(&err_file);
-    result.map_err(|e| {
-        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        if tail.is_empty() {
-            e
-        } else {
-            e.context(tail.join("\n"))
-        }
-    })
-}
-
-fn wait_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut child = ChildGuard::spawn(cmd)?;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            if status.success() {
-                return Ok(());
-            }
-            bail!("{} failed: {status}", child.what());
-        }
-        if started.elapsed() > limit {
-            bail!(
-                "{} did not finish within {} s",
-                child.what(),
-                limit.as_secs()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn tempfile_path(tag: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("xtask-lab-{}-{tag}", std::process::id()))
 }

@@ -1,0 +1,263 @@
+//! Debian packages for all of xtask: installing the few host tools the build and the
+//! lab need, and downloading (never installing) kernels, headers, sources and QEMU,
+//! which are unpacked under `target/`.
+//!
+//! Package lists that are missing or older than the mirror show up as a lookup that
+//! finds nothing, an install that fails or a download that 404s. Each of those
+//! refreshes the lists (`apt-get update`, at most once per xtask run) and tries once
+//! more. `APT_CONFIG` is honoured, so a private apt configuration (e.g. an empty lists
+//! directory) applies to every call.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{exec::output, process::run_bounded};
+
+/// The longest an apt or dpkg call may take.
+const APT_TIME: Duration = Duration::from_secs(900);
+/// Whether this run refreshed the package lists already.
+static UPDATED: AtomicBool = AtomicBool::new(false);
+
+fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// Runs `apt-get update` unless this run did already; whether it ran.
+fn refresh(why: &str) -> anyhow::Result<bool> {
+    if UPDATED.swap(true, Ordering::SeqCst) {
+        return Ok(false);
+    }
+    eprintln!("apt: {why}: refreshing the package lists (apt-get update)");
+    run_bounded(apt_get().args(["update", "-qq"]), APT_TIME)
+        .context("apt-get update failed: check the network and the apt sources")?;
+    Ok(true)
+}
+
+/// The innermost cause of `e`: the line that says what apt could not do.
+fn last_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `attempt`, and once more after refreshing the package lists if it failed.
+fn retry_after_refresh<T>(attempt: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    match attempt() {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            if refresh(&last_line(&e))? {
+                attempt()
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `prepare`, and once more after refreshing the package lists if it failed and the
+/// lists had not been refreshed before it began. For a whole sequence of look-ups and
+/// downloads: a stale list names a package version the mirror no longer has, so
+/// after the refresh the look-ups must be made again, not only the download.
+pub fn with_fresh_lists<T>(prepare: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let fresh_before = UPDATED.load(Ordering::SeqCst);
+    match prepare() {
+        Ok(v) => Ok(v),
+        Err(e) if fresh_before => Err(e),
+        Err(e) => {
+            refresh(&last_line(&e))?;
+            prepare()
+        }
+    }
+}
+
+/// Whether `package` is installed on the host.
+fn installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
+        .is_ok_and(|s| s.trim() == "install ok installed")
+}
+
+/// Installs those of `packages` that are not installed yet (host tools only: never a
+/// kernel; see [`download`] for those).
+pub fn install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("apt: installing {}", missing.join(" "));
+    retry_after_refresh(|| {
+        run_bounded(
+            apt_get()
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing),
+            APT_TIME,
+        )
+        .with_context(|| format!("apt-get install {} failed", missing.join(" ")))
+    })
+}
+
+/// The output of `apt-cache ARGS`, run again after a refresh when `found` says it
+/// holds nothing useful (e.g. no package lists yet).
+pub fn cache<T>(args: &[&str], found: impl Fn(&str) -> Option<T>) -> anyhow::Result<T> {
+    let show = format!("apt-cache {}", args.join(" "));
+    retry_after_refresh(|| {
+        let text = output(Command::new("apt-cache").args(args))?;
+        found(&text).with_context(|| format!("`{show}` does not have it"))
+    })
+}
+
+/// The `.deb` for `spec` (`name`, `name=version` or `name/release`) in `debs`,
+/// downloaded unless a file of the same name and size is already there.
+pub fn download(debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(debs).with_context(|| format!("cannot create {}", debs.display()))?;
+    retry_after_refresh(|| fetch(debs, spec))
+}
+
+fn fetch(debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
+    let uris = output(apt_get().args(["download", "--print-uris", spec]))?;
+    // 'http://…/foo_1.2_amd64.deb' foo_1.2_amd64.deb 12345 SHA256:…
+    let mut fields = uris
+        .lines()
+        .find(|l| l.starts_with('\''))
+        .with_context(|| format!("apt-get download --print-uris {spec} printed no URI"))?
+        .split_whitespace()
+        .skip(1);
+    let (Some(file), Some(size)) = (fields.next(), fields.next()) else {
+        bail!("cannot parse apt-get --print-uris output for {spec}: {uris}");
+    };
+    let path = debs.join(file);
+    let have = std::fs::metadata(&path).map(|m| m.len().to_string()).ok();
+    if have.as_deref() != Some(size) {
+        eprintln!("apt: downloading {file}");
+        run_bounded(
+            apt_get().args(["download", "-qq", spec]).current_dir(debs),
+            APT_TIME,
+        )
+        .with_context(|| format!("apt-get download {spec} failed"))?;
+        if !path.is_file() {
+            bail!("apt-get download {spec} did not produce {}", path.display());
+        }
+    }
+    Ok(path)
+}
+
+/// Unpacks each of `debs`, in order, into `root` (once: a stamp naming them marks it
+/// done). Returns `root`.
+pub fn unpack_into(debs: &[PathBuf], root: &Path) -> anyhow::Result<PathBuf> {
+    let stamp = root.join(".unpacked");
+    let names: String = debs
+        .iter()
+        .filter_map(|d| d.file_name())
+        .map(|n| format!("{}\n", n.to_string_lossy()))
+        .collect();
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == names || s.is_empty()) {
+        return Ok(root.to_owned());
+    }
+    if root.exists() {
+        std::fs::remove_dir_all(root)
+            .with_context(|| format!("cannot remove {}", root.display()))?;
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    for deb in debs {
+        run_bounded(
+            Command::new("dpkg-deb").arg("-x").arg(deb).arg(root),
+            Duration::from_secs(300),
+        )?;
+    }
+    std::fs::write(&stamp, names).with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(root.to_owned())
+}
+
+/// Unpacks `deb` once into `roots/<deb file stem>/` and returns that directory.
+pub fn unpack(deb: &Path, roots: &Path) -> anyhow::Result<PathBuf> {
+    let stem = deb
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("bad package file name {}", deb.display()))?;
+    unpack_into(&[deb.to_owned()], &roots.join(stem))
+}
+
+/// A control field of a `.deb` (`Version`, `Depends`, `Source`, ...).
+pub fn deb_field(deb: &Path, field: &str) -> anyhow::Result<String> {
+    Ok(
+        output(Command::new("dpkg-deb").arg("-f").arg(deb).arg(field))?
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// The package names a `Depends` field lists (the first of each alternative).
+pub fn depends_names(depends: &str) -> Vec<String> {
+    depends
+        .split(',')
+        .filter_map(|alt| alt.split('|').next())
+        .filter_map(|d| d.split_whitespace().next())
+        .map(|name| name.split(':').next().unwrap_or(name).to_owned())
+        .collect()
+}
+
+/// The `Candidate:` version of `pkg` in `apt-cache policy` output.
+pub fn candidate(pkg: &str) -> anyhow::Result<String> {
+    cache(&["policy", pkg], |text| parse_candidate(text, pkg))
+}
+
+fn parse_candidate(text: &str, pkg: &str) -> Option<String> {
+    let header = format!("{pkg}:");
+    text.lines()
+        .skip_while(|l| l.trim_end() != header)
+        .skip(1)
+        .take_while(|l| l.starts_with(char::is_whitespace))
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(str::trim)
+        .filter(|v| *v != "(none)")
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_from_policy() {
+        let text = "\
+linux-headers-6.1.0-56-cloud-amd64:
+  Installed: (none)
+  Candidate: 6.1.158-1
+  Version table:
+linux-source-6.1:
+  Installed: 6.1.158-1
+  Candidate: (none)
+";
+        assert_eq!(
+            parse_candidate(text, "linux-headers-6.1.0-56-cloud-amd64").as_deref(),
+            Some("6.1.158-1")
+        );
+        assert_eq!(parse_candidate(text, "linux-source-6.1"), None);
+        assert_eq!(parse_candidate(text, "absent"), None);
+    }
+
+    #[test]
+    fn names_from_depends() {
+        assert_eq!(
+            depends_names(
+                "linux-base, linux-headers-6.12.117+deb12-common (= 6.12.117-1~deb12u1), \
+                 linux-image-x | linux-image-y, libc6:amd64 (>= 2.34)"
+            ),
+            [
+                "linux-base",
+                "linux-headers-6.12.117+deb12-common",
+                "linux-image-x",
+                "libc6"
+            ]
+        );
+    }
+}
