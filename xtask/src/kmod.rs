@@ -391,6 +391,14 @@ fn inputs(opts: &Options, root: &Path, work: &Path) -> anyhow::Result<Inputs> {
     })
 }
 
+/// Packages that hold or pull in a kernel, or its headers: never installed by kmod.
+fn is_kernel_package(name: &str) -> bool {
+    ["linux-image-", "linux-headers-", "linux-kbuild-", "linux-modules-"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        || matches!(name, "linux-base" | "initramfs-tools" | "udev")
+}
+
 /// Runs `checkpatch.pl --strict` on the series of `opts.kernel` and on every
 /// test-only variant of it.
 fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
@@ -507,6 +515,16 @@ fn headers_tree(release: &str, root: &Path, work: &Path) -> anyhow::Result<(Stri
         all.len() == 3,
         "{headers_pkg} {version} does not depend on one common headers and one kbuild package"
     );
+    // What those packages need to run (compiler, pahole, libraries), but no kernel.
+    let mut tools = Vec::new();
+    for deb in &all {
+        tools.extend(
+            apt::depends_names(&apt::deb_field(deb, "Depends")?)
+                .into_iter()
+                .filter(|d| !is_kernel_package(d)),
+        );
+    }
+    apt::install(&tools.iter().map(String::as_str).collect::<Vec<_>>())?;
     let tree = apt::unpack_into(&all, &work.join(format!("headers-{version}")))?;
     let dir = tree.join(format!("usr/src/{headers_pkg}"));
     let makefile = dir.join("Makefile");
