@@ -45,11 +45,12 @@ print fmt: \"vcpu %u reason %s%s%s rip 0x%lx info1 0x%016llx info2 0x%016llx int
 ";
 
 /// The tracepoints whose `format` files kvmtrace reads.
-const TRACEPOINTS: [&str; 4] = [
+const TRACEPOINTS: [&str; 5] = [
     "kvm/kvm_exit",
     "kvm/kvm_entry",
     "kvm/kvm_cpuid",
-    "sched/sched_process_fork",
+    "task/task_newtask",
+    "sched/sched_process_exit",
 ];
 
 fn stats(count: u64, time_ns: u64) -> ExitStats {

@@ -23,9 +23,11 @@ pub mod limits {
     pub const MAX_VCPU_ROWS: u32 = 16384;
     /// Distinct (isa, reason, failed-entry, bucket) histogram keys.
     pub const MAX_HIST_ROWS: u32 = 4096;
-    /// vCPU threads with an exit whose next entry has not been seen yet.
+    /// vCPU threads with an exit whose next entry has not been seen yet (a thread's
+    /// entry is deleted when the thread exits).
     pub const MAX_PENDING: u32 = 8192;
-    /// Processes in the `-p` / `-- CMD` filter (forked children are added).
+    /// Live processes in the `-p` / `-- CMD` filter: child processes (not threads) of
+    /// traced processes are added, and a process is removed when it exits.
     pub const MAX_FILTER_PIDS: u32 = 4096;
     /// Distinct (VM pid, isa, reason, failed-entry) keys of the per-VM counts that
     /// CPUID snapshots read.
@@ -54,18 +56,24 @@ pub mod drop_kind {
     pub const VCPU_MAP_FULL: u32 = 1;
     /// The histogram map was full: the exit's time is in the totals, not the histogram.
     pub const HIST_MAP_FULL: u32 = 2;
-    /// The pending-exit map was full: this exit's handling time is unknown.
+    /// The pending-exit map was full when a vCPU thread with an exit being handled left
+    /// its CPU: that exit's handling time is unknown (the exit itself is counted).
     pub const PENDING_MAP_FULL: u32 = 3;
     /// A tracepoint field could not be read: the exit is counted only here.
     pub const READ_FAILED: u32 = 4;
-    /// The pid filter map was full: a forked child of a traced process is not traced.
+    /// The pid filter map was full (or the `task_newtask` record was unreadable): a
+    /// child process of a traced process is not traced.
     pub const FILTER_MAP_FULL: u32 = 5;
     /// The per-VM count map was full: CPUID snapshots of this VM are incomplete.
     pub const VM_MAP_FULL: u32 = 6;
     /// The CPUID snapshot ring buffer was full: a guest counter read was not recorded.
     pub const CPUID_RING_FULL: u32 = 7;
+    /// An exit still waiting for its entry was overwritten by a later exit on the same
+    /// CPU (a `kvm_entry` or `sched_switch` run was missed): its handling time is
+    /// unknown (the exit itself is counted).
+    pub const PENDING_LOST: u32 = 8;
     /// Number of slots.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).
@@ -79,8 +87,15 @@ pub mod globals {
     pub const EXIT_ISA_OFF: &str = "EXIT_ISA_OFF";
     /// Offset of `vcpu_id` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
     pub const EXIT_VCPU_OFF: &str = "EXIT_VCPU_OFF";
-    /// Offset of `child_pid` in the `sched:sched_process_fork` record.
-    pub const FORK_CHILD_OFF: &str = "FORK_CHILD_OFF";
+    /// Offset of `pid` (the new task's id) in the `task:task_newtask` record.
+    pub const NEWTASK_PID_OFF: &str = "NEWTASK_PID_OFF";
+    /// Offset of `clone_flags` in the `task:task_newtask` record (its low 32 bits are
+    /// read: `CLONE_THREAD` is among them).
+    pub const NEWTASK_FLAGS_OFF: &str = "NEWTASK_FLAGS_OFF";
+    /// Offset of `group_dead` in the `sched:sched_process_exit` record, or
+    /// [`NO_FIELD`](super::NO_FIELD) on kernels without it: then a process counts as
+    /// gone when its group leader (tid == tgid) exits.
+    pub const EXIT_GROUP_DEAD_OFF: &str = "EXIT_GROUP_DEAD_OFF";
     /// Non-zero: count only processes in the `FILTER_PIDS` map.
     pub const FILTER_PIDS_ENABLED: &str = "FILTER_PIDS_ENABLED";
     /// Count only this vcpu_id; `u32::MAX` counts all.
@@ -123,6 +138,12 @@ pub mod vendor {
     pub const INTEL: &[u8; 10] = b"kvm_intel\0";
     pub const AMD: &[u8; 8] = b"kvm_amd\0";
 }
+
+/// The value of an offset global whose field this kernel's tracepoint does not have.
+pub const NO_FIELD: u32 = u32::MAX;
+
+/// `CLONE_THREAD` of `clone(2)`: the new task is a thread of its parent's process.
+pub const CLONE_THREAD: u32 = 0x0001_0000;
 
 /// Low 16 bits of a VMX exit reason: the basic exit reason (SDM Vol. 3C, 28.2.1).
 pub const VMX_BASIC_REASON_MASK: u32 = 0xffff;

@@ -12,6 +12,10 @@
 //! Counters live in per-CPU maps and are bumped with plain adds: a per-CPU slot has one
 //! writer. Every insert that fails bumps a `DROPS` slot, so nothing is lost silently.
 //! Field offsets are globals the loader fills in from the tracepoint's `format` file.
+//!
+//! The per-thread and per-process maps only hold live tasks: `sched_process_exit`
+//! deletes an exiting thread's pending exit and, once its whole process is gone, the
+//! process's pid-filter entry; `task_newtask` adds only processes, never threads.
 #![no_std]
 #![no_main]
 // bpfel has no compare-and-swap, so core's atomic types lack fetch_add; the intrinsic
@@ -26,14 +30,14 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    CpuidEvent, ExitKey, ExitStats, HistKey, PendingExit, PhaseExitKey, PhaseVcpuKey, VcpuKey,
-    VmExitKey, drop_kind, hist_bucket, limits, vendor,
+    CLONE_THREAD, CpuidEvent, ExitKey, ExitStats, HistKey, NO_FIELD, PendingExit, PhaseExitKey,
+    PhaseVcpuKey, VcpuKey, VmExitKey, drop_kind, hist_bucket, limits, vendor,
 };
 
 #[unsafe(no_mangle)]
@@ -45,7 +49,11 @@ static EXIT_ISA_OFF: u32 = 16;
 #[unsafe(no_mangle)]
 static EXIT_VCPU_OFF: u32 = 48;
 #[unsafe(no_mangle)]
-static FORK_CHILD_OFF: u32 = 44;
+static NEWTASK_PID_OFF: u32 = 8;
+#[unsafe(no_mangle)]
+static NEWTASK_FLAGS_OFF: u32 = 32;
+#[unsafe(no_mangle)]
+static EXIT_GROUP_DEAD_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
 static FILTER_PIDS_ENABLED: u32 = 0;
 #[unsafe(no_mangle)]
@@ -84,10 +92,11 @@ static VCPU_EXITS: PerCpuHashMap<PhaseVcpuKey, ExitStats> =
 static HIST: PerCpuHashMap<HistKey, u64> =
     PerCpuHashMap::with_max_entries(limits::MAX_HIST_ROWS, 0);
 /// vCPU thread id -> its exit being handled. One writer per key: the thread itself,
-/// which updates its entry in place; LRU, so threads that are gone make room.
+/// which updates its entry in place. Not LRU: a full map is counted
+/// (`PENDING_MAP_FULL`), never a silent eviction; an exiting thread's entry is deleted.
 #[map]
-static PENDING: LruHashMap<u32, PendingExit> = LruHashMap::with_max_entries(limits::MAX_PENDING, 0);
-/// Processes to trace when `FILTER_PIDS_ENABLED` is set.
+static PENDING: HashMap<u32, PendingExit> = HashMap::with_max_entries(limits::MAX_PENDING, 0);
+/// Processes (tgids) to trace when `FILTER_PIDS_ENABLED` is set.
 #[map]
 static FILTER_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_FILTER_PIDS, 0);
 #[map]
@@ -241,6 +250,11 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         // SAFETY: this CPU's slot; a tracing program does not migrate, and the slot is
         // only written by programs running on this CPU.
         unsafe {
+            // An exit still in the slot never saw its entry: the thread would have left
+            // the CPU (sched_switch empties the slot) or re-entered (kvm_entry does).
+            if (*slot).start_ns != 0 {
+                count_drop(drop_kind::PENDING_LOST);
+            }
             (*slot).start_ns = now;
             (*slot).tid = tid;
             (*slot).row = row;
@@ -427,27 +441,88 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Adds forked children of traced processes to the filter, so `kvmtrace record -- CMD`
-/// also counts a VMM that CMD starts.
-#[tracepoint(category = "sched", name = "sched_process_fork")]
-pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+/// Adds the new child processes of traced processes to the filter, so `kvmtrace record
+/// -- CMD` also counts a VMM that CMD starts. Threads are not added: the filter holds
+/// processes (every thread of a traced process is traced through its tgid). The
+/// current task is the parent; the tracepoint fires before the child first runs.
+#[tracepoint(category = "task", name = "task_newtask")]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if global(&FILTER_PIDS_ENABLED) != 0 {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        // SAFETY: presence test only.
-        if unsafe { FILTER_PIDS.get(&tgid) }.is_some() {
-            // SAFETY: offset from the format file; read_at checks bounds.
-            if let Ok(child) = unsafe { ctx.read_at::<u32>(global(&FORK_CHILD_OFF) as usize) } {
-                if FILTER_PIDS.insert(&child, &1, u64::from(BPF_ANY)).is_err() {
-                    count_drop(drop_kind::FILTER_MAP_FULL);
-                    warn!(
-                        &ctx,
-                        "pid filter full: child {} of {} is not traced", child, tgid
-                    );
-                }
+        try_task_newtask(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_task_newtask(ctx: &TracePointContext) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: presence test only.
+    if unsafe { FILTER_PIDS.get(&tgid) }.is_none() {
+        return;
+    }
+    // The low 32 bits of clone_flags (little-endian), where CLONE_THREAD is.
+    // SAFETY: offset from the format file; read_at checks bounds.
+    // An unreadable record is counted as a child not traced (READ_FAILED counts exits).
+    let Ok(flags) = (unsafe { ctx.read_at::<u32>(global(&NEWTASK_FLAGS_OFF) as usize) }) else {
+        count_drop(drop_kind::FILTER_MAP_FULL);
+        return;
+    };
+    if flags & CLONE_THREAD != 0 {
+        return;
+    }
+    // SAFETY: offset from the format file; read_at checks bounds.
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(global(&NEWTASK_PID_OFF) as usize) }) else {
+        count_drop(drop_kind::FILTER_MAP_FULL);
+        return;
+    };
+    if FILTER_PIDS.insert(&child, &1, u64::from(BPF_ANY)).is_err() {
+        count_drop(drop_kind::FILTER_MAP_FULL);
+        warn!(
+            ctx,
+            "pid filter full: child {} of {} is not traced", child, tgid
+        );
+    }
+}
+
+/// Forgets an exiting thread's pending exit, and an exited process's filter entry. The
+/// current task is the one exiting; it runs no vCPU any more.
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    // Its last exit, if any, has no entry to come: the exit stays counted, untimed.
+    // Empty this CPU's slot too, or the thread's last sched_switch would move it back.
+    if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            if (*slot).tid == tid {
+                (*slot).start_ns = 0;
             }
         }
     }
+    // Fails (ENOENT) for every thread that never had an exit pending: nothing to do.
+    let _ = PENDING.remove(&tid);
+    if global(&FILTER_PIDS_ENABLED) != 0 && process_gone(&ctx, tid, tgid) {
+        // Fails (ENOENT) when the process was not traced.
+        let _ = FILTER_PIDS.remove(&tgid);
+    }
     0
+}
+
+/// Whether the exiting thread is the last of its process: the record's `group_dead`
+/// where the kernel has it (6.18 does, 6.1 does not), else whether it is the group
+/// leader (a leader that ends before its other threads then ends the process's tracing
+/// early).
+#[inline(always)]
+fn process_gone(ctx: &TracePointContext, tid: u32, tgid: u32) -> bool {
+    let off = global(&EXIT_GROUP_DEAD_OFF);
+    if off == NO_FIELD {
+        return tid == tgid;
+    }
+    // SAFETY: offset from the format file; read_at checks bounds.
+    // Unreadable: fall back to the leader test (at worst an entry stays a while).
+    unsafe { ctx.read_at::<u8>(off as usize) }.map_or(tid == tgid, |group_dead| group_dead != 0)
 }
 
 #[cfg(not(test))]

@@ -10,12 +10,15 @@ use kvmtrace::{
     tracefs::Tracepoint,
 };
 
+use crate::exit_status::{self, Status};
+
 /// Count KVM VM exits by reason, per VM and per vCPU, with the time KVM spends on each.
 ///
 /// kvmtrace attaches eBPF programs to the kvm:kvm_exit and kvm:kvm_entry tracepoints of
 /// this host (the L1 hypervisor). Run it as root while guests run.
 #[derive(Debug, Parser)]
-#[command(name = "kvmtrace", version, max_term_width = 100)]
+#[command(name = "kvmtrace", version, max_term_width = 100,
+          after_help = exit_status::help(&Status::ALL))]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -29,32 +32,34 @@ pub enum Command {
     ///   kvmtrace record -d 10
     ///   kvmtrace record -p 4242 --per-vcpu
     ///   kvmtrace record --format json -o boot.json -- qemu-system-x86_64 -accel kvm ...
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment, after_help = exit_status::help(&[Status::CommandFailed]))]
     Record(RecordArgs),
     /// Show a saved record (`record --format json`) as a table, CSV or JSON.
+    #[command(after_help = exit_status::help(&[]))]
     Show(ShowArgs),
     /// List the exit reasons kvmtrace knows, with their numbers.
+    #[command(after_help = exit_status::help(&[]))]
     Reasons(ReasonsArgs),
     /// Compare two records reason by reason (e.g. ept=1 against ept=0).
     ///
     /// Example:
     ///   kvmtrace diff ept1.json ept0.json --format md
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment, after_help = exit_status::help(&[]))]
     Diff(DiffArgs),
     /// Inside a guest: read a patched KVM's exit counters through CPUID.
-    ///
-    /// Exits 0 when the counters answer, 3 when the KVM is not patched.
+    #[command(after_help = exit_status::help(&[Status::NotPatched, Status::Unexplained]))]
     Guest(GuestArgs),
     /// Compare the guest's counter reads with the host's count at the same instant.
     ///
-    /// Needs a record made with `record --snapshots`. Exits 1 when a difference has no
-    /// known cause.
+    /// Needs a record made with `record --snapshots`.
     ///
     /// Example:
     ///   kvmtrace reconcile boot.json --guest guest.json
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment,
+              after_help = exit_status::help(&[Status::Unexplained, Status::NoCounterReads]))]
     Reconcile(ReconcileArgs),
     /// A live view of exit rates per reason and per VM, like kvm_stat (q quits).
+    #[command(after_help = exit_status::help(&[]))]
     Top(TopArgs),
 }
 
@@ -146,7 +151,8 @@ pub struct GuestArgs {
     #[arg(long)]
     pub all: bool,
     /// Ask the count and cycles leaves about every ECX in 0..=0xFFFF and the 32-bit
-    /// edges, and check each answer against the tables (exit 1 on any disagreement).
+    /// edges, and check each answer against the tables (exit status 5 on any
+    /// disagreement).
     #[arg(long)]
     pub sweep: bool,
     /// Write to FILE instead of standard output.
@@ -197,7 +203,8 @@ pub struct RecordArgs {
           allow_negative_numbers = true)]
     pub pids: Vec<u32>,
 
-    /// Count only exits of this vCPU id.
+    /// Count only exits of this vCPU id (not with --snapshots: the guest reads the
+    /// whole VM's counters).
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub vcpu: Option<u32>,
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod exit_status;
 
 use std::{io::Write as _, process::ExitCode};
 
@@ -9,6 +10,8 @@ use clap::{
     CommandFactory as _, Parser as _,
     error::{ContextKind, ContextValue, ErrorKind},
 };
+
+use crate::exit_status::Status;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -32,12 +35,19 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let _ = writeln!(std::io::stderr(), "kvmtrace: {err:#}");
-            if err.downcast_ref::<commands::BadInput>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            error_status(&err).into()
         }
+    }
+}
+
+/// The exit status of an error: bad input, one with a status of its own, or an error.
+fn error_status(err: &anyhow::Error) -> Status {
+    if let Some(f) = err.downcast_ref::<commands::Failure>() {
+        f.status
+    } else if err.downcast_ref::<commands::BadInput>().is_some() {
+        Status::BadInput
+    } else {
+        Status::Error
     }
 }
 
@@ -50,8 +60,9 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 /// clap's errors as one line, like every other error: `kvmtrace: invalid value 'abc' for
-/// '--duration <SECONDS>': ... (see `kvmtrace record --help`)`, exit status 2. Help and
-/// version (and the help shown for a bare `kvmtrace`) print as clap renders them.
+/// '--duration <SECONDS>': ... (see `kvmtrace record --help`)`, exit status 2
+/// ([`Status::BadInput`]). Help and version (and the help shown for a bare `kvmtrace`)
+/// print as clap renders them.
 fn usage_error(err: &clap::Error) -> ExitCode {
     let code = |c: i32| ExitCode::from(u8::try_from(c).unwrap_or(2));
     if matches!(
@@ -65,7 +76,7 @@ fn usage_error(err: &clap::Error) -> ExitCode {
         return code(err.exit_code());
     }
     let _ = writeln!(std::io::stderr(), "kvmtrace: {}", one_line(err));
-    code(err.exit_code())
+    Status::BadInput.into()
 }
 
 /// The message of a clap error without its usage and tips: the lines up to the first

@@ -10,14 +10,15 @@ use aya::{
 };
 use thiserror::Error;
 use tracer_common::{
-    CpuidEvent, ExitStats, HistKey, PhaseExitKey, PhaseVcpuKey, drop_kind, globals, limits, maps,
+    CpuidEvent, ExitStats, HistKey, NO_FIELD, PhaseExitKey, PhaseVcpuKey, drop_kind, globals,
+    limits, maps,
 };
 
 use crate::{
     guest::Leaves,
     report::ProgramCost,
     snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64},
-    tracefs::{Tracefs, TracefsError, Tracepoint},
+    tracefs::{Field, Tracefs, TracefsError, Tracepoint},
 };
 
 /// How many verifier lines an error shows (the end of the log says what failed).
@@ -72,7 +73,8 @@ pub struct ProbeConfig {
     pub exit_tracepoint: Tracepoint,
     /// The tracepoint of VM entries (`kvm:kvm_entry`).
     pub entry_tracepoint: Tracepoint,
-    /// Count only these processes and their forked children; empty counts all.
+    /// Count only these processes and their child processes (added as they are
+    /// created, removed as they exit); empty counts all.
     pub pids: BTreeSet<u32>,
     /// Count only this vcpu_id.
     pub vcpu: Option<u32>,
@@ -104,17 +106,20 @@ pub struct Probe {
     /// Forwards the eBPF side's warnings (full maps) to the `log` crate.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     cpuid_events: RingBuf<MapData>,
+    /// Whether the pid filter is on.
+    filter_enabled: bool,
     /// False when this kernel has no `module:module_load`: everything is phase 0.
     tracks_phases: bool,
 }
 
-/// The programs, in attach order: the entry and fork programs first, so an exit is only
-/// timed once its entry program is attached and children forked from now on are
-/// followed.
-const PROGRAMS: [&str; 6] = [
+/// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
+/// so an exit is only timed once its entry program is attached, threads that exit from
+/// now on are forgotten, and child processes created from now on are followed.
+const PROGRAMS: [&str; 7] = [
     "kvm_entry",
     "sched_switch",
-    "sched_process_fork",
+    "sched_process_exit",
+    "task_newtask",
     "kvm_cpuid",
     "module_load",
     "kvm_exit",
@@ -131,7 +136,8 @@ impl Probe {
         let exit_tp = &config.exit_tracepoint;
         tracefs.require(exit_tp)?;
         tracefs.require(&config.entry_tracepoint)?;
-        let fork_tp = Tracepoint::new("sched", "sched_process_fork");
+        let newtask_tp = Tracepoint::new("task", "task_newtask");
+        let process_exit_tp = Tracepoint::new("sched", "sched_process_exit");
         let switch_tp = Tracepoint::new("sched", "sched_switch");
         let fields = [
             tracefs.offset(exit_tp, "exit_reason")?,
@@ -139,7 +145,15 @@ impl Probe {
             tracefs.offset(exit_tp, "vcpu_id")?,
         ];
         let [fields_off, reason_off, isa_off, vcpu_off] = exit_fields(exit_tp, fields)?;
-        let child_off = tracefs.offset(&fork_tp, "child_pid")?;
+        let newtask_pid_off = tracefs.offset(&newtask_tp, "pid")?;
+        let newtask_flags_off = tracefs.offset(&newtask_tp, "clone_flags")?;
+        let group_dead = group_dead_offset(&tracefs.fields(&process_exit_tp)?);
+        if group_dead.is_none() {
+            log::debug!(
+                "{process_exit_tp} has no group_dead field: a traced process is forgotten when its group leader exits"
+            );
+        }
+        let group_dead_off = group_dead.unwrap_or(NO_FIELD);
         let cpuid_tp = Tracepoint::new("kvm", "kvm_cpuid");
         let cpuid_off = |field| tracefs.offset(&cpuid_tp, field);
         let cpuid_offsets = [
@@ -189,7 +203,9 @@ impl Probe {
             .override_global(globals::EXIT_REASON_OFF, &reason_off, true)
             .override_global(globals::EXIT_ISA_OFF, &isa_off, true)
             .override_global(globals::EXIT_VCPU_OFF, &vcpu_off, true)
-            .override_global(globals::FORK_CHILD_OFF, &child_off, true)
+            .override_global(globals::NEWTASK_PID_OFF, &newtask_pid_off, true)
+            .override_global(globals::NEWTASK_FLAGS_OFF, &newtask_flags_off, true)
+            .override_global(globals::EXIT_GROUP_DEAD_OFF, &group_dead_off, true)
             .override_global(globals::FILTER_PIDS_ENABLED, &filter_enabled, true)
             .override_global(globals::VCPU_FILTER, &vcpu_filter, true)
             .load(aya::include_bytes_aligned!(concat!(
@@ -218,7 +234,8 @@ impl Probe {
             let tp = match program {
                 "kvm_entry" => &config.entry_tracepoint,
                 "sched_switch" => &switch_tp,
-                "sched_process_fork" => &fork_tp,
+                "sched_process_exit" => &process_exit_tp,
+                "task_newtask" => &newtask_tp,
                 "module_load" if module_name_off.is_none() => {
                     log::info!(
                         "this kernel has no {module_tp}: a kvm module reload during the record does not start a new phase"
@@ -268,6 +285,7 @@ impl Probe {
             ebpf,
             logger,
             cpuid_events,
+            filter_enabled: filter_enabled != 0,
             tracks_phases: module_name_off.is_some(),
         })
     }
@@ -323,7 +341,7 @@ impl Probe {
         }
     }
 
-    /// Adds a process (and, from now on, its children) to the pid filter.
+    /// Adds a process (and, from now on, its child processes) to the pid filter.
     pub fn trace_pid(&mut self, pid: u32) -> Result<(), ProbeError> {
         let mut filter: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
             self.ebpf
@@ -372,11 +390,104 @@ impl Probe {
         let mut counts = Drops::default();
         for kind in 0..drop_kind::COUNT {
             let per_cpu = drops.get(&kind, 0).map_err(map_err(maps::DROPS))?;
-            counts.0[kind as usize] = sum_u64(per_cpu.iter().copied(), "dropped")?;
+            counts.kinds[kind as usize] = sum_u64(per_cpu.iter().copied(), "dropped")?;
         }
+        counts.recursion_misses = self.recursion_misses()?;
         snap.drops = counts;
+        snap.filter_pids = self.filter_pids()?;
         Ok(snap)
     }
+
+    /// Runs of kvmtrace's programs the kernel skipped because another eBPF program was
+    /// running on that CPU, summed over the programs (0 on kernels before 5.12, which do
+    /// not report them; classic tracepoint programs count them since 6.7).
+    fn recursion_misses(&self) -> Result<u64, ProbeError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let mut misses = Vec::new();
+        for (name, prog) in self.ebpf.programs() {
+            // A program that was not loaded (kvm_cpuid without snapshots) has no fd.
+            let Ok(fd) = prog.fd() else { continue };
+            match prog_recursion_misses(fd.as_fd().as_raw_fd()) {
+                Ok(n) => misses.push(n.unwrap_or(0)),
+                Err(e) => log::debug!("cannot read bpf_prog_info of {name}: {e}"),
+            }
+        }
+        Ok(sum_u64(misses, "recursion_misses")?)
+    }
+
+    /// How many processes the pid filter holds now; `None` when it is off.
+    fn filter_pids(&self) -> Result<Option<u64>, ProbeError> {
+        let filter: HashMap<&MapData, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map(maps::FILTER_PIDS)
+                .ok_or(ProbeError::MissingMap(maps::FILTER_PIDS))?,
+        )
+        .map_err(map_err(maps::FILTER_PIDS))?;
+        // The eBPF side adds and deletes keys while we walk, and a walk whose key was
+        // just deleted starts over: distinct keys only, and a bounded walk.
+        let walk = 2 * limits::MAX_FILTER_PIDS as usize;
+        let pids: BTreeSet<u32> = filter.keys().take(walk).map_while(Result::ok).collect();
+        Ok(self.filter_enabled.then_some(pids.len() as u64))
+    }
+}
+
+/// The head of the kernel's `struct bpf_prog_info` (uapi `linux/bpf.h`), up to
+/// `recursion_misses`: 26 u64-sized words of older fields, then the counter.
+#[repr(C)]
+#[derive(Default)]
+struct ProgInfoHead {
+    _before: [u64; 26],
+    recursion_misses: u64,
+}
+
+/// The `info` member of `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The `bpf(2)` command that fills a `bpf_prog_info`.
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
+
+/// A program's `recursion_misses`, read with `BPF_OBJ_GET_INFO_BY_FD`; `None` when the
+/// kernel's `bpf_prog_info` is too short to hold it (before 5.12).
+fn prog_recursion_misses(fd: std::os::fd::RawFd) -> std::io::Result<Option<u64>> {
+    let mut info = ProgInfoHead::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: u32::try_from(fd).map_err(std::io::Error::other)?,
+        info_len: size_of::<ProgInfoHead>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    // SAFETY: `attr` and the buffer it points to are live for the call; the kernel
+    // writes at most `info_len` bytes there and shortens `info_len` to what it wrote.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::from_mut(&mut attr),
+            size_of::<InfoByFdAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(has_recursion_misses(attr.info_len).then_some(info.recursion_misses))
+}
+
+/// Whether a `bpf_prog_info` of `len` bytes reaches past `recursion_misses`.
+fn has_recursion_misses(len: u32) -> bool {
+    len as usize >= size_of::<ProgInfoHead>()
+}
+
+/// The offset of `group_dead` in `sched:sched_process_exit`, a one-byte bool that newer
+/// kernels have (6.18 does, 6.1 does not); `None` when this kernel's record lacks it.
+fn group_dead_offset(fields: &[Field]) -> Option<u32> {
+    fields
+        .iter()
+        .find(|f| f.name == "group_dead" && f.size == 1)
+        .map(|f| f.offset)
 }
 
 /// Where the one read of the exit fields starts, and each field's offset from there.
@@ -476,6 +587,71 @@ mod tests {
             "fields too far apart are refused"
         );
         assert!(exit_fields(&tp, [8, 26, 40]).is_err(), "misaligned");
+    }
+
+    /// `sched:sched_process_exit` on 6.18 (with `group_dead`) and on 6.1 (without).
+    const PROCESS_EXIT_6_18: &str = "name: sched_process_exit
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;
+";
+    const PROCESS_EXIT_6_1: &str = "name: sched_process_exit
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn group_dead_is_found_where_the_kernel_has_it() {
+        use crate::tracefs::parse_format;
+        assert_eq!(
+            group_dead_offset(&parse_format(PROCESS_EXIT_6_18)),
+            Some(32)
+        );
+        assert_eq!(group_dead_offset(&parse_format(PROCESS_EXIT_6_1)), None);
+        let wide = PROCESS_EXIT_6_18.replace("size:1;", "size:4;");
+        assert_eq!(
+            group_dead_offset(&parse_format(&wide)),
+            None,
+            "only a one-byte bool is read"
+        );
+    }
+
+    #[test]
+    fn newtask_fields_parse() {
+        use crate::tracefs::parse_format;
+        let newtask = "name: task_newtask
+format:
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:pid_t pid;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;
+\tfield:u64 clone_flags;\toffset:32;\tsize:8;\tsigned:0;
+\tfield:short oom_score_adj;\toffset:40;\tsize:2;\tsigned:1;
+";
+        let fields = parse_format(newtask);
+        let off = |n: &str| fields.iter().find(|f| f.name == n).map(|f| f.offset);
+        assert_eq!((off("pid"), off("clone_flags")), (Some(8), Some(32)));
+        assert_eq!(tracer_common::CLONE_THREAD, libc::CLONE_THREAD as u32);
+    }
+
+    #[test]
+    fn prog_info_head_reaches_recursion_misses() {
+        // uapi linux/bpf.h: recursion_misses follows run_cnt at offset 200.
+        assert_eq!(std::mem::offset_of!(ProgInfoHead, recursion_misses), 208);
+        assert_eq!(size_of::<InfoByFdAttr>(), 16);
+        assert!(has_recursion_misses(216));
+        assert!(has_recursion_misses(232), "a newer, longer bpf_prog_info");
+        assert!(!has_recursion_misses(208), "5.11 ends before it");
     }
 
     #[test]

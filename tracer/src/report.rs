@@ -29,7 +29,8 @@
 //!   ],
 //!   "dropped": { "exit_map_full": 0, "vcpu_map_full": 0, "hist_map_full": 0,
 //!                "pending_map_full": 0, "read_failed": 0, "filter_map_full": 0,
-//!                "vm_map_full": 0, "cpuid_ring_full": 0 },
+//!                "vm_map_full": 0, "cpuid_ring_full": 0, "pending_lost": 0,
+//!                "recursion_misses": 0 },
 //!   "phases": [
 //!     { "phase": 0, "paging": { "module": "kvm_intel", "parameter": "ept", "nested": true },
 //!       "since": "2026-11-24T16:00:00.000000Z", "total": { "count": 6800, "timed": 6799, "time_ns": 123456789 },
@@ -37,7 +38,7 @@
 //!                      "count": 1387, "timed": 1387, "time_ns": 45678901, "mean_ns": 32933,
 //!                      "histogram": [] } ] }
 //!   ],
-//!   "cost": { "attach_ns": 41000000, "peak_rss_kib": 9200, "bpf_stats": true,
+//!   "cost": { "attach_ns": 41000000, "peak_rss_kib": 9200, "bpf_stats": true, "filter_pids": 2,
 //!             "programs": [ { "name": "kvm_exit", "run_count": 6800, "run_time_ns": 1904000, "jited_bytes": 1024 } ] },
 //!   "leaves": { "total": 1342177279, "count": 1342177278, "cycles": 1342177277 },
 //!   "cpuid_reads": [
@@ -65,9 +66,36 @@
 //! - `cost`: what kvmtrace itself cost: time from its start to all probes attached, its
 //!   peak resident memory, and each eBPF program's run count and run time (the times
 //!   are 0 unless `sysctl kernel.bpf_stats_enabled=1`, then `bpf_stats` is true).
-//! - `dropped.vcpu_map_full`: exits with no per-vCPU row (`record --max-vcpu-rows`); they
-//!   are still in `reasons` unless `dropped.exit_map_full` counts them too
-//!   (`--max-reasons` rows of overflow were full as well).
+//!   `cost.filter_pids` (absent in older reports, and `null` when every process was
+//!   traced): how many processes the `-p` / `-- CMD` pid filter held when the record
+//!   ended. The filter holds processes, not threads: a traced process's child processes
+//!   are added as they are created, and a process is removed when it exits, so this is
+//!   the traced processes still alive (kvmtrace itself included with `-- CMD`).
+//! - `dropped` counts what the eBPF side could not record in full, by cause. Fields
+//!   added after the first `v1` reports read as 0 when absent.
+//!   - `exit_map_full`: exits counted only here: the per-vCPU map and the per-reason
+//!     overflow map (`--max-reasons`) were both full.
+//!   - `vcpu_map_full`: exits with no per-vCPU row (`record --max-vcpu-rows`); they are
+//!     still in `reasons` unless `exit_map_full` counts them too.
+//!   - `hist_map_full`: timed exits missing from their reason's histogram (the time is
+//!     in the totals).
+//!   - `pending_map_full`: exits whose time is unknown because the map of exits waiting
+//!     for their next entry (one entry per live vCPU thread) was full.
+//!   - `pending_lost`: exits whose time is unknown because a later exit on the same CPU
+//!     replaced them before their entry was seen (a missed `kvm_entry` or
+//!     `sched_switch` run). Not counted: each vCPU thread's last exit before the thread
+//!     ends (it has no next entry; it is in `count` but not in `timed`).
+//!   - `read_failed`: exits counted only here: a `kvm:kvm_exit` field was unreadable.
+//!   - `filter_map_full`: child processes of traced processes that were not traced,
+//!     because the pid filter held `MAX_FILTER_PIDS` live processes (or the
+//!     `task:task_newtask` record was unreadable).
+//!   - `vm_map_full`: exits missing from the per-VM counts that `--snapshots` reads.
+//!   - `cpuid_ring_full`: guest counter-leaf reads not recorded (`cpuid_reads`).
+//!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
+//!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
+//!     `recursion_misses`, summed over kvmtrace's programs; kernels before 5.12 do not
+//!     report it, and count it for classic tracepoint programs only since 6.7). A
+//!     skipped `kvm_exit` run is an exit missing from every count.
 //! - `total.count` includes exits that were counted only in `dropped` (a full map or
 //!   an unreadable field). Any non-zero `dropped` field means some detail is missing.
 
@@ -172,6 +200,10 @@ pub struct Dropped {
     pub vm_map_full: u64,
     #[serde(default)]
     pub cpuid_ring_full: u64,
+    #[serde(default)]
+    pub pending_lost: u64,
+    #[serde(default)]
+    pub recursion_misses: u64,
 }
 
 impl Dropped {
@@ -228,6 +260,9 @@ pub struct Cost {
     pub peak_rss_kib: u64,
     /// Whether `kernel.bpf_stats_enabled` was on, so run times were measured.
     pub bpf_stats: bool,
+    /// Processes in the pid filter when the record ended; `None` without a filter.
+    #[serde(default)]
+    pub filter_pids: Option<u64>,
     pub programs: Vec<ProgramCost>,
 }
 
@@ -453,6 +488,8 @@ impl Report {
             filter_map_full: d.get(drop_kind::FILTER_MAP_FULL),
             vm_map_full: d.get(drop_kind::VM_MAP_FULL),
             cpuid_ring_full: d.get(drop_kind::CPUID_RING_FULL),
+            pending_lost: d.get(drop_kind::PENDING_LOST),
+            recursion_misses: d.recursion_misses,
         };
         let cpuid_reads = snap
             .cpuid
@@ -695,6 +732,67 @@ pub(crate) mod tests {
         let back = Report::from_json(&text).unwrap_or_else(|e| panic!("parse: {e}"));
         assert_eq!(back, r);
         assert!(text.contains("\"isa\": \"vmx\""));
+    }
+
+    #[test]
+    fn every_drop_kind_reaches_the_report() {
+        let mut snap = Snapshot::default();
+        for kind in 0..drop_kind::COUNT {
+            snap.drops.kinds[kind as usize] = 100 + u64::from(kind);
+        }
+        snap.drops.recursion_misses = 7;
+        let r = Report::build(&snap, RunInfo::default()).unwrap_or_else(|e| panic!("{e}"));
+        let d = r.dropped;
+        let mut seen = [
+            d.exit_map_full,
+            d.vcpu_map_full,
+            d.hist_map_full,
+            d.pending_map_full,
+            d.read_failed,
+            d.filter_map_full,
+            d.vm_map_full,
+            d.cpuid_ring_full,
+            d.pending_lost,
+        ];
+        assert_eq!(seen.len(), drop_kind::COUNT as usize, "a kind has no field");
+        seen.sort_unstable();
+        let want: Vec<u64> = (0..drop_kind::COUNT).map(|k| 100 + u64::from(k)).collect();
+        assert_eq!(seen.to_vec(), want, "each kind lands in its own field");
+        assert_eq!(d.pending_lost, 100 + u64::from(drop_kind::PENDING_LOST));
+        assert_eq!(d.recursion_misses, 7);
+        for one in [
+            Dropped {
+                pending_lost: 1,
+                ..Dropped::default()
+            },
+            Dropped {
+                recursion_misses: 1,
+                ..Dropped::default()
+            },
+        ] {
+            assert!(one.any(), "{one:?}");
+        }
+    }
+
+    #[test]
+    fn reports_without_the_new_fields_still_parse() {
+        let mut v = serde_json::to_value(sample_report()).unwrap_or_default();
+        v["cost"] = serde_json::json!({
+            "attach_ns": 1, "peak_rss_kib": 2, "bpf_stats": false, "programs": []
+        });
+        if let Some(dropped) = v["dropped"].as_object_mut() {
+            for new in [
+                "vm_map_full",
+                "cpuid_ring_full",
+                "pending_lost",
+                "recursion_misses",
+            ] {
+                assert!(dropped.remove(new).is_some(), "{new} is written");
+            }
+        }
+        let r = Report::from_json(&v.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.dropped, Dropped::default());
+        assert_eq!(r.cost.map(|c| c.filter_pids), Some(None));
     }
 
     #[test]

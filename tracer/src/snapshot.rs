@@ -43,17 +43,26 @@ pub fn sum_stats<'a>(
     })
 }
 
-/// Events the eBPF side could not record in full, by cause (see `drop_kind`).
+/// Events the eBPF side could not record in full: the `DROPS` slots, by cause (see
+/// `drop_kind`), and the runs of its programs the kernel skipped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Drops(pub [u64; drop_kind::COUNT as usize]);
+pub struct Drops {
+    /// The `DROPS` map, indexed by `drop_kind`.
+    pub kinds: [u64; drop_kind::COUNT as usize],
+    /// Runs of kvmtrace's programs that the kernel skipped because another eBPF
+    /// program was running on the CPU (`bpf_prog_info.recursion_misses`, summed): the
+    /// events they would have handled are missing from every count.
+    pub recursion_misses: u64,
+}
 
 impl Drops {
+    /// The count of one `drop_kind` slot (0 for a kind this build does not know).
     pub fn get(&self, kind: u32) -> u64 {
-        self.0.get(kind as usize).copied().unwrap_or(0)
+        self.kinds.get(kind as usize).copied().unwrap_or(0)
     }
 
     pub fn any(&self) -> bool {
-        self.0.iter().any(|&n| n > 0)
+        self.recursion_misses > 0 || self.kinds.iter().any(|&n| n > 0)
     }
 }
 
@@ -70,6 +79,9 @@ pub struct Snapshot {
     /// Time histogram per exit key, indexed by bucket.
     pub hist: BTreeMap<ExitKey, Vec<u64>>,
     pub drops: Drops,
+    /// Processes in the pid filter at the snapshot (those still alive); `None` when
+    /// every process is traced.
+    pub filter_pids: Option<u64>,
     /// Guest reads of the counter leaves, in the order they were taken.
     pub cpuid: Vec<CpuidEvent>,
 }
@@ -164,9 +176,28 @@ mod tests {
     fn total_includes_drops() {
         let mut s = Snapshot::default();
         s.exits.insert(ExitKey::from_raw(1, 10), stats(5, 5, 0));
-        s.drops.0[drop_kind::EXIT_MAP_FULL as usize] = 2;
-        s.drops.0[drop_kind::VCPU_MAP_FULL as usize] = 9; // counted in exits already
+        s.drops.kinds[drop_kind::EXIT_MAP_FULL as usize] = 2;
+        s.drops.kinds[drop_kind::VCPU_MAP_FULL as usize] = 9; // counted in exits already
+        s.drops.kinds[drop_kind::PENDING_LOST as usize] = 4; // counted, untimed
+        s.drops.recursion_misses = 3; // not known to be exits
         assert_eq!(s.total_exits(), Ok(7));
+    }
+
+    #[test]
+    fn every_drop_kind_is_a_drop() {
+        for kind in 0..drop_kind::COUNT {
+            let mut d = Drops::default();
+            assert!(!d.any());
+            d.kinds[kind as usize] = 1;
+            assert!(d.any(), "kind {kind}");
+            assert_eq!(d.get(kind), 1);
+        }
+        assert_eq!(Drops::default().get(drop_kind::COUNT), 0, "unknown kind");
+        let misses = Drops {
+            recursion_misses: 1,
+            ..Drops::default()
+        };
+        assert!(misses.any());
     }
 
     #[test]

@@ -222,11 +222,8 @@ fn file_cases(dir: &TempDir) -> Vec<Case> {
             [&p, *what],
         ));
     }
-    // A well-formed record without `--snapshots` reads cannot be reconciled.
-    cases.push(case(
-        [OsString::from("reconcile"), good.clone().into()],
-        [display(&good), "has no guest counter reads".to_owned()],
-    ));
+    // A well-formed record without `--snapshots` reads is not bad input: it has an exit
+    // status of its own (tracer/tests/exit_status.rs).
 
     let guests: Vec<(PathBuf, &str)> = vec![
         (
@@ -389,6 +386,23 @@ fn argument_cases() -> Vec<Case> {
         case(
             ["record", "--exit-tracepoint", "kvm_exit"],
             [v("kvm_exit"), "category:name".into()],
+        ),
+        // The host would count one vCPU while the guest reads the whole VM.
+        case(
+            ["record", "--vcpu", "1", "--snapshots"],
+            ["--vcpu", "--snapshots", "the whole VM"],
+        ),
+        // Output paths, checked before the run.
+        case(
+            ["record", "-o", "/nonexistent-kvmtrace-dir/r.json"],
+            [
+                "/nonexistent-kvmtrace-dir/r.json",
+                "directory /nonexistent-kvmtrace-dir does not exist",
+            ],
+        ),
+        case(
+            ["record", "-d", "1", "-o", "/"],
+            ["cannot write /", "it is a directory"],
         ),
     ]
 }

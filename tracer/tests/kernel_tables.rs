@@ -1,7 +1,14 @@
 //! The exit-reason tables against the running kernel's own: the `print fmt` of
-//! `kvm:kvm_exit` lists every VMX reason and SVM code the kernel names.
+//! `kvm:kvm_exit` lists every VMX reason and SVM code the kernel names. Root, with kvm
+//! loaded (tracefs is mounted if it is not).
 
-use kvmtrace::exit_reasons::{self, Isa};
+mod common;
+
+use common::{has_kvm_tracepoints, is_root};
+use kvmtrace::{
+    exit_reasons::{self, Isa},
+    tracefs::Tracefs,
+};
 
 /// The `{ 48, "EPT_VIOLATION" }` pairs in `text`.
 fn symbolic_pairs(text: &str) -> Vec<(i64, String)> {
@@ -37,13 +44,14 @@ fn parse(t: &str) -> Option<i64> {
 
 #[test]
 fn every_reason_the_kernel_names_is_in_our_tables() {
-    let Some(format) = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .find_map(|t| std::fs::read_to_string(format!("{t}/events/kvm/kvm_exit/format")).ok())
-    else {
-        println!("skipped: no kvm:kvm_exit format file (kvm not loaded or tracefs not mounted)");
+    if !is_root() || !has_kvm_tracepoints() {
         return;
-    };
+    }
+    // As kvmtrace finds it: mounted if it is not yet.
+    let tracefs = Tracefs::find_or_mount().unwrap_or_else(|e| panic!("tracefs: {e}"));
+    let path = tracefs.root().join("events/kvm/kvm_exit/format");
+    let format =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let fmt = format
         .split("print fmt:")
         .nth(1)

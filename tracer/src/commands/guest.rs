@@ -6,7 +6,10 @@ use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use kvmtrace::guest::{self, Cpu, GuestReadout};
 
 use super::{BadInput, write_output};
-use crate::cli::{GuestArgs, TextFormat};
+use crate::{
+    cli::{GuestArgs, TextFormat},
+    exit_status::Status,
+};
 
 fn table(r: &GuestReadout) -> String {
     let mut out = format!(
@@ -76,10 +79,11 @@ fn run_sweep(args: &GuestArgs, leaves: guest::Leaves) -> anyhow::Result<ExitCode
     };
     write_output(args.output.as_deref(), &bytes)?;
     Ok(if s.mismatches == 0 {
-        ExitCode::SUCCESS
+        Status::Success
     } else {
-        ExitCode::FAILURE
-    })
+        Status::Unexplained
+    }
+    .into())
 }
 
 pub fn run(args: &GuestArgs) -> anyhow::Result<ExitCode> {
@@ -102,8 +106,9 @@ pub fn run(args: &GuestArgs) -> anyhow::Result<ExitCode> {
     };
     write_output(args.output.as_deref(), &bytes)?;
     Ok(if readout.patched {
-        ExitCode::SUCCESS
+        Status::Success
     } else {
-        ExitCode::from(3)
-    })
+        Status::NotPatched
+    }
+    .into())
 }

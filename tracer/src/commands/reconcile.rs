@@ -8,8 +8,11 @@ use kvmtrace::{
     reconcile::{Reconciliation, reconcile},
 };
 
-use super::{BadInput, load_guest_readout, load_report, write_output};
-use crate::cli::{ReconcileArgs, TextFormat};
+use super::{Failure, load_guest_readout, load_report, write_output};
+use crate::{
+    cli::{ReconcileArgs, TextFormat},
+    exit_status::Status,
+};
 
 fn table(rec: &Reconciliation, mismatches: &[String]) -> String {
     let mut by_verdict: BTreeMap<&str, usize> = BTreeMap::new();
@@ -90,10 +93,13 @@ fn guest_mismatches(rec: &Reconciliation, guest: &GuestReadout) -> Vec<String> {
 pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
     let report = load_report(&args.record)?;
     if report.cpuid_reads.is_empty() {
-        return Err(BadInput(format!(
-            "{} has no guest counter reads: record with `kvmtrace record --snapshots` while the guest runs `kvmtrace guest`",
-            args.record.display()
-        ))
+        return Err(Failure {
+            status: Status::NoCounterReads,
+            message: format!(
+                "{} has no guest counter reads: record with `kvmtrace record --snapshots` while the guest runs `kvmtrace guest`",
+                args.record.display()
+            ),
+        }
         .into());
     }
     let rec = reconcile(&report);
@@ -111,8 +117,9 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
     };
     write_output(args.output.as_deref(), &bytes)?;
     Ok(if rec.unexplained > 0 || !mismatches.is_empty() {
-        ExitCode::FAILURE
+        Status::Unexplained
     } else {
-        ExitCode::SUCCESS
-    })
+        Status::Success
+    }
+    .into())
 }

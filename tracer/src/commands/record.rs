@@ -2,7 +2,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
-    fs,
     io::Write as _,
     path::Path,
     process::ExitCode,
@@ -24,8 +23,8 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::BadInput;
-use crate::cli::RecordArgs;
+use super::{BadInput, OutputFile};
+use crate::{cli::RecordArgs, exit_status::Status};
 
 /// How long a command is given to exit after kvmtrace forwards SIGTERM to it.
 const CHILD_GRACE: Duration = Duration::from_secs(5);
@@ -42,6 +41,20 @@ enum End {
 
 pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
+    if args.vcpu.is_some() && args.snapshots {
+        return Err(BadInput(
+            "--vcpu cannot be used with --snapshots: the host would count one vCPU while the guest reads the whole VM's counters; drop --vcpu".to_owned(),
+        )
+        .into());
+    }
+    // Fail before tracing, not after a long run; an existing file is replaced only
+    // once the report is complete.
+    let output = args
+        .report
+        .output
+        .as_deref()
+        .map(OutputFile::prepare)
+        .transpose()?;
     if let Some(missing) = privileges::missing() {
         bail!(missing);
     }
@@ -49,10 +62,6 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             bail!("no process with pid {pid}: check it with `ps -p {pid}`");
         }
-    }
-    if let Some(out) = &args.report.output {
-        // Fail before tracing, not after a long run.
-        fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
     }
     let tracefs = Tracefs::find_or_mount()?;
     let mut pids: BTreeSet<u32> = args.pids.iter().copied().collect();
@@ -88,12 +97,16 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let mut filter_pids = args.pids.clone();
     let mut cpuid_reads = Vec::new();
     let end = runtime.block_on(async {
+        // Before the command starts and before the line below: a script may signal as
+        // soon as it reads it.
+        let mut signals = Signals::install()?;
         let mut child = match args.command.split_first() {
             Some((program, rest)) => {
-                let child = Command::new(program)
-                    .args(rest)
-                    .spawn()
-                    .with_context(|| format!("cannot run {program}"))?;
+                let child = Command::new(program).args(rest).spawn().map_err(|e| {
+                    BadInput(format!(
+                        "cannot run {program}: {e}: check the command after --"
+                    ))
+                })?;
                 if let Some(pid) = child.id() {
                     filter_pids.push(pid);
                     let base = Path::new(program)
@@ -111,7 +124,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             (None, Some(d)) => format!("recording VM exits for {:.1} s", d.as_secs_f64()),
             (None, None) => "recording VM exits; press Ctrl-C to stop".to_owned(),
         });
-        let ending = wait_for_end(child.as_mut(), args.duration);
+        let ending = wait_for_end(&mut signals, child.as_mut(), args.duration);
         tokio::pin!(ending);
         let mut drain = tokio::time::interval(CPUID_DRAIN);
         loop {
@@ -137,6 +150,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         attach_ns,
         peak_rss_kib: host::peak_rss_kib(),
         bpf_stats: host::bpf_stats_enabled(),
+        filter_pids: snapshot.filter_pids,
         programs: probe.costs(),
     };
     drop(probe);
@@ -168,10 +182,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             per_vcpu: args.report.per_vcpu,
         },
     )?;
-    match &args.report.output {
-        Some(path) => {
-            fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?
-        }
+    match output {
+        Some(file) => file.commit(&bytes)?,
         None => std::io::stdout().write_all(&bytes)?,
     }
     if report.dropped.any() {
@@ -183,10 +195,11 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     Ok(match end {
         End::CommandExited(status) if !status.success() => {
             eprintln_status(&format!("the command exited with {status}"));
-            ExitCode::FAILURE
+            Status::CommandFailed
         }
-        End::Signal(_) | End::Duration | End::CommandExited(_) => ExitCode::SUCCESS,
-    })
+        End::Signal(_) | End::Duration | End::CommandExited(_) => Status::Success,
+    }
+    .into())
 }
 
 /// The phases seen so far, each with the paging mode its module load had.
@@ -245,17 +258,33 @@ async fn wait_child(child: Option<&mut Child>) -> std::io::Result<std::process::
     }
 }
 
+/// The handlers of SIGINT and SIGTERM. A signal that arrives once they are installed
+/// ends the record, however soon after.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the tokio runtime.
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+}
+
 /// Waits for Ctrl-C, SIGTERM, the duration, or the command's exit. On a signal the
 /// command gets SIGTERM and a few seconds to end, so its VM's last exits are counted.
 async fn wait_for_end(
+    signals: &mut Signals,
     mut child: Option<&mut Child>,
     duration: Option<Duration>,
 ) -> anyhow::Result<End> {
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let end = tokio::select! {
-        _ = sigint.recv() => End::Signal("SIGINT"),
-        _ = sigterm.recv() => End::Signal("SIGTERM"),
+        _ = signals.int.recv() => End::Signal("SIGINT"),
+        _ = signals.term.recv() => End::Signal("SIGTERM"),
         () = sleep_or_forever(duration) => End::Duration,
         status = wait_child(child.as_deref_mut()) => {
             End::CommandExited(status.context("cannot wait for the command")?)

@@ -1,55 +1,163 @@
-//! `kvmtrace top`: a live view of exit rates, redrawn every interval (plain text, so it
-//! works over a serial console). `q` quits when standard input is a terminal.
+//! `kvmtrace top`: a live view of exit rates, redrawn every interval. On a terminal it
+//! uses the alternate screen, and reads single keys in raw mode (`q` or Ctrl-C quits);
+//! otherwise it prints plain text frames, so it works over a serial console or a pipe.
+//! The terminal is put back however top ends: `q`, Ctrl-C, SIGINT, SIGTERM, an error
+//! or a panic.
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
-    io::{IsTerminal as _, Read as _, Write as _},
+    io::{IsTerminal as _, Write as _},
     process::ExitCode,
-    sync::mpsc,
+    sync::{
+        Once,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use crossterm::{
+    cursor,
+    event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
+    execute, queue, terminal,
+};
 use kvmtrace::{
     host, privileges,
     probe::{Probe, ProbeConfig},
     top::{RateRow, View, view},
     tracefs::Tracefs,
 };
+use signal_hook::{consts::signal, iterator::Signals};
 
-use crate::cli::TopArgs;
+use crate::{cli::TopArgs, exit_status::Status};
 
-/// Puts the terminal in non-canonical, no-echo mode so single keys arrive, and puts it
-/// back on drop. Output processing stays on, so newlines still work.
-struct KeyMode {
-    saved: libc::termios,
-}
+/// Set to make `top` panic after its first frame: for the test that the terminal is
+/// restored on a panic (tracer/tests/top_terminal.rs). Test-only: never set it.
+const TEST_PANIC_ENV: &str = "KVMTRACE_TEST_ONLY_PANIC_IN_TOP";
 
-impl KeyMode {
-    fn enable() -> Option<Self> {
-        if !std::io::stdin().is_terminal() {
-            return None;
-        }
-        // SAFETY: tcgetattr fills the struct; fd 0 is a terminal.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
-            return None;
-        }
-        let saved = t;
-        t.c_lflag &= !(libc::ICANON | libc::ECHO);
-        t.c_cc[libc::VMIN] = 1;
-        t.c_cc[libc::VTIME] = 0;
-        // SAFETY: a valid termios for fd 0.
-        (unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) } == 0).then_some(Self { saved })
+/// What top changed on the terminal, for [`restore_terminal`].
+static RAW_MODE: AtomicBool = AtomicBool::new(false);
+static ALTERNATE_SCREEN: AtomicBool = AtomicBool::new(false);
+
+/// Puts back whatever top changed on the terminal; safe to call more than once, from
+/// the guard's drop and from the panic hook.
+fn restore_terminal() {
+    if ALTERNATE_SCREEN.swap(false, Ordering::SeqCst) {
+        let _ = execute!(
+            std::io::stdout(),
+            cursor::Show,
+            terminal::LeaveAlternateScreen
+        );
+    }
+    if RAW_MODE.swap(false, Ordering::SeqCst) {
+        let _ = terminal::disable_raw_mode();
     }
 }
 
-impl Drop for KeyMode {
+/// Restores the terminal before the panic message is printed, so that it is readable.
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            previous(info);
+        }));
+    });
+}
+
+/// The terminal while top runs: raw mode when standard input is a terminal (so single
+/// keys arrive), the alternate screen with the cursor hidden when standard output is
+/// one. Dropping it restores both.
+struct Screen {
+    keys: bool,
+    alternate: bool,
+}
+
+impl Screen {
+    fn enter() -> anyhow::Result<Self> {
+        install_panic_hook();
+        let screen = Self {
+            keys: std::io::stdin().is_terminal(),
+            alternate: std::io::stdout().is_terminal(),
+        };
+        if screen.keys {
+            terminal::enable_raw_mode().context("cannot put the terminal in raw mode")?;
+            RAW_MODE.store(true, Ordering::SeqCst);
+        }
+        if screen.alternate {
+            ALTERNATE_SCREEN.store(true, Ordering::SeqCst);
+            execute!(
+                std::io::stdout(),
+                terminal::EnterAlternateScreen,
+                cursor::Hide
+            )
+            .context("cannot switch the terminal to the alternate screen")?;
+        }
+        Ok(screen)
+    }
+
+    /// Writes one frame: redrawn in place on a terminal (raw mode needs "\r\n"), plain
+    /// text otherwise.
+    fn draw(&self, frame: &str) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        if self.alternate {
+            queue!(
+                out,
+                cursor::MoveTo(0, 0),
+                terminal::Clear(terminal::ClearType::All)
+            )?;
+            out.write_all(frame.replace('\n', "\r\n").as_bytes())?;
+        } else {
+            out.write_all(frame.as_bytes())?;
+        }
+        out.flush()
+    }
+}
+
+impl Drop for Screen {
     fn drop(&mut self) {
-        // SAFETY: restores what tcgetattr returned.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+        restore_terminal();
     }
+}
+
+/// Why top stops before its last refresh.
+#[derive(Debug)]
+enum Quit {
+    Key,
+    Signal,
+}
+
+/// Sends [`Quit::Signal`] on SIGINT or SIGTERM. Installed before the terminal changes,
+/// so neither can kill top with the terminal still in raw mode.
+fn watch_signals(tx: mpsc::Sender<Quit>) -> anyhow::Result<()> {
+    let mut signals = Signals::new([signal::SIGINT, signal::SIGTERM])
+        .context("cannot handle SIGINT and SIGTERM")?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = tx.send(Quit::Signal);
+        }
+    });
+    Ok(())
+}
+
+/// Sends [`Quit::Key`] on `q` or Ctrl-C (raw mode turns Ctrl-C into a key).
+fn watch_keys(tx: mpsc::Sender<Quit>) {
+    std::thread::spawn(move || {
+        while let Ok(e) = event::read() {
+            let Event::Key(k) = e else { continue };
+            let quit = k.kind != KeyEventKind::Release
+                && (matches!(k.code, KeyCode::Char('q' | 'Q'))
+                    || (k.code == KeyCode::Char('c')
+                        && k.modifiers.contains(KeyModifiers::CONTROL)));
+            if quit {
+                let _ = tx.send(Quit::Key);
+                return;
+            }
+        }
+    });
 }
 
 fn rows_table(title: &str, rows: &[RateRow], limit: usize) -> Table {
@@ -91,28 +199,23 @@ pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
         ..ProbeConfig::default()
     };
     let probe = Probe::attach(&tracefs, &config)?;
-    let _keys = KeyMode::enable();
     let (tx, quit) = mpsc::channel();
-    if std::io::stdin().is_terminal() {
-        std::thread::spawn(move || {
-            let mut byte = [0u8; 1];
-            while std::io::stdin().read(&mut byte).is_ok_and(|n| n == 1) {
-                if matches!(byte[0], b'q' | b'Q') {
-                    let _ = tx.send(());
-                    return;
-                }
-            }
-        });
+    watch_signals(tx.clone())?;
+    let screen = Screen::enter()?;
+    if screen.keys {
+        watch_keys(tx.clone());
     }
-    let redraw = std::io::stdout().is_terminal();
     let started = Instant::now();
     let start = probe.snapshot()?;
     let mut prev = start.clone();
     let mut prev_at = Instant::now();
     let mut comms = BTreeMap::new();
     for n in 1.. {
-        if quit.recv_timeout(args.interval).is_ok() {
-            break;
+        match quit.recv_timeout(args.interval) {
+            Ok(_) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // `tx` is still here, so the channel cannot close.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let cur = probe.snapshot()?;
         let now = Instant::now();
@@ -126,18 +229,23 @@ pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
         let v = view(&start, &prev, &cur, (now - prev_at).as_secs_f64(), &comms);
         let paging =
             host::paging().map_or_else(|| "no kvm vendor module".to_owned(), |p| p.label());
-        let mut out = std::io::stdout().lock();
-        if redraw {
-            out.write_all(b"\x1b[H\x1b[2J")?;
-        }
-        out.write_all(render(&v, started.elapsed().as_secs_f64(), &paging, args.rows).as_bytes())
+        screen
+            .draw(&render(
+                &v,
+                started.elapsed().as_secs_f64(),
+                &paging,
+                args.rows,
+            ))
             .context("cannot write to standard output")?;
-        out.flush()?;
+        if std::env::var_os(TEST_PANIC_ENV).is_some() {
+            panic!("{TEST_PANIC_ENV} is set: panicking to test that the terminal is restored");
+        }
         prev = cur;
         prev_at = now;
         if args.iterations.is_some_and(|max| n >= max) {
             break;
         }
     }
-    Ok(ExitCode::SUCCESS)
+    drop(tx);
+    Ok(Status::Success.into())
 }
