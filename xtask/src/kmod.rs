@@ -72,7 +72,8 @@ pub struct Options {
     /// Kernel flavour whose headers the modules are built against.
     #[arg(long, value_enum, default_value_t = Flavour::Cloud)]
     pub flavour: Flavour,
-    /// The correct series, or one of the deliberately wrong TEST-ONLY variants
+    /// The series, or one of the TEST-ONLY variants (all deliberately wrong but
+    /// answers-in-emulate, which answers where course solutions usually do)
     /// (kernel/variants/) applied on top of it.
     #[arg(long, value_enum, default_value_t = Variant::Good)]
     pub variant: Variant,
@@ -179,6 +180,30 @@ pub enum Variant {
     /// TEST ONLY: counters in a kvm.ko global, shared by all VMs and kept across
     /// kvm_intel/kvm_amd reloads.
     SurvivesReload,
+    /// TEST ONLY, but correct: the same counts, with the leaves answered in
+    /// kvm_emulate_cpuid() (and the emulator) instead of kvm_cpuid(), so
+    /// kvm:kvm_cpuid never fires for them.
+    AnswersInEmulate,
+    /// TEST ONLY: counts at the top of the vendor exit handler: misses fastpath
+    /// exits that re-enter the guest, counts VMX's made-up invalid-state exits.
+    HandlerTop,
+    /// TEST ONLY: u32 per-vCPU counts: the count leaf's high half is always 0.
+    #[value(name = "counters-32bit")]
+    Counters32Bit,
+    /// TEST ONLY: one plain u64 array per VM, incremented by every vCPU
+    /// without atomics (lost updates with several vCPUs).
+    RacyShared,
+    /// TEST ONLY: a hand-written undefined-reason list that calls some defined
+    /// reasons undefined (VMX 65, 69-75; SVM 0xa0-0xa6, 0x401, 0x402).
+    WrongUndefined,
+    /// TEST ONLY: the total leaf falls through to kvm_cpuid()'s lookup and
+    /// answers like stock KVM; the count leaf works.
+    TotalFallsThrough,
+    /// TEST ONLY: the count leaf writes EAX only: EBX and EDX keep the guest's
+    /// values, ECX echoes the reason.
+    RegsUnset,
+    /// TEST ONLY: no 0x4FFFFFFD cycles leaf: it answers like stock KVM.
+    NoCyclesLeaf,
 }
 
 impl Variant {
@@ -187,10 +212,30 @@ impl Variant {
             Self::Good => "good",
             Self::SlowpathOnly => "slowpath-only",
             Self::SurvivesReload => "survives-reload",
+            Self::AnswersInEmulate => "answers-in-emulate",
+            Self::HandlerTop => "handler-top",
+            Self::Counters32Bit => "counters-32bit",
+            Self::RacyShared => "racy-shared",
+            Self::WrongUndefined => "wrong-undefined",
+            Self::TotalFallsThrough => "total-falls-through",
+            Self::RegsUnset => "regs-unset",
+            Self::NoCyclesLeaf => "no-cycles-leaf",
         }
     }
 
-    const TEST_ONLY: [Variant; 2] = [Self::SlowpathOnly, Self::SurvivesReload];
+    /// Every variant in kernel/variants/, all of them applied on top of the series.
+    const TEST_ONLY: [Variant; 10] = [
+        Self::SlowpathOnly,
+        Self::SurvivesReload,
+        Self::AnswersInEmulate,
+        Self::HandlerTop,
+        Self::Counters32Bit,
+        Self::RacyShared,
+        Self::WrongUndefined,
+        Self::TotalFallsThrough,
+        Self::RegsUnset,
+        Self::NoCyclesLeaf,
+    ];
 }
 
 impl fmt::Display for Variant {
@@ -393,9 +438,14 @@ fn inputs(opts: &Options, root: &Path, work: &Path) -> anyhow::Result<Inputs> {
 
 /// Packages that hold or pull in a kernel, or its headers: never installed by kmod.
 fn is_kernel_package(name: &str) -> bool {
-    ["linux-image-", "linux-headers-", "linux-kbuild-", "linux-modules-"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    [
+        "linux-image-",
+        "linux-headers-",
+        "linux-kbuild-",
+        "linux-modules-",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
         || matches!(name, "linux-base" | "initramfs-tools" | "udev")
 }
 
@@ -869,11 +919,7 @@ mod tests {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         for kernel in [KernelLine::V6_1, KernelLine::V6_12] {
-            for variant in [
-                Variant::Good,
-                Variant::SlowpathOnly,
-                Variant::SurvivesReload,
-            ] {
+            for variant in std::iter::once(Variant::Good).chain(Variant::TEST_ONLY) {
                 let patches = series(&root, kernel, variant);
                 assert!(patches.is_ok(), "{kernel} {variant}: {patches:?}");
                 let headers = patches.and_then(|p| patched_headers(&p));
