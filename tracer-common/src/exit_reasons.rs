@@ -7,6 +7,14 @@
 
 use core::fmt;
 
+/// VMX CPUID (basic reason 10).
+pub const VMX_CPUID: u32 = 10;
+/// VMX INVALID_STATE (33): what `vmx_vcpu_run()` makes up, as a failed entry, when the
+/// guest state needs emulation; never traced as a `kvm:kvm_exit`.
+pub const VMX_INVALID_STATE: u32 = 33;
+/// SVM CPUID (exit code 0x72).
+pub const SVM_CPUID: u32 = 0x72;
+
 /// VMX basic exit reasons, SDM Vol. 3D Table C-1. Numbers 35, 38 and 42 are unused.
 pub const VMX: &[(u32, &str)] = &[
     (0, "EXCEPTION_NMI"),

@@ -38,6 +38,13 @@ pub mod limits {
     pub const CPUID_RING_BYTES: u32 = 16 << 20;
     /// Bytes of that ring buffer when no snapshots are taken (one page: it stays empty).
     pub const CPUID_RING_MIN_BYTES: u32 = 4096;
+    /// Bytes of `struct kvm_vcpu` sent per register-learning sample.
+    pub const REGS_WINDOW: u32 = 4096;
+    /// Bytes of the learning sample ring buffer.
+    pub const LEARN_RING_BYTES: u32 = 1 << 20;
+    /// vCPU threads (the thread's `struct kvm_vcpu`, and a guest counter read waiting
+    /// for its VM entry), kept only with snapshots.
+    pub const MAX_VCPU_THREADS: u32 = 8192;
     /// Bytes of the `kvm:kvm_exit` record read at once (the fields kvmtrace needs lie
     /// within 52 bytes on every kernel since 5.7).
     pub const EXIT_FIELDS_BYTES: u32 = 64;
@@ -72,8 +79,11 @@ pub mod drop_kind {
     /// CPU (a `kvm_entry` or `sched_switch` run was missed): its handling time is
     /// unknown (the exit itself is counted).
     pub const PENDING_LOST: u32 = 8;
+    /// The map of guest counter reads waiting for their VM entry was full: that read
+    /// is not recorded.
+    pub const READ_PENDING_FULL: u32 = 9;
     /// Number of slots.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).
@@ -83,6 +93,8 @@ pub mod globals {
     pub const EXIT_FIELDS_OFF: &str = "EXIT_FIELDS_OFF";
     /// Offset of `exit_reason` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
     pub const EXIT_REASON_OFF: &str = "EXIT_REASON_OFF";
+    /// Offset of `guest_rip` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
+    pub const EXIT_RIP_OFF: &str = "EXIT_RIP_OFF";
     /// Offset of `isa` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
     pub const EXIT_ISA_OFF: &str = "EXIT_ISA_OFF";
     /// Offset of `vcpu_id` in the `kvm:kvm_exit` record, from `EXIT_FIELDS_OFF`.
@@ -129,6 +141,10 @@ pub mod maps {
     pub const VM_TOTALS: &str = "VM_TOTALS";
     pub const CPUID_EVENTS: &str = "CPUID_EVENTS";
     pub const PHASE: &str = "PHASE";
+    pub const REGS: &str = "REGS";
+    pub const REGS_SAMPLES: &str = "REGS_SAMPLES";
+    pub const VCPU_OF: &str = "VCPU_OF";
+    pub const PENDING_READS: &str = "PENDING_READS";
 }
 
 /// The kvm vendor modules whose load starts a new phase. A module cannot be removed
@@ -322,21 +338,67 @@ pub struct VmExitKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuidEvent {
     pub ts_ns: u64,
+    /// What the guest received: the vCPU's registers at its next VM entry when
+    /// `source` has [`read_source::REGISTERS`], else `kvm:kvm_cpuid`'s values.
     pub rax: u64,
     pub rbx: u64,
     pub rcx: u64,
     pub rdx: u64,
+    /// `kvm:kvm_cpuid`'s values, when `source` has [`read_source::KVM_CPUID`].
+    pub tp_rax: u64,
+    pub tp_rbx: u64,
+    pub tp_rcx: u64,
+    pub tp_rdx: u64,
     /// Count leaf: the VM's exits with reason `index` (of `isa`), this one included.
     pub host_reason_count: u64,
     /// The VM's exits of every reason, this one included.
     pub host_total: u64,
+    /// Every traced VM's exits since the record began, this one included.
+    pub host_all_vms: u64,
     pub pid: u32,
     pub tid: u32,
+    /// The leaf (EAX) and subleaf (ECX) the guest asked.
     pub function: u32,
     pub index: u32,
     /// isa of the CPUID exit being handled (0 if unknown).
     pub isa: u32,
-    pub _pad: u32,
+    /// Who saw the read: bits of [`read_source`].
+    pub source: u32,
+}
+
+/// Bits of [`CpuidEvent::source`].
+pub mod read_source {
+    /// The vCPU's registers: EAX and ECX at the CPUID exit, EAX..EDX at the next entry.
+    pub const REGISTERS: u32 = 1;
+    /// The `kvm:kvm_cpuid` tracepoint, which fires only inside `kvm_cpuid()`.
+    pub const KVM_CPUID: u32 = 2;
+}
+
+/// One exit of the register-layout learning (see tracer/src/vcpu_regs.rs): its
+/// `guest_rip` and the first [`limits::REGS_WINDOW`] bytes of its `struct kvm_vcpu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RegsSample {
+    pub guest_rip: u64,
+    pub window: [u8; limits::REGS_WINDOW as usize],
+}
+
+/// Slots of the `REGS` array map, which user space writes while the programs run.
+pub mod regs_slot {
+    /// Byte offset of `kvm_vcpu.arch.regs[0]` plus one; 0 while it is not known.
+    pub const OFFSET_PLUS_ONE: u32 = 0;
+    /// Learning samples the programs may still send (user space sets it; the programs
+    /// count it down).
+    pub const LEARN_BUDGET: u32 = 1;
+    /// CPUID exits of traced VMs while the offset was not known (their leaf is unknown).
+    pub const CPUID_BEFORE_LAYOUT: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// The CPUID exit reason of `isa`: VMX basic reason 10, SVM exit code 0x72.
+pub fn cpuid_exit(isa: u32, reason: u32) -> bool {
+    (isa == isa::VMX && reason == exit_reasons::VMX_CPUID)
+        || (isa == isa::SVM && reason == exit_reasons::SVM_CPUID)
 }
 
 /// log2 bucket of a duration in nanoseconds, clamped to the last bucket.

@@ -28,7 +28,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
+    },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
@@ -37,13 +40,16 @@ use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
     CLONE_THREAD, CpuidEvent, ExitKey, ExitStats, HistKey, NO_FIELD, PendingExit, PhaseExitKey,
-    PhaseVcpuKey, VcpuKey, VmExitKey, drop_kind, hist_bucket, limits, vendor,
+    PhaseVcpuKey, RegsSample, VcpuKey, VmExitKey, cpuid_exit, drop_kind, hist_bucket, limits,
+    read_source, regs_slot, vendor,
 };
 
 #[unsafe(no_mangle)]
 static EXIT_FIELDS_OFF: u32 = 8;
 #[unsafe(no_mangle)]
 static EXIT_REASON_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static EXIT_RIP_OFF: u32 = 8;
 #[unsafe(no_mangle)]
 static EXIT_ISA_OFF: u32 = 16;
 #[unsafe(no_mangle)]
@@ -118,6 +124,21 @@ static CPU_PENDING: PerCpuArray<PendingExit> = PerCpuArray::with_max_entries(1, 
 static PHASE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static CPUID_EVENTS: RingBuf = RingBuf::with_byte_size(limits::CPUID_RING_BYTES, 0);
+/// Where the vCPU registers are, and the register-learning state ([`regs_slot`]).
+#[map]
+static REGS: Array<u32> = Array::with_max_entries(regs_slot::COUNT, 0);
+/// Register-learning samples ([`RegsSample`]), while the layout is not known.
+#[map]
+static REGS_SAMPLES: RingBuf = RingBuf::with_byte_size(limits::LEARN_RING_BYTES, 0);
+/// vCPU thread id -> its `struct kvm_vcpu` (from `kvm_entry`'s argument), kept only
+/// with snapshots. One writer per key: the thread itself.
+#[map]
+static VCPU_OF: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VCPU_THREADS, 0);
+/// vCPU thread id -> its guest counter read, from the CPUID exit that asked until the
+/// next VM entry, where the registers the guest receives are read.
+#[map]
+static PENDING_READS: HashMap<u32, CpuidEvent> =
+    HashMap::with_max_entries(limits::MAX_VCPU_THREADS, 0);
 
 #[inline(always)]
 fn global(value: &'static u32) -> u32 {
@@ -232,9 +253,17 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
-        if !shared_inc(&VM_EXITS, &vm) || !shared_inc(&VM_TOTALS, &tgid) {
+        // Key 0 (no VM has pid 0) counts every traced VM.
+        if !shared_inc(&VM_EXITS, &vm)
+            || !shared_inc(&VM_TOTALS, &tgid)
+            || !shared_inc(&VM_TOTALS, &0)
+        {
             count_drop(drop_kind::VM_MAP_FULL);
         }
+        let rip_at =
+            (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
+        let guest_rip = u64::from(fields[rip_at]) | (u64::from(fields[rip_at + 1]) << 32);
+        cpuid_snapshot(tid, &vm, guest_rip);
     }
     // A full map is counted, not logged: a log line per exit would flood the host.
     if !add_stats(&VCPU_EXITS, &row, &one) {
@@ -259,6 +288,171 @@ fn try_kvm_exit(ctx: &TracePointContext) {
             (*slot).tid = tid;
             (*slot).row = row;
         }
+    }
+}
+
+/// `REGS` slot `i`.
+#[inline(always)]
+fn regs_slot_value(i: u32) -> u32 {
+    REGS.get(i).copied().unwrap_or(0)
+}
+
+/// At an exit of a traced VM, with snapshots on: while the register layout is not
+/// known, sends a learning sample (the exit's `guest_rip`, which `kvm_exit` just left
+/// in `regs[RIP]`, and the vCPU's first bytes); once it is, a CPUID exit that asks
+/// for a counter leaf snapshots the VM's counts, to be sent with the registers the
+/// guest receives at the next VM entry (`kvm_entry`).
+#[inline(always)]
+fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
+    // SAFETY: the value is copied out.
+    let Some(vcpu) = (unsafe { VCPU_OF.get(&tid) }).copied() else {
+        // No entry of this thread seen yet (it entered before kvmtrace attached).
+        return;
+    };
+    let plus_one = regs_slot_value(regs_slot::OFFSET_PLUS_ONE);
+    if plus_one == 0 {
+        learn(vcpu, guest_rip);
+        if cpuid_exit(vm.exit.isa, vm.exit.reason) {
+            if let Some(n) = REGS.get_ptr_mut(regs_slot::CPUID_BEFORE_LAYOUT) {
+                // SAFETY: a live map value; a lost add only understates a report line.
+                unsafe { *n += 1 };
+            }
+        }
+        return;
+    }
+    if !cpuid_exit(vm.exit.isa, vm.exit.reason) {
+        return;
+    }
+    let regs = vcpu + u64::from((plus_one - 1) & 0xffff);
+    // SAFETY: reads of kernel memory through the probe helper, which checks them.
+    let asked = unsafe {
+        (
+            bpf_probe_read_kernel(regs as *const u64),
+            bpf_probe_read_kernel((regs + 8) as *const u64),
+        )
+    };
+    let (Ok(rax), Ok(rcx)) = asked else {
+        count_drop(drop_kind::READ_FAILED);
+        return;
+    };
+    let (function, index) = (rax as u32, rcx as u32);
+    if function == 0
+        || (function != global(&LEAF_TOTAL)
+            && function != global(&LEAF_COUNT)
+            && function != global(&LEAF_CYCLES))
+    {
+        return;
+    }
+    let reason_key = VmExitKey {
+        pid: vm.pid,
+        exit: ExitKey {
+            isa: vm.exit.isa,
+            reason: index,
+            failed_entry: 0,
+        },
+    };
+    // SAFETY: plain reads of values other vCPUs may be adding to.
+    let event = unsafe {
+        CpuidEvent {
+            ts_ns: bpf_ktime_get_ns(),
+            host_reason_count: VM_EXITS.get(&reason_key).copied().unwrap_or(0),
+            host_total: VM_TOTALS.get(&vm.pid).copied().unwrap_or(0),
+            host_all_vms: VM_TOTALS.get(&0).copied().unwrap_or(0),
+            pid: vm.pid,
+            tid,
+            function,
+            index,
+            isa: vm.exit.isa,
+            source: read_source::REGISTERS,
+            ..CpuidEvent::default()
+        }
+    };
+    if PENDING_READS
+        .insert(&tid, &event, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count_drop(drop_kind::READ_PENDING_FULL);
+    }
+}
+
+/// Sends one register-learning sample, while the budget user space set lasts.
+#[inline(always)]
+fn learn(vcpu: u64, guest_rip: u64) {
+    let Some(budget) = REGS.get_ptr_mut(regs_slot::LEARN_BUDGET) else {
+        return;
+    };
+    // SAFETY: a live map value; racing CPUs may send a sample or two more.
+    unsafe {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+    }
+    let Some(mut entry) = REGS_SAMPLES.reserve::<RegsSample>(0) else {
+        return;
+    };
+    let sample = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; the window is filled by the
+    // probe helper from kernel memory (zeros if it cannot be read).
+    unsafe {
+        (*sample).guest_rip = guest_rip;
+        if bpf_probe_read_kernel_buf(vcpu as *const u8, &mut (*sample).window).is_err() {
+            (*sample).guest_rip = 0;
+        }
+    }
+    entry.submit(0);
+}
+
+/// At a VM entry, with snapshots on: remembers the thread's `struct kvm_vcpu`, and
+/// completes its pending counter read with the registers the guest now receives.
+#[inline(always)]
+fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !traced(tgid) {
+        return;
+    }
+    // kvm_entry's first argument is the vCPU on every kernel since 5.7.
+    let vcpu: u64 = ctx.arg(0);
+    match VCPU_OF.get_ptr_mut(&tid) {
+        // SAFETY: the thread's own entry.
+        Some(v) => unsafe {
+            if *v != vcpu {
+                *v = vcpu;
+            }
+        },
+        None => {
+            if VCPU_OF.insert(&tid, &vcpu, u64::from(BPF_ANY)).is_err() {
+                count_drop(drop_kind::READ_PENDING_FULL);
+            }
+        }
+    }
+    let Some(read) = PENDING_READS.get_ptr_mut(&tid) else {
+        return;
+    };
+    let plus_one = regs_slot_value(regs_slot::OFFSET_PLUS_ONE);
+    let regs = vcpu + u64::from(plus_one.wrapping_sub(1) & 0xffff);
+    // SAFETY: kernel reads through the probe helper; RAX, RCX, RDX, RBX are regs[0..4].
+    let got = unsafe {
+        (
+            bpf_probe_read_kernel(regs as *const u64),
+            bpf_probe_read_kernel((regs + 8) as *const u64),
+            bpf_probe_read_kernel((regs + 16) as *const u64),
+            bpf_probe_read_kernel((regs + 24) as *const u64),
+        )
+    };
+    // SAFETY: the thread's own pending read; copied out, then removed.
+    let mut event = unsafe { *read };
+    let _ = PENDING_READS.remove(&tid);
+    let (Ok(rax), Ok(rcx), Ok(rdx), Ok(rbx)) = got else {
+        count_drop(drop_kind::READ_FAILED);
+        return;
+    };
+    event.rax = rax;
+    event.rbx = rbx;
+    event.rcx = rcx;
+    event.rdx = rdx;
+    if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
+        count_drop(drop_kind::CPUID_RING_FULL);
     }
 }
 
@@ -292,7 +486,9 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "kvm_entry")]
 pub fn kvm_entry(ctx: RawTracePointContext) -> u32 {
-    let _ = ctx;
+    if global(&SNAPSHOTS) != 0 {
+        entry_snapshot(&ctx, bpf_get_current_pid_tgid());
+    }
     try_kvm_entry();
     0
 }
@@ -381,6 +577,20 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         count_drop(drop_kind::READ_FAILED);
         return;
     };
+    // A read the registers will show at the next entry: add what kvm_cpuid saw.
+    if let Some(read) = PENDING_READS.get_ptr_mut(&tid) {
+        // SAFETY: the thread's own pending read.
+        unsafe {
+            if (*read).function == function && (*read).index == index {
+                (*read).tp_rax = rax;
+                (*read).tp_rbx = rbx;
+                (*read).tp_rcx = rcx;
+                (*read).tp_rdx = rdx;
+                (*read).source |= read_source::KVM_CPUID;
+                return;
+            }
+        }
+    }
     // The isa of the exit being handled: in this CPU's slot, or the thread's entry.
     let isa = match CPU_PENDING.get(0) {
         Some(slot) if slot.tid == tid && slot.start_ns != 0 => slot.row.exit().isa,
@@ -399,6 +609,10 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
     let host_reason_count = unsafe { VM_EXITS.get(&reason_key) }.copied().unwrap_or(0);
     // SAFETY: as above.
     let host_total = unsafe { VM_TOTALS.get(&tgid) }.copied().unwrap_or(0);
+    // SAFETY: as above.
+    let host_all_vms = unsafe { VM_TOTALS.get(&0) }.copied().unwrap_or(0);
+    // Only kvm_cpuid saw this read (no CPUID exit asked it, e.g. the emulator's CPUID,
+    // or the register layout is not known yet).
     let event = CpuidEvent {
         // SAFETY: a helper with no arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -406,14 +620,19 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         rbx,
         rcx,
         rdx,
+        tp_rax: rax,
+        tp_rbx: rbx,
+        tp_rcx: rcx,
+        tp_rdx: rdx,
         host_reason_count,
         host_total,
+        host_all_vms,
         pid: tgid,
         tid,
         function,
         index,
         isa,
-        _pad: 0,
+        source: read_source::KVM_CPUID,
     };
     if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
         count_drop(drop_kind::CPUID_RING_FULL);
@@ -503,6 +722,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     }
     // Fails (ENOENT) for every thread that never had an exit pending: nothing to do.
     let _ = PENDING.remove(&tid);
+    if global(&SNAPSHOTS) != 0 {
+        let _ = VCPU_OF.remove(&tid);
+        let _ = PENDING_READS.remove(&tid);
+    }
     if global(&FILTER_PIDS_ENABLED) != 0 && process_gone(&ctx, tid, tgid) {
         // Fails (ENOENT) when the process was not traced.
         let _ = FILTER_PIDS.remove(&tgid);

@@ -19,3 +19,4 @@ pub mod report;
 pub mod snapshot;
 pub mod top;
 pub mod tracefs;
+pub mod vcpu_regs;

@@ -10,8 +10,8 @@ use aya::{
 };
 use thiserror::Error;
 use tracer_common::{
-    CpuidEvent, ExitStats, HistKey, NO_FIELD, PhaseExitKey, PhaseVcpuKey, drop_kind, globals,
-    limits, maps,
+    CpuidEvent, ExitStats, HistKey, NO_FIELD, PhaseExitKey, PhaseVcpuKey, RegsSample, drop_kind,
+    globals, limits, maps, regs_slot,
 };
 
 use crate::{
@@ -19,6 +19,7 @@ use crate::{
     report::ProgramCost,
     snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64},
     tracefs::{Field, Tracefs, TracefsError, Tracepoint},
+    vcpu_regs,
 };
 
 /// How many verifier lines an error shows (the end of the log says what failed).
@@ -80,6 +81,9 @@ pub struct ProbeConfig {
     pub vcpu: Option<u32>,
     /// Snapshot the host's counts at each guest read of these leaves.
     pub snapshots: Option<Leaves>,
+    /// Where the vCPU registers are, when known before attach (BTF); `None` with
+    /// snapshots: learned from the first exits (see [`vcpu_regs`]).
+    pub regs: Option<vcpu_regs::Layout>,
     /// Entries of the per-reason map (one per phase and reason).
     pub max_reasons: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
@@ -94,6 +98,7 @@ impl Default for ProbeConfig {
             pids: BTreeSet::new(),
             vcpu: None,
             snapshots: None,
+            regs: None,
             max_reasons: limits::MAX_REASONS,
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
         }
@@ -106,6 +111,8 @@ pub struct Probe {
     /// Forwards the eBPF side's warnings (full maps) to the `log` crate.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     cpuid_events: RingBuf<MapData>,
+    /// Register-learning samples (see [`vcpu_regs`]).
+    regs_samples: RingBuf<MapData>,
     /// Whether the pid filter is on.
     filter_enabled: bool,
     /// False when this kernel has no `module:module_load`: everything is phase 0.
@@ -140,11 +147,12 @@ impl Probe {
         let process_exit_tp = Tracepoint::new("sched", "sched_process_exit");
         let switch_tp = Tracepoint::new("sched", "sched_switch");
         let fields = [
-            tracefs.offset(exit_tp, "exit_reason")?,
-            tracefs.offset(exit_tp, "isa")?,
-            tracefs.offset(exit_tp, "vcpu_id")?,
+            (tracefs.offset(exit_tp, "exit_reason")?, 4),
+            (tracefs.offset(exit_tp, "isa")?, 4),
+            (tracefs.offset(exit_tp, "vcpu_id")?, 4),
+            (tracefs.offset(exit_tp, "guest_rip")?, 8),
         ];
-        let [fields_off, reason_off, isa_off, vcpu_off] = exit_fields(exit_tp, fields)?;
+        let [fields_off, reason_off, isa_off, vcpu_off, rip_off] = exit_fields(exit_tp, fields)?;
         let newtask_pid_off = tracefs.offset(&newtask_tp, "pid")?;
         let newtask_flags_off = tracefs.offset(&newtask_tp, "clone_flags")?;
         let group_dead = group_dead_offset(&tracefs.fields(&process_exit_tp)?);
@@ -190,6 +198,15 @@ impl Probe {
                 maps::CPUID_EVENTS,
                 for_snapshots(limits::CPUID_RING_BYTES, limits::CPUID_RING_MIN_BYTES),
             )
+            .map_max_entries(
+                maps::REGS_SAMPLES,
+                for_snapshots(limits::LEARN_RING_BYTES, limits::CPUID_RING_MIN_BYTES),
+            )
+            .map_max_entries(maps::VCPU_OF, for_snapshots(limits::MAX_VCPU_THREADS, 1))
+            .map_max_entries(
+                maps::PENDING_READS,
+                for_snapshots(limits::MAX_VCPU_THREADS, 1),
+            )
             .override_global(globals::MODULE_NAME_OFF, &name_off, true);
         for (name, off) in &cpuid_offsets {
             loader.override_global(name, off, true);
@@ -202,6 +219,7 @@ impl Probe {
             .override_global(globals::EXIT_FIELDS_OFF, &fields_off, true)
             .override_global(globals::EXIT_REASON_OFF, &reason_off, true)
             .override_global(globals::EXIT_ISA_OFF, &isa_off, true)
+            .override_global(globals::EXIT_RIP_OFF, &rip_off, true)
             .override_global(globals::EXIT_VCPU_OFF, &vcpu_off, true)
             .override_global(globals::NEWTASK_PID_OFF, &newtask_pid_off, true)
             .override_global(globals::NEWTASK_FLAGS_OFF, &newtask_flags_off, true)
@@ -228,6 +246,20 @@ impl Probe {
                     .insert(pid, 1, 0)
                     .map_err(map_err(maps::FILTER_PIDS))?;
             }
+        }
+
+        if leaves.is_some() {
+            // The register layout: known (BTF), or to be learned from the first exits.
+            let mut regs: Array<&mut MapData, u32> = Array::try_from(
+                ebpf.map_mut(maps::REGS)
+                    .ok_or(ProbeError::MissingMap(maps::REGS))?,
+            )
+            .map_err(map_err(maps::REGS))?;
+            let (slot, value) = match &config.regs {
+                Some(layout) => (regs_slot::OFFSET_PLUS_ONE, layout.regs_offset + 1),
+                None => (regs_slot::LEARN_BUDGET, vcpu_regs::MAX_SAMPLES),
+            };
+            regs.set(slot, value, 0).map_err(map_err(maps::REGS))?;
         }
 
         for program in PROGRAMS {
@@ -281,10 +313,16 @@ impl Probe {
                 .ok_or(ProbeError::MissingMap(maps::CPUID_EVENTS))?,
         )
         .map_err(map_err(maps::CPUID_EVENTS))?;
+        let regs_samples = RingBuf::try_from(
+            ebpf.take_map(maps::REGS_SAMPLES)
+                .ok_or(ProbeError::MissingMap(maps::REGS_SAMPLES))?,
+        )
+        .map_err(map_err(maps::REGS_SAMPLES))?;
         Ok(Self {
             ebpf,
             logger,
             cpuid_events,
+            regs_samples,
             filter_enabled: filter_enabled != 0,
             tracks_phases: module_name_off.is_some(),
         })
@@ -332,6 +370,49 @@ impl Probe {
                 into.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<CpuidEvent>()) });
             }
         }
+    }
+
+    /// Feeds the register-learning samples sent since the last call to `learner`.
+    pub fn drain_regs_samples(&mut self, learner: &mut vcpu_regs::Learner) {
+        while let Some(item) = self.regs_samples.next() {
+            if item.len() >= size_of::<RegsSample>() {
+                // SAFETY: the eBPF side writes whole RegsSamples; read_unaligned copes
+                // with the ring buffer's 8-byte alignment.
+                let sample =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RegsSample>()) };
+                // 0: the vCPU could not be read.
+                if sample.guest_rip != 0 {
+                    learner.add(sample.guest_rip, &sample.window);
+                }
+            }
+        }
+    }
+
+    fn regs_map(&mut self) -> Result<Array<&mut MapData, u32>, ProbeError> {
+        Array::try_from(
+            self.ebpf
+                .map_mut(maps::REGS)
+                .ok_or(ProbeError::MissingMap(maps::REGS))?,
+        )
+        .map_err(map_err(maps::REGS))
+    }
+
+    /// From now on, reads the vCPU registers at `layout` and stops learning.
+    pub fn set_regs_layout(&mut self, layout: &vcpu_regs::Layout) -> Result<(), ProbeError> {
+        let mut regs = self.regs_map()?;
+        regs.set(regs_slot::LEARN_BUDGET, 0, 0)
+            .map_err(map_err(maps::REGS))?;
+        regs.set(regs_slot::OFFSET_PLUS_ONE, layout.regs_offset + 1, 0)
+            .map_err(map_err(maps::REGS))
+    }
+
+    /// CPUID exits of traced VMs seen while the register layout was not known yet.
+    pub fn cpuid_exits_before_layout(&mut self) -> Result<u64, ProbeError> {
+        let regs = self.regs_map()?;
+        Ok(u64::from(
+            regs.get(&regs_slot::CPUID_BEFORE_LAYOUT, 0)
+                .map_err(map_err(maps::REGS))?,
+        ))
     }
 
     /// Passes the eBPF side's pending log records to the `log` crate.
@@ -491,18 +572,19 @@ fn group_dead_offset(fields: &[Field]) -> Option<u32> {
 }
 
 /// Where the one read of the exit fields starts, and each field's offset from there.
-fn exit_fields(tp: &Tracepoint, offsets: [u32; 3]) -> Result<[u32; 4], ProbeError> {
-    let base = offsets.iter().copied().min().unwrap_or(0);
-    let end = offsets.iter().map(|o| o + 4).max().unwrap_or(0);
-    let rel = offsets.map(|o| o - base);
-    if end - base > limits::EXIT_FIELDS_BYTES || rel.iter().any(|r| r % 4 != 0) {
+/// `fields` are (offset, size) pairs; each must be aligned to its size from the start.
+fn exit_fields(tp: &Tracepoint, fields: [(u32, u32); 4]) -> Result<[u32; 5], ProbeError> {
+    let base = fields.iter().map(|f| f.0).min().unwrap_or(0);
+    let end = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
+    let rel = fields.map(|(o, size)| (o - base, size));
+    if end - base > limits::EXIT_FIELDS_BYTES || rel.iter().any(|(r, size)| r % size != 0) {
         return Err(ProbeError::FieldsApart {
             tracepoint: tp.to_string(),
             span: end - base,
             max: limits::EXIT_FIELDS_BYTES,
         });
     }
-    Ok([base, rel[0], rel[1], rel[2]])
+    Ok([base, rel[0].0, rel[1].0, rel[2].0, rel[3].0])
 }
 
 /// An `EbpfLoader` that has not parsed the kernel's BTF. The programs have no CO-RE
@@ -578,15 +660,28 @@ mod tests {
     #[test]
     fn exit_fields_are_read_at_once() {
         let tp = Tracepoint::new("kvm", "kvm_exit");
-        // 6.1: exit_reason 8, isa 24 (after guest_rip), vcpu_id 56.
-        assert_eq!(exit_fields(&tp, [8, 24, 56]).ok(), Some([8, 0, 16, 48]));
-        assert_eq!(exit_fields(&tp, [56, 8, 24]).ok(), Some([8, 48, 0, 16]));
-        let apart = exit_fields(&tp, [8, 24, 80]).err().map(|e| e.to_string());
+        // 6.1: exit_reason 8, guest_rip 16, isa 24, vcpu_id 56.
+        let f = |r, i, v, rip| [(r, 4), (i, 4), (v, 4), (rip, 8)];
+        assert_eq!(
+            exit_fields(&tp, f(8, 24, 56, 16)).ok(),
+            Some([8, 0, 16, 48, 8])
+        );
+        assert_eq!(
+            exit_fields(&tp, f(56, 8, 24, 16)).ok(),
+            Some([8, 48, 0, 16, 8])
+        );
+        let apart = exit_fields(&tp, f(8, 24, 80, 16))
+            .err()
+            .map(|e| e.to_string());
         assert!(
             apart.is_some_and(|e| e.contains("76 bytes apart")),
             "fields too far apart are refused"
         );
-        assert!(exit_fields(&tp, [8, 26, 40]).is_err(), "misaligned");
+        assert!(exit_fields(&tp, f(8, 26, 40, 16)).is_err(), "misaligned");
+        assert!(
+            exit_fields(&tp, f(8, 24, 56, 12)).is_err(),
+            "a u64 guest_rip not 8-aligned from the start"
+        );
     }
 
     /// `sched:sched_process_exit` on 6.18 (with `group_dead`) and on 6.1 (without).

@@ -2,6 +2,8 @@
 //! own count at the same instant (`record --snapshots`), reason by reason, and naming
 //! the cause of every difference that has a known one. Pure: a report in, rows out.
 
+use std::cmp::Ordering;
+
 use serde::Serialize;
 
 use crate::{
@@ -11,7 +13,7 @@ use crate::{
 };
 
 /// What a difference between the guest's and the host's count means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// The guest read exactly the host's count.
@@ -24,11 +26,28 @@ pub enum Verdict {
     /// The guest value is the host count's low 32 bits: the high half was lost.
     Truncated32,
     /// The guest is short in a reason KVM handles on its fastpath (MSR writes of the
-    /// TSC deadline, preemption timer): the KVM counts in the slow exit handler only.
+    /// TSC deadline, preemption timer), or a total is short by no more than those
+    /// reasons' deficit: the KVM counts in the slow exit handler only.
     FastpathNotCounted,
+    /// The guest counted KVM's synthetic INVALID_STATE exits (VMX reason 33), which
+    /// `vmx_vcpu_run()` makes up when the guest needs emulation and which are not VM
+    /// exits (`kvm:kvm_exit` never shows them): the KVM counts at the top of the exit
+    /// handler.
+    SyntheticCounted,
+    /// The guest read the count of every VM running at the time: counters shared by
+    /// all VMs (e.g. kvm.ko globals).
+    SharedAcrossVms,
     /// The guest counted more than the host saw for this VM: counts carried over from an
     /// earlier VM or module load.
     CarriedOver,
+    /// The guest is short in a VM with two or more vCPUs and nothing else explains it:
+    /// updates lost to counters the vCPUs share without synchronisation.
+    LostUpdates,
+    /// The total leaf answers like an unpatched KVM (or zeros) while the count leaf
+    /// works: the total is not reaching the guest (e.g. a missing `else` after it).
+    TotalLeafWrong,
+    /// EBX or EDX were not set (or ECX echoes the asked reason) while EAX is right.
+    RegistersUnset,
     /// Undefined answered for a defined reason, or the other way round.
     WrongUndefinedAnswer,
     /// None of the above.
@@ -47,7 +66,12 @@ impl Verdict {
             Self::CpuidSelfExit => "short by this query's own CPUID exit",
             Self::Truncated32 => "32-bit truncation",
             Self::FastpathNotCounted => "fastpath exits not counted",
+            Self::SyntheticCounted => "synthetic INVALID_STATE exits counted",
+            Self::SharedAcrossVms => "counters shared by all VMs",
             Self::CarriedOver => "counts carried over from an earlier VM or module load",
+            Self::LostUpdates => "updates lost to unsynchronised counters (2+ vCPUs)",
+            Self::TotalLeafWrong => "the total leaf answers wrongly (the count leaf works)",
+            Self::RegistersUnset => "EBX/EDX not set, or ECX echoes the input",
             Self::WrongUndefinedAnswer => "wrong undefined/not-handled answer",
             Self::Unexplained => "unexplained",
         }
@@ -65,7 +89,11 @@ pub struct Row {
     pub host: u64,
     pub guest: u64,
     pub difference: i128,
+    /// The main cause (the first of `causes`), `Exact`, `Undefined` or `Unexplained`.
     pub verdict: Verdict,
+    /// Every cause found for this read, when more than one applies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub causes: Vec<Verdict>,
 }
 
 /// All reads of a record, reconciled.
@@ -79,45 +107,112 @@ pub struct Reconciliation {
 
 pub const RECONCILE_SCHEMA: &str = "kvmtrace.reconcile.v1";
 
-/// Reasons KVM may handle on its fastpath, without the slow exit handler.
+/// Reasons KVM may complete on its fastpath, without the slow exit handler: the
+/// TSC-deadline WRMSR and the VMX preemption timer; on 6.12 also HLT with an event
+/// pending (VMX 12, SVM 0x78).
 fn fastpath(isa: Isa, reason: u32) -> bool {
-    matches!((isa, reason), (Isa::Vmx, 32 | 52) | (Isa::Svm, 0x7c))
+    matches!(
+        (isa, reason),
+        (Isa::Vmx, 12 | 32 | 52) | (Isa::Svm, 0x78 | 0x7c)
+    )
+}
+
+/// KVM's synthetic exit: VMX INVALID_STATE (33), made up by `vmx_vcpu_run()` when the
+/// guest state needs emulation; never a `kvm:kvm_exit`.
+fn synthetic(isa: Isa, reason: u32) -> bool {
+    isa == Isa::Vmx && reason == tracer_common::exit_reasons::VMX_INVALID_STATE
 }
 
 /// The CPUID exit reason of `isa`.
 fn cpuid_reason(isa: Isa) -> Option<u32> {
     match isa {
-        Isa::Vmx => Some(10),
-        Isa::Svm => Some(0x72),
+        Isa::Vmx => Some(tracer_common::exit_reasons::VMX_CPUID),
+        Isa::Svm => Some(tracer_common::exit_reasons::SVM_CPUID),
         Isa::Other(_) => None,
     }
 }
 
-fn verdict(isa: Isa, reason: Option<u32>, read: &CpuidRead, host: u64, guest: u64) -> Verdict {
+/// What the host knew of the reading VM at the read.
+struct Host {
+    /// The count the read is compared with (the reason's, or the VM's total).
+    count: u64,
+    /// The VM's total.
+    vm_total: u64,
+    /// Every traced VM's exits since the record began (newer records).
+    all_vms: Option<u64>,
+    /// vCPUs the VM ran.
+    vcpus: usize,
+}
+
+/// The verdicts of one read, most telling first; empty means unexplained.
+fn causes(isa: Isa, reason: Option<u32>, read: &CpuidRead, host: &Host) -> Vec<Verdict> {
+    let mut found = Vec::new();
+    let mut guest = guest_value(read);
     if let Some(r) = reason {
         let defined = tracer_common::exit_reasons::defined_by_spec(isa.raw(), r);
         let says_undefined = read.edx == UNDEFINED_EDX;
         match (defined, says_undefined) {
-            (false, true) if guest == 0 && read.ecx == 0 => return Verdict::Undefined,
-            (true, true) | (false, false) => return Verdict::WrongUndefinedAnswer,
+            (false, true) if read.eax == 0 && read.ebx == 0 && read.ecx == 0 => {
+                return vec![Verdict::Undefined];
+            }
+            (true, true) | (false, false) => return vec![Verdict::WrongUndefinedAnswer],
             _ => {}
         }
+        // The contract: ECX = EDX = 0 and EBX the high half. A sloppy patch leaves
+        // EBX/EDX as they were or echoes the asked reason in ECX: judge EAX alone.
+        // (EBX = 0 under a larger count is a lost high half: Truncated32 below.)
+        let high = (host.count >> 32) as u32;
+        if (read.ecx != 0 && read.ecx == read.index)
+            || read.edx != 0
+            || (read.ebx != high && read.ebx != 0)
+        {
+            found.push(Verdict::RegistersUnset);
+            guest = u64::from(read.eax) | (u64::from(high) << 32);
+        }
     }
-    let cpuid_self = reason.is_none() || reason == cpuid_reason(isa);
-    match guest.cmp(&host) {
-        std::cmp::Ordering::Equal => Verdict::Exact,
-        std::cmp::Ordering::Greater => Verdict::CarriedOver,
-        std::cmp::Ordering::Less => {
-            if host > u64::from(u32::MAX) && guest == host & 0xffff_ffff {
-                Verdict::Truncated32
-            } else if cpuid_self && host - guest == 1 {
-                Verdict::CpuidSelfExit
-            } else if reason.is_some_and(|r| fastpath(isa, r)) {
-                Verdict::FastpathNotCounted
+    let host_count = host.count;
+    match guest.cmp(&host_count) {
+        Ordering::Equal if found.is_empty() => found.push(Verdict::Exact),
+        Ordering::Equal => {}
+        Ordering::Greater => {
+            let excess = guest - host_count;
+            let others = host
+                .all_vms
+                .map_or(0, |all| all.saturating_sub(host.vm_total));
+            if reason.is_some_and(|r| synthetic(isa, r)) {
+                found.push(Verdict::SyntheticCounted);
+            } else if others > 0 && excess <= others {
+                found.push(Verdict::SharedAcrossVms);
+            } else if others > 0 {
+                found.extend([Verdict::SharedAcrossVms, Verdict::CarriedOver]);
             } else {
-                Verdict::Unexplained
+                found.push(Verdict::CarriedOver);
             }
         }
+        Ordering::Less => {
+            let cpuid_self = reason.is_none() || reason == cpuid_reason(isa);
+            if reason.is_none() && read.eax == 0 && host_count > 0 {
+                found.push(Verdict::TotalLeafWrong);
+            } else if host_count > u64::from(u32::MAX) && guest == host_count & 0xffff_ffff {
+                found.push(Verdict::Truncated32);
+            } else if cpuid_self && host_count - guest == 1 {
+                found.push(Verdict::CpuidSelfExit);
+            } else if reason.is_some_and(|r| fastpath(isa, r)) {
+                found.push(Verdict::FastpathNotCounted);
+            } else if reason.is_some() && host.vcpus >= 2 {
+                found.push(Verdict::LostUpdates);
+            }
+        }
+    }
+    found
+}
+
+/// The value a read returned: count leaf EBX:EAX; total leaf EAX (32 bits of exits by
+/// contract).
+fn guest_value(read: &CpuidRead) -> u64 {
+    match read.kind {
+        Some(LeafKind::Total) => u64::from(read.eax),
+        _ => (u64::from(read.ebx) << 32) | u64::from(read.eax),
     }
 }
 
@@ -127,22 +222,29 @@ pub fn reconcile(report: &Report) -> Reconciliation {
     let mut rows = Vec::new();
     for read in &report.cpuid_reads {
         let isa = read.isa;
-        let (reason, host, guest) = match read.kind {
-            Some(LeafKind::Count) => (
-                Some(read.index),
-                read.host_reason_count,
-                (u64::from(read.ebx) << 32) | u64::from(read.eax),
-            ),
-            // The total leaf has 32 bits of exits; compare like with like.
-            Some(LeafKind::Total) => (None, read.host_total, u64::from(read.eax)),
+        let (reason, count) = match read.kind {
+            Some(LeafKind::Count) => (Some(read.index), read.host_reason_count),
+            Some(LeafKind::Total) => (None, read.host_total),
             Some(LeafKind::Cycles) | None => continue,
         };
-        let v = verdict(isa, reason, read, host, guest);
-        // A total that only lost its high half is truncation by contract, not an error.
-        let v = match (reason, v) {
-            (None, Verdict::Truncated32) => Verdict::Exact,
-            (_, v) => v,
+        let host = Host {
+            count,
+            vm_total: read.host_total,
+            all_vms: read.host_all_vms,
+            vcpus: report
+                .vcpus
+                .iter()
+                .filter(|v| v.pid == read.pid)
+                .map(|v| v.vcpu_id)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
         };
+        let mut found = causes(isa, reason, read, &host);
+        // A total that only lost its high half is truncation by contract, not an error.
+        if reason.is_none() && found == [Verdict::Truncated32] {
+            found = vec![Verdict::Exact];
+        }
+        let guest = guest_value(read);
         rows.push(Row {
             pid: read.pid,
             isa,
@@ -151,10 +253,11 @@ pub fn reconcile(report: &Report) -> Reconciliation {
                 || "TOTAL".to_owned(),
                 |r| exit_reasons::name(isa, r).into_owned(),
             ),
-            host,
+            host: count,
             guest,
-            difference: i128::from(guest) - i128::from(host),
-            verdict: v,
+            difference: i128::from(guest) - i128::from(count),
+            verdict: found.first().copied().unwrap_or(Verdict::Unexplained),
+            causes: if found.len() > 1 { found } else { Vec::new() },
         });
     }
     attribute_totals(&mut rows);
@@ -169,32 +272,40 @@ pub fn reconcile(report: &Report) -> Reconciliation {
     }
 }
 
-/// A total that is short by no more than what the per-reason reads after it (up to the
-/// next total read of the VM) blame on fastpath exits, while every other reason of that
-/// readout is exact, has that cause too. The later reads are an upper bound: fastpath
-/// exits keep happening between the total read and the per-reason reads.
+/// A total the per-reason reads explain: short by no more than the fastpath deficit
+/// and over by no more than the synthetic exits that the VM's count reads show (those
+/// reads are bounds: such exits keep happening between the reads), whatever other
+/// reads of the VM show. Names each contribution.
 fn attribute_totals(rows: &mut [Row]) {
     for i in 0..rows.len() {
         if rows[i].reason.is_some() || rows[i].verdict != Verdict::Unexplained {
             continue;
         }
         let pid = rows[i].pid;
-        let readout: Vec<&Row> = rows[i + 1..]
-            .iter()
-            .filter(|r| r.pid == pid)
-            .take_while(|r| r.reason.is_some())
-            .collect();
-        let fastpath_deficit: i128 = readout
-            .iter()
-            .filter(|r| r.verdict == Verdict::FastpathNotCounted)
-            .map(|r| r.difference)
-            .sum();
-        let others_ok = readout
-            .iter()
-            .all(|r| r.verdict.is_ok() || r.verdict == Verdict::FastpathNotCounted);
-        let deficit = rows[i].difference;
-        if others_ok && deficit < 0 && fastpath_deficit <= deficit {
-            rows[i].verdict = Verdict::FastpathNotCounted;
+        let of_vm = |v: Verdict| -> i128 {
+            rows.iter()
+                .filter(|r| r.pid == pid && r.reason.is_some() && r.verdict == v)
+                .map(|r| r.difference)
+                .sum()
+        };
+        let (fastpath, synthetic) = (
+            of_vm(Verdict::FastpathNotCounted).min(0),
+            of_vm(Verdict::SyntheticCounted).max(0),
+        );
+        let d = rows[i].difference;
+        if d < fastpath || d > synthetic {
+            continue;
+        }
+        let mut found = Vec::new();
+        if fastpath < 0 && d < synthetic {
+            found.push(Verdict::FastpathNotCounted);
+        }
+        if synthetic > 0 && d > fastpath {
+            found.push(Verdict::SyntheticCounted);
+        }
+        if let Some(&first) = found.first() {
+            rows[i].verdict = first;
+            rows[i].causes = if found.len() > 1 { found } else { Vec::new() };
         }
     }
 }
@@ -202,7 +313,7 @@ fn attribute_totals(rows: &mut [Row]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::tests::sample_report;
+    use crate::report::{ReadSource, tests::sample_report};
 
     fn read(kind: LeafKind, index: u32, eax: u32, edx: u32, host: u64) -> CpuidRead {
         CpuidRead {
@@ -219,6 +330,9 @@ mod tests {
             isa: Isa::Vmx,
             host_reason_count: host,
             host_total: host,
+            host_all_vms: None,
+            seen_by: vec![ReadSource::Registers],
+            kvm_cpuid_differs: None,
         }
     }
 
@@ -292,6 +406,74 @@ mod tests {
             rec.rows[1].verdict,
             Verdict::Exact,
             "the total leaf is 32-bit by contract"
+        );
+    }
+
+    fn with_all(mut r: CpuidRead, vm_total: u64, all: u64) -> CpuidRead {
+        r.host_total = vm_total;
+        r.host_all_vms = Some(all);
+        r
+    }
+
+    #[test]
+    fn names_the_causes_of_wrong_patches() {
+        let mut unset = read(LeafKind::Count, 30, 558, 0, 558);
+        unset.ecx = 30;
+        unset.ebx = 0x1234;
+        let v = verdicts(vec![
+            // INVALID_STATE counted by the patch, never traced.
+            read(LeafKind::Count, 33, 812, 0, 0),
+            // Another VM ran meanwhile: the guest read both VMs' exits.
+            with_all(read(LeafKind::Count, 30, 900, 0, 558), 3000, 4000),
+            // More than every VM since the record began: carried over too.
+            with_all(read(LeafKind::Count, 30, 9000, 0, 558), 3000, 4000),
+            // The total leaf answered zeros while counts work.
+            read(LeafKind::Total, 0, 0, 0, 6801),
+            // EAX right, but ECX echoes the reason and EBX is garbage.
+            unset,
+        ]);
+        assert_eq!(
+            v,
+            [
+                Verdict::SyntheticCounted,
+                Verdict::SharedAcrossVms,
+                Verdict::SharedAcrossVms,
+                Verdict::TotalLeafWrong,
+                Verdict::RegistersUnset,
+            ]
+        );
+        let mut r = sample_report();
+        r.cpuid_reads = vec![with_all(
+            read(LeafKind::Count, 30, 9000, 0, 558),
+            3000,
+            4000,
+        )];
+        assert_eq!(
+            reconcile(&r).rows[0].causes,
+            [Verdict::SharedAcrossVms, Verdict::CarriedOver]
+        );
+    }
+
+    #[test]
+    fn a_total_gets_the_fastpath_and_synthetic_causes_of_its_vm() {
+        // 300 synthetic exits over, up to 722 fastpath exits short, even though
+        // another read of the VM has another cause.
+        let v = verdicts(vec![
+            read(LeafKind::Total, 0, 4400, 0, 4617),
+            read(LeafKind::Count, 32, 31, 0, 753),
+            read(LeafKind::Count, 33, 300, 0, 0),
+            read(LeafKind::Count, 30, 2000, 0, 1387),
+        ]);
+        assert_eq!(v[0], Verdict::FastpathNotCounted);
+        let mut r = sample_report();
+        r.cpuid_reads = vec![
+            read(LeafKind::Total, 0, 4400, 0, 4617),
+            read(LeafKind::Count, 32, 31, 0, 753),
+            read(LeafKind::Count, 33, 300, 0, 0),
+        ];
+        assert_eq!(
+            reconcile(&r).rows[0].causes,
+            [Verdict::FastpathNotCounted, Verdict::SyntheticCounted]
         );
     }
 }

@@ -57,7 +57,16 @@
 //! - `reasons` are sorted by count, highest first; `vcpus` by pid, vcpu, reason.
 //! - `leaves` and `cpuid_reads` are present with `record --snapshots`: every guest read of
 //!   a counter leaf, the registers it got, and the host's own count for that VM at that
-//!   instant (the read's own CPUID exit included), for `kvmtrace reconcile`.
+//!   instant (the read's own CPUID exit included), for `kvmtrace reconcile`. A read is
+//!   seen in the vCPU's registers (EAX and ECX at the CPUID exit; EAX..EDX at the next
+//!   VM entry: what the guest received, wherever the patch answered) and, when the
+//!   patch answers inside `kvm_cpuid()`, by `kvm:kvm_cpuid` too (`seen_by`); where both
+//!   saw it and disagree, `kvm_cpuid_differs` holds the tracepoint's registers.
+//!   `host_all_vms` counts every traced VM's exits since the record began.
+//! - `registers` (with `--snapshots`): where the vCPU registers were found (`layout`:
+//!   `regs_offset` in `struct kvm_vcpu`, `method` `btf` with its `file`, or `learned`
+//!   with `samples` and `distinct_rips`), or the `error` that kept them from being found,
+//!   and `cpuid_exits_before_layout`: CPUID exits whose leaf could not be read yet.
 //! - `phases`: the same rows (without histograms) split at each load of kvm_intel / kvm_amd during the run
 //!   (`rmmod kvm_intel; insmod kvm-intel.ko ept=0` starts phase 1), each with the paging
 //!   mode that load had (`null` when it was reloaded again before kvmtrace looked).
@@ -91,6 +100,8 @@
 //!     `task:task_newtask` record was unreadable).
 //!   - `vm_map_full`: exits missing from the per-VM counts that `--snapshots` reads.
 //!   - `cpuid_ring_full`: guest counter-leaf reads not recorded (`cpuid_reads`).
+//!   - `read_pending_full`: guest counter-leaf reads not recorded because the map of
+//!     reads waiting for their VM entry (or of vCPU threads) was full.
 //!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
 //!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
 //!     `recursion_misses`, summed over kvmtrace's programs; kernels before 5.12 do not
@@ -104,7 +115,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracer_common::{CpuidEvent, ExitKey, ExitStats, drop_kind};
+use tracer_common::{CpuidEvent, ExitKey, ExitStats, drop_kind, read_source};
 
 use crate::{
     exit_reasons::{self, Isa},
@@ -203,6 +214,8 @@ pub struct Dropped {
     #[serde(default)]
     pub pending_lost: u64,
     #[serde(default)]
+    pub read_pending_full: u64,
+    #[serde(default)]
     pub recursion_misses: u64,
 }
 
@@ -281,6 +294,8 @@ pub struct RunInfo {
     /// The phases kvmtrace saw begin, by number.
     pub phases: BTreeMap<u32, PhaseInfo>,
     pub cost: Option<Cost>,
+    /// How the vCPU registers were read (`--snapshots`).
+    pub registers: Option<RegistersInfo>,
 }
 
 /// Which counter leaf a guest read.
@@ -313,6 +328,41 @@ pub struct CpuidRead {
     pub host_reason_count: u64,
     /// The host's count of all exits for this VM, this read included.
     pub host_total: u64,
+    /// The host's count of every traced VM's exits since the record began, this read
+    /// included (absent in older reports).
+    #[serde(default)]
+    pub host_all_vms: Option<u64>,
+    /// Who saw the read: the vCPU's registers (at the CPUID exit and the next VM
+    /// entry) and/or the `kvm:kvm_cpuid` tracepoint (absent in older reports, which
+    /// only had the tracepoint).
+    #[serde(default)]
+    pub seen_by: Vec<ReadSource>,
+    /// What `kvm:kvm_cpuid` reported, when it fired and the registers saw the read too
+    /// and differ from it (EAX, EBX, ECX, EDX). It fires inside `kvm_cpuid()`, so a patch
+    /// that changes the answer after it is caught here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_cpuid_differs: Option<[u32; 4]>,
+}
+
+/// Who saw a guest counter read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadSource {
+    Registers,
+    KvmCpuid,
+}
+
+/// How `record --snapshots` found the vCPU registers, and what it could not see.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistersInfo {
+    /// The layout and how it was found; `None` when it was never found.
+    pub layout: Option<crate::vcpu_regs::Layout>,
+    /// Why it was not found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// CPUID exits of traced VMs before the layout was known: their leaf could not be
+    /// read, so a counter read among them would not be in `cpuid_reads`.
+    pub cpuid_exits_before_layout: u64,
 }
 
 impl CpuidRead {
@@ -344,6 +394,21 @@ impl CpuidRead {
             isa: Isa::from_raw(e.isa),
             host_reason_count: e.host_reason_count,
             host_total: e.host_total,
+            host_all_vms: Some(e.host_all_vms),
+            seen_by: [
+                (read_source::REGISTERS, ReadSource::Registers),
+                (read_source::KVM_CPUID, ReadSource::KvmCpuid),
+            ]
+            .into_iter()
+            .filter(|(bit, _)| e.source & bit != 0)
+            .map(|(_, s)| s)
+            .collect(),
+            kvm_cpuid_differs: {
+                let tp = [e.tp_rax, e.tp_rbx, e.tp_rcx, e.tp_rdx].map(low);
+                let both = read_source::REGISTERS | read_source::KVM_CPUID;
+                let got = [e.rax, e.rbx, e.rcx, e.rdx].map(low);
+                (e.source & both == both && tp != got).then_some(tp)
+            },
         }
     }
 }
@@ -376,6 +441,9 @@ pub struct Report {
     /// Guest reads of the counter leaves (`--snapshots`), in order.
     #[serde(default)]
     pub cpuid_reads: Vec<CpuidRead>,
+    /// How the reads were seen (`--snapshots`; absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registers: Option<RegistersInfo>,
 }
 
 /// Why a JSON text is not a report this version can read.
@@ -489,6 +557,7 @@ impl Report {
             vm_map_full: d.get(drop_kind::VM_MAP_FULL),
             cpuid_ring_full: d.get(drop_kind::CPUID_RING_FULL),
             pending_lost: d.get(drop_kind::PENDING_LOST),
+            read_pending_full: d.get(drop_kind::READ_PENDING_FULL),
             recursion_misses: d.recursion_misses,
         };
         let cpuid_reads = snap
@@ -523,6 +592,7 @@ impl Report {
             cost: info.cost,
             leaves: info.leaves,
             cpuid_reads,
+            registers: info.registers,
         })
     }
 
@@ -753,6 +823,7 @@ pub(crate) mod tests {
             d.vm_map_full,
             d.cpuid_ring_full,
             d.pending_lost,
+            d.read_pending_full,
         ];
         assert_eq!(seen.len(), drop_kind::COUNT as usize, "a kind has no field");
         seen.sort_unstable();
@@ -785,6 +856,7 @@ pub(crate) mod tests {
                 "vm_map_full",
                 "cpuid_ring_full",
                 "pending_lost",
+                "read_pending_full",
                 "recursion_misses",
             ] {
                 assert!(dropped.remove(new).is_some(), "{new} is written");

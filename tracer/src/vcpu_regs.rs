@@ -209,9 +209,11 @@ mod tests {
     fn learns_the_one_offset_that_follows_the_rip() {
         let mut l = Learner::default();
         // The decoy equals the first RIP, then stays put: ruled out by the second.
-        for (i, rip) in [0x10000u64, 0x10007, 0x10007, 0x10007, 0x10007, 0x10007, 0x10007]
-            .into_iter()
-            .enumerate()
+        for (i, rip) in [
+            0x10000u64, 0x10007, 0x10007, 0x10007, 0x10007, 0x10007, 0x10007,
+        ]
+        .into_iter()
+        .enumerate()
         {
             l.add(rip, &vcpu(296, rip, 1000, 0x10000));
             assert_eq!(l.state().ok(), Some(Learning::NeedMore), "sample {i}");
@@ -233,7 +235,10 @@ mod tests {
     fn one_rip_is_never_enough() {
         let mut l = Learner::default();
         for _ in 0..20 {
-            l.add(0xffff_ffff_8100_0000, &vcpu(296, 0xffff_ffff_8100_0000, 8, 0));
+            l.add(
+                0xffff_ffff_8100_0000,
+                &vcpu(296, 0xffff_ffff_8100_0000, 8, 0),
+            );
         }
         assert_eq!(l.state().ok(), Some(Learning::NeedMore));
     }

@@ -18,7 +18,7 @@ use chrono::{TimeZone as _, Utc};
 use kvmtrace::{
     exit_reasons::Isa,
     guest::{GUEST_SCHEMA, GuestReadout, Leaves},
-    report::{CpuidRead, LeafKind, Report, RunInfo, SCHEMA},
+    report::{CpuidRead, LeafKind, ReadSource, Report, RunInfo, SCHEMA},
     snapshot::Snapshot,
 };
 use tracer_common::{ExitKey, ExitStats};
@@ -101,6 +101,9 @@ fn sample_with_reads() -> Report {
         isa: Isa::Vmx,
         host_reason_count: 737,
         host_total: 2550,
+        host_all_vms: Some(2550),
+        seen_by: vec![ReadSource::Registers],
+        kvm_cpuid_differs: None,
     });
     r
 }

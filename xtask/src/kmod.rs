@@ -72,9 +72,8 @@ pub struct Options {
     /// Kernel flavour whose headers the modules are built against.
     #[arg(long, value_enum, default_value_t = Flavour::Cloud)]
     pub flavour: Flavour,
-    /// The series, or one of the TEST-ONLY variants (all deliberately wrong but
-    /// answers-in-emulate, which answers where course solutions usually do)
-    /// (kernel/variants/) applied on top of it.
+    /// The series, or one of its TEST-ONLY variants in kernel/variants/, applied on
+    /// top of it (all deliberately wrong but answers-in-emulate).
     #[arg(long, value_enum, default_value_t = Variant::Good)]
     pub variant: Variant,
     /// Only run `checkpatch.pl --strict` on the series and its variants; fail on any

@@ -6,7 +6,9 @@ use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use kvmtrace::{
     guest::GuestReadout,
     reconcile::{Reconciliation, reconcile},
+    report::{RegistersInfo, Report},
 };
+use tracer_common::cpuid_exit;
 
 use super::{Failure, load_guest_readout, load_report, write_output};
 use crate::{
@@ -51,7 +53,15 @@ fn table(rec: &Reconciliation, mismatches: &[String]) -> String {
             r.host.to_string(),
             r.guest.to_string(),
             format!("{:+}", r.difference),
-            r.verdict.describe().to_owned(),
+            if r.causes.is_empty() {
+                r.verdict.describe().to_owned()
+            } else {
+                r.causes
+                    .iter()
+                    .map(|c| c.describe())
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            },
         ]);
     }
     for i in [0, 1, 3, 4, 5] {
@@ -90,23 +100,82 @@ fn guest_mismatches(rec: &Reconciliation, guest: &GuestReadout) -> Vec<String> {
         .collect()
 }
 
+/// What a record without counter reads saw, and what to check.
+fn no_reads_why(report: &Report) -> String {
+    let Some(leaves) = report.leaves else {
+        return "it was recorded without --snapshots: record with `kvmtrace record --snapshots` while the guest reads its counters (`kvmtrace guest`)".to_owned();
+    };
+    let cpuid_exits: u64 = report
+        .reasons
+        .iter()
+        .filter(|r| cpuid_exit(r.isa.raw(), r.reason) && !r.failed_entry)
+        .map(|r| r.totals.count)
+        .sum();
+    let asked = format!(
+        "count leaf {:#x}, total leaf {}, cycles leaf {}",
+        leaves.count,
+        leaves
+            .total
+            .map_or("none".to_owned(), |l| format!("{l:#x}")),
+        leaves
+            .cycles
+            .map_or("none".to_owned(), |l| format!("{l:#x}")),
+    );
+    let registers = match &report.registers {
+        Some(RegistersInfo { error: Some(e), .. }) => {
+            format!("; the vCPU registers could not be read ({e})")
+        }
+        Some(RegistersInfo { layout: None, .. }) => {
+            "; no exit of a traced VM was seen, so the vCPU registers were never found".to_owned()
+        }
+        Some(RegistersInfo {
+            cpuid_exits_before_layout: n @ 1..,
+            ..
+        }) => format!("; {n} CPUID exits came before the vCPU registers were found"),
+        _ => String::new(),
+    };
+    format!(
+        "{cpuid_exits} CPUID exits were traced, none asking the {asked}{registers}: check that the guest reads these leaves while the record runs (e.g. `kvmtrace guest` with the same leaf options) and that -p / -- names its VMM"
+    )
+}
+
+/// Reads that `kvm:kvm_cpuid` saw with other values than the guest received.
+fn tracepoint_disagreements(report: &Report) -> Vec<String> {
+    report
+        .cpuid_reads
+        .iter()
+        .filter_map(|r| {
+            let tp = r.kvm_cpuid_differs?;
+            Some(format!(
+                "leaf {:#x} ECX {}: kvm:kvm_cpuid saw {:#x?} but the guest received {:#x?}",
+                r.leaf,
+                r.index,
+                tp,
+                [r.eax, r.ebx, r.ecx, r.edx]
+            ))
+        })
+        .collect()
+}
+
 pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
     let report = load_report(&args.record)?;
     if report.cpuid_reads.is_empty() {
         return Err(Failure {
             status: Status::NoCounterReads,
             message: format!(
-                "{} has no guest counter reads: record with `kvmtrace record --snapshots` while the guest runs `kvmtrace guest`",
-                args.record.display()
+                "{} has no guest counter reads: {}",
+                args.record.display(),
+                no_reads_why(&report)
             ),
         }
         .into());
     }
     let rec = reconcile(&report);
-    let mismatches = match &args.guest {
+    let mut mismatches = match &args.guest {
         Some(path) => guest_mismatches(&rec, &load_guest_readout(path)?),
         None => Vec::new(),
     };
+    mismatches.extend(tracepoint_disagreements(&report));
     let bytes = match args.format {
         TextFormat::Json => {
             let mut v = serde_json::to_vec_pretty(&rec)?;

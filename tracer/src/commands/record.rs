@@ -14,8 +14,9 @@ use kvmtrace::{
     host, privileges,
     probe::{Probe, ProbeConfig},
     render::{self, Format},
-    report::{Cost, Filter, PhaseInfo, Report, RunInfo},
+    report::{Cost, Filter, PhaseInfo, RegistersInfo, Report, RunInfo},
     tracefs::Tracefs,
+    vcpu_regs,
 };
 use log::warn;
 use tokio::{
@@ -31,6 +32,10 @@ const CHILD_GRACE: Duration = Duration::from_secs(5);
 
 /// How often guest counter-leaf reads are taken from the ring buffer.
 const CPUID_DRAIN: Duration = Duration::from_millis(100);
+/// How often register-learning samples are looked at, while learning.
+const LEARN_DRAIN: Duration = Duration::from_millis(10);
+/// Where the kernel publishes BTF (the kvm module's, split on vmlinux's).
+const BTF_DIR: &str = "/sys/kernel/btf";
 
 /// Why the record ended.
 enum End {
@@ -80,8 +85,14 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         } else {
             None
         },
+        regs: None,
         max_reasons: args.max_reasons,
         max_vcpu_rows: args.max_vcpu_rows,
+    };
+    let mut regs = Registers::new(config.snapshots.is_some());
+    let config = ProbeConfig {
+        regs: regs.layout.clone(),
+        ..config
     };
     let mut probe = Probe::attach(&tracefs, &config)?;
     let attach_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -127,6 +138,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         let ending = wait_for_end(&mut signals, child.as_mut(), args.duration);
         tokio::pin!(ending);
         let mut drain = tokio::time::interval(CPUID_DRAIN);
+        let mut learn = tokio::time::interval(LEARN_DRAIN);
         loop {
             tokio::select! {
                 end = &mut ending => break end,
@@ -134,11 +146,16 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
                     probe.drain_cpuid(&mut cpuid_reads);
                     phases.look(&probe)?;
                 }
+                _ = learn.tick(), if regs.learning() => regs.learn(&mut probe)?,
             }
         }
     })?;
+    if regs.learning() {
+        regs.learn(&mut probe)?;
+    }
     probe.drain_cpuid(&mut cpuid_reads);
     phases.look(&probe)?;
+    let registers = regs.info(&mut probe)?;
     if let End::Signal(name) = end {
         eprintln_status(&format!("stopped by {name}"));
     }
@@ -173,6 +190,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         leaves: config.snapshots,
         phases: phases.seen,
         cost: Some(cost),
+        registers,
     };
     let report = Report::build(&snapshot, info)?;
     let bytes = render::render(
@@ -185,6 +203,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     match output {
         Some(file) => file.commit(&bytes)?,
         None => std::io::stdout().write_all(&bytes)?,
+    }
+    if let Some(err) = report.registers.as_ref().and_then(|r| r.error.as_ref()) {
+        bail!("the report is written, but no guest counter read could be seen: {err}");
     }
     if report.dropped.any() {
         warn!("some exits were not recorded in full: {:?}", report.dropped);
@@ -200,6 +221,76 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         End::Signal(_) | End::Duration | End::CommandExited(_) => Status::Success,
     }
     .into())
+}
+
+/// Where the vCPU registers are (`--snapshots`): from the kvm module's BTF before
+/// attach, or learned from the first exits while the record runs.
+struct Registers {
+    /// Whether snapshots are taken at all.
+    on: bool,
+    layout: Option<vcpu_regs::Layout>,
+    learner: vcpu_regs::Learner,
+    error: Option<String>,
+}
+
+impl Registers {
+    fn new(on: bool) -> Self {
+        let mut regs = Self {
+            on,
+            layout: None,
+            learner: vcpu_regs::Learner::default(),
+            error: None,
+        };
+        if on {
+            match vcpu_regs::from_btf(Path::new(BTF_DIR)) {
+                Ok(found) => regs.layout = found,
+                Err(e) => log::info!("{e}: the vCPU registers will be learned from exits"),
+            }
+        }
+        regs
+    }
+
+    fn learning(&self) -> bool {
+        self.on && self.layout.is_none() && self.error.is_none()
+    }
+
+    /// Takes the samples sent so far; once they single out the layout, the programs
+    /// start reading registers.
+    fn learn(&mut self, probe: &mut Probe) -> anyhow::Result<()> {
+        probe.drain_regs_samples(&mut self.learner);
+        match self.learner.state() {
+            Ok(vcpu_regs::Learning::Found(layout)) => {
+                probe.set_regs_layout(&layout)?;
+                eprintln_status(&format!(
+                    "vCPU registers found at offset {} of struct kvm_vcpu (learned from {} exits)",
+                    layout.regs_offset,
+                    match &layout.method {
+                        vcpu_regs::Method::Learned { samples, .. } => *samples,
+                        vcpu_regs::Method::Btf { .. } => 0,
+                    }
+                ));
+                self.layout = Some(layout);
+            }
+            Ok(vcpu_regs::Learning::NeedMore) => {}
+            Err(e) => {
+                eprintln_status(&format!("cannot read guest counter reads: {e}"));
+                self.error = Some(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn info(self, probe: &mut Probe) -> anyhow::Result<Option<RegistersInfo>> {
+        if !self.on {
+            return Ok(None);
+        }
+        // Neither a layout nor an error: no exit of a traced VM was seen to learn from.
+        Ok(Some(RegistersInfo {
+            layout: self.layout,
+            error: self.error,
+            cpuid_exits_before_layout: probe.cpuid_exits_before_layout()?,
+        }))
+    }
 }
 
 /// The phases seen so far, each with the paging mode its module load had.
