@@ -550,3 +550,128 @@ fn amd_a_million_exits_match_the_hist() {
     assert_l2_ended(&dir);
     assert!(record(&dir).total.count >= 1_000_000);
 }
+
+/// The registers' offset in `struct kvm_vcpu` that a record used, and how it was found.
+fn regs_layout(dir: &std::path::Path) -> kvmtrace::vcpu_regs::Layout {
+    let rec = record(dir);
+    let regs = rec
+        .registers
+        .unwrap_or_else(|| panic!("{}: no registers section", dir.display()));
+    assert_eq!(regs.error, None, "{}", dir.display());
+    regs.layout
+        .unwrap_or_else(|| panic!("{}: the registers were never found", dir.display()))
+}
+
+/// A correct patch that answers the leaves in `kvm_emulate_cpuid()`, before
+/// `kvm_cpuid()`: `kvm:kvm_cpuid` never fires for its reads, the modules (built out of
+/// tree) have no BTF, and still every read is seen in the registers, exact, with the
+/// values the guest printed and the micro VM's known exits.
+fn answers_in_emulate_is_exact(isa: &'static str) {
+    let s = Scenario {
+        modules: "answers-in-emulate",
+        ..micro(isa)
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        let layout = regs_layout(&dir);
+        assert!(
+            matches!(
+                layout.method,
+                kvmtrace::vcpu_regs::Method::Learned { samples, distinct_rips }
+                    if samples >= kvmtrace::vcpu_regs::MIN_SAMPLES && distinct_rips >= 2
+            ),
+            "{}: {layout:?}",
+            dir.display()
+        );
+        let rec = record(&dir);
+        assert_eq!(rec.cpuid_reads.len(), 3, "{}", dir.display());
+        for read in &rec.cpuid_reads {
+            assert_eq!(
+                read.seen_by,
+                [kvmtrace::report::ReadSource::Registers],
+                "{}: kvm_cpuid fired for {read:?}",
+                dir.display()
+            );
+        }
+        let r = reconcile(&rec);
+        assert!(
+            r.rows.iter().all(|x| x.verdict == Verdict::Exact),
+            "{}: {:#?}",
+            dir.display(),
+            r.rows
+        );
+        // CPUID: 1000 in the loop + this query; IO: 100 port writes.
+        let guest: Vec<u64> = r.rows.iter().map(|x| x.guest).collect();
+        assert_eq!(&guest[..2], [1001, 100], "{}", dir.display());
+        assert!(
+            read(&dir.join("serial.log")).contains("micro: leaves cpuid=1001 io=100 total="),
+            "{}",
+            dir.display()
+        );
+        assert_matches_hist(&dir);
+    }
+}
+
+#[test]
+fn intel_answers_in_emulate_is_seen_and_exact() {
+    answers_in_emulate_is_exact("intel");
+}
+
+#[test]
+fn amd_answers_in_emulate_is_seen_and_exact() {
+    answers_in_emulate_is_exact("amd");
+}
+
+/// Debian's stock kvm module has BTF: the record takes the registers from it, at the
+/// offset the learning finds for the same kernel, and both the registers and
+/// `kvm:kvm_cpuid` see each read, with the same values.
+#[test]
+fn amd_stock_registers_come_from_btf_where_learning_finds_them() {
+    let stock = Scenario {
+        modules: "stock",
+        ..micro("amd")
+    };
+    let learned = Scenario {
+        modules: "answers-in-emulate",
+        ..micro("amd")
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(stock, nested);
+        let btf = regs_layout(&dir);
+        assert!(
+            matches!(&btf.method, kvmtrace::vcpu_regs::Method::Btf { file } if file == "/sys/kernel/btf/kvm"),
+            "{btf:?}"
+        );
+        assert_eq!(
+            btf.regs_offset,
+            regs_layout(&mode_dir(learned, nested)).regs_offset
+        );
+        let rec = record(&dir);
+        assert_eq!(rec.cpuid_reads.len(), 3, "{}", dir.display());
+        for read in &rec.cpuid_reads {
+            assert_eq!(
+                read.seen_by,
+                [
+                    kvmtrace::report::ReadSource::Registers,
+                    kvmtrace::report::ReadSource::KvmCpuid
+                ],
+                "{read:?}"
+            );
+            assert_eq!(read.kvm_cpuid_differs, None, "{read:?}");
+        }
+    }
+}
+
+/// Our own series answers inside `kvm_cpuid()`: every read of a boot is seen twice,
+/// and the tracepoint's values are exactly what the guest received.
+#[test]
+fn amd_patched_reads_are_seen_twice_and_agree() {
+    for nested in [true, false] {
+        let rec = record(&mode_dir(boot("amd"), nested));
+        assert!(rec.cpuid_reads.len() > 60);
+        for read in &rec.cpuid_reads {
+            assert_eq!(read.seen_by.len(), 2, "{read:?}");
+            assert_eq!(read.kvm_cpuid_differs, None, "{read:?}");
+        }
+    }
+}

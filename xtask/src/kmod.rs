@@ -223,7 +223,7 @@ impl Variant {
     }
 
     /// Every variant in kernel/variants/, all of them applied on top of the series.
-    const TEST_ONLY: [Variant; 10] = [
+    pub const TEST_ONLY: [Variant; 10] = [
         Self::SlowpathOnly,
         Self::SurvivesReload,
         Self::AnswersInEmulate,

@@ -66,50 +66,47 @@ pub enum Scenario {
     Signal,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// Which kvm modules L1 loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Modules {
     /// Debian's kvm modules, unpatched.
     Stock,
-    /// kvm with the CPUID exit-counter leaves (kernel/).
-    Patched,
-    /// TEST ONLY: counts in the slow exit handler only.
-    SlowpathOnly,
-    /// TEST ONLY: counters that survive module reloads.
-    SurvivesReload,
-    /// TEST ONLY, but correct: leaves answered in kvm_emulate_cpuid(), no kvm:kvm_cpuid.
-    AnswersInEmulate,
-    /// TEST ONLY: counts at the top of the exit handler.
-    HandlerTop,
-    /// TEST ONLY: u32 counters.
-    #[value(name = "counters-32bit")]
-    Counters32Bit,
-    /// TEST ONLY: one racy counter array per VM, shared by its vCPUs.
-    RacyShared,
-    /// TEST ONLY: defined reasons answered as undefined.
-    WrongUndefined,
-    /// TEST ONLY: the total leaf answers like stock KVM.
-    TotalFallsThrough,
-    /// TEST ONLY: the count leaf sets EAX only.
-    RegsUnset,
-    /// TEST ONLY: no cycles leaf.
-    NoCyclesLeaf,
+    /// Built by `cargo xtask kmod`: the series (`patched`), or one of its TEST-ONLY
+    /// variants (kernel/variants/).
+    Build(crate::kmod::Variant),
 }
 
 impl Modules {
     fn variant(self) -> Option<crate::kmod::Variant> {
         match self {
             Self::Stock => None,
-            Self::Patched => Some(crate::kmod::Variant::Good),
-            Self::SlowpathOnly => Some(crate::kmod::Variant::SlowpathOnly),
-            Self::SurvivesReload => Some(crate::kmod::Variant::SurvivesReload),
-            Self::AnswersInEmulate => Some(crate::kmod::Variant::AnswersInEmulate),
-            Self::HandlerTop => Some(crate::kmod::Variant::HandlerTop),
-            Self::Counters32Bit => Some(crate::kmod::Variant::Counters32Bit),
-            Self::RacyShared => Some(crate::kmod::Variant::RacyShared),
-            Self::WrongUndefined => Some(crate::kmod::Variant::WrongUndefined),
-            Self::TotalFallsThrough => Some(crate::kmod::Variant::TotalFallsThrough),
-            Self::RegsUnset => Some(crate::kmod::Variant::RegsUnset),
-            Self::NoCyclesLeaf => Some(crate::kmod::Variant::NoCyclesLeaf),
+            Self::Build(v) => Some(v),
+        }
+    }
+
+    /// Modules whose counters must reconcile exactly: the series, and the variant that
+    /// only answers elsewhere.
+    fn correct(self) -> bool {
+        matches!(
+            self,
+            Self::Build(crate::kmod::Variant::Good | crate::kmod::Variant::AnswersInEmulate)
+        )
+    }
+
+    /// `stock`, `patched`, or a variant's name (`cargo xtask kmod --variant`).
+    fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "stock" => Ok(Self::Stock),
+            "patched" => Ok(Self::Build(crate::kmod::Variant::Good)),
+            other => crate::kmod::Variant::from_str(other, false)
+                .map(Self::Build)
+                .map_err(|_| {
+                    let names: Vec<String> = crate::kmod::Variant::TEST_ONLY
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    format!("stock, patched, or one of {}", names.join(", "))
+                }),
         }
     }
 }
@@ -149,7 +146,7 @@ pub struct Options {
     pub record_args: String,
     /// Which kvm modules L1 loads: the patched ones (built by `cargo xtask kmod`),
     /// Debian's stock ones, or a TEST-ONLY variant of the patch (kernel/README.md).
-    #[arg(long, value_enum, default_value_t = Modules::Patched)]
+    #[arg(long, value_parser = Modules::parse, default_value = "patched")]
     pub modules: Modules,
     /// Short for `--modules stock`: Debian's unpatched kvm modules.
     #[arg(long, conflicts_with = "modules")]
@@ -777,24 +774,95 @@ fn guest_readout(
     let err = String::from_utf8_lossy(&out.stderr);
     Ok(match (out.status.code(), opts.module_set()) {
         (Some(0), _) => None,
-        // The deliberately wrong variants; answers-in-emulate is correct and must reconcile.
-        (
-            Some(RECONCILE_UNEXPLAINED),
-            Modules::SlowpathOnly
-            | Modules::SurvivesReload
-            | Modules::HandlerTop
-            | Modules::Counters32Bit
-            | Modules::RacyShared
-            | Modules::WrongUndefined
-            | Modules::TotalFallsThrough
-            | Modules::RegsUnset
-            | Modules::NoCyclesLeaf,
-        ) => None,
+        // The deliberately wrong variants may differ; the correct modules must not.
+        (Some(RECONCILE_UNEXPLAINED), m) if !m.correct() => None,
         (code, _) => Some(format!(
             "kvmtrace reconcile exited {code:?}: {}",
             err.trim()
         )),
     })
+}
+
+/// The micro workload with patched modules (any variant): what each VM's guest
+/// received from the leaves (`micro: leaves cpuid=C io=I total=T` on L2's console)
+/// against the VM's known exits (C = CPUIDs + the query itself, I = port writes), and
+/// `kvmtrace reconcile` of the record, which must have seen every read (3 per VM).
+/// Correct modules must match and reconcile exactly; for the deliberately wrong
+/// variants the result is printed, and the lab tests check their verdicts.
+fn micro_readout(
+    opts: &Options,
+    dir: &Path,
+    lines: &[emulator::Line],
+    l1: &L1,
+) -> anyhow::Result<Vec<String>> {
+    let (L2Workload::Micro { vms, .. }, Some((kvmtrace, _))) = (&l1.workload, &l1.kvmtrace) else {
+        return Ok(Vec::new());
+    };
+    let modules = opts.module_set();
+    if modules == Modules::Stock {
+        return Ok(Vec::new());
+    }
+    let correct = modules.correct();
+    let mut problems = Vec::new();
+    let received: Vec<(u64, u64)> = lines
+        .iter()
+        .filter_map(|l| l.text.strip_prefix("L2| micro: leaves "))
+        .filter_map(|t| {
+            let field = |name: &str| {
+                t.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            Some((field("cpuid=")?, field("io=")?))
+        })
+        .collect();
+    let mut expected: Vec<(u64, u64)> = vms
+        .iter()
+        .map(|v| (u64::from(v.cpuids) + 1, u64::from(v.outs)))
+        .collect();
+    let mut got = received.clone();
+    expected.sort_unstable();
+    got.sort_unstable();
+    let known = got == expected;
+    println!(
+        "  micro leaves received {received:?}, known exits {expected:?}: {}",
+        if known { "equal" } else { "DIFFERENT" }
+    );
+    if !known && correct {
+        problems.push(format!(
+            "the guest received {received:?} from the leaves, its known exits are {expected:?}"
+        ));
+    }
+    let out = Command::new(kvmtrace)
+        .arg("reconcile")
+        .arg(dir.join("record.json"))
+        .output()
+        .with_context(|| format!("cannot run {}", kvmtrace.display()))?;
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    report::write(dir, "reconcile.txt", &table)?;
+    let first = table.lines().next().unwrap_or_default();
+    println!("  kvmtrace reconcile: {first}");
+    let reads = first
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    let want_reads = MICRO_LEAF_READS * vms.len() as u64;
+    if reads != want_reads {
+        problems.push(format!(
+            "kvmtrace saw {reads} guest counter reads, the guest made {want_reads} ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    match out.status.code() {
+        Some(0) => {}
+        Some(RECONCILE_UNEXPLAINED) if !correct => {}
+        code => problems.push(format!(
+            "kvmtrace reconcile exited {code:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+    Ok(problems)
 }
 
 /// Parses the console, writes `target/lab/<isa>/<mode>/`, prints the tables; fails if
@@ -947,6 +1015,13 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
         }
         if let Some(problem) = guest_readout(opts, &dir, lines, l1)? {
             problems.push(format!("{tag}: {problem}"));
+        }
+        if reached_end && opts.scenario == Scenario::Modes {
+            problems.extend(
+                micro_readout(opts, &dir, lines, l1)?
+                    .into_iter()
+                    .map(|p| format!("{tag}: {p}")),
+            );
         }
         let vcpu_rows = per_vcpu(&hist, record.as_ref());
         if let Some(rec) = record.as_ref().filter(|_| whole.is_none()) {
