@@ -104,6 +104,15 @@ pub fn hardware(isa: Isa) -> Vec<(u32, Cow<'static, str>)> {
         .collect()
 }
 
+/// The CPUID exit reason of `isa` (VMX 10, SVM 0x72; 0 for an unknown isa).
+pub fn cpuid_reason(isa: Isa) -> u32 {
+    match isa {
+        Isa::Vmx => tracer_common::exit_reasons::VMX_CPUID,
+        Isa::Svm => tracer_common::exit_reasons::SVM_CPUID,
+        Isa::Other(_) => 0,
+    }
+}
+
 /// Parses a reason given by a user: a number (decimal or 0x hex) or a name of `isa`
 /// (case-insensitive).
 pub fn parse(isa: Isa, text: &str) -> Result<u32, String> {

@@ -141,6 +141,28 @@ pub struct GuestReadout {
     pub reasons: Vec<GuestReason>,
     /// CPUID instructions run in all.
     pub queries: u64,
+    /// Each leaf judged on its own (absent in older readouts).
+    #[serde(default)]
+    pub leaf_status: Option<LeafStatuses>,
+}
+
+/// Whether a counter leaf answers with counters, judged by its answer about CPUID
+/// exits (this very query is one, so a working leaf cannot answer 0) against what
+/// an unpatched KVM answers for the same ECX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeafStatus {
+    Works,
+    /// Zeros, or the highest basic leaf's data (Intel's out-of-range fallback).
+    LikeUnpatched,
+}
+
+/// [`LeafStatus`] of each leaf asked (`None`: the leaf is not configured).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafStatuses {
+    pub count: LeafStatus,
+    pub total: Option<LeafStatus>,
+    pub cycles: Option<LeafStatus>,
 }
 
 /// Why a JSON text is not a guest readout this version can read.
@@ -206,28 +228,58 @@ pub fn read(
     let probe = c.q(leaves.count, 0);
     let fallback = c.q(max_basic, 0);
     let total = leaves.total.map(|t| c.q(t, 0));
-    let (patched, detection) = if probe == fallback && probe != Regs::default() {
-        (
-            false,
-            format!(
-                "leaf {:#x} answers like basic leaf {max_basic:#x}: this KVM is not patched",
-                leaves.count
-            ),
-        )
-    } else if total.is_some_and(|t| t == Regs::default()) {
-        (
-            false,
-            "the total leaf answers all zeros, but this query itself was an exit: this KVM is not patched".to_owned(),
-        )
-    } else {
-        (true, "counter leaves answer".to_owned())
+    // Each leaf on its own, asked about CPUID exits.
+    let cpuid = exit_reasons::cpuid_reason(isa);
+    let count_cpuid = c.q(leaves.count, cpuid);
+    let fallback_cpuid = c.q(max_basic, cpuid);
+    let cycles_cpuid = leaves.cycles.map(|l| c.q(l, cpuid));
+    let judge = |works: bool| {
+        if works {
+            LeafStatus::Works
+        } else {
+            LeafStatus::LikeUnpatched
+        }
     };
+    let status = LeafStatuses {
+        count: judge(
+            count_cpuid != fallback_cpuid
+                && (count_cpuid.eax, count_cpuid.ebx) != (0, 0)
+                && !(probe == fallback && probe != Regs::default()),
+        ),
+        total: total.map(|t| judge(t != fallback && t.eax != 0)),
+        cycles: cycles_cpuid.map(|y| judge(y != fallback_cpuid && (y.ebx, y.ecx) != (0, 0))),
+    };
+    let patched = status.count == LeafStatus::Works;
+    let unpatched_like: Vec<&str> = [
+        (Some(status.count), "count"),
+        (status.total, "total"),
+        (status.cycles, "cycles"),
+    ]
+    .into_iter()
+    .filter(|(s, _)| *s == Some(LeafStatus::LikeUnpatched))
+    .map(|(_, name)| name)
+    .collect();
+    let detection = if !patched {
+        format!(
+            "leaf {:#x} answers like an unpatched KVM (zeros, or basic leaf {max_basic:#x}'s data) even about CPUID exits, one of which this query is: this KVM is not patched",
+            leaves.count
+        )
+    } else if unpatched_like.is_empty() {
+        "counter leaves answer".to_owned()
+    } else {
+        format!(
+            "the count leaf answers; the {} leaf answers like an unpatched KVM",
+            unpatched_like.join(" and ")
+        )
+    };
+    let total_works = status.total == Some(LeafStatus::Works);
+    let cycles_work = status.cycles == Some(LeafStatus::Works);
     let mut reasons = Vec::new();
     if patched {
         for (reason, name) in exit_reasons::hardware(isa) {
             let queries_before = c.n;
             let r = c.q(leaves.count, reason);
-            let cycles = leaves.cycles.map(|l| {
+            let cycles = leaves.cycles.filter(|_| cycles_work).map(|l| {
                 let y = c.q(l, reason);
                 (u64::from(y.ebx) << 32) | u64::from(y.ecx)
             });
@@ -247,12 +299,13 @@ pub fn read(
         leaves,
         patched,
         detection,
-        total_exits: total.filter(|_| patched).map(|t| u64::from(t.eax)),
+        total_exits: total.filter(|_| total_works).map(|t| u64::from(t.eax)),
         total_cycles: total
-            .filter(|_| patched)
+            .filter(|_| total_works)
             .map(|t| (u64::from(t.ebx) << 32) | u64::from(t.ecx)),
         reasons,
         queries: c.n,
+        leaf_status: Some(status),
     })
 }
 
@@ -425,9 +478,17 @@ mod tests {
         assert!(!ept.undefined);
         // 35 is not in our VMX table, so it is not queried; queries are counted.
         assert!(r.reasons.iter().all(|x| x.reason != 35));
-        assert_eq!(r.queries, 4 + 2 * r.reasons.len() as u64);
-        assert_eq!(r.reasons[0].queries_before, 4);
-        assert_eq!(r.reasons[1].queries_before, 6);
+        assert_eq!(r.queries, 7 + 2 * r.reasons.len() as u64);
+        assert_eq!(r.reasons[0].queries_before, 7);
+        assert_eq!(r.reasons[1].queries_before, 9);
+        assert_eq!(
+            r.leaf_status,
+            Some(LeafStatuses {
+                count: LeafStatus::Works,
+                total: Some(LeafStatus::Works),
+                cycles: Some(LeafStatus::Works)
+            })
+        );
     }
 
     #[test]
@@ -440,6 +501,14 @@ mod tests {
         let r = read(&mut intel, leaves(), None).unwrap_or_else(|e| panic!("{e}"));
         assert!(!r.patched);
         assert!(r.detection.contains("basic leaf 0xd"), "{}", r.detection);
+        assert_eq!(
+            r.leaf_status.map(|s| (s.count, s.total, s.cycles)),
+            Some((
+                LeafStatus::LikeUnpatched,
+                Some(LeafStatus::LikeUnpatched),
+                Some(LeafStatus::LikeUnpatched)
+            ))
+        );
         assert!(r.reasons.is_empty() && r.total_exits.is_none());
 
         let amd_vendor = Regs {

@@ -123,15 +123,6 @@ fn synthetic(isa: Isa, reason: u32) -> bool {
     isa == Isa::Vmx && reason == tracer_common::exit_reasons::VMX_INVALID_STATE
 }
 
-/// The CPUID exit reason of `isa`.
-fn cpuid_reason(isa: Isa) -> Option<u32> {
-    match isa {
-        Isa::Vmx => Some(tracer_common::exit_reasons::VMX_CPUID),
-        Isa::Svm => Some(tracer_common::exit_reasons::SVM_CPUID),
-        Isa::Other(_) => None,
-    }
-}
-
 /// What the host knew of the reading VM at the read.
 struct Host {
     /// The count the read is compared with (the reason's, or the VM's total).
@@ -190,7 +181,7 @@ fn causes(isa: Isa, reason: Option<u32>, read: &CpuidRead, host: &Host) -> Vec<V
             }
         }
         Ordering::Less => {
-            let cpuid_self = reason.is_none() || reason == cpuid_reason(isa);
+            let cpuid_self = reason.is_none() || reason == Some(exit_reasons::cpuid_reason(isa));
             if reason.is_none() && read.eax == 0 && host_count > 0 {
                 found.push(Verdict::TotalLeafWrong);
             } else if host_count > u64::from(u32::MAX) && guest == host_count & 0xffff_ffff {

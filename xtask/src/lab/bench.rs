@@ -61,6 +61,7 @@ fn lab_options() -> super::Options {
         smp: 1,
         kvmtrace: Kvmtrace::Required,
         record_args: String::new(),
+        guest_args: String::new(),
         modules: Modules::Stock,
         stock: false,
         vms: 1,

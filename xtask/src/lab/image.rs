@@ -87,12 +87,19 @@ pub fn l2_initrd(
     busybox: &Path,
     init: &Path,
     kvmtrace: Option<&Path>,
+    guest_args: &str,
     out: &Path,
 ) -> anyhow::Result<u64> {
     let mut a = Archive::default();
-    for d in ["proc", "sys", "dev", "tmp"] {
+    for d in ["proc", "sys", "dev", "tmp", "etc"] {
         a.dir(d)?;
     }
+    // More `kvmtrace guest` options (leaf numbers of another patch), read by /init.
+    a.bytes(
+        "etc/guest-args",
+        format!("{guest_args}\n").into_bytes(),
+        0o644,
+    )?;
     a.char_dev("dev/console", 5, 1)?;
     a.file("bin/busybox", busybox)?;
     if let Some(k) = kvmtrace {

@@ -137,6 +137,11 @@ pub struct Options {
     /// Whether to run kvmtrace next to the kernel hist.
     #[arg(long, value_enum, default_value_t = Kvmtrace::Required)]
     pub kvmtrace: Kvmtrace,
+    /// More `kvmtrace guest` options for the guest's counter readout inside L2 (boot and
+    /// sweep workloads), e.g. `--count-leaf 0x4ffffffd --total-leaf none` for a patch
+    /// with another leaf layout; give the record the same leaves with --record-args.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub guest_args: String,
     /// Extra arguments for `kvmtrace record` inside L1.
     #[arg(
         long,
@@ -321,6 +326,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
                 &inputs.busybox,
                 &root.join("lab/l2-init.sh"),
                 guest_tool,
+                &opts.guest_args,
                 &l2,
             )?;
             let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
