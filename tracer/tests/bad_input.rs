@@ -119,6 +119,7 @@ fn guest_readout(schema: &str) -> GuestReadout {
         total_cycles: Some(1),
         reasons: Vec::new(),
         queries: 4,
+        leaf_status: None,
     }
 }
 
