@@ -17,7 +17,7 @@ use kvmtrace::{
     guest::{self, Cpuid, GuestReadout, Regs},
     host::Paging,
     render::{self, Format, Options},
-    report::{CpuidRead, Filter, LeafKind, Report, RunInfo},
+    report::{CpuidRead, Filter, LeafKind, ReadSource, Report, RunInfo},
     snapshot::Snapshot,
     tracefs::{DEBUGFS_TRACING, TRACEFS},
 };
@@ -134,6 +134,9 @@ fn record(isa: Isa, reasons: &[(u32, u64)], reads: bool) -> Report {
                 isa,
                 host_reason_count: count + u64::from(i == 0),
                 host_total: total,
+                host_all_vms: Some(total),
+                seen_by: vec![ReadSource::Registers, ReadSource::KvmCpuid],
+                kvm_cpuid_differs: None,
             });
         }
     }
