@@ -763,29 +763,61 @@ fn guest_readout(
         // Recorded without snapshots (see record_args): nothing to reconcile.
         return Ok(None);
     };
-    let record = dir.join("record.json");
-    let out = Command::new(kvmtrace)
-        .arg("reconcile")
-        .arg(&record)
-        .arg("--guest")
-        .arg(&guest)
+    let reconciled = reconcile(kvmtrace, dir, Some(&guest), opts.module_set())?;
+    println!("  guest counters vs host (kvmtrace reconcile):");
+    for line in reconciled.table.lines().take(40) {
+        println!("    {line}");
+    }
+    Ok(reconciled.problem)
+}
+
+/// What `kvmtrace reconcile` of a mode's record said.
+struct Reconciled {
+    table: String,
+    /// Reads it reconciled (the first number of its first line).
+    reads: u64,
+    /// Its exit status, when that is a problem for `modules`: every failure, but an
+    /// unexplained difference of a deliberately wrong variant.
+    problem: Option<String>,
+}
+
+/// Runs `kvmtrace reconcile` (the same binary that recorded) on `dir/record.json`,
+/// with the guest's readout when there is one, and keeps its table in
+/// `reconcile.txt`.
+fn reconcile(
+    kvmtrace: &Path,
+    dir: &Path,
+    guest: Option<&Path>,
+    modules: Modules,
+) -> anyhow::Result<Reconciled> {
+    let mut cmd = Command::new(kvmtrace);
+    cmd.arg("reconcile").arg(dir.join("record.json"));
+    if let Some(g) = guest {
+        cmd.arg("--guest").arg(g);
+    }
+    let out = cmd
         .output()
         .with_context(|| format!("cannot run {}", kvmtrace.display()))?;
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     report::write(dir, "reconcile.txt", &table)?;
-    println!("  guest counters vs host (kvmtrace reconcile):");
-    for line in table.lines().take(40) {
-        println!("    {line}");
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    Ok(match (out.status.code(), opts.module_set()) {
-        (Some(0), _) => None,
+    let reads = table
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    let problem = match out.status.code() {
+        Some(0) => None,
         // The deliberately wrong variants may differ; the correct modules must not.
-        (Some(RECONCILE_UNEXPLAINED), m) if !m.correct() => None,
-        (code, _) => Some(format!(
+        Some(RECONCILE_UNEXPLAINED) if !modules.correct() => None,
+        code => Some(format!(
             "kvmtrace reconcile exited {code:?}: {}",
-            err.trim()
+            String::from_utf8_lossy(&out.stderr).trim()
         )),
+    };
+    Ok(Reconciled {
+        table,
+        reads,
+        problem,
     })
 }
 
@@ -839,35 +871,19 @@ fn micro_readout(
             "the guest received {received:?} from the leaves, its known exits are {expected:?}"
         ));
     }
-    let out = Command::new(kvmtrace)
-        .arg("reconcile")
-        .arg(dir.join("record.json"))
-        .output()
-        .with_context(|| format!("cannot run {}", kvmtrace.display()))?;
-    let table = String::from_utf8_lossy(&out.stdout).into_owned();
-    report::write(dir, "reconcile.txt", &table)?;
-    let first = table.lines().next().unwrap_or_default();
-    println!("  kvmtrace reconcile: {first}");
-    let reads = first
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
+    let reconciled = reconcile(kvmtrace, dir, None, modules)?;
+    println!(
+        "  kvmtrace reconcile: {}",
+        reconciled.table.lines().next().unwrap_or_default()
+    );
     let want_reads = MICRO_LEAF_READS * vms.len() as u64;
-    if reads != want_reads {
+    if reconciled.reads != want_reads {
         problems.push(format!(
-            "kvmtrace saw {reads} guest counter reads, the guest made {want_reads} ({})",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "kvmtrace saw {} guest counter reads, the guest made {want_reads}",
+            reconciled.reads
         ));
     }
-    match out.status.code() {
-        Some(0) => {}
-        Some(RECONCILE_UNEXPLAINED) if !correct => {}
-        code => problems.push(format!(
-            "kvmtrace reconcile exited {code:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-    }
+    problems.extend(reconciled.problem);
     Ok(problems)
 }
 
