@@ -233,6 +233,8 @@ pub fn read(
     let count_cpuid = c.q(leaves.count, cpuid);
     let fallback_cpuid = c.q(max_basic, cpuid);
     let cycles_cpuid = leaves.cycles.map(|l| c.q(l, cpuid));
+    // Intel's out-of-range fallback: the highest basic leaf's data, same ECX.
+    let like_basic = |a: Regs, b: Regs| a == b && a != Regs::default();
     let judge = |works: bool| {
         if works {
             LeafStatus::Works
@@ -244,7 +246,7 @@ pub fn read(
         count: judge(
             count_cpuid != fallback_cpuid
                 && (count_cpuid.eax, count_cpuid.ebx) != (0, 0)
-                && !(probe == fallback && probe != Regs::default()),
+                && !like_basic(probe, fallback),
         ),
         total: total.map(|t| judge(t != fallback && t.eax != 0)),
         cycles: cycles_cpuid.map(|y| judge(y != fallback_cpuid && (y.ebx, y.ecx) != (0, 0))),
@@ -259,9 +261,16 @@ pub fn read(
     .filter(|(s, _)| *s == Some(LeafStatus::LikeUnpatched))
     .map(|(_, name)| name)
     .collect();
-    let detection = if !patched {
+    let detection = if !patched
+        && (like_basic(probe, fallback) || like_basic(count_cpuid, fallback_cpuid))
+    {
         format!(
-            "leaf {:#x} answers like an unpatched KVM (zeros, or basic leaf {max_basic:#x}'s data) even about CPUID exits, one of which this query is: this KVM is not patched",
+            "leaf {:#x} answers like basic leaf {max_basic:#x}: this KVM is not patched",
+            leaves.count
+        )
+    } else if !patched {
+        format!(
+            "leaf {:#x} answers zeros even about CPUID exits, one of which this query is: this KVM is not patched",
             leaves.count
         )
     } else if unpatched_like.is_empty() {

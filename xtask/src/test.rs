@@ -14,6 +14,10 @@ pub struct Options {
     /// Skip building the KVM patch (checkpatch still runs).
     #[arg(long)]
     pub no_kmod: bool,
+    /// Also the lab's variant matrix: every TEST-ONLY kernel variant's verdicts (the
+    /// tests marked `#[ignore]`, which a plain run lists as ignored).
+    #[arg(long)]
+    pub full: bool,
     /// Seconds of fuzzing per parser (`cargo xtask fuzz`); 0 skips it.
     #[arg(long, default_value_t = 20)]
     pub fuzz_seconds: u64,
@@ -68,14 +72,19 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     }
     if !opts.no_lab {
         // One scenario at a time: each boots an emulator that wants a whole core.
-        exec(cargo().args([
+        let mut lab = cargo();
+        lab.args([
             "test",
             "--release",
             "-p",
             "kvmtrace-e2e",
             "--",
             "--test-threads=1",
-        ]))?;
+        ]);
+        if opts.full {
+            lab.arg("--include-ignored");
+        }
+        exec(&mut lab)?;
     }
     Ok(())
 }
