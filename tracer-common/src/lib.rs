@@ -392,7 +392,9 @@ pub mod regs_slot {
     pub const LEARN_BUDGET: u32 = 1;
     /// CPUID exits of traced VMs while the offset was not known (their leaf is unknown).
     pub const CPUID_BEFORE_LAYOUT: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Guest counter reads waiting for their VM entry (0: an entry looks none up).
+    pub const READS_OUTSTANDING: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// The CPUID exit reason of `isa`: VMX basic reason 10, SVM exit code 0x72.

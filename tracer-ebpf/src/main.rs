@@ -134,6 +134,19 @@ static REGS_SAMPLES: RingBuf = RingBuf::with_byte_size(limits::LEARN_RING_BYTES,
 /// with snapshots. One writer per key: the thread itself.
 #[map]
 static VCPU_OF: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VCPU_THREADS, 0);
+/// Slot 0 of each CPU: the vCPU thread that entered its guest here last, and its
+/// `struct kvm_vcpu` (a hash update only when another thread enters here).
+#[map]
+static CPU_VCPU: PerCpuArray<CpuVcpu> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CpuVcpu {
+    tid: u32,
+    _pad: u32,
+    vcpu: u64,
+}
+
 /// vCPU thread id -> its guest counter read, from the CPUID exit that asked until the
 /// next VM entry, where the registers the guest receives are read.
 #[map]
@@ -304,12 +317,15 @@ fn regs_slot_value(i: u32) -> u32 {
 /// guest receives at the next VM entry (`kvm_entry`).
 #[inline(always)]
 fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
-    // SAFETY: the value is copied out.
-    let Some(vcpu) = (unsafe { VCPU_OF.get(&tid) }).copied() else {
+    let plus_one = regs_slot_value(regs_slot::OFFSET_PLUS_ONE);
+    if plus_one != 0 && !cpuid_exit(vm.exit.isa, vm.exit.reason) {
+        // The layout is known and this exit asked nothing: no lookup at all.
+        return;
+    }
+    let Some(vcpu) = vcpu_of(tid) else {
         // No entry of this thread seen yet (it entered before kvmtrace attached).
         return;
     };
-    let plus_one = regs_slot_value(regs_slot::OFFSET_PLUS_ONE);
     if plus_one == 0 {
         learn(vcpu, guest_rip);
         if cpuid_exit(vm.exit.isa, vm.exit.reason) {
@@ -318,9 +334,6 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
                 unsafe { *n += 1 };
             }
         }
-        return;
-    }
-    if !cpuid_exit(vm.exit.isa, vm.exit.reason) {
         return;
     }
     let regs = vcpu + u64::from((plus_one - 1) & 0xffff);
@@ -372,6 +385,20 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
         .is_err()
     {
         count_drop(drop_kind::READ_PENDING_FULL);
+    } else if let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING) {
+        // SAFETY: a live map value shared by all CPUs.
+        unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(n, 1) };
+    }
+}
+
+/// The `struct kvm_vcpu` of vCPU thread `tid`: this CPU's slot when the thread entered
+/// the guest here last, else its entry in `VCPU_OF`.
+#[inline(always)]
+fn vcpu_of(tid: u32) -> Option<u64> {
+    match CPU_VCPU.get(0) {
+        Some(slot) if slot.tid == tid && slot.vcpu != 0 => Some(slot.vcpu),
+        // SAFETY: the value is copied out.
+        _ => unsafe { VCPU_OF.get(&tid) }.copied(),
     }
 }
 
@@ -413,22 +440,43 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     }
     // kvm_entry's first argument is the vCPU on every kernel since 5.7.
     let vcpu: u64 = ctx.arg(0);
-    match VCPU_OF.get_ptr_mut(&tid) {
-        // SAFETY: the thread's own entry.
-        Some(v) => unsafe {
-            if *v != vcpu {
-                *v = vcpu;
-            }
-        },
-        None => {
-            if VCPU_OF.insert(&tid, &vcpu, u64::from(BPF_ANY)).is_err() {
-                count_drop(drop_kind::READ_PENDING_FULL);
+    let Some(slot) = CPU_VCPU.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot.
+    if unsafe { (*slot).tid != tid || (*slot).vcpu != vcpu } {
+        // Another thread entered here last: a traced one is remembered, here and in
+        // the per-thread map (for an exit on another CPU).
+        if !traced(tgid) {
+            return;
+        }
+        // SAFETY: as above.
+        unsafe {
+            (*slot).tid = tid;
+            (*slot).vcpu = vcpu;
+        }
+        match VCPU_OF.get_ptr_mut(&tid) {
+            // SAFETY: the thread's own entry.
+            Some(v) => unsafe { *v = vcpu },
+            None => {
+                if VCPU_OF.insert(&tid, &vcpu, u64::from(BPF_ANY)).is_err() {
+                    count_drop(drop_kind::READ_PENDING_FULL);
+                }
             }
         }
+    }
+    if regs_slot_value(regs_slot::READS_OUTSTANDING) == 0 {
+        return;
     }
     let Some(read) = PENDING_READS.get_ptr_mut(&tid) else {
         return;
     };
+    if let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING) {
+        // SAFETY: a live map value shared by all CPUs; adding u32::MAX subtracts 1.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(n, u32::MAX)
+        };
+    }
     let plus_one = regs_slot_value(regs_slot::OFFSET_PLUS_ONE);
     let regs = vcpu + u64::from(plus_one.wrapping_sub(1) & 0xffff);
     // SAFETY: kernel reads through the probe helper; RAX, RCX, RDX, RBX are regs[0..4].
@@ -724,7 +772,17 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let _ = PENDING.remove(&tid);
     if global(&SNAPSHOTS) != 0 {
         let _ = VCPU_OF.remove(&tid);
-        let _ = PENDING_READS.remove(&tid);
+        if PENDING_READS.remove(&tid).is_ok() {
+            if let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING) {
+                // SAFETY: as in entry_snapshot: adding u32::MAX subtracts 1.
+                unsafe {
+                    core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
+                        n,
+                        u32::MAX,
+                    )
+                };
+            }
+        }
     }
     if global(&FILTER_PIDS_ENABLED) != 0 && process_gone(&ctx, tid, tgid) {
         // Fails (ENOENT) when the process was not traced.
