@@ -61,6 +61,7 @@ fn main() -> std::process::ExitCode {
             Command::Fuzz(opts) => fuzz::run(&opts, &root),
             Command::Bench(opts) => lab::bench::run(&opts, &root),
         });
+    process::wait_if_stopping();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -10,7 +10,10 @@
 use std::{
     os::unix::process::CommandExt as _,
     process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::{Mutex, PoisonError},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicI32, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -53,6 +56,7 @@ pub fn stop_children_on_signals() -> anyhow::Result<()> {
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                STOPPED_BY.store(sig, Ordering::SeqCst);
                 eprintln!("xtask: stopped by signal {sig}: ending its child processes");
                 kill_all();
                 std::process::exit(128 + sig);
@@ -60,6 +64,18 @@ pub fn stop_children_on_signals() -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
     Ok(())
+}
+
+/// The signal that stopped xtask, 0 while none did.
+static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
+
+/// When a signal is stopping xtask, waits for the signal thread to end the children
+/// and exit with 128 + the signal; the work the main thread was doing failed only
+/// because its children were ended. Returns at once otherwise.
+pub fn wait_if_stopping() {
+    while STOPPED_BY.load(Ordering::SeqCst) != 0 {
+        thread::park_timeout(Duration::from_secs(1));
+    }
 }
 
 fn groups() -> std::sync::MutexGuard<'static, Vec<i32>> {
