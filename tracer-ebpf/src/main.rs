@@ -349,11 +349,7 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
         return;
     };
     let (function, index) = (rax as u32, rcx as u32);
-    if function == 0
-        || (function != global(&LEAF_TOTAL)
-            && function != global(&LEAF_COUNT)
-            && function != global(&LEAF_CYCLES))
-    {
+    if !counter_leaf(function) {
         return;
     }
     let reason_key = VmExitKey {
@@ -400,6 +396,15 @@ fn vcpu_of(tid: u32) -> Option<u64> {
         // SAFETY: the value is copied out.
         _ => unsafe { VCPU_OF.get(&tid) }.copied(),
     }
+}
+
+/// Whether `function` is one of the configured counter leaves.
+#[inline(always)]
+fn counter_leaf(function: u32) -> bool {
+    function != 0
+        && (function == global(&LEAF_TOTAL)
+            || function == global(&LEAF_COUNT)
+            || function == global(&LEAF_CYCLES))
 }
 
 /// Sends one register-learning sample, while the budget user space set lasts.
@@ -598,11 +603,7 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         count_drop(drop_kind::READ_FAILED);
         return;
     };
-    if function == 0
-        || (function != global(&LEAF_TOTAL)
-            && function != global(&LEAF_COUNT)
-            && function != global(&LEAF_CYCLES))
-    {
+    if !counter_leaf(function) {
         return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
