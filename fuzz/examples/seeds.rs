@@ -135,6 +135,11 @@ fn record(isa: Isa, reasons: &[(u32, u64)], reads: bool) -> Report {
                 host_reason_count: count + u64::from(i == 0),
                 host_total: total,
                 host_all_vms: Some(total),
+                host_reason_count_at_entry: None,
+                host_total_at_entry: None,
+                host_all_vms_at_entry: None,
+                host_ended_vms: None,
+                host_synthetic: None,
                 seen_by: vec![ReadSource::Registers, ReadSource::KvmCpuid],
                 kvm_cpuid_differs: None,
             });

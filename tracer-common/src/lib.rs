@@ -144,6 +144,8 @@ pub mod maps {
     pub const REGS: &str = "REGS";
     pub const REGS_SAMPLES: &str = "REGS_SAMPLES";
     pub const VCPU_OF: &str = "VCPU_OF";
+    pub const VM_SYNTHETIC: &str = "VM_SYNTHETIC";
+    pub const RUN_STARTED: &str = "RUN_STARTED";
     pub const PENDING_READS: &str = "PENDING_READS";
 }
 
@@ -355,6 +357,17 @@ pub struct CpuidEvent {
     pub host_total: u64,
     /// Every traced VM's exits since the record began, this one included.
     pub host_all_vms: u64,
+    /// The same three at the vCPU's next VM entry, when the guest has its answer: the
+    /// answer was made between the two (other vCPUs and VMs run meanwhile).
+    pub host_reason_count_entry: u64,
+    pub host_total_entry: u64,
+    pub host_all_vms_entry: u64,
+    /// The exits of traced VMs that had ended (their processes gone) by the exit.
+    pub host_ended_vms: u64,
+    /// The VM's synthetic exits by the exit: runs of `vmx_vcpu_run()` that made up an
+    /// INVALID_STATE exit instead of entering the guest; [`UNKNOWN`] where they are not
+    /// counted (not VMX, or the vendor module was reloaded since attach).
+    pub host_synthetic: u64,
     pub pid: u32,
     pub tid: u32,
     /// The leaf (EAX) and subleaf (ECX) the guest asked.
@@ -364,6 +377,17 @@ pub struct CpuidEvent {
     pub isa: u32,
     /// Who saw the read: bits of [`read_source`].
     pub source: u32,
+}
+
+/// A [`CpuidEvent`] count the host does not know.
+pub const UNKNOWN: u64 = u64::MAX;
+
+/// Special keys of the eBPF side's per-VM totals map (keyed by pid otherwise).
+pub mod vm_totals_key {
+    /// Every traced VM's exits (no VM has pid 0).
+    pub const ALL: u32 = 0;
+    /// The exits of traced VMs whose processes have ended (no pid is `u32::MAX`).
+    pub const ENDED: u32 = u32::MAX;
 }
 
 /// Bits of [`CpuidEvent::source`].
@@ -394,7 +418,9 @@ pub mod regs_slot {
     pub const CPUID_BEFORE_LAYOUT: u32 = 2;
     /// Guest counter reads waiting for their VM entry (0: an entry looks none up).
     pub const READS_OUTSTANDING: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// 1 once the probe on `vmx_vcpu_run()` is attached: synthetic exits are counted.
+    pub const SYNTHETIC_TRACKED: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// The CPUID exit reason of `isa`: VMX basic reason 10, SVM exit code 0x72.

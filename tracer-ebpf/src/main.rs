@@ -32,16 +32,16 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_buf,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{kprobe, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{ProbeContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
     CLONE_THREAD, CpuidEvent, ExitKey, ExitStats, HistKey, NO_FIELD, PendingExit, PhaseExitKey,
-    PhaseVcpuKey, RegsSample, VcpuKey, VmExitKey, cpuid_exit, drop_kind, hist_bucket, limits,
-    read_source, regs_slot, vendor,
+    PhaseVcpuKey, RegsSample, UNKNOWN, VcpuKey, VmExitKey, cpuid_exit, drop_kind, hist_bucket,
+    limits, read_source, regs_slot, vendor, vm_totals_key,
 };
 
 #[unsafe(no_mangle)]
@@ -111,8 +111,18 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT,
 /// these are atomic adds (a VM's own vCPUs are the only writers).
 #[map]
 static VM_EXITS: HashMap<VmExitKey, u64> = HashMap::with_max_entries(limits::MAX_VM_ROWS, 0);
+/// Per-VM totals, and the special keys of [`vm_totals_key`]: all VMs, ended VMs.
 #[map]
 static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
+/// Per-VM synthetic exits (VMX INVALID_STATE, made up by `vmx_vcpu_run()` without a
+/// VM entry), kept only with snapshots while the probe on `vmx_vcpu_run()` is attached.
+#[map]
+static VM_SYNTHETIC: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
+/// vCPU thread id -> 1 from `vmx_vcpu_run()`'s start until its `kvm_entry`: still 1 at
+/// the thread's next run means that run entered no guest (a synthetic exit). One
+/// writer per key: the thread itself.
+#[map]
+static RUN_STARTED: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_VCPU_THREADS, 0);
 /// Slot 0 of each CPU: the exit its vCPU thread is handling, while that thread has not
 /// left the CPU. `sched_switch` moves it to `PENDING` when the thread is switched out,
 /// so an entry finds its exit here (no hash lookup) unless the thread slept, was
@@ -266,10 +276,9 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
-        // Key 0 (no VM has pid 0) counts every traced VM.
         if !shared_inc(&VM_EXITS, &vm)
             || !shared_inc(&VM_TOTALS, &tgid)
-            || !shared_inc(&VM_TOTALS, &0)
+            || !shared_inc(&VM_TOTALS, &vm_totals_key::ALL)
         {
             count_drop(drop_kind::VM_MAP_FULL);
         }
@@ -366,7 +375,9 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
             ts_ns: bpf_ktime_get_ns(),
             host_reason_count: VM_EXITS.get(&reason_key).copied().unwrap_or(0),
             host_total: VM_TOTALS.get(&vm.pid).copied().unwrap_or(0),
-            host_all_vms: VM_TOTALS.get(&0).copied().unwrap_or(0),
+            host_all_vms: VM_TOTALS.get(&vm_totals_key::ALL).copied().unwrap_or(0),
+            host_ended_vms: VM_TOTALS.get(&vm_totals_key::ENDED).copied().unwrap_or(0),
+            host_synthetic: synthetic_of(vm.pid),
             pid: vm.pid,
             tid,
             function,
@@ -385,6 +396,19 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
         // SAFETY: a live map value shared by all CPUs.
         unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(n, 1) };
     }
+}
+
+/// The synthetic exits of VM `pid` so far, or [`UNKNOWN`] when they are not counted:
+/// no probe on `vmx_vcpu_run()`, or the vendor module was reloaded since it attached
+/// (the probe went with the old module).
+#[inline(always)]
+fn synthetic_of(pid: u32) -> u64 {
+    if regs_slot_value(regs_slot::SYNTHETIC_TRACKED) == 0 || PHASE.get(0).copied().unwrap_or(0) != 0
+    {
+        return UNKNOWN;
+    }
+    // SAFETY: a plain read of a value the VM's vCPUs add to.
+    unsafe { VM_SYNTHETIC.get(&pid) }.copied().unwrap_or(0)
 }
 
 /// The `struct kvm_vcpu` of vCPU thread `tid`: this CPU's slot when the thread entered
@@ -442,6 +466,12 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !traced(tgid) {
         return;
+    }
+    if regs_slot_value(regs_slot::SYNTHETIC_TRACKED) != 0
+        && let Some(started) = RUN_STARTED.get_ptr_mut(&tid)
+    {
+        // SAFETY: the thread's own entry.
+        unsafe { *started = 0 };
     }
     // kvm_entry's first argument is the vCPU on every kernel since 5.7.
     let vcpu: u64 = ctx.arg(0);
@@ -504,6 +534,20 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     event.rbx = rbx;
     event.rcx = rcx;
     event.rdx = rdx;
+    let reason_key = VmExitKey {
+        pid: tgid,
+        exit: ExitKey {
+            isa: event.isa,
+            reason: event.index,
+            failed_entry: 0,
+        },
+    };
+    // SAFETY: plain reads of values other vCPUs may be adding to.
+    unsafe {
+        event.host_reason_count_entry = VM_EXITS.get(&reason_key).copied().unwrap_or(0);
+        event.host_total_entry = VM_TOTALS.get(&tgid).copied().unwrap_or(0);
+        event.host_all_vms_entry = VM_TOTALS.get(&vm_totals_key::ALL).copied().unwrap_or(0);
+    }
     if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
         count_drop(drop_kind::CPUID_RING_FULL);
     }
@@ -659,7 +703,9 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
     // SAFETY: as above.
     let host_total = unsafe { VM_TOTALS.get(&tgid) }.copied().unwrap_or(0);
     // SAFETY: as above.
-    let host_all_vms = unsafe { VM_TOTALS.get(&0) }.copied().unwrap_or(0);
+    let host_all_vms = unsafe { VM_TOTALS.get(&vm_totals_key::ALL) }
+        .copied()
+        .unwrap_or(0);
     // Only kvm_cpuid saw this read (no CPUID exit asked it, e.g. the emulator's CPUID,
     // or the register layout is not known yet).
     let event = CpuidEvent {
@@ -676,6 +722,14 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         host_reason_count,
         host_total,
         host_all_vms,
+        host_reason_count_entry: host_reason_count,
+        host_total_entry: host_total,
+        host_all_vms_entry: host_all_vms,
+        // SAFETY: as above.
+        host_ended_vms: unsafe { VM_TOTALS.get(&vm_totals_key::ENDED) }
+            .copied()
+            .unwrap_or(0),
+        host_synthetic: synthetic_of(tgid),
         pid: tgid,
         tid,
         function,
@@ -771,8 +825,13 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     }
     // Fails (ENOENT) for every thread that never had an exit pending: nothing to do.
     let _ = PENDING.remove(&tid);
+    let gone = process_gone(&ctx, tid, tgid);
     if global(&SNAPSHOTS) != 0 {
         let _ = VCPU_OF.remove(&tid);
+        let _ = RUN_STARTED.remove(&tid);
+        if gone {
+            vm_ended(tgid);
+        }
         if PENDING_READS.remove(&tid).is_ok() {
             if let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING) {
                 // SAFETY: as in entry_snapshot: adding u32::MAX subtracts 1.
@@ -785,9 +844,68 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
             }
         }
     }
-    if global(&FILTER_PIDS_ENABLED) != 0 && process_gone(&ctx, tid, tgid) {
+    if global(&FILTER_PIDS_ENABLED) != 0 && gone {
         // Fails (ENOENT) when the process was not traced.
         let _ = FILTER_PIDS.remove(&tgid);
+    }
+    0
+}
+
+/// Moves an ended VM's total to the ended VMs' one (once: the removal succeeds once),
+/// so a later read can tell counts carried over from it from those of VMs still
+/// running.
+#[inline(always)]
+fn vm_ended(tgid: u32) {
+    // SAFETY: the value is copied out.
+    let Some(total) = (unsafe { VM_TOTALS.get(&tgid) }).copied() else {
+        return;
+    };
+    let _ = VM_SYNTHETIC.remove(&tgid);
+    if VM_TOTALS.remove(&tgid).is_err() {
+        return;
+    }
+    for _ in 0..2 {
+        if let Some(slot) = VM_TOTALS.get_ptr_mut(&vm_totals_key::ENDED) {
+            // SAFETY: a live map value other CPUs may add to.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, total)
+            };
+            return;
+        }
+        if VM_TOTALS
+            .insert(&vm_totals_key::ENDED, &total, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return;
+        }
+    }
+    count_drop(drop_kind::VM_MAP_FULL);
+}
+
+/// Counts synthetic exits: a vCPU thread that starts `vmx_vcpu_run()` again without a
+/// `kvm_entry` since its last start made up an exit (INVALID_STATE, while the guest
+/// state needs emulation) instead of entering the guest. Attached only with
+/// snapshots, where `vmx_vcpu_run()` exists (kvm_intel loaded at attach).
+#[kprobe]
+pub fn vcpu_run_vmx(ctx: ProbeContext) -> u32 {
+    let _ = ctx;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !traced(tgid) {
+        return 0;
+    }
+    if let Some(started) = RUN_STARTED.get_ptr_mut(&tid) {
+        // SAFETY: the thread's own entry.
+        let synthetic = unsafe {
+            let was = *started;
+            *started = 1;
+            was != 0
+        };
+        if synthetic && !shared_inc(&VM_SYNTHETIC, &tgid) {
+            count_drop(drop_kind::VM_MAP_FULL);
+        }
+    } else if RUN_STARTED.insert(&tid, &1, u64::from(BPF_ANY)).is_err() {
+        count_drop(drop_kind::READ_PENDING_FULL);
     }
     0
 }

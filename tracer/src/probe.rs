@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    programs::{KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use thiserror::Error;
 use tracer_common::{
@@ -117,6 +117,52 @@ pub struct Probe {
     filter_enabled: bool,
     /// False when this kernel has no `module:module_load`: everything is phase 0.
     tracks_phases: bool,
+    /// Whether the probe on `vmx_vcpu_run()` counts synthetic exits.
+    counts_synthetic: bool,
+}
+
+/// The function whose runs that enter no guest are KVM's synthetic exits.
+const VMX_VCPU_RUN: &str = "vmx_vcpu_run";
+
+/// Attaches the synthetic-exit counter to `vmx_vcpu_run()` where kvm_intel is loaded
+/// (its runs without a `kvm_entry` made up an INVALID_STATE exit), and tells the
+/// programs it counts. Elsewhere (kvm_amd, no kvm_intel yet, or a kernel that hides
+/// the symbol) synthetic exits stay unknown, which reconcile says: returns false.
+fn attach_synthetic_counter(ebpf: &mut Ebpf) -> Result<bool, ProbeError> {
+    let present = std::fs::read_to_string("/proc/kallsyms").is_ok_and(|k| {
+        k.lines()
+            .any(|l| l.split_whitespace().nth(2) == Some(VMX_VCPU_RUN))
+    });
+    if !present {
+        log::debug!("no {VMX_VCPU_RUN} in /proc/kallsyms: synthetic exits are not counted");
+        return Ok(false);
+    }
+    let program = "vcpu_run_vmx";
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| ProbeError::Program {
+            action: "find",
+            program: program.to_owned(),
+            source: ProgramError::NotLoaded,
+        })?;
+    let kprobe: &mut KProbe = prog.try_into().map_err(|source| ProbeError::Program {
+        action: "use",
+        program: program.to_owned(),
+        source,
+    })?;
+    kprobe.load().map_err(|e| load_error(program, e))?;
+    if let Err(e) = kprobe.attach(VMX_VCPU_RUN, 0) {
+        log::info!("cannot probe {VMX_VCPU_RUN} ({e}): synthetic exits are not counted");
+        return Ok(false);
+    }
+    let mut regs: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(maps::REGS)
+            .ok_or(ProbeError::MissingMap(maps::REGS))?,
+    )
+    .map_err(map_err(maps::REGS))?;
+    regs.set(regs_slot::SYNTHETIC_TRACKED, 1, 0)
+        .map_err(map_err(maps::REGS))?;
+    Ok(true)
 }
 
 /// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
@@ -203,6 +249,11 @@ impl Probe {
                 for_snapshots(limits::LEARN_RING_BYTES, limits::CPUID_RING_MIN_BYTES),
             )
             .map_max_entries(maps::VCPU_OF, for_snapshots(limits::MAX_VCPU_THREADS, 1))
+            .map_max_entries(maps::VM_SYNTHETIC, for_snapshots(limits::MAX_VMS, 1))
+            .map_max_entries(
+                maps::RUN_STARTED,
+                for_snapshots(limits::MAX_VCPU_THREADS, 1),
+            )
             .map_max_entries(
                 maps::PENDING_READS,
                 for_snapshots(limits::MAX_VCPU_THREADS, 1),
@@ -308,6 +359,7 @@ impl Probe {
                 source,
             })?;
         }
+        let counts_synthetic = leaves.is_some() && attach_synthetic_counter(&mut ebpf)?;
         let cpuid_events = RingBuf::try_from(
             ebpf.take_map(maps::CPUID_EVENTS)
                 .ok_or(ProbeError::MissingMap(maps::CPUID_EVENTS))?,
@@ -325,7 +377,13 @@ impl Probe {
             regs_samples,
             filter_enabled: filter_enabled != 0,
             tracks_phases: module_name_off.is_some(),
+            counts_synthetic,
         })
+    }
+
+    /// Whether synthetic VMX exits are counted (see [`attach_synthetic_counter`]).
+    pub fn counts_synthetic(&self) -> bool {
+        self.counts_synthetic
     }
 
     /// Whether a vendor module load starts a new phase on this kernel.

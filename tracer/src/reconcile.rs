@@ -98,6 +98,23 @@ pub struct Row {
     /// Every cause found for this read, when more than one applies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub causes: Vec<Verdict>,
+    /// Where the read stands among the VM's reads (for attributing totals).
+    #[serde(skip)]
+    at: ReadPoint,
+}
+
+/// What [`attribute_totals`] needs of a read besides its row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ReadPoint {
+    ts_ns: u64,
+    /// The VM's total at the read's exit.
+    vm_total: u64,
+    /// The VM's synthetic exits at the read, where the host counts them.
+    synthetic: Option<u64>,
+    /// vCPUs the VM ran.
+    vcpus: usize,
+    /// The other running VMs' exits at the read (see [`Host::live_others`]).
+    live_others: Option<u64>,
 }
 
 /// All reads of a record, reconciled.
@@ -127,19 +144,68 @@ fn synthetic(isa: Isa, reason: u32) -> bool {
     isa == Isa::Vmx && reason == tracer_common::exit_reasons::VMX_INVALID_STATE
 }
 
-/// What the host knew of the reading VM at the read.
+/// What the host knew of the reading VM at the read: its counts at the CPUID exit
+/// that asked and at the VM entry that gave the answer (KVM made the answer in
+/// between, while other vCPUs and VMs ran on).
 struct Host {
-    /// The count the read is compared with (the reason's, or the VM's total).
+    /// The count the read is compared with (the reason's, or the VM's total), at the
+    /// exit and at the entry.
     count: u64,
-    /// The VM's total.
-    vm_total: u64,
-    /// Every traced VM's exits since the record began (newer records).
-    all_vms: Option<u64>,
+    count_at_entry: u64,
+    /// The VM's total at the entry.
+    vm_total_at_entry: u64,
+    /// Every traced VM's exits since the record began, at the entry (newer records).
+    all_vms_at_entry: Option<u64>,
+    /// Of those, the exits of VMs that had ended (newest records).
+    ended_vms: Option<u64>,
     /// vCPUs the VM ran.
     vcpus: usize,
 }
 
-/// The verdicts of one read, most telling first; empty means unexplained.
+impl Host {
+    fn new(read: &CpuidRead, count: u64, count_at_entry: Option<u64>, vcpus: usize) -> Self {
+        Self {
+            count,
+            count_at_entry: count_at_entry.unwrap_or(count).max(count),
+            vm_total_at_entry: read
+                .host_total_at_entry
+                .unwrap_or(read.host_total)
+                .max(read.host_total),
+            all_vms_at_entry: read.host_all_vms_at_entry.or(read.host_all_vms),
+            ended_vms: read.host_ended_vms,
+            vcpus,
+        }
+    }
+
+    /// The host count nearest to `guest` between the exit and the entry.
+    fn nearest(&self, guest: u64) -> u64 {
+        guest.clamp(self.count, self.count_at_entry)
+    }
+
+    /// The exits of the other VMs still running at the read (`None` in records without
+    /// the all-VMs count). Without the ended VMs' share (older records), every other
+    /// VM counts as running.
+    fn live_others(&self) -> Option<u64> {
+        let others = self
+            .all_vms_at_entry?
+            .saturating_sub(self.vm_total_at_entry);
+        Some(others.saturating_sub(self.ended_vms.unwrap_or(0)))
+    }
+}
+
+/// The causes of a guest value `excess` over every count the host had for the VM:
+/// other VMs running at the same time (`live` exits: shared counters) and/or VMs or
+/// module loads gone before (carried over).
+fn excess_causes(live: Option<u64>, excess: u64) -> Vec<Verdict> {
+    match live {
+        Some(live) if live > 0 && excess <= live => vec![Verdict::SharedAcrossVms],
+        Some(live) if live > 0 => vec![Verdict::SharedAcrossVms, Verdict::CarriedOver],
+        _ => vec![Verdict::CarriedOver],
+    }
+}
+
+/// The verdicts of one read, most telling first; empty means unexplained (for a total:
+/// left to [`attribute_totals`], which sees the VM's other reads).
 fn causes(isa: Isa, reason: Option<u32>, read: &CpuidRead, host: &Host) -> Vec<Verdict> {
     let mut found = Vec::new();
     let mut guest = guest_value(read);
@@ -165,25 +231,16 @@ fn causes(isa: Isa, reason: Option<u32>, read: &CpuidRead, host: &Host) -> Vec<V
             guest = u64::from(read.eax) | (u64::from(high) << 32);
         }
     }
-    let host_count = host.count;
+    let host_count = host.nearest(guest);
     match guest.cmp(&host_count) {
         Ordering::Equal if found.is_empty() => found.push(Verdict::Exact),
         Ordering::Equal => {}
-        Ordering::Greater => {
-            let excess = guest - host_count;
-            let others = host
-                .all_vms
-                .map_or(0, |all| all.saturating_sub(host.vm_total));
-            if reason.is_some_and(|r| synthetic(isa, r)) {
-                found.push(Verdict::SyntheticCounted);
-            } else if others > 0 && excess <= others {
-                found.push(Verdict::SharedAcrossVms);
-            } else if others > 0 {
-                found.extend([Verdict::SharedAcrossVms, Verdict::CarriedOver]);
-            } else {
-                found.push(Verdict::CarriedOver);
-            }
+        Ordering::Greater if reason.is_some_and(|r| synthetic(isa, r)) => {
+            found.push(Verdict::SyntheticCounted);
         }
+        // A total over its VM's count may be synthetic exits: attribute_totals.
+        Ordering::Greater if reason.is_none() => {}
+        Ordering::Greater => found.extend(excess_causes(host.live_others(), guest - host_count)),
         Ordering::Less => {
             let cpuid_self = reason.is_none() || reason == Some(exit_reasons::cpuid_reason(isa));
             if reason.is_none() && read.eax == 0 && host_count > 0 {
@@ -211,39 +268,50 @@ fn guest_value(read: &CpuidRead) -> u64 {
     }
 }
 
+/// The vCPUs VM `pid` ran: its per-vCPU rows, or at least the threads that read.
+fn vcpus_of(report: &Report, pid: u32) -> usize {
+    let rows: std::collections::BTreeSet<u32> = report
+        .vcpus
+        .iter()
+        .filter(|v| v.pid == pid)
+        .map(|v| v.vcpu_id)
+        .collect();
+    let readers: std::collections::BTreeSet<u32> = report
+        .cpuid_reads
+        .iter()
+        .filter(|r| r.pid == pid)
+        .map(|r| r.tid)
+        .collect();
+    rows.len().max(readers.len())
+}
+
 /// Reconciles every count and total read in `report` (cycles reads have no host
-/// counterpart and are left out).
+/// counterpart: see [`cycles_row`]).
 pub fn reconcile(report: &Report) -> Reconciliation {
     let mut rows = Vec::new();
     for read in &report.cpuid_reads {
         let isa = read.isa;
-        let (reason, count) = match read.kind {
-            Some(LeafKind::Count) => (Some(read.index), read.host_reason_count),
-            Some(LeafKind::Total) => (None, read.host_total),
+        let (reason, count, at_entry) = match read.kind {
+            Some(LeafKind::Count) => (
+                Some(read.index),
+                read.host_reason_count,
+                read.host_reason_count_at_entry,
+            ),
+            Some(LeafKind::Total) => (None, read.host_total, read.host_total_at_entry),
             Some(LeafKind::Cycles) => {
-                rows.extend(cycles_row(read));
+                rows.extend(cycles_row(read, &report.cpuid_reads));
                 continue;
             }
             None => continue,
         };
-        let host = Host {
-            count,
-            vm_total: read.host_total,
-            all_vms: read.host_all_vms,
-            vcpus: report
-                .vcpus
-                .iter()
-                .filter(|v| v.pid == read.pid)
-                .map(|v| v.vcpu_id)
-                .collect::<std::collections::BTreeSet<_>>()
-                .len(),
-        };
+        let host = Host::new(read, count, at_entry, vcpus_of(report, read.pid));
         let mut found = causes(isa, reason, read, &host);
         // A total that only lost its high half is truncation by contract, not an error.
         if reason.is_none() && found == [Verdict::Truncated32] {
             found = vec![Verdict::Exact];
         }
         let guest = guest_value(read);
+        let shown = host.nearest(guest);
         rows.push(Row {
             pid: read.pid,
             isa,
@@ -252,11 +320,18 @@ pub fn reconcile(report: &Report) -> Reconciliation {
                 || "TOTAL".to_owned(),
                 |r| exit_reasons::name(isa, r).into_owned(),
             ),
-            host: count,
+            host: shown,
             guest,
-            difference: i128::from(guest) - i128::from(count),
+            difference: i128::from(guest) - i128::from(shown),
             verdict: found.first().copied().unwrap_or(Verdict::Unexplained),
             causes: if found.len() > 1 { found } else { Vec::new() },
+            at: ReadPoint {
+                ts_ns: read.ts_ns,
+                vm_total: read.host_total,
+                synthetic: read.host_synthetic,
+                vcpus: host.vcpus,
+                live_others: host.live_others(),
+            },
         });
     }
     attribute_totals(&mut rows);
@@ -273,12 +348,20 @@ pub fn reconcile(report: &Report) -> Reconciliation {
 
 /// A cycles read has no host counterpart: it only gets a row when the leaf answers like
 /// an unpatched KVM about a defined reason the host saw exit twice or more (the earlier
-/// exit's cycles are in; this query's are not yet). The contract: EAX = EDX = 0,
-/// EBX:ECX the cycles.
-fn cycles_row(read: &CpuidRead) -> Option<Row> {
+/// exit's cycles are in; this query's are not yet), and the VM's count leaf did count
+/// that reason (zero cycles for exits the patch never counted, e.g. fastpath ones, are
+/// the count's fault, named on its row). The contract: EAX = EDX = 0, EBX:ECX the
+/// cycles.
+fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
     let defined = tracer_common::exit_reasons::defined_by_spec(read.isa.raw(), read.index);
     let cycles = (u64::from(read.ebx) << 32) | u64::from(read.ecx);
+    let uncounted = all
+        .iter()
+        .filter(|r| r.pid == read.pid && r.kind == Some(LeafKind::Count) && r.index == read.index)
+        .min_by_key(|r| r.ts_ns.abs_diff(read.ts_ns))
+        .is_some_and(|r| guest_value(r) == 0);
     let unimplemented = defined
+        && !uncounted
         && read.edx != UNDEFINED_EDX
         && read.host_reason_count >= 2
         && (read.eax != 0 || cycles == 0);
@@ -292,31 +375,132 @@ fn cycles_row(read: &CpuidRead) -> Option<Row> {
         difference: 0,
         verdict: Verdict::CyclesNotImplemented,
         causes: Vec::new(),
+        at: ReadPoint {
+            ts_ns: read.ts_ns,
+            vm_total: read.host_total,
+            synthetic: read.host_synthetic,
+            vcpus: 0,
+            live_others: None,
+        },
     })
 }
 
-/// A total the per-reason reads explain: short by no more than the fastpath deficit
-/// and over by no more than the synthetic exits that the VM's count reads show (those
-/// reads are bounds: such exits keep happening between the reads), whatever other
-/// reads of the VM show. Names each contribution.
+/// An interval of differences `[lo, hi]` (guest minus host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    lo: i128,
+    hi: i128,
+}
+
+impl Span {
+    const ZERO: Self = Self { lo: 0, hi: 0 };
+
+    fn holds(self, d: i128) -> bool {
+        (self.lo..=self.hi).contains(&d)
+    }
+}
+
+/// How far the VM's fastpath deficit (exits its count leaf missed on KVM's fastpath)
+/// can be at a total read. Each count read of a fastpath reason gives the deficit at
+/// its own time; the deficit only grows, and by no more than the VM's exits in
+/// between. Reasons never read add nothing.
+fn fastpath_span(rows: &[Row], total: &Row) -> Span {
+    let mut span = Span::ZERO;
+    let mut reasons: Vec<u32> = rows
+        .iter()
+        .filter(|r| r.pid == total.pid && r.reason.is_some_and(|x| fastpath(r.isa, x)))
+        .filter_map(|r| r.reason)
+        .collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    for reason in reasons {
+        let (mut lo, mut hi) = (i128::MIN, 0i128);
+        for r in rows
+            .iter()
+            .filter(|r| r.pid == total.pid && r.reason == Some(reason))
+        {
+            let d = r.difference.min(0);
+            let between = i128::from(r.at.vm_total.abs_diff(total.at.vm_total));
+            if r.at.ts_ns >= total.at.ts_ns {
+                // Read later: the deficit then was at least as deep.
+                lo = lo.max(d);
+                hi = hi.min(d + between);
+            } else {
+                hi = hi.min(d);
+                lo = lo.max(d - between);
+            }
+        }
+        if lo > hi {
+            // Reads that contradict each other (e.g. another vCPU's): no bound.
+            lo = hi.min(0).saturating_sub(i128::from(u32::MAX));
+        }
+        span.lo = span.lo.saturating_add(lo.max(i128::from(i64::MIN)));
+        span.hi = span.hi.saturating_add(hi.min(0));
+    }
+    span
+}
+
+/// A total the VM's other reads and host counts explain, each contribution named:
+/// - fastpath exits the count leaf missed (bounded by the VM's fastpath count reads);
+/// - synthetic exits counted: the host's own count of them at the read, or, where the
+///   host has none, bounded by the VM's reads of the synthetic reason;
+/// - updates lost by a VM with two or more vCPUs;
+/// - other VMs' exits (shared counters) or earlier ones (carried over).
+///
+/// Else, while the VM's count reads are right, the total leaf itself answers wrongly.
 fn attribute_totals(rows: &mut [Row]) {
     for i in 0..rows.len() {
         if rows[i].reason.is_some() || rows[i].verdict != Verdict::Unexplained {
             continue;
         }
         let pid = rows[i].pid;
-        let of_vm = |v: Verdict| -> i128 {
-            rows.iter()
-                .filter(|r| r.pid == pid && r.reason.is_some() && r.verdict == v)
-                .map(|r| r.difference)
-                .sum()
+        let fast = fastpath_span(rows, &rows[i]);
+        let synthetic_reads: i128 = rows
+            .iter()
+            .filter(|r| {
+                r.pid == pid && r.reason.is_some() && r.verdict == Verdict::SyntheticCounted
+            })
+            .map(|r| r.difference)
+            .sum::<i128>()
+            .max(0);
+        let synthetic = match rows[i].at.synthetic {
+            Some(n) => Span {
+                lo: i128::from(n),
+                hi: i128::from(n),
+            },
+            None => Span {
+                lo: 0,
+                hi: synthetic_reads,
+            },
         };
-        let (fastpath, synthetic) = (
-            of_vm(Verdict::FastpathNotCounted).min(0),
-            of_vm(Verdict::SyntheticCounted).max(0),
-        );
         let d = rows[i].difference;
-        if d < fastpath || d > synthetic {
+        let mut found = Vec::new();
+        if fast.holds(d) {
+            found.push(Verdict::FastpathNotCounted);
+        } else if synthetic.hi > 0
+            && (Span {
+                lo: fast.lo + synthetic.lo,
+                hi: fast.hi + synthetic.hi,
+            })
+            .holds(d)
+        {
+            // Over by the synthetic exits, less what the fastpath deficit took.
+            if d < synthetic.hi || fast.hi < 0 {
+                found.push(Verdict::FastpathNotCounted);
+            }
+            found.push(Verdict::SyntheticCounted);
+        } else if d < fast.lo && rows[i].at.vcpus >= 2 {
+            found.push(Verdict::LostUpdates);
+            if fast.hi < 0 {
+                found.push(Verdict::FastpathNotCounted);
+            }
+        } else if d > fast.hi + synthetic.hi {
+            let over = u64::try_from(d - fast.hi - synthetic.hi).unwrap_or(u64::MAX);
+            found.extend(excess_causes(rows[i].at.live_others, over));
+            if fast.hi < 0 {
+                found.push(Verdict::FastpathNotCounted);
+            }
+        } else {
             // Still unexplained while the VM's count leaf reads are right: the total
             // leaf itself answers wrongly.
             let count_reads = || {
@@ -326,18 +510,9 @@ fn attribute_totals(rows: &mut [Row]) {
             };
             let counts_ok =
                 count_reads().all(|r| r.verdict.is_ok() || r.verdict == Verdict::CpuidSelfExit);
-            let any_count = count_reads().next().is_some();
-            if counts_ok && any_count {
-                rows[i].verdict = Verdict::TotalLeafWrong;
+            if counts_ok && count_reads().next().is_some() {
+                found.push(Verdict::TotalLeafWrong);
             }
-            continue;
-        }
-        let mut found = Vec::new();
-        if fastpath < 0 && d < synthetic {
-            found.push(Verdict::FastpathNotCounted);
-        }
-        if synthetic > 0 && d > fastpath {
-            found.push(Verdict::SyntheticCounted);
         }
         if let Some(&first) = found.first() {
             rows[i].verdict = first;
@@ -367,6 +542,11 @@ mod tests {
             host_reason_count: host,
             host_total: host,
             host_all_vms: None,
+            host_reason_count_at_entry: None,
+            host_total_at_entry: None,
+            host_all_vms_at_entry: None,
+            host_ended_vms: None,
+            host_synthetic: None,
             seen_by: vec![ReadSource::Registers],
             kvm_cpuid_differs: None,
         }
@@ -490,27 +670,135 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_total_gets_the_fastpath_and_synthetic_causes_of_its_vm() {
-        // 300 synthetic exits over, up to 722 fastpath exits short, even though
-        // another read of the VM has another cause.
-        let v = verdicts(vec![
-            read(LeafKind::Total, 0, 4400, 0, 4617),
-            read(LeafKind::Count, 32, 31, 0, 753),
-            read(LeafKind::Count, 33, 300, 0, 0),
-            read(LeafKind::Count, 30, 2000, 0, 1387),
-        ]);
-        assert_eq!(v[0], Verdict::FastpathNotCounted);
+    /// `r` at time `ts_ns`, when its VM had made `vm_total` exits.
+    fn at(mut r: CpuidRead, ts_ns: u64, vm_total: u64) -> CpuidRead {
+        r.ts_ns = ts_ns;
+        if r.kind == Some(LeafKind::Total) {
+            r.host_reason_count = vm_total;
+        }
+        r.host_total = vm_total;
+        r
+    }
+
+    fn rows(reads: Vec<CpuidRead>) -> Vec<Row> {
         let mut r = sample_report();
-        r.cpuid_reads = vec![
-            read(LeafKind::Total, 0, 4400, 0, 4617),
-            read(LeafKind::Count, 32, 31, 0, 753),
-            read(LeafKind::Count, 33, 300, 0, 0),
-        ];
+        r.cpuid_reads = reads;
+        reconcile(&r).rows
+    }
+
+    fn all_causes(row: &Row) -> Vec<Verdict> {
+        if row.causes.is_empty() {
+            vec![row.verdict]
+        } else {
+            row.causes.clone()
+        }
+    }
+
+    #[test]
+    fn a_total_names_fastpath_and_synthetic_exits_from_the_host_count() {
+        // handler-top, ept=0 (lab): the total is over the fastpath deficit, which a
+        // later MSR_WRITE read bounds, by exactly the host's synthetic exits.
+        let mut total = at(read(LeafKind::Total, 0, 34_843, 0, 0), 1, 35_454);
+        total.host_synthetic = Some(174);
+        let msr = at(read(LeafKind::Count, 32, 39, 0, 824), 2, 35_480);
+        let r = rows(vec![total.clone(), msr.clone()]);
         assert_eq!(
-            reconcile(&r).rows[0].causes,
+            all_causes(&r[0]),
             [Verdict::FastpathNotCounted, Verdict::SyntheticCounted]
         );
+        // ept=1: no synthetic exits, the deficit alone.
+        total.host_synthetic = Some(0);
+        total.eax = 34_843 - 174 + 26;
+        assert_eq!(
+            all_causes(&rows(vec![total, msr])[0]),
+            [Verdict::FastpathNotCounted]
+        );
+    }
+
+    #[test]
+    fn a_total_gets_the_fastpath_and_synthetic_causes_of_its_vm() {
+        // No host count of synthetic exits: the VM's reads of reason 33 bound them,
+        // even though another read of the VM has another cause.
+        let reads = vec![
+            at(read(LeafKind::Total, 0, 4195, 0, 0), 1, 4617),
+            at(read(LeafKind::Count, 32, 31, 0, 753), 2, 4650),
+            at(read(LeafKind::Count, 33, 300, 0, 0), 3, 4651),
+            at(read(LeafKind::Count, 30, 2000, 0, 1387), 4, 4652),
+        ];
+        let r = rows(reads.clone());
+        assert_eq!(
+            all_causes(&r[0]),
+            [Verdict::FastpathNotCounted, Verdict::SyntheticCounted]
+        );
+        assert_eq!(r[3].verdict, Verdict::CarriedOver);
+        // Far more than both explain, while the count reads are wrong too: nothing to
+        // blame on the total leaf alone.
+        let mut wrong = reads;
+        wrong[0].eax = 1000;
+        wrong.truncate(3);
+        assert_eq!(rows(wrong)[0].verdict, Verdict::Unexplained);
+    }
+
+    #[test]
+    fn running_vms_are_shared_counters_and_ended_ones_carried_over() {
+        let read_with = |guest, ended| {
+            let mut r = with_all(read(LeafKind::Count, 30, guest, 0, 558), 3000, 4000);
+            r.host_ended_vms = Some(ended);
+            r
+        };
+        let r = rows(vec![
+            read_with(900, 0),
+            read_with(900, 1000),
+            read_with(900, 500),
+            read_with(9000, 500),
+        ]);
+        let got: Vec<Vec<Verdict>> = r.iter().map(all_causes).collect();
+        assert_eq!(
+            got,
+            [
+                vec![Verdict::SharedAcrossVms],
+                vec![Verdict::CarriedOver],
+                vec![Verdict::SharedAcrossVms],
+                vec![Verdict::SharedAcrossVms, Verdict::CarriedOver],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_read_is_right_anywhere_between_its_exit_and_its_entry() {
+        let bracket = |guest| {
+            let mut r = read(LeafKind::Count, 10, guest, 0, 558);
+            r.host_reason_count_at_entry = Some(570);
+            r
+        };
+        let r = rows(vec![bracket(565), bracket(571), bracket(556)]);
+        assert_eq!((r[0].verdict, r[0].host), (Verdict::Exact, 565));
+        assert_eq!(
+            (r[1].verdict, r[1].host, r[1].difference),
+            (Verdict::CarriedOver, 570, 1)
+        );
+        assert_eq!((r[2].verdict, r[2].difference), (Verdict::Unexplained, -2));
+    }
+
+    #[test]
+    fn two_vcpus_short_of_their_count_lost_updates() {
+        let mut cpuid = at(read(LeafKind::Count, 10, 190_000, 0, 200_003), 1, 200_500);
+        cpuid.tid = 9;
+        let total = at(read(LeafKind::Total, 0, 190_400, 0, 0), 2, 200_501);
+        let r = rows(vec![cpuid, total]);
+        assert_eq!(r[0].verdict, Verdict::LostUpdates);
+        assert_eq!(all_causes(&r[1]), [Verdict::LostUpdates]);
+    }
+
+    #[test]
+    fn zero_cycles_of_uncounted_exits_are_the_counts_fault() {
+        // slowpath-only: preemption timer exits never counted, so no cycles either.
+        let r = rows(vec![
+            at(read(LeafKind::Count, 52, 0, 0, 705), 1, 5000),
+            at(read(LeafKind::Cycles, 52, 0, 0, 705), 2, 5001),
+        ]);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].verdict, Verdict::FastpathNotCounted);
     }
 
     #[test]

@@ -332,6 +332,24 @@ pub struct CpuidRead {
     /// included (absent in older reports).
     #[serde(default)]
     pub host_all_vms: Option<u64>,
+    /// The same three counts at the vCPU's next VM entry, when the guest had its
+    /// answer: KVM made it in between, while other vCPUs and VMs ran on (absent in older
+    /// reports and for reads only `kvm:kvm_cpuid` saw: equal to the counts above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_reason_count_at_entry: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_total_at_entry: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_all_vms_at_entry: Option<u64>,
+    /// The exits of traced VMs that had ended (their process gone) by the read, out of
+    /// `host_all_vms` (absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ended_vms: Option<u64>,
+    /// The VM's synthetic exits by the read: VMX INVALID_STATE exits that KVM made up
+    /// without a VM entry, which `kvm:kvm_exit` never shows. Absent where they are not
+    /// counted (SVM has none; or kvm_intel was not loaded at attach, or was reloaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_synthetic: Option<u64>,
     /// Who saw the read: the vCPU's registers (at the CPUID exit and the next VM
     /// entry) and/or the `kvm:kvm_cpuid` tracepoint (absent in older reports, which
     /// only had the tracepoint).
@@ -395,6 +413,12 @@ impl CpuidRead {
             host_reason_count: e.host_reason_count,
             host_total: e.host_total,
             host_all_vms: Some(e.host_all_vms),
+            host_reason_count_at_entry: Some(e.host_reason_count_entry),
+            host_total_at_entry: Some(e.host_total_entry),
+            host_all_vms_at_entry: Some(e.host_all_vms_entry),
+            host_ended_vms: Some(e.host_ended_vms),
+            host_synthetic: (e.host_synthetic != tracer_common::UNKNOWN)
+                .then_some(e.host_synthetic),
             seen_by: [
                 (read_source::REGISTERS, ReadSource::Registers),
                 (read_source::KVM_CPUID, ReadSource::KvmCpuid),

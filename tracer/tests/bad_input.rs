@@ -102,6 +102,11 @@ fn sample_with_reads() -> Report {
         host_reason_count: 737,
         host_total: 2550,
         host_all_vms: Some(2550),
+        host_reason_count_at_entry: None,
+        host_total_at_entry: None,
+        host_all_vms_at_entry: None,
+        host_ended_vms: None,
+        host_synthetic: None,
         seen_by: vec![ReadSource::Registers],
         kvm_cpuid_differs: None,
     });
