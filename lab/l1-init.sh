@@ -23,7 +23,7 @@ BY_REASON='hist:keys=isa,exit_reason:vals=hitcount:sort=isa,exit_reason:size=256
 BY_VCPU='hist:keys=vcpu_id,exit_reason:vals=hitcount:sort=vcpu_id,exit_reason:size=1024'
 
 step l1-modules 120
-say "l1 up uptime=$(up) kernel=$(uname -r) cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+say "l1 up uptime=$(up) kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for m in $KVM_DEPS; do
     insmod /lib/modules/lab/$m || finish fail "insmod $m"
 done

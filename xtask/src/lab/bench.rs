@@ -68,6 +68,8 @@ fn lab_options() -> super::Options {
         out: None,
         micro_cpuids: 0,
         micro_outs: 0,
+        micro_vcpus: 1,
+        l1_cpus: 1,
         kvm_modules: None,
         timeout_scale: 1.0,
         scenario: Scenario::Modes,

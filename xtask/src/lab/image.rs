@@ -41,8 +41,8 @@ pub enum Workload {
         /// L2 also sweeps ECX over the counter leaves (`kvmtrace guest --sweep`).
         sweep: bool,
     },
-    /// The static `micro` VMM, once per VM: `cpuids` CPUID exits, `outs` port writes,
-    /// one HLT. With `overlap` the first VM runs in the background while the others run
+    /// The static `micro` VMM, once per VM: per vCPU `cpuids` CPUID exits, `outs` port
+    /// writes, one HLT. With `overlap` the first VM runs in the background while the others run
     /// one after the other.
     Micro {
         binary: PathBuf,
@@ -51,11 +51,20 @@ pub enum Workload {
     },
 }
 
-/// One run of the `micro` VMM.
+/// One run of the `micro` VMM: one VM, whose `vcpus` vCPUs (a thread each) each run
+/// `cpuids` CPUIDs and `outs` port writes at the same time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MicroVm {
     pub cpuids: u32,
     pub outs: u32,
+    pub vcpus: u8,
+}
+
+impl MicroVm {
+    /// The command line that runs it inside L1.
+    fn command(&self) -> String {
+        format!("/bin/micro {} {} {}", self.cpuids, self.outs, self.vcpus)
+    }
 }
 
 /// Everything the L1 initrd holds.
@@ -168,19 +177,16 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
             let Some((first, rest)) = vms.split_first() else {
                 bail!("no micro VMs");
             };
-            let mut s = format!("/bin/micro {} {} &\nfirst=$!\n", first.cpuids, first.outs);
+            let mut s = format!("{} &\nfirst=$!\n", first.command());
             for vm in rest {
-                let _ = writeln!(s, "/bin/micro {} {} || exit $?", vm.cpuids, vm.outs);
+                let _ = writeln!(s, "{} || exit $?", vm.command());
             }
             s.push_str("wait $first");
             s
         }
         Workload::Micro { binary, vms, .. } => {
             a.file("bin/micro", binary)?;
-            let runs: Vec<String> = vms
-                .iter()
-                .map(|vm| format!("/bin/micro {} {}", vm.cpuids, vm.outs))
-                .collect();
+            let runs: Vec<String> = vms.iter().map(MicroVm::command).collect();
             match runs.as_slice() {
                 [one] => format!("exec {one}"),
                 _ => runs.join(" && "),
@@ -315,4 +321,19 @@ pub fn boot_disk(dir: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<(Pa
         )?;
     }
     Ok((disk, cylinders))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_runs_with_its_vcpus() {
+        let vm = MicroVm {
+            cpuids: 100_000,
+            outs: 100,
+            vcpus: 2,
+        };
+        assert_eq!(vm.command(), "/bin/micro 100000 100 2");
+    }
 }

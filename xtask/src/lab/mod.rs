@@ -168,6 +168,17 @@ pub struct Options {
     /// micro workload: how many port writes the guest does.
     #[arg(long, default_value_t = 100)]
     pub micro_outs: u32,
+    /// micro and churn workloads: vCPUs of each micro VM, one thread each, all running
+    /// the CPUIDs and port writes at the same time (with --l1-cpus 2, truly in
+    /// parallel).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_MICRO_VCPUS))]
+    pub micro_vcpus: u8,
+    /// CPUs of the emulated host L1. More than 1 only with --isa amd: QEMU then runs
+    /// L1's CPUs in threads of their own (-accel tcg,thread=multi), truly in parallel.
+    /// Bochs runs all its CPUs in one thread, one instruction at a time, so it cannot
+    /// show races: --isa intel takes 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub l1_cpus: u8,
     /// Directory with kvm.ko and the vendor module (e.g. patched ones) to load instead of
     /// Debian's; their vermagic must match the L1 kernel.
     #[arg(long)]
@@ -206,6 +217,8 @@ const L2_MEMORY_MB: u32 = 128;
 /// The target kvmtrace is built for, statically linked, for L1 and L2.
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 const L1_MEMORY_MB: u32 = 1024;
+/// vCPUs a micro VM may have (lab/micro.c's MAX_VCPUS).
+const MAX_MICRO_VCPUS: i64 = 8;
 /// `kvmtrace reconcile`'s exit status for a difference with no known cause
 /// (tracer/src/exit_status.rs).
 const RECONCILE_UNEXPLAINED: i32 = 5;
@@ -218,6 +231,26 @@ impl Options {
         } else {
             self.modules
         }
+    }
+
+    /// What clap cannot check alone: combinations of options.
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.modes.is_empty() {
+            bail!("--modes needs at least one mode");
+        }
+        if self.timeout_scale <= 0.0 {
+            bail!("--timeout-scale must be positive");
+        }
+        if self.isa == Isa::Intel && self.l1_cpus > 1 {
+            bail!(
+                "--l1-cpus {} needs --isa amd: Bochs runs its CPUs in one thread, one instruction at a time, so it cannot show races",
+                self.l1_cpus
+            );
+        }
+        if self.micro_vcpus > 1 && !matches!(self.workload, Workload::Micro | Workload::Churn) {
+            bail!("--micro-vcpus is for the micro and churn workloads (the boot VM takes --smp)");
+        }
+        Ok(())
     }
 }
 
@@ -296,12 +329,7 @@ struct Inputs {
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
-    if opts.modes.is_empty() {
-        bail!("--modes needs at least one mode");
-    }
-    if opts.timeout_scale <= 0.0 {
-        bail!("--timeout-scale must be positive");
-    }
+    opts.validate()?;
     let started = Instant::now();
     let lab = root.join("target/lab");
     let cache = lab.join("cache");
@@ -349,6 +377,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
                 vec![image::MicroVm {
                     cpuids: opts.micro_cpuids,
                     outs: opts.micro_outs,
+                    vcpus: opts.micro_vcpus,
                 }]
             },
             overlap: opts.workload == Workload::Churn,
@@ -357,8 +386,11 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let run_timeout = match opts.workload {
         Workload::Boot | Workload::Sweep => 300 * u64::from(opts.smp),
         // Under emulation and tracing a CPUID exit takes ~0.1 ms of host time: give a
-        // long micro run (--micro-cpuids 1000000) time in proportion.
-        Workload::Micro | Workload::Churn => 120 + u64::from(opts.micro_cpuids) / 5_000,
+        // long micro run (--micro-cpuids 1000000) time in proportion, for every vCPU
+        // (they share L1's CPUs, and the host's).
+        Workload::Micro | Workload::Churn => {
+            120 + u64::from(opts.micro_cpuids) * u64::from(opts.micro_vcpus) / 5_000
+        }
     };
     let l1 = L1 {
         busybox: inputs.busybox.clone(),
@@ -385,15 +417,17 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     let mut cmd = match opts.isa {
         Isa::Intel => bochs_command(root, &build, &inputs.kernel, &initrd)?,
-        Isa::Amd => qemu_command(&build, &inputs, &initrd)?,
+        Isa::Amd => qemu_command(&build, &inputs, &initrd, opts.l1_cpus)?,
     };
     let s = Step::start(match opts.isa {
         Isa::Intel => "bochs",
         Isa::Amd => "qemu-tcg",
     });
     s.note(format!(
-        "L1 {} with {} modes {:?}",
+        "L1 {} ({} CPU{}) with {} modes {:?}",
         inputs.abi,
+        opts.l1_cpus,
+        if opts.l1_cpus == 1 { "" } else { "s" },
         opts.isa.paging(),
         opts.modes
     ));
@@ -516,12 +550,14 @@ fn download_inputs(opts: &Options, cache: &Path) -> anyhow::Result<Inputs> {
     })
 }
 
-/// Builds the static `micro` VMM (lab/micro.c) into `build`.
+/// Builds the static `micro` VMM (lab/micro.c) into `build`: a thread per vCPU.
 fn build_micro(root: &Path, build: &Path) -> anyhow::Result<PathBuf> {
     let binary = build.join("micro");
     run_bounded(
         Command::new("gcc")
-            .args(["-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o"])
+            .args([
+                "-O2", "-static", "-pthread", "-Wall", "-Wextra", "-Werror", "-o",
+            ])
             .arg(&binary)
             .arg(root.join("lab/micro.c")),
         Duration::from_secs(120),
@@ -623,7 +659,9 @@ fn bochs_command(
     Ok(cmd)
 }
 
-fn qemu_command(build: &Path, inputs: &Inputs, initrd: &Path) -> anyhow::Result<Command> {
+/// QEMU TCG as L1 with `cpus` CPUs; with more than one, each runs in a host thread of
+/// its own (multi-threaded TCG), so L1's CPUs run truly in parallel.
+fn qemu_command(build: &Path, inputs: &Inputs, initrd: &Path, cpus: u8) -> anyhow::Result<Command> {
     let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64");
     let mut cmd = Command::new(qemu);
     if let Some(dir) = &inputs.qemu_module_dir {
@@ -632,45 +670,69 @@ fn qemu_command(build: &Path, inputs: &Inputs, initrd: &Path) -> anyhow::Result<
     for d in &inputs.qemu_data_dirs {
         cmd.arg("-L").arg(d);
     }
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-smp",
-        "1",
-        "-no-reboot",
-        "-nodefaults",
-    ])
-    .args(["-display", "none", "-monitor", "none", "-net", "none"])
-    .arg("-m")
-    .arg(format!("{L1_MEMORY_MB}M"))
-    .arg("-serial")
-    .arg(format!("file:{}", build.join("serial.out").display()))
-    .arg("-kernel")
-    .arg(&inputs.kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-append")
-    .arg(image::L1_APPEND)
-    .current_dir(build);
+    cmd.args(["-accel", if cpus > 1 { "tcg,thread=multi" } else { "tcg" }])
+        .args(["-cpu", "max", "-smp"])
+        .arg(cpus.to_string())
+        .args(["-no-reboot", "-nodefaults"])
+        .args(["-display", "none", "-monitor", "none", "-net", "none"])
+        .arg("-m")
+        .arg(format!("{L1_MEMORY_MB}M"))
+        .arg("-serial")
+        .arg(format!("file:{}", build.join("serial.out").display()))
+        .arg("-kernel")
+        .arg(&inputs.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(image::L1_APPEND)
+        .current_dir(build);
     Ok(cmd)
 }
 
-/// The results directory of one mode: `ept1`, `npt0.micro`, `ept1.smp2`, ... (the bare
-/// tag with an explicit --out).
+/// The results directory of one mode: `ept1`, `npt0.micro`, `ept1.smp2`,
+/// `npt1.micro.vcpus2.l1cpus2`, ... (the bare tag with an explicit --out).
 fn mode_dir_name(opts: &Options, mode: u8) -> String {
     let mut name = format!("{}{mode}", opts.isa.paging());
+    if opts.out.is_some() {
+        return name;
+    }
     match opts.workload {
-        _ if opts.out.is_some() => {}
-        Workload::Micro => name.push_str(".micro"),
-        Workload::Churn => name.push_str(".churn"),
+        Workload::Micro | Workload::Churn => {
+            name.push_str(if opts.workload == Workload::Micro {
+                ".micro"
+            } else {
+                ".churn"
+            });
+            if opts.micro_vcpus > 1 {
+                name.push_str(&format!(".vcpus{}", opts.micro_vcpus));
+            }
+        }
         _ if opts.vms > 1 => name.push_str(&format!(".vms{}", opts.vms)),
         Workload::Sweep => name.push_str(".sweep"),
         Workload::Boot if opts.smp > 1 => name.push_str(&format!(".smp{}", opts.smp)),
         Workload::Boot => {}
     }
+    if opts.l1_cpus > 1 {
+        name.push_str(&format!(".l1cpus{}", opts.l1_cpus));
+    }
     name
+}
+
+/// The workload's label on the console: `micro`, `boot, 2 vCPUs`, `micro, 2 vCPUs,
+/// L1 2 CPUs`, ...
+fn workload_label(opts: &Options) -> String {
+    let mut label = format!("{:?}", opts.workload).to_lowercase();
+    let vcpus = match opts.workload {
+        Workload::Boot | Workload::Sweep => opts.smp,
+        Workload::Micro | Workload::Churn => opts.micro_vcpus,
+    };
+    if vcpus > 1 {
+        label.push_str(&format!(", {vcpus} vCPUs"));
+    }
+    if opts.l1_cpus > 1 {
+        label.push_str(&format!(", L1 {} CPUs", opts.l1_cpus));
+    }
+    label
 }
 
 /// Writes the nested-vs-shadow A/B report, `report.md` and `report.svg`, with the
@@ -836,9 +898,10 @@ fn micro_readout(
     lines: &[emulator::Line],
     l1: &L1,
 ) -> anyhow::Result<Vec<String>> {
-    let (L2Workload::Micro { vms, .. }, Some((kvmtrace, _))) = (&l1.workload, &l1.kvmtrace) else {
+    let (L2Workload::Micro { .. }, Some((kvmtrace, _))) = (&l1.workload, &l1.kvmtrace) else {
         return Ok(Vec::new());
     };
+    let vms = micro_runs(l1);
     let modules = opts.module_set();
     if modules == Modules::Stock {
         return Ok(Vec::new());
@@ -857,22 +920,46 @@ fn micro_readout(
             Some((field("cpuid=")?, field("io=")?))
         })
         .collect();
-    let mut expected: Vec<(u64, u64)> = vms
+    let ranges = micro_leaf_ranges(&vms);
+    let known = micro_leaves_fit(&received, &ranges);
+    if ranges
         .iter()
-        .map(|v| (u64::from(v.cpuids) + 1, u64::from(v.outs)))
-        .collect();
-    let mut got = received.clone();
-    expected.sort_unstable();
-    got.sort_unstable();
-    let known = got == expected;
-    println!(
-        "  micro leaves received {received:?}, known exits {expected:?}: {}",
-        if known { "equal" } else { "DIFFERENT" }
-    );
-    if !known && correct {
-        problems.push(format!(
-            "the guest received {received:?} from the leaves, its known exits are {expected:?}"
-        ));
+        .all(|(c, i)| c.start() == c.end() && i.start() == i.end())
+    {
+        // One vCPU per VM: each VM's own exits, exactly.
+        let mut expected: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|(c, i)| (*c.start(), *i.start()))
+            .collect();
+        expected.sort_unstable();
+        println!(
+            "  micro leaves received {received:?}, known exits {expected:?}: {}",
+            if known { "equal" } else { "DIFFERENT" }
+        );
+        if !known && correct {
+            problems.push(format!(
+                "the guest received {received:?} from the leaves, its known exits are {expected:?}"
+            ));
+        }
+    } else {
+        // Several vCPUs: what each reads depends on the others' progress.
+        let bounds: Vec<String> = ranges
+            .iter()
+            .map(|(c, i)| format!("cpuid {c:?} io {i:?}"))
+            .collect();
+        println!(
+            "  micro leaves received {received:?} ({} vCPUs), each within one of [{}]: {}",
+            ranges.len(),
+            bounds.join(", "),
+            if known { "yes" } else { "NO" }
+        );
+        if !known && correct {
+            problems.push(format!(
+                "the {} vCPUs received {received:?} from the leaves, outside their bounds [{}]",
+                ranges.len(),
+                bounds.join(", ")
+            ));
+        }
     }
     if !l1
         .record_args
@@ -887,7 +974,7 @@ fn micro_readout(
         "  kvmtrace reconcile: {}",
         reconciled.table.lines().next().unwrap_or_default()
     );
-    let want_reads = MICRO_LEAF_READS * vms.len() as u64;
+    let want_reads = MICRO_LEAF_READS * micro_vcpus(&vms);
     if reconciled.reads != want_reads {
         problems.push(format!(
             "kvmtrace saw {} guest counter reads, the guest made {want_reads}",
@@ -902,6 +989,14 @@ fn micro_readout(
 /// kvmtrace ran and disagrees with the hist, or the micro workload's counts are off.
 fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow::Result<()> {
     let mut problems = Vec::new();
+    match l1_cpus_up(&run.lines) {
+        Some(n) if n == u64::from(opts.l1_cpus) => println!("L1 brought up {n} CPU(s)"),
+        Some(n) => problems.push(format!(
+            "L1 brought up {n} CPU(s), --l1-cpus asked for {}",
+            opts.l1_cpus
+        )),
+        None => problems.push("L1 did not say how many CPUs it has".to_owned()),
+    }
     // --scenario reload: one record for the whole run, split into phases.
     let whole = report::section(&run.lines, "record", "all");
     if let Some(text) = &whole {
@@ -980,19 +1075,9 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             .any(|l| l.text.starts_with(&format!("L2| {}", image::END_MARKER)));
 
         println!(
-            "\n== {} {tag} ({}{}): L2 {} in {run_time:.1} s, {} exits",
+            "\n== {} {tag} ({}): L2 {} in {run_time:.1} s, {} exits",
             opts.isa.name(),
-            match opts.workload {
-                Workload::Boot => "boot",
-                Workload::Sweep => "sweep",
-                Workload::Micro => "micro",
-                Workload::Churn => "churn",
-            },
-            if opts.smp > 1 {
-                format!(", {} vCPUs", opts.smp)
-            } else {
-                String::new()
-            },
+            workload_label(opts),
             if reached_end {
                 "reached its end"
             } else {
@@ -1066,7 +1151,7 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             }
             problems.extend(vcpu_problems);
         }
-        if opts.smp > 1 {
+        if opts.smp > 1 || opts.micro_vcpus > 1 {
             println!("  per vCPU (hist / kvmtrace):");
             for (vcpu, h, k) in &vcpu_rows {
                 println!(
@@ -1075,10 +1160,10 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
                 );
             }
         }
-        if let L2Workload::Micro { vms, .. } = &l1.workload
+        if let L2Workload::Micro { .. } = &l1.workload
             && opts.scenario != Scenario::Signal
         {
-            let expect = micro_expectations(opts.isa, vms);
+            let expect = micro_expectations(opts.isa, &micro_runs(l1));
             for (reason, want) in expect {
                 let have = hist.by_reason.get(&reason).copied().unwrap_or(0);
                 let rec_have = record
@@ -1110,6 +1195,8 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
             "mode": tag,
             "workload": format!("{:?}", opts.workload).to_lowercase(),
             "smp": opts.smp,
+            "micro_vcpus": opts.micro_vcpus,
+            "l1_cpus": opts.l1_cpus,
             "l2_reached_end": reached_end,
             "l2_seconds": run_time,
             "l1_steps": run.steps.iter().map(|(n, t)| json!({"step": n, "seconds": t})).collect::<Vec<_>>(),
@@ -1130,6 +1217,17 @@ fn summarize(opts: &Options, out: &Path, run: &emulator::Run, l1: &L1) -> anyhow
     } else {
         bail!("{}", problems.join("; "))
     }
+}
+
+/// The CPUs L1 has online, from its init's `KVMLAB l1 up ... cpus=N` line.
+fn l1_cpus_up(lines: &[emulator::Line]) -> Option<u64> {
+    lines
+        .iter()
+        .find_map(|l| l.text.strip_prefix("KVMLAB l1 up "))?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("cpus="))?
+        .parse()
+        .ok()
 }
 
 /// The timing invariants of one record (see [`report::timing_problems`]), printed;
@@ -1222,18 +1320,117 @@ pub const MICRO_LEAF_READS: u64 = 3;
 
 /// The VMs of the churn workload, from --micro-cpuids C and --micro-outs O: one with
 /// 20·C CPUIDs in the background, then (C, O) and (2·C, 2·O) one after the other.
+/// Each VM has --micro-vcpus vCPUs.
 fn churn_vms(opts: &Options) -> Vec<image::MicroVm> {
     let (c, o) = (opts.micro_cpuids, opts.micro_outs);
     [(20 * c, 0), (c, o), (2 * c, 2 * o)]
         .into_iter()
-        .map(|(cpuids, outs)| image::MicroVm { cpuids, outs })
+        .map(|(cpuids, outs)| image::MicroVm {
+            cpuids,
+            outs,
+            vcpus: opts.micro_vcpus,
+        })
         .collect()
 }
 
+/// Every micro VM one mode runs: the workload's VMs, `l1.vms` times over.
+fn micro_runs(l1: &L1) -> Vec<image::MicroVm> {
+    match &l1.workload {
+        L2Workload::Micro { vms, .. } => {
+            let times = usize::from(l1.vms.max(1));
+            vms.iter()
+                .cycle()
+                .take(vms.len() * times)
+                .copied()
+                .collect()
+        }
+        L2Workload::Boot { .. } => Vec::new(),
+    }
+}
+
+/// All the vCPUs of `vms`.
+fn micro_vcpus(vms: &[image::MicroVm]) -> u64 {
+    vms.iter().map(|v| u64::from(v.vcpus)).sum()
+}
+
+/// What each vCPU of `vms` may receive from the counter leaves, with correct modules:
+/// a (CPUID count, I/O count) range per vCPU. One vCPU reads its VM's exact exits:
+/// its CPUIDs and the query itself, its port writes. With several, a vCPU's read
+/// also counts what the others did so far: at least its own, at most all of theirs
+/// (each vCPU's CPUIDs and its three queries).
+fn micro_leaf_ranges(
+    vms: &[image::MicroVm],
+) -> Vec<(std::ops::RangeInclusive<u64>, std::ops::RangeInclusive<u64>)> {
+    let mut ranges = Vec::new();
+    for vm in vms {
+        let (c, o, n) = (
+            u64::from(vm.cpuids),
+            u64::from(vm.outs),
+            u64::from(vm.vcpus),
+        );
+        for _ in 0..vm.vcpus {
+            ranges.push(if n == 1 {
+                (c + 1..=c + 1, o..=o)
+            } else {
+                (c + 1..=n * (c + MICRO_LEAF_READS), o..=n * o)
+            });
+        }
+    }
+    ranges
+}
+
+/// Whether the readout lines fit the vCPUs' ranges one to one: as many lines as
+/// vCPUs, and each vCPU's line within its range (a bipartite matching, since lines do
+/// not say which VM printed them).
+fn micro_leaves_fit(
+    received: &[(u64, u64)],
+    ranges: &[(std::ops::RangeInclusive<u64>, std::ops::RangeInclusive<u64>)],
+) -> bool {
+    if received.len() != ranges.len() {
+        return false;
+    }
+    let fits = |line: usize, slot: usize| {
+        let ((c, i), (cr, ir)) = (received[line], &ranges[slot]);
+        cr.contains(&c) && ir.contains(&i)
+    };
+    // Kuhn's augmenting paths: owner[slot] is the line that has it.
+    fn augment(
+        line: usize,
+        slots: usize,
+        fits: &dyn Fn(usize, usize) -> bool,
+        seen: &mut [bool],
+        owner: &mut [Option<usize>],
+    ) -> bool {
+        for slot in 0..slots {
+            if seen[slot] || !fits(line, slot) {
+                continue;
+            }
+            seen[slot] = true;
+            if owner[slot].is_none_or(|other| augment(other, slots, fits, seen, owner)) {
+                owner[slot] = Some(line);
+                return true;
+            }
+        }
+        false
+    }
+    let mut owner = vec![None; ranges.len()];
+    (0..received.len()).all(|line| {
+        let mut seen = vec![false; ranges.len()];
+        augment(line, ranges.len(), &fits, &mut seen, &mut owner)
+    })
+}
+
+/// The exits of `vms` known in advance, per reason: every vCPU's CPUIDs and its three
+/// leaf reads, its port writes and its HLT.
 fn micro_expectations(isa: Isa, vms: &[image::MicroVm]) -> Vec<(report::Reason, u64)> {
-    let n = vms.len() as u64;
-    let cpuids: u64 = vms.iter().map(|v| u64::from(v.cpuids)).sum();
-    let outs: u64 = vms.iter().map(|v| u64::from(v.outs)).sum();
+    let n = micro_vcpus(vms);
+    let each = |f: fn(&image::MicroVm) -> u32| -> u64 {
+        vms.iter()
+            .map(|v| u64::from(v.vcpus) * u64::from(f(v)))
+            .sum()
+    };
+    let cpuids = each(|v| v.cpuids);
+    let outs = each(|v| v.outs);
     let r = |reason| report::Reason {
         isa: isa.trace_isa(),
         reason,
@@ -1248,4 +1445,216 @@ fn micro_expectations(isa: Isa, vms: &[image::MicroVm]) -> Vec<(report::Reason, 
         (r(io), outs),
         (r(hlt), n),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lab: Options,
+    }
+
+    fn parse(args: &[&str]) -> anyhow::Result<Options> {
+        Ok(Cli::try_parse_from(std::iter::once("lab").chain(args.iter().copied()))?.lab)
+    }
+
+    /// Why `validate` refuses the options `args`.
+    fn refused(args: &[&str]) -> anyhow::Result<String> {
+        match parse(args)?.validate() {
+            Ok(()) => bail!("{args:?} passed validation"),
+            Err(e) => Ok(e.to_string()),
+        }
+    }
+
+    fn vm(cpuids: u32, outs: u32, vcpus: u8) -> image::MicroVm {
+        image::MicroVm {
+            cpuids,
+            outs,
+            vcpus,
+        }
+    }
+
+    fn raw(expect: &[(report::Reason, u64)]) -> Vec<(u64, u64)> {
+        expect.iter().map(|(r, n)| (r.reason.into(), *n)).collect()
+    }
+
+    #[test]
+    fn one_vcpu_expectations_are_unchanged() {
+        let e = micro_expectations(Isa::Intel, &[vm(1000, 100, 1)]);
+        assert_eq!(raw(&e), [(10, 1003), (30, 100), (12, 1)]);
+        let e = micro_expectations(Isa::Amd, &[vm(1000, 100, 1), vm(10, 1, 1)]);
+        assert_eq!(raw(&e), [(0x72, 1016), (0x7b, 101), (0x78, 2)]);
+    }
+
+    #[test]
+    fn expectations_multiply_by_vcpus() {
+        let e = micro_expectations(Isa::Amd, &[vm(100_000, 100, 2)]);
+        assert_eq!(raw(&e), [(0x72, 200_006), (0x7b, 200), (0x78, 2)]);
+        // A churn: VMs of several vCPUs each.
+        let e = micro_expectations(Isa::Intel, &[vm(20, 0, 3), vm(1, 2, 3)]);
+        assert_eq!(raw(&e), [(10, 3 * 23 + 3 * 4), (30, 6), (12, 6)]);
+    }
+
+    #[test]
+    fn leaf_ranges_are_exact_for_one_vcpu() {
+        let r = micro_leaf_ranges(&[vm(1000, 100, 1)]);
+        assert_eq!(r, [(1001..=1001, 100..=100)]);
+        assert!(micro_leaves_fit(&[(1001, 100)], &r));
+        assert!(!micro_leaves_fit(&[(1000, 100)], &r));
+        assert!(!micro_leaves_fit(&[(1001, 100), (1001, 100)], &r));
+        assert!(!micro_leaves_fit(&[], &r));
+    }
+
+    #[test]
+    fn leaf_ranges_of_several_vcpus_bound_what_each_sees() {
+        let r = micro_leaf_ranges(&[vm(1000, 100, 2)]);
+        assert_eq!(r, [(1001..=2006, 100..=200), (1001..=2006, 100..=200)]);
+        // The first vCPU to read sees part of the other's exits, the last all of them.
+        assert!(micro_leaves_fit(&[(1500, 150), (2004, 200)], &r));
+        assert!(micro_leaves_fit(&[(1001, 100), (1001, 100)], &r));
+        // A lost update: less than the vCPU's own CPUIDs and query.
+        assert!(!micro_leaves_fit(&[(999, 100), (2004, 200)], &r));
+        assert!(!micro_leaves_fit(&[(1500, 201), (2004, 200)], &r));
+        // One line per vCPU.
+        assert!(!micro_leaves_fit(&[(1500, 150)], &r));
+    }
+
+    #[test]
+    fn leaves_are_matched_to_vms_one_to_one() {
+        // Two VMs; the lines in any order.
+        let r = micro_leaf_ranges(&[vm(10, 0, 2), vm(1000, 5, 2)]);
+        assert!(micro_leaves_fit(
+            &[(1500, 7), (15, 0), (1003, 10), (11, 0)],
+            &r
+        ));
+        // Three lines fit the big VM, one of them only there: no one-to-one fit.
+        assert!(!micro_leaves_fit(
+            &[(1500, 7), (1003, 10), (1001, 5), (11, 0)],
+            &r
+        ));
+        // The first line fits both VMs; the matching must move it to make room.
+        let r = [(1..=100, 0..=0), (1..=10, 0..=0)];
+        assert!(micro_leaves_fit(&[(5, 0), (50, 0)], &r));
+    }
+
+    #[test]
+    fn micro_runs_repeat_the_vms() {
+        let l1 = L1 {
+            busybox: PathBuf::new(),
+            init: PathBuf::new(),
+            modules: Vec::new(),
+            paging: "npt",
+            modes: vec![1],
+            workload: L2Workload::Micro {
+                binary: PathBuf::new(),
+                vms: vec![vm(1, 2, 2), vm(3, 4, 2)],
+                overlap: false,
+            },
+            kvmtrace: None,
+            record_args: String::new(),
+            run_timeout: 1,
+            vms: 2,
+            scenario: "modes",
+            signals: String::new(),
+            signal_after: 0,
+        };
+        let runs = micro_runs(&l1);
+        assert_eq!(runs, [vm(1, 2, 2), vm(3, 4, 2), vm(1, 2, 2), vm(3, 4, 2)]);
+        assert_eq!(micro_vcpus(&runs) * MICRO_LEAF_READS, 24);
+    }
+
+    #[test]
+    fn vcpus_and_l1_cpus_are_checked() -> anyhow::Result<()> {
+        let o = parse(&["--isa", "amd", "--workload", "micro"])?;
+        assert_eq!((o.micro_vcpus, o.l1_cpus), (1, 1));
+        o.validate()?;
+        parse(&[
+            "--isa",
+            "amd",
+            "--workload",
+            "micro",
+            "--micro-vcpus",
+            "8",
+            "--l1-cpus",
+            "2",
+        ])?
+        .validate()?;
+        for bad in [
+            ["--micro-vcpus", "9"],
+            ["--micro-vcpus", "0"],
+            ["--l1-cpus", "3"],
+            ["--l1-cpus", "0"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
+        let err = refused(&["--isa", "intel", "--l1-cpus", "2"])?;
+        assert!(err.contains("--isa amd") && err.contains("Bochs"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        // Bochs with one L1 CPU still runs micro VMs of several vCPUs.
+        parse(&[
+            "--isa",
+            "intel",
+            "--workload",
+            "micro",
+            "--micro-vcpus",
+            "2",
+        ])?
+        .validate()?;
+        let err = refused(&["--workload", "boot", "--micro-vcpus", "2"])?;
+        assert!(err.contains("--smp"), "{err}");
+        parse(&["--workload", "churn", "--micro-vcpus", "2"])?.validate()?;
+        Ok(())
+    }
+
+    #[test]
+    fn l1_says_how_many_cpus_it_has() {
+        let line = |text: &str| emulator::Line {
+            at: 0.0,
+            text: text.to_owned(),
+        };
+        let lines = [
+            line("KVMLAB step l1-modules 120"),
+            line("KVMLAB l1 up uptime=1.5 kernel=6.1.0-41-cloud-amd64 cpus=2 cpu= AMD EPYC"),
+        ];
+        assert_eq!(l1_cpus_up(&lines), Some(2));
+        assert_eq!(l1_cpus_up(&lines[..1]), None);
+    }
+
+    #[test]
+    fn results_directories_name_vcpus_and_l1_cpus() -> anyhow::Result<()> {
+        let opts = |args: &str| parse(&args.split_whitespace().collect::<Vec<_>>());
+        for (args, mode, want) in [
+            ("--workload micro", 1, "ept1.micro"),
+            (
+                "--isa amd --workload micro --micro-vcpus 2",
+                0,
+                "npt0.micro.vcpus2",
+            ),
+            (
+                "--isa amd --workload churn --micro-vcpus 2 --l1-cpus 2",
+                1,
+                "npt1.churn.vcpus2.l1cpus2",
+            ),
+            ("--isa amd --smp 2 --l1-cpus 2", 1, "npt1.smp2.l1cpus2"),
+            ("--isa amd --micro-vcpus 2 --l1-cpus 2 --out x", 1, "npt1"),
+        ] {
+            assert_eq!(mode_dir_name(&opts(args)?, mode), want, "{args}");
+        }
+        for (args, want) in [
+            ("--workload micro", "micro"),
+            (
+                "--workload micro --micro-vcpus 2 --l1-cpus 2",
+                "micro, 2 vCPUs, L1 2 CPUs",
+            ),
+            ("--smp 2", "boot, 2 vCPUs"),
+        ] {
+            assert_eq!(workload_label(&opts(args)?), want, "{args}");
+        }
+        Ok(())
+    }
 }
