@@ -829,5 +829,8 @@ fn intel_handler_top_is_named() {
         .filter_map(|r| r.host_synthetic)
         .max()
         .unwrap_or(0);
-    assert!(synthetic > 0, "the host counted no synthetic exit under ept=0");
+    assert!(
+        synthetic > 0,
+        "the host counted no synthetic exit under ept=0"
+    );
 }

@@ -138,13 +138,7 @@ fn attach_synthetic_counter(ebpf: &mut Ebpf) -> Result<bool, ProbeError> {
         return Ok(false);
     }
     let program = "vcpu_run_vmx";
-    let prog = ebpf
-        .program_mut(program)
-        .ok_or_else(|| ProbeError::Program {
-            action: "find",
-            program: program.to_owned(),
-            source: ProgramError::NotLoaded,
-        })?;
+    let prog = find_program(ebpf, program)?;
     let kprobe: &mut KProbe = prog.try_into().map_err(|source| ProbeError::Program {
         action: "use",
         program: program.to_owned(),
@@ -331,13 +325,7 @@ impl Probe {
                 "kvm_cpuid" => &cpuid_tp,
                 _ => exit_tp,
             };
-            let prog = ebpf
-                .program_mut(program)
-                .ok_or_else(|| ProbeError::Program {
-                    action: "find",
-                    program: program.to_owned(),
-                    source: ProgramError::NotLoaded,
-                })?;
+            let prog = find_program(&mut ebpf, program)?;
             let unusable = |source| ProbeError::Program {
                 action: "use",
                 program: program.to_owned(),
@@ -686,6 +674,18 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
         log::debug!("kernel BTF not hidden: {}", std::io::Error::last_os_error());
     }
     loader
+}
+
+/// The program `name` of the loaded object.
+fn find_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program, ProbeError> {
+    ebpf.program_mut(name).ok_or_else(|| ProbeError::Program {
+        action: "find",
+        program: name.to_owned(),
+        source: ProgramError::NotLoaded,
+    })
 }
 
 fn load_error(program: &str, err: ProgramError) -> ProbeError {

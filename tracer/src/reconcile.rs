@@ -2,7 +2,10 @@
 //! own count at the same instant (`record --snapshots`), reason by reason, and naming
 //! the cause of every difference that has a known one. Pure: a report in, rows out.
 
-use std::cmp::Ordering;
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use serde::Serialize;
 
@@ -268,27 +271,29 @@ fn guest_value(read: &CpuidRead) -> u64 {
     }
 }
 
-/// The vCPUs VM `pid` ran: its per-vCPU rows, or at least the threads that read.
-fn vcpus_of(report: &Report, pid: u32) -> usize {
-    let rows: std::collections::BTreeSet<u32> = report
-        .vcpus
-        .iter()
-        .filter(|v| v.pid == pid)
-        .map(|v| v.vcpu_id)
-        .collect();
-    let readers: std::collections::BTreeSet<u32> = report
-        .cpuid_reads
-        .iter()
-        .filter(|r| r.pid == pid)
-        .map(|r| r.tid)
-        .collect();
-    rows.len().max(readers.len())
+/// The vCPUs each VM ran: its per-vCPU rows, or at least the threads that read.
+fn vcpus_per_vm(report: &Report) -> BTreeMap<u32, usize> {
+    let mut ids: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for v in &report.vcpus {
+        ids.entry(v.pid).or_default().insert(v.vcpu_id);
+    }
+    let mut readers: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for r in &report.cpuid_reads {
+        readers.entry(r.pid).or_default().insert(r.tid);
+    }
+    let mut vcpus: BTreeMap<u32, usize> = ids.into_iter().map(|(p, s)| (p, s.len())).collect();
+    for (pid, tids) in readers {
+        let n = vcpus.entry(pid).or_default();
+        *n = (*n).max(tids.len());
+    }
+    vcpus
 }
 
 /// Reconciles every count and total read in `report` (cycles reads have no host
 /// counterpart: see [`cycles_row`]).
 pub fn reconcile(report: &Report) -> Reconciliation {
     let mut rows = Vec::new();
+    let vcpus = vcpus_per_vm(report);
     for read in &report.cpuid_reads {
         let isa = read.isa;
         let (reason, count, at_entry) = match read.kind {
@@ -304,7 +309,12 @@ pub fn reconcile(report: &Report) -> Reconciliation {
             }
             None => continue,
         };
-        let host = Host::new(read, count, at_entry, vcpus_of(report, read.pid));
+        let host = Host::new(
+            read,
+            count,
+            at_entry,
+            vcpus.get(&read.pid).copied().unwrap_or(0),
+        );
         let mut found = causes(isa, reason, read, &host);
         // A total that only lost its high half is truncation by contract, not an error.
         if reason.is_none() && found == [Verdict::Truncated32] {
