@@ -4,7 +4,7 @@
 //!
 //! Each scenario boots once (`cargo xtask lab`), the first time a test asks for it.
 
-use kvmtrace::{
+use kvmtrace_model::{
     exit_reasons::Isa,
     reconcile::{Verdict, reconcile},
 };
@@ -585,7 +585,7 @@ fn amd_full_maps_are_reported_not_silent() {
             hist_total - rec.vcpus[0].totals.count
         );
         let table = String::from_utf8(
-            kvmtrace::render::render(&rec, kvmtrace::render::Format::Table, Default::default())
+            kvmtrace_model::render::render(&rec, kvmtrace_model::render::Format::Table, Default::default())
                 .unwrap_or_default(),
         )
         .unwrap_or_default();
@@ -608,7 +608,7 @@ fn amd_a_million_exits_match_the_hist() {
 }
 
 /// The registers' offset in `struct kvm_vcpu` that a record used, and how it was found.
-fn regs_layout(dir: &std::path::Path) -> kvmtrace::vcpu_regs::Layout {
+fn regs_layout(dir: &std::path::Path) -> kvmtrace_model::regs_layout::Layout {
     let rec = record(dir);
     let regs = rec
         .registers
@@ -633,8 +633,8 @@ fn answers_in_emulate_is_exact(isa: &'static str) {
         assert!(
             matches!(
                 layout.method,
-                kvmtrace::vcpu_regs::Method::Learned { samples, distinct_rips }
-                    if samples >= kvmtrace::vcpu_regs::MIN_SAMPLES && distinct_rips >= 2
+                kvmtrace_model::regs_layout::Method::Learned { samples, distinct_rips }
+                    if samples >= kvmtrace_model::regs_layout::MIN_SAMPLES && distinct_rips >= 2
             ),
             "{}: {layout:?}",
             dir.display()
@@ -644,7 +644,7 @@ fn answers_in_emulate_is_exact(isa: &'static str) {
         for read in &rec.cpuid_reads {
             assert_eq!(
                 read.seen_by,
-                [kvmtrace::report::ReadSource::Registers],
+                [kvmtrace_model::report::ReadSource::Registers],
                 "{}: kvm_cpuid fired for {read:?}",
                 dir.display()
             );
@@ -695,7 +695,7 @@ fn amd_stock_registers_come_from_btf_where_learning_finds_them() {
         let dir = mode_dir(stock, nested);
         let btf = regs_layout(&dir);
         assert!(
-            matches!(&btf.method, kvmtrace::vcpu_regs::Method::Btf { file } if file == "/sys/kernel/btf/kvm"),
+            matches!(&btf.method, kvmtrace_model::regs_layout::Method::Btf { file } if file == "/sys/kernel/btf/kvm"),
             "{btf:?}"
         );
         assert_eq!(
@@ -708,8 +708,8 @@ fn amd_stock_registers_come_from_btf_where_learning_finds_them() {
             assert_eq!(
                 read.seen_by,
                 [
-                    kvmtrace::report::ReadSource::Registers,
-                    kvmtrace::report::ReadSource::KvmCpuid
+                    kvmtrace_model::report::ReadSource::Registers,
+                    kvmtrace_model::report::ReadSource::KvmCpuid
                 ],
                 "{read:?}"
             );

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use kvmtrace::{
+use kvmtrace_model::tracefs_format::Tracepoint;
+use kvmtrace_model::{
     exit_reasons::Isa,
-    guest::{self, Leaves},
+    leaves::{self, Leaves},
     render::{Format, diff::DiffFormat},
-    tracefs::Tracepoint,
 };
 
 use crate::exit_status::{self, Status};
@@ -110,20 +110,20 @@ pub struct LeafArgs {
     #[arg(long, default_value = "kvmtrace", value_parser = parse_preset)]
     pub preset: String,
     /// Leaf of the per-reason exit count (overrides the preset).
-    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
+    #[arg(long, value_parser = leaves::parse_leaf, allow_negative_numbers = true)]
     pub count_leaf: Option<u32>,
     /// Leaf of the totals (overrides the preset).
-    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
+    #[arg(long, value_parser = leaves::parse_leaf, allow_negative_numbers = true)]
     pub total_leaf: Option<u32>,
     /// Leaf of the per-reason cycles (overrides the preset).
-    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
+    #[arg(long, value_parser = leaves::parse_leaf, allow_negative_numbers = true)]
     pub cycles_leaf: Option<u32>,
 }
 
 impl LeafArgs {
     /// The preset with the overrides applied.
     pub fn leaves(&self) -> Result<Leaves, String> {
-        let mut l = guest::preset(&self.preset)?;
+        let mut l = leaves::preset(&self.preset)?;
         if let Some(c) = self.count_leaf {
             l.count = c;
         }
@@ -313,7 +313,7 @@ fn parse_pid(text: &str) -> Result<u32, String> {
 /// A leaf preset name, checked while parsing so that `record` rejects it even without
 /// `--snapshots`.
 fn parse_preset(text: &str) -> Result<String, String> {
-    guest::preset(text).map(|_| text.to_owned())
+    leaves::preset(text).map(|_| text.to_owned())
 }
 
 fn parse_isa(text: &str) -> Result<Isa, String> {

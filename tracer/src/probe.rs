@@ -14,11 +14,14 @@ use tracer_common::{
     globals, limits, maps, regs_slot,
 };
 
+use kvmtrace_model::{
+    leaves::Leaves,
+    snapshot::{Drops, Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
+    tracefs_format::{Field, Tracepoint},
+};
+
 use crate::{
-    guest::Leaves,
-    report::ProgramCost,
-    snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64},
-    tracefs::{Field, Tracefs, TracefsError, Tracepoint},
+    tracefs::{Tracefs, TracefsError},
     vcpu_regs,
 };
 
@@ -83,7 +86,7 @@ pub struct ProbeConfig {
     pub snapshots: Option<Leaves>,
     /// Where the vCPU registers are, when known before attach (BTF); `None` with
     /// snapshots: learned from the first exits (see [`vcpu_regs`]).
-    pub regs: Option<vcpu_regs::Layout>,
+    pub regs: Option<kvmtrace_model::regs_layout::Layout>,
     /// Entries of the per-reason map (one per phase and reason).
     pub max_reasons: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
@@ -444,7 +447,7 @@ impl Probe {
     }
 
     /// From now on, reads the vCPU registers at `layout` and stops learning.
-    pub fn set_regs_layout(&mut self, layout: &vcpu_regs::Layout) -> Result<(), ProbeError> {
+    pub fn set_regs_layout(&mut self, layout: &kvmtrace_model::regs_layout::Layout) -> Result<(), ProbeError> {
         let mut regs = self.regs_map()?;
         regs.set(regs_slot::LEARN_BUDGET, 0, 0)
             .map_err(map_err(maps::REGS))?;
@@ -765,7 +768,7 @@ format:
 
     #[test]
     fn group_dead_is_found_where_the_kernel_has_it() {
-        use crate::tracefs::parse_format;
+        use kvmtrace_model::tracefs_format::parse_format;
         assert_eq!(
             group_dead_offset(&parse_format(PROCESS_EXIT_6_18)),
             Some(32)
@@ -781,7 +784,7 @@ format:
 
     #[test]
     fn newtask_fields_parse() {
-        use crate::tracefs::parse_format;
+        use kvmtrace_model::tracefs_format::parse_format;
         let newtask = "name: task_newtask
 format:
 \tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;

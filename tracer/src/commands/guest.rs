@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
-use kvmtrace::guest::{self, Cpu, GuestReadout};
+use kvmtrace::cpu::Cpu;
+use kvmtrace_model::guest::{self, GuestReadout};
 
 use super::{BadInput, write_output};
 use crate::{
@@ -59,7 +60,7 @@ fn table(r: &GuestReadout) -> String {
     out
 }
 
-fn run_sweep(args: &GuestArgs, leaves: guest::Leaves) -> anyhow::Result<ExitCode> {
+fn run_sweep(args: &GuestArgs, leaves: kvmtrace_model::leaves::Leaves) -> anyhow::Result<ExitCode> {
     let isa = args
         .isa
         .or_else(|| guest::vendor_isa(&mut Cpu))

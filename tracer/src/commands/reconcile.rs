@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, process::ExitCode};
 
 use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
-use kvmtrace::{
+use kvmtrace_model::{
     guest::GuestReadout,
     reconcile::{Reconciliation, reconcile},
     report::{RegistersInfo, Report},

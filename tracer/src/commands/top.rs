@@ -26,9 +26,9 @@ use crossterm::{
 use kvmtrace::{
     host, privileges,
     probe::{Probe, ProbeConfig},
-    top::{RateRow, View, view},
     tracefs::Tracefs,
 };
+use kvmtrace_model::rates::{RateRow, View, view};
 use signal_hook::{consts::signal, iterator::Signals};
 
 use crate::{cli::TopArgs, exit_status::Status};

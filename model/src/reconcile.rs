@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     exit_reasons::{self, Isa},
-    guest::UNDEFINED_EDX,
+    leaves::UNDEFINED_EDX,
     report::{CpuidRead, LeafKind, Report},
 };
 

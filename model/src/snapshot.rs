@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracer_common::{CpuidEvent, ExitKey, ExitStats, VcpuKey, drop_kind, limits::HIST_BUCKETS};
 
@@ -140,6 +141,18 @@ impl Snapshot {
             "total",
         )
     }
+}
+
+/// What one eBPF program cost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramCost {
+    pub name: String,
+    pub run_count: u64,
+    /// 0 unless `kernel.bpf_stats_enabled` was 1.
+    pub run_time_ns: u64,
+    /// Bytes of native code the JIT made; 0: the kernel interprets the program.
+    #[serde(default)]
+    pub jited_bytes: u32,
 }
 
 #[cfg(test)]

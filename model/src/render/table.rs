@@ -211,7 +211,7 @@ mod tests {
         assert!(!render(&r, Options::default()).contains("phase"));
         let row = |phase, nested, count| PhaseRow {
             phase,
-            paging: Some(crate::host::Paging {
+            paging: Some(crate::paging::Paging {
                 module: "kvm_intel".into(),
                 parameter: "ept".into(),
                 nested,
