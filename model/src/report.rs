@@ -83,7 +83,7 @@
 //! - `dropped` counts what the eBPF side could not record in full, by cause. Fields
 //!   added after the first `v1` reports read as 0 when absent.
 //!   - `exit_map_full`: exits counted only here: the per-vCPU map and the per-reason
-//!     overflow map (`--max-reasons`) were both full.
+//!     overflow map (`--max-overflow-rows`) were both full.
 //!   - `vcpu_map_full`: exits with no per-vCPU row (`record --max-vcpu-rows`); they are
 //!     still in `reasons` unless `exit_map_full` counts them too.
 //!   - `hist_map_full`: timed exits missing from their reason's histogram (the time is
@@ -119,8 +119,8 @@ use tracer_common::{CpuidEvent, ExitKey, ExitStats, drop_kind, read_source};
 
 use crate::{
     exit_reasons::{self, Isa},
-    leaves::Leaves,
     latency::{self, Bucket},
+    leaves::Leaves,
     paging::Paging,
     snapshot::{Overflow, ProgramCost, Snapshot, sum_u64},
 };

@@ -125,8 +125,13 @@ pub fn l2_ended(dir: &Path) -> bool {
 /// (VMX: basic reason and failed-entry bit).
 pub fn hist(dir: &Path) -> BTreeMap<ExitKey, u64> {
     let path = dir.join("hist.txt");
-    let hist = KernelHist::parse(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(!hist.by_reason.is_empty(), "{} has no hist lines", path.display());
+    let hist =
+        KernelHist::parse(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        !hist.by_reason.is_empty(),
+        "{} has no hist lines",
+        path.display()
+    );
     hist.by_reason
 }
 

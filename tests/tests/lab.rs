@@ -4,13 +4,13 @@
 //!
 //! Each scenario boots once (`cargo xtask lab`), the first time a test asks for it.
 
-use kvmtrace_model::{
-    exit_reasons::Isa,
-    reconcile::{Verdict, reconcile},
-};
 use kvmtrace_e2e::{
     Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, counts,
     differences, hist, l2_ended, mode_dir, read, reason_counts, record, whole_record,
+};
+use kvmtrace_model::{
+    exit_reasons::Isa,
+    reconcile::{Verdict, reconcile},
 };
 
 const fn boot(isa: &'static str) -> Scenario {
@@ -560,7 +560,7 @@ fn amd_full_maps_are_reported_not_silent() {
         tag: "full",
         extra: &[
             "--record-args",
-            "--per-vcpu --max-reasons 2 --max-vcpu-rows 1",
+            "--per-vcpu --max-overflow-rows 2 --max-vcpu-rows 1",
         ],
         ..micro("amd")
     };
@@ -585,8 +585,12 @@ fn amd_full_maps_are_reported_not_silent() {
             hist_total - rec.vcpus[0].totals.count
         );
         let table = String::from_utf8(
-            kvmtrace_model::render::render(&rec, kvmtrace_model::render::Format::Table, Default::default())
-                .unwrap_or_default(),
+            kvmtrace_model::render::render(
+                &rec,
+                kvmtrace_model::render::Format::Table,
+                Default::default(),
+            )
+            .unwrap_or_default(),
         )
         .unwrap_or_default();
         assert!(table.contains("warning: incomplete data"), "{table}");

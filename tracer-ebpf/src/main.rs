@@ -1,17 +1,26 @@
 //! kvmtrace's eBPF side: counts every `kvm:kvm_exit` by (VM, vCPU, isa, reason), and
 //! times each exit until the same thread's next `kvm_entry` (a raw tracepoint: only the
 //! thread and the time are needed, so the kernel need not format a record). Per-reason
-//! totals are the sums of those rows, made in user space; the per-reason map only
-//! takes the exits the per-vCPU map had no room for. That is one hash lookup per exit
-//! and event, the least the counts and times need.
+//! totals are the sums of those rows, made in user space; `OVERFLOW_EXITS` only takes
+//! the exits `VCPU_EXITS` had no room for.
+//!
+//! Hash lookups, without `--snapshots`: an exit does one (its `VCPU_EXITS` row; the
+//! overflow row only when that map is full). An entry does two: the row, to add the
+//! time, and the `LATENCY_HIST` bucket; its pending exit is in a per-CPU slot, and a
+//! third lookup (`PENDING`) is needed only when the thread left the CPU in between.
+//! The pid filter (`-p`, `-- CMD`) adds one lookup per exit.
 //!
 //! Every row is also keyed by phase: each load of a kvm vendor module
 //! (`module:module_load`) starts a new one, so a record that spans
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
 //!
-//! Counters live in per-CPU maps and are bumped with plain adds: a per-CPU slot has one
-//! writer. Every insert that fails bumps a `DROPS` slot, so nothing is lost silently.
-//! Field offsets are globals the loader fills in from the tracepoint's `format` file.
+//! Counts and times live in per-CPU maps and are bumped with plain adds: a per-CPU
+//! slot has one writer. The exceptions are shared and use atomic adds: with
+//! `--snapshots`, the per-VM counts that counter reads are compared with (`VM_EXITS`,
+//! `VM_TOTALS`: three more lookups and atomic adds per exit, since a VM's vCPUs run on
+//! many CPUs), and a few control slots (the phase, the outstanding reads). Every
+//! insert that fails bumps a `DROPS` slot, so nothing is lost silently. Field offsets
+//! are globals the loader fills in from the tracepoint's `format` file.
 //!
 //! The per-thread and per-process maps only hold live tasks: `sched_process_exit`
 //! deletes an exiting thread's pending exit and, once its whole process is gone, the
@@ -87,15 +96,18 @@ static LEAF_CYCLES: u32 = 0;
 #[unsafe(no_mangle)]
 static MODULE_NAME_OFF: u32 = 12;
 
-/// Exits the per-vCPU map had no room for, per reason.
+/// Exits the per-vCPU map had no room for, per reason: the overflow, not the counts.
 #[map]
-static EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
-    PerCpuHashMap::with_max_entries(limits::MAX_REASONS, 0);
+static OVERFLOW_EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
+    PerCpuHashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
+/// Every exit, per (phase, VM, vCPU, reason): count and handling time.
 #[map]
 static VCPU_EXITS: PerCpuHashMap<PhaseVcpuKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_VCPU_ROWS, 0);
+/// kvmtrace's latency histogram: exits per (reason, log2 bucket of handling time).
+/// (Not the kernel's hist trigger, which the lab compares with.)
 #[map]
-static HIST: PerCpuHashMap<HistKey, u64> =
+static LATENCY_HIST: PerCpuHashMap<HistKey, u64> =
     PerCpuHashMap::with_max_entries(limits::MAX_HIST_ROWS, 0);
 /// vCPU thread id -> its exit being handled. One writer per key: the thread itself,
 /// which updates its entry in place. Not LRU: a full map is counted
@@ -291,7 +303,7 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     if !add_stats(&VCPU_EXITS, &row, &one) {
         count_drop(drop_kind::VCPU_MAP_FULL);
         let overflow = PhaseExitKey { phase, exit };
-        if !add_stats(&EXITS, &overflow, &one) {
+        if !add_stats(&OVERFLOW_EXITS, &overflow, &one) {
             count_drop(drop_kind::EXIT_MAP_FULL);
         }
         // Not timed: its row does not exist to add the time to.
@@ -622,10 +634,10 @@ fn try_kvm_entry() {
     // The row exists: its exit created it.
     add_stats(&VCPU_EXITS, &row, &timed);
     let hist = HistKey::new(&row.exit(), hist_bucket(elapsed));
-    if let Some(slot) = HIST.get_ptr_mut(&hist) {
+    if let Some(slot) = LATENCY_HIST.get_ptr_mut(&hist) {
         // SAFETY: this CPU's slot; no other writer.
         unsafe { *slot += 1 };
-    } else if HIST.insert(&hist, &1, u64::from(BPF_ANY)).is_err() {
+    } else if LATENCY_HIST.insert(&hist, &1, u64::from(BPF_ANY)).is_err() {
         count_drop(drop_kind::HIST_MAP_FULL);
     }
 }

@@ -223,11 +223,12 @@ pub struct RecordArgs {
     #[command(flatten)]
     pub leaves: LeafArgs,
 
-    /// Room for this many (reason, phase) rows; exits beyond it are still in the total,
+    /// Room for this many (reason, phase) rows of the overflow map, which counts the
+    /// exits the per-vCPU map had no room for; exits beyond both are still in the total,
     /// counted as `dropped.exit_map_full`.
-    #[arg(long, value_name = "N", default_value_t = tracer_common::limits::MAX_REASONS,
+    #[arg(long, alias = "max-reasons", value_name = "N", default_value_t = tracer_common::limits::MAX_OVERFLOW_ROWS,
           value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS), allow_negative_numbers = true)]
-    pub max_reasons: u32,
+    pub max_overflow_rows: u32,
 
     /// Room for this many (VM, vCPU, reason) rows; exits beyond it are in the per-reason
     /// rows only, counted as `dropped.vcpu_map_full`.

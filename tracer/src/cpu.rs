@@ -24,4 +24,3 @@ impl Cpuid for Cpu {
         Regs::default()
     }
 }
-

@@ -88,7 +88,7 @@ pub struct ProbeConfig {
     /// snapshots: learned from the first exits (see [`vcpu_regs`]).
     pub regs: Option<kvmtrace_model::regs_layout::Layout>,
     /// Entries of the per-reason map (one per phase and reason).
-    pub max_reasons: u32,
+    pub max_overflow_rows: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
     pub max_vcpu_rows: u32,
 }
@@ -102,7 +102,7 @@ impl Default for ProbeConfig {
             vcpu: None,
             snapshots: None,
             regs: None,
-            max_reasons: limits::MAX_REASONS,
+            max_overflow_rows: limits::MAX_OVERFLOW_ROWS,
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
         }
     }
@@ -230,7 +230,7 @@ impl Probe {
         let for_snapshots = |size, otherwise| if leaves.is_some() { size } else { otherwise };
         let mut loader = loader_without_kernel_btf();
         loader
-            .map_max_entries(maps::EXITS, config.max_reasons)
+            .map_max_entries(maps::OVERFLOW_EXITS, config.max_overflow_rows)
             .map_max_entries(maps::VCPU_EXITS, config.max_vcpu_rows)
             // Per-VM counts are only kept for snapshots. The kernel maps all of a ring
             // buffer's pages (twice) into our memory at once: it too is only sized for
@@ -447,7 +447,10 @@ impl Probe {
     }
 
     /// From now on, reads the vCPU registers at `layout` and stops learning.
-    pub fn set_regs_layout(&mut self, layout: &kvmtrace_model::regs_layout::Layout) -> Result<(), ProbeError> {
+    pub fn set_regs_layout(
+        &mut self,
+        layout: &kvmtrace_model::regs_layout::Layout,
+    ) -> Result<(), ProbeError> {
         let mut regs = self.regs_map()?;
         regs.set(regs_slot::LEARN_BUDGET, 0, 0)
             .map_err(map_err(maps::REGS))?;
@@ -498,16 +501,18 @@ impl Probe {
             snap.add_exits(key.phase(), key.exit(), stats)?;
         }
         let overflow: PerCpuHashMap<&MapData, PhaseExitKey, ExitStats> =
-            PerCpuHashMap::try_from(map(maps::EXITS)?).map_err(map_err(maps::EXITS))?;
+            PerCpuHashMap::try_from(map(maps::OVERFLOW_EXITS)?)
+                .map_err(map_err(maps::OVERFLOW_EXITS))?;
         for item in overflow.iter() {
-            let (key, per_cpu) = item.map_err(map_err(maps::EXITS))?;
+            let (key, per_cpu) = item.map_err(map_err(maps::OVERFLOW_EXITS))?;
             snap.add_exits(key.phase, key.exit, sum_stats(per_cpu.iter())?)?;
         }
 
         let hist: PerCpuHashMap<&MapData, HistKey, u64> =
-            PerCpuHashMap::try_from(map(maps::HIST)?).map_err(map_err(maps::HIST))?;
+            PerCpuHashMap::try_from(map(maps::LATENCY_HIST)?)
+                .map_err(map_err(maps::LATENCY_HIST))?;
         for item in hist.iter() {
-            let (key, per_cpu) = item.map_err(map_err(maps::HIST))?;
+            let (key, per_cpu) = item.map_err(map_err(maps::LATENCY_HIST))?;
             snap.add_hist(
                 key.exit(),
                 key.bucket(),

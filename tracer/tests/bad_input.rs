@@ -317,8 +317,8 @@ fn argument_cases() -> Vec<Case> {
         case(["top", "-n", "many"], [v("many"), "--iterations".into()]),
         case(["top", "--rows", "-3"], [v("-3")]),
         case(
-            ["record", "--max-reasons", "0"],
-            [v("0"), "--max-reasons".into()],
+            ["record", "--max-overflow-rows", "0"],
+            [v("0"), "--max-overflow-rows".into()],
         ),
         case(["record", "--max-vcpu-rows", "lots"], [v("lots")]),
         // Pids: malformed, out of range, gone.

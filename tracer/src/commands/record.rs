@@ -88,7 +88,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             None
         },
         regs: None,
-        max_reasons: args.max_reasons,
+        max_overflow_rows: args.max_overflow_rows,
         max_vcpu_rows: args.max_vcpu_rows,
     };
     let mut regs = Registers::new(config.snapshots.is_some());
