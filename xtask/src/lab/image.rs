@@ -10,11 +10,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::cpio::Archive;
+use super::{console::END_MARKER, cpio::Archive};
 use crate::process::run_bounded;
 
-/// Marks the end of the workload on its console; the L1 init looks for it.
-pub const END_MARKER: &str = "KVMLAB-L2 end";
+/// The memory of the L1 host, in MiB (both emulators).
+pub const L1_MEMORY_MB: u32 = 1024;
 
 /// The kernel command line of the L1 host.
 pub const L1_APPEND: &str =
@@ -228,7 +228,7 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
 
 /// What every L1 initrd holds: the mount points, the console, busybox, the init script
 /// `init` as /init, and lab/l1-lib.sh (beside it), which it sources, as /lab/lib.sh.
-pub(super) fn l1_base(busybox: &Path, init: &Path) -> anyhow::Result<Archive> {
+pub fn l1_base(busybox: &Path, init: &Path) -> anyhow::Result<Archive> {
     let mut a = Archive::default();
     for d in ["proc", "sys", "dev", "tmp", "sys/kernel/tracing"] {
         a.dir(d)?;
@@ -247,7 +247,7 @@ pub(super) fn l1_base(busybox: &Path, init: &Path) -> anyhow::Result<Archive> {
 
 /// Copies shared libraries to the same absolute paths inside the initrd, so binaries
 /// run there as they do on the host.
-pub(super) fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
+pub fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
     for lib in libs {
         let inside = lib
             .to_str()
@@ -259,7 +259,7 @@ pub(super) fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result
     Ok(())
 }
 
-pub(super) fn file_name(p: &Path) -> anyhow::Result<String> {
+pub fn file_name(p: &Path) -> anyhow::Result<String> {
     p.file_name()
         .and_then(|n| n.to_str())
         .map(str::to_owned)
