@@ -1,11 +1,11 @@
 //! The ground truth: the kernel's hist triggers on kvm:kvm_exit, as `cat hist` prints
-//! them.
+//! them, read by the model crate's parser.
 
 use std::collections::BTreeMap;
 
-use anyhow::Context as _;
+use kvmtrace_model::kernel_hist::KernelHist;
 
-use super::reason::{Counts, Reason};
+use super::reason::Counts;
 
 /// The kernel's two hist triggers on kvm:kvm_exit, as printed by `cat hist`.
 #[derive(Default)]
@@ -16,52 +16,24 @@ pub struct Hist {
     pub dropped: u64,
 }
 
-/// Parses the hist file; `isa` is the lab's ISA (for the per-vCPU table).
+/// Parses the hist file.
 pub fn parse_hist(text: &str) -> anyhow::Result<Hist> {
-    let mut hist = Hist::default();
-    for line in text.lines().map(str::trim) {
-        if let Some(d) = line.strip_prefix("Dropped:") {
-            hist.dropped += d.trim().parse::<u64>().unwrap_or(0);
-            continue;
-        }
-        // { isa:          1, exit_reason:         10 } hitcount:        651
-        let Some(keys) = line.strip_prefix('{') else {
-            continue;
-        };
-        let Some((keys, vals)) = keys.split_once('}') else {
-            continue;
-        };
-        let fields: BTreeMap<&str, u64> = keys
-            .split(',')
-            .filter_map(|kv| kv.split_once(':'))
-            .filter_map(|(k, v)| Some((k.trim(), v.trim().parse().ok()?)))
-            .collect();
-        let count: u64 = vals
-            .trim()
-            .strip_prefix("hitcount:")
-            .and_then(|c| c.trim().parse().ok())
-            .with_context(|| format!("hist line without hitcount: {line}"))?;
-        let raw = *fields
-            .get("exit_reason")
-            .with_context(|| format!("hist line without exit_reason: {line}"))?;
-        if let Some(&isa) = fields.get("isa") {
-            let isa = u32::try_from(isa).context("bad isa")?;
-            *hist
-                .by_reason
-                .entry(Reason::from_raw(isa, raw))
-                .or_default() += count;
-        } else if let Some(&vcpu) = fields.get("vcpu_id") {
-            let vcpu = u32::try_from(vcpu).context("bad vcpu_id")?;
-            *hist.by_vcpu.entry((vcpu, raw)).or_default() += count;
-        }
-    }
-    Ok(hist)
+    let kernel = KernelHist::parse(text)?;
+    Ok(Hist {
+        by_reason: kernel
+            .by_reason
+            .into_iter()
+            .map(|(k, n)| (k.into(), n))
+            .collect(),
+        by_vcpu: kernel.by_vcpu,
+        dropped: kernel.dropped,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::reason::{ISA_SVM, ISA_VMX};
+    use crate::lab::reason::{ISA_SVM, ISA_VMX, Reason};
 
     #[test]
     fn hist_lines_parse_and_vmx_reasons_are_masked() -> anyhow::Result<()> {

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+use tracer_common::ExitKey;
 
 /// `isa` of the kvm_exit tracepoint (KVM_ISA_VMX / KVM_ISA_SVM).
 pub use tracer_common::isa::{SVM as ISA_SVM, VMX as ISA_VMX};
 
-/// An exit reason as both sides report it: VMX basic reason (low 16 bits) plus the
-/// failed-VM-entry bit, or the whole SVM exit code.
+/// An exit reason as both sides report it ([`ExitKey`], split the same way), as the
+/// lab's summary.json writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Reason {
     pub isa: u32,
@@ -16,23 +17,17 @@ pub struct Reason {
     pub failed_entry: bool,
 }
 
-impl Reason {
-    pub fn from_raw(isa: u32, raw: u64) -> Self {
-        if isa == ISA_VMX {
-            Self {
-                isa,
-                reason: (raw & 0xffff) as u32,
-                failed_entry: raw & (1 << 31) != 0,
-            }
-        } else {
-            Self {
-                isa,
-                reason: raw as u32,
-                failed_entry: false,
-            }
+impl From<ExitKey> for Reason {
+    fn from(k: ExitKey) -> Self {
+        Self {
+            isa: k.isa,
+            reason: k.reason,
+            failed_entry: k.failed_entry != 0,
         }
     }
+}
 
+impl Reason {
     /// The tracepoint's raw exit_reason (VMX: failed entry in bit 31).
     pub fn raw(&self) -> u64 {
         u64::from(self.reason) | if self.failed_entry { 1 << 31 } else { 0 }

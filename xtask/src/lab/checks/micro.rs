@@ -4,6 +4,10 @@
 use std::path::Path;
 
 use super::guest::reconcile;
+use tracer_common::exit_reasons::{
+    SVM_CPUID, SVM_HLT, SVM_IOIO, VMX_CPUID, VMX_HLT, VMX_IO_INSTRUCTION,
+};
+
 use crate::lab::{
     Options, console, emulator,
     hist::Hist,
@@ -126,7 +130,7 @@ pub fn check_counts(
         let have = hist.by_reason.get(&reason).copied().unwrap_or(0);
         let rec_have = record.map(|r| r.by_reason.get(&reason).copied().unwrap_or(0));
         // With a full per-reason map a reason may be only in the drops.
-        let full = record.map_or(0, |r| r.dropped("exit_map_full"));
+        let full = record.map_or(0, |r| r.dropped.exit_map_full);
         let ok = have == want && rec_have.is_none_or(|k| k == want || (k == 0 && full > 0));
         println!(
             "  micro {}: expected {want}, hist {have}{} {}",
@@ -249,8 +253,8 @@ pub fn micro_expectations(isa: Isa, vms: &[image::MicroVm]) -> Vec<(Reason, u64)
         failed_entry: false,
     };
     let (cpuid, io, hlt) = match isa {
-        Isa::Intel => (10, 30, 12),
-        Isa::Amd => (0x72, 0x7b, 0x78),
+        Isa::Intel => (VMX_CPUID, VMX_IO_INSTRUCTION, VMX_HLT),
+        Isa::Amd => (SVM_CPUID, SVM_IOIO, SVM_HLT),
     };
     vec![
         (r(cpuid), cpuids + n * MICRO_LEAF_READS),

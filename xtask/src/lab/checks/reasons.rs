@@ -113,7 +113,7 @@ pub fn check_record(
             let diffs: Vec<&Row> = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
             // A full per-reason map: the reasons that got in are exact, the
             // others are all in dropped.exit_map_full.
-            let full = rec.dropped("exit_map_full");
+            let full = rec.dropped.exit_map_full;
             let uncounted: u64 = diffs
                 .iter()
                 .filter(|r| r.kvmtrace == Some(0))
@@ -133,10 +133,8 @@ pub fn check_record(
                     diffs.len()
                 ));
             }
-            println!(
-                "  kvmtrace paging: {}, dropped: {}",
-                rec.paging, rec.dropped
-            );
+            let dropped = serde_json::to_string(&rec.dropped).unwrap_or_default();
+            println!("  kvmtrace paging: {}, dropped: {dropped}", rec.paging);
         }
         (None, true) => {
             let why = kvmtrace_err

@@ -26,7 +26,7 @@ pub fn per_vcpu_problems(tag: &str, hist: &Hist, rec: &Record) -> Vec<String> {
         *rec_raw.entry((vcpu, reason.raw())).or_default() += n;
         *sums.entry(reason).or_default() += n;
     }
-    let full = rec.dropped("vcpu_map_full");
+    let full = rec.dropped.vcpu_map_full;
     if full > 0 {
         // A full per-vCPU map: the rows that got in are exact, the rest is in
         // dropped.vcpu_map_full.
