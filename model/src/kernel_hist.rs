@@ -70,9 +70,12 @@ impl KernelHist {
     }
 }
 
+/// The numeric `key: value` pairs of a key line.
+type Keys<'a> = Vec<(&'a str, u64)>;
+
 /// `{ k: v, ... } hitcount: n` → the numeric keys and the hitcount (`None` when the
 /// line has none); `None` for a line that is not a key line.
-fn key_line(line: &str) -> Option<(Vec<(&str, u64)>, Option<u64>)> {
+fn key_line(line: &str) -> Option<(Keys<'_>, Option<u64>)> {
     let (keys, vals) = line.strip_prefix('{')?.split_once('}')?;
     let keys = keys
         .split(',')

@@ -536,11 +536,11 @@ fn attribute_totals(rows: &mut [Row]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::report::{ReadSource, tests::sample_report};
 
-    fn read(kind: LeafKind, index: u32, eax: u32, edx: u32, host: u64) -> CpuidRead {
+    pub(crate) fn read(kind: LeafKind, index: u32, eax: u32, edx: u32, host: u64) -> CpuidRead {
         CpuidRead {
             ts_ns: 0,
             pid: 7,
