@@ -527,7 +527,7 @@ fn phase_row(
 impl Report {
     /// Builds the report from a snapshot. Pure: no I/O.
     pub fn build(snap: &Snapshot, info: RunInfo) -> Result<Self, Overflow> {
-        let reasons = reason_rows(&snap.exits, Some(&snap.hist));
+        let reasons = reason_rows(&snap.exits, Some(&snap.latency));
 
         let mut vms: BTreeMap<u32, Totals> = BTreeMap::new();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
