@@ -2,6 +2,11 @@
 //! `field:` lines of a tracepoint's `format` file (where each field of its record is).
 //! Pure text parsing (fuzzed), used by the tracer's loader.
 
+/// Where tracefs is mounted on any kernel since 4.1.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+/// The older location, under debugfs.
+pub const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
+
 /// A tracepoint named `category:name`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tracepoint {

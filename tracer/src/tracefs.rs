@@ -8,13 +8,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use kvmtrace_model::tracefs_format::{Field, Tracepoint, parse_format};
+use kvmtrace_model::tracefs_format::{DEBUGFS_TRACING, Field, TRACEFS, Tracepoint, parse_format};
 use thiserror::Error;
-
-/// Where tracefs is mounted on any kernel since 4.1.
-pub const TRACEFS: &str = "/sys/kernel/tracing";
-/// The older location, under debugfs.
-pub const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
 /// Problems with tracefs or a tracepoint.
 #[derive(Debug, Error)]
