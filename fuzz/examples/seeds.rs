@@ -12,14 +12,15 @@ use std::{
 };
 
 use chrono::{TimeZone as _, Utc};
-use kvmtrace::{
+use kvmtrace_model::{
     exit_reasons::{self, Isa},
-    guest::{self, Cpuid, GuestReadout, Regs},
-    host::Paging,
+    guest::{self, GuestReadout},
+    leaves::{self, Cpuid, Regs},
+    paging::Paging,
     render::{self, Format, Options},
     report::{CpuidRead, Filter, LeafKind, ReadSource, Report, RunInfo},
     snapshot::Snapshot,
-    tracefs::{DEBUGFS_TRACING, TRACEFS},
+    tracefs_format::{DEBUGFS_TRACING, TRACEFS},
 };
 use tracer_common::{ExitKey, ExitStats, VcpuKey};
 
@@ -61,8 +62,8 @@ fn stats(count: u64, time_ns: u64) -> ExitStats {
     }
 }
 
-fn leaves() -> guest::Leaves {
-    guest::preset("kvmtrace").expect("the kvmtrace preset exists")
+fn leaves() -> leaves::Leaves {
+    leaves::preset("kvmtrace").expect("the kvmtrace preset exists")
 }
 
 /// A record of `isa` with two vCPUs, a failed entry, an unknown reason, histograms,
@@ -284,7 +285,7 @@ fn main() {
     }
     write(&corpus, "reason", "intel", b"intel");
 
-    for (name, _) in guest::PRESETS {
+    for (name, _) in leaves::PRESETS {
         write(&corpus, "leaves", name, name.as_bytes());
     }
     for leaf in ["0x4FFFFFFE", "0x4fffffff", "1342177277", "0xd"] {

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use kvmtrace::guest::GuestReadout;
+use kvmtrace_model::guest::GuestReadout;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

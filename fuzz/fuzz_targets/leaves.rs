@@ -3,21 +3,21 @@
 
 #![no_main]
 
-use kvmtrace::guest::{self, PRESETS};
+use kvmtrace_model::leaves::{self, PRESETS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match guest::preset(text) {
+    match leaves::preset(text) {
         Ok(leaves) => assert!(PRESETS.iter().any(|&(n, l)| n == text && l == leaves)),
         Err(e) => assert!(e.contains(text), "the error does not quote the input: {e}"),
     }
-    match guest::parse_leaf(text) {
+    match leaves::parse_leaf(text) {
         Ok(leaf) => {
-            assert_eq!(guest::parse_leaf(&format!("{leaf:#x}")), Ok(leaf));
-            assert_eq!(guest::parse_leaf(&leaf.to_string()), Ok(leaf));
+            assert_eq!(leaves::parse_leaf(&format!("{leaf:#x}")), Ok(leaf));
+            assert_eq!(leaves::parse_leaf(&leaf.to_string()), Ok(leaf));
         }
         Err(e) => assert!(e.contains(text), "the error does not quote the input: {e}"),
     }

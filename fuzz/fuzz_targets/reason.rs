@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use kvmtrace::exit_reasons::{self, Isa};
+use kvmtrace_model::exit_reasons::{self, Isa};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

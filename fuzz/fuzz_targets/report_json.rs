@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use kvmtrace::{
+use kvmtrace_model::{
     diff::diff,
     reconcile::reconcile,
     render::{self, Format, Options, diff::DiffFormat},

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use kvmtrace::tracefs::{Tracepoint, parse_format};
+use kvmtrace_model::tracefs_format::{Tracepoint, parse_format};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -11,8 +11,9 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
-use kvmtrace::{
+use kvmtrace_model::{
     exit_reasons::Isa,
+    kernel_hist::KernelHist,
     report::{ReasonRow, Report},
 };
 use tracer_common::ExitKey;
@@ -124,33 +125,14 @@ pub fn l2_ended(dir: &Path) -> bool {
 /// (VMX: basic reason and failed-entry bit).
 pub fn hist(dir: &Path) -> BTreeMap<ExitKey, u64> {
     let path = dir.join("hist.txt");
-    let mut counts = BTreeMap::new();
-    for line in read(&path).lines() {
-        // { isa:          1, exit_reason:         49 } hitcount:       1036
-        let Some(rest) = line.trim().strip_prefix("{ isa:") else {
-            continue;
-        };
-        let num = |s: &str| {
-            s.trim()
-                .trim_end_matches([',', '}'])
-                .trim()
-                .parse::<u64>()
-                .ok()
-        };
-        let (isa, rest) = rest
-            .split_once(", exit_reason:")
-            .unwrap_or_else(|| panic!("bad line {line}"));
-        let (reason, count) = rest
-            .split_once("} hitcount:")
-            .unwrap_or_else(|| panic!("bad line {line}"));
-        let (Some(isa), Some(reason), Some(count)) = (num(isa), num(reason), num(count)) else {
-            panic!("bad numbers in {line}");
-        };
-        let key = ExitKey::from_raw(isa as u32, reason as u32);
-        *counts.entry(key).or_insert(0) += count;
-    }
-    assert!(!counts.is_empty(), "{} has no hist lines", path.display());
-    counts
+    let hist =
+        KernelHist::parse(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        !hist.by_reason.is_empty(),
+        "{} has no hist lines",
+        path.display()
+    );
+    hist.by_reason
 }
 
 /// kvmtrace's per-reason counts, keyed like [`hist`].
@@ -195,7 +177,7 @@ pub fn differences(
                 hist.get(k).copied().unwrap_or(0),
             );
             (a != b).then(|| {
-                let name = kvmtrace::exit_reasons::name(Isa::from_raw(k.isa), k.reason);
+                let name = kvmtrace_model::exit_reasons::name(Isa::from_raw(k.isa), k.reason);
                 format!("{name} ({}): kvmtrace {a}, hist {b}", k.reason)
             })
         })

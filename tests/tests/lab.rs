@@ -4,13 +4,13 @@
 //!
 //! Each scenario boots once (`cargo xtask lab`), the first time a test asks for it.
 
-use kvmtrace::{
-    exit_reasons::Isa,
-    reconcile::{Verdict, reconcile},
-};
 use kvmtrace_e2e::{
     Scenario, assert_l2_ended, assert_matches_hist, assert_vcpus_sum, count_of, counts,
     differences, hist, l2_ended, mode_dir, read, reason_counts, record, whole_record,
+};
+use kvmtrace_model::{
+    exit_reasons::Isa,
+    reconcile::{Verdict, reconcile},
 };
 
 const fn boot(isa: &'static str) -> Scenario {
@@ -560,7 +560,7 @@ fn amd_full_maps_are_reported_not_silent() {
         tag: "full",
         extra: &[
             "--record-args",
-            "--per-vcpu --max-reasons 2 --max-vcpu-rows 1",
+            "--per-vcpu --max-overflow-rows 2 --max-vcpu-rows 1",
         ],
         ..micro("amd")
     };
@@ -585,8 +585,12 @@ fn amd_full_maps_are_reported_not_silent() {
             hist_total - rec.vcpus[0].totals.count
         );
         let table = String::from_utf8(
-            kvmtrace::render::render(&rec, kvmtrace::render::Format::Table, Default::default())
-                .unwrap_or_default(),
+            kvmtrace_model::render::render(
+                &rec,
+                kvmtrace_model::render::Format::Table,
+                Default::default(),
+            )
+            .unwrap_or_default(),
         )
         .unwrap_or_default();
         assert!(table.contains("warning: incomplete data"), "{table}");
@@ -608,7 +612,7 @@ fn amd_a_million_exits_match_the_hist() {
 }
 
 /// The registers' offset in `struct kvm_vcpu` that a record used, and how it was found.
-fn regs_layout(dir: &std::path::Path) -> kvmtrace::vcpu_regs::Layout {
+fn regs_layout(dir: &std::path::Path) -> kvmtrace_model::regs_layout::Layout {
     let rec = record(dir);
     let regs = rec
         .registers
@@ -633,8 +637,8 @@ fn answers_in_emulate_is_exact(isa: &'static str) {
         assert!(
             matches!(
                 layout.method,
-                kvmtrace::vcpu_regs::Method::Learned { samples, distinct_rips }
-                    if samples >= kvmtrace::vcpu_regs::MIN_SAMPLES && distinct_rips >= 2
+                kvmtrace_model::regs_layout::Method::Learned { samples, distinct_rips }
+                    if samples >= kvmtrace_model::regs_layout::MIN_SAMPLES && distinct_rips >= 2
             ),
             "{}: {layout:?}",
             dir.display()
@@ -644,7 +648,7 @@ fn answers_in_emulate_is_exact(isa: &'static str) {
         for read in &rec.cpuid_reads {
             assert_eq!(
                 read.seen_by,
-                [kvmtrace::report::ReadSource::Registers],
+                [kvmtrace_model::report::ReadSource::Registers],
                 "{}: kvm_cpuid fired for {read:?}",
                 dir.display()
             );
@@ -695,7 +699,7 @@ fn amd_stock_registers_come_from_btf_where_learning_finds_them() {
         let dir = mode_dir(stock, nested);
         let btf = regs_layout(&dir);
         assert!(
-            matches!(&btf.method, kvmtrace::vcpu_regs::Method::Btf { file } if file == "/sys/kernel/btf/kvm"),
+            matches!(&btf.method, kvmtrace_model::regs_layout::Method::Btf { file } if file == "/sys/kernel/btf/kvm"),
             "{btf:?}"
         );
         assert_eq!(
@@ -708,8 +712,8 @@ fn amd_stock_registers_come_from_btf_where_learning_finds_them() {
             assert_eq!(
                 read.seen_by,
                 [
-                    kvmtrace::report::ReadSource::Registers,
-                    kvmtrace::report::ReadSource::KvmCpuid
+                    kvmtrace_model::report::ReadSource::Registers,
+                    kvmtrace_model::report::ReadSource::KvmCpuid
                 ],
                 "{read:?}"
             );

@@ -7,13 +7,30 @@
 
 use core::fmt;
 
+// The reasons kvmtrace's own logic names (the lab's micro workload, reconcile's
+// fastpath and synthetic exits); the tables below name them all.
+
 /// VMX CPUID (basic reason 10).
 pub const VMX_CPUID: u32 = 10;
+/// VMX HLT (12).
+pub const VMX_HLT: u32 = 12;
+/// VMX I/O instruction (30).
+pub const VMX_IO_INSTRUCTION: u32 = 30;
+/// VMX WRMSR (32).
+pub const VMX_MSR_WRITE: u32 = 32;
 /// VMX INVALID_STATE (33): what `vmx_vcpu_run()` makes up, as a failed entry, when the
 /// guest state needs emulation; never traced as a `kvm:kvm_exit`.
 pub const VMX_INVALID_STATE: u32 = 33;
+/// VMX preemption timer expired (52).
+pub const VMX_PREEMPTION_TIMER: u32 = 52;
 /// SVM CPUID (exit code 0x72).
 pub const SVM_CPUID: u32 = 0x72;
+/// SVM HLT (0x78).
+pub const SVM_HLT: u32 = 0x78;
+/// SVM IOIO (0x7b).
+pub const SVM_IOIO: u32 = 0x7b;
+/// SVM MSR, read or write (0x7c).
+pub const SVM_MSR: u32 = 0x7c;
 
 /// VMX basic exit reasons, SDM Vol. 3D Table C-1. Numbers 35, 38 and 42 are unused.
 pub const VMX: &[(u32, &str)] = &[

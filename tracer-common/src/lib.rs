@@ -17,7 +17,7 @@ pub mod isa {
 pub mod limits {
     /// Distinct (phase, isa, reason, failed-entry) keys of the overflow map, which
     /// counts the exits the per-vCPU map had no room for.
-    pub const MAX_REASONS: u32 = 1024;
+    pub const MAX_OVERFLOW_ROWS: u32 = 1024;
     /// Distinct (phase, VM pid, vcpu, isa, reason, failed-entry) keys: every exit is
     /// counted here; per-reason totals are the sums of these rows.
     pub const MAX_VCPU_ROWS: u32 = 16384;
@@ -131,9 +131,9 @@ pub mod globals {
 
 /// Names of the eBPF maps.
 pub mod maps {
-    pub const EXITS: &str = "EXITS";
+    pub const OVERFLOW_EXITS: &str = "OVERFLOW_EXITS";
     pub const VCPU_EXITS: &str = "VCPU_EXITS";
-    pub const HIST: &str = "HIST";
+    pub const LATENCY_HIST: &str = "LATENCY_HIST";
     pub const PENDING: &str = "PENDING";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const DROPS: &str = "DROPS";

@@ -1,17 +1,26 @@
 //! kvmtrace's eBPF side: counts every `kvm:kvm_exit` by (VM, vCPU, isa, reason), and
 //! times each exit until the same thread's next `kvm_entry` (a raw tracepoint: only the
 //! thread and the time are needed, so the kernel need not format a record). Per-reason
-//! totals are the sums of those rows, made in user space; the per-reason map only
-//! takes the exits the per-vCPU map had no room for. That is one hash lookup per exit
-//! and event, the least the counts and times need.
+//! totals are the sums of those rows, made in user space; `OVERFLOW_EXITS` only takes
+//! the exits `VCPU_EXITS` had no room for.
+//!
+//! Hash lookups, without `--snapshots`: an exit does one (its `VCPU_EXITS` row; the
+//! overflow row only when that map is full). An entry does two: the row, to add the
+//! time, and the `LATENCY_HIST` bucket; its pending exit is in a per-CPU slot, and a
+//! third lookup (`PENDING`) is needed only when the thread left the CPU in between.
+//! The pid filter (`-p`, `-- CMD`) adds one lookup per exit.
 //!
 //! Every row is also keyed by phase: each load of a kvm vendor module
 //! (`module:module_load`) starts a new one, so a record that spans
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
 //!
-//! Counters live in per-CPU maps and are bumped with plain adds: a per-CPU slot has one
-//! writer. Every insert that fails bumps a `DROPS` slot, so nothing is lost silently.
-//! Field offsets are globals the loader fills in from the tracepoint's `format` file.
+//! Counts and times live in per-CPU maps and are bumped with plain adds: a per-CPU
+//! slot has one writer. The exceptions are shared and use atomic adds: with
+//! `--snapshots`, the per-VM counts that counter reads are compared with (`VM_EXITS`,
+//! `VM_TOTALS`: three more lookups and atomic adds per exit, since a VM's vCPUs run on
+//! many CPUs), and a few control slots (the phase, the outstanding reads). Every
+//! insert that fails bumps a `DROPS` slot, so nothing is lost silently. Field offsets
+//! are globals the loader fills in from the tracepoint's `format` file.
 //!
 //! The per-thread and per-process maps only hold live tasks: `sched_process_exit`
 //! deletes an exiting thread's pending exit and, once its whole process is gone, the
@@ -87,15 +96,18 @@ static LEAF_CYCLES: u32 = 0;
 #[unsafe(no_mangle)]
 static MODULE_NAME_OFF: u32 = 12;
 
-/// Exits the per-vCPU map had no room for, per reason.
+/// Exits the per-vCPU map had no room for, per reason: the overflow, not the counts.
 #[map]
-static EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
-    PerCpuHashMap::with_max_entries(limits::MAX_REASONS, 0);
+static OVERFLOW_EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
+    PerCpuHashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
+/// Every exit, per (phase, VM, vCPU, reason): count and handling time.
 #[map]
 static VCPU_EXITS: PerCpuHashMap<PhaseVcpuKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_VCPU_ROWS, 0);
+/// kvmtrace's latency histogram: exits per (reason, log2 bucket of handling time).
+/// (Not the kernel's hist trigger, which the lab compares with.)
 #[map]
-static HIST: PerCpuHashMap<HistKey, u64> =
+static LATENCY_HIST: PerCpuHashMap<HistKey, u64> =
     PerCpuHashMap::with_max_entries(limits::MAX_HIST_ROWS, 0);
 /// vCPU thread id -> its exit being handled. One writer per key: the thread itself,
 /// which updates its entry in place. Not LRU: a full map is counted
@@ -207,7 +219,7 @@ fn shared_inc<K>(map: &HashMap<K, u64>, key: &K) -> bool {
             return true;
         }
         // Lost a race with another vCPU's insert: EEXIST, so look it up again.
-        if map.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok() {
+        if map.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() {
             return true;
         }
     }
@@ -217,7 +229,7 @@ fn shared_inc<K>(map: &HashMap<K, u64>, key: &K) -> bool {
 #[inline(always)]
 fn traced(tgid: u32) -> bool {
     // SAFETY: the map value is only tested for presence.
-    global(&FILTER_PIDS_ENABLED) == 0 || unsafe { FILTER_PIDS.get(&tgid) }.is_some()
+    global(&FILTER_PIDS_ENABLED) == 0 || unsafe { FILTER_PIDS.get(tgid) }.is_some()
 }
 
 #[tracepoint(category = "kvm", name = "kvm_exit")]
@@ -291,7 +303,7 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     if !add_stats(&VCPU_EXITS, &row, &one) {
         count_drop(drop_kind::VCPU_MAP_FULL);
         let overflow = PhaseExitKey { phase, exit };
-        if !add_stats(&EXITS, &overflow, &one) {
+        if !add_stats(&OVERFLOW_EXITS, &overflow, &one) {
             count_drop(drop_kind::EXIT_MAP_FULL);
         }
         // Not timed: its row does not exist to add the time to.
@@ -337,11 +349,11 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
     };
     if plus_one == 0 {
         learn(vcpu, guest_rip);
-        if cpuid_exit(vm.exit.isa, vm.exit.reason) {
-            if let Some(n) = REGS.get_ptr_mut(regs_slot::CPUID_BEFORE_LAYOUT) {
-                // SAFETY: a live map value; a lost add only understates a report line.
-                unsafe { *n += 1 };
-            }
+        if cpuid_exit(vm.exit.isa, vm.exit.reason)
+            && let Some(n) = REGS.get_ptr_mut(regs_slot::CPUID_BEFORE_LAYOUT)
+        {
+            // SAFETY: a live map value; a lost add only understates a report line.
+            unsafe { *n += 1 };
         }
         return;
     }
@@ -373,10 +385,10 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
     let event = unsafe {
         CpuidEvent {
             ts_ns: bpf_ktime_get_ns(),
-            host_reason_count: VM_EXITS.get(&reason_key).copied().unwrap_or(0),
-            host_total: VM_TOTALS.get(&vm.pid).copied().unwrap_or(0),
-            host_all_vms: VM_TOTALS.get(&vm_totals_key::ALL).copied().unwrap_or(0),
-            host_ended_vms: VM_TOTALS.get(&vm_totals_key::ENDED).copied().unwrap_or(0),
+            host_reason_count: VM_EXITS.get(reason_key).copied().unwrap_or(0),
+            host_total: VM_TOTALS.get(vm.pid).copied().unwrap_or(0),
+            host_all_vms: VM_TOTALS.get(vm_totals_key::ALL).copied().unwrap_or(0),
+            host_ended_vms: VM_TOTALS.get(vm_totals_key::ENDED).copied().unwrap_or(0),
             host_synthetic: synthetic_of(vm.pid),
             pid: vm.pid,
             tid,
@@ -388,7 +400,7 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
         }
     };
     if PENDING_READS
-        .insert(&tid, &event, u64::from(BPF_ANY))
+        .insert(tid, event, u64::from(BPF_ANY))
         .is_err()
     {
         count_drop(drop_kind::READ_PENDING_FULL);
@@ -408,7 +420,7 @@ fn synthetic_of(pid: u32) -> u64 {
         return UNKNOWN;
     }
     // SAFETY: a plain read of a value the VM's vCPUs add to.
-    unsafe { VM_SYNTHETIC.get(&pid) }.copied().unwrap_or(0)
+    unsafe { VM_SYNTHETIC.get(pid) }.copied().unwrap_or(0)
 }
 
 /// The `struct kvm_vcpu` of vCPU thread `tid`: this CPU's slot when the thread entered
@@ -418,7 +430,7 @@ fn vcpu_of(tid: u32) -> Option<u64> {
     match CPU_VCPU.get(0) {
         Some(slot) if slot.tid == tid && slot.vcpu != 0 => Some(slot.vcpu),
         // SAFETY: the value is copied out.
-        _ => unsafe { VCPU_OF.get(&tid) }.copied(),
+        _ => unsafe { VCPU_OF.get(tid) }.copied(),
     }
 }
 
@@ -468,7 +480,7 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
         return;
     }
     if regs_slot_value(regs_slot::SYNTHETIC_TRACKED) != 0
-        && let Some(started) = RUN_STARTED.get_ptr_mut(&tid)
+        && let Some(started) = RUN_STARTED.get_ptr_mut(tid)
     {
         // SAFETY: the thread's own entry.
         unsafe { *started = 0 };
@@ -490,11 +502,11 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
             (*slot).tid = tid;
             (*slot).vcpu = vcpu;
         }
-        match VCPU_OF.get_ptr_mut(&tid) {
+        match VCPU_OF.get_ptr_mut(tid) {
             // SAFETY: the thread's own entry.
             Some(v) => unsafe { *v = vcpu },
             None => {
-                if VCPU_OF.insert(&tid, &vcpu, u64::from(BPF_ANY)).is_err() {
+                if VCPU_OF.insert(tid, vcpu, u64::from(BPF_ANY)).is_err() {
                     count_drop(drop_kind::READ_PENDING_FULL);
                 }
             }
@@ -503,7 +515,7 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     if regs_slot_value(regs_slot::READS_OUTSTANDING) == 0 {
         return;
     }
-    let Some(read) = PENDING_READS.get_ptr_mut(&tid) else {
+    let Some(read) = PENDING_READS.get_ptr_mut(tid) else {
         return;
     };
     if let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING) {
@@ -525,7 +537,7 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     };
     // SAFETY: the thread's own pending read; copied out, then removed.
     let mut event = unsafe { *read };
-    let _ = PENDING_READS.remove(&tid);
+    let _ = PENDING_READS.remove(tid);
     let (Ok(rax), Ok(rcx), Ok(rdx), Ok(rbx)) = got else {
         count_drop(drop_kind::READ_FAILED);
         return;
@@ -544,9 +556,9 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     };
     // SAFETY: plain reads of values other vCPUs may be adding to.
     unsafe {
-        event.host_reason_count_entry = VM_EXITS.get(&reason_key).copied().unwrap_or(0);
-        event.host_total_entry = VM_TOTALS.get(&tgid).copied().unwrap_or(0);
-        event.host_all_vms_entry = VM_TOTALS.get(&vm_totals_key::ALL).copied().unwrap_or(0);
+        event.host_reason_count_entry = VM_EXITS.get(reason_key).copied().unwrap_or(0);
+        event.host_total_entry = VM_TOTALS.get(tgid).copied().unwrap_or(0);
+        event.host_all_vms_entry = VM_TOTALS.get(vm_totals_key::ALL).copied().unwrap_or(0);
     }
     if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
         count_drop(drop_kind::CPUID_RING_FULL);
@@ -569,11 +581,11 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     }
     // SAFETY: as above.
     unsafe { (*slot).start_ns = 0 };
-    if let Some(entry) = PENDING.get_ptr_mut(&pending.tid) {
+    if let Some(entry) = PENDING.get_ptr_mut(pending.tid) {
         // SAFETY: the thread's entry; the thread is not running anywhere else now.
         unsafe { *entry = pending };
     } else if PENDING
-        .insert(&pending.tid, &pending, u64::from(BPF_ANY))
+        .insert(pending.tid, pending, u64::from(BPF_ANY))
         .is_err()
     {
         count_drop(drop_kind::PENDING_MAP_FULL);
@@ -598,7 +610,7 @@ fn try_kvm_entry() {
     let pending = match CPU_PENDING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.
         Some(slot) if unsafe { (*slot).tid == tid && (*slot).start_ns != 0 } => slot,
-        _ => match PENDING.get_ptr_mut(&tid) {
+        _ => match PENDING.get_ptr_mut(tid) {
             Some(entry) => entry,
             // A thread we do not trace.
             None => return,
@@ -622,10 +634,10 @@ fn try_kvm_entry() {
     // The row exists: its exit created it.
     add_stats(&VCPU_EXITS, &row, &timed);
     let hist = HistKey::new(&row.exit(), hist_bucket(elapsed));
-    if let Some(slot) = HIST.get_ptr_mut(&hist) {
+    if let Some(slot) = LATENCY_HIST.get_ptr_mut(hist) {
         // SAFETY: this CPU's slot; no other writer.
         unsafe { *slot += 1 };
-    } else if HIST.insert(&hist, &1, u64::from(BPF_ANY)).is_err() {
+    } else if LATENCY_HIST.insert(hist, 1, u64::from(BPF_ANY)).is_err() {
         count_drop(drop_kind::HIST_MAP_FULL);
     }
 }
@@ -671,7 +683,7 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         return;
     };
     // A read the registers will show at the next entry: add what kvm_cpuid saw.
-    if let Some(read) = PENDING_READS.get_ptr_mut(&tid) {
+    if let Some(read) = PENDING_READS.get_ptr_mut(tid) {
         // SAFETY: the thread's own pending read.
         unsafe {
             if (*read).function == function && (*read).index == index {
@@ -688,7 +700,7 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
     let isa = match CPU_PENDING.get(0) {
         Some(slot) if slot.tid == tid && slot.start_ns != 0 => slot.row.exit().isa,
         // SAFETY: the entry is copied out.
-        _ => unsafe { PENDING.get(&tid) }.map_or(0, |p| p.row.exit().isa),
+        _ => unsafe { PENDING.get(tid) }.map_or(0, |p| p.row.exit().isa),
     };
     let reason_key = VmExitKey {
         pid: tgid,
@@ -699,11 +711,11 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         },
     };
     // SAFETY: plain reads of values other vCPUs may be adding to.
-    let host_reason_count = unsafe { VM_EXITS.get(&reason_key) }.copied().unwrap_or(0);
+    let host_reason_count = unsafe { VM_EXITS.get(reason_key) }.copied().unwrap_or(0);
     // SAFETY: as above.
-    let host_total = unsafe { VM_TOTALS.get(&tgid) }.copied().unwrap_or(0);
+    let host_total = unsafe { VM_TOTALS.get(tgid) }.copied().unwrap_or(0);
     // SAFETY: as above.
-    let host_all_vms = unsafe { VM_TOTALS.get(&vm_totals_key::ALL) }
+    let host_all_vms = unsafe { VM_TOTALS.get(vm_totals_key::ALL) }
         .copied()
         .unwrap_or(0);
     // Only kvm_cpuid saw this read (no CPUID exit asked it, e.g. the emulator's CPUID,
@@ -726,7 +738,7 @@ fn try_kvm_cpuid(ctx: &TracePointContext) {
         host_total_entry: host_total,
         host_all_vms_entry: host_all_vms,
         // SAFETY: as above.
-        host_ended_vms: unsafe { VM_TOTALS.get(&vm_totals_key::ENDED) }
+        host_ended_vms: unsafe { VM_TOTALS.get(vm_totals_key::ENDED) }
             .copied()
             .unwrap_or(0),
         host_synthetic: synthetic_of(tgid),
@@ -779,7 +791,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 fn try_task_newtask(ctx: &TracePointContext) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: presence test only.
-    if unsafe { FILTER_PIDS.get(&tgid) }.is_none() {
+    if unsafe { FILTER_PIDS.get(tgid) }.is_none() {
         return;
     }
     // The low 32 bits of clone_flags (little-endian), where CLONE_THREAD is.
@@ -797,7 +809,7 @@ fn try_task_newtask(ctx: &TracePointContext) {
         count_drop(drop_kind::FILTER_MAP_FULL);
         return;
     };
-    if FILTER_PIDS.insert(&child, &1, u64::from(BPF_ANY)).is_err() {
+    if FILTER_PIDS.insert(child, 1, u64::from(BPF_ANY)).is_err() {
         count_drop(drop_kind::FILTER_MAP_FULL);
         warn!(
             ctx,
@@ -824,29 +836,26 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         }
     }
     // Fails (ENOENT) for every thread that never had an exit pending: nothing to do.
-    let _ = PENDING.remove(&tid);
+    let _ = PENDING.remove(tid);
     let gone = process_gone(&ctx, tid, tgid);
     if global(&SNAPSHOTS) != 0 {
-        let _ = VCPU_OF.remove(&tid);
-        let _ = RUN_STARTED.remove(&tid);
+        let _ = VCPU_OF.remove(tid);
+        let _ = RUN_STARTED.remove(tid);
         if gone {
             vm_ended(tgid);
         }
-        if PENDING_READS.remove(&tid).is_ok() {
-            if let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING) {
-                // SAFETY: as in entry_snapshot: adding u32::MAX subtracts 1.
-                unsafe {
-                    core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
-                        n,
-                        u32::MAX,
-                    )
-                };
-            }
+        if PENDING_READS.remove(tid).is_ok()
+            && let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING)
+        {
+            // SAFETY: as in entry_snapshot: adding u32::MAX subtracts 1.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(n, u32::MAX)
+            };
         }
     }
     if global(&FILTER_PIDS_ENABLED) != 0 && gone {
         // Fails (ENOENT) when the process was not traced.
-        let _ = FILTER_PIDS.remove(&tgid);
+        let _ = FILTER_PIDS.remove(tgid);
     }
     0
 }
@@ -857,15 +866,15 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn vm_ended(tgid: u32) {
     // SAFETY: the value is copied out.
-    let Some(total) = (unsafe { VM_TOTALS.get(&tgid) }).copied() else {
+    let Some(total) = (unsafe { VM_TOTALS.get(tgid) }).copied() else {
         return;
     };
-    let _ = VM_SYNTHETIC.remove(&tgid);
-    if VM_TOTALS.remove(&tgid).is_err() {
+    let _ = VM_SYNTHETIC.remove(tgid);
+    if VM_TOTALS.remove(tgid).is_err() {
         return;
     }
     for _ in 0..2 {
-        if let Some(slot) = VM_TOTALS.get_ptr_mut(&vm_totals_key::ENDED) {
+        if let Some(slot) = VM_TOTALS.get_ptr_mut(vm_totals_key::ENDED) {
             // SAFETY: a live map value other CPUs may add to.
             unsafe {
                 core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, total)
@@ -873,7 +882,7 @@ fn vm_ended(tgid: u32) {
             return;
         }
         if VM_TOTALS
-            .insert(&vm_totals_key::ENDED, &total, u64::from(BPF_NOEXIST))
+            .insert(vm_totals_key::ENDED, total, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return;
@@ -894,7 +903,7 @@ pub fn vcpu_run_vmx(ctx: ProbeContext) -> u32 {
     if !traced(tgid) {
         return 0;
     }
-    if let Some(started) = RUN_STARTED.get_ptr_mut(&tid) {
+    if let Some(started) = RUN_STARTED.get_ptr_mut(tid) {
         // SAFETY: the thread's own entry.
         let synthetic = unsafe {
             let was = *started;
@@ -904,7 +913,7 @@ pub fn vcpu_run_vmx(ctx: ProbeContext) -> u32 {
         if synthetic && !shared_inc(&VM_SYNTHETIC, &tgid) {
             count_drop(drop_kind::VM_MAP_FULL);
         }
-    } else if RUN_STARTED.insert(&tid, &1, u64::from(BPF_ANY)).is_err() {
+    } else if RUN_STARTED.insert(tid, 1, u64::from(BPF_ANY)).is_err() {
         count_drop(drop_kind::READ_PENDING_FULL);
     }
     0

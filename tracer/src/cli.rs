@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use kvmtrace::{
+use kvmtrace_model::tracefs_format::Tracepoint;
+use kvmtrace_model::{
     exit_reasons::Isa,
-    guest::{self, Leaves},
+    leaves::{self, Leaves},
     render::{Format, diff::DiffFormat},
-    tracefs::Tracepoint,
 };
 
 use crate::exit_status::{self, Status};
@@ -110,20 +110,20 @@ pub struct LeafArgs {
     #[arg(long, default_value = "kvmtrace", value_parser = parse_preset)]
     pub preset: String,
     /// Leaf of the per-reason exit count (overrides the preset).
-    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
+    #[arg(long, value_parser = leaves::parse_leaf, allow_negative_numbers = true)]
     pub count_leaf: Option<u32>,
     /// Leaf of the totals (overrides the preset).
-    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
+    #[arg(long, value_parser = leaves::parse_leaf, allow_negative_numbers = true)]
     pub total_leaf: Option<u32>,
     /// Leaf of the per-reason cycles (overrides the preset).
-    #[arg(long, value_parser = guest::parse_leaf, allow_negative_numbers = true)]
+    #[arg(long, value_parser = leaves::parse_leaf, allow_negative_numbers = true)]
     pub cycles_leaf: Option<u32>,
 }
 
 impl LeafArgs {
     /// The preset with the overrides applied.
     pub fn leaves(&self) -> Result<Leaves, String> {
-        let mut l = guest::preset(&self.preset)?;
+        let mut l = leaves::preset(&self.preset)?;
         if let Some(c) = self.count_leaf {
             l.count = c;
         }
@@ -223,11 +223,12 @@ pub struct RecordArgs {
     #[command(flatten)]
     pub leaves: LeafArgs,
 
-    /// Room for this many (reason, phase) rows; exits beyond it are still in the total,
+    /// Room for this many (reason, phase) rows of the overflow map, which counts the
+    /// exits the per-vCPU map had no room for; exits beyond both are still in the total,
     /// counted as `dropped.exit_map_full`.
-    #[arg(long, value_name = "N", default_value_t = tracer_common::limits::MAX_REASONS,
+    #[arg(long, alias = "max-reasons", value_name = "N", default_value_t = tracer_common::limits::MAX_OVERFLOW_ROWS,
           value_parser = clap::value_parser!(u32).range(1..=MAX_MAP_ROWS), allow_negative_numbers = true)]
-    pub max_reasons: u32,
+    pub max_overflow_rows: u32,
 
     /// Room for this many (VM, vCPU, reason) rows; exits beyond it are in the per-reason
     /// rows only, counted as `dropped.vcpu_map_full`.
@@ -313,7 +314,7 @@ fn parse_pid(text: &str) -> Result<u32, String> {
 /// A leaf preset name, checked while parsing so that `record` rejects it even without
 /// `--snapshots`.
 fn parse_preset(text: &str) -> Result<String, String> {
-    guest::preset(text).map(|_| text.to_owned())
+    leaves::preset(text).map(|_| text.to_owned())
 }
 
 fn parse_isa(text: &str) -> Result<Isa, String> {

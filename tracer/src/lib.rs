@@ -1,22 +1,13 @@
-//! kvmtrace: counts KVM VM exits by reason, per VM and per vCPU, with the time KVM spent
-//! handling each, from eBPF programs on `kvm:kvm_exit` and `kvm:kvm_entry`.
+//! kvmtrace's loader: the eBPF programs on `kvm:kvm_exit` and `kvm:kvm_entry` and
+//! what they need from the running kernel (tracefs, BTF, privileges, host facts).
 //!
-//! Data flows one way: [`probe`] (eBPF maps) → [`snapshot::Snapshot`] (plain data) →
-//! [`report::Report`] (the versioned JSON schema) → [`render`]. Everything after the
-//! snapshot is pure and tested without a kernel.
+//! Data flows one way: [`probe`] (eBPF maps) → `kvmtrace_model::snapshot::Snapshot`
+//! (plain data) → the report, diff, reconcile and renderers of `kvmtrace_model`, which
+//! are pure and tested without a kernel. Nothing here imports from further down.
 
-pub mod diff;
-pub mod exit_reasons;
-pub mod guest;
-pub mod histogram;
+pub mod cpu;
 pub mod host;
-pub mod parse;
 pub mod privileges;
 pub mod probe;
-pub mod reconcile;
-pub mod render;
-pub mod report;
-pub mod snapshot;
-pub mod top;
 pub mod tracefs;
 pub mod vcpu_regs;

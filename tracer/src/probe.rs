@@ -14,11 +14,14 @@ use tracer_common::{
     globals, limits, maps, regs_slot,
 };
 
+use kvmtrace_model::{
+    leaves::Leaves,
+    snapshot::{Drops, Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
+    tracefs_format::{Field, Tracepoint},
+};
+
 use crate::{
-    guest::Leaves,
-    report::ProgramCost,
-    snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64},
-    tracefs::{Field, Tracefs, TracefsError, Tracepoint},
+    tracefs::{Tracefs, TracefsError},
     vcpu_regs,
 };
 
@@ -83,9 +86,9 @@ pub struct ProbeConfig {
     pub snapshots: Option<Leaves>,
     /// Where the vCPU registers are, when known before attach (BTF); `None` with
     /// snapshots: learned from the first exits (see [`vcpu_regs`]).
-    pub regs: Option<vcpu_regs::Layout>,
+    pub regs: Option<kvmtrace_model::regs_layout::Layout>,
     /// Entries of the per-reason map (one per phase and reason).
-    pub max_reasons: u32,
+    pub max_overflow_rows: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
     pub max_vcpu_rows: u32,
 }
@@ -99,7 +102,7 @@ impl Default for ProbeConfig {
             vcpu: None,
             snapshots: None,
             regs: None,
-            max_reasons: limits::MAX_REASONS,
+            max_overflow_rows: limits::MAX_OVERFLOW_ROWS,
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
         }
     }
@@ -227,7 +230,7 @@ impl Probe {
         let for_snapshots = |size, otherwise| if leaves.is_some() { size } else { otherwise };
         let mut loader = loader_without_kernel_btf();
         loader
-            .map_max_entries(maps::EXITS, config.max_reasons)
+            .map_max_entries(maps::OVERFLOW_EXITS, config.max_overflow_rows)
             .map_max_entries(maps::VCPU_EXITS, config.max_vcpu_rows)
             // Per-VM counts are only kept for snapshots. The kernel maps all of a ring
             // buffer's pages (twice) into our memory at once: it too is only sized for
@@ -444,7 +447,10 @@ impl Probe {
     }
 
     /// From now on, reads the vCPU registers at `layout` and stops learning.
-    pub fn set_regs_layout(&mut self, layout: &vcpu_regs::Layout) -> Result<(), ProbeError> {
+    pub fn set_regs_layout(
+        &mut self,
+        layout: &kvmtrace_model::regs_layout::Layout,
+    ) -> Result<(), ProbeError> {
         let mut regs = self.regs_map()?;
         regs.set(regs_slot::LEARN_BUDGET, 0, 0)
             .map_err(map_err(maps::REGS))?;
@@ -495,16 +501,18 @@ impl Probe {
             snap.add_exits(key.phase(), key.exit(), stats)?;
         }
         let overflow: PerCpuHashMap<&MapData, PhaseExitKey, ExitStats> =
-            PerCpuHashMap::try_from(map(maps::EXITS)?).map_err(map_err(maps::EXITS))?;
+            PerCpuHashMap::try_from(map(maps::OVERFLOW_EXITS)?)
+                .map_err(map_err(maps::OVERFLOW_EXITS))?;
         for item in overflow.iter() {
-            let (key, per_cpu) = item.map_err(map_err(maps::EXITS))?;
+            let (key, per_cpu) = item.map_err(map_err(maps::OVERFLOW_EXITS))?;
             snap.add_exits(key.phase, key.exit, sum_stats(per_cpu.iter())?)?;
         }
 
         let hist: PerCpuHashMap<&MapData, HistKey, u64> =
-            PerCpuHashMap::try_from(map(maps::HIST)?).map_err(map_err(maps::HIST))?;
+            PerCpuHashMap::try_from(map(maps::LATENCY_HIST)?)
+                .map_err(map_err(maps::LATENCY_HIST))?;
         for item in hist.iter() {
-            let (key, per_cpu) = item.map_err(map_err(maps::HIST))?;
+            let (key, per_cpu) = item.map_err(map_err(maps::LATENCY_HIST))?;
             snap.add_hist(
                 key.exit(),
                 key.bucket(),
@@ -765,7 +773,7 @@ format:
 
     #[test]
     fn group_dead_is_found_where_the_kernel_has_it() {
-        use crate::tracefs::parse_format;
+        use kvmtrace_model::tracefs_format::parse_format;
         assert_eq!(
             group_dead_offset(&parse_format(PROCESS_EXIT_6_18)),
             Some(32)
@@ -781,7 +789,7 @@ format:
 
     #[test]
     fn newtask_fields_parse() {
-        use crate::tracefs::parse_format;
+        use kvmtrace_model::tracefs_format::parse_format;
         let newtask = "name: task_newtask
 format:
 \tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;

@@ -22,7 +22,7 @@
 
 use std::{collections::BTreeSet, path::Path};
 
-use serde::{Deserialize, Serialize};
+use kvmtrace_model::regs_layout::{Layout, MIN_RIPS, MIN_SAMPLES, Method};
 use thiserror::Error;
 
 /// Bytes of `struct kvm_vcpu` searched (and sent per learning sample).
@@ -33,38 +33,8 @@ pub const RCX: usize = 1;
 pub const RDX: usize = 2;
 pub const RBX: usize = 3;
 pub const RIP: usize = 16;
-/// Samples, and distinct guest RIPs among them, before a learned offset is taken.
-pub const MIN_SAMPLES: u32 = 8;
-pub const MIN_RIPS: usize = 2;
 /// Samples after which learning gives up.
 pub const MAX_SAMPLES: u32 = 512;
-
-/// How the register offset was found (recorded in the report).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case")]
-pub enum Method {
-    /// From the kvm module's BTF.
-    Btf {
-        /// The split BTF file read, e.g. `/sys/kernel/btf/kvm`.
-        file: String,
-    },
-    /// Learned from exits and verified against `kvm_exit`'s `guest_rip`.
-    Learned {
-        /// Exits whose vCPU memory was searched.
-        samples: u32,
-        /// Distinct guest RIPs among them.
-        distinct_rips: u32,
-    },
-}
-
-/// Where `regs[]` is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layout {
-    /// Byte offset of `regs[0]` (RAX) in `struct kvm_vcpu`.
-    pub regs_offset: u32,
-    #[serde(flatten)]
-    pub method: Method,
-}
 
 #[derive(Debug, Error)]
 pub enum Error {

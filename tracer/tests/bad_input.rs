@@ -15,9 +15,10 @@ use std::{
 };
 
 use chrono::{TimeZone as _, Utc};
-use kvmtrace::{
+use kvmtrace_model::{
     exit_reasons::Isa,
-    guest::{GUEST_SCHEMA, GuestReadout, Leaves},
+    guest::{GUEST_SCHEMA, GuestReadout},
+    leaves::Leaves,
     report::{CpuidRead, LeafKind, ReadSource, Report, RunInfo, SCHEMA},
     snapshot::Snapshot,
 };
@@ -80,7 +81,7 @@ fn sample_report() -> Report {
 }
 
 fn leaves() -> Leaves {
-    kvmtrace::guest::preset("kvmtrace").unwrap_or_else(|e| panic!("{e}"))
+    kvmtrace_model::leaves::preset("kvmtrace").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The sample with one guest read of a counter leaf (`record --snapshots`).
@@ -316,8 +317,8 @@ fn argument_cases() -> Vec<Case> {
         case(["top", "-n", "many"], [v("many"), "--iterations".into()]),
         case(["top", "--rows", "-3"], [v("-3")]),
         case(
-            ["record", "--max-reasons", "0"],
-            [v("0"), "--max-reasons".into()],
+            ["record", "--max-overflow-rows", "0"],
+            [v("0"), "--max-overflow-rows".into()],
         ),
         case(["record", "--max-vcpu-rows", "lots"], [v("lots")]),
         // Pids: malformed, out of range, gone.

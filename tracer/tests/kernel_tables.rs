@@ -5,10 +5,8 @@
 mod common;
 
 use common::{has_kvm_tracepoints, is_root};
-use kvmtrace::{
-    exit_reasons::{self, Isa},
-    tracefs::Tracefs,
-};
+use kvmtrace::tracefs::Tracefs;
+use kvmtrace_model::exit_reasons::{self, Isa};
 
 /// The `{ 48, "EPT_VIOLATION" }` pairs in `text`.
 fn symbolic_pairs(text: &str) -> Vec<(i64, String)> {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use common::{has_kvm_tracepoints, is_root, kvmtrace, names_in, run, stderr};
-use kvmtrace::report::{Report, SCHEMA};
+use kvmtrace_model::report::{Report, SCHEMA};
 
 fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("kvmtrace-test-{}-{name}", std::process::id()))

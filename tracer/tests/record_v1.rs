@@ -9,9 +9,9 @@ mod common;
 
 use chrono::{TimeZone as _, Utc};
 use common::{kvmtrace, run, stderr, stdout};
-use kvmtrace::{
+use kvmtrace_model::{
     exit_reasons::Isa,
-    histogram::Bucket,
+    latency::Bucket,
     report::{LeafKind, Report, SCHEMA, Totals},
 };
 

@@ -97,57 +97,12 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();
     for target in targets {
-        let log = logs.join(format!("{target}.log"));
         let mut cmd = cargo();
-        cmd.args(["fuzz", "run", "--fuzz-dir"])
-            .arg(&fuzz_dir)
-            .args(FUZZ_FLAGS)
-            .arg(target)
-            .args([
-                "--",
-                &format!("-max_total_time={}", opts.seconds),
-                // A single input that takes this long is a hang, reported as a crash.
-                "-timeout=10",
-                "-print_final_stats=1",
-            ]);
-        let dict = fuzz_dir.join(format!("dicts/{target}.dict"));
-        if dict.is_file() {
-            cmd.arg(format!("-dict={}", dict.display()));
-        }
-        let file =
-            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        cmd.stdout(file.try_clone()?).stderr(file);
-        eprintln!(
-            "fuzz: {target} for {} s (log: {})",
-            opts.seconds,
-            log.display()
-        );
-        let result = exec(&mut cmd);
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        let executions = executions(&text);
-        if let Err(err) = result {
-            failures.push(crash_report(target, &text, &log, &toolchain, &err));
-        }
-        let corpus = fs::read_dir(corpus.join(target)).map_or(0, Iterator::count);
-        outcomes.push(Outcome {
-            target: target.to_owned(),
-            executions,
-            corpus,
-            seconds: fuzz_seconds(&text),
-        });
+        let (outcome, failure) = fuzz_one(&mut cmd, target, opts.seconds, &fuzz_dir, &toolchain)?;
+        outcomes.push(outcome);
+        failures.extend(failure);
     }
-
-    eprintln!("fuzz: executions per target ({} s each)", opts.seconds);
-    for o in &outcomes {
-        let or_unknown = |n: Option<u64>| n.map_or_else(|| "?".to_owned(), |n| n.to_string());
-        eprintln!(
-            "  {:<16} {:>10} runs in {} s, corpus {} inputs",
-            o.target,
-            or_unknown(o.executions),
-            or_unknown(o.seconds),
-            o.corpus
-        );
-    }
+    print_outcomes(&outcomes, opts.seconds);
     if !failures.is_empty() {
         bail!(
             "{} of {} fuzz targets failed:\n{}",
@@ -157,6 +112,66 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs one target for `seconds` through `cmd` (`cargo +nightly`), its log under
+/// fuzz/target/logs: what it did, and its crash report when it failed.
+fn fuzz_one(
+    cmd: &mut Command,
+    target: &str,
+    seconds: u64,
+    fuzz_dir: &Path,
+    toolchain: &str,
+) -> anyhow::Result<(Outcome, Option<String>)> {
+    let log = fuzz_dir.join("target/logs").join(format!("{target}.log"));
+    cmd.args(["fuzz", "run", "--fuzz-dir"])
+        .arg(fuzz_dir)
+        .args(FUZZ_FLAGS)
+        .arg(target)
+        .args([
+            "--",
+            &format!("-max_total_time={}", seconds),
+            // A single input that takes this long is a hang, reported as a crash.
+            "-timeout=10",
+            "-print_final_stats=1",
+        ]);
+    let dict = fuzz_dir.join(format!("dicts/{target}.dict"));
+    if dict.is_file() {
+        cmd.arg(format!("-dict={}", dict.display()));
+    }
+    let file =
+        fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    cmd.stdout(file.try_clone()?).stderr(file);
+    eprintln!("fuzz: {target} for {} s (log: {})", seconds, log.display());
+    let result = exec(cmd);
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let executions = executions(&text);
+    let failure = result
+        .err()
+        .map(|err| crash_report(target, &text, &log, toolchain, &err));
+    let corpus = fs::read_dir(fuzz_dir.join("corpus").join(target)).map_or(0, Iterator::count);
+    let outcome = Outcome {
+        target: target.to_owned(),
+        executions,
+        corpus,
+        seconds: fuzz_seconds(&text),
+    };
+    Ok((outcome, failure))
+}
+
+/// The executions, time and corpus of every target, on stderr.
+fn print_outcomes(outcomes: &[Outcome], seconds: u64) {
+    eprintln!("fuzz: executions per target ({} s each)", seconds);
+    for o in outcomes {
+        let or_unknown = |n: Option<u64>| n.map_or_else(|| "?".to_owned(), |n| n.to_string());
+        eprintln!(
+            "  {:<16} {:>10} runs in {} s, corpus {} inputs",
+            o.target,
+            or_unknown(o.executions),
+            or_unknown(o.seconds),
+            o.corpus
+        );
+    }
 }
 
 /// Installs the pinned cargo-fuzz unless it is there already.

@@ -1,6 +1,7 @@
 //! `cargo xtask VERB`: everything around the `kvmtrace` build that is not the product.
 
 mod apt;
+mod bench;
 mod exec;
 mod fuzz;
 mod kmod;
@@ -38,7 +39,7 @@ enum Command {
     Fuzz(fuzz::Options),
     /// Measure what tracing costs an exit-bound guest in the Bochs lab: kvmtrace,
     /// perf kvm stat, the hist trigger and the patched modules against stock, untraced.
-    Bench(lab::bench::Options),
+    Bench(bench::Options),
 }
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
@@ -59,7 +60,7 @@ fn main() -> std::process::ExitCode {
             Command::Kmod(opts) => kmod::run(&opts, &root),
             Command::Lab(opts) => lab::run(&opts, &root),
             Command::Fuzz(opts) => fuzz::run(&opts, &root),
-            Command::Bench(opts) => lab::bench::run(&opts, &root),
+            Command::Bench(opts) => bench::run(&opts, &root),
         });
     process::wait_if_stopping();
     match result {

@@ -47,7 +47,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let llvm_major = llvm_major(&toolchain)?;
     ensure_bpf_linker(&toolchain, llvm_major, opts.force)?;
     eprintln!(
-        "setup: {toolchain} (LLVM {llvm_major}) with rust-src, bpf-linker {BPF_LINKER_VERSION}: ready"
+        "setup: {toolchain} (LLVM {llvm_major}) with rust-src and clippy, bpf-linker {BPF_LINKER_VERSION}: ready"
     );
     Ok(())
 }
@@ -70,14 +70,17 @@ fn ensure_toolchain(toolchain: &str) -> anyhow::Result<()> {
         "--toolchain",
         toolchain,
     ]))?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        exec(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            toolchain,
-        ]))?;
+    // rust-src for `-Z build-std=core`; clippy to lint the eBPF crate on its target.
+    for component in ["rust-src", "clippy"] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            exec(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
+        }
     }
     Ok(())
 }

@@ -41,6 +41,15 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The eBPF crate, with the workspace's lints, on its own target and toolchain.
+    let toolchain = setup::ebpf_toolchain(root)?;
+    exec(
+        Command::new("rustup")
+            .current_dir(root.join("tracer-ebpf"))
+            .args(["run", &toolchain, "cargo", "clippy", "--release"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .args(["--", "-D", "warnings"]),
+    )?;
     // Unit tests, and the integration tests that load the eBPF programs (as root).
     // One thread: the tests attach to the same kernel tracepoints.
     exec(cargo().args(["test", "--", "--test-threads=1"]))?;

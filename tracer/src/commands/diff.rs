@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use kvmtrace::{
+use kvmtrace_model::{
     diff::{diff, label},
     render::diff::render,
 };

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
-use kvmtrace::guest::{self, Cpu, GuestReadout};
+use kvmtrace::cpu::Cpu;
+use kvmtrace_model::guest;
 
 use super::{BadInput, write_output};
 use crate::{
@@ -11,55 +11,7 @@ use crate::{
     exit_status::Status,
 };
 
-fn table(r: &GuestReadout) -> String {
-    let mut out = format!(
-        "{} guest, leaves count {:#x} total {} cycles {}: {}\n",
-        r.isa,
-        r.leaves.count,
-        r.leaves
-            .total
-            .map(|t| format!("{t:#x}"))
-            .unwrap_or_else(|| "-".into()),
-        r.leaves
-            .cycles
-            .map(|t| format!("{t:#x}"))
-            .unwrap_or_else(|| "-".into()),
-        r.detection
-    );
-    if !r.patched {
-        return out;
-    }
-    if let (Some(e), Some(c)) = (r.total_exits, r.total_cycles) {
-        out.push_str(&format!("total: {e} exits (low 32 bits), {c} cycles\n"));
-    }
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_header(["reason", "name", "exits", "cycles", "note"]);
-    for x in &r.reasons {
-        t.add_row([
-            x.reason.to_string(),
-            x.name.clone(),
-            x.count.to_string(),
-            x.cycles
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into()),
-            if x.undefined {
-                "KVM says: undefined".into()
-            } else {
-                String::new()
-            },
-        ]);
-    }
-    for i in [0, 2, 3] {
-        if let Some(c) = t.column_mut(i) {
-            c.set_cell_alignment(CellAlignment::Right);
-        }
-    }
-    out.push_str(&format!("{t}\n"));
-    out
-}
-
-fn run_sweep(args: &GuestArgs, leaves: guest::Leaves) -> anyhow::Result<ExitCode> {
+fn run_sweep(args: &GuestArgs, leaves: kvmtrace_model::leaves::Leaves) -> anyhow::Result<ExitCode> {
     let isa = args
         .isa
         .or_else(|| guest::vendor_isa(&mut Cpu))
@@ -102,7 +54,7 @@ pub fn run(args: &GuestArgs) -> anyhow::Result<ExitCode> {
             v.push(b'\n');
             v
         }
-        TextFormat::Table => table(&readout).into_bytes(),
+        TextFormat::Table => kvmtrace_model::render::guest::table(&readout).into_bytes(),
     };
     write_output(args.output.as_deref(), &bytes)?;
     Ok(if readout.patched {

@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use kvmtrace::{guest::GuestReadout, report::Report};
+use kvmtrace_model::{guest::GuestReadout, report::Report};
 use thiserror::Error;
 
 use crate::exit_status::Status;

@@ -3,7 +3,7 @@
 use std::{io::Write as _, process::ExitCode};
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
-use kvmtrace::exit_reasons::{self, Isa};
+use kvmtrace_model::exit_reasons::{self, Isa};
 
 use crate::cli::ReasonsArgs;
 

@@ -13,10 +13,12 @@ use chrono::Utc;
 use kvmtrace::{
     host, privileges,
     probe::{Probe, ProbeConfig},
-    render::{self, Format},
-    report::{Cost, Filter, PhaseInfo, RegistersInfo, Report, RunInfo},
     tracefs::Tracefs,
     vcpu_regs,
+};
+use kvmtrace_model::{
+    render::{self, Format},
+    report::{Cost, Filter, PhaseInfo, RegistersInfo, Report, RunInfo},
 };
 use log::warn;
 use tokio::{
@@ -86,7 +88,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             None
         },
         regs: None,
-        max_reasons: args.max_reasons,
+        max_overflow_rows: args.max_overflow_rows,
         max_vcpu_rows: args.max_vcpu_rows,
     };
     let mut regs = Registers::new(config.snapshots.is_some());
@@ -228,7 +230,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
 struct Registers {
     /// Whether snapshots are taken at all.
     on: bool,
-    layout: Option<vcpu_regs::Layout>,
+    layout: Option<kvmtrace_model::regs_layout::Layout>,
     learner: vcpu_regs::Learner,
     error: Option<String>,
 }
@@ -265,8 +267,8 @@ impl Registers {
                     "vCPU registers found at offset {} of struct kvm_vcpu (learned from {} exits)",
                     layout.regs_offset,
                     match &layout.method {
-                        vcpu_regs::Method::Learned { samples, .. } => *samples,
-                        vcpu_regs::Method::Btf { .. } => 0,
+                        kvmtrace_model::regs_layout::Method::Learned { samples, .. } => *samples,
+                        kvmtrace_model::regs_layout::Method::Btf { .. } => 0,
                     }
                 ));
                 self.layout = Some(layout);
@@ -301,7 +303,7 @@ struct Phases {
 impl Phases {
     fn new(
         probe: &Probe,
-        paging: Option<host::Paging>,
+        paging: Option<kvmtrace_model::paging::Paging>,
         since: chrono::DateTime<Utc>,
     ) -> anyhow::Result<Self> {
         let mut seen = BTreeMap::new();

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use kvmtrace::render::{self, Options};
+use kvmtrace_model::render::{self, Options};
 
 use super::{load_report, write_output};
 use crate::cli::ShowArgs;

@@ -17,7 +17,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
 use crossterm::{
     cursor,
     event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
@@ -26,9 +25,9 @@ use crossterm::{
 use kvmtrace::{
     host, privileges,
     probe::{Probe, ProbeConfig},
-    top::{RateRow, View, view},
     tracefs::Tracefs,
 };
+use kvmtrace_model::rates::view;
 use signal_hook::{consts::signal, iterator::Signals};
 
 use crate::{cli::TopArgs, exit_status::Status};
@@ -160,35 +159,6 @@ fn watch_keys(tx: mpsc::Sender<Quit>) {
     });
 }
 
-fn rows_table(title: &str, rows: &[RateRow], limit: usize) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_header([title, "exits/s", "total"]);
-    for r in rows.iter().take(limit) {
-        t.add_row([
-            r.label.clone(),
-            format!("{:.0}", r.rate),
-            r.total.to_string(),
-        ]);
-    }
-    for i in [1, 2] {
-        if let Some(c) = t.column_mut(i) {
-            c.set_cell_alignment(CellAlignment::Right);
-        }
-    }
-    t
-}
-
-fn render(v: &View, secs: f64, paging: &str, limit: usize) -> String {
-    format!(
-        "kvmtrace top — {paging}, {:.0} exits/s, {} exits in {secs:.0} s   (q quits)\n{}\n{}\n",
-        v.rate,
-        v.total,
-        rows_table("reason", &v.reasons, limit),
-        rows_table("VM", &v.vms, limit)
-    )
-}
-
 pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
     if let Some(missing) = privileges::missing() {
         bail!(missing);
@@ -230,7 +200,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
         let paging =
             host::paging().map_or_else(|| "no kvm vendor module".to_owned(), |p| p.label());
         screen
-            .draw(&render(
+            .draw(&kvmtrace_model::render::rates::screen(
                 &v,
                 started.elapsed().as_secs_f64(),
                 &paging,

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::step::Step;
+use super::{bochs, console, inputs::Inputs, options::Isa, qemu, step::Step};
 use crate::process::ChildGuard;
 
 /// The budget of the first step: from power-on to the L1 init's first marker.
@@ -37,10 +37,43 @@ pub struct Run {
     pub wall: f64,
 }
 
+/// An emulated L1 host ready to boot: `isa`'s emulator (Bochs, or QEMU TCG with
+/// `cpus` CPUs) booting the L1 kernel of `inputs` with `initrd`, working in `build`.
+pub struct Machine<'a> {
+    pub isa: Isa,
+    pub cpus: u8,
+    pub inputs: &'a Inputs,
+    pub initrd: &'a Path,
+    pub build: &'a Path,
+}
+
+impl Machine<'_> {
+    /// Boots it under a step named after the emulator, which first notes `what`, and
+    /// follows its console, copied to `serial_log`, to L1's result (see [`boot`]).
+    pub fn boot(
+        &self,
+        root: &Path,
+        what: String,
+        scale: f64,
+        serial_log: &Path,
+    ) -> anyhow::Result<(Run, String, Duration)> {
+        let mut cmd = match self.isa {
+            Isa::Intel => bochs::command(root, self.build, &self.inputs.kernel, self.initrd)?,
+            Isa::Amd => qemu::command(self.build, self.inputs, self.initrd, self.cpus)?,
+        };
+        let s = Step::start(match self.isa {
+            Isa::Intel => "bochs",
+            Isa::Amd => "qemu-tcg",
+        });
+        s.note(what);
+        boot(&mut cmd, self.build, s, scale, serial_log)
+    }
+}
+
 /// Runs the emulator of a lab build directory (`serial.out`, `emulator.log` in
 /// `build`), copying the console to `serial_copy`, and closes `step` with the result.
 /// Returns the run and its result (`pass`, `fail WHY`, or `none`).
-pub fn boot(
+fn boot(
     cmd: &mut Command,
     build: &Path,
     step: Step,
@@ -64,7 +97,7 @@ pub fn boot(
 /// Starts `cmd` (stdout/stderr into `log`), follows `serial`, and returns the console.
 /// On a panic or an overrun step the emulator is killed and the error names the step;
 /// the console so far is still written to `serial_copy`.
-pub fn run(
+fn run(
     cmd: &mut Command,
     serial: &Path,
     log: &Path,
@@ -91,12 +124,7 @@ pub fn run(
         scale,
     };
     let outcome = watch.follow(cmd, serial, step);
-    let text: String = watch
-        .lines
-        .iter()
-        .map(|l| format!("[{:8.2}] {}\n", l.at, l.text))
-        .collect();
-    std::fs::write(serial_copy, text)
+    std::fs::write(serial_copy, console::transcript(&watch.lines))
         .with_context(|| format!("cannot write {}", serial_copy.display()))?;
     outcome?;
     Ok(Run {

@@ -10,11 +10,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::cpio::Archive;
+use super::{console::END_MARKER, cpio::Archive};
 use crate::process::run_bounded;
 
-/// Marks the end of the workload on its console; the L1 init looks for it.
-pub const END_MARKER: &str = "KVMLAB-L2 end";
+/// The memory of the L1 host, in MiB (both emulators).
+pub const L1_MEMORY_MB: u32 = 1024;
 
 /// The kernel command line of the L1 host.
 pub const L1_APPEND: &str =
@@ -141,7 +141,28 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     };
     let vendor = vendor.trim_end_matches(".ko");
 
-    let workload = match &l1.workload {
+    let workload = add_workload(&mut a, &l1.workload)?;
+    // `vms` VMs one after the other, each a new VM (its counters start at zero).
+    let again = workload.strip_prefix("exec ").unwrap_or(&workload);
+    let mut script = String::from("#!/bin/sh\n# The L2 workload (written by cargo xtask lab).\n");
+    for _ in 1..l1.vms {
+        let _ = writeln!(script, "{again} || exit $?");
+    }
+    let _ = writeln!(script, "{workload}");
+    a.bytes("lab/workload", script, 0o755)?;
+
+    if let Some((kvmtrace, libs)) = &l1.kvmtrace {
+        a.file("bin/kvmtrace", kvmtrace)?;
+        add_libraries(&mut a, libs)?;
+    }
+
+    a.bytes("lab/env", env(l1, vendor, deps), 0o644)?;
+    a.write_to(out)
+}
+
+/// Adds what `workload` runs to the L1 initrd; the shell command that runs it.
+fn add_workload(a: &mut Archive, workload: &Workload) -> anyhow::Result<String> {
+    Ok(match workload {
         Workload::Boot {
             qemu,
             qemu_libs,
@@ -153,7 +174,7 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
             sweep,
         } => {
             a.file(QEMU_IN_L1, qemu)?;
-            add_libraries(&mut a, qemu_libs)?;
+            add_libraries(a, qemu_libs)?;
             for f in firmware {
                 a.file(&format!("{QEMU_DATA_IN_L1}/{}", file_name(f)?), f)?;
             }
@@ -192,21 +213,12 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
                 _ => runs.join(" && "),
             }
         }
-    };
-    // `vms` VMs one after the other, each a new VM (its counters start at zero).
-    let again = workload.strip_prefix("exec ").unwrap_or(&workload);
-    let mut script = String::from("#!/bin/sh\n# The L2 workload (written by cargo xtask lab).\n");
-    for _ in 1..l1.vms {
-        let _ = writeln!(script, "{again} || exit $?");
-    }
-    let _ = writeln!(script, "{workload}");
-    a.bytes("lab/workload", script, 0o755)?;
+    })
+}
 
-    if let Some((kvmtrace, libs)) = &l1.kvmtrace {
-        a.file("bin/kvmtrace", kvmtrace)?;
-        add_libraries(&mut a, libs)?;
-    }
-
+/// `lab/env`, which the L1 init sources: the modes, the modules, the limits and how
+/// kvmtrace runs.
+fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     let modes: Vec<String> = l1.modes.iter().map(u8::to_string).collect();
     let mut env = String::from("# Written by cargo xtask lab; sourced by /init.\n");
     let module = vendor.replace('-', "_");
@@ -222,13 +234,12 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     let _ = writeln!(env, "SCENARIO={}", l1.scenario);
     let _ = writeln!(env, "SIGNALS='{}'", l1.signals);
     let _ = writeln!(env, "SIGNAL_AFTER={}", l1.signal_after);
-    a.bytes("lab/env", env, 0o644)?;
-    a.write_to(out)
+    env
 }
 
 /// What every L1 initrd holds: the mount points, the console, busybox, the init script
 /// `init` as /init, and lab/l1-lib.sh (beside it), which it sources, as /lab/lib.sh.
-pub(super) fn l1_base(busybox: &Path, init: &Path) -> anyhow::Result<Archive> {
+pub fn l1_base(busybox: &Path, init: &Path) -> anyhow::Result<Archive> {
     let mut a = Archive::default();
     for d in ["proc", "sys", "dev", "tmp", "sys/kernel/tracing"] {
         a.dir(d)?;
@@ -247,7 +258,7 @@ pub(super) fn l1_base(busybox: &Path, init: &Path) -> anyhow::Result<Archive> {
 
 /// Copies shared libraries to the same absolute paths inside the initrd, so binaries
 /// run there as they do on the host.
-pub(super) fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
+pub fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result<()> {
     for lib in libs {
         let inside = lib
             .to_str()
@@ -259,7 +270,7 @@ pub(super) fn add_libraries(a: &mut Archive, libs: &[PathBuf]) -> anyhow::Result
     Ok(())
 }
 
-pub(super) fn file_name(p: &Path) -> anyhow::Result<String> {
+pub fn file_name(p: &Path) -> anyhow::Result<String> {
     p.file_name()
         .and_then(|n| n.to_str())
         .map(str::to_owned)

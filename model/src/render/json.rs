@@ -21,5 +21,6 @@ mod tests {
         let text = String::from_utf8(bytes).unwrap_or_default();
         assert!(text.ends_with("}\n"));
         assert_eq!(Report::from_json(&text).ok(), Some(r));
+        insta::assert_snapshot!(text);
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     exit_reasons::{self, Isa},
-    guest::UNDEFINED_EDX,
+    leaves::UNDEFINED_EDX,
     report::{CpuidRead, LeafKind, Report},
 };
 
@@ -135,10 +135,14 @@ pub const RECONCILE_SCHEMA: &str = "kvmtrace.reconcile.v1";
 /// TSC-deadline WRMSR and the VMX preemption timer; on 6.12 also HLT with an event
 /// pending (VMX 12, SVM 0x78).
 fn fastpath(isa: Isa, reason: u32) -> bool {
-    matches!(
-        (isa, reason),
-        (Isa::Vmx, 12 | 32 | 52) | (Isa::Svm, 0x78 | 0x7c)
-    )
+    use tracer_common::exit_reasons::{
+        SVM_HLT, SVM_MSR, VMX_HLT, VMX_MSR_WRITE, VMX_PREEMPTION_TIMER,
+    };
+    match isa {
+        Isa::Vmx => [VMX_HLT, VMX_MSR_WRITE, VMX_PREEMPTION_TIMER].contains(&reason),
+        Isa::Svm => [SVM_HLT, SVM_MSR].contains(&reason),
+        Isa::Other(_) => false,
+    }
 }
 
 /// KVM's synthetic exit: VMX INVALID_STATE (33), made up by `vmx_vcpu_run()` when the
@@ -532,11 +536,11 @@ fn attribute_totals(rows: &mut [Row]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::report::{ReadSource, tests::sample_report};
 
-    fn read(kind: LeafKind, index: u32, eax: u32, edx: u32, host: u64) -> CpuidRead {
+    pub(crate) fn read(kind: LeafKind, index: u32, eax: u32, edx: u32, host: u64) -> CpuidRead {
         CpuidRead {
             ts_ns: 0,
             pid: 7,

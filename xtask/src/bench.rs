@@ -21,9 +21,15 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use super::{
-    Isa, Kvmtrace, Modules, Scenario, Workload, assets, bochs_command, build_kvmtrace, build_micro,
-    emulator, image, prepare_inputs, report, step::Step,
+use crate::lab::{
+    assets, console,
+    emulator::{Line, Machine},
+    image,
+    inputs::{self, Inputs, KvmModules},
+    options::Isa,
+    record::Cost,
+    results::write,
+    step::Step,
 };
 
 #[derive(Args, Debug)]
@@ -51,33 +57,6 @@ const CONFIGS: [(&str, &str); 5] = [
     ("patched", "patched kvm (counter leaves), untraced"),
 ];
 
-/// The lab options the bench shares with `cargo xtask lab`: Intel, stock modules
-/// (the patched ones are added separately), kvmtrace required.
-fn lab_options() -> super::Options {
-    super::Options {
-        isa: Isa::Intel,
-        modes: vec![1],
-        workload: Workload::Micro,
-        smp: 1,
-        kvmtrace: Kvmtrace::Required,
-        record_args: String::new(),
-        guest_args: String::new(),
-        modules: Modules::Stock,
-        stock: false,
-        vms: 1,
-        out: None,
-        micro_cpuids: 0,
-        micro_outs: 0,
-        micro_vcpus: 1,
-        l1_cpus: 1,
-        kvm_modules: None,
-        timeout_scale: 1.0,
-        scenario: Scenario::Modes,
-        signals: Vec::new(),
-        signal_after: 0,
-    }
-}
-
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     if opts.timeout_scale <= 0.0 {
         bail!("--timeout-scale must be positive");
@@ -87,9 +66,62 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&build)
         .with_context(|| format!("cannot create {}", build.display()))?;
     let cache = root.join("target/lab/cache");
-    let lab = lab_options();
 
-    let inputs = prepare_inputs(&lab, root, &cache)?;
+    // The lab's Intel machine with Debian's modules; the patched ones are added beside
+    // them, for the last configuration.
+    let inputs = inputs::prepare(Isa::Intel, &KvmModules::Debian, root, &cache)?;
+    let perf = perf_tool()?;
+    let s = Step::start("kmod");
+    let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
+    s.done(patched.display().to_string());
+    let kvmtrace = inputs::build_kvmtrace(root)?;
+    let micro = inputs::build_micro(root, &build)?;
+
+    let s = Step::start("initrd");
+    let initrd = build.join("l1-initrd.cpio");
+    let size = write_initrd(
+        opts, root, &inputs, &patched, &perf, &kvmtrace, &micro, &initrd,
+    )?;
+    s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
+
+    let host = host_costs(&kvmtrace.0)?;
+
+    let machine = Machine {
+        isa: Isa::Intel,
+        cpus: 1,
+        inputs: &inputs,
+        initrd: &initrd,
+        build: &build,
+    };
+    let what = format!(
+        "{} rounds of {} configurations, {} CPUID exits each",
+        opts.rounds,
+        CONFIGS.len(),
+        opts.cpuids
+    );
+    let serial_log = out.join("serial.log");
+    let (run, result, _) = machine.boot(root, what, opts.timeout_scale, &serial_log)?;
+    if result != "pass" {
+        bail!(
+            "the bench did not finish: {result} (console in {})",
+            serial_log.display()
+        );
+    }
+    let results = Results::parse(&run.lines, opts.cpuids)?;
+    let md = results.markdown(opts, &host);
+    write(&out, "bench.md", &md)?;
+    write(
+        &out,
+        "bench.json",
+        &serde_json::to_string_pretty(&results.json(opts, &host))?,
+    )?;
+    println!("\n{md}");
+    println!("-> {}", out.join("bench.md").display());
+    Ok(())
+}
+
+/// perf, installed on the host (`linux-perf`), with the libraries it loads.
+fn perf_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     let s = Step::start("perf");
     crate::apt::install(&["linux-perf"])?;
     let perf = PathBuf::from("/usr/bin/perf");
@@ -99,15 +131,23 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         crate::exec::output(Command::new(&perf).arg("version"))?.trim(),
         perf_libs.len()
     ));
-    let s = Step::start("kmod");
-    let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
-    s.done(patched.display().to_string());
-    let Some((kvmtrace, kvmtrace_libs)) = build_kvmtrace(&lab, root)? else {
-        bail!("kvmtrace did not build for the lab");
-    };
-    let micro = build_micro(root, &build)?;
+    Ok((perf, perf_libs))
+}
 
-    let s = Step::start("initrd");
+/// Writes the bench's L1 initrd to `initrd`: lab/l1-bench.sh as /init, the stock and
+/// the `patched` kvm modules, the micro VMM, kvmtrace and perf (each with its
+/// libraries), and the rounds' settings. Returns its size.
+#[expect(clippy::too_many_arguments, reason = "one call, every input named")]
+fn write_initrd(
+    opts: &Options,
+    root: &Path,
+    inputs: &Inputs,
+    patched: &Path,
+    (perf, perf_libs): &(PathBuf, Vec<PathBuf>),
+    (kvmtrace, kvmtrace_libs): &(PathBuf, Vec<PathBuf>),
+    micro: &Path,
+    initrd: &Path,
+) -> anyhow::Result<u64> {
     let mut a = image::l1_base(&inputs.busybox, &root.join("lab/l1-bench.sh"))?;
     let mut names = Vec::new();
     for m in &inputs.modules {
@@ -123,11 +163,11 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let Some((vendor, deps)) = names.split_last() else {
         bail!("no kvm modules");
     };
-    a.file("bin/micro", &micro)?;
-    a.file("bin/kvmtrace", &kvmtrace)?;
-    image::add_libraries(&mut a, &kvmtrace_libs)?;
-    image::add_libraries(&mut a, &perf_libs)?;
-    a.file("usr/bin/perf", &perf)?;
+    a.file("bin/micro", micro)?;
+    a.file("bin/kvmtrace", kvmtrace)?;
+    image::add_libraries(&mut a, kvmtrace_libs)?;
+    image::add_libraries(&mut a, perf_libs)?;
+    a.file("usr/bin/perf", perf)?;
     // A round is five runs; a traced run in Bochs takes ~0.2 ms of host time per exit.
     let round_budget = (f64::from(opts.cpuids) * 5.0 * 0.4e-3 + 120.0) * opts.timeout_scale;
     let env = format!(
@@ -141,84 +181,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         round_budget as u64
     );
     a.bytes("lab/env", env, 0o644)?;
-    let initrd = build.join("l1-initrd.cpio");
-    let size = a.write_to(&initrd)?;
-    s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
-
-    let host = host_costs(&kvmtrace)?;
-
-    let mut cmd = bochs_command(root, &build, &inputs.kernel, &initrd)?;
-    let s = Step::start("bochs");
-    s.note(format!(
-        "{} rounds of {} configurations, {} CPUID exits each",
-        opts.rounds,
-        CONFIGS.len(),
-        opts.cpuids
-    ));
-    let serial_log = out.join("serial.log");
-    let (run, result, _) = emulator::boot(&mut cmd, &build, s, opts.timeout_scale, &serial_log)?;
-    if result != "pass" {
-        bail!(
-            "the bench did not finish: {result} (console in {})",
-            serial_log.display()
-        );
-    }
-    let results = Results::parse(&run.lines, opts.cpuids)?;
-    let md = results.markdown(opts, &host);
-    report::write(&out, "bench.md", &md)?;
-    report::write(
-        &out,
-        "bench.json",
-        &serde_json::to_string_pretty(&results.json(opts, &host))?,
-    )?;
-    println!("\n{md}");
-    println!("-> {}", out.join("bench.md").display());
-    Ok(())
-}
-
-/// kvmtrace's own costs from one record: start to attached, peak RSS, and the eBPF
-/// run time per exit when bpf stats were on.
-#[derive(Clone, Debug, Default)]
-struct Cost {
-    attach_ms: f64,
-    peak_rss_mib: f64,
-    exits: u64,
-    ns_per_exit: Option<f64>,
-}
-
-impl Cost {
-    fn from_record(text: &str) -> anyhow::Result<Self> {
-        let v: Value = serde_json::from_str(text).context("kvmtrace's JSON does not parse")?;
-        let num = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-        let programs = v
-            .pointer("/cost/programs")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let program = |name: &str| {
-            programs
-                .iter()
-                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
-                .map(|p| {
-                    (
-                        p.get("run_count").and_then(Value::as_u64).unwrap_or(0),
-                        p.get("run_time_ns").and_then(Value::as_u64).unwrap_or(0),
-                    )
-                })
-                .unwrap_or_default()
-        };
-        let (exit_runs, exit_ns) = program("kvm_exit");
-        let (_, entry_ns) = program("kvm_entry");
-        let stats = v.pointer("/cost/bpf_stats").and_then(Value::as_bool) == Some(true);
-        Ok(Self {
-            attach_ms: num("/cost/attach_ns") as f64 / 1e6,
-            peak_rss_mib: num("/cost/peak_rss_kib") as f64 / 1024.0,
-            exits: num("/total/count"),
-            // Both programs run once per exit: their time together is the cost of one.
-            ns_per_exit: (stats && exit_runs > 0)
-                .then(|| (exit_ns + entry_ns) as f64 / exit_runs as f64),
-        })
-    }
+    a.write_to(initrd)
 }
 
 /// kvmtrace started and stopped on this host (real CPU, no VM running): the median of
@@ -251,7 +214,7 @@ struct Results {
 }
 
 impl Results {
-    fn parse(lines: &[emulator::Line], cpuids: u32) -> anyhow::Result<Self> {
+    fn parse(lines: &[Line], cpuids: u32) -> anyhow::Result<Self> {
         let mut runs: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
         let mut rounds = 0;
         for l in lines {
@@ -272,7 +235,7 @@ impl Results {
         }
         let mut kvmtrace = Vec::new();
         for round in 1..=rounds {
-            let text = report::section(lines, "kvmtrace", &format!("r{round}"))
+            let text = console::section(lines, "kvmtrace", &format!("r{round}"))
                 .with_context(|| format!("no kvmtrace record of round {round}"))?;
             let cost = Cost::from_record(&text)?;
             if cost.exits < u64::from(cpuids) {
@@ -284,9 +247,9 @@ impl Results {
             kvmtrace.push(cost);
         }
         let stats = Cost::from_record(
-            &report::section(lines, "kvmtrace", "stats").context("no bpf-stats record")?,
+            &console::section(lines, "kvmtrace", "stats").context("no bpf-stats record")?,
         )?;
-        let perf_cpuid = report::section(lines, "perf-report", "r1").and_then(|t| {
+        let perf_cpuid = console::section(lines, "perf-report", "r1").and_then(|t| {
             t.lines()
                 .find(|l| l.trim_start().starts_with("CPUID"))
                 .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))

@@ -4,7 +4,10 @@
 mod chart;
 mod csv;
 pub mod diff;
+pub mod guest;
 mod json;
+pub mod rates;
+pub mod reconcile;
 mod table;
 
 use std::str::FromStr;

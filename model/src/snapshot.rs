@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracer_common::{CpuidEvent, ExitKey, ExitStats, VcpuKey, drop_kind, limits::HIST_BUCKETS};
 
@@ -77,7 +78,7 @@ pub struct Snapshot {
     /// Per (VM pid, vcpu, isa, reason, failed-entry).
     pub vcpus: BTreeMap<VcpuKey, ExitStats>,
     /// Time histogram per exit key, indexed by bucket.
-    pub hist: BTreeMap<ExitKey, Vec<u64>>,
+    pub latency: BTreeMap<ExitKey, Vec<u64>>,
     pub drops: Drops,
     /// Processes in the pid filter at the snapshot (those still alive); `None` when
     /// every process is traced.
@@ -117,7 +118,7 @@ impl Snapshot {
     /// folded into it).
     pub fn add_hist(&mut self, exit: ExitKey, bucket: u32, count: u64) -> Result<(), Overflow> {
         let buckets = self
-            .hist
+            .latency
             .entry(exit)
             .or_insert_with(|| vec![0; HIST_BUCKETS as usize]);
         let i = (bucket.min(HIST_BUCKETS - 1)) as usize;
@@ -140,6 +141,18 @@ impl Snapshot {
             "total",
         )
     }
+}
+
+/// What one eBPF program cost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramCost {
+    pub name: String,
+    pub run_count: u64,
+    /// 0 unless `kernel.bpf_stats_enabled` was 1.
+    pub run_time_ns: u64,
+    /// Bytes of native code the JIT made; 0: the kernel interprets the program.
+    #[serde(default)]
+    pub jited_bytes: u32,
 }
 
 #[cfg(test)]
@@ -221,7 +234,7 @@ mod tests {
         let k = ExitKey::from_raw(2, 0x400);
         assert_eq!(s.add_hist(k, 3, 2), Ok(()));
         assert_eq!(s.add_hist(k, 500, 1), Ok(()));
-        let h = &s.hist[&k];
+        let h = &s.latency[&k];
         assert_eq!(h[3], 2);
         assert_eq!(h[HIST_BUCKETS as usize - 1], 1);
     }

@@ -83,7 +83,7 @@
 //! - `dropped` counts what the eBPF side could not record in full, by cause. Fields
 //!   added after the first `v1` reports read as 0 when absent.
 //!   - `exit_map_full`: exits counted only here: the per-vCPU map and the per-reason
-//!     overflow map (`--max-reasons`) were both full.
+//!     overflow map (`--max-overflow-rows`) were both full.
 //!   - `vcpu_map_full`: exits with no per-vCPU row (`record --max-vcpu-rows`); they are
 //!     still in `reasons` unless `exit_map_full` counts them too.
 //!   - `hist_map_full`: timed exits missing from their reason's histogram (the time is
@@ -119,10 +119,10 @@ use tracer_common::{CpuidEvent, ExitKey, ExitStats, drop_kind, read_source};
 
 use crate::{
     exit_reasons::{self, Isa},
-    guest::Leaves,
-    histogram::{self, Bucket},
-    host::Paging,
-    snapshot::{Overflow, Snapshot, sum_u64},
+    latency::{self, Bucket},
+    leaves::Leaves,
+    paging::Paging,
+    snapshot::{Overflow, ProgramCost, Snapshot, sum_u64},
 };
 
 /// The `schema` value this version writes and reads.
@@ -157,7 +157,7 @@ impl Totals {
 
     /// Mean exit→entry time, ns.
     pub fn mean_ns(&self) -> Option<u64> {
-        histogram::mean(self.time_ns, self.timed)
+        latency::mean(self.time_ns, self.timed)
     }
 }
 
@@ -250,18 +250,6 @@ pub struct PhaseRow {
 pub struct PhaseInfo {
     pub paging: Option<Paging>,
     pub since: DateTime<Utc>,
-}
-
-/// What one eBPF program cost.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgramCost {
-    pub name: String,
-    pub run_count: u64,
-    /// 0 unless `kernel.bpf_stats_enabled` was 1.
-    pub run_time_ns: u64,
-    /// Bytes of native code the JIT made; 0: the kernel interprets the program.
-    #[serde(default)]
-    pub jited_bytes: u32,
 }
 
 /// What kvmtrace itself cost.
@@ -374,7 +362,7 @@ pub enum ReadSource {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistersInfo {
     /// The layout and how it was found; `None` when it was never found.
-    pub layout: Option<crate::vcpu_regs::Layout>,
+    pub layout: Option<crate::regs_layout::Layout>,
     /// Why it was not found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -494,7 +482,7 @@ impl ReasonRow {
             name: name_of(exit),
             totals,
             mean_ns: totals.mean_ns(),
-            histogram: hist.map(|h| histogram::buckets(h)).unwrap_or_default(),
+            histogram: hist.map(|h| latency::buckets(h)).unwrap_or_default(),
         }
     }
 }
@@ -539,7 +527,7 @@ fn phase_row(
 impl Report {
     /// Builds the report from a snapshot. Pure: no I/O.
     pub fn build(snap: &Snapshot, info: RunInfo) -> Result<Self, Overflow> {
-        let reasons = reason_rows(&snap.exits, Some(&snap.hist));
+        let reasons = reason_rows(&snap.exits, Some(&snap.latency));
 
         let mut vms: BTreeMap<u32, Totals> = BTreeMap::new();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
@@ -789,7 +777,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cpuid_reads_are_classified_by_leaf() {
-        let leaves = crate::guest::preset("kvmtrace").ok();
+        let leaves = crate::leaves::preset("kvmtrace").ok();
         let event = CpuidEvent {
             ts_ns: 5,
             rax: 0xffff_ffff_0000_0007,

@@ -1,0 +1,206 @@
+//! The Debian side of a build: the kernel release of the day, its source and
+//! headers (downloaded and unpacked, never installed), all of one version.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use super::{Flavour, KernelLine, Options};
+use crate::apt;
+
+/// The Debian inputs of one build, all of the same version.
+pub struct Inputs {
+    /// `uname -r` of the image, e.g. `6.1.0-56-cloud-amd64`.
+    pub release: String,
+    pub image_version: String,
+    pub source_version: String,
+    /// The source tarball, unpacked from `linux-source-<line>`.
+    pub tarball: PathBuf,
+    /// The unpacked `linux-headers-<release>` directory.
+    pub headers_dir: PathBuf,
+}
+
+/// Looks up today's release, downloads its source and headers, and refuses unless
+/// the image, the headers and the source are one Debian version.
+pub fn inputs(opts: &Options, root: &Path, work: &Path) -> anyhow::Result<Inputs> {
+    let release = kernel_release(opts.kernel, opts.flavour)?;
+    let image_pkg = format!("linux-image-{release}");
+    let image_version = apt::candidate(&image_pkg)?;
+    let (source_version, tarball) = source_tarball(opts.kernel, root)?;
+    let (headers_version, headers_dir) = headers_tree(&release, root, work)?;
+    same_versions(&[
+        (&image_pkg, &image_version),
+        (&format!("linux-headers-{release}"), &headers_version),
+        (&opts.kernel.source_package(), &source_version),
+    ])?;
+    Ok(Inputs {
+        release,
+        image_version,
+        source_version,
+        tarball,
+        headers_dir,
+    })
+}
+
+/// Packages that hold or pull in a kernel, or its headers: never installed by kmod.
+fn is_kernel_package(name: &str) -> bool {
+    [
+        "linux-image-",
+        "linux-headers-",
+        "linux-kbuild-",
+        "linux-modules-",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+        || matches!(name, "linux-base" | "initramfs-tools" | "udev")
+}
+
+/// The kernel release behind the image metapackage, e.g. `6.1.0-56-cloud-amd64`.
+fn kernel_release(kernel: KernelLine, flavour: Flavour) -> anyhow::Result<String> {
+    let meta = kernel.image_metapackage(flavour);
+    apt::cache(&["depends", &meta], |deps| parse_release(deps, flavour))
+        .with_context(|| format!("apt names no linux-image package for {meta}"))
+}
+
+/// Downloads the kernel source package and unpacks it under `target/kmod/debs`; its
+/// version and the path of the tarball it holds.
+pub fn source_tarball(kernel: KernelLine, root: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let debs = root.join("target/kmod/debs");
+    let deb = apt::download(&debs, &kernel.source_package())?;
+    let version = apt::deb_field(&deb, "Version")?;
+    let unpacked = apt::unpack(&deb, &debs.join("roots"))?;
+    let tarball = unpacked.join(format!("usr/src/{}.tar.xz", kernel.source_package()));
+    ensure!(
+        tarball.is_file(),
+        "{} holds no {}",
+        deb.display(),
+        tarball.display()
+    );
+    Ok((version, tarball))
+}
+
+/// The headers of `release`, downloaded and unpacked under `work`, never installed:
+/// installing `linux-headers-*` would pull a kernel image, initramfs-tools and udev
+/// onto the host through its dependencies (6.12 depends on its image). The
+/// flavour's headers, the common headers and kbuild are unpacked into one root, and
+/// the flavour's one-line Makefile is pointed at the unpacked common tree. Returns
+/// the headers' version and their directory (`make -C` it).
+fn headers_tree(release: &str, root: &Path, work: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let debs = root.join("target/kmod/debs");
+    let headers_pkg = format!("linux-headers-{release}");
+    let flavour_deb = apt::download(&debs, &headers_pkg)?;
+    let version = apt::deb_field(&flavour_deb, "Version")?;
+    let mut all = vec![flavour_deb.clone()];
+    for dep in apt::depends_names(&apt::deb_field(&flavour_deb, "Depends")?) {
+        if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
+            all.push(apt::download(&debs, &format!("{dep}={version}"))?);
+        }
+    }
+    ensure!(
+        all.len() == 3,
+        "{headers_pkg} {version} does not depend on one common headers and one kbuild package"
+    );
+    // What those packages need to run (compiler, pahole, libraries), but no kernel.
+    let mut tools = Vec::new();
+    for deb in &all {
+        tools.extend(
+            apt::depends_names(&apt::deb_field(deb, "Depends")?)
+                .into_iter()
+                .filter(|d| !is_kernel_package(d)),
+        );
+    }
+    apt::install(&tools.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let tree = apt::unpack_into(&all, &work.join(format!("headers-{version}")))?;
+    let dir = tree.join(format!("usr/src/{headers_pkg}"));
+    let makefile = dir.join("Makefile");
+    let text = fs::read_to_string(&makefile)
+        .with_context(|| format!("cannot read {}", makefile.display()))?;
+    // "include /usr/src/linux-headers-<version>-common/Makefile"
+    let rewritten = text.replace(
+        "include /usr/src/",
+        &format!("include {}/usr/src/", tree.display()),
+    );
+    if rewritten != text {
+        fs::write(&makefile, rewritten)
+            .with_context(|| format!("cannot write {}", makefile.display()))?;
+    }
+    ensure!(
+        fs::read_to_string(&makefile).is_ok_and(|t| t.contains(&*tree.to_string_lossy())),
+        "{} does not include the unpacked common headers",
+        makefile.display()
+    );
+    Ok((version, dir))
+}
+
+/// The release from `apt-cache depends linux-image-...` output.
+fn parse_release(deps: &str, flavour: Flavour) -> Option<String> {
+    let suffix = format!("-{}", flavour.arch_suffix());
+    deps.lines()
+        .filter_map(|l| l.trim().trim_start_matches('|').strip_prefix("Depends: "))
+        .filter_map(|p| p.strip_prefix("linux-image-"))
+        .find(|r| {
+            r.ends_with(&suffix)
+                && r.starts_with(|c: char| c.is_ascii_digit())
+                && (flavour == Flavour::Cloud || (!r.contains("-cloud-") && !r.contains("-rt-")))
+        })
+        .map(str::to_owned)
+}
+
+/// Fails with one line unless every `(package, version)` has the same version.
+fn same_versions(pkgs: &[(&str, &str)]) -> anyhow::Result<()> {
+    if pkgs.windows(2).all(|w| w[0].1 == w[1].1) {
+        return Ok(());
+    }
+    let list: Vec<String> = pkgs.iter().map(|(p, v)| format!("{p} {v}")).collect();
+    bail!(
+        "version mismatch, refusing to build: {} (modules built so would not match the \
+         image: retry once the mirror carries one version of all three)",
+        list.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_from_apt_cache_depends() {
+        let cloud = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
+        assert_eq!(
+            parse_release(cloud, Flavour::Cloud).as_deref(),
+            Some("6.1.0-56-cloud-amd64")
+        );
+        let generic = "linux-image-6.12-amd64\n |Depends: linux-image-6.12.117+deb12-amd64\n  \
+                       Depends: linux-image-6.12.117+deb12-amd64-unsigned\n";
+        assert_eq!(
+            parse_release(generic, Flavour::Generic).as_deref(),
+            Some("6.12.117+deb12-amd64")
+        );
+        assert_eq!(parse_release(cloud, Flavour::Generic), None);
+        assert_eq!(parse_release("linux-image-amd64\n", Flavour::Generic), None);
+    }
+
+    #[test]
+    fn versions_must_match() {
+        let same = [
+            ("linux-image-x", "6.1.192-2"),
+            ("linux-source-6.1", "6.1.192-2"),
+        ];
+        assert!(same_versions(&same).is_ok());
+        let differ = [
+            ("linux-image-x", "6.1.192-2"),
+            ("linux-headers-x", "6.1.190-1"),
+        ];
+        let err = same_versions(&differ).map_err(|e| e.to_string());
+        assert_eq!(
+            err.err().as_deref().map(|e| e.starts_with(
+                "version mismatch, refusing to build: linux-image-x 6.1.192-2, \
+                 linux-headers-x 6.1.190-1 ("
+            )),
+            Some(true)
+        );
+    }
+}

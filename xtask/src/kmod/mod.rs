@@ -1,0 +1,64 @@
+//! `cargo xtask kmod`: builds `kvm.ko`, `kvm-intel.ko` and `kvm-amd.ko` with the
+//! exit-counter CPUID leaves (kernel/README.md) out of tree, against the Debian
+//! headers of the kernel the lab boots.
+//!
+//! 1. Look up the kernel release (ABI) behind the flavour's image metapackage, every
+//!    time: the mirror moves with security updates.
+//! 2. Download the source and the headers (the flavour's, the common ones and kbuild)
+//!    and unpack them under `target/kmod/`: never installed, since the headers'
+//!    dependencies would put a kernel image on the host. Install only the missing
+//!    build tools. Refuse unless image, headers and source are the same Debian
+//!    version (otherwise vermagic or struct layouts may not match).
+//! 3. Extract only `arch/x86/kvm`, `virt/kvm`, the headers the series patches and
+//!    checkpatch into `target/kmod/<kernel>-<flavour>/src` (kept while the source
+//!    version and the file list do not change).
+//! 4. Copy that to `build-<variant>`, apply the series (and the variant's patches)
+//!    with `patch --fuzz=0`, point the kvm Makefile at the copy and put the patched
+//!    headers ahead of the installed ones (`NOSTDINC_FLAGS`), then
+//!    `make -C <unpacked headers>/usr/src/linux-headers-<release> M=... modules`.
+//! 5. Copy the modules to `out` (`out-<variant>` for the test-only variants), strip
+//!    them, check their vermagic and write `kmod.json`, whose fingerprint of every input
+//!    lets the next run skip all of this.
+
+mod build;
+mod checkpatch;
+mod debian;
+mod options;
+mod source;
+
+use std::path::{Path, PathBuf};
+
+pub use self::{
+    build::build,
+    options::{Flavour, KernelLine, Options, Variant},
+};
+
+/// Bump when the build recipe changes, so earlier outputs are rebuilt.
+const RECIPE: &str = "kmod-recipe-1";
+
+pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    if opts.check {
+        return checkpatch::check(opts, root);
+    }
+    let built = build(opts, root)?;
+    eprintln!(
+        "kmod: {} {} {} for {} (Debian {}) in {}:",
+        built.info.kernel,
+        built.info.flavour,
+        built.info.variant,
+        built.info.kernel_release,
+        built.info.debian_version,
+        built.out_dir.display()
+    );
+    for module in &built.modules {
+        println!("{}", module.display());
+    }
+    Ok(())
+}
+
+/// Where the builds of `opts`' kernel line and flavour are kept:
+/// `target/kmod/<kernel>-<flavour>`.
+fn work_dir(opts: &Options, root: &Path) -> PathBuf {
+    root.join("target/kmod")
+        .join(format!("{}-{}", opts.kernel, opts.flavour))
+}

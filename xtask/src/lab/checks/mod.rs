@@ -1,0 +1,8 @@
+//! What the lab checks in each mode's results: kvmtrace against the kernel hist, per
+//! reason and per vCPU; the micro workload's exits known in advance; and the guest's
+//! counter reads against `kvmtrace reconcile`.
+
+pub mod guest;
+pub mod micro;
+pub mod reasons;
+pub mod vcpus;

@@ -1,0 +1,151 @@
+//! kvmtrace against the kernel hist, per exit reason.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::lab::{
+    reason::{Counts, Reason},
+    record::{self, Record},
+};
+
+/// One row of the comparison.
+#[derive(Serialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub reason: Reason,
+    pub name: String,
+    pub hist: u64,
+    pub kvmtrace: Option<u64>,
+}
+
+/// Every reason either side saw, with both counts.
+pub fn compare(hist: &Counts, rec: Option<&Counts>) -> Vec<Row> {
+    let mut keys: Vec<Reason> = hist.keys().copied().collect();
+    if let Some(rec) = rec {
+        keys.extend(rec.keys().copied());
+    }
+    keys.sort();
+    keys.dedup();
+    let mut rows: Vec<Row> = keys
+        .into_iter()
+        .map(|k| Row {
+            name: k.name(),
+            hist: hist.get(&k).copied().unwrap_or(0),
+            kvmtrace: rec.map(|r| r.get(&k).copied().unwrap_or(0)),
+            reason: k,
+        })
+        .collect();
+    rows.sort_by(|a, b| b.hist.cmp(&a.hist).then(a.reason.cmp(&b.reason)));
+    rows
+}
+
+/// A plain-text table of `rows`.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let has_rec = rows.iter().any(|r| r.kvmtrace.is_some());
+    let _ = write!(out, "  {:>6}  {:<28} {:>9}", "reason", "name", "hist");
+    if has_rec {
+        let _ = write!(out, " {:>9}  diff", "kvmtrace");
+    }
+    out.push('\n');
+    let (mut th, mut tk) = (0u64, 0u64);
+    for r in rows {
+        th += r.hist;
+        let _ = write!(
+            out,
+            "  {:>6}  {:<28} {:>9}",
+            format!("{:#x}", r.reason.reason),
+            r.name,
+            r.hist
+        );
+        if let Some(k) = r.kvmtrace {
+            tk += k;
+            let diff = i128::from(k) - i128::from(r.hist);
+            let mark = if diff == 0 {
+                "=".to_owned()
+            } else {
+                format!("{diff:+}")
+            };
+            let _ = write!(out, " {k:>9}  {mark}");
+        }
+        out.push('\n');
+    }
+    let _ = write!(out, "  {:>6}  {:<28} {:>9}", "", "total", th);
+    if has_rec {
+        let mark = if th == tk {
+            "=".to_owned()
+        } else {
+            format!("{:+}", i128::from(tk) - i128::from(th))
+        };
+        let _ = write!(out, " {tk:>9}  {mark}");
+    }
+    out.push('\n');
+    out
+}
+
+/// The timing invariants of one record (see [`record::timing_problems`]), printed;
+/// what breaks them, as problems of `what`.
+pub fn timing_check(what: &str, record: &str) -> anyhow::Result<Vec<String>> {
+    let problems = record::timing_problems(record)?;
+    if problems.is_empty() {
+        println!("  {what}: timing invariants hold (timed <= count, histogram sums to timed)");
+    }
+    Ok(problems
+        .into_iter()
+        .map(|p| format!("{what}: timing: {p}"))
+        .collect())
+}
+
+/// kvmtrace's verdict against the hist in one mode, printed: equal for every reason
+/// (or for those its full per-reason map had room for), or no record at all. The
+/// problems, as problems of `tag`.
+pub fn check_record(
+    tag: &str,
+    rows: &[Row],
+    record: Option<&Record>,
+    kvmtrace_ran: bool,
+    kvmtrace_err: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    match (record, kvmtrace_ran) {
+        (Some(rec), _) => {
+            let diffs: Vec<&Row> = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
+            // A full per-reason map: the reasons that got in are exact, the
+            // others are all in dropped.exit_map_full.
+            let full = rec.dropped.exit_map_full;
+            let uncounted: u64 = diffs
+                .iter()
+                .filter(|r| r.kvmtrace == Some(0))
+                .map(|r| r.hist)
+                .sum();
+            if diffs.is_empty() {
+                println!("  kvmtrace == hist for all {} reasons", rows.len());
+            } else if full > 0 && diffs.iter().all(|r| r.kvmtrace == Some(0)) && uncounted == full {
+                println!(
+                    "  kvmtrace == hist for the {} reasons it had room for; the other {} reasons' {full} exits are in dropped.exit_map_full",
+                    rows.len() - diffs.len(),
+                    diffs.len()
+                );
+            } else {
+                problems.push(format!(
+                    "{tag}: kvmtrace differs from the hist in {} reasons",
+                    diffs.len()
+                ));
+            }
+            let dropped = serde_json::to_string(&rec.dropped).unwrap_or_default();
+            println!("  kvmtrace paging: {}, dropped: {dropped}", rec.paging);
+        }
+        (None, true) => {
+            let why = kvmtrace_err
+                .lines()
+                .last()
+                .unwrap_or("no output")
+                .to_owned();
+            println!("  kvmtrace produced no record: {why}");
+            problems.push(format!("{tag}: kvmtrace produced no record ({why})"));
+        }
+        (None, false) => println!("  (kvmtrace not run: hist only)"),
+    }
+    problems
+}

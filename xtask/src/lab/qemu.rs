@@ -1,0 +1,38 @@
+//! QEMU 7.2 TCG as L1 for the AMD lab (SVM + NPT).
+
+use std::{path::Path, process::Command};
+
+use super::{
+    image::{self, L1_MEMORY_MB},
+    inputs::Inputs,
+};
+
+/// QEMU TCG as L1 with `cpus` CPUs; with more than one, each runs in a host thread of
+/// its own (multi-threaded TCG), so L1's CPUs run truly in parallel.
+pub fn command(build: &Path, inputs: &Inputs, initrd: &Path, cpus: u8) -> anyhow::Result<Command> {
+    let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64");
+    let mut cmd = Command::new(qemu);
+    if let Some(dir) = &inputs.qemu_module_dir {
+        cmd.env("QEMU_MODULE_DIR", dir);
+    }
+    for d in &inputs.qemu_data_dirs {
+        cmd.arg("-L").arg(d);
+    }
+    cmd.args(["-accel", if cpus > 1 { "tcg,thread=multi" } else { "tcg" }])
+        .args(["-cpu", "max", "-smp"])
+        .arg(cpus.to_string())
+        .args(["-no-reboot", "-nodefaults"])
+        .args(["-display", "none", "-monitor", "none", "-net", "none"])
+        .arg("-m")
+        .arg(format!("{L1_MEMORY_MB}M"))
+        .arg("-serial")
+        .arg(format!("file:{}", build.join("serial.out").display()))
+        .arg("-kernel")
+        .arg(&inputs.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(image::L1_APPEND)
+        .current_dir(build);
+    Ok(cmd)
+}

@@ -1,0 +1,284 @@
+//! Each mode's results: read from the console, written under
+//! `target/lab/<isa>/<mode>/`, checked and printed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+
+use super::{
+    Options,
+    checks::{guest, micro, reasons, vcpus},
+    console,
+    emulator::{Line, Run},
+    hist::{self, Hist},
+    image::{L1, Workload as L2Workload},
+    options::{Scenario, mode_dir_name, workload_label},
+    record::{self, Record},
+};
+
+/// Writes `text` to `dir/name`.
+pub fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let p = dir.join(name);
+    std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
+}
+
+/// What every step of [`summarize`] reads: the options, where results go, the run's
+/// console and what L1 ran.
+struct Lab<'a> {
+    opts: &'a Options,
+    out: &'a Path,
+    run: &'a Run,
+    l1: &'a L1,
+}
+
+/// One mode's results, read from the console (and written as they are read).
+struct ModeResults<'a> {
+    /// `ept1`, `npt0`, ...
+    tag: String,
+    dir: PathBuf,
+    lines: &'a [Line],
+    hist: Hist,
+    record: Option<Record>,
+    kvmtrace_err: String,
+    rows: Vec<reasons::Row>,
+    run_time: f64,
+    reached_end: bool,
+}
+
+/// Parses the console, writes `target/lab/<isa>/<mode>/`, prints the tables; fails if
+/// kvmtrace ran and disagrees with the hist, or the micro workload's counts are off.
+pub fn summarize(opts: &Options, out: &Path, run: &Run, l1: &L1) -> anyhow::Result<()> {
+    let lab = Lab { opts, out, run, l1 };
+    let mut problems = Vec::new();
+    match console::l1_cpus_up(&run.lines) {
+        Some(n) if n == u64::from(opts.l1_cpus) => println!("L1 brought up {n} CPU(s)"),
+        Some(n) => problems.push(format!(
+            "L1 brought up {n} CPU(s), --l1-cpus asked for {}",
+            opts.l1_cpus
+        )),
+        None => problems.push("L1 did not say how many CPUs it has".to_owned()),
+    }
+    let whole = whole_record(&lab, &mut problems)?;
+    for mode in &opts.modes {
+        let Some(results) = read_mode(&lab, *mode, whole.as_deref(), &mut problems)? else {
+            continue;
+        };
+        check_mode(&lab, &results, whole.is_some(), &mut problems)?;
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", problems.join("; "))
+    }
+}
+
+/// `--scenario reload`: one record for the whole run, split into phases. Writes it
+/// and kvmtrace's stderr of the whole run, and returns it.
+fn whole_record(lab: &Lab<'_>, problems: &mut Vec<String>) -> anyhow::Result<Option<String>> {
+    let whole = console::section(&lab.run.lines, "record", "all");
+    if let Some(text) = &whole {
+        write(lab.out, "record.json", text)?;
+        problems.extend(reasons::timing_check("the whole record", text)?);
+    }
+    if let Some(err) = console::section(&lab.run.lines, "kvmtrace-stderr", "all") {
+        write(lab.out, "kvmtrace.stderr", &err)?;
+    }
+    if lab.opts.scenario == Scenario::Reload && whole.is_none() && lab.l1.kvmtrace.is_some() {
+        problems.push("kvmtrace wrote no record across the reloads".to_owned());
+    }
+    Ok(whole)
+}
+
+/// Reads mode `mode` from the console and writes what it found to its directory:
+/// `serial.log`, `hist.txt`, `record.json` or `phase.json`, `dmesg-bad.txt`,
+/// `kvmtrace.stderr`. `None` when the console has no hist for it.
+fn read_mode<'a>(
+    lab: &Lab<'a>,
+    mode: u8,
+    whole: Option<&str>,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<Option<ModeResults<'a>>> {
+    let (opts, all_lines) = (lab.opts, &lab.run.lines);
+    let tag = format!("{}{mode}", opts.isa.paging());
+    let dir_name = mode_dir_name(opts, mode);
+    let dir = lab.out.join(&dir_name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let lines = console::mode_lines(all_lines, &tag);
+    write(&dir, "serial.log", &console::transcript(lines))?;
+
+    let Some(hist_text) = console::section(all_lines, "hist", &tag) else {
+        problems.push(format!("{tag}: no hist on the console"));
+        return Ok(None);
+    };
+    write(&dir, "hist.txt", &hist_text)?;
+    let hist = hist::parse_hist(&hist_text)?;
+    if hist.dropped != 0 {
+        problems.push(format!("{tag}: the hist dropped {} entries", hist.dropped));
+    }
+    let record = read_record(all_lines, &tag, &dir, whole, problems)?;
+    if let Some(bad) = console::section(all_lines, "dmesg-bad", &tag) {
+        write(&dir, "dmesg-bad.txt", &bad)?;
+        let complaints = console::dmesg_complaints(&bad);
+        if !complaints.is_empty() {
+            problems.push(format!(
+                "{tag}: L1's kernel complained:\n{}",
+                complaints.join("\n")
+            ));
+        }
+    }
+    let kvmtrace_err = console::section(all_lines, "kvmtrace-stderr", &tag).unwrap_or_default();
+    if !kvmtrace_err.trim().is_empty() {
+        write(&dir, "kvmtrace.stderr", &kvmtrace_err)?;
+    }
+    let rows = reasons::compare(&hist.by_reason, record.as_ref().map(|r| &r.by_reason));
+    Ok(Some(ModeResults {
+        run_time: console::run_seconds(lines, &tag),
+        reached_end: console::reached_end(lines),
+        tag,
+        dir,
+        lines,
+        hist,
+        record,
+        kvmtrace_err,
+        rows,
+    }))
+}
+
+/// The record of mode `tag`: its own (`record.json`, whose timing is checked), or its
+/// phase of the whole run's record (`phase.json`).
+fn read_record(
+    lines: &[Line],
+    tag: &str,
+    dir: &Path,
+    whole: Option<&str>,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<Option<Record>> {
+    Ok(match (console::section(lines, "record", tag), whole) {
+        (Some(text), _) => {
+            write(dir, "record.json", &text)?;
+            problems.extend(reasons::timing_check(tag, &text)?);
+            Some(record::parse_record(&text)?)
+        }
+        (None, Some(all)) => match record::phase_record(all, tag)? {
+            Some((rec, text)) => {
+                write(dir, "phase.json", &text)?;
+                Some(rec)
+            }
+            None => {
+                problems.push(format!("{tag}: the record has no phase with {tag}"));
+                None
+            }
+        },
+        (None, None) => None,
+    })
+}
+
+/// Prints mode `m`'s tables and checks it: kvmtrace against the hist, the guest's
+/// readouts, the vCPUs, the micro workload's known exits, the end marker; then
+/// writes its `summary.json`.
+fn check_mode(
+    lab: &Lab<'_>,
+    m: &ModeResults<'_>,
+    whole: bool,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let (opts, l1, tag) = (lab.opts, lab.l1, &m.tag);
+    println!(
+        "\n== {} {tag} ({}): L2 {} in {:.1} s, {} exits",
+        opts.isa.name(),
+        workload_label(opts),
+        if m.reached_end {
+            "reached its end"
+        } else {
+            "did NOT reach its end"
+        },
+        m.run_time,
+        m.hist.by_reason.values().sum::<u64>()
+    );
+    print!("{}", reasons::table(&m.rows));
+    problems.extend(reasons::check_record(
+        tag,
+        &m.rows,
+        m.record.as_ref(),
+        l1.kvmtrace.is_some(),
+        &m.kvmtrace_err,
+    ));
+    if let Some(problem) = guest::guest_readout(opts, &m.dir, m.lines, l1)? {
+        problems.push(format!("{tag}: {problem}"));
+    }
+    if m.reached_end && opts.scenario == Scenario::Modes {
+        problems.extend(
+            micro::micro_readout(opts, &m.dir, m.lines, l1)?
+                .into_iter()
+                .map(|p| format!("{tag}: {p}")),
+        );
+    }
+    let vcpu_rows = vcpus::per_vcpu(&m.hist, m.record.as_ref());
+    if let Some(rec) = m.record.as_ref().filter(|_| !whole) {
+        let vcpu_problems = vcpus::per_vcpu_problems(tag, &m.hist, rec);
+        if vcpu_problems.is_empty() {
+            println!("  per (vCPU, reason): kvmtrace == hist, and its vCPU rows sum to its totals");
+        }
+        problems.extend(vcpu_problems);
+    }
+    if opts.smp > 1 || opts.micro_vcpus > 1 {
+        println!("  per vCPU (hist / kvmtrace):");
+        for (vcpu, h, k) in &vcpu_rows {
+            println!(
+                "    vcpu {vcpu}: {h} / {}",
+                k.map_or("-".into(), |k| k.to_string())
+            );
+        }
+    }
+    if let L2Workload::Micro { .. } = &l1.workload
+        && opts.scenario != Scenario::Signal
+    {
+        problems.extend(micro::check_counts(
+            opts.isa,
+            l1,
+            tag,
+            &m.hist,
+            m.record.as_ref(),
+        ));
+    }
+    match (opts.scenario, m.reached_end) {
+        (Scenario::Signal, true) => {
+            problems.push(format!("{tag}: L2 ended before kvmtrace got its signal"));
+        }
+        (Scenario::Signal, false) | (_, true) => {}
+        (_, false) => problems.push(format!("{tag}: L2 did not reach its end marker")),
+    }
+    write_summary(lab, m, &vcpu_rows)?;
+    println!("  -> {}", m.dir.display());
+    Ok(())
+}
+
+/// Writes mode `m`'s `summary.json`.
+fn write_summary(
+    lab: &Lab<'_>,
+    m: &ModeResults<'_>,
+    vcpu_rows: &[(u32, u64, Option<u64>)],
+) -> anyhow::Result<()> {
+    let opts = lab.opts;
+    let summary = json!({
+        "isa": opts.isa.name(),
+        "mode": m.tag,
+        "workload": format!("{:?}", opts.workload).to_lowercase(),
+        "smp": opts.smp,
+        "micro_vcpus": opts.micro_vcpus,
+        "l1_cpus": opts.l1_cpus,
+        "l2_reached_end": m.reached_end,
+        "l2_seconds": m.run_time,
+        "l1_steps": lab.run.steps.iter().map(|(n, t)| json!({"step": n, "seconds": t})).collect::<Vec<_>>(),
+        "hist_total": m.hist.by_reason.values().sum::<u64>(),
+        "kvmtrace_total": m.record.as_ref().and_then(|r| r.total),
+        "reasons": m.rows,
+        "vcpus": vcpu_rows.iter().map(|(v, h, k)| json!({"vcpu_id": v, "hist": h, "kvmtrace": k})).collect::<Vec<_>>(),
+    });
+    write(
+        &m.dir,
+        "summary.json",
+        &serde_json::to_string_pretty(&summary)?,
+    )
+}

@@ -1,0 +1,121 @@
+//! What L1 runs, from the options: the L2 workload (a booted Linux or micro VMs), its
+//! time limit, and how kvmtrace records it.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    Options, assets,
+    image::{self, L1, Workload as L2Workload},
+    inputs::{Inputs, build_micro},
+    options::{Scenario, Workload, record_args},
+};
+
+const L2_MEMORY_MB: u32 = 128;
+
+/// Everything the L1 initrd holds for `opts`; builds the L2 initrd or the micro VMM
+/// into `build` on the way.
+pub fn l1(
+    opts: &Options,
+    root: &Path,
+    build: &Path,
+    inputs: &Inputs,
+    kvmtrace: Option<(PathBuf, Vec<PathBuf>)>,
+) -> anyhow::Result<L1> {
+    let workload = l2_workload(opts, root, build, inputs, kvmtrace.as_ref())?;
+    Ok(L1 {
+        busybox: inputs.busybox.clone(),
+        init: root.join("lab/l1-init.sh"),
+        modules: inputs.modules.clone(),
+        paging: opts.isa.paging(),
+        modes: opts.modes.clone(),
+        workload,
+        kvmtrace,
+        record_args: record_args(opts),
+        run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
+        vms: opts.vms,
+        scenario: match opts.scenario {
+            Scenario::Modes => "modes",
+            Scenario::Reload => "reload",
+            Scenario::Signal => "signal",
+        },
+        signals: opts.signals.join(" "),
+        signal_after: opts.signal_after,
+    })
+}
+
+/// What runs as L2: QEMU microvm booting Linux (with the L2 initrd built into
+/// `build`), or the micro VMM (built into `build`) and its VMs.
+fn l2_workload(
+    opts: &Options,
+    root: &Path,
+    build: &Path,
+    inputs: &Inputs,
+    kvmtrace: Option<&(PathBuf, Vec<PathBuf>)>,
+) -> anyhow::Result<L2Workload> {
+    Ok(match opts.workload {
+        Workload::Boot | Workload::Sweep => {
+            let l2 = build.join("l2-initrd.cpio");
+            let guest_tool = kvmtrace.map(|(bin, _)| bin.as_path());
+            image::l2_initrd(
+                &inputs.busybox,
+                &root.join("lab/l2-init.sh"),
+                guest_tool,
+                &opts.guest_args,
+                &l2,
+            )?;
+            let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
+            L2Workload::Boot {
+                qemu_libs: assets::shared_libraries(&qemu)?,
+                qemu,
+                firmware: inputs.firmware.clone(),
+                kernel: inputs.kernel.clone(),
+                l2_initrd: l2,
+                memory_mb: L2_MEMORY_MB,
+                smp: opts.smp,
+                sweep: opts.workload == Workload::Sweep,
+            }
+        }
+        Workload::Micro | Workload::Churn => L2Workload::Micro {
+            binary: build_micro(root, build)?,
+            vms: if opts.workload == Workload::Churn {
+                churn_vms(opts)
+            } else {
+                vec![image::MicroVm {
+                    cpuids: opts.micro_cpuids,
+                    outs: opts.micro_outs,
+                    vcpus: opts.micro_vcpus,
+                }]
+            },
+            overlap: opts.workload == Workload::Churn,
+        },
+    })
+}
+
+/// Seconds one run of the workload may take inside L1, before --timeout-scale and
+/// --vms.
+fn run_timeout(opts: &Options) -> u64 {
+    match opts.workload {
+        Workload::Boot | Workload::Sweep => 300 * u64::from(opts.smp),
+        // Under emulation and tracing a CPUID exit takes ~0.1 ms of host time: give a
+        // long micro run (--micro-cpuids 1000000) time in proportion, for every vCPU
+        // (they share L1's CPUs, and the host's).
+        Workload::Micro | Workload::Churn => {
+            120 + u64::from(opts.micro_cpuids) * u64::from(opts.micro_vcpus) / 5_000
+        }
+    }
+}
+
+/// The VMs of the churn workload, from --micro-cpuids C and --micro-outs O: one with
+/// 20·C CPUIDs in the background, then (C, O) and (2·C, 2·O) one after the other.
+/// Each VM has --micro-vcpus vCPUs.
+fn churn_vms(opts: &Options) -> Vec<image::MicroVm> {
+    let (c, o) = (opts.micro_cpuids, opts.micro_outs);
+    [(20 * c, 0), (c, o), (2 * c, 2 * o)]
+        .into_iter()
+        .map(|(cpuids, outs)| image::MicroVm {
+            cpuids,
+            outs,
+            vcpus: opts.micro_vcpus,
+        })
+        .collect()
+}
