@@ -21,6 +21,30 @@ set -o pipefail
 EXIT=/sys/kernel/tracing/events/kvm/kvm_exit
 BY_REASON='hist:keys=isa,exit_reason:vals=hitcount:sort=isa,exit_reason:size=256'
 BY_VCPU='hist:keys=vcpu_id,exit_reason:vals=hitcount:sort=vcpu_id,exit_reason:size=1024'
+# With DETAIL=1 / RIPS=1 (kvmtrace records --detail / --rip): the kernel's own counts
+# keyed as kvmtrace's detail and RIP rows are (xtask decodes them the same way).
+KVM_EV=/sys/kernel/tracing/events/kvm
+VECTOR_T='hist:keys=exit_reason,intr_info:vals=hitcount:size=256 if isa == 1 && exit_reason == 0'
+INFO1_T='hist:keys=isa,exit_reason,info1:vals=hitcount:size=4096 if exit_reason == 28 || exit_reason == 30 || exit_reason == 123'
+MSR_T='hist:keys=ecx,write:vals=hitcount:size=1024'
+CPUID_T='hist:keys=function:vals=hitcount:size=1024'
+PF_T='hist:keys=fault_address.buckets=1048576:vals=hitcount:size=4096'
+RIP_T='hist:keys=exit_reason,guest_rip:vals=hitcount:size=32768'
+
+# Arms the detail and RIP triggers; `detail_triggers !` disarms them.
+detail_triggers() {
+    if [ "$DETAIL" = 1 ]; then
+        echo "$1$VECTOR_T" >> $EXIT/trigger || return 1
+        echo "$1$INFO1_T" >> $EXIT/trigger || return 1
+        echo "$1$MSR_T" >> $KVM_EV/kvm_msr/trigger || return 1
+        echo "$1$CPUID_T" >> $KVM_EV/kvm_cpuid/trigger || return 1
+        echo "$1$PF_T" >> $KVM_EV/kvm_page_fault/trigger || return 1
+    fi
+    if [ "$RIPS" = 1 ]; then
+        echo "$1$RIP_T" >> $EXIT/trigger || return 1
+    fi
+    return 0
+}
 
 step l1-modules 120
 say "l1 up uptime=$(up) kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
@@ -50,6 +74,7 @@ for mode in $MODES; do
 
     echo "$BY_REASON" > $EXIT/trigger || finish fail "cannot arm $BY_REASON"
     echo "$BY_VCPU" >> $EXIT/trigger || finish fail "cannot arm $BY_VCPU"
+    detail_triggers "" || finish fail "cannot arm the detail triggers"
     step "$tag:run" $RUN_BUDGET
     say "run $tag start uptime=$(up)"
     rm -f /tmp/rec.json /tmp/l2.out /tmp/kvmtrace.err
@@ -96,6 +121,11 @@ for mode in $MODES; do
 
     step "$tag:dump" 120
     section hist $tag $EXIT/hist
+    if [ "$DETAIL" = 1 ]; then
+        section detail-msr $tag $KVM_EV/kvm_msr/hist
+        section detail-cpuid $tag $KVM_EV/kvm_cpuid/hist
+        section detail-pf $tag $KVM_EV/kvm_page_fault/hist
+    fi
     [ -e /tmp/rec.json ] && section record $tag /tmp/rec.json
     # How much the kernel logged, then anything it complained about (nothing when healthy).
     echo "dmesg lines=$(dmesg | wc -l)" > /tmp/dmesg-bad.txt
@@ -103,6 +133,7 @@ for mode in $MODES; do
     section dmesg-bad $tag /tmp/dmesg-bad.txt
     echo "!$BY_VCPU" >> $EXIT/trigger
     echo "!$BY_REASON" >> $EXIT/trigger
+    detail_triggers ! || finish fail "cannot disarm the detail triggers"
     rmmod $KVM_MODULE || finish fail "rmmod $KVM_MODULE"
 done
 if [ "$SCENARIO" = reload ]; then

@@ -10,8 +10,8 @@ use aya::{
 };
 use thiserror::Error;
 use tracer_common::{
-    CpuidEvent, ExitStats, HistKey, NO_FIELD, PhaseExitKey, PhaseVcpuKey, RegsSample, drop_kind,
-    globals, limits, maps, regs_slot,
+    CpuidEvent, DetailKey, ExitStats, HistKey, NO_FIELD, PhaseExitKey, PhaseVcpuKey, RegsSample,
+    RipKey, drop_kind, globals, limits, maps, regs_slot,
 };
 
 use kvmtrace_model::{
@@ -87,6 +87,10 @@ pub struct ProbeConfig {
     /// Where the vCPU registers are, when known before attach (BTF); `None` with
     /// snapshots: learned from the first exits (see [`vcpu_regs`]).
     pub regs: Option<kvmtrace_model::regs_layout::Layout>,
+    /// Count each reason's exits per sub-key (`--detail`).
+    pub detail: bool,
+    /// Count exits per guest RIP (`--rip`).
+    pub rips: bool,
     /// Entries of the per-reason map (one per phase and reason).
     pub max_overflow_rows: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
@@ -102,6 +106,8 @@ impl Default for ProbeConfig {
             vcpu: None,
             snapshots: None,
             regs: None,
+            detail: false,
+            rips: false,
             max_overflow_rows: limits::MAX_OVERFLOW_ROWS,
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
         }
@@ -165,12 +171,14 @@ fn attach_synthetic_counter(ebpf: &mut Ebpf) -> Result<bool, ProbeError> {
 /// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
 /// so an exit is only timed once its entry program is attached, threads that exit from
 /// now on are forgotten, and child processes created from now on are followed.
-const PROGRAMS: [&str; 7] = [
+const PROGRAMS: [&str; 9] = [
     "kvm_entry",
     "sched_switch",
     "sched_process_exit",
     "task_newtask",
     "kvm_cpuid",
+    "kvm_msr",
+    "kvm_page_fault",
     "module_load",
     "kvm_exit",
 ];
@@ -196,6 +204,32 @@ impl Probe {
             (tracefs.offset(exit_tp, "guest_rip")?, 8),
         ];
         let [fields_off, reason_off, isa_off, vcpu_off, rip_off] = exit_fields(exit_tp, fields)?;
+        let detail_field = |name: &str, size: u32| {
+            let off = tracefs
+                .offset(exit_tp, name)
+                .ok()
+                .and_then(|o| optional_exit_field(fields_off, o, size));
+            if off.is_none() && config.detail {
+                log::info!(
+                    "{exit_tp} has no usable {name} field: --detail leaves the exits it keys undecoded"
+                );
+            }
+            off.unwrap_or(NO_FIELD)
+        };
+        let info1_off = detail_field("info1", 8);
+        let intr_info_off = detail_field("intr_info", 4);
+        let msr_tp = Tracepoint::new("kvm", "kvm_msr");
+        let pf_tp = Tracepoint::new("kvm", "kvm_page_fault");
+        let (msr_ecx_off, msr_write_off, pf_address_off) = if config.detail {
+            (
+                tracefs.offset(&msr_tp, "ecx")?,
+                tracefs.offset(&msr_tp, "write")?,
+                tracefs.offset(&pf_tp, "fault_address")?,
+            )
+        } else {
+            (0, 0, 0)
+        };
+        let (detail, rips) = (u32::from(config.detail), u32::from(config.rips));
         let newtask_pid_off = tracefs.offset(&newtask_tp, "pid")?;
         let newtask_flags_off = tracefs.offset(&newtask_tp, "clone_flags")?;
         let group_dead = group_dead_offset(&tracefs.fields(&process_exit_tp)?);
@@ -255,7 +289,34 @@ impl Probe {
                 maps::PENDING_READS,
                 for_snapshots(limits::MAX_VCPU_THREADS, 1),
             )
-            .override_global(globals::MODULE_NAME_OFF, &name_off, true);
+            .map_max_entries(
+                maps::DETAIL_EXITS,
+                if config.detail {
+                    limits::MAX_DETAIL_ROWS
+                } else {
+                    1
+                },
+            )
+            .map_max_entries(
+                maps::DETAIL_KEYS,
+                if config.detail {
+                    limits::MAX_DETAIL_REASONS
+                } else {
+                    1
+                },
+            )
+            .map_max_entries(
+                maps::RIP_EXITS,
+                if config.rips { limits::MAX_RIP_ROWS } else { 1 },
+            )
+            .override_global(globals::MODULE_NAME_OFF, &name_off, true)
+            .override_global(globals::DETAIL, &detail, true)
+            .override_global(globals::RIPS, &rips, true)
+            .override_global(globals::EXIT_INFO1_OFF, &info1_off, true)
+            .override_global(globals::EXIT_INTR_INFO_OFF, &intr_info_off, true)
+            .override_global(globals::MSR_ECX_OFF, &msr_ecx_off, true)
+            .override_global(globals::MSR_WRITE_OFF, &msr_write_off, true)
+            .override_global(globals::PF_ADDRESS_OFF, &pf_address_off, true);
         for (name, off) in &cpuid_offsets {
             loader.override_global(name, off, true);
         }
@@ -324,8 +385,11 @@ impl Probe {
                 }
                 "module_load" => &module_tp,
                 // Its tracepoint fires on every CPUID exit: only pay for it when used.
-                "kvm_cpuid" if leaves.is_none() => continue,
+                "kvm_cpuid" if leaves.is_none() && !config.detail => continue,
                 "kvm_cpuid" => &cpuid_tp,
+                "kvm_msr" | "kvm_page_fault" if !config.detail => continue,
+                "kvm_msr" => &msr_tp,
+                "kvm_page_fault" => &pf_tp,
                 _ => exit_tp,
             };
             let prog = find_program(&mut ebpf, program)?;
@@ -520,6 +584,21 @@ impl Probe {
             )?;
         }
 
+        let detail: PerCpuHashMap<&MapData, DetailKey, ExitStats> =
+            PerCpuHashMap::try_from(map(maps::DETAIL_EXITS)?)
+                .map_err(map_err(maps::DETAIL_EXITS))?;
+        for item in detail.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::DETAIL_EXITS))?;
+            snap.detail.insert(key, sum_stats(per_cpu.iter())?);
+        }
+        let rips: PerCpuHashMap<&MapData, RipKey, u64> =
+            PerCpuHashMap::try_from(map(maps::RIP_EXITS)?).map_err(map_err(maps::RIP_EXITS))?;
+        for item in rips.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::RIP_EXITS))?;
+            snap.rips
+                .insert(key, sum_u64(per_cpu.iter().copied(), "rip count")?);
+        }
+
         let drops: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map(maps::DROPS)?).map_err(map_err(maps::DROPS))?;
         let mut counts = Drops::default();
@@ -641,6 +720,13 @@ fn exit_fields(tp: &Tracepoint, fields: [(u32, u32); 4]) -> Result<[u32; 5], Pro
     Ok([base, rel[0].0, rel[1].0, rel[2].0, rel[3].0])
 }
 
+/// Offset of an optional `kvm:kvm_exit` field from `base`, where the one read of
+/// [`limits::EXIT_FIELDS_BYTES`] reaches it aligned; `None` otherwise.
+fn optional_exit_field(base: u32, offset: u32, size: u32) -> Option<u32> {
+    let rel = offset.checked_sub(base)?;
+    (rel + size <= limits::EXIT_FIELDS_BYTES && rel % size == 0).then_some(rel)
+}
+
 /// An `EbpfLoader` that has not parsed the kernel's BTF. The programs have no CO-RE
 /// relocations (field offsets come from tracefs), but `EbpfLoader::new` parses all of
 /// /sys/kernel/btf/vmlinux anyway: on a 6.x kernel that is most of kvmtrace's start
@@ -722,6 +808,16 @@ fn load_error(program: &str, err: ProgramError) -> ProbeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn optional_fields_are_used_where_the_read_reaches() {
+        // 6.1: info1 at 32, intr_info at 48, the read starts at 8.
+        assert_eq!(optional_exit_field(8, 32, 8), Some(24));
+        assert_eq!(optional_exit_field(8, 48, 4), Some(40));
+        assert_eq!(optional_exit_field(8, 70, 4), None, "beyond the read");
+        assert_eq!(optional_exit_field(8, 4, 4), None, "before it");
+        assert_eq!(optional_exit_field(8, 36, 8), None, "misaligned");
+    }
 
     #[test]
     fn exit_fields_are_read_at_once() {
@@ -835,6 +931,11 @@ format:
         assert_eq!((h.exit(), h.bucket()), (svm, 47));
         assert_eq!(size_of::<PhaseVcpuKey>(), 16);
         assert_eq!(size_of::<HistKey>(), 8);
-        assert_eq!(size_of::<tracer_common::PendingExit>(), 32);
+        assert_eq!(size_of::<tracer_common::PendingExit>(), 56);
+        // Keys without padding: every byte is hashed.
+        assert_eq!(size_of::<tracer_common::DetailKey>(), 24);
+        assert_eq!(size_of::<tracer_common::RipKey>(), 24);
+        let d = tracer_common::DetailKey::new(&row, 3, 0x3f8_0000);
+        assert_eq!((d.exit(), d.phase(), d.pid), (exit, 3, 4_194_304));
     }
 }

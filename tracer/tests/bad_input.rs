@@ -59,6 +59,7 @@ fn sample_report() -> Report {
             count,
             timed: count,
             time_ns,
+            max_ns: time_ns,
         };
         snap.add_exits(0, ExitKey::from_raw(1, reason), stats)
             .unwrap_or_else(|e| panic!("{e}"));

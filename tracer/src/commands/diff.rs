@@ -21,6 +21,9 @@ pub fn run(args: &DiffArgs) -> anyhow::Result<ExitCode> {
         b_label = format!("B ({b_label})");
     }
     let d = diff(&a, a_label, &b, b_label);
-    write_output(args.output.as_deref(), &render(&d, args.format)?)?;
+    write_output(
+        args.output.as_deref(),
+        &render(&d, args.format, args.detail)?,
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -26,7 +26,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::{BadInput, OutputFile};
+use super::{BadInput, OutputFile, load_symbols, render_options};
 use crate::{cli::RecordArgs, exit_status::Status};
 
 /// How long a command is given to exit after kvmtrace forwards SIGTERM to it.
@@ -62,6 +62,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(OutputFile::prepare)
         .transpose()?;
+    // Before anything is attached: a bad file is a usage error.
+    let symbols = load_symbols(&args.report)?;
     if let Some(missing) = privileges::missing() {
         bail!(missing);
     }
@@ -88,6 +90,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             None
         },
         regs: None,
+        detail: args.report.detail,
+        rips: args.rip.is_some(),
         max_overflow_rows: args.max_overflow_rows,
         max_vcpu_rows: args.max_vcpu_rows,
     };
@@ -193,15 +197,14 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         phases: phases.seen,
         cost: Some(cost),
         registers,
+        detail: args.report.detail,
+        rip_top: args.rip.map(usize::from),
     };
-    let report = Report::build(&snapshot, info)?;
-    let bytes = render::render(
-        &report,
-        args.report.format,
-        render::Options {
-            per_vcpu: args.report.per_vcpu,
-        },
-    )?;
+    let mut report = Report::build(&snapshot, info)?;
+    if let Some(symbols) = &symbols {
+        report.symbolize(symbols);
+    }
+    let bytes = render::render(&report, args.report.format, render_options(&args.report))?;
     match output {
         Some(file) => file.commit(&bytes)?,
         None => std::io::stdout().write_all(&bytes)?,

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{
     Options,
-    checks::{guest, micro, reasons, vcpus},
+    checks::{detail, guest, micro, reasons, vcpus},
     console,
     emulator::{Line, Run},
     hist::{self, Hist},
@@ -39,6 +39,10 @@ struct ModeResults<'a> {
     dir: PathBuf,
     lines: &'a [Line],
     hist: Hist,
+    /// The `kvm:kvm_exit` hist file as printed (every trigger on it).
+    hist_text: String,
+    /// Nested paging (`ept=1`, `npt=1`).
+    nested: bool,
     record: Option<Record>,
     kvmtrace_err: String,
     rows: Vec<reasons::Row>,
@@ -139,6 +143,8 @@ fn read_mode<'a>(
         dir,
         lines,
         hist,
+        hist_text,
+        nested: mode == 1,
         record,
         kvmtrace_err,
         rows,
@@ -241,6 +247,23 @@ fn check_mode(
             &m.hist,
             m.record.as_ref(),
         ));
+    }
+    let traced_with = |flag: &str| l1.record_args.split_whitespace().any(|a| a == flag);
+    if m.record.is_some()
+        && opts.scenario == Scenario::Modes
+        && (traced_with("--detail") || traced_with("--rip"))
+    {
+        let micro = matches!(l1.workload, L2Workload::Micro { .. })
+            .then(|| micro::micro_detail_expectations(&micro::micro_runs(l1)));
+        problems.extend(detail::check(&detail::Inputs {
+            tag,
+            nested: m.nested,
+            trace_isa: opts.isa.trace_isa(),
+            exit_hist: &m.hist_text,
+            lines: m.lines,
+            dir: &m.dir,
+            micro,
+        })?);
     }
     match (opts.scenario, m.reached_end) {
         (Scenario::Signal, true) => {

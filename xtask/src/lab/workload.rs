@@ -84,6 +84,7 @@ fn l2_workload(
                     cpuids: opts.micro_cpuids,
                     outs: opts.micro_outs,
                     vcpus: opts.micro_vcpus,
+                    msrs: opts.micro_msrs,
                 }]
             },
             overlap: opts.workload == Workload::Churn,
@@ -116,6 +117,7 @@ fn churn_vms(opts: &Options) -> Vec<image::MicroVm> {
             cpuids,
             outs,
             vcpus: opts.micro_vcpus,
+            msrs: 0,
         })
         .collect()
 }
