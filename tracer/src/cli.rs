@@ -173,6 +173,16 @@ pub struct ReportArgs {
     /// access, I/O port, MSR, CPUID leaf, guest-physical region (record: count them).
     #[arg(long)]
     pub detail: bool,
+    #[command(flatten)]
+    pub symbols: SymbolArgs,
+    /// Write the report to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// Guest kernel symbols for `--rip` rows.
+#[derive(Debug, Args)]
+pub struct SymbolArgs {
     /// Name the guest kernel RIPs of `--rip` rows from this file: the guest's
     /// /proc/kallsyms (read as root), or its System.map with --kaslr-offset.
     #[arg(long, value_name = "FILE")]
@@ -182,9 +192,6 @@ pub struct ReportArgs {
     #[arg(long, value_name = "HEX", default_value = "0", value_parser = parse_hex_u64,
           requires = "guest_symbols")]
     pub kaslr_offset: u64,
-    /// Write the report to FILE instead of standard output.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +215,8 @@ pub struct DiffArgs {
     /// JSON always has them).
     #[arg(long)]
     pub detail: bool,
+    #[command(flatten)]
+    pub symbols: SymbolArgs,
     /// Write to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,

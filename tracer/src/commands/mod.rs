@@ -17,7 +17,10 @@ use std::{
 use kvmtrace_model::{guest::GuestReadout, render::Options, report::Report, symbols::Symbols};
 use thiserror::Error;
 
-use crate::{cli::ReportArgs, exit_status::Status};
+use crate::{
+    cli::{ReportArgs, SymbolArgs},
+    exit_status::Status,
+};
 
 /// Input the user gave that kvmtrace cannot use; `main` exits with status 2 for it.
 #[derive(Debug, Error)]
@@ -52,7 +55,7 @@ pub fn load_report(path: &Path) -> anyhow::Result<Report> {
 }
 
 /// Reads `--guest-symbols`, when given.
-pub fn load_symbols(args: &ReportArgs) -> anyhow::Result<Option<Symbols>> {
+pub fn load_symbols(args: &SymbolArgs) -> anyhow::Result<Option<Symbols>> {
     let Some(path) = &args.guest_symbols else {
         return Ok(None);
     };

@@ -63,7 +63,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .map(OutputFile::prepare)
         .transpose()?;
     // Before anything is attached: a bad file is a usage error.
-    let symbols = load_symbols(&args.report)?;
+    let symbols = load_symbols(&args.report.symbols)?;
     if let Some(missing) = privileges::missing() {
         bail!(missing);
     }

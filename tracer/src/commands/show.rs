@@ -9,7 +9,7 @@ use crate::cli::ShowArgs;
 
 pub fn run(args: &ShowArgs) -> anyhow::Result<ExitCode> {
     let mut report = load_report(&args.record)?;
-    if let Some(symbols) = load_symbols(&args.report)? {
+    if let Some(symbols) = load_symbols(&args.report.symbols)? {
         report.symbolize(&symbols);
     }
     if args.report.detail && report.reasons.iter().all(|r| r.detail.is_empty()) {

@@ -83,6 +83,8 @@ pub struct L1 {
     pub modes: Vec<u8>,
     pub workload: Workload,
     pub kvmtrace: Option<(PathBuf, Vec<PathBuf>)>,
+    /// The System.map of the kernel L2 boots (with `nokaslr`), for `--rip` symbols.
+    pub system_map: Option<PathBuf>,
     pub record_args: String,
     /// Seconds one workload run may take inside L1.
     pub run_timeout: u64,

@@ -263,6 +263,11 @@ fn check_mode(
             lines: m.lines,
             dir: &m.dir,
             micro,
+            kvmtrace: l1
+                .kvmtrace
+                .as_ref()
+                .map_or(Path::new("kvmtrace"), |(k, _)| k),
+            system_map: l1.system_map.as_deref(),
         })?);
     }
     match (opts.scenario, m.reached_end) {

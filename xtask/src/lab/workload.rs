@@ -30,6 +30,11 @@ pub fn l1(
         modes: opts.modes.clone(),
         workload,
         kvmtrace,
+        system_map: matches!(opts.workload, Workload::Boot | Workload::Sweep).then(|| {
+            inputs
+                .kernel
+                .with_file_name(format!("System.map-{}", inputs.abi))
+        }),
         record_args: record_args(opts),
         run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,

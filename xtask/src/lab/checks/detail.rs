@@ -4,6 +4,8 @@
 //! exact.
 
 use std::collections::BTreeMap;
+
+use anyhow::Context as _;
 use std::path::Path;
 
 use kvmtrace_model::{
@@ -30,6 +32,10 @@ pub struct Inputs<'a> {
     pub dir: &'a Path,
     /// The micro workload's known rows (`None` for other workloads).
     pub micro: Option<Vec<((String, String), u64)>>,
+    /// The kvmtrace binary, run here to render the record as a user sees it.
+    pub kvmtrace: &'a Path,
+    /// The L2 kernel's System.map (booted with `nokaslr`), to name the RIPs.
+    pub system_map: Option<&'a Path>,
 }
 
 /// Checks mode `m`'s record made with `--detail` and/or `--rip`; returns its problems.
@@ -83,7 +89,32 @@ pub fn check(m: &Inputs<'_>) -> anyhow::Result<Vec<String>> {
     if report.reasons.iter().any(|r| !r.rips.is_empty()) {
         problems.extend(compare_rips(tag, m.trace_isa, m.exit_hist, &report)?);
     }
+    problems.extend(render_table(m)?);
     Ok(problems)
+}
+
+/// `kvmtrace show --detail` of the record, as a user runs it, into
+/// `detail-table.txt`.
+fn render_table(m: &Inputs<'_>) -> anyhow::Result<Option<String>> {
+    let mut cmd = std::process::Command::new(m.kvmtrace);
+    cmd.arg("show")
+        .arg("--detail")
+        .arg(m.dir.join("record.json"))
+        .arg("-o")
+        .arg(m.dir.join("detail-table.txt"));
+    if let Some(map) = m.system_map.filter(|p| p.exists()) {
+        cmd.arg("--guest-symbols").arg(map);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", m.kvmtrace.display()))?;
+    Ok((!out.status.success()).then(|| {
+        format!(
+            "{}: kvmtrace show --detail failed: {}",
+            m.tag,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }))
 }
 
 /// Every (kind, key) in either map must have the same count in both.

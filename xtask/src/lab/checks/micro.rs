@@ -400,6 +400,7 @@ mod tests {
                 overlap: false,
             },
             kvmtrace: None,
+            system_map: None,
             record_args: String::new(),
             run_timeout: 1,
             vms: 2,
@@ -409,6 +410,18 @@ mod tests {
         };
         let runs = micro_runs(&l1);
         assert_eq!(runs, [vm(1, 2, 2), vm(3, 4, 2), vm(1, 2, 2), vm(3, 4, 2)]);
+        let known = micro_detail_expectations(&runs);
+        let key = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(
+            known,
+            [
+                (key("cpuid", "0x0"), 16),
+                (key("cpuid", "0x4ffffffe"), 16),
+                (key("cpuid", "0x4fffffff"), 8),
+                (key("port", "0x1e0:out:1"), 24),
+            ],
+            "no MSR rows when the VMs do none"
+        );
         assert_eq!(micro_vcpus(&runs) * MICRO_LEAF_READS, 24);
     }
 }
