@@ -52,6 +52,33 @@ for m in $KVM_DEPS; do
     insmod /lib/modules/lab/$m || finish fail "insmod $m"
 done
 
+# With PERF=1: `perf kvm stat record -a` beside kvmtrace, from before the workload to
+# after it; its ioport and vmexit reports go to the console.
+perf_start() {
+    [ "$PERF" = 1 ] || return 0
+    rm -f /tmp/perf.data
+    /usr/bin/perf kvm stat record -a -o /tmp/perf.data </dev/null >/tmp/perf.err 2>&1 &
+    PERF_PID=$!
+    n=0
+    until [ -s /tmp/perf.data ]; do
+        kill -0 $PERF_PID 2>/dev/null || { cat /tmp/perf.err; finish fail "perf exited"; }
+        n=$((n + 1))
+        [ $n -lt 600 ] || finish fail "perf did not start"
+        sleep 0.1
+    done
+}
+perf_stop() { # TAG
+    [ "$PERF" = 1 ] || return 0
+    kill -INT $PERF_PID
+    wait $PERF_PID
+    for event in ioport vmexit; do
+        /usr/bin/perf kvm -i /tmp/perf.data stat report --event=$event >/tmp/perf-$event.txt 2>&1
+        section perf-$event $1 /tmp/perf-$event.txt
+    done
+    section perf-stderr $1 /tmp/perf.err
+    rm -f /tmp/perf.data
+}
+
 # Runs the workload alone: the L2 console goes to ours and /tmp/l2.out.
 workload() {
     timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
@@ -100,9 +127,11 @@ for mode in $MODES; do
         section kvmtrace-stderr $tag /tmp/kvmtrace.err
         expect_end=0
     else
+        perf_start
         timeout $RUN_TIMEOUT kvmtrace record --format json -o /tmp/rec.json $RECORD_ARGS \
             -- /lab/workload </dev/null 2>/tmp/kvmtrace.err | tee /tmp/l2.out | sed 's/^/L2| /'
         rc=$?
+        perf_stop $tag
         say "run $tag kvmtrace rc=$rc uptime=$(up)"
         section kvmtrace-stderr $tag /tmp/kvmtrace.err
         if ! grep -q "$END_MARKER" /tmp/l2.out; then

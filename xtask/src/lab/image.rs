@@ -83,6 +83,8 @@ pub struct L1 {
     pub modes: Vec<u8>,
     pub workload: Workload,
     pub kvmtrace: Option<(PathBuf, Vec<PathBuf>)>,
+    /// perf and its libraries, to run `perf kvm stat record` beside kvmtrace (`--perf`).
+    pub perf: Option<(PathBuf, Vec<PathBuf>)>,
     /// The System.map of the kernel L2 boots (with `nokaslr`), for `--rip` symbols.
     pub system_map: Option<PathBuf>,
     pub record_args: String,
@@ -160,6 +162,10 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
 
     if let Some((kvmtrace, libs)) = &l1.kvmtrace {
         a.file("bin/kvmtrace", kvmtrace)?;
+        add_libraries(&mut a, libs)?;
+    }
+    if let Some((perf, libs)) = &l1.perf {
+        a.file("usr/bin/perf", perf)?;
         add_libraries(&mut a, libs)?;
     }
 
@@ -245,6 +251,7 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     };
     let _ = writeln!(env, "DETAIL={}", u8::from(has("--detail")));
     let _ = writeln!(env, "RIPS={}", u8::from(has("--rip")));
+    let _ = writeln!(env, "PERF={}", u8::from(l1.perf.is_some()));
     let _ = writeln!(env, "END_MARKER='{END_MARKER}'");
     let _ = writeln!(env, "SCENARIO={}", l1.scenario);
     let _ = writeln!(env, "SIGNALS='{}'", l1.signals);

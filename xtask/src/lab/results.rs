@@ -131,6 +131,11 @@ fn read_mode<'a>(
             ));
         }
     }
+    for report in ["perf-ioport", "perf-vmexit"] {
+        if let Some(text) = console::section(all_lines, report, &tag) {
+            write(&dir, &format!("{report}.txt"), &text)?;
+        }
+    }
     let kvmtrace_err = console::section(all_lines, "kvmtrace-stderr", &tag).unwrap_or_default();
     if !kvmtrace_err.trim().is_empty() {
         write(&dir, "kvmtrace.stderr", &kvmtrace_err)?;

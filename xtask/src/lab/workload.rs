@@ -30,6 +30,7 @@ pub fn l1(
         modes: opts.modes.clone(),
         workload,
         kvmtrace,
+        perf: None,
         system_map: matches!(opts.workload, Workload::Boot | Workload::Sweep).then(|| {
             inputs
                 .kernel

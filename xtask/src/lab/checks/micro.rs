@@ -400,6 +400,7 @@ mod tests {
                 overlap: false,
             },
             kvmtrace: None,
+            perf: None,
             system_map: None,
             record_args: String::new(),
             run_timeout: 1,
