@@ -31,6 +31,7 @@ pub enum Command {
     /// Examples:
     ///   kvmtrace record -d 10
     ///   kvmtrace record -p 4242 --per-vcpu
+    ///   kvmtrace record -d 10 --detail --rip 5 --guest-symbols guest-kallsyms.txt
     ///   kvmtrace record --format json -o boot.json -- qemu-system-x86_64 -accel kvm ...
     #[command(verbatim_doc_comment, after_help = exit_status::help(&[Status::CommandFailed]))]
     Record(Box<RecordArgs>),
