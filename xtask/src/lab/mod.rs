@@ -97,7 +97,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     let outcome = results::summarize(opts, &out, &run, &l1);
     if let Some((kvmtrace, _)) = &l1.kvmtrace {
-        ab_report::ab_report(opts, &out, kvmtrace)?;
+        ab_report::ab_report(opts, &out, kvmtrace, l1.system_map.as_deref())?;
     }
     eprintln!(
         "lab: setup {:.1} s, {} {:.1} s, total {:.1} s",
