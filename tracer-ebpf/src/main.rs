@@ -10,6 +10,12 @@
 //! third lookup (`PENDING`) is needed only when the thread left the CPU in between.
 //! The pid filter (`-p`, `-- CMD`) adds one lookup per exit.
 //!
+//! Opt-in: `--detail` adds one lookup per exit (its detail row, keyed from the exit's
+//! own fields, or for MSR, CPUID and EPT/NPF exits by the `kvm_msr`, `kvm_cpuid` or
+//! `kvm_page_fault` event that follows on the same thread) and one per entry (the time);
+//! `--rip` adds one per exit. A reason's new sub-keys past its cap go to its `other`
+//! row, so a guest cannot grow the maps without bound.
+//!
 //! Every row is also keyed by phase: each load of a kvm vendor module
 //! (`module:module_load`) starts a new one, so a record that spans
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
@@ -345,13 +351,15 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     let (detail, awaiting) = if global(&DETAIL) == 0 {
         (DetailKey::default(), 0)
     } else {
-        let optional = |off: u32| {
-            (off != NO_FIELD)
-                .then_some((off / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize))
-        };
-        let info1 = optional(global(&EXIT_INFO1_OFF))
+        // As for the fixed fields, the loader checked the offsets (in the read,
+        // aligned to the field's size); the masks show the verifier the bounds: an
+        // even index for the u64 (its two halves), any index for the u32.
+        let optional =
+            |off: u32, mask: u32| (off != NO_FIELD).then_some((off / 4) as usize & mask as usize);
+        let words = limits::EXIT_FIELDS_BYTES / 4;
+        let info1 = optional(global(&EXIT_INFO1_OFF), words - 2)
             .map(|i| u64::from(fields[i]) | (u64::from(fields[i + 1]) << 32));
-        let intr_info = optional(global(&EXIT_INTR_INFO_OFF)).map(|i| fields[i]);
+        let intr_info = optional(global(&EXIT_INTR_INFO_OFF), words - 1).map(|i| fields[i]);
         match detail_plan(&exit, info1, intr_info) {
             DetailPlan::Now(kind, sub) => (count_detail(&DetailKey::new(&row, kind, sub)), 0),
             DetailPlan::Await(kind) => (DetailKey::default(), kind),
