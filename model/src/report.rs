@@ -55,6 +55,25 @@
 //!   `kvm:kvm_entry` of the same thread within the run; `time_ns` is the sum of those
 //!   exit→entry times (the time KVM spent handling the exit, sleeps in HLT included).
 //! - `reasons` are sorted by count, highest first; `vcpus` by pid, vcpu, reason.
+//! - `max_ns` (in every `count`/`timed`/`time_ns` group; 0 in reports from before it)
+//!   is the longest exit→entry time. `p50_ns` and `p99_ns` (reasons with a
+//!   histogram) are upper bounds: the end of the log2 bucket the quantile falls in,
+//!   never above `max_ns`.
+//! - `reasons[].detail` (`record --detail`): the reason's exits split by what caused
+//!   them, most first, each `{ "kind", "key", "label", "count", "timed", "time_ns",
+//!   "max_ns", "mean_ns" }`. `kind` is `vector` (VMX EXCEPTION_NMI: `intr_info`'s
+//!   vector, `nmi` for NMIs), `cr` (VMX CR_ACCESS: `cr3:write`, `cr0:read`, `clts`,
+//!   `lmsw`), `port` (VMX IO_INSTRUCTION, SVM IOIO: `0x3f8:out:1`, with `:string` for
+//!   INS/OUTS), `msr` (`kvm:kvm_msr`: `0x6e0:write`), `cpuid` (`kvm:kvm_cpuid`: the
+//!   leaf, `0x1`), `gpa` (EPT_VIOLATION, SVM NPF: the 1 MiB guest-physical region of
+//!   `kvm:kvm_page_fault`, `0xfee00000`); `other` holds a reason's exits past its cap
+//!   of 512 sub-keys (`dropped.detail_capped`), `undecoded` those no sub-key was seen
+//!   for. A `kvm_msr`/`kvm_cpuid`/`kvm_page_fault` event during an exit of a reason
+//!   with no sub-key of its own (an instruction KVM emulates) is counted under that
+//!   reason. The rows of a reason add up to its `count`.
+//! - `reasons[].rips` (`record --rip N`): the N guest RIPs with the most exits of the
+//!   reason, `{ "rip", "count", "symbol" }` (`symbol` with `--guest-symbols`:
+//!   `function+0xoff`, or `user space`), and `rips_rest`, the exits at every other RIP.
 //! - `leaves` and `cpuid_reads` are present with `record --snapshots`: every guest read of
 //!   a counter leaf, the registers it got, and the host's own count for that VM at that
 //!   instant (the read's own CPUID exit included), for `kvmtrace reconcile`. A read is
@@ -102,6 +121,9 @@
 //!   - `cpuid_ring_full`: guest counter-leaf reads not recorded (`cpuid_reads`).
 //!   - `read_pending_full`: guest counter-leaf reads not recorded because the map of
 //!     reads waiting for their VM entry (or of vCPU threads) was full.
+//!   - `detail_capped`: exits counted in their reason's `other` detail row (the reason
+//!     had 512 sub-keys already); `detail_map_full`: exits in no detail row (in
+//!     `undecoded`); `rip_map_full`: exits whose RIP was not counted (in `rips_rest`).
 //!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
 //!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
 //!     `recursion_misses`, summed over kvmtrace's programs; kernels before 5.12 do not
