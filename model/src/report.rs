@@ -307,6 +307,19 @@ impl Dropped {
     pub fn any(&self) -> bool {
         *self != Self::default()
     }
+
+    /// The non-zero counters, by their JSON names: `vcpu_map_full 2, detail_capped 3`.
+    pub fn summary(&self) -> String {
+        let fields = serde_json::to_value(self).unwrap_or_default();
+        let parts: Vec<String> = fields
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        parts.join(", ")
+    }
 }
 
 /// Per-reason `--detail` and `--rip` rows, for one phase or all of them.

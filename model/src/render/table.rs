@@ -114,19 +114,6 @@ fn add_reason(t: &mut Table, r: &ReasonRow, all: u64, opts: Options) {
     }
 }
 
-/// The non-zero `dropped` counters, by name.
-fn dropped_line(report: &Report) -> String {
-    let fields = serde_json::to_value(report.dropped).unwrap_or_default();
-    let parts: Vec<String> = fields
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect();
-    parts.join(", ")
-}
-
 fn phase_label(p: &PhaseRow) -> String {
     match &p.paging {
         Some(paging) => format!("phase {} {}", p.phase, paging.label()),
@@ -253,7 +240,7 @@ pub fn render(report: &Report, opts: Options) -> String {
         let _ = writeln!(
             out,
             "warning: incomplete data ({}); see `dropped` in --format json",
-            dropped_line(report)
+            report.dropped.summary()
         );
     }
     out
