@@ -351,20 +351,7 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     let (detail, awaiting) = if global(&DETAIL) == 0 {
         (DetailKey::default(), 0)
     } else {
-        // As for the fixed fields, the loader checked the offsets (in the read,
-        // aligned to the field's size); the masks show the verifier the bounds: an
-        // even index for the u64 (its two halves), any index for the u32.
-        let optional =
-            |off: u32, mask: u32| (off != NO_FIELD).then_some((off / 4) as usize & mask as usize);
-        let words = limits::EXIT_FIELDS_BYTES / 4;
-        let info1 = optional(global(&EXIT_INFO1_OFF), words - 2)
-            .map(|i| u64::from(fields[i]) | (u64::from(fields[i + 1]) << 32));
-        let intr_info = optional(global(&EXIT_INTR_INFO_OFF), words - 1).map(|i| fields[i]);
-        match detail_plan(&exit, info1, intr_info) {
-            DetailPlan::Now(kind, sub) => (count_detail(&DetailKey::new(&row, kind, sub)), 0),
-            DetailPlan::Await(kind) => (DetailKey::default(), kind),
-            DetailPlan::None => (DetailKey::default(), 0),
-        }
+        exit_detail(&fields, &exit, &row)
     };
     if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; a tracing program does not migrate, and the slot is
@@ -381,6 +368,30 @@ fn try_kvm_exit(ctx: &TracePointContext) {
             (*slot).awaiting = awaiting;
             (*slot).detail = detail;
         }
+    }
+}
+
+/// `--detail` at an exit: counts it in its detail row when its own fields key it, or
+/// says which tracepoint will. Returns the row counted in and the kind awaited.
+#[inline(always)]
+fn exit_detail(
+    fields: &[u32; (limits::EXIT_FIELDS_BYTES / 4) as usize],
+    exit: &ExitKey,
+    row: &PhaseVcpuKey,
+) -> (DetailKey, u32) {
+    // As for the fixed fields, the loader checked the offsets (in the read, aligned to
+    // the field's size); the masks show the verifier the bounds: an even index for the
+    // u64 (its two halves), any index for the u32.
+    let optional =
+        |off: u32, mask: u32| (off != NO_FIELD).then_some((off / 4) as usize & mask as usize);
+    let words = limits::EXIT_FIELDS_BYTES / 4;
+    let info1 = optional(global(&EXIT_INFO1_OFF), words - 2)
+        .map(|i| u64::from(fields[i]) | (u64::from(fields[i + 1]) << 32));
+    let intr_info = optional(global(&EXIT_INTR_INFO_OFF), words - 1).map(|i| fields[i]);
+    match detail_plan(exit, info1, intr_info) {
+        DetailPlan::Now(kind, sub) => (count_detail(&DetailKey::new(row, kind, sub)), 0),
+        DetailPlan::Await(kind) => (DetailKey::default(), kind),
+        DetailPlan::None => (DetailKey::default(), 0),
     }
 }
 

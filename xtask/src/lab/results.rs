@@ -253,28 +253,7 @@ fn check_mode(
             m.record.as_ref(),
         ));
     }
-    let traced_with = |flag: &str| l1.record_args.split_whitespace().any(|a| a == flag);
-    if m.record.is_some()
-        && opts.scenario == Scenario::Modes
-        && (traced_with("--detail") || traced_with("--rip"))
-    {
-        let micro = matches!(l1.workload, L2Workload::Micro { .. })
-            .then(|| micro::micro_detail_expectations(&micro::micro_runs(l1)));
-        problems.extend(detail::check(&detail::Inputs {
-            tag,
-            nested: m.nested,
-            trace_isa: opts.isa.trace_isa(),
-            exit_hist: &m.hist_text,
-            lines: m.lines,
-            dir: &m.dir,
-            micro,
-            kvmtrace: l1
-                .kvmtrace
-                .as_ref()
-                .map_or(Path::new("kvmtrace"), |(k, _)| k),
-            system_map: l1.system_map.as_deref(),
-        })?);
-    }
+    problems.extend(detail_problems(lab, m)?);
     match (opts.scenario, m.reached_end) {
         (Scenario::Signal, true) => {
             problems.push(format!("{tag}: L2 ended before kvmtrace got its signal"));
@@ -285,6 +264,35 @@ fn check_mode(
     write_summary(lab, m, &vcpu_rows)?;
     println!("  -> {}", m.dir.display());
     Ok(())
+}
+
+/// With `--detail` or `--rip` in the record arguments: mode `m`'s detail and RIP rows
+/// against the kernel's triggers ([`detail::check`]).
+fn detail_problems(lab: &Lab<'_>, m: &ModeResults<'_>) -> anyhow::Result<Vec<String>> {
+    let (opts, l1) = (lab.opts, lab.l1);
+    let traced_with = |flag: &str| l1.record_args.split_whitespace().any(|a| a == flag);
+    if m.record.is_none()
+        || opts.scenario != Scenario::Modes
+        || !(traced_with("--detail") || traced_with("--rip"))
+    {
+        return Ok(Vec::new());
+    }
+    let micro = matches!(l1.workload, L2Workload::Micro { .. })
+        .then(|| micro::micro_detail_expectations(&micro::micro_runs(l1)));
+    detail::check(&detail::Inputs {
+        tag: &m.tag,
+        nested: m.nested,
+        trace_isa: opts.isa.trace_isa(),
+        exit_hist: &m.hist_text,
+        lines: m.lines,
+        dir: &m.dir,
+        micro,
+        kvmtrace: l1
+            .kvmtrace
+            .as_ref()
+            .map_or(Path::new("kvmtrace"), |(k, _)| k),
+        system_map: l1.system_map.as_deref(),
+    })
 }
 
 /// Writes mode `m`'s `summary.json`.

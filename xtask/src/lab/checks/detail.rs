@@ -215,14 +215,12 @@ fn print_undecoded(report: &Report) {
     }
 }
 
-/// Each RIP row equals the kernel's `keys=exit_reason,guest_rip` count, the rows are
-/// the reason's top RIPs, and the rest adds up.
-fn compare_rips(
-    tag: &str,
+/// The kernel's `keys=exit_reason,guest_rip` counts: (basic reason, failed entry) ->
+/// RIP -> exits.
+fn rip_counts(
     trace_isa: u32,
     exit_hist: &str,
-    report: &Report,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<BTreeMap<(u32, bool), BTreeMap<u64, u64>>> {
     let mut hist: BTreeMap<(u32, bool), BTreeMap<u64, u64>> = BTreeMap::new();
     for (keys, n) in kernel_hist::rows(exit_hist)? {
         if keys.len() != 2 {
@@ -238,6 +236,18 @@ fn compare_rips(
             .entry(rip)
             .or_default() += n;
     }
+    Ok(hist)
+}
+
+/// Each RIP row equals the kernel's `keys=exit_reason,guest_rip` count, the rows are
+/// the reason's top RIPs, and the rest adds up.
+fn compare_rips(
+    tag: &str,
+    trace_isa: u32,
+    exit_hist: &str,
+    report: &Report,
+) -> anyhow::Result<Vec<String>> {
+    let hist = rip_counts(trace_isa, exit_hist)?;
     if hist.is_empty() {
         return Ok(vec![format!(
             "{tag}: --rip checked nothing: the kernel's guest_rip trigger has no rows"
