@@ -4,6 +4,7 @@
 # configuration, ROUNDS times, configurations interleaved within a round:
 #   stock      Debian's kvm modules, nothing tracing
 #   kvmtrace   + `kvmtrace record` (system-wide, attached before the VM starts)
+#   kvmtrace-detail + `kvmtrace record --detail` (each CPUID exit keyed by its leaf)
 #   perf       + `perf kvm stat record -a` (Debian's linux-perf)
 #   hist       + the kernel's hist trigger on kvm:kvm_exit
 #   patched    our patched kvm modules, nothing tracing
@@ -32,10 +33,12 @@ measure() { # CONFIG ROUND
     say "bench $1 $2 run_ns=$ns"
 }
 # kvmtrace record in the background; returns once it is attached.
-kvmtrace_start() { # TAG
-    kvmtrace record --format json -o /tmp/kt-$1.json </dev/null 2>/tmp/kt-$1.err &
+kvmtrace_start() { # TAG [RECORD ARGS]
+    tag=$1
+    shift
+    kvmtrace record --format json -o /tmp/kt-$tag.json "$@" </dev/null 2>/tmp/kt-$tag.err &
     KT=$!
-    attached $KT /tmp/kt-$1.err || { cat /tmp/kt-$1.err; finish fail "kvmtrace did not attach"; }
+    attached $KT /tmp/kt-$tag.err || { cat /tmp/kt-$tag.err; finish fail "kvmtrace did not attach"; }
 }
 kvmtrace_stop() { # TAG
     kill -INT $KT
@@ -55,6 +58,10 @@ for round in $(seq 1 $ROUNDS); do
     kvmtrace_start r$round
     measure kvmtrace $round
     kvmtrace_stop r$round
+
+    kvmtrace_start d$round --detail
+    measure kvmtrace-detail $round
+    kvmtrace_stop d$round
 
     # -a: every CPU, like kvmtrace; -o in tmpfs. perf writes its header at once.
     perf kvm stat record -a -o /tmp/perf.data </dev/null >/tmp/perf.err 2>&1 &

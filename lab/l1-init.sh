@@ -21,12 +21,63 @@ set -o pipefail
 EXIT=/sys/kernel/tracing/events/kvm/kvm_exit
 BY_REASON='hist:keys=isa,exit_reason:vals=hitcount:sort=isa,exit_reason:size=256'
 BY_VCPU='hist:keys=vcpu_id,exit_reason:vals=hitcount:sort=vcpu_id,exit_reason:size=1024'
+# With DETAIL=1 / RIPS=1 (kvmtrace records --detail / --rip): the kernel's own counts
+# keyed as kvmtrace's detail and RIP rows are (xtask decodes them the same way).
+KVM_EV=/sys/kernel/tracing/events/kvm
+VECTOR_T='hist:keys=exit_reason,intr_info:vals=hitcount:size=256 if isa == 1 && exit_reason == 0'
+INFO1_T='hist:keys=isa,exit_reason,info1:vals=hitcount:size=4096 if exit_reason == 28 || exit_reason == 30 || exit_reason == 123'
+MSR_T='hist:keys=ecx,write:vals=hitcount:size=1024'
+CPUID_T='hist:keys=function:vals=hitcount:size=1024'
+PF_T='hist:keys=fault_address.buckets=1048576:vals=hitcount:size=4096'
+RIP_T='hist:keys=exit_reason,guest_rip:vals=hitcount:size=32768'
+
+# Arms the detail and RIP triggers; `detail_triggers !` disarms them.
+detail_triggers() {
+    if [ "$DETAIL" = 1 ]; then
+        echo "$1$VECTOR_T" >> $EXIT/trigger || return 1
+        echo "$1$INFO1_T" >> $EXIT/trigger || return 1
+        echo "$1$MSR_T" >> $KVM_EV/kvm_msr/trigger || return 1
+        echo "$1$CPUID_T" >> $KVM_EV/kvm_cpuid/trigger || return 1
+        echo "$1$PF_T" >> $KVM_EV/kvm_page_fault/trigger || return 1
+    fi
+    if [ "$RIPS" = 1 ]; then
+        echo "$1$RIP_T" >> $EXIT/trigger || return 1
+    fi
+    return 0
+}
 
 step l1-modules 120
 say "l1 up uptime=$(up) kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for m in $KVM_DEPS; do
     insmod /lib/modules/lab/$m || finish fail "insmod $m"
 done
+
+# With PERF=1: `perf kvm stat record -a` beside kvmtrace, from before the workload to
+# after it; its ioport and vmexit reports go to the console.
+perf_start() {
+    [ "$PERF" = 1 ] || return 0
+    rm -f /tmp/perf.data
+    /usr/bin/perf kvm stat record -a -o /tmp/perf.data </dev/null >/tmp/perf.err 2>&1 &
+    PERF_PID=$!
+    n=0
+    until [ -s /tmp/perf.data ]; do
+        kill -0 $PERF_PID 2>/dev/null || { cat /tmp/perf.err; finish fail "perf exited"; }
+        n=$((n + 1))
+        [ $n -lt 600 ] || finish fail "perf did not start"
+        sleep 0.1
+    done
+}
+perf_stop() { # TAG
+    [ "$PERF" = 1 ] || return 0
+    kill -INT $PERF_PID
+    wait $PERF_PID
+    for event in ioport vmexit; do
+        /usr/bin/perf kvm -i /tmp/perf.data stat report --event=$event >/tmp/perf-$event.txt 2>&1
+        section perf-$event $1 /tmp/perf-$event.txt
+    done
+    section perf-stderr $1 /tmp/perf.err
+    rm -f /tmp/perf.data
+}
 
 # Runs the workload alone: the L2 console goes to ours and /tmp/l2.out.
 workload() {
@@ -50,6 +101,7 @@ for mode in $MODES; do
 
     echo "$BY_REASON" > $EXIT/trigger || finish fail "cannot arm $BY_REASON"
     echo "$BY_VCPU" >> $EXIT/trigger || finish fail "cannot arm $BY_VCPU"
+    detail_triggers "" || finish fail "cannot arm the detail triggers"
     step "$tag:run" $RUN_BUDGET
     say "run $tag start uptime=$(up)"
     rm -f /tmp/rec.json /tmp/l2.out /tmp/kvmtrace.err
@@ -75,9 +127,11 @@ for mode in $MODES; do
         section kvmtrace-stderr $tag /tmp/kvmtrace.err
         expect_end=0
     else
+        perf_start
         timeout $RUN_TIMEOUT kvmtrace record --format json -o /tmp/rec.json $RECORD_ARGS \
             -- /lab/workload </dev/null 2>/tmp/kvmtrace.err | tee /tmp/l2.out | sed 's/^/L2| /'
         rc=$?
+        perf_stop $tag
         say "run $tag kvmtrace rc=$rc uptime=$(up)"
         section kvmtrace-stderr $tag /tmp/kvmtrace.err
         if ! grep -q "$END_MARKER" /tmp/l2.out; then
@@ -96,6 +150,11 @@ for mode in $MODES; do
 
     step "$tag:dump" 120
     section hist $tag $EXIT/hist
+    if [ "$DETAIL" = 1 ]; then
+        section detail-msr $tag $KVM_EV/kvm_msr/hist
+        section detail-cpuid $tag $KVM_EV/kvm_cpuid/hist
+        section detail-pf $tag $KVM_EV/kvm_page_fault/hist
+    fi
     [ -e /tmp/rec.json ] && section record $tag /tmp/rec.json
     # How much the kernel logged, then anything it complained about (nothing when healthy).
     echo "dmesg lines=$(dmesg | wc -l)" > /tmp/dmesg-bad.txt
@@ -103,6 +162,7 @@ for mode in $MODES; do
     section dmesg-bad $tag /tmp/dmesg-bad.txt
     echo "!$BY_VCPU" >> $EXIT/trigger
     echo "!$BY_REASON" >> $EXIT/trigger
+    detail_triggers ! || finish fail "cannot disarm the detail triggers"
     rmmod $KVM_MODULE || finish fail "rmmod $KVM_MODULE"
 done
 if [ "$SCENARIO" = reload ]; then

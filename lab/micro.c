@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #define MICRO_PORT 0x1e0
+#define MICRO_MSR 0xc0000080 /* EFER: every ISA intercepts it, and rewriting it is harmless */
 #define MEM_SIZE 0x200000ul  /* one 2 MiB page */
 #define PML4 0x1000ul
 #define PDPT 0x2000ul
@@ -38,7 +39,8 @@
 #define XSTR(x) STR(x)
 
 /*
- * RDI = CPUIDs to run, RSI = port writes to do. Then the guest reads the patched KVM's
+ * RDI = CPUIDs to run (leaf 0), RSI = port writes to do (one byte to MICRO_PORT), R13 =
+ * MSR round trips (RDMSR then WRMSR of the same value to EFER). Then the guest reads the patched KVM's
  * counters: leaf 0x4FFFFFFE for reason R8 (CPUID) into R10, for reason R9 (I/O) into
  * R11, and the total leaf 0x4FFFFFFF into R12, and halts; the VMM prints them. Only
  * registers: every vCPU runs this same code, and there is no stack.
@@ -55,12 +57,19 @@ __asm__(".pushsection .rodata\n"
         "    jmp 1b\n"
         "2:  mov $" XSTR(MICRO_PORT) ", %dx\n"
         "3:  test %rsi, %rsi\n"
-        "    jz 4f\n"
+        "    jz 6f\n"
         "    mov %sil, %al\n"
         "    out %al, (%dx)\n"
         "    dec %rsi\n"
         "    jmp 3b\n"
-        "4:  mov $0x4ffffffe, %eax\n"
+        "6:  test %r13, %r13\n"
+        "    jz 7f\n"
+        "    mov $" XSTR(MICRO_MSR) ", %ecx\n"
+        "    rdmsr\n"
+        "    wrmsr\n"
+        "    dec %r13\n"
+        "    jmp 6b\n"
+        "7:  mov $0x4ffffffe, %eax\n"
         "    mov %r8d, %ecx\n"
         "    cpuid\n"
         "    mov %eax, %r10d\n"
@@ -88,7 +97,7 @@ struct vcpu {
     struct timespec halted;
 };
 
-static unsigned long cpuids, outs;
+static unsigned long cpuids, outs, msrs;
 static pthread_barrier_t start;
 static pthread_mutex_t print_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -161,7 +170,7 @@ static void setup_vcpu(int vm, struct vcpu *v, int id, const struct kvm_cpuid2 *
     /* The CPUID and I/O exit reasons of this CPU's vendor: VMX 10 and 30, SVM 0x72
      * and 0x7b. */
     struct kvm_regs regs = {
-        .rip = CODE, .rflags = 2, .rdi = cpuids, .rsi = outs,
+        .rip = CODE, .rflags = 2, .rdi = cpuids, .rsi = outs, .r13 = msrs,
         .r8 = amd ? 0x72 : 10, .r9 = amd ? 0x7b : 30,
     };
     if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0)
@@ -220,13 +229,14 @@ static void *run_vcpu(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3 && argc != 4) {
-        fprintf(stderr, "usage: micro CPUIDS OUTS [VCPUS]\n");
+    if (argc < 3 || argc > 5) {
+        fprintf(stderr, "usage: micro CPUIDS OUTS [VCPUS [MSRS]]\n");
         return 2;
     }
     cpuids = arg(argv[1], "count", 0, 0xffffffffu);
     outs = arg(argv[2], "count", 0, 0xffffffffu);
-    int nvcpus = argc == 4 ? (int)arg(argv[3], "vCPU count", 1, MAX_VCPUS) : 1;
+    int nvcpus = argc >= 4 ? (int)arg(argv[3], "vCPU count", 1, MAX_VCPUS) : 1;
+    msrs = argc == 5 ? arg(argv[4], "MSR count", 0, 0xffffffffu) : 0;
 
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0)
@@ -325,8 +335,8 @@ int main(int argc, char **argv)
         }
     }
     /* The VM's counts: all vCPUs together. */
-    printf("micro: cpuid=%lu out=%lu hlt=%d (userspace exits %lu)\n", cpuids * nvcpus,
-           seen_outs, nvcpus, runs);
+    printf("micro: cpuid=%lu out=%lu msr=%lu hlt=%d (userspace exits %lu)\n",
+           cpuids * nvcpus, seen_outs, 2 * msrs * nvcpus, nvcpus, runs);
     /* From the first KVM_RUN to the last HLT exit: the guest's run, in L1 time. */
     printf("micro: run_ns=%lld\n",
            (long long)(t1.tv_sec - t0.tv_sec) * 1000000000ll + (t1.tv_nsec - t0.tv_nsec));

@@ -59,6 +59,7 @@ fn stats(count: u64, time_ns: u64) -> ExitStats {
         count,
         timed: count.saturating_sub(1),
         time_ns,
+        max_ns: time_ns,
     }
 }
 

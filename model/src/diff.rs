@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::{exit_reasons::Isa, report::Report};
+use crate::{
+    exit_reasons::Isa,
+    report::{ReasonRow, Report},
+};
 
 /// One reason in both records.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -26,6 +29,87 @@ pub struct DiffRow {
     pub share_b: f64,
     /// Why this reason moves between nested and shadow paging, when it is one that does.
     pub why: Option<&'static str>,
+    /// What the data says moved: the sub-key with the largest change, and where the
+    /// record with more of these exits took most of them (with `--detail` and `--rip`
+    /// records), e.g. `mov to CR3 +17574 (switch_mm_irqs_off)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
+    /// The reason's sub-keys in both records (records made with `--detail`), largest
+    /// change first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub detail: Vec<DetailDiff>,
+}
+
+/// One sub-key of a reason in both records.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DetailDiff {
+    pub kind: String,
+    pub key: String,
+    pub label: String,
+    pub a: u64,
+    pub b: u64,
+    pub delta: i128,
+}
+
+type ReasonKey = (Isa, u32, bool);
+
+/// The detail rows of each reason of `r`.
+fn detail_of(r: &Report) -> BTreeMap<ReasonKey, &ReasonRow> {
+    r.reasons
+        .iter()
+        .map(|x| ((x.isa, x.reason, x.failed_entry), x))
+        .collect()
+}
+
+/// The sub-keys of one reason in both records, largest change first.
+fn detail_diff(a: Option<&ReasonRow>, b: Option<&ReasonRow>) -> Vec<DetailDiff> {
+    let mut keys: BTreeMap<(String, String), (String, u64, u64)> = BTreeMap::new();
+    for (side, row) in [(0, a), (1, b)] {
+        for d in row.into_iter().flat_map(|r| &r.detail) {
+            let e = keys
+                .entry((d.kind.clone(), d.key.clone()))
+                .or_insert_with(|| (d.label.clone(), 0, 0));
+            let n = if side == 0 { &mut e.1 } else { &mut e.2 };
+            *n = n.saturating_add(d.totals.count);
+        }
+    }
+    let mut rows: Vec<DetailDiff> = keys
+        .into_iter()
+        .map(|((kind, key), (label, a, b))| DetailDiff {
+            kind,
+            key,
+            label,
+            a,
+            b,
+            delta: i128::from(b) - i128::from(a),
+        })
+        .collect();
+    rows.sort_by(|x, y| y.delta.abs().cmp(&x.delta.abs()).then(x.key.cmp(&y.key)));
+    rows
+}
+
+/// The evidence line of a reason: its largest-moving sub-key, and the function of the
+/// top RIP of the record that has more of its exits.
+fn evidence(
+    detail: &[DetailDiff],
+    a: Option<&ReasonRow>,
+    b: Option<&ReasonRow>,
+    delta: i128,
+) -> Option<String> {
+    let more = if delta >= 0 { b } else { a };
+    let function = more
+        .and_then(|r| r.rips.first())
+        .and_then(|x| x.symbol.as_deref())
+        .map(|s| s.split('+').next().unwrap_or(s).to_owned());
+    let top = detail
+        .first()
+        .filter(|d| d.delta != 0 && d.kind != crate::detail::UNDECODED_KEY);
+    match (top, function) {
+        (Some(d), Some(f)) => Some(format!("{} {:+} ({f})", d.label, d.delta)),
+        (Some(d), None) => Some(format!("{} {:+}", d.label, d.delta)),
+        (None, Some(f)) if delta != 0 => Some(format!("mostly at {f}")),
+        _ => None,
+    }
 }
 
 /// Two records compared.
@@ -111,20 +195,29 @@ pub fn diff(a: &Report, a_label: String, b: &Report, b_label: String) -> Diff {
         e.2 = e.2.saturating_add(r.totals.count);
     }
     let (a_total, b_total) = (a.total.count, b.total.count);
+    let (rows_a, rows_b) = (detail_of(a), detail_of(b));
     let mut rows: Vec<DiffRow> = counts
         .into_iter()
-        .map(|((isa, reason, failed_entry), (name, ca, cb))| DiffRow {
-            isa,
-            reason,
-            failed_entry,
-            name,
-            a: ca,
-            b: cb,
-            delta: i128::from(cb) - i128::from(ca),
-            ratio: (ca > 0).then(|| cb as f64 / ca as f64),
-            share_a: share(ca, a_total),
-            share_b: share(cb, b_total),
-            why: paging_why(isa, reason),
+        .map(|((isa, reason, failed_entry), (name, ca, cb))| {
+            let key = (isa, reason, failed_entry);
+            let (ra, rb) = (rows_a.get(&key).copied(), rows_b.get(&key).copied());
+            let delta = i128::from(cb) - i128::from(ca);
+            let detail = detail_diff(ra, rb);
+            DiffRow {
+                isa,
+                reason,
+                failed_entry,
+                name,
+                a: ca,
+                b: cb,
+                delta,
+                ratio: (ca > 0).then(|| cb as f64 / ca as f64),
+                share_a: share(ca, a_total),
+                share_b: share(cb, b_total),
+                why: paging_why(isa, reason),
+                evidence: evidence(&detail, ra, rb, delta),
+                detail,
+            }
         })
         .collect();
     rows.sort_by(|x, y| {
@@ -157,6 +250,53 @@ mod tests {
         a.reasons.push(row);
         let d = diff(&a, "a".into(), &sample_report(), "b".into());
         assert!(d.rows.iter().any(|r| r.a == u64::MAX), "{:?}", d.rows);
+    }
+
+    #[test]
+    fn detail_moves_are_cited() {
+        use crate::report::{DetailRow, RipRow, Totals};
+        let cr3 = |count| DetailRow {
+            kind: "cr".into(),
+            key: "cr3:write".into(),
+            label: "mov to CR3".into(),
+            totals: Totals {
+                count,
+                ..Totals::default()
+            },
+            mean_ns: None,
+        };
+        let mut a = sample_report();
+        let mut b = sample_report();
+        for (r, n) in [(&mut a, 10), (&mut b, 17584)] {
+            let mut row = r.reasons[0].clone();
+            row.reason = 28;
+            row.name = "CR_ACCESS".into();
+            row.totals.count = n + 1;
+            row.detail = vec![cr3(n), {
+                let mut clts = cr3(1);
+                clts.key = "clts".into();
+                clts.label = "CLTS".into();
+                clts
+            }];
+            row.rips = vec![RipRow {
+                rip: 0xffff_ffff_8107_1b2f,
+                count: n,
+                symbol: Some("switch_mm_irqs_off+0x1af".into()),
+            }];
+            r.reasons.push(row);
+        }
+        let d = diff(&a, "ept=1".into(), &b, "ept=0".into());
+        let cr = d.rows.iter().find(|r| r.reason == 28);
+        assert_eq!(
+            cr.and_then(|r| r.evidence.as_deref()),
+            Some("mov to CR3 +17574 (switch_mm_irqs_off)")
+        );
+        let keys: Vec<_> = cr
+            .map(|r| r.detail.iter().map(|x| (x.key.as_str(), x.delta)).collect())
+            .unwrap_or_default();
+        assert_eq!(keys, [("cr3:write", 17574), ("clts", 0)]);
+        let io = d.rows.iter().find(|r| r.reason == 30);
+        assert!(io.is_some_and(|r| r.evidence.is_none() && r.detail.is_empty()));
     }
 
     #[test]

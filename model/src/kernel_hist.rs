@@ -53,6 +53,10 @@ impl KernelHist {
             };
             let count = count.ok_or_else(|| bad("no hitcount"))?;
             let field = |name: &str| keys.iter().find(|(k, _)| *k == name).map(|&(_, v)| v);
+            // Only the two count triggers; the lab's `--detail` triggers key more.
+            if keys.len() != 2 {
+                continue;
+            }
             let raw = field("exit_reason").ok_or_else(|| bad("no exit_reason"))?;
             let raw32 = u32::try_from(raw).map_err(|_| bad("exit_reason out of range"))?;
             if let Some(isa) = field("isa") {
@@ -70,8 +74,40 @@ impl KernelHist {
     }
 }
 
+/// One key line: its numeric keys by name, and its hitcount.
+pub type HistRow = (BTreeMap<String, u64>, u64);
+
+/// Every key line of hist output: its numeric keys by name, and its hitcount. A key
+/// printed as a bucket (`.buckets=N`: `~ FROM-TO`) reads as FROM.
+pub fn rows(text: &str) -> Result<Vec<HistRow>, ParseError> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let Some((keys, count)) = key_line(line) else {
+            continue;
+        };
+        let count = count.ok_or_else(|| ParseError {
+            line: line.to_owned(),
+            what: "no hitcount",
+        })?;
+        out.push((
+            keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            count,
+        ));
+    }
+    Ok(out)
+}
+
 /// The numeric `key: value` pairs of a key line.
 type Keys<'a> = Vec<(&'a str, u64)>;
+
+/// A key's value: decimal, or the start of a bucket (`~ FROM-TO`).
+fn key_value(v: &str) -> Option<u64> {
+    let v = v.trim();
+    match v.strip_prefix('~') {
+        Some(bucket) => bucket.trim().split('-').next()?.trim().parse().ok(),
+        None => v.parse().ok(),
+    }
+}
 
 /// `{ k: v, ... } hitcount: n` → the numeric keys and the hitcount (`None` when the
 /// line has none); `None` for a line that is not a key line.
@@ -80,7 +116,7 @@ fn key_line(line: &str) -> Option<(Keys<'_>, Option<u64>)> {
     let keys = keys
         .split(',')
         .filter_map(|kv| kv.split_once(':'))
-        .filter_map(|(k, v)| Some((k.trim(), v.trim().parse().ok()?)))
+        .filter_map(|(k, v)| Some((k.trim(), key_value(v)?)))
         .collect();
     let count = vals
         .trim()
@@ -121,6 +157,26 @@ Totals:
         assert_eq!(h.by_reason[&ExitKey::from_raw(isa::SVM, 124)], 7);
         assert_eq!(h.by_vcpu[&(1, 10)], 5);
         assert_eq!(h.dropped, 3);
+    }
+
+    #[test]
+    fn detail_triggers_are_not_counts_and_parse_as_rows() {
+        let text = "\
+{ isa:          1, exit_reason:         30, info1:   66584640 } hitcount:         12
+{ fault_address: ~ 4276092928-4277141503 } hitcount:          4
+{ isa:          1, exit_reason:         30 } hitcount:         12
+";
+        let h = KernelHist::parse(text).expect("parses");
+        assert_eq!(h.by_reason.len(), 1, "only the count trigger's line");
+        assert_eq!(h.by_reason[&ExitKey::from_raw(isa::VMX, 30)], 12);
+        let r = rows(text).expect("parses");
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].0["info1"], 66_584_640);
+        assert_eq!(
+            r[1].0["fault_address"], 0xfee0_0000,
+            "a bucket reads as its start"
+        );
+        assert_eq!(r[1].1, 4);
     }
 
     #[test]

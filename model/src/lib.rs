@@ -10,6 +10,7 @@
 //! - Kernel text the tracer and the lab read: [`tracefs_format`] (a tracepoint's
 //!   format file) and [`kernel_hist`] (the output of a hist trigger).
 
+pub mod detail;
 pub mod diff;
 pub mod exit_reasons;
 pub mod guest;
@@ -24,4 +25,5 @@ pub mod regs_layout;
 pub mod render;
 pub mod report;
 pub mod snapshot;
+pub mod symbols;
 pub mod tracefs_format;

@@ -55,6 +55,25 @@
 //!   `kvm:kvm_entry` of the same thread within the run; `time_ns` is the sum of those
 //!   exit→entry times (the time KVM spent handling the exit, sleeps in HLT included).
 //! - `reasons` are sorted by count, highest first; `vcpus` by pid, vcpu, reason.
+//! - `max_ns` (in every `count`/`timed`/`time_ns` group; 0 in reports from before it)
+//!   is the longest exit→entry time. `p50_ns` and `p99_ns` (reasons with a
+//!   histogram) are upper bounds: the end of the log2 bucket the quantile falls in,
+//!   never above `max_ns`.
+//! - `reasons[].detail` (`record --detail`): the reason's exits split by what caused
+//!   them, most first, each `{ "kind", "key", "label", "count", "timed", "time_ns",
+//!   "max_ns", "mean_ns" }`. `kind` is `vector` (VMX EXCEPTION_NMI: `intr_info`'s
+//!   vector, `nmi` for NMIs), `cr` (VMX CR_ACCESS: `cr3:write`, `cr0:read`, `clts`,
+//!   `lmsw`), `port` (VMX IO_INSTRUCTION, SVM IOIO: `0x3f8:out:1`, with `:string` for
+//!   INS/OUTS), `msr` (`kvm:kvm_msr`: `0x6e0:write`), `cpuid` (`kvm:kvm_cpuid`: the
+//!   leaf, `0x1`), `gpa` (EPT_VIOLATION, SVM NPF: the 1 MiB guest-physical region of
+//!   `kvm:kvm_page_fault`, `0xfee00000`); `other` holds a reason's exits past its cap
+//!   of 512 sub-keys (`dropped.detail_capped`), `undecoded` those no sub-key was seen
+//!   for. A `kvm_msr`/`kvm_cpuid`/`kvm_page_fault` event during an exit of a reason
+//!   with no sub-key of its own (an instruction KVM emulates) is counted under that
+//!   reason. The rows of a reason add up to its `count`.
+//! - `reasons[].rips` (`record --rip N`): the N guest RIPs with the most exits of the
+//!   reason, `{ "rip", "count", "symbol" }` (`symbol` with `--guest-symbols`:
+//!   `function+0xoff`, or `user space`), and `rips_rest`, the exits at every other RIP.
 //! - `leaves` and `cpuid_reads` are present with `record --snapshots`: every guest read of
 //!   a counter leaf, the registers it got, and the host's own count for that VM at that
 //!   instant (the read's own CPUID exit included), for `kvmtrace reconcile`. A read is
@@ -102,6 +121,9 @@
 //!   - `cpuid_ring_full`: guest counter-leaf reads not recorded (`cpuid_reads`).
 //!   - `read_pending_full`: guest counter-leaf reads not recorded because the map of
 //!     reads waiting for their VM entry (or of vCPU threads) was full.
+//!   - `detail_capped`: exits counted in their reason's `other` detail row (the reason
+//!     had 512 sub-keys already); `detail_map_full`: exits in no detail row (in
+//!     `undecoded`); `rip_map_full`: exits whose RIP was not counted (in `rips_rest`).
 //!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
 //!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
 //!     `recursion_misses`, summed over kvmtrace's programs; kernels before 5.12 do not
@@ -115,14 +137,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracer_common::{CpuidEvent, ExitKey, ExitStats, drop_kind, read_source};
+use tracer_common::{
+    CpuidEvent, DetailPlan, ExitKey, ExitStats, detail_plan, drop_kind, read_source,
+};
 
 use crate::{
+    detail,
     exit_reasons::{self, Isa},
     latency::{self, Bucket},
     leaves::Leaves,
     paging::Paging,
-    snapshot::{Overflow, ProgramCost, Snapshot, sum_u64},
+    snapshot::{Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
 };
 
 /// The `schema` value this version writes and reads.
@@ -134,6 +159,9 @@ pub struct Totals {
     pub count: u64,
     pub timed: u64,
     pub time_ns: u64,
+    /// The longest of the timed exits (0 in reports from before it was kept).
+    #[serde(default)]
+    pub max_ns: u64,
 }
 
 impl From<ExitStats> for Totals {
@@ -142,6 +170,7 @@ impl From<ExitStats> for Totals {
             count: s.count,
             timed: s.timed,
             time_ns: s.time_ns,
+            max_ns: s.max_ns,
         }
     }
 }
@@ -152,6 +181,7 @@ impl Totals {
             count: sum_u64([self.count, other.count], "count")?,
             timed: sum_u64([self.timed, other.timed], "timed")?,
             time_ns: sum_u64([self.time_ns, other.time_ns], "time_ns")?,
+            max_ns: self.max_ns.max(other.max_ns),
         })
     }
 
@@ -172,8 +202,51 @@ pub struct ReasonRow {
     pub totals: Totals,
     #[serde(default)]
     pub mean_ns: Option<u64>,
+    /// Upper bounds of the median and 99th-percentile handling times, from the
+    /// histogram's log2 buckets (and never above `max_ns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ns: Option<u64>,
     #[serde(default)]
     pub histogram: Vec<Bucket>,
+    /// `--detail`: the exits split by what caused them, most first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detail: Vec<DetailRow>,
+    /// `--rip N`: the guest RIPs with the most exits, most first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rips: Vec<RipRow>,
+    /// `--rip N`: the exits at every other RIP (and those no RIP row held).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rips_rest: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One sub-key of a reason (`--detail`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetailRow {
+    /// `vector`, `cr`, `port`, `msr`, `cpuid`, `gpa`; `other` (past the per-reason
+    /// cap) or `undecoded` (no sub-key was seen for these exits).
+    pub kind: String,
+    pub key: String,
+    pub label: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+    #[serde(default)]
+    pub mean_ns: Option<u64>,
+}
+
+/// Exits at one guest RIP (`--rip`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RipRow {
+    pub rip: u64,
+    pub count: u64,
+    /// `function+0xoff` from `--guest-symbols`, or `user space`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
 }
 
 /// One VM (a VMM process).
@@ -217,11 +290,139 @@ pub struct Dropped {
     pub read_pending_full: u64,
     #[serde(default)]
     pub recursion_misses: u64,
+    /// `--detail`: exits counted in their reason's `other` row, past its cap of
+    /// sub-keys.
+    #[serde(default)]
+    pub detail_capped: u64,
+    /// `--detail`: exits in no detail row (the map was full); they are in their
+    /// reason's `undecoded` row.
+    #[serde(default)]
+    pub detail_map_full: u64,
+    /// `--rip`: exits whose RIP is not counted (the map was full).
+    #[serde(default)]
+    pub rip_map_full: u64,
 }
 
 impl Dropped {
     pub fn any(&self) -> bool {
         *self != Self::default()
+    }
+
+    /// The non-zero counters, by their JSON names: `vcpu_map_full 2, detail_capped 3`.
+    pub fn summary(&self) -> String {
+        let fields = serde_json::to_value(self).unwrap_or_default();
+        let parts: Vec<String> = fields
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// Per-reason `--detail` and `--rip` rows, for one phase or all of them.
+#[derive(Default)]
+struct Breakdown {
+    detail: BTreeMap<ExitKey, BTreeMap<(u32, u64), ExitStats>>,
+    rips: BTreeMap<ExitKey, BTreeMap<u64, u64>>,
+}
+
+impl Breakdown {
+    /// The rows of `snap` in `phase` (all phases: `None`), summed over VMs.
+    fn of(snap: &Snapshot, phase: Option<u32>) -> Result<Self, Overflow> {
+        let mut b = Self::default();
+        for (key, stats) in &snap.detail {
+            if phase.is_some_and(|p| p != key.phase()) {
+                continue;
+            }
+            let row = b
+                .detail
+                .entry(key.exit())
+                .or_default()
+                .entry((key.kind, key.sub))
+                .or_default();
+            *row = sum_stats([&*row, stats])?;
+        }
+        for (key, &count) in &snap.rips {
+            if phase.is_some_and(|p| p != key.phase()) {
+                continue;
+            }
+            let row = b
+                .rips
+                .entry(key.exit())
+                .or_default()
+                .entry(key.rip)
+                .or_default();
+            *row = sum_u64([*row, count], "rip count")?;
+        }
+        Ok(b)
+    }
+
+    /// Fills the detail and RIP rows of `row` (whose exits are `exit`).
+    fn fill(&self, row: &mut ReasonRow, exit: &ExitKey, info: &RunInfo) {
+        if info.detail {
+            row.detail = self.detail_rows(exit, row.isa, &row.totals);
+        }
+        if let Some(top) = info.rip_top {
+            let mut rips: Vec<(u64, u64)> = self
+                .rips
+                .get(exit)
+                .map(|m| m.iter().map(|(&rip, &n)| (rip, n)).collect())
+                .unwrap_or_default();
+            rips.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            rips.truncate(top);
+            let shown: u64 = rips.iter().map(|r| r.1).sum();
+            row.rips_rest = row.totals.count.saturating_sub(shown);
+            row.rips = rips
+                .into_iter()
+                .map(|(rip, count)| RipRow {
+                    rip,
+                    count,
+                    symbol: crate::symbols::user_space(rip).then(|| "user space".to_owned()),
+                })
+                .collect();
+        }
+    }
+
+    fn detail_rows(&self, exit: &ExitKey, isa: Isa, totals: &Totals) -> Vec<DetailRow> {
+        let mut rows: Vec<DetailRow> = self
+            .detail
+            .get(exit)
+            .into_iter()
+            .flatten()
+            .map(|(&(kind, sub), stats)| {
+                let d = detail::decode(isa, kind, sub);
+                let totals = Totals::from(*stats);
+                DetailRow {
+                    kind: d.kind.to_owned(),
+                    key: d.key,
+                    label: d.label,
+                    totals,
+                    mean_ns: totals.mean_ns(),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| b.totals.count.cmp(&a.totals.count).then(a.key.cmp(&b.key)));
+        let keyed = detail_plan(exit, Some(0), Some(0)) != DetailPlan::None;
+        let sum = |f: fn(&Totals) -> u64| rows.iter().map(|r| f(&r.totals)).sum::<u64>();
+        let rest = Totals {
+            count: totals.count.saturating_sub(sum(|t| t.count)),
+            timed: totals.timed.saturating_sub(sum(|t| t.timed)),
+            time_ns: totals.time_ns.saturating_sub(sum(|t| t.time_ns)),
+            max_ns: 0,
+        };
+        if (keyed || !rows.is_empty()) && rest.count > 0 {
+            rows.push(DetailRow {
+                kind: detail::UNDECODED_KEY.to_owned(),
+                key: detail::UNDECODED_KEY.to_owned(),
+                label: "no sub-key seen (none decodable, or the map was full)".to_owned(),
+                totals: rest,
+                mean_ns: rest.mean_ns(),
+            });
+        }
+        rows
     }
 }
 
@@ -284,6 +485,10 @@ pub struct RunInfo {
     pub cost: Option<Cost>,
     /// How the vCPU registers were read (`--snapshots`).
     pub registers: Option<RegistersInfo>,
+    /// Whether `--detail` sub-keys were counted.
+    pub detail: bool,
+    /// `--rip N`: how many RIPs to keep per reason.
+    pub rip_top: Option<usize>,
 }
 
 /// Which counter leaf a guest read.
@@ -475,6 +680,17 @@ impl ReasonRow {
     /// The row of `exit`, with its histogram when there is one.
     fn new(exit: &ExitKey, stats: ExitStats, hist: Option<&Vec<u64>>) -> Self {
         let totals = Totals::from(stats);
+        let histogram = hist.map(|h| latency::buckets(h)).unwrap_or_default();
+        // A bucket's upper bound, but no more than the longest exit seen.
+        let quantile = |q| {
+            latency::quantile_upper_bound(&histogram, q).map(|b| {
+                if totals.max_ns > 0 {
+                    b.min(totals.max_ns)
+                } else {
+                    b
+                }
+            })
+        };
         Self {
             isa: Isa::from_raw(exit.isa),
             reason: exit.reason,
@@ -482,20 +698,31 @@ impl ReasonRow {
             name: name_of(exit),
             totals,
             mean_ns: totals.mean_ns(),
-            histogram: hist.map(|h| latency::buckets(h)).unwrap_or_default(),
+            p50_ns: quantile(0.5),
+            p99_ns: quantile(0.99),
+            histogram,
+            detail: Vec::new(),
+            rips: Vec::new(),
+            rips_rest: 0,
         }
     }
 }
 
 /// Reason rows from a per-key map, most exits first, then by (isa, reason, failed
-/// entry).
+/// entry), with their detail and RIP rows.
 fn reason_rows(
     exits: &BTreeMap<ExitKey, ExitStats>,
     hist: Option<&BTreeMap<ExitKey, Vec<u64>>>,
+    breakdown: &Breakdown,
+    info: &RunInfo,
 ) -> Vec<ReasonRow> {
     let mut rows: Vec<ReasonRow> = exits
         .iter()
-        .map(|(exit, stats)| ReasonRow::new(exit, *stats, hist.and_then(|h| h.get(exit))))
+        .map(|(exit, stats)| {
+            let mut row = ReasonRow::new(exit, *stats, hist.and_then(|h| h.get(exit)));
+            breakdown.fill(&mut row, exit, info);
+            row
+        })
         .collect();
     rows.sort_by(|a, b| {
         b.totals
@@ -507,11 +734,13 @@ fn reason_rows(
 }
 
 fn phase_row(
+    snap: &Snapshot,
     phase: u32,
     exits: &BTreeMap<ExitKey, ExitStats>,
-    info: Option<&PhaseInfo>,
+    info: &RunInfo,
 ) -> Result<PhaseRow, Overflow> {
-    let reasons = reason_rows(exits, None);
+    let reasons = reason_rows(exits, None, &Breakdown::of(snap, Some(phase))?, info);
+    let info = info.phases.get(&phase);
     let total = reasons
         .iter()
         .try_fold(Totals::default(), |acc, r| acc.checked_add(r.totals))?;
@@ -527,7 +756,12 @@ fn phase_row(
 impl Report {
     /// Builds the report from a snapshot. Pure: no I/O.
     pub fn build(snap: &Snapshot, info: RunInfo) -> Result<Self, Overflow> {
-        let reasons = reason_rows(&snap.exits, Some(&snap.latency));
+        let reasons = reason_rows(
+            &snap.exits,
+            Some(&snap.latency),
+            &Breakdown::of(snap, None)?,
+            &info,
+        );
 
         let mut vms: BTreeMap<u32, Totals> = BTreeMap::new();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
@@ -571,6 +805,9 @@ impl Report {
             pending_lost: d.get(drop_kind::PENDING_LOST),
             read_pending_full: d.get(drop_kind::READ_PENDING_FULL),
             recursion_misses: d.recursion_misses,
+            detail_capped: d.get(drop_kind::DETAIL_CAPPED),
+            detail_map_full: d.get(drop_kind::DETAIL_MAP_FULL),
+            rip_map_full: d.get(drop_kind::RIP_MAP_FULL),
         };
         let cpuid_reads = snap
             .cpuid
@@ -580,7 +817,7 @@ impl Report {
         let phases = snap
             .phases
             .iter()
-            .map(|(&phase, exits)| phase_row(phase, exits, info.phases.get(&phase)))
+            .map(|(&phase, exits)| phase_row(snap, phase, exits, &info))
             .collect::<Result<_, _>>()?;
         let duration_ns = (info.ended_at - info.started_at)
             .num_nanoseconds()
@@ -608,6 +845,18 @@ impl Report {
         })
     }
 
+    /// Names the kernel RIPs of every `--rip` row from the guest's symbols.
+    pub fn symbolize(&mut self, symbols: &crate::symbols::Symbols) {
+        let rows = self
+            .reasons
+            .iter_mut()
+            .chain(self.phases.iter_mut().flat_map(|p| p.reasons.iter_mut()))
+            .flat_map(|r| r.rips.iter_mut());
+        for row in rows {
+            row.symbol = symbols.describe(row.rip);
+        }
+    }
+
     /// Parses a report, checking the schema before anything else.
     pub fn from_json(text: &str) -> Result<Self, ParseError> {
         crate::parse::versioned_json(text, SCHEMA, |found| ParseError::Schema { found })
@@ -631,6 +880,7 @@ pub(crate) mod tests {
             count,
             timed,
             time_ns,
+            max_ns: 0,
         }
     }
 
@@ -687,6 +937,121 @@ pub(crate) mod tests {
         Report::build(&snap, info).unwrap_or_else(|e| panic!("build: {e}"))
     }
 
+    /// `sample_report` recorded with `--detail --rip 1`: IO by port, EPT by region.
+    pub(crate) fn detail_report() -> Report {
+        let base = sample_report();
+        let mut snap = Snapshot::default();
+        let io = ExitKey::from_raw(1, 30);
+        let ept = ExitKey::from_raw(1, 48);
+        let io_stats = ExitStats {
+            max_ns: 1500,
+            ..stats(3, 3, 3000)
+        };
+        snap.add_exits(0, io, io_stats).ok();
+        snap.add_exits(0, ept, stats(6, 5, 1000)).ok();
+        snap.add_hist(io, 9, 3).ok();
+        let row = |exit: ExitKey| {
+            tracer_common::PhaseVcpuKey::new(
+                0,
+                &VcpuKey {
+                    pid: 42,
+                    vcpu_id: 0,
+                    exit,
+                },
+            )
+        };
+        let detail = |exit, kind, sub| tracer_common::DetailKey::new(&row(exit), kind, sub);
+        snap.detail.insert(
+            detail(io, tracer_common::detail_kind::PORT, 0x03f8_0000),
+            ExitStats {
+                max_ns: 1500,
+                ..stats(2, 2, 2000)
+            },
+        );
+        snap.detail.insert(
+            detail(ept, tracer_common::detail_kind::GPA, 0xfee),
+            stats(4, 4, 400),
+        );
+        let rip = |exit, rip| tracer_common::RipKey {
+            pid: 42,
+            reason: row(exit).reason,
+            meta: row(exit).meta,
+            _pad: 0,
+            rip,
+        };
+        snap.rips.insert(rip(io, 0xffff_ffff_8107_1b2f), 2);
+        snap.rips.insert(rip(io, 0x7f00_0000_1000), 1);
+        let info = RunInfo {
+            kernel_release: base.kernel_release.clone(),
+            paging: base.paging.clone(),
+            started_at: base.started_at,
+            ended_at: base.ended_at,
+            comms: [(42, "qemu".to_owned())].into(),
+            detail: true,
+            rip_top: Some(1),
+            ..RunInfo::default()
+        };
+        Report::build(&snap, info).unwrap_or_else(|e| panic!("build: {e}"))
+    }
+
+    #[test]
+    fn detail_rows_add_up_to_their_reason() {
+        let mut r = detail_report();
+        let row = |r: &Report, reason| {
+            r.reasons
+                .iter()
+                .find(|x| x.reason == reason)
+                .cloned()
+                .unwrap_or_else(|| panic!("reason {reason}"))
+        };
+        let io = row(&r, 30);
+        let keys: Vec<(&str, u64)> = io
+            .detail
+            .iter()
+            .map(|d| (d.key.as_str(), d.totals.count))
+            .collect();
+        assert_eq!(keys, [("0x3f8:out:1", 2), ("undecoded", 1)]);
+        assert_eq!(io.detail[0].totals.max_ns, 1500);
+        assert_eq!(
+            (io.detail[1].totals.timed, io.detail[1].totals.time_ns),
+            (1, 1000),
+            "the undecoded rest has the rest of the time"
+        );
+        assert_eq!(io.totals.max_ns, 1500);
+        assert_eq!(io.p50_ns, Some(1024), "bucket 9 ends at 1024 ns");
+        let ept = row(&r, 48);
+        let keys: Vec<(&str, u64)> = ept
+            .detail
+            .iter()
+            .map(|d| (d.key.as_str(), d.totals.count))
+            .collect();
+        assert_eq!(keys, [("0xfee00000", 4), ("undecoded", 2)]);
+        assert_eq!(io.rips.len(), 1, "--rip 1");
+        assert_eq!(
+            (io.rips[0].rip, io.rips[0].count, io.rips_rest),
+            (0xffff_ffff_8107_1b2f, 2, 1)
+        );
+        assert_eq!(io.rips[0].symbol, None, "no symbols given");
+        let syms = crate::symbols::Symbols::parse("ffffffff81071b20 T native_write_cr3\n", 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.symbolize(&syms);
+        assert_eq!(
+            row(&r, 30).rips[0].symbol.as_deref(),
+            Some("native_write_cr3+0xf")
+        );
+        // Per phase too, and through JSON.
+        assert_eq!(
+            r.phases[0]
+                .reasons
+                .iter()
+                .map(|x| x.detail.len())
+                .sum::<usize>(),
+            4
+        );
+        let text = serde_json::to_string(&r).unwrap_or_default();
+        assert_eq!(Report::from_json(&text).ok(), Some(r));
+    }
+
     #[test]
     fn build_sorts_names_and_sums() {
         let r = sample_report();
@@ -707,7 +1072,8 @@ pub(crate) mod tests {
             Totals {
                 count: 11,
                 timed: 9,
-                time_ns: 4007
+                time_ns: 4007,
+                max_ns: 0,
             }
         );
         assert_eq!(r.reasons[1].mean_ns, Some(1000));
@@ -836,6 +1202,9 @@ pub(crate) mod tests {
             d.cpuid_ring_full,
             d.pending_lost,
             d.read_pending_full,
+            d.detail_capped,
+            d.detail_map_full,
+            d.rip_map_full,
         ];
         assert_eq!(seen.len(), drop_kind::COUNT as usize, "a kind has no field");
         seen.sort_unstable();

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracer_common::{CpuidEvent, ExitKey, ExitStats, VcpuKey, drop_kind, limits::HIST_BUCKETS};
+use tracer_common::{
+    CpuidEvent, DetailKey, ExitKey, ExitStats, RipKey, VcpuKey, drop_kind, limits::HIST_BUCKETS,
+};
 
 /// A sum over CPUs did not fit in 64 bits. Never wrapped: the run is reported as failed.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -40,6 +42,7 @@ pub fn sum_stats<'a>(
                 .time_ns
                 .checked_add(v.time_ns)
                 .ok_or(Overflow { what: "time_ns" })?,
+            max_ns: acc.max_ns.max(v.max_ns),
         })
     })
 }
@@ -85,6 +88,10 @@ pub struct Snapshot {
     pub filter_pids: Option<u64>,
     /// Guest reads of the counter leaves, in the order they were taken.
     pub cpuid: Vec<CpuidEvent>,
+    /// `--detail`: per (phase, VM, reason, sub-key).
+    pub detail: BTreeMap<DetailKey, ExitStats>,
+    /// `--rip`: exits per (phase, VM, reason, guest RIP).
+    pub rips: BTreeMap<RipKey, u64>,
 }
 
 impl Snapshot {
@@ -164,6 +171,7 @@ mod tests {
             count,
             timed,
             time_ns,
+            max_ns: 0,
         }
     }
 
@@ -171,6 +179,17 @@ mod tests {
     fn sums_per_cpu_values() {
         let per_cpu = [stats(3, 2, 100), stats(0, 1, 50), stats(7, 7, 1)];
         assert_eq!(sum_stats(&per_cpu), Ok(stats(10, 10, 151)));
+        let maxes = [
+            ExitStats {
+                max_ns: 40,
+                ..stats(1, 1, 40)
+            },
+            ExitStats {
+                max_ns: 90,
+                ..stats(2, 2, 100)
+            },
+        ];
+        assert_eq!(sum_stats(&maxes).map(|s| s.max_ns), Ok(90), "max, not sum");
         assert_eq!(sum_u64([1, 2, 3], "x"), Ok(6));
         assert_eq!(sum_stats([].iter()), Ok(ExitStats::default()));
     }

@@ -882,3 +882,79 @@ fn intel_handler_top_is_named() {
         "the host counted no synthetic exit under ept=0"
     );
 }
+
+/// `record --detail --rip` on the micro VM, whose sub-keys are known in advance: 1000
+/// CPUIDs of leaf 0 and the three counter-leaf reads, 100 one-byte writes to port
+/// 0x1e0, 50 reads and 50 writes of EFER. The lab itself fails unless every detail row
+/// equals the kernel's hist keyed the same way (kvm_exit by info1 and intr_info,
+/// kvm_msr by ecx and write, kvm_cpuid by function, kvm_page_fault by 1 MiB region,
+/// kvm_exit by guest_rip); this checks the rows a user reads.
+fn micro_detail_is_exact(isa: &'static str) {
+    let s = Scenario {
+        modules: "stock",
+        tag: "detail",
+        extra: &[
+            "--micro-msrs",
+            "50",
+            "--record-args",
+            "--per-vcpu --detail --rip 4",
+        ],
+        ..micro(isa)
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        assert_matches_hist(&dir);
+        assert_l2_ended(&dir);
+        let rec = record(&dir);
+        let row = |kind: &str, key: &str| -> u64 {
+            rec.reasons
+                .iter()
+                .flat_map(|r| &r.detail)
+                .filter(|d| d.kind == kind && d.key == key)
+                .map(|d| d.totals.count)
+                .sum()
+        };
+        let at = dir.display();
+        assert_eq!(row("cpuid", "0x0"), 1000, "{at}");
+        assert_eq!(row("cpuid", "0x4ffffffe"), 2, "{at}");
+        assert_eq!(row("cpuid", "0x4fffffff"), 1, "{at}");
+        assert_eq!(row("port", "0x1e0:out:1"), 100, "{at}");
+        assert_eq!(row("msr", "0xc0000080:read"), 50, "{at}");
+        assert_eq!(row("msr", "0xc0000080:write"), 50, "{at}");
+        let undecoded: u64 = rec
+            .reasons
+            .iter()
+            .flat_map(|r| &r.detail)
+            .filter(|d| d.kind == "undecoded")
+            .map(|d| d.totals.count)
+            .sum();
+        assert_eq!(undecoded, 0, "every keyed exit got its key: {at}");
+        // The CPUID loop is one instruction: its RIP has the 1000 exits.
+        let cpuid = rec
+            .reasons
+            .iter()
+            .find(|r| r.name == "CPUID")
+            .unwrap_or_else(|| panic!("no CPUID row: {at}"));
+        assert_eq!(cpuid.rips.first().map(|x| x.count), Some(1000), "{at}");
+        assert_eq!(
+            cpuid.rips.iter().map(|x| x.count).sum::<u64>() + cpuid.rips_rest,
+            cpuid.totals.count
+        );
+        assert!(
+            cpuid.p50_ns.is_some() && cpuid.totals.max_ns >= cpuid.p50_ns.unwrap_or(0),
+            "{at}"
+        );
+        let show = read(&dir.join("detail-table.txt"));
+        assert!(show.contains("wrmsr EFER (0xc0000080)"), "{show}");
+    }
+}
+
+#[test]
+fn intel_micro_detail_is_exact() {
+    micro_detail_is_exact("intel");
+}
+
+#[test]
+fn amd_micro_detail_is_exact() {
+    micro_detail_is_exact("amd");
+}

@@ -10,17 +10,25 @@ use core::fmt;
 // The reasons kvmtrace's own logic names (the lab's micro workload, reconcile's
 // fastpath and synthetic exits); the tables below name them all.
 
+/// VMX exception or NMI (basic reason 0).
+pub const VMX_EXCEPTION_NMI: u32 = 0;
 /// VMX CPUID (basic reason 10).
 pub const VMX_CPUID: u32 = 10;
 /// VMX HLT (12).
 pub const VMX_HLT: u32 = 12;
 /// VMX I/O instruction (30).
 pub const VMX_IO_INSTRUCTION: u32 = 30;
+/// VMX control-register access (28).
+pub const VMX_CR_ACCESS: u32 = 28;
+/// VMX RDMSR (31).
+pub const VMX_MSR_READ: u32 = 31;
 /// VMX WRMSR (32).
 pub const VMX_MSR_WRITE: u32 = 32;
 /// VMX INVALID_STATE (33): what `vmx_vcpu_run()` makes up, as a failed entry, when the
 /// guest state needs emulation; never traced as a `kvm:kvm_exit`.
 pub const VMX_INVALID_STATE: u32 = 33;
+/// VMX EPT violation (48).
+pub const VMX_EPT_VIOLATION: u32 = 48;
 /// VMX preemption timer expired (52).
 pub const VMX_PREEMPTION_TIMER: u32 = 52;
 /// SVM CPUID (exit code 0x72).
@@ -31,6 +39,8 @@ pub const SVM_HLT: u32 = 0x78;
 pub const SVM_IOIO: u32 = 0x7b;
 /// SVM MSR, read or write (0x7c).
 pub const SVM_MSR: u32 = 0x7c;
+/// SVM nested page fault (0x400).
+pub const SVM_NPF: u32 = 0x400;
 
 /// VMX basic exit reasons, SDM Vol. 3D Table C-1. Numbers 35, 38 and 42 are unused.
 pub const VMX: &[(u32, &str)] = &[

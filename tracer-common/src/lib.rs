@@ -48,6 +48,12 @@ pub mod limits {
     /// Bytes of the `kvm:kvm_exit` record read at once (the fields kvmtrace needs lie
     /// within 52 bytes on every kernel since 5.7).
     pub const EXIT_FIELDS_BYTES: u32 = 64;
+    /// Distinct (phase, VM, reason, detail sub-key) rows of `--detail`.
+    pub const MAX_DETAIL_ROWS: u32 = 16384;
+    /// Distinct per-reason counts of detail sub-keys (the cap's bookkeeping).
+    pub const MAX_DETAIL_REASONS: u32 = 1024;
+    /// Distinct (phase, VM, reason, guest RIP) rows of `--rip`.
+    pub const MAX_RIP_ROWS: u32 = 65536;
     /// log2 buckets of the exit-handling time histogram: bucket b holds
     /// durations in [2^b, 2^(b+1)) ns; bucket 0 also holds 0 ns.
     pub const HIST_BUCKETS: u32 = 48;
@@ -82,8 +88,15 @@ pub mod drop_kind {
     /// The map of guest counter reads waiting for their VM entry was full: that read
     /// is not recorded.
     pub const READ_PENDING_FULL: u32 = 9;
+    /// A reason had its cap of detail sub-keys: the exit is in its reason's `other`
+    /// detail row.
+    pub const DETAIL_CAPPED: u32 = 10;
+    /// The detail map was full: the exit is counted, but in no detail row.
+    pub const DETAIL_MAP_FULL: u32 = 11;
+    /// The guest-RIP map was full: the exit is counted, but its RIP is not.
+    pub const RIP_MAP_FULL: u32 = 12;
     /// Number of slots.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
 }
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).
@@ -127,6 +140,19 @@ pub mod globals {
     pub const LEAF_CYCLES: &str = "LEAF_CYCLES";
     /// Offset of `name` (a `__data_loc char[]`) in the `module:module_load` record.
     pub const MODULE_NAME_OFF: &str = "MODULE_NAME_OFF";
+    /// Non-zero: count `--detail` sub-keys.
+    pub const DETAIL: &str = "DETAIL";
+    /// Non-zero: count exits per guest RIP (`--rip`).
+    pub const RIPS: &str = "RIPS";
+    /// Offsets of `info1` (8 bytes) and `intr_info` (4 bytes) in `kvm:kvm_exit`, from
+    /// `EXIT_FIELDS_OFF`; [`NO_FIELD`](super::NO_FIELD) when outside the one read.
+    pub const EXIT_INFO1_OFF: &str = "EXIT_INFO1_OFF";
+    pub const EXIT_INTR_INFO_OFF: &str = "EXIT_INTR_INFO_OFF";
+    /// Offsets of `ecx` and `write` in `kvm:kvm_msr`.
+    pub const MSR_ECX_OFF: &str = "MSR_ECX_OFF";
+    pub const MSR_WRITE_OFF: &str = "MSR_WRITE_OFF";
+    /// Offset of `fault_address` in `kvm:kvm_page_fault`.
+    pub const PF_ADDRESS_OFF: &str = "PF_ADDRESS_OFF";
 }
 
 /// Names of the eBPF maps.
@@ -147,6 +173,9 @@ pub mod maps {
     pub const VM_SYNTHETIC: &str = "VM_SYNTHETIC";
     pub const RUN_STARTED: &str = "RUN_STARTED";
     pub const PENDING_READS: &str = "PENDING_READS";
+    pub const DETAIL_EXITS: &str = "DETAIL_EXITS";
+    pub const DETAIL_KEYS: &str = "DETAIL_KEYS";
+    pub const RIP_EXITS: &str = "RIP_EXITS";
 }
 
 /// The kvm vendor modules whose load starts a new phase. A module cannot be removed
@@ -210,13 +239,15 @@ pub struct PhaseExitKey {
 }
 
 /// Count and handling time of one key. `timed` counts the exits whose next
-/// `kvm:kvm_entry` was seen; `time_ns` sums their exit→entry time.
+/// `kvm:kvm_entry` was seen; `time_ns` sums their exit→entry time, and `max_ns` is
+/// the longest of them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExitStats {
     pub count: u64,
     pub timed: u64,
     pub time_ns: u64,
+    pub max_ns: u64,
 }
 
 /// Key of the per-VM, per-vCPU map.
@@ -324,7 +355,96 @@ pub struct PendingExit {
     pub row: PhaseVcpuKey,
     /// The vCPU thread (in the per-CPU slot; unused in the per-thread map).
     pub tid: u32,
+    /// With `--detail`: the [`detail_kind`] a later tracepoint of this thread is
+    /// expected to give the exit (0: none, or already given).
+    pub awaiting: u32,
+    /// With `--detail`: the detail row the exit was counted in, which its entry adds
+    /// the handling time to; `kind` 0 when it has none.
+    pub detail: DetailKey,
+}
+
+/// Key of the `--detail` map: one sub-key of one reason, per VM and phase.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DetailKey {
+    pub pid: u32,
+    pub reason: u32,
+    /// isa (bits 7:0), failed entry (bit 8), phase (bits 31:16, saturated).
+    pub meta: u32,
+    /// What `sub` is: a [`detail_kind`].
+    pub kind: u32,
+    pub sub: u64,
+}
+
+impl DetailKey {
+    #[inline(always)]
+    pub fn new(row: &PhaseVcpuKey, kind: u32, sub: u64) -> Self {
+        Self {
+            pid: row.pid,
+            reason: row.reason,
+            meta: row.meta,
+            kind,
+            sub,
+        }
+    }
+
+    pub fn exit(&self) -> ExitKey {
+        unpack_exit(self.reason, self.meta)
+    }
+
+    pub fn phase(&self) -> u32 {
+        self.meta >> 16
+    }
+}
+
+/// Key of the `--rip` map: one guest instruction pointer of one reason, per VM and
+/// phase.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RipKey {
+    pub pid: u32,
+    pub reason: u32,
+    /// As [`DetailKey::meta`].
+    pub meta: u32,
     pub _pad: u32,
+    pub rip: u64,
+}
+
+impl RipKey {
+    pub fn exit(&self) -> ExitKey {
+        unpack_exit(self.reason, self.meta)
+    }
+
+    pub fn phase(&self) -> u32 {
+        self.meta >> 16
+    }
+}
+
+/// What a [`DetailKey::sub`] holds, and where it comes from.
+pub mod detail_kind {
+    /// VMX EXCEPTION_NMI: `kvm_exit`'s `intr_info` bits 10:0 (vector, and the event
+    /// type in bits 10:8).
+    pub const VECTOR: u32 = 1;
+    /// VMX CR_ACCESS: exit qualification bits 5:0 (control register in 3:0, access
+    /// type in 5:4), from `kvm_exit`'s `info1`.
+    pub const CR: u32 = 2;
+    /// VMX IO_INSTRUCTION, SVM IOIO: the port in bits 31:16 and the ISA's own
+    /// direction, size, string and REP bits below, from `kvm_exit`'s `info1`.
+    pub const PORT: u32 = 3;
+    /// MSR exits: `kvm:kvm_msr`'s `ecx`, with `write` in bit 32.
+    pub const MSR: u32 = 4;
+    /// CPUID exits: `kvm:kvm_cpuid`'s `function`.
+    pub const CPUID: u32 = 5;
+    /// EPT violations and SVM nested page faults: the 1 MiB region of
+    /// `kvm:kvm_page_fault`'s `fault_address` (the address shifted right by 20).
+    pub const GPA: u32 = 6;
+    /// The reason already had [`MAX_DETAIL_KEYS_PER_REASON`] sub-keys: the rest
+    /// are counted here, and in `DETAIL_CAPPED`.
+    pub const OTHER: u32 = 7;
+    /// The per-reason cap on distinct sub-keys (per VM and phase keys together).
+    pub const MAX_DETAIL_KEYS_PER_REASON: u64 = 512;
+    /// The shift of [`GPA`].
+    pub const GPA_REGION_SHIFT: u32 = 20;
 }
 
 /// Key of the per-VM count map that CPUID snapshots read.
@@ -429,6 +549,57 @@ pub fn cpuid_exit(isa: u32, reason: u32) -> bool {
         || (isa == isa::SVM && reason == exit_reasons::SVM_CPUID)
 }
 
+/// How `--detail` keys one exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetailPlan {
+    /// From the exit's own fields: this [`detail_kind`] and sub-key.
+    Now(u32, u64),
+    /// From a later tracepoint of the same vCPU thread, of this [`detail_kind`].
+    Await(u32),
+    /// The reason has no sub-key.
+    None,
+}
+
+/// How `--detail` keys an exit of `exit`, given `kvm_exit`'s `info1` and
+/// `intr_info` (`None` where this kernel's record lacks them).
+#[inline(always)]
+pub fn detail_plan(exit: &ExitKey, info1: Option<u64>, intr_info: Option<u32>) -> DetailPlan {
+    use exit_reasons as r;
+    if exit.failed_entry != 0 {
+        return DetailPlan::None;
+    }
+    let from = |kind: u32, value: Option<u64>| match value {
+        Some(v) => DetailPlan::Now(kind, v),
+        None => DetailPlan::None,
+    };
+    if exit.isa == isa::VMX {
+        match exit.reason {
+            r::VMX_EXCEPTION_NMI => {
+                from(detail_kind::VECTOR, intr_info.map(|i| u64::from(i & 0x7ff)))
+            }
+            r::VMX_CR_ACCESS => from(detail_kind::CR, info1.map(|q| q & 0x3f)),
+            // Port (31:16); string (4), direction (3), size - 1 (2:0). REP (5) is
+            // left out: it does not change what was accessed.
+            r::VMX_IO_INSTRUCTION => from(detail_kind::PORT, info1.map(|q| q & 0xffff_001f)),
+            r::VMX_CPUID => DetailPlan::Await(detail_kind::CPUID),
+            r::VMX_MSR_READ | r::VMX_MSR_WRITE => DetailPlan::Await(detail_kind::MSR),
+            r::VMX_EPT_VIOLATION => DetailPlan::Await(detail_kind::GPA),
+            _ => DetailPlan::None,
+        }
+    } else if exit.isa == isa::SVM {
+        match exit.reason {
+            // Port (31:16); size (6:4, one-hot), string (2), direction (0: 1 is IN).
+            r::SVM_IOIO => from(detail_kind::PORT, info1.map(|q| q & 0xffff_0075)),
+            r::SVM_CPUID => DetailPlan::Await(detail_kind::CPUID),
+            r::SVM_MSR => DetailPlan::Await(detail_kind::MSR),
+            r::SVM_NPF => DetailPlan::Await(detail_kind::GPA),
+            _ => DetailPlan::None,
+        }
+    } else {
+        DetailPlan::None
+    }
+}
+
 /// log2 bucket of a duration in nanoseconds, clamped to the last bucket.
 #[inline(always)]
 pub fn hist_bucket(ns: u64) -> u32 {
@@ -452,4 +623,6 @@ mod pod {
     unsafe impl aya::Pod for super::PendingExit {}
     unsafe impl aya::Pod for super::VmExitKey {}
     unsafe impl aya::Pod for super::CpuidEvent {}
+    unsafe impl aya::Pod for super::DetailKey {}
+    unsafe impl aya::Pod for super::RipKey {}
 }

@@ -10,6 +10,12 @@
 //! third lookup (`PENDING`) is needed only when the thread left the CPU in between.
 //! The pid filter (`-p`, `-- CMD`) adds one lookup per exit.
 //!
+//! Opt-in: `--detail` adds one lookup per exit (its detail row, keyed from the exit's
+//! own fields, or for MSR, CPUID and EPT/NPF exits by the `kvm_msr`, `kvm_cpuid` or
+//! `kvm_page_fault` event that follows on the same thread) and one per entry (the time);
+//! `--rip` adds one per exit. A reason's new sub-keys past its cap go to its `other`
+//! row, so a guest cannot grow the maps without bound.
+//!
 //! Every row is also keyed by phase: each load of a kvm vendor module
 //! (`module:module_load`) starts a new one, so a record that spans
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
@@ -48,9 +54,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    CLONE_THREAD, CpuidEvent, ExitKey, ExitStats, HistKey, NO_FIELD, PendingExit, PhaseExitKey,
-    PhaseVcpuKey, RegsSample, UNKNOWN, VcpuKey, VmExitKey, cpuid_exit, drop_kind, hist_bucket,
-    limits, read_source, regs_slot, vendor, vm_totals_key,
+    CLONE_THREAD, CpuidEvent, DetailKey, DetailPlan, ExitKey, ExitStats, HistKey, NO_FIELD,
+    PendingExit, PhaseExitKey, PhaseVcpuKey, RegsSample, RipKey, UNKNOWN, VcpuKey, VmExitKey,
+    cpuid_exit, detail_kind, detail_plan, drop_kind, hist_bucket, limits, read_source, regs_slot,
+    vendor, vm_totals_key,
 };
 
 #[unsafe(no_mangle)]
@@ -95,6 +102,20 @@ static LEAF_COUNT: u32 = 0;
 static LEAF_CYCLES: u32 = 0;
 #[unsafe(no_mangle)]
 static MODULE_NAME_OFF: u32 = 12;
+#[unsafe(no_mangle)]
+static DETAIL: u32 = 0;
+#[unsafe(no_mangle)]
+static RIPS: u32 = 0;
+#[unsafe(no_mangle)]
+static EXIT_INFO1_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static EXIT_INTR_INFO_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static MSR_ECX_OFF: u32 = 12;
+#[unsafe(no_mangle)]
+static MSR_WRITE_OFF: u32 = 8;
+#[unsafe(no_mangle)]
+static PF_ADDRESS_OFF: u32 = 16;
 
 /// Exits the per-vCPU map had no room for, per reason: the overflow, not the counts.
 #[map]
@@ -169,6 +190,19 @@ struct CpuVcpu {
     vcpu: u64,
 }
 
+/// `--detail`: exits per (phase, VM, reason, sub-key), with their handling time.
+#[map]
+static DETAIL_EXITS: PerCpuHashMap<DetailKey, ExitStats> =
+    PerCpuHashMap::with_max_entries(limits::MAX_DETAIL_ROWS, 0);
+/// `--detail`: distinct sub-keys so far per (isa, reason): the cap's bookkeeping,
+/// touched only when a new sub-key is inserted.
+#[map]
+static DETAIL_KEYS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_DETAIL_REASONS, 0);
+/// `--rip`: exits per (phase, VM, reason, guest RIP).
+#[map]
+static RIP_EXITS: PerCpuHashMap<RipKey, u64> =
+    PerCpuHashMap::with_max_entries(limits::MAX_RIP_ROWS, 0);
+
 /// vCPU thread id -> its guest counter read, from the CPUID exit that asked until the
 /// next VM entry, where the registers the guest receives are read.
 #[map]
@@ -199,6 +233,9 @@ fn add_stats<K>(map: &PerCpuHashMap<K, ExitStats>, key: &K, delta: &ExitStats) -
             (*stats).count += delta.count;
             (*stats).timed += delta.timed;
             (*stats).time_ns += delta.time_ns;
+            if delta.max_ns > (*stats).max_ns {
+                (*stats).max_ns = delta.max_ns;
+            }
         }
         return true;
     }
@@ -283,9 +320,11 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     let row = PhaseVcpuKey::new(phase, &vcpu);
     let one = ExitStats {
         count: 1,
-        timed: 0,
-        time_ns: 0,
+        ..ExitStats::default()
     };
+    let rip_at =
+        (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
+    let guest_rip = u64::from(fields[rip_at]) | (u64::from(fields[rip_at + 1]) << 32);
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
         if !shared_inc(&VM_EXITS, &vm)
@@ -294,10 +333,10 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         {
             count_drop(drop_kind::VM_MAP_FULL);
         }
-        let rip_at =
-            (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
-        let guest_rip = u64::from(fields[rip_at]) | (u64::from(fields[rip_at + 1]) << 32);
         cpuid_snapshot(tid, &vm, guest_rip);
+    }
+    if global(&RIPS) != 0 {
+        count_rip(&row, guest_rip);
     }
     // A full map is counted, not logged: a log line per exit would flood the host.
     if !add_stats(&VCPU_EXITS, &row, &one) {
@@ -309,6 +348,11 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         // Not timed: its row does not exist to add the time to.
         return;
     }
+    let (detail, awaiting) = if global(&DETAIL) == 0 {
+        (DetailKey::default(), 0)
+    } else {
+        exit_detail(&fields, &exit, &row)
+    };
     if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; a tracing program does not migrate, and the slot is
         // only written by programs running on this CPU.
@@ -321,7 +365,119 @@ fn try_kvm_exit(ctx: &TracePointContext) {
             (*slot).start_ns = now;
             (*slot).tid = tid;
             (*slot).row = row;
+            (*slot).awaiting = awaiting;
+            (*slot).detail = detail;
         }
+    }
+}
+
+/// `--detail` at an exit: counts it in its detail row when its own fields key it, or
+/// says which tracepoint will. Returns the row counted in and the kind awaited.
+#[inline(always)]
+fn exit_detail(
+    fields: &[u32; (limits::EXIT_FIELDS_BYTES / 4) as usize],
+    exit: &ExitKey,
+    row: &PhaseVcpuKey,
+) -> (DetailKey, u32) {
+    // As for the fixed fields, the loader checked the offsets (in the read, aligned to
+    // the field's size); the masks show the verifier the bounds: an even index for the
+    // u64 (its two halves), any index for the u32.
+    let optional =
+        |off: u32, mask: u32| (off != NO_FIELD).then_some((off / 4) as usize & mask as usize);
+    let words = limits::EXIT_FIELDS_BYTES / 4;
+    let info1 = optional(global(&EXIT_INFO1_OFF), words - 2)
+        .map(|i| u64::from(fields[i]) | (u64::from(fields[i + 1]) << 32));
+    let intr_info = optional(global(&EXIT_INTR_INFO_OFF), words - 1).map(|i| fields[i]);
+    match detail_plan(exit, info1, intr_info) {
+        DetailPlan::Now(kind, sub) => (count_detail(&DetailKey::new(row, kind, sub)), 0),
+        DetailPlan::Await(kind) => (DetailKey::default(), kind),
+        DetailPlan::None => (DetailKey::default(), 0),
+    }
+}
+
+/// Counts one exit in its detail row, or, once its reason has
+/// [`detail_kind::MAX_DETAIL_KEYS_PER_REASON`] sub-keys, in the reason's `OTHER` row.
+/// Returns the row counted in (`kind` 0: none, the map was full).
+#[inline(always)]
+fn count_detail(key: &DetailKey) -> DetailKey {
+    let one = ExitStats {
+        count: 1,
+        ..ExitStats::default()
+    };
+    if let Some(stats) = DETAIL_EXITS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of the entry; per-CPU, so no other writer.
+        unsafe { (*stats).count += 1 };
+        return *key;
+    }
+    let reason = ((key.meta & 0xff) << 24) | (key.reason & 0x00ff_ffff);
+    // SAFETY: the value is copied out.
+    let keys = unsafe { DETAIL_KEYS.get(reason) }.copied().unwrap_or(0);
+    let row = if keys < detail_kind::MAX_DETAIL_KEYS_PER_REASON {
+        // A new sub-key: two CPUs may both count it, which only makes the cap a
+        // little early.
+        if !shared_inc(&DETAIL_KEYS, &reason) {
+            count_drop(drop_kind::DETAIL_MAP_FULL);
+        }
+        *key
+    } else {
+        count_drop(drop_kind::DETAIL_CAPPED);
+        DetailKey {
+            kind: detail_kind::OTHER,
+            sub: 0,
+            ..*key
+        }
+    };
+    if add_stats(&DETAIL_EXITS, &row, &one) {
+        row
+    } else {
+        count_drop(drop_kind::DETAIL_MAP_FULL);
+        DetailKey::default()
+    }
+}
+
+/// Counts one exit at its guest RIP.
+#[inline(always)]
+fn count_rip(row: &PhaseVcpuKey, rip: u64) {
+    let key = RipKey {
+        pid: row.pid,
+        reason: row.reason,
+        meta: row.meta,
+        _pad: 0,
+        rip,
+    };
+    if let Some(n) = RIP_EXITS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot; no other writer.
+        unsafe { *n += 1 };
+    } else if RIP_EXITS.insert(key, 1, u64::from(BPF_ANY)).is_err() {
+        count_drop(drop_kind::RIP_MAP_FULL);
+    }
+}
+
+/// The sub-key of the exit this vCPU thread is handling, from a tracepoint that fires
+/// while KVM handles it (`kvm_msr`, `kvm_cpuid`, `kvm_page_fault`). Counted once per
+/// exit: when the exit awaits that kind, or when it has no sub-key of its own (an
+/// instruction KVM emulates while handling another reason: the event is counted under
+/// that reason). An exit already keyed (a #PF exit's vector, before its
+/// `kvm_page_fault` under shadow paging) keeps its key.
+#[inline(always)]
+fn detail_event(kind: u32, sub: u64) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let pending = match CPU_PENDING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        Some(slot) if unsafe { (*slot).tid == tid && (*slot).start_ns != 0 } => slot,
+        _ => match PENDING.get_ptr_mut(tid) {
+            Some(entry) => entry,
+            None => return,
+        },
+    };
+    // SAFETY: this CPU's slot, or the thread's own entry: only this thread uses it now.
+    unsafe {
+        let unkeyed = (*pending).awaiting == 0 && (*pending).detail.kind == 0;
+        if (*pending).start_ns == 0 || ((*pending).awaiting != kind && !unkeyed) {
+            return;
+        }
+        (*pending).awaiting = 0;
+        (*pending).detail = count_detail(&DetailKey::new(&(*pending).row, kind, sub));
     }
 }
 
@@ -617,7 +773,8 @@ fn try_kvm_entry() {
         },
     };
     // SAFETY: this CPU's slot, or the thread's own entry: only this thread uses it now.
-    let (start_ns, row) = unsafe { ((*pending).start_ns, (*pending).row) };
+    let (start_ns, row, detail) =
+        unsafe { ((*pending).start_ns, (*pending).row, (*pending).detail) };
     if start_ns == 0 || row.pid != (pid_tgid >> 32) as u32 {
         // The first entry after attach, or an old exit of a thread id now reused.
         return;
@@ -630,9 +787,14 @@ fn try_kvm_entry() {
         count: 0,
         timed: 1,
         time_ns: elapsed,
+        max_ns: elapsed,
     };
     // The row exists: its exit created it.
     add_stats(&VCPU_EXITS, &row, &timed);
+    if detail.kind != 0 {
+        // Exists too: its exit (or the tracepoint that gave its sub-key) created it.
+        add_stats(&DETAIL_EXITS, &detail, &timed);
+    }
     let hist = HistKey::new(&row.exit(), hist_bucket(elapsed));
     if let Some(slot) = LATENCY_HIST.get_ptr_mut(hist) {
         // SAFETY: this CPU's slot; no other writer.
@@ -642,23 +804,56 @@ fn try_kvm_entry() {
     }
 }
 
-/// Snapshots each guest read of a counter leaf together with the host's own counts
-/// for that VM at that instant (the CPUID exit being handled is already counted).
+/// The leaf of a CPUID exit (`--detail`), and each guest read of a counter leaf
+/// snapshotted together with the host's own counts for that VM at that instant (the
+/// CPUID exit being handled is already counted).
 #[tracepoint(category = "kvm", name = "kvm_cpuid")]
 pub fn kvm_cpuid(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the format file; read_at checks bounds.
+    let Ok(function) = (unsafe { ctx.read_at::<u32>(global(&CPUID_FUNCTION_OFF) as usize) }) else {
+        count_drop(drop_kind::READ_FAILED);
+        return 0;
+    };
+    if global(&DETAIL) != 0 {
+        detail_event(detail_kind::CPUID, u64::from(function));
+    }
     if global(&SNAPSHOTS) != 0 {
-        try_kvm_cpuid(&ctx);
+        try_kvm_cpuid(&ctx, function);
+    }
+    0
+}
+
+/// The MSR of an MSR exit (`--detail`): index and direction.
+#[tracepoint(category = "kvm", name = "kvm_msr")]
+pub fn kvm_msr(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from the format file; read_at checks bounds.
+    let (Ok(ecx), Ok(write)) = (unsafe {
+        (
+            ctx.read_at::<u32>(global(&MSR_ECX_OFF) as usize),
+            ctx.read_at::<u32>(global(&MSR_WRITE_OFF) as usize),
+        )
+    }) else {
+        return 0;
+    };
+    detail_event(
+        detail_kind::MSR,
+        u64::from(ecx) | (u64::from(write != 0) << 32),
+    );
+    0
+}
+
+/// The guest-physical region of an EPT violation or nested page fault (`--detail`).
+#[tracepoint(category = "kvm", name = "kvm_page_fault")]
+pub fn kvm_page_fault(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the format file; read_at checks bounds.
+    if let Ok(address) = unsafe { ctx.read_at::<u64>(global(&PF_ADDRESS_OFF) as usize) } {
+        detail_event(detail_kind::GPA, address >> detail_kind::GPA_REGION_SHIFT);
     }
     0
 }
 
 #[inline(always)]
-fn try_kvm_cpuid(ctx: &TracePointContext) {
-    // SAFETY: offset from the format file; read_at checks bounds.
-    let Ok(function) = (unsafe { ctx.read_at::<u32>(global(&CPUID_FUNCTION_OFF) as usize) }) else {
-        count_drop(drop_kind::READ_FAILED);
-        return;
-    };
+fn try_kvm_cpuid(ctx: &TracePointContext, function: u32) {
     if !counter_leaf(function) {
         return;
     }

@@ -31,9 +31,10 @@ pub enum Command {
     /// Examples:
     ///   kvmtrace record -d 10
     ///   kvmtrace record -p 4242 --per-vcpu
+    ///   kvmtrace record -d 10 --detail --rip 5 --guest-symbols guest-kallsyms.txt
     ///   kvmtrace record --format json -o boot.json -- qemu-system-x86_64 -accel kvm ...
     #[command(verbatim_doc_comment, after_help = exit_status::help(&[Status::CommandFailed]))]
-    Record(RecordArgs),
+    Record(Box<RecordArgs>),
     /// Show a saved record (`record --format json`) as a table, CSV or JSON.
     #[command(after_help = exit_status::help(&[]))]
     Show(ShowArgs),
@@ -169,9 +170,29 @@ pub struct ReportArgs {
     /// Rows per VM and vCPU instead of per reason.
     #[arg(long)]
     pub per_vcpu: bool,
+    /// Split each reason by what caused it: exception vector, control register and
+    /// access, I/O port, MSR, CPUID leaf, guest-physical region (record: count them).
+    #[arg(long)]
+    pub detail: bool,
+    #[command(flatten)]
+    pub symbols: SymbolArgs,
     /// Write the report to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+}
+
+/// Guest kernel symbols for `--rip` rows.
+#[derive(Debug, Args)]
+pub struct SymbolArgs {
+    /// Name the guest kernel RIPs of `--rip` rows from this file: the guest's
+    /// /proc/kallsyms (read as root), or its System.map with --kaslr-offset.
+    #[arg(long, value_name = "FILE")]
+    pub guest_symbols: Option<PathBuf>,
+    /// How far the guest kernel was moved from its System.map addresses (hex), as its
+    /// `_stext` in /proc/kallsyms minus the one in System.map; 0 with `nokaslr`.
+    #[arg(long, value_name = "HEX", default_value = "0", value_parser = parse_hex_u64,
+          requires = "guest_symbols")]
+    pub kaslr_offset: u64,
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +212,12 @@ pub struct DiffArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = DiffFormat::Table)]
     pub format: DiffFormat,
+    /// Under each reason, the sub-keys that moved (records made with `record --detail`;
+    /// JSON always has them).
+    #[arg(long)]
+    pub detail: bool,
+    #[command(flatten)]
+    pub symbols: SymbolArgs,
     /// Write to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
@@ -219,6 +246,12 @@ pub struct RecordArgs {
     /// at that instant (for `kvmtrace reconcile`).
     #[arg(long)]
     pub snapshots: bool,
+
+    /// Count exits per guest instruction pointer and show the N RIPs with the most
+    /// exits per reason (name them with --guest-symbols).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000),
+          allow_negative_numbers = true)]
+    pub rip: Option<u16>,
 
     #[command(flatten)]
     pub leaves: LeafArgs,
@@ -276,6 +309,17 @@ fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
                 "'{text}' seconds is out of range: give at least 1e-9 and at most a few centuries"
             )
         })
+}
+
+/// A 64-bit number in hex, with or without `0x`.
+fn parse_hex_u64(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| format!("'{text}' is not a hex number: give one like 0x1e00000"))
 }
 
 /// A number of refreshes: 1 or more.

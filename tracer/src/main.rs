@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Err(err) => return usage_error(&err),
     };
     let result = match cli.command {
-        cli::Command::Record(args) => commands::record::run(args),
+        cli::Command::Record(args) => commands::record::run(*args),
         cli::Command::Show(args) => commands::show::run(&args),
         cli::Command::Reasons(args) => commands::reasons::run(&args),
         cli::Command::Diff(args) => commands::diff::run(&args),

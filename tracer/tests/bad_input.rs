@@ -59,6 +59,7 @@ fn sample_report() -> Report {
             count,
             timed: count,
             time_ns,
+            max_ns: time_ns,
         };
         snap.add_exits(0, ExitKey::from_raw(1, reason), stats)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -292,6 +293,28 @@ fn file_cases(dir: &TempDir) -> Vec<Case> {
             [&display(path), *what],
         ));
     }
+    // Guest symbol files for --rip rows.
+    let symbols: Vec<(PathBuf, &str)> = vec![
+        (
+            dir.write("kallsyms-zeros.txt", "0000000000000000 T startup_64\n"),
+            "no text symbols",
+        ),
+        (
+            dir.write("kallsyms-bad.txt", "ffffffff81000000 T\n"),
+            "line 1",
+        ),
+        (dir.0.join("missing-kallsyms"), "cannot read"),
+    ];
+    for (path, what) in &symbols {
+        for cmd in ["show", "diff"] {
+            let mut args = vec![OsString::from(cmd), good.clone().into()];
+            if cmd == "diff" {
+                args.push(good.clone().into());
+            }
+            args.extend([OsString::from("--guest-symbols"), path.into()]);
+            cases.push(case(args, [&display(path), *what]));
+        }
+    }
     cases
 }
 
@@ -321,6 +344,23 @@ fn argument_cases() -> Vec<Case> {
             [v("0"), "--max-overflow-rows".into()],
         ),
         case(["record", "--max-vcpu-rows", "lots"], [v("lots")]),
+        case(["record", "--rip", "0"], [v("0"), "--rip".into()]),
+        case(["record", "--rip", "many"], [v("many"), "--rip".into()]),
+        case(
+            [
+                "show",
+                "x.json",
+                "--guest-symbols",
+                "m",
+                "--kaslr-offset",
+                "zz",
+            ],
+            [v("zz"), "hex".into()],
+        ),
+        case(
+            ["show", "x.json", "--kaslr-offset", "0x1000"],
+            ["--guest-symbols"],
+        ),
         // Pids: malformed, out of range, gone.
         case(["record", "-p", "0"], [v("0"), "not a process id".into()]),
         case(

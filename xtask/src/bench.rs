@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: what tracing costs a busy KVM host, measured in the Bochs lab.
 //!
 //! L1 (lab/l1-bench.sh) runs the `micro` VMM, an exit-bound guest (N CPUID exits), under
-//! five configurations in interleaved rounds: stock modules untraced, + `kvmtrace
-//! record`, + `perf kvm stat record`, + the kernel's hist trigger, and our patched
+//! six configurations in interleaved rounds: stock modules untraced, + `kvmtrace
+//! record`, + `kvmtrace record --detail`, + `perf kvm stat record`, + the kernel's hist trigger, and our patched
 //! modules untraced. Bochs runs with `clock: sync=none`, so L1's clock follows the
 //! instruction count: each time is a count of L1 instructions, and ratios repeat.
 //! Every configuration is printed as a ratio to the untraced stock run of the same
@@ -37,7 +37,7 @@ pub struct Options {
     /// CPUID exits the guest makes in each timed run.
     #[arg(long, default_value_t = 200_000)]
     pub cpuids: u32,
-    /// Rounds of the five configurations (each round times each once).
+    /// Rounds of the six configurations (each round times each once).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub rounds: u32,
     /// Where the results go.
@@ -49,9 +49,10 @@ pub struct Options {
 }
 
 /// The configurations, in the order L1 runs them; the first is the baseline.
-const CONFIGS: [(&str, &str); 5] = [
+const CONFIGS: [(&str, &str); 6] = [
     ("stock", "stock kvm, untraced"),
     ("kvmtrace", "+ kvmtrace record"),
+    ("kvmtrace-detail", "+ kvmtrace record --detail"),
     ("perf", "+ perf kvm stat record"),
     ("hist", "+ hist trigger on kvm:kvm_exit"),
     ("patched", "patched kvm (counter leaves), untraced"),
@@ -121,7 +122,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 }
 
 /// perf, installed on the host (`linux-perf`), with the libraries it loads.
-fn perf_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+pub fn perf_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     let s = Step::start("perf");
     crate::apt::install(&["linux-perf"])?;
     let perf = PathBuf::from("/usr/bin/perf");
@@ -168,8 +169,9 @@ fn write_initrd(
     image::add_libraries(&mut a, kvmtrace_libs)?;
     image::add_libraries(&mut a, perf_libs)?;
     a.file("usr/bin/perf", perf)?;
-    // A round is five runs; a traced run in Bochs takes ~0.2 ms of host time per exit.
-    let round_budget = (f64::from(opts.cpuids) * 5.0 * 0.4e-3 + 120.0) * opts.timeout_scale;
+    // A round is six runs; a traced run in Bochs takes ~0.2 ms of host time per exit.
+    let round_budget =
+        (f64::from(opts.cpuids) * CONFIGS.len() as f64 * 0.4e-3 + 120.0) * opts.timeout_scale;
     let env = format!(
         "# Written by cargo xtask bench; sourced by /init.\nCPUIDS={}\nROUNDS={}\nPAGING=ept\n\
          KVM_DEPS='{}'\nKVM_VENDOR={}\nKVM_MODULE={}\nROUND_BUDGET={}\n",

@@ -74,7 +74,14 @@ mod tests {
     use crate::report::tests::sample_report;
 
     fn text(per_vcpu: bool) -> String {
-        let bytes = render(&sample_report(), Options { per_vcpu }).unwrap_or_default();
+        let bytes = render(
+            &sample_report(),
+            Options {
+                per_vcpu,
+                ..Options::default()
+            },
+        )
+        .unwrap_or_default();
         String::from_utf8(bytes).unwrap_or_default()
     }
 

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
 use super::RenderError;
-use crate::diff::{Diff, DiffRow};
+use crate::diff::{DetailDiff, Diff, DiffRow};
 
 /// Output formats of `kvmtrace diff`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -42,9 +42,48 @@ fn cells(r: &DiffRow) -> [String; 8] {
         format!("{:+}", r.delta),
         ratio(r),
         format!("{:.1} → {:.1}", r.share_a, r.share_b),
-        r.why.unwrap_or("").to_owned(),
+        match (&r.evidence, r.why) {
+            (Some(e), Some(w)) => format!("{e}: {w}"),
+            (Some(e), None) => e.clone(),
+            (None, w) => w.unwrap_or("").to_owned(),
+        },
     ]
 }
+
+/// The rows of one sub-key of a reason, under it.
+fn detail_cells(x: &DetailDiff) -> [String; 8] {
+    [
+        String::new(),
+        format!("  {}", x.label),
+        x.a.to_string(),
+        x.b.to_string(),
+        format!("{:+}", x.delta),
+        match x.a {
+            0 => "new".to_owned(),
+            a => format!("{:.2}×", x.b as f64 / a as f64),
+        },
+        String::new(),
+        String::new(),
+    ]
+}
+
+/// A reason's row, and with `detail` its sub-keys that moved (at most [`MAX_SUB_ROWS`]).
+fn rows_of(r: &DiffRow, detail: bool) -> Vec<[String; 8]> {
+    let mut rows = vec![cells(r)];
+    if detail {
+        rows.extend(
+            r.detail
+                .iter()
+                .filter(|x| x.delta != 0)
+                .take(MAX_SUB_ROWS)
+                .map(detail_cells),
+        );
+    }
+    rows
+}
+
+/// Sub-key rows shown per reason in tables (JSON has them all).
+pub const MAX_SUB_ROWS: usize = 8;
 
 fn header(d: &Diff) -> [String; 8] {
     [
@@ -66,7 +105,8 @@ fn title(d: &Diff) -> String {
     )
 }
 
-pub fn render(d: &Diff, format: DiffFormat) -> Result<Vec<u8>, RenderError> {
+/// Renders `d`; with `detail`, tables show each reason's sub-keys that moved.
+pub fn render(d: &Diff, format: DiffFormat, detail: bool) -> Result<Vec<u8>, RenderError> {
     let text = match format {
         DiffFormat::Json => {
             let mut v = serde_json::to_vec_pretty(d)?;
@@ -82,7 +122,9 @@ pub fn render(d: &Diff, format: DiffFormat) -> Result<Vec<u8>, RenderError> {
                 .set_width(140)
                 .set_header(header(d));
             for r in &d.rows {
-                t.add_row(cells(r));
+                for row in rows_of(r, detail) {
+                    t.add_row(row);
+                }
             }
             for i in [0, 2, 3, 4, 5, 6] {
                 if let Some(c) = t.column_mut(i) {
@@ -96,7 +138,9 @@ pub fn render(d: &Diff, format: DiffFormat) -> Result<Vec<u8>, RenderError> {
             let _ = writeln!(s, "| {} |", header(d).join(" | "));
             let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---|");
             for r in &d.rows {
-                let _ = writeln!(s, "| {} |", cells(r).join(" | "));
+                for row in rows_of(r, detail) {
+                    let _ = writeln!(s, "| {} |", row.join(" | "));
+                }
             }
             s
         }
@@ -120,7 +164,7 @@ mod tests {
     }
 
     fn text(format: DiffFormat) -> String {
-        let bytes = render(&sample(), format).unwrap_or_else(|e| panic!("{e}"));
+        let bytes = render(&sample(), format, true).unwrap_or_else(|e| panic!("{e}"));
         String::from_utf8(bytes).unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -41,6 +41,8 @@ impl FromStr for Format {
 pub struct Options {
     /// Rows per VM and vCPU instead of per reason.
     pub per_vcpu: bool,
+    /// Under each reason, its `--detail` rows.
+    pub detail: bool,
 }
 
 /// A renderer failed (only CSV and JSON serialization can).

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
 use super::{Options, human_ns, percent};
-use crate::report::{PhaseRow, Report, Totals};
+use crate::report::{PhaseRow, ReasonRow, Report, Totals};
 
 fn new_table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -26,30 +26,92 @@ fn new_table(header: &[&str]) -> Table {
 }
 
 /// The columns every row ends with, after the row's own key columns.
-const REASON_HEADER: [&str; 6] = [
+const REASON_HEADER: [&str; 9] = [
     "reason",
     "name",
     "count",
     "% exits",
     "total time",
-    "mean time",
+    "mean",
+    "p50 ≤",
+    "p99 ≤",
+    "max",
 ];
 
-/// The [`REASON_HEADER`] cells of one row.
-fn reason_cells(reason: u32, failed_entry: bool, name: &str, t: &Totals, all: u64) -> [String; 6] {
-    let label = if failed_entry {
-        format!("{reason} (failed entry)")
-    } else {
-        reason.to_string()
-    };
+/// The p50 and p99 columns of [`REASON_HEADER`].
+const QUANTILE_COLUMNS: [usize; 2] = [6, 7];
+
+fn or_dash(ns: Option<u64>) -> String {
+    ns.map(human_ns).unwrap_or_else(|| "-".to_owned())
+}
+
+/// The [`REASON_HEADER`] cells of one row: `reason` and `name` as given, the rest
+/// from the totals and the quantiles (when there is a histogram).
+fn reason_cells(
+    reason: String,
+    name: &str,
+    t: &Totals,
+    all: u64,
+    quantiles: (Option<u64>, Option<u64>),
+) -> [String; 9] {
     [
-        label,
+        reason,
         name.to_owned(),
         t.count.to_string(),
         percent(t.count, all),
         human_ns(t.time_ns),
-        t.mean_ns().map(human_ns).unwrap_or_else(|| "-".to_owned()),
+        or_dash(t.mean_ns()),
+        or_dash(quantiles.0),
+        or_dash(quantiles.1),
+        or_dash((t.max_ns > 0).then_some(t.max_ns)),
     ]
+}
+
+fn reason_label(reason: u32, failed_entry: bool) -> String {
+    if failed_entry {
+        format!("{reason} (failed entry)")
+    } else {
+        reason.to_string()
+    }
+}
+
+/// A reason's row, then one row per `--detail` sub-key and per `--rip` RIP.
+fn add_reason(t: &mut Table, r: &ReasonRow, all: u64, opts: Options) {
+    t.add_row(reason_cells(
+        reason_label(r.reason, r.failed_entry),
+        &r.name,
+        &r.totals,
+        all,
+        (r.p50_ns, r.p99_ns),
+    ));
+    for d in r.detail.iter().filter(|_| opts.detail) {
+        t.add_row(reason_cells(
+            String::new(),
+            &format!("  {}", d.label),
+            &d.totals,
+            all,
+            (None, None),
+        ));
+    }
+    let rip = |rip: String, count: u64| {
+        let totals = Totals {
+            count,
+            ..Totals::default()
+        };
+        let mut cells = reason_cells(String::new(), &rip, &totals, all, (None, None));
+        cells[4] = String::new();
+        cells
+    };
+    for x in &r.rips {
+        let at = match &x.symbol {
+            Some(sym) => format!("  at {:#x} {sym}", x.rip),
+            None => format!("  at {:#x}", x.rip),
+        };
+        t.add_row(rip(at, x.count));
+    }
+    if r.rips_rest > 0 {
+        t.add_row(rip("  at other RIPs".to_owned(), r.rips_rest));
+    }
 }
 
 fn phase_label(p: &PhaseRow) -> String {
@@ -120,7 +182,18 @@ pub fn render(report: &Report, opts: Options) -> String {
     );
     let total = report.total.count;
     let table = if opts.per_vcpu {
-        let header: Vec<&str> = ["VM", "vcpu"].into_iter().chain(REASON_HEADER).collect();
+        // Per vCPU there is no histogram: no quantile columns.
+        let no_quantiles = |i: &usize| !QUANTILE_COLUMNS.contains(i);
+        let header: Vec<&str> = ["VM", "vcpu"]
+            .into_iter()
+            .chain(
+                REASON_HEADER
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| no_quantiles(i))
+                    .map(|(_, h)| h),
+            )
+            .collect();
         let mut t = new_table(&header);
         for r in &report.vcpus {
             let comm = report
@@ -133,20 +206,25 @@ pub fn render(report: &Report, opts: Options) -> String {
                 format!("{} {comm}", r.pid).trim_end().to_owned(),
                 r.vcpu_id.to_string(),
             ];
-            let cells = reason_cells(r.reason, r.failed_entry, &r.name, &r.totals, total);
+            let cells = reason_cells(
+                reason_label(r.reason, r.failed_entry),
+                &r.name,
+                &r.totals,
+                total,
+                (None, None),
+            );
+            let cells = cells
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| no_quantiles(i))
+                .map(|(_, c)| c);
             t.add_row(key.into_iter().chain(cells));
         }
         t
     } else {
         let mut t = new_table(&REASON_HEADER);
         for r in &report.reasons {
-            t.add_row(reason_cells(
-                r.reason,
-                r.failed_entry,
-                &r.name,
-                &r.totals,
-                total,
-            ));
+            add_reason(&mut t, r, total, opts);
         }
         t
     };
@@ -161,8 +239,8 @@ pub fn render(report: &Report, opts: Options) -> String {
     if report.dropped.any() {
         let _ = writeln!(
             out,
-            "warning: incomplete data, see `dropped` in --format json: {:?}",
-            report.dropped
+            "warning: incomplete data ({}); see `dropped` in --format json",
+            report.dropped.summary()
         );
     }
     out
@@ -179,10 +257,29 @@ mod tests {
     }
 
     #[test]
+    fn detail_and_rip_rows() {
+        let mut r = crate::report::tests::detail_report();
+        r.dropped.detail_capped = 3;
+        insta::assert_snapshot!(render(
+            &r,
+            Options {
+                detail: true,
+                ..Options::default()
+            }
+        ));
+    }
+
+    #[test]
     fn per_vcpu_table_and_drops() {
         let mut r = sample_report();
         r.dropped.vcpu_map_full = 2;
-        insta::assert_snapshot!(render(&r, Options { per_vcpu: true }));
+        insta::assert_snapshot!(render(
+            &r,
+            Options {
+                per_vcpu: true,
+                ..Options::default()
+            }
+        ));
     }
 
     #[test]
@@ -211,7 +308,12 @@ mod tests {
                     ..Totals::default()
                 },
                 mean_ns: None,
+                p50_ns: None,
+                p99_ns: None,
                 histogram: Vec::new(),
+                detail: Vec::new(),
+                rips: Vec::new(),
+                rips_rest: 0,
             }],
         };
         r.phases = vec![row(0, true, 10), row(1, false, 17602)];

@@ -7,12 +7,16 @@ use kvmtrace_model::{
     render::diff::render,
 };
 
-use super::{load_report, write_output};
+use super::{load_report, load_symbols, write_output};
 use crate::cli::DiffArgs;
 
 pub fn run(args: &DiffArgs) -> anyhow::Result<ExitCode> {
-    let a = load_report(&args.a)?;
-    let b = load_report(&args.b)?;
+    let mut a = load_report(&args.a)?;
+    let mut b = load_report(&args.b)?;
+    if let Some(symbols) = load_symbols(&args.symbols)? {
+        a.symbolize(&symbols);
+        b.symbolize(&symbols);
+    }
     let file_label = |p: &std::path::Path| p.display().to_string();
     let mut a_label = label(&a, &file_label(&args.a));
     let mut b_label = label(&b, &file_label(&args.b));
@@ -21,6 +25,9 @@ pub fn run(args: &DiffArgs) -> anyhow::Result<ExitCode> {
         b_label = format!("B ({b_label})");
     }
     let d = diff(&a, a_label, &b, b_label);
-    write_output(args.output.as_deref(), &render(&d, args.format)?)?;
+    write_output(
+        args.output.as_deref(),
+        &render(&d, args.format, args.detail)?,
+    )?;
     Ok(ExitCode::SUCCESS)
 }

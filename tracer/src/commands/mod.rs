@@ -14,10 +14,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use kvmtrace_model::{guest::GuestReadout, report::Report};
+use kvmtrace_model::{guest::GuestReadout, render::Options, report::Report, symbols::Symbols};
 use thiserror::Error;
 
-use crate::exit_status::Status;
+use crate::{
+    cli::{ReportArgs, SymbolArgs},
+    exit_status::Status,
+};
 
 /// Input the user gave that kvmtrace cannot use; `main` exits with status 2 for it.
 #[derive(Debug, Error)]
@@ -49,6 +52,25 @@ pub fn read_input(path: &Path, what: &str) -> Result<String, BadInput> {
 pub fn load_report(path: &Path) -> anyhow::Result<Report> {
     let text = read_input(path, "a kvmtrace record")?;
     Report::from_json(&text).map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
+}
+
+/// Reads `--guest-symbols`, when given.
+pub fn load_symbols(args: &SymbolArgs) -> anyhow::Result<Option<Symbols>> {
+    let Some(path) = &args.guest_symbols else {
+        return Ok(None);
+    };
+    let text = read_input(path, "a kallsyms or System.map file")?;
+    Symbols::parse(&text, args.kaslr_offset)
+        .map(Some)
+        .map_err(|e| BadInput(format!("{}: {e}", path.display())).into())
+}
+
+/// The render options `args` asks for.
+pub fn render_options(args: &ReportArgs) -> Options {
+    Options {
+        per_vcpu: args.per_vcpu,
+        detail: args.detail,
+    }
 }
 
 /// Reads the output of `kvmtrace guest --format json`.

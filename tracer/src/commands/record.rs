@@ -26,7 +26,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::{BadInput, OutputFile};
+use super::{BadInput, OutputFile, load_symbols, render_options};
 use crate::{cli::RecordArgs, exit_status::Status};
 
 /// How long a command is given to exit after kvmtrace forwards SIGTERM to it.
@@ -62,6 +62,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(OutputFile::prepare)
         .transpose()?;
+    // Before anything is attached: a bad file is a usage error.
+    let symbols = load_symbols(&args.report.symbols)?;
     if let Some(missing) = privileges::missing() {
         bail!(missing);
     }
@@ -71,13 +73,48 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let tracefs = Tracefs::find_or_mount()?;
+    let traced = trace(&args, &tracefs, start)?;
+    let end = traced.end;
+    let mut report = Report::build(&traced.snapshot, traced.info)?;
+    if let Some(symbols) = &symbols {
+        report.symbolize(symbols);
+    }
+    let bytes = render::render(&report, args.report.format, render_options(&args.report))?;
+    match output {
+        Some(file) => file.commit(&bytes)?,
+        None => std::io::stdout().write_all(&bytes)?,
+    }
+    if let Some(err) = report.registers.as_ref().and_then(|r| r.error.as_ref()) {
+        bail!("the report is written, but no guest counter read could be seen: {err}");
+    }
+    if report.dropped.any() {
+        warn!(
+            "some exits were not recorded in full: {}",
+            report.dropped.summary()
+        );
+    }
+    if args.report.format != Format::Table && args.report.output.is_some() {
+        eprintln_status(&format!("{} exits recorded", report.total.count));
+    }
+    Ok(match end {
+        End::CommandExited(status) if !status.success() => {
+            eprintln_status(&format!("the command exited with {status}"));
+            Status::CommandFailed
+        }
+        End::Signal(_) | End::Duration | End::CommandExited(_) => Status::Success,
+    }
+    .into())
+}
+
+/// What the programs are attached with, from the arguments.
+fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
     let mut pids: BTreeSet<u32> = args.pids.iter().copied().collect();
     if !args.command.is_empty() {
         // Trace our own process: the fork program then adds the command (and whatever
         // it forks) before it can run a vCPU. kvmtrace itself runs no VM.
         pids.insert(std::process::id());
     }
-    let config = ProbeConfig {
+    Ok(ProbeConfig {
         exit_tracepoint: args.exit_tracepoint.clone(),
         entry_tracepoint: args.entry_tracepoint.clone(),
         pids,
@@ -88,20 +125,102 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             None
         },
         regs: None,
+        detail: args.report.detail,
+        rips: args.rip.is_some(),
         max_overflow_rows: args.max_overflow_rows,
         max_vcpu_rows: args.max_vcpu_rows,
-    };
+    })
+}
+
+/// A finished trace: the maps' contents, the facts of the run, and why it ended.
+struct Traced {
+    snapshot: kvmtrace_model::snapshot::Snapshot,
+    info: RunInfo,
+    end: End,
+}
+
+/// What the wait for the end of the run gathered besides the maps.
+struct Waited {
+    end: End,
+    comms: BTreeMap<u32, String>,
+    filter_pids: Vec<u32>,
+    cpuid_reads: Vec<tracer_common::CpuidEvent>,
+}
+
+/// Attaches, waits for the end of the run, and takes the snapshot.
+fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result<Traced> {
+    let config = probe_config(args)?;
     let mut regs = Registers::new(config.snapshots.is_some());
     let config = ProbeConfig {
         regs: regs.layout.clone(),
         ..config
     };
-    let mut probe = Probe::attach(&tracefs, &config)?;
+    let mut probe = Probe::attach(tracefs, &config)?;
     let attach_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let started_at = Utc::now();
     let paging = host::paging();
     let mut phases = Phases::new(&probe, paging.clone(), started_at)?;
+    let mut waited = wait(args, &mut probe, &mut regs, &mut phases)?;
+    if regs.learning() {
+        regs.learn(&mut probe)?;
+    }
+    probe.drain_cpuid(&mut waited.cpuid_reads);
+    phases.look(&probe)?;
+    let registers = regs.info(&mut probe)?;
+    if let End::Signal(name) = waited.end {
+        eprintln_status(&format!("stopped by {name}"));
+    }
+    probe.flush_logs();
+    let mut snapshot = probe.snapshot()?;
+    snapshot.cpuid = std::mem::take(&mut waited.cpuid_reads);
+    let ended_at = Utc::now();
+    let cost = Cost {
+        attach_ns,
+        peak_rss_kib: host::peak_rss_kib(),
+        bpf_stats: host::bpf_stats_enabled(),
+        filter_pids: snapshot.filter_pids,
+        programs: probe.costs(),
+    };
+    drop(probe);
 
+    for pid in snapshot.vcpus.keys().map(|k| k.pid) {
+        if let Some(comm) = host::comm(pid) {
+            waited.comms.entry(pid).or_insert(comm);
+        }
+    }
+    let info = RunInfo {
+        kernel_release: host::kernel_release(),
+        paging: paging.or_else(host::paging),
+        started_at,
+        ended_at,
+        filter: Filter {
+            pids: waited.filter_pids,
+            vcpu: args.vcpu,
+        },
+        comms: waited.comms,
+        leaves: config.snapshots,
+        phases: phases.seen,
+        cost: Some(cost),
+        registers,
+        detail: args.report.detail,
+        rip_top: args.rip.map(usize::from),
+    };
+    Ok(Traced {
+        snapshot,
+        info,
+        end: waited.end,
+    })
+}
+
+/// Runs the command (if any), says the record is on, and waits for its end: the
+/// command's exit, the duration, or a signal; meanwhile drains the guest counter reads,
+/// looks for module reloads, and learns the register layout.
+fn wait(
+    args: &RecordArgs,
+    probe: &mut Probe,
+    regs: &mut Registers,
+    phases: &mut Phases,
+) -> anyhow::Result<Waited> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -146,83 +265,18 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
                 end = &mut ending => break end,
                 _ = drain.tick() => {
                     probe.drain_cpuid(&mut cpuid_reads);
-                    phases.look(&probe)?;
+                    phases.look(probe)?;
                 }
-                _ = learn.tick(), if regs.learning() => regs.learn(&mut probe)?,
+                _ = learn.tick(), if regs.learning() => regs.learn(probe)?,
             }
         }
     })?;
-    if regs.learning() {
-        regs.learn(&mut probe)?;
-    }
-    probe.drain_cpuid(&mut cpuid_reads);
-    phases.look(&probe)?;
-    let registers = regs.info(&mut probe)?;
-    if let End::Signal(name) = end {
-        eprintln_status(&format!("stopped by {name}"));
-    }
-    probe.flush_logs();
-    let mut snapshot = probe.snapshot()?;
-    snapshot.cpuid = cpuid_reads;
-    let ended_at = Utc::now();
-    let cost = Cost {
-        attach_ns,
-        peak_rss_kib: host::peak_rss_kib(),
-        bpf_stats: host::bpf_stats_enabled(),
-        filter_pids: snapshot.filter_pids,
-        programs: probe.costs(),
-    };
-    drop(probe);
-
-    for pid in snapshot.vcpus.keys().map(|k| k.pid) {
-        if let Some(comm) = host::comm(pid) {
-            comms.entry(pid).or_insert(comm);
-        }
-    }
-    let info = RunInfo {
-        kernel_release: host::kernel_release(),
-        paging: paging.or_else(host::paging),
-        started_at,
-        ended_at,
-        filter: Filter {
-            pids: filter_pids,
-            vcpu: args.vcpu,
-        },
+    Ok(Waited {
+        end,
         comms,
-        leaves: config.snapshots,
-        phases: phases.seen,
-        cost: Some(cost),
-        registers,
-    };
-    let report = Report::build(&snapshot, info)?;
-    let bytes = render::render(
-        &report,
-        args.report.format,
-        render::Options {
-            per_vcpu: args.report.per_vcpu,
-        },
-    )?;
-    match output {
-        Some(file) => file.commit(&bytes)?,
-        None => std::io::stdout().write_all(&bytes)?,
-    }
-    if let Some(err) = report.registers.as_ref().and_then(|r| r.error.as_ref()) {
-        bail!("the report is written, but no guest counter read could be seen: {err}");
-    }
-    if report.dropped.any() {
-        warn!("some exits were not recorded in full: {:?}", report.dropped);
-    }
-    if args.report.format != Format::Table && args.report.output.is_some() {
-        eprintln_status(&format!("{} exits recorded", report.total.count));
-    }
-    Ok(match end {
-        End::CommandExited(status) if !status.success() => {
-            eprintln_status(&format!("the command exited with {status}"));
-            Status::CommandFailed
-        }
-        End::Signal(_) | End::Duration | End::CommandExited(_) => Status::Success,
-    }
-    .into())
+        filter_pids,
+        cpuid_reads,
+    })
 }
 
 /// Where the vCPU registers are (`--snapshots`): from the kvm module's BTF before

@@ -5,22 +5,30 @@ use std::{path::Path, process::Command};
 use super::{Options, options::mode_dir_name, results::write};
 
 /// Writes the nested-vs-shadow A/B report, `report.md` and `report.svg`, with the
-/// same kvmtrace binary that recorded (`kvmtrace diff`), plus each mode's
-/// reconciliation. Needs both modes and their records.
-pub fn ab_report(opts: &Options, out: &Path, kvmtrace: &Path) -> anyhow::Result<()> {
+/// same kvmtrace binary that recorded (`kvmtrace diff`, with `--detail` and L2's
+/// symbols: records made with `--detail`/`--rip` cite the sub-keys and functions that
+/// moved), plus each mode's reconciliation. Needs both modes and their records.
+pub fn ab_report(
+    opts: &Options,
+    out: &Path,
+    kvmtrace: &Path,
+    system_map: Option<&Path>,
+) -> anyhow::Result<()> {
     let nested = out.join(mode_dir_name(opts, 1)).join("record.json");
     let shadow = out.join(mode_dir_name(opts, 0)).join("record.json");
     if !nested.is_file() || !shadow.is_file() {
         return Ok(());
     }
     let diff = |format: &str, file: &str| {
-        crate::exec::output(
-            Command::new(kvmtrace)
-                .arg("diff")
-                .args([&nested, &shadow])
-                .args(["--format", format, "-o"])
-                .arg(out.join(file)),
-        )
+        let mut cmd = Command::new(kvmtrace);
+        cmd.arg("diff")
+            .args([&nested, &shadow])
+            .args(["--detail", "--format", format, "-o"])
+            .arg(out.join(file));
+        if let Some(map) = system_map.filter(|p| p.is_file()) {
+            cmd.arg("--guest-symbols").arg(map);
+        }
+        crate::exec::output(&mut cmd)
     };
     diff("md", "report.md.tmp")?;
     diff("svg", "report.svg")?;

@@ -58,12 +58,17 @@ pub struct MicroVm {
     pub cpuids: u32,
     pub outs: u32,
     pub vcpus: u8,
+    /// RDMSR + WRMSR round trips of EFER, per vCPU.
+    pub msrs: u32,
 }
 
 impl MicroVm {
     /// The command line that runs it inside L1.
     fn command(&self) -> String {
-        format!("/bin/micro {} {} {}", self.cpuids, self.outs, self.vcpus)
+        format!(
+            "/bin/micro {} {} {} {}",
+            self.cpuids, self.outs, self.vcpus, self.msrs
+        )
     }
 }
 
@@ -78,6 +83,10 @@ pub struct L1 {
     pub modes: Vec<u8>,
     pub workload: Workload,
     pub kvmtrace: Option<(PathBuf, Vec<PathBuf>)>,
+    /// perf and its libraries, to run `perf kvm stat record` beside kvmtrace (`--perf`).
+    pub perf: Option<(PathBuf, Vec<PathBuf>)>,
+    /// The System.map of the kernel L2 boots (with `nokaslr`), for `--rip` symbols.
+    pub system_map: Option<PathBuf>,
     pub record_args: String,
     /// Seconds one workload run may take inside L1.
     pub run_timeout: u64,
@@ -155,6 +164,10 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
         a.file("bin/kvmtrace", kvmtrace)?;
         add_libraries(&mut a, libs)?;
     }
+    if let Some((perf, libs)) = &l1.perf {
+        a.file("usr/bin/perf", perf)?;
+        add_libraries(&mut a, libs)?;
+    }
 
     a.bytes("lab/env", env(l1, vendor, deps), 0o644)?;
     a.write_to(out)
@@ -230,6 +243,15 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     let _ = writeln!(env, "RUN_TIMEOUT={}", l1.run_timeout);
     let _ = writeln!(env, "RUN_BUDGET={}", l1.run_timeout + 60);
     let _ = writeln!(env, "RECORD_ARGS='{}'", l1.record_args);
+    // Arm the kernel's triggers keyed as kvmtrace's --detail and --rip rows are.
+    let has = |flag: &str| {
+        l1.record_args
+            .split_whitespace()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let _ = writeln!(env, "DETAIL={}", u8::from(has("--detail")));
+    let _ = writeln!(env, "RIPS={}", u8::from(has("--rip")));
+    let _ = writeln!(env, "PERF={}", u8::from(l1.perf.is_some()));
     let _ = writeln!(env, "END_MARKER='{END_MARKER}'");
     let _ = writeln!(env, "SCENARIO={}", l1.scenario);
     let _ = writeln!(env, "SIGNALS='{}'", l1.signals);
@@ -344,7 +366,8 @@ mod tests {
             cpuids: 100_000,
             outs: 100,
             vcpus: 2,
+            msrs: 5,
         };
-        assert_eq!(vm.command(), "/bin/micro 100000 100 2");
+        assert_eq!(vm.command(), "/bin/micro 100000 100 2 5");
     }
 }

@@ -69,7 +69,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let setup = started.elapsed();
 
     let s = Step::start("initrd");
-    let l1 = workload::l1(opts, root, &build, &inputs, kvmtrace)?;
+    let mut l1 = workload::l1(opts, root, &build, &inputs, kvmtrace)?;
+    if opts.perf {
+        l1.perf = Some(crate::bench::perf_tool()?);
+    }
     let initrd = build.join("l1-initrd.cpio");
     let size = image::l1_initrd(&l1, &initrd)?;
     s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
@@ -94,7 +97,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     let outcome = results::summarize(opts, &out, &run, &l1);
     if let Some((kvmtrace, _)) = &l1.kvmtrace {
-        ab_report::ab_report(opts, &out, kvmtrace)?;
+        ab_report::ab_report(opts, &out, kvmtrace, l1.system_map.as_deref())?;
     }
     eprintln!(
         "lab: setup {:.1} s, {} {:.1} s, total {:.1} s",

@@ -143,6 +143,14 @@ pub struct Options {
     /// micro workload: how many port writes the guest does.
     #[arg(long, default_value_t = 100)]
     pub micro_outs: u32,
+    /// Also run Debian's `perf kvm stat record -a` (installed on this host with apt,
+    /// copied into L1) beside kvmtrace in each mode, and keep its `report
+    /// --event=ioport` and `--event=vmexit` as perf-ioport.txt and perf-vmexit.txt.
+    #[arg(long)]
+    pub perf: bool,
+    /// micro workload: how many RDMSR + WRMSR round trips (of EFER) the guest does.
+    #[arg(long, default_value_t = 0)]
+    pub micro_msrs: u32,
     /// micro and churn workloads: vCPUs of each micro VM, one thread each, all running
     /// the CPUIDs and port writes at the same time (with --l1-cpus 2, truly in
     /// parallel).

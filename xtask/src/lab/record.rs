@@ -184,6 +184,7 @@ mod tests {
             count,
             timed,
             time_ns: 9,
+            max_ns: 9,
         }
     }
 
@@ -195,6 +196,11 @@ mod tests {
             name: "CPUID".to_owned(),
             totals: totals(count, timed),
             mean_ns: None,
+            p50_ns: None,
+            p99_ns: None,
+            detail: Vec::new(),
+            rips: Vec::new(),
+            rips_rest: 0,
             histogram: buckets
                 .iter()
                 .map(|&count| Bucket {

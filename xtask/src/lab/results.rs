@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{
     Options,
-    checks::{guest, micro, reasons, vcpus},
+    checks::{detail, guest, micro, reasons, vcpus},
     console,
     emulator::{Line, Run},
     hist::{self, Hist},
@@ -39,6 +39,10 @@ struct ModeResults<'a> {
     dir: PathBuf,
     lines: &'a [Line],
     hist: Hist,
+    /// The `kvm:kvm_exit` hist file as printed (every trigger on it).
+    hist_text: String,
+    /// Nested paging (`ept=1`, `npt=1`).
+    nested: bool,
     record: Option<Record>,
     kvmtrace_err: String,
     rows: Vec<reasons::Row>,
@@ -127,6 +131,11 @@ fn read_mode<'a>(
             ));
         }
     }
+    for report in ["perf-ioport", "perf-vmexit"] {
+        if let Some(text) = console::section(all_lines, report, &tag) {
+            write(&dir, &format!("{report}.txt"), &text)?;
+        }
+    }
     let kvmtrace_err = console::section(all_lines, "kvmtrace-stderr", &tag).unwrap_or_default();
     if !kvmtrace_err.trim().is_empty() {
         write(&dir, "kvmtrace.stderr", &kvmtrace_err)?;
@@ -139,6 +148,8 @@ fn read_mode<'a>(
         dir,
         lines,
         hist,
+        hist_text,
+        nested: mode == 1,
         record,
         kvmtrace_err,
         rows,
@@ -242,6 +253,7 @@ fn check_mode(
             m.record.as_ref(),
         ));
     }
+    problems.extend(detail_problems(lab, m)?);
     match (opts.scenario, m.reached_end) {
         (Scenario::Signal, true) => {
             problems.push(format!("{tag}: L2 ended before kvmtrace got its signal"));
@@ -252,6 +264,35 @@ fn check_mode(
     write_summary(lab, m, &vcpu_rows)?;
     println!("  -> {}", m.dir.display());
     Ok(())
+}
+
+/// With `--detail` or `--rip` in the record arguments: mode `m`'s detail and RIP rows
+/// against the kernel's triggers ([`detail::check`]).
+fn detail_problems(lab: &Lab<'_>, m: &ModeResults<'_>) -> anyhow::Result<Vec<String>> {
+    let (opts, l1) = (lab.opts, lab.l1);
+    let traced_with = |flag: &str| l1.record_args.split_whitespace().any(|a| a == flag);
+    if m.record.is_none()
+        || opts.scenario != Scenario::Modes
+        || !(traced_with("--detail") || traced_with("--rip"))
+    {
+        return Ok(Vec::new());
+    }
+    let micro = matches!(l1.workload, L2Workload::Micro { .. })
+        .then(|| micro::micro_detail_expectations(&micro::micro_runs(l1)));
+    detail::check(&detail::Inputs {
+        tag: &m.tag,
+        nested: m.nested,
+        trace_isa: opts.isa.trace_isa(),
+        exit_hist: &m.hist_text,
+        lines: m.lines,
+        dir: &m.dir,
+        micro,
+        kvmtrace: l1
+            .kvmtrace
+            .as_ref()
+            .map_or(Path::new("kvmtrace"), |(k, _)| k),
+        system_map: l1.system_map.as_deref(),
+    })
 }
 
 /// Writes mode `m`'s `summary.json`.

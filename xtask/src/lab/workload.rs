@@ -30,6 +30,12 @@ pub fn l1(
         modes: opts.modes.clone(),
         workload,
         kvmtrace,
+        perf: None,
+        system_map: matches!(opts.workload, Workload::Boot | Workload::Sweep).then(|| {
+            inputs
+                .kernel
+                .with_file_name(format!("System.map-{}", inputs.abi))
+        }),
         record_args: record_args(opts),
         run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,
@@ -84,6 +90,7 @@ fn l2_workload(
                     cpuids: opts.micro_cpuids,
                     outs: opts.micro_outs,
                     vcpus: opts.micro_vcpus,
+                    msrs: opts.micro_msrs,
                 }]
             },
             overlap: opts.workload == Workload::Churn,
@@ -116,6 +123,7 @@ fn churn_vms(opts: &Options) -> Vec<image::MicroVm> {
             cpuids,
             outs,
             vcpus: opts.micro_vcpus,
+            msrs: 0,
         })
         .collect()
 }

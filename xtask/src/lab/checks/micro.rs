@@ -5,7 +5,8 @@ use std::path::Path;
 
 use super::guest::reconcile;
 use tracer_common::exit_reasons::{
-    SVM_CPUID, SVM_HLT, SVM_IOIO, VMX_CPUID, VMX_HLT, VMX_IO_INSTRUCTION,
+    SVM_CPUID, SVM_HLT, SVM_IOIO, SVM_MSR, VMX_CPUID, VMX_HLT, VMX_IO_INSTRUCTION, VMX_MSR_READ,
+    VMX_MSR_WRITE,
 };
 
 use crate::lab::{
@@ -247,6 +248,7 @@ pub fn micro_expectations(isa: Isa, vms: &[image::MicroVm]) -> Vec<(Reason, u64)
     };
     let cpuids = each(|v| v.cpuids);
     let outs = each(|v| v.outs);
+    let msrs = each(|v| v.msrs);
     let r = |reason| Reason {
         isa: isa.trace_isa(),
         reason,
@@ -256,12 +258,55 @@ pub fn micro_expectations(isa: Isa, vms: &[image::MicroVm]) -> Vec<(Reason, u64)
         Isa::Intel => (VMX_CPUID, VMX_IO_INSTRUCTION, VMX_HLT),
         Isa::Amd => (SVM_CPUID, SVM_IOIO, SVM_HLT),
     };
-    vec![
+    let mut expect = vec![
         (r(cpuid), cpuids + n * MICRO_LEAF_READS),
         (r(io), outs),
         (r(hlt), n),
-    ]
+    ];
+    if msrs > 0 {
+        match isa {
+            Isa::Intel => expect.extend([(r(VMX_MSR_READ), msrs), (r(VMX_MSR_WRITE), msrs)]),
+            Isa::Amd => expect.push((r(SVM_MSR), 2 * msrs)),
+        }
+    }
+    expect
 }
+
+/// The micro workload's `--detail` rows known in advance, by (kind, key): CPUID leaf
+/// 0 and the counter leaves, the port writes, the EFER reads and writes.
+pub fn micro_detail_expectations(vms: &[image::MicroVm]) -> Vec<((String, String), u64)> {
+    let n = micro_vcpus(vms);
+    let each = |f: fn(&image::MicroVm) -> u32| -> u64 {
+        vms.iter()
+            .map(|v| u64::from(v.vcpus) * u64::from(f(v)))
+            .sum()
+    };
+    let key = |kind: &str, key: &str| (kind.to_owned(), key.to_owned());
+    let mut expect = vec![
+        (key("cpuid", "0x0"), each(|v| v.cpuids)),
+        (key("cpuid", "0x4ffffffe"), 2 * n),
+        (key("cpuid", "0x4fffffff"), n),
+        (
+            key("port", &format!("{MICRO_PORT:#x}:out:1")),
+            each(|v| v.outs),
+        ),
+        (
+            key("msr", &format!("{MICRO_MSR:#x}:read")),
+            each(|v| v.msrs),
+        ),
+        (
+            key("msr", &format!("{MICRO_MSR:#x}:write")),
+            each(|v| v.msrs),
+        ),
+    ];
+    expect.retain(|(_, n)| *n > 0);
+    expect
+}
+
+/// The port the micro guest writes to (`MICRO_PORT` in lab/micro.c).
+pub const MICRO_PORT: u16 = 0x1e0;
+/// The MSR the micro guest reads and writes back (`MICRO_MSR` in lab/micro.c: EFER).
+pub const MICRO_MSR: u32 = 0xc000_0080;
 
 #[cfg(test)]
 mod tests {
@@ -274,6 +319,7 @@ mod tests {
             cpuids,
             outs,
             vcpus,
+            msrs: 0,
         }
     }
 
@@ -354,6 +400,8 @@ mod tests {
                 overlap: false,
             },
             kvmtrace: None,
+            perf: None,
+            system_map: None,
             record_args: String::new(),
             run_timeout: 1,
             vms: 2,
@@ -363,6 +411,18 @@ mod tests {
         };
         let runs = micro_runs(&l1);
         assert_eq!(runs, [vm(1, 2, 2), vm(3, 4, 2), vm(1, 2, 2), vm(3, 4, 2)]);
+        let known = micro_detail_expectations(&runs);
+        let key = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(
+            known,
+            [
+                (key("cpuid", "0x0"), 16),
+                (key("cpuid", "0x4ffffffe"), 16),
+                (key("cpuid", "0x4fffffff"), 8),
+                (key("port", "0x1e0:out:1"), 24),
+            ],
+            "no MSR rows when the VMs do none"
+        );
         assert_eq!(micro_vcpus(&runs) * MICRO_LEAF_READS, 24);
     }
 }

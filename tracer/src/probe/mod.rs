@@ -6,19 +6,23 @@ use std::collections::BTreeSet;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{KProbe, ProgramError, RawTracePoint, TracePoint},
+    programs::{KProbe, ProgramError},
 };
 use thiserror::Error;
 use tracer_common::{
-    CpuidEvent, ExitStats, HistKey, NO_FIELD, PhaseExitKey, PhaseVcpuKey, RegsSample, drop_kind,
-    globals, limits, maps, regs_slot,
+    CpuidEvent, DetailKey, ExitStats, HistKey, PhaseExitKey, PhaseVcpuKey, RegsSample, RipKey,
+    drop_kind, limits, maps, regs_slot,
 };
 
 use kvmtrace_model::{
     leaves::Leaves,
     snapshot::{Drops, Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
-    tracefs_format::{Field, Tracepoint},
+    tracefs_format::Tracepoint,
 };
+
+mod setup;
+
+use setup::Setup;
 
 use crate::{
     tracefs::{Tracefs, TracefsError},
@@ -87,6 +91,10 @@ pub struct ProbeConfig {
     /// Where the vCPU registers are, when known before attach (BTF); `None` with
     /// snapshots: learned from the first exits (see [`vcpu_regs`]).
     pub regs: Option<kvmtrace_model::regs_layout::Layout>,
+    /// Count each reason's exits per sub-key (`--detail`).
+    pub detail: bool,
+    /// Count exits per guest RIP (`--rip`).
+    pub rips: bool,
     /// Entries of the per-reason map (one per phase and reason).
     pub max_overflow_rows: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
@@ -102,6 +110,8 @@ impl Default for ProbeConfig {
             vcpu: None,
             snapshots: None,
             regs: None,
+            detail: false,
+            rips: false,
             max_overflow_rows: limits::MAX_OVERFLOW_ROWS,
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
         }
@@ -162,118 +172,53 @@ fn attach_synthetic_counter(ebpf: &mut Ebpf) -> Result<bool, ProbeError> {
     Ok(true)
 }
 
-/// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
-/// so an exit is only timed once its entry program is attached, threads that exit from
-/// now on are forgotten, and child processes created from now on are followed.
-const PROGRAMS: [&str; 7] = [
-    "kvm_entry",
-    "sched_switch",
-    "sched_process_exit",
-    "task_newtask",
-    "kvm_cpuid",
-    "module_load",
-    "kvm_exit",
-];
-
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ProbeError {
     move |source| ProbeError::Map { map, source }
+}
+
+/// Puts the `-p` / `-- CMD` processes in the pid filter.
+fn fill_pid_filter(ebpf: &mut Ebpf, pids: &BTreeSet<u32>) -> Result<(), ProbeError> {
+    let mut filter: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
+        ebpf.map_mut(maps::FILTER_PIDS)
+            .ok_or(ProbeError::MissingMap(maps::FILTER_PIDS))?,
+    )
+    .map_err(map_err(maps::FILTER_PIDS))?;
+    for pid in pids {
+        filter
+            .insert(pid, 1, 0)
+            .map_err(map_err(maps::FILTER_PIDS))?;
+    }
+    Ok(())
+}
+
+/// With snapshots: where the vCPU registers are, when known (BTF), or how many
+/// exits may be sampled to learn it.
+fn set_regs_source(ebpf: &mut Ebpf, config: &ProbeConfig) -> Result<(), ProbeError> {
+    let mut regs: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(maps::REGS)
+            .ok_or(ProbeError::MissingMap(maps::REGS))?,
+    )
+    .map_err(map_err(maps::REGS))?;
+    let (slot, value) = match &config.regs {
+        Some(layout) => (regs_slot::OFFSET_PLUS_ONE, layout.regs_offset + 1),
+        None => (regs_slot::LEARN_BUDGET, vcpu_regs::MAX_SAMPLES),
+    };
+    regs.set(slot, value, 0).map_err(map_err(maps::REGS))
 }
 
 impl Probe {
     /// Loads the programs with field offsets from `tracefs`, fills the pid filter, and
     /// attaches to the exit, entry and fork tracepoints.
     pub fn attach(tracefs: &Tracefs, config: &ProbeConfig) -> Result<Self, ProbeError> {
-        let exit_tp = &config.exit_tracepoint;
-        tracefs.require(exit_tp)?;
-        tracefs.require(&config.entry_tracepoint)?;
-        let newtask_tp = Tracepoint::new("task", "task_newtask");
-        let process_exit_tp = Tracepoint::new("sched", "sched_process_exit");
-        let switch_tp = Tracepoint::new("sched", "sched_switch");
-        let fields = [
-            (tracefs.offset(exit_tp, "exit_reason")?, 4),
-            (tracefs.offset(exit_tp, "isa")?, 4),
-            (tracefs.offset(exit_tp, "vcpu_id")?, 4),
-            (tracefs.offset(exit_tp, "guest_rip")?, 8),
-        ];
-        let [fields_off, reason_off, isa_off, vcpu_off, rip_off] = exit_fields(exit_tp, fields)?;
-        let newtask_pid_off = tracefs.offset(&newtask_tp, "pid")?;
-        let newtask_flags_off = tracefs.offset(&newtask_tp, "clone_flags")?;
-        let group_dead = group_dead_offset(&tracefs.fields(&process_exit_tp)?);
-        if group_dead.is_none() {
-            log::debug!(
-                "{process_exit_tp} has no group_dead field: a traced process is forgotten when its group leader exits"
-            );
-        }
-        let group_dead_off = group_dead.unwrap_or(NO_FIELD);
-        let cpuid_tp = Tracepoint::new("kvm", "kvm_cpuid");
-        let cpuid_off = |field| tracefs.offset(&cpuid_tp, field);
-        let cpuid_offsets = [
-            (globals::CPUID_FUNCTION_OFF, cpuid_off("function")?),
-            (globals::CPUID_INDEX_OFF, cpuid_off("index")?),
-            (globals::CPUID_RAX_OFF, cpuid_off("rax")?),
-            (globals::CPUID_RBX_OFF, cpuid_off("rbx")?),
-            (globals::CPUID_RCX_OFF, cpuid_off("rcx")?),
-            (globals::CPUID_RDX_OFF, cpuid_off("rdx")?),
-        ];
-        let leaves = config.snapshots;
-        let snapshots = u32::from(leaves.is_some());
-        let leaf_total = leaves.and_then(|l| l.total).unwrap_or(0);
-        let leaf_count = leaves.map_or(0, |l| l.count);
-        let leaf_cycles = leaves.and_then(|l| l.cycles).unwrap_or(0);
-        let filter_enabled = u32::from(!config.pids.is_empty());
-        let vcpu_filter = config.vcpu.unwrap_or(u32::MAX);
-        // Optional: without it a vendor module reload does not start a new phase.
-        let module_tp = Tracepoint::new("module", "module_load");
-        let module_name_off = tracefs.offset(&module_tp, "name").ok();
-        let name_off = module_name_off.unwrap_or(0);
-
-        let for_snapshots = |size, otherwise| if leaves.is_some() { size } else { otherwise };
+        let setup = Setup::read(tracefs, config)?;
         let mut loader = loader_without_kernel_btf();
-        loader
-            .map_max_entries(maps::OVERFLOW_EXITS, config.max_overflow_rows)
-            .map_max_entries(maps::VCPU_EXITS, config.max_vcpu_rows)
-            // Per-VM counts are only kept for snapshots. The kernel maps all of a ring
-            // buffer's pages (twice) into our memory at once: it too is only sized for
-            // snapshots when they are taken.
-            .map_max_entries(maps::VM_EXITS, for_snapshots(limits::MAX_VM_ROWS, 1))
-            .map_max_entries(maps::VM_TOTALS, for_snapshots(limits::MAX_VMS, 1))
-            .map_max_entries(
-                maps::CPUID_EVENTS,
-                for_snapshots(limits::CPUID_RING_BYTES, limits::CPUID_RING_MIN_BYTES),
-            )
-            .map_max_entries(
-                maps::REGS_SAMPLES,
-                for_snapshots(limits::LEARN_RING_BYTES, limits::CPUID_RING_MIN_BYTES),
-            )
-            .map_max_entries(maps::VCPU_OF, for_snapshots(limits::MAX_VCPU_THREADS, 1))
-            .map_max_entries(maps::VM_SYNTHETIC, for_snapshots(limits::MAX_VMS, 1))
-            .map_max_entries(
-                maps::RUN_STARTED,
-                for_snapshots(limits::MAX_VCPU_THREADS, 1),
-            )
-            .map_max_entries(
-                maps::PENDING_READS,
-                for_snapshots(limits::MAX_VCPU_THREADS, 1),
-            )
-            .override_global(globals::MODULE_NAME_OFF, &name_off, true);
-        for (name, off) in &cpuid_offsets {
-            loader.override_global(name, off, true);
+        for (map, size) in setup::map_sizes(config) {
+            loader.map_max_entries(map, size);
+        }
+        for (name, value) in &setup.globals {
+            loader.override_global(name, value, true);
         }
         let mut ebpf = loader
-            .override_global(globals::SNAPSHOTS, &snapshots, true)
-            .override_global(globals::LEAF_TOTAL, &leaf_total, true)
-            .override_global(globals::LEAF_COUNT, &leaf_count, true)
-            .override_global(globals::LEAF_CYCLES, &leaf_cycles, true)
-            .override_global(globals::EXIT_FIELDS_OFF, &fields_off, true)
-            .override_global(globals::EXIT_REASON_OFF, &reason_off, true)
-            .override_global(globals::EXIT_ISA_OFF, &isa_off, true)
-            .override_global(globals::EXIT_RIP_OFF, &rip_off, true)
-            .override_global(globals::EXIT_VCPU_OFF, &vcpu_off, true)
-            .override_global(globals::NEWTASK_PID_OFF, &newtask_pid_off, true)
-            .override_global(globals::NEWTASK_FLAGS_OFF, &newtask_flags_off, true)
-            .override_global(globals::EXIT_GROUP_DEAD_OFF, &group_dead_off, true)
-            .override_global(globals::FILTER_PIDS_ENABLED, &filter_enabled, true)
-            .override_global(globals::VCPU_FILTER, &vcpu_filter, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/tracer"
@@ -282,74 +227,12 @@ impl Probe {
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| log::debug!("no eBPF logger: {e}"))
             .ok();
-
-        {
-            let mut filter: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
-                ebpf.map_mut(maps::FILTER_PIDS)
-                    .ok_or(ProbeError::MissingMap(maps::FILTER_PIDS))?,
-            )
-            .map_err(map_err(maps::FILTER_PIDS))?;
-            for pid in &config.pids {
-                filter
-                    .insert(pid, 1, 0)
-                    .map_err(map_err(maps::FILTER_PIDS))?;
-            }
-        }
-
+        fill_pid_filter(&mut ebpf, &config.pids)?;
+        let leaves = config.snapshots;
         if leaves.is_some() {
-            // The register layout: known (BTF), or to be learned from the first exits.
-            let mut regs: Array<&mut MapData, u32> = Array::try_from(
-                ebpf.map_mut(maps::REGS)
-                    .ok_or(ProbeError::MissingMap(maps::REGS))?,
-            )
-            .map_err(map_err(maps::REGS))?;
-            let (slot, value) = match &config.regs {
-                Some(layout) => (regs_slot::OFFSET_PLUS_ONE, layout.regs_offset + 1),
-                None => (regs_slot::LEARN_BUDGET, vcpu_regs::MAX_SAMPLES),
-            };
-            regs.set(slot, value, 0).map_err(map_err(maps::REGS))?;
+            set_regs_source(&mut ebpf, config)?;
         }
-
-        for program in PROGRAMS {
-            let tp = match program {
-                "kvm_entry" => &config.entry_tracepoint,
-                "sched_switch" => &switch_tp,
-                "sched_process_exit" => &process_exit_tp,
-                "task_newtask" => &newtask_tp,
-                "module_load" if module_name_off.is_none() => {
-                    log::info!(
-                        "this kernel has no {module_tp}: a kvm module reload during the record does not start a new phase"
-                    );
-                    continue;
-                }
-                "module_load" => &module_tp,
-                // Its tracepoint fires on every CPUID exit: only pay for it when used.
-                "kvm_cpuid" if leaves.is_none() => continue,
-                "kvm_cpuid" => &cpuid_tp,
-                _ => exit_tp,
-            };
-            let prog = find_program(&mut ebpf, program)?;
-            let unusable = |source| ProbeError::Program {
-                action: "use",
-                program: program.to_owned(),
-                source,
-            };
-            let attached = if matches!(program, "kvm_entry" | "sched_switch") {
-                // A raw tracepoint: it needs no field of the record.
-                let raw: &mut RawTracePoint = prog.try_into().map_err(unusable)?;
-                raw.load().map_err(|e| load_error(program, e))?;
-                raw.attach(&tp.name).map(drop)
-            } else {
-                let tracepoint: &mut TracePoint = prog.try_into().map_err(unusable)?;
-                tracepoint.load().map_err(|e| load_error(program, e))?;
-                tracepoint.attach(&tp.category, &tp.name).map(drop)
-            };
-            attached.map_err(|source| ProbeError::Program {
-                action: "attach",
-                program: format!("{program} to {tp}"),
-                source,
-            })?;
-        }
+        setup.attach_programs(&mut ebpf, config)?;
         let counts_synthetic = leaves.is_some() && attach_synthetic_counter(&mut ebpf)?;
         let cpuid_events = RingBuf::try_from(
             ebpf.take_map(maps::CPUID_EVENTS)
@@ -366,8 +249,8 @@ impl Probe {
             logger,
             cpuid_events,
             regs_samples,
-            filter_enabled: filter_enabled != 0,
-            tracks_phases: module_name_off.is_some(),
+            filter_enabled: !config.pids.is_empty(),
+            tracks_phases: setup.tracks_phases(),
             counts_synthetic,
         })
     }
@@ -520,6 +403,21 @@ impl Probe {
             )?;
         }
 
+        let detail: PerCpuHashMap<&MapData, DetailKey, ExitStats> =
+            PerCpuHashMap::try_from(map(maps::DETAIL_EXITS)?)
+                .map_err(map_err(maps::DETAIL_EXITS))?;
+        for item in detail.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::DETAIL_EXITS))?;
+            snap.detail.insert(key, sum_stats(per_cpu.iter())?);
+        }
+        let rips: PerCpuHashMap<&MapData, RipKey, u64> =
+            PerCpuHashMap::try_from(map(maps::RIP_EXITS)?).map_err(map_err(maps::RIP_EXITS))?;
+        for item in rips.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::RIP_EXITS))?;
+            snap.rips
+                .insert(key, sum_u64(per_cpu.iter().copied(), "rip count")?);
+        }
+
         let drops: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map(maps::DROPS)?).map_err(map_err(maps::DROPS))?;
         let mut counts = Drops::default();
@@ -616,31 +514,6 @@ fn has_recursion_misses(len: u32) -> bool {
     len as usize >= size_of::<ProgInfoHead>()
 }
 
-/// The offset of `group_dead` in `sched:sched_process_exit`, a one-byte bool that newer
-/// kernels have (6.18 does, 6.1 does not); `None` when this kernel's record lacks it.
-fn group_dead_offset(fields: &[Field]) -> Option<u32> {
-    fields
-        .iter()
-        .find(|f| f.name == "group_dead" && f.size == 1)
-        .map(|f| f.offset)
-}
-
-/// Where the one read of the exit fields starts, and each field's offset from there.
-/// `fields` are (offset, size) pairs; each must be aligned to its size from the start.
-fn exit_fields(tp: &Tracepoint, fields: [(u32, u32); 4]) -> Result<[u32; 5], ProbeError> {
-    let base = fields.iter().map(|f| f.0).min().unwrap_or(0);
-    let end = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
-    let rel = fields.map(|(o, size)| (o - base, size));
-    if end - base > limits::EXIT_FIELDS_BYTES || rel.iter().any(|(r, size)| r % size != 0) {
-        return Err(ProbeError::FieldsApart {
-            tracepoint: tp.to_string(),
-            span: end - base,
-            max: limits::EXIT_FIELDS_BYTES,
-        });
-    }
-    Ok([base, rel[0].0, rel[1].0, rel[2].0, rel[3].0])
-}
-
 /// An `EbpfLoader` that has not parsed the kernel's BTF. The programs have no CO-RE
 /// relocations (field offsets come from tracefs), but `EbpfLoader::new` parses all of
 /// /sys/kernel/btf/vmlinux anyway: on a 6.x kernel that is most of kvmtrace's start
@@ -721,7 +594,18 @@ fn load_error(program: &str, err: ProgramError) -> ProbeError {
 
 #[cfg(test)]
 mod tests {
+    use super::setup::{exit_fields, group_dead_offset, optional_exit_field};
     use super::*;
+
+    #[test]
+    fn optional_fields_are_used_where_the_read_reaches() {
+        // 6.1: info1 at 32, intr_info at 48, the read starts at 8.
+        assert_eq!(optional_exit_field(8, 32, 8), Some(24));
+        assert_eq!(optional_exit_field(8, 48, 4), Some(40));
+        assert_eq!(optional_exit_field(8, 70, 4), None, "beyond the read");
+        assert_eq!(optional_exit_field(8, 4, 4), None, "before it");
+        assert_eq!(optional_exit_field(8, 36, 8), None, "misaligned");
+    }
 
     #[test]
     fn exit_fields_are_read_at_once() {
@@ -835,6 +719,11 @@ format:
         assert_eq!((h.exit(), h.bucket()), (svm, 47));
         assert_eq!(size_of::<PhaseVcpuKey>(), 16);
         assert_eq!(size_of::<HistKey>(), 8);
-        assert_eq!(size_of::<tracer_common::PendingExit>(), 32);
+        assert_eq!(size_of::<tracer_common::PendingExit>(), 56);
+        // Keys without padding: every byte is hashed.
+        assert_eq!(size_of::<tracer_common::DetailKey>(), 24);
+        assert_eq!(size_of::<tracer_common::RipKey>(), 24);
+        let d = tracer_common::DetailKey::new(&row, 3, 0x3f8_0000);
+        assert_eq!((d.exit(), d.phase(), d.pid), (exit, 3, 4_194_304));
     }
 }

@@ -1,0 +1,319 @@
+//! What the programs are loaded with: the field offsets read from tracefs and the
+//! settings, as eBPF globals; the map sizes; and the tracepoint each program attaches to.
+
+use aya::{
+    Ebpf,
+    programs::{RawTracePoint, TracePoint},
+};
+use kvmtrace_model::tracefs_format::{Field, Tracepoint};
+use tracer_common::{NO_FIELD, globals, limits, maps};
+
+use super::{ProbeConfig, ProbeError, find_program, load_error};
+use crate::tracefs::Tracefs;
+
+/// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
+/// so an exit is only timed once its entry program is attached, threads that exit from
+/// now on are forgotten, and child processes created from now on are followed.
+const PROGRAMS: [&str; 9] = [
+    "kvm_entry",
+    "sched_switch",
+    "sched_process_exit",
+    "task_newtask",
+    "kvm_cpuid",
+    "kvm_msr",
+    "kvm_page_fault",
+    "module_load",
+    "kvm_exit",
+];
+
+/// The tracepoints the programs attach to, and the globals they are loaded with.
+pub(super) struct Setup {
+    pub globals: Vec<(&'static str, u32)>,
+    newtask: Tracepoint,
+    process_exit: Tracepoint,
+    switch: Tracepoint,
+    cpuid: Tracepoint,
+    msr: Tracepoint,
+    page_fault: Tracepoint,
+    /// `None` on kernels without `module:module_load`.
+    module: Option<Tracepoint>,
+}
+
+impl Setup {
+    /// Reads every field offset the programs need from `tracefs`; the optional ones
+    /// (`group_dead`, `module_load`, and with `--detail` the exit's `info1` and
+    /// `intr_info`) are [`NO_FIELD`] or `None` where this kernel lacks them.
+    pub fn read(tracefs: &Tracefs, config: &ProbeConfig) -> Result<Self, ProbeError> {
+        let exit_tp = &config.exit_tracepoint;
+        tracefs.require(exit_tp)?;
+        tracefs.require(&config.entry_tracepoint)?;
+        let s = Self {
+            globals: Vec::new(),
+            newtask: Tracepoint::new("task", "task_newtask"),
+            process_exit: Tracepoint::new("sched", "sched_process_exit"),
+            switch: Tracepoint::new("sched", "sched_switch"),
+            cpuid: Tracepoint::new("kvm", "kvm_cpuid"),
+            msr: Tracepoint::new("kvm", "kvm_msr"),
+            page_fault: Tracepoint::new("kvm", "kvm_page_fault"),
+            module: None,
+        };
+        let mut g = exit_globals(tracefs, exit_tp, config.detail)?;
+        g.extend(s.task_globals(tracefs)?);
+        g.extend(s.kvm_globals(tracefs, config)?);
+        g.extend(settings(config));
+        // Optional: without it a vendor module reload does not start a new phase.
+        let module = Tracepoint::new("module", "module_load");
+        let module_name_off = tracefs.offset(&module, "name").ok();
+        g.push((globals::MODULE_NAME_OFF, module_name_off.unwrap_or(0)));
+        if module_name_off.is_none() {
+            log::info!(
+                "this kernel has no {module}: a kvm module reload during the record does not start a new phase"
+            );
+        }
+        Ok(Self {
+            globals: g,
+            module: module_name_off.map(|_| module),
+            ..s
+        })
+    }
+
+    /// Whether a vendor module reload starts a new phase.
+    pub fn tracks_phases(&self) -> bool {
+        self.module.is_some()
+    }
+
+    /// `task:task_newtask` and `sched:sched_process_exit`.
+    fn task_globals(&self, tracefs: &Tracefs) -> Result<Vec<(&'static str, u32)>, ProbeError> {
+        let group_dead = group_dead_offset(&tracefs.fields(&self.process_exit)?);
+        if group_dead.is_none() {
+            log::debug!(
+                "{} has no group_dead field: a traced process is forgotten when its group leader exits",
+                self.process_exit
+            );
+        }
+        Ok(vec![
+            (
+                globals::NEWTASK_PID_OFF,
+                tracefs.offset(&self.newtask, "pid")?,
+            ),
+            (
+                globals::NEWTASK_FLAGS_OFF,
+                tracefs.offset(&self.newtask, "clone_flags")?,
+            ),
+            (globals::EXIT_GROUP_DEAD_OFF, group_dead.unwrap_or(NO_FIELD)),
+        ])
+    }
+
+    /// `kvm:kvm_cpuid`, and with `--detail` `kvm:kvm_msr` and `kvm:kvm_page_fault`.
+    fn kvm_globals(
+        &self,
+        tracefs: &Tracefs,
+        config: &ProbeConfig,
+    ) -> Result<Vec<(&'static str, u32)>, ProbeError> {
+        let cpuid = |field| tracefs.offset(&self.cpuid, field);
+        let mut g = vec![
+            (globals::CPUID_FUNCTION_OFF, cpuid("function")?),
+            (globals::CPUID_INDEX_OFF, cpuid("index")?),
+            (globals::CPUID_RAX_OFF, cpuid("rax")?),
+            (globals::CPUID_RBX_OFF, cpuid("rbx")?),
+            (globals::CPUID_RCX_OFF, cpuid("rcx")?),
+            (globals::CPUID_RDX_OFF, cpuid("rdx")?),
+        ];
+        if config.detail {
+            g.extend([
+                (globals::MSR_ECX_OFF, tracefs.offset(&self.msr, "ecx")?),
+                (globals::MSR_WRITE_OFF, tracefs.offset(&self.msr, "write")?),
+                (
+                    globals::PF_ADDRESS_OFF,
+                    tracefs.offset(&self.page_fault, "fault_address")?,
+                ),
+            ]);
+        }
+        Ok(g)
+    }
+
+    /// Loads each program and attaches it to its tracepoint; the optional ones only
+    /// when used.
+    pub fn attach_programs(&self, ebpf: &mut Ebpf, config: &ProbeConfig) -> Result<(), ProbeError> {
+        let detail = config.detail;
+        for program in PROGRAMS {
+            let tp = match program {
+                "kvm_entry" => &config.entry_tracepoint,
+                "sched_switch" => &self.switch,
+                "sched_process_exit" => &self.process_exit,
+                "task_newtask" => &self.newtask,
+                "module_load" => match &self.module {
+                    Some(tp) => tp,
+                    None => continue,
+                },
+                // Its tracepoint fires on every CPUID exit: only pay for it when used.
+                "kvm_cpuid" if config.snapshots.is_none() && !detail => continue,
+                "kvm_cpuid" => &self.cpuid,
+                "kvm_msr" | "kvm_page_fault" if !detail => continue,
+                "kvm_msr" => &self.msr,
+                "kvm_page_fault" => &self.page_fault,
+                _ => &config.exit_tracepoint,
+            };
+            attach(ebpf, program, tp)?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads `program` and attaches it to `tp`.
+fn attach(ebpf: &mut Ebpf, program: &str, tp: &Tracepoint) -> Result<(), ProbeError> {
+    let prog = find_program(ebpf, program)?;
+    let unusable = |source| ProbeError::Program {
+        action: "use",
+        program: program.to_owned(),
+        source,
+    };
+    let attached = if matches!(program, "kvm_entry" | "sched_switch") {
+        // A raw tracepoint: it needs no field of the record.
+        let raw: &mut RawTracePoint = prog.try_into().map_err(unusable)?;
+        raw.load().map_err(|e| load_error(program, e))?;
+        raw.attach(&tp.name).map(drop)
+    } else {
+        let tracepoint: &mut TracePoint = prog.try_into().map_err(unusable)?;
+        tracepoint.load().map_err(|e| load_error(program, e))?;
+        tracepoint.attach(&tp.category, &tp.name).map(drop)
+    };
+    attached.map_err(|source| ProbeError::Program {
+        action: "attach",
+        program: format!("{program} to {tp}"),
+        source,
+    })
+}
+
+/// `kvm:kvm_exit`'s fields: where the one read starts and each field's place in it.
+fn exit_globals(
+    tracefs: &Tracefs,
+    exit_tp: &Tracepoint,
+    detail: bool,
+) -> Result<Vec<(&'static str, u32)>, ProbeError> {
+    let fields = [
+        (tracefs.offset(exit_tp, "exit_reason")?, 4),
+        (tracefs.offset(exit_tp, "isa")?, 4),
+        (tracefs.offset(exit_tp, "vcpu_id")?, 4),
+        (tracefs.offset(exit_tp, "guest_rip")?, 8),
+    ];
+    let [base, reason, isa, vcpu, rip] = exit_fields(exit_tp, fields)?;
+    let optional = |name: &str, size: u32| {
+        let off = tracefs
+            .offset(exit_tp, name)
+            .ok()
+            .and_then(|o| optional_exit_field(base, o, size));
+        if off.is_none() && detail {
+            log::info!(
+                "{exit_tp} has no usable {name} field: --detail leaves the exits it keys undecoded"
+            );
+        }
+        off.unwrap_or(NO_FIELD)
+    };
+    Ok(vec![
+        (globals::EXIT_FIELDS_OFF, base),
+        (globals::EXIT_REASON_OFF, reason),
+        (globals::EXIT_ISA_OFF, isa),
+        (globals::EXIT_VCPU_OFF, vcpu),
+        (globals::EXIT_RIP_OFF, rip),
+        (globals::EXIT_INFO1_OFF, optional("info1", 8)),
+        (globals::EXIT_INTR_INFO_OFF, optional("intr_info", 4)),
+    ])
+}
+
+/// What to count: the filters, the snapshots' leaves, `--detail`, `--rip`.
+fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
+    let leaves = config.snapshots;
+    vec![
+        (globals::SNAPSHOTS, u32::from(leaves.is_some())),
+        (
+            globals::LEAF_TOTAL,
+            leaves.and_then(|l| l.total).unwrap_or(0),
+        ),
+        (globals::LEAF_COUNT, leaves.map_or(0, |l| l.count)),
+        (
+            globals::LEAF_CYCLES,
+            leaves.and_then(|l| l.cycles).unwrap_or(0),
+        ),
+        (
+            globals::FILTER_PIDS_ENABLED,
+            u32::from(!config.pids.is_empty()),
+        ),
+        (globals::VCPU_FILTER, config.vcpu.unwrap_or(u32::MAX)),
+        (globals::DETAIL, u32::from(config.detail)),
+        (globals::RIPS, u32::from(config.rips)),
+    ]
+}
+
+/// Every map's size: as configured, or 1 entry (1 page for ring buffers) when the
+/// option that uses it is off.
+pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
+    let on = |used: bool, size: u32, otherwise: u32| if used { size } else { otherwise };
+    // Per-VM counts are only kept for snapshots. The kernel maps all of a ring buffer's
+    // pages (twice) into our memory at once: it too is only sized for snapshots when
+    // they are taken.
+    let snap = config.snapshots.is_some();
+    let ring_min = limits::CPUID_RING_MIN_BYTES;
+    vec![
+        (maps::OVERFLOW_EXITS, config.max_overflow_rows),
+        (maps::VCPU_EXITS, config.max_vcpu_rows),
+        (maps::VM_EXITS, on(snap, limits::MAX_VM_ROWS, 1)),
+        (maps::VM_TOTALS, on(snap, limits::MAX_VMS, 1)),
+        (
+            maps::CPUID_EVENTS,
+            on(snap, limits::CPUID_RING_BYTES, ring_min),
+        ),
+        (
+            maps::REGS_SAMPLES,
+            on(snap, limits::LEARN_RING_BYTES, ring_min),
+        ),
+        (maps::VCPU_OF, on(snap, limits::MAX_VCPU_THREADS, 1)),
+        (maps::VM_SYNTHETIC, on(snap, limits::MAX_VMS, 1)),
+        (maps::RUN_STARTED, on(snap, limits::MAX_VCPU_THREADS, 1)),
+        (maps::PENDING_READS, on(snap, limits::MAX_VCPU_THREADS, 1)),
+        (
+            maps::DETAIL_EXITS,
+            on(config.detail, limits::MAX_DETAIL_ROWS, 1),
+        ),
+        (
+            maps::DETAIL_KEYS,
+            on(config.detail, limits::MAX_DETAIL_REASONS, 1),
+        ),
+        (maps::RIP_EXITS, on(config.rips, limits::MAX_RIP_ROWS, 1)),
+    ]
+}
+
+/// The offset of `group_dead` in `sched:sched_process_exit`, a one-byte bool that newer
+/// kernels have (6.18 does, 6.1 does not); `None` when this kernel's record lacks it.
+pub(super) fn group_dead_offset(fields: &[Field]) -> Option<u32> {
+    fields
+        .iter()
+        .find(|f| f.name == "group_dead" && f.size == 1)
+        .map(|f| f.offset)
+}
+
+/// Where the one read of the exit fields starts, and each field's offset from there.
+/// `fields` are (offset, size) pairs; each must be aligned to its size from the start.
+pub(super) fn exit_fields(
+    tp: &Tracepoint,
+    fields: [(u32, u32); 4],
+) -> Result<[u32; 5], ProbeError> {
+    let base = fields.iter().map(|f| f.0).min().unwrap_or(0);
+    let end = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
+    let rel = fields.map(|(o, size)| (o - base, size));
+    if end - base > limits::EXIT_FIELDS_BYTES || rel.iter().any(|(r, size)| r % size != 0) {
+        return Err(ProbeError::FieldsApart {
+            tracepoint: tp.to_string(),
+            span: end - base,
+            max: limits::EXIT_FIELDS_BYTES,
+        });
+    }
+    Ok([base, rel[0].0, rel[1].0, rel[2].0, rel[3].0])
+}
+
+/// Offset of an optional `kvm:kvm_exit` field from `base`, where the one read of
+/// [`limits::EXIT_FIELDS_BYTES`] reaches it aligned; `None` otherwise.
+pub(super) fn optional_exit_field(base: u32, offset: u32, size: u32) -> Option<u32> {
+    let rel = offset.checked_sub(base)?;
+    (rel + size <= limits::EXIT_FIELDS_BYTES && rel % size == 0).then_some(rel)
+}
