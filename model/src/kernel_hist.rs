@@ -74,6 +74,20 @@ impl KernelHist {
     }
 }
 
+/// The sum of every trigger's `Dropped:` line in hist output of any keys.
+pub fn dropped(text: &str) -> Result<u64, ParseError> {
+    let mut n = 0;
+    for line in text.lines().map(str::trim) {
+        if let Some(d) = line.strip_prefix("Dropped:") {
+            n += d.trim().parse::<u64>().map_err(|_| ParseError {
+                line: line.to_owned(),
+                what: "bad Dropped",
+            })?;
+        }
+    }
+    Ok(n)
+}
+
 /// One key line: its numeric keys by name, and its hitcount.
 pub type HistRow = (BTreeMap<String, u64>, u64);
 
@@ -177,6 +191,8 @@ Totals:
             "a bucket reads as its start"
         );
         assert_eq!(r[1].1, 4);
+        let msr = "{ ecx: 3221225600, write: 1 } hitcount: 50\n    Dropped: 2\n";
+        assert_eq!(dropped(msr), Ok(2), "any keys: only the Dropped lines count");
     }
 
     #[test]

@@ -380,7 +380,7 @@ impl Breakdown {
                 .map(|(rip, count)| RipRow {
                     rip,
                     count,
-                    symbol: crate::symbols::user_space(rip).then(|| "user space".to_owned()),
+                    symbol: None,
                 })
                 .collect();
         }
@@ -1032,6 +1032,7 @@ pub(crate) mod tests {
             (0xffff_ffff_8107_1b2f, 2, 1)
         );
         assert_eq!(io.rips[0].symbol, None, "no symbols given");
+        assert_eq!(io.rips.len(), 1);
         let syms = crate::symbols::Symbols::parse("ffffffff81071b20 T native_write_cr3\n", 0)
             .unwrap_or_else(|e| panic!("{e}"));
         r.symbolize(&syms);

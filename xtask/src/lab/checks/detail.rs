@@ -73,9 +73,9 @@ pub fn check(m: &Inputs<'_>) -> anyhow::Result<Vec<String>> {
             problems.extend(micro_detail(tag, known, &reference, &ours));
         }
         print_undecoded(&report);
-        let dropped = kernel_hist::KernelHist::parse(&msr)?.dropped
-            + kernel_hist::KernelHist::parse(&cpuid)?.dropped
-            + kernel_hist::KernelHist::parse(&pf)?.dropped;
+        let dropped = kernel_hist::dropped(&msr)?
+            + kernel_hist::dropped(&cpuid)?
+            + kernel_hist::dropped(&pf)?;
         if dropped > 0 {
             problems.push(format!(
                 "{tag}: the detail triggers dropped {dropped} entries"
