@@ -29,8 +29,21 @@ pub struct Decoded {
 /// The sub-key of the row that holds a reason's exits no sub-key was counted for.
 pub const UNDECODED_KEY: &str = "undecoded";
 
-/// Decodes one sub-key of `kind` (a `detail_kind`) of an exit of `isa`.
+/// The key suffix of an emulated instruction's row.
+pub const EMULATED_SUFFIX: &str = ":emulated";
+
+/// Decodes one sub-key of `kind` (a `detail_kind`, perhaps flagged
+/// [`detail_kind::EMULATED`]) of an exit of `isa`.
 pub fn decode(isa: Isa, kind: u32, sub: u64) -> Decoded {
+    let mut d = decode_plain(isa, kind & !detail_kind::EMULATED, sub);
+    if kind & detail_kind::EMULATED != 0 {
+        d.key.push_str(EMULATED_SUFFIX);
+        d.label.push_str(", emulated (no exit of its own)");
+    }
+    d
+}
+
+fn decode_plain(isa: Isa, kind: u32, sub: u64) -> Decoded {
     let (kind_name, key, label) = match kind {
         detail_kind::VECTOR => {
             let (key, label) = vector(sub);
@@ -381,7 +394,8 @@ pub fn totals(reasons: &[ReasonRow], skip: &[&str]) -> KeyCounts {
         if d.kind == UNDECODED_KEY || d.kind == "other" || skip.contains(&d.kind.as_str()) {
             continue;
         }
-        *out.entry((d.kind.clone(), d.key.clone())).or_default() += d.totals.count;
+        let key = d.key.strip_suffix(EMULATED_SUFFIX).unwrap_or(&d.key);
+        *out.entry((d.kind.clone(), key.to_owned())).or_default() += d.totals.count;
     }
     out
 }
@@ -531,6 +545,15 @@ mod tests {
             decode(Isa::Vmx, 99, 5).key,
             "kind99:0x5",
             "unknown kinds stay numbers"
+        );
+        let emulated = decode(Isa::Vmx, detail_kind::CPUID | detail_kind::EMULATED, 1);
+        assert_eq!(
+            (emulated.kind, emulated.key.as_str()),
+            ("cpuid", "0x1:emulated")
+        );
+        assert_eq!(
+            emulated.label,
+            "leaf 0x1 (features), emulated (no exit of its own)"
         );
     }
 }

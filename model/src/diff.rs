@@ -259,6 +259,7 @@ mod tests {
             kind: "cr".into(),
             key: "cr3:write".into(),
             label: "mov to CR3".into(),
+            emulated: false,
             totals: Totals {
                 count,
                 ..Totals::default()

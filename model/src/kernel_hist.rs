@@ -192,7 +192,11 @@ Totals:
         );
         assert_eq!(r[1].1, 4);
         let msr = "{ ecx: 3221225600, write: 1 } hitcount: 50\n    Dropped: 2\n";
-        assert_eq!(dropped(msr), Ok(2), "any keys: only the Dropped lines count");
+        assert_eq!(
+            dropped(msr),
+            Ok(2),
+            "any keys: only the Dropped lines count"
+        );
     }
 
     #[test]

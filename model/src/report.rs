@@ -68,9 +68,12 @@
 //!   leaf, `0x1`), `gpa` (EPT_VIOLATION, SVM NPF: the 1 MiB guest-physical region of
 //!   `kvm:kvm_page_fault`, `0xfee00000`); `other` holds a reason's exits past its cap
 //!   of 512 sub-keys (`dropped.detail_capped`), `undecoded` those no sub-key was seen
-//!   for. A `kvm_msr`/`kvm_cpuid`/`kvm_page_fault` event during an exit of a reason
-//!   with no sub-key of its own (an instruction KVM emulates) is counted under that
-//!   reason. The rows of a reason add up to its `count`.
+//!   for. The rows of a reason add up to its `count`, besides rows with `"emulated":
+//!   true` (key suffix `:emulated`): a `kvm_msr` or `kvm_cpuid` event with no exit of its
+//!   own waiting for it, i.e. an instruction KVM emulated (real-mode code under shadow
+//!   paging, or a second one within one exit), counted under the instruction's own
+//!   reason (a reason row with `count` 0 when it had no exit). So the `cpuid` and `msr`
+//!   rows hold every `kvm_cpuid` and `kvm_msr` event.
 //! - `reasons[].rips` (`record --rip N`): the N guest RIPs with the most exits of the
 //!   reason, `{ "rip", "count", "symbol" }` (`symbol` with `--guest-symbols`:
 //!   `function+0xoff`, or `user space`), and `rips_rest`, the exits at every other RIP.
@@ -233,6 +236,11 @@ pub struct DetailRow {
     pub kind: String,
     pub key: String,
     pub label: String,
+    /// An instruction KVM emulated without an exit of its own (real-mode code under
+    /// shadow paging, or a second one within one exit), counted under its reason
+    /// besides that reason's exits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub emulated: bool,
     #[serde(flatten)]
     pub totals: Totals,
     #[serde(default)]
@@ -399,6 +407,7 @@ impl Breakdown {
                     kind: d.kind.to_owned(),
                     key: d.key,
                     label: d.label,
+                    emulated: kind & tracer_common::detail_kind::EMULATED != 0,
                     totals,
                     mean_ns: totals.mean_ns(),
                 }
@@ -418,6 +427,7 @@ impl Breakdown {
                 kind: detail::UNDECODED_KEY.to_owned(),
                 key: detail::UNDECODED_KEY.to_owned(),
                 label: "no sub-key seen (none decodable, or the map was full)".to_owned(),
+                emulated: false,
                 totals: rest,
                 mean_ns: rest.mean_ns(),
             });
@@ -716,6 +726,11 @@ fn reason_rows(
     breakdown: &Breakdown,
     info: &RunInfo,
 ) -> Vec<ReasonRow> {
+    // A reason with emulated rows only (no exit of its own) still gets its row.
+    let mut exits = exits.clone();
+    for exit in breakdown.detail.keys() {
+        exits.entry(*exit).or_default();
+    }
     let mut rows: Vec<ReasonRow> = exits
         .iter()
         .map(|(exit, stats)| {
@@ -1051,6 +1066,59 @@ pub(crate) mod tests {
         );
         let text = serde_json::to_string(&r).unwrap_or_default();
         assert_eq!(Report::from_json(&text).ok(), Some(r));
+    }
+
+    #[test]
+    fn emulated_rows_are_kept_beside_their_reason() {
+        let r = detail_report();
+        let mut snap = Snapshot::default();
+        let io = ExitKey::from_raw(1, 30);
+        snap.add_exits(0, io, stats(2, 2, 20)).ok();
+        let row = |exit| {
+            tracer_common::PhaseVcpuKey::new(
+                0,
+                &VcpuKey {
+                    pid: 42,
+                    vcpu_id: 0,
+                    exit,
+                },
+            )
+        };
+        use tracer_common::detail_kind::{CPUID, EMULATED, PORT};
+        snap.detail.insert(
+            tracer_common::DetailKey::new(&row(io), PORT, 0x0070_0000),
+            stats(2, 2, 20),
+        );
+        // Real-mode CPUIDs emulated under ept=0: no CPUID exit at all.
+        let cpuid = ExitKey::from_raw(1, 10);
+        snap.detail.insert(
+            tracer_common::DetailKey::new(&row(cpuid), CPUID | EMULATED, 0),
+            stats(3, 0, 0),
+        );
+        let info = RunInfo {
+            detail: true,
+            ..RunInfo::default()
+        };
+        let b = Report::build(&snap, info).unwrap_or_else(|e| panic!("{e}"));
+        let cpuid_row = b.reasons.iter().find(|x| x.reason == 10);
+        assert_eq!(
+            cpuid_row.map(|x| x.totals.count),
+            Some(0),
+            "a row, with no exits"
+        );
+        let d = cpuid_row.map(|x| x.detail.clone()).unwrap_or_default();
+        assert_eq!(d.len(), 1, "no undecoded rest: the reason has no exits");
+        assert_eq!(
+            (d[0].key.as_str(), d[0].emulated, d[0].totals.count),
+            ("0x0:emulated", true, 3)
+        );
+        let totals = crate::detail::totals(&b.reasons, &[]);
+        assert_eq!(
+            totals.get(&("cpuid".into(), "0x0".into())),
+            Some(&3),
+            "counted like the hist"
+        );
+        assert!(!r.reasons.is_empty());
     }
 
     #[test]

@@ -441,6 +441,9 @@ pub mod detail_kind {
     /// The reason already had [`MAX_DETAIL_KEYS_PER_REASON`] sub-keys: the rest
     /// are counted here, and in `DETAIL_CAPPED`.
     pub const OTHER: u32 = 7;
+    /// Flag on a `kind`: an instruction KVM emulated without an exit of its own,
+    /// counted under that instruction's reason.
+    pub const EMULATED: u32 = 0x100;
     /// The per-reason cap on distinct sub-keys (per VM and phase keys together).
     pub const MAX_DETAIL_KEYS_PER_REASON: u64 = 512;
     /// The shift of [`GPA`].

@@ -454,30 +454,66 @@ fn count_rip(row: &PhaseVcpuKey, rip: u64) {
 }
 
 /// The sub-key of the exit this vCPU thread is handling, from a tracepoint that fires
-/// while KVM handles it (`kvm_msr`, `kvm_cpuid`, `kvm_page_fault`). Counted once per
-/// exit: when the exit awaits that kind, or when it has no sub-key of its own (an
-/// instruction KVM emulates while handling another reason: the event is counted under
-/// that reason). An exit already keyed (a #PF exit's vector, before its
-/// `kvm_page_fault` under shadow paging) keeps its key.
+/// while KVM handles it (`kvm_msr`, `kvm_cpuid`, `kvm_page_fault`): counted when the
+/// exit awaits that kind. Any other `kvm_msr` or `kvm_cpuid` event is an instruction
+/// KVM emulated without an exit of its own (real-mode code under `ept=0`, or a second
+/// one within one exit): it is counted under its own reason, marked emulated, so the
+/// rows hold every event. A `kvm_page_fault` with no EPT violation or NPF waiting is
+/// shadow paging's #PF, already keyed by its vector (its address is guest-virtual).
 #[inline(always)]
 fn detail_event(kind: u32, sub: u64) {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let pending = match CPU_PENDING.get_ptr_mut(0) {
+    let slot = CPU_PENDING.get_ptr_mut(0);
+    let pending = match slot {
         // SAFETY: this CPU's slot.
         Some(slot) if unsafe { (*slot).tid == tid && (*slot).start_ns != 0 } => slot,
-        _ => match PENDING.get_ptr_mut(tid) {
-            Some(entry) => entry,
-            None => return,
+        _ => match (PENDING.get_ptr_mut(tid), slot) {
+            (Some(entry), _) => entry,
+            // The thread's last exit, already entered: only its VM and isa are used.
+            // SAFETY: as above.
+            (None, Some(slot)) if unsafe { (*slot).tid == tid } => slot,
+            _ => return,
         },
     };
     // SAFETY: this CPU's slot, or the thread's own entry: only this thread uses it now.
     unsafe {
-        let unkeyed = (*pending).awaiting == 0 && (*pending).detail.kind == 0;
-        if (*pending).start_ns == 0 || ((*pending).awaiting != kind && !unkeyed) {
+        if (*pending).start_ns != 0 && (*pending).awaiting == kind {
+            (*pending).awaiting = 0;
+            (*pending).detail = count_detail(&DetailKey::new(&(*pending).row, kind, sub));
             return;
         }
-        (*pending).awaiting = 0;
-        (*pending).detail = count_detail(&DetailKey::new(&(*pending).row, kind, sub));
+        if kind == detail_kind::GPA {
+            return;
+        }
+        let row = (*pending).row;
+        let key = DetailKey {
+            pid: row.pid,
+            reason: own_reason(row.meta & 0xff, kind, sub),
+            // The isa and phase of the thread's last exit; never a failed entry.
+            meta: row.meta & !0x100,
+            kind: kind | detail_kind::EMULATED,
+            sub,
+        };
+        count_detail(&key);
+    }
+}
+
+/// The exit reason of an emulated instruction's kind: CPUID, or RDMSR/WRMSR (`sub`'s
+/// bit 32 is the write flag).
+#[inline(always)]
+fn own_reason(isa: u32, kind: u32, sub: u64) -> u32 {
+    use tracer_common::exit_reasons as r;
+    let write = sub >> 32 & 1 != 0;
+    match (
+        isa == tracer_common::isa::SVM,
+        kind == detail_kind::CPUID,
+        write,
+    ) {
+        (true, true, _) => r::SVM_CPUID,
+        (true, false, _) => r::SVM_MSR,
+        (false, true, _) => r::VMX_CPUID,
+        (false, false, false) => r::VMX_MSR_READ,
+        (false, false, true) => r::VMX_MSR_WRITE,
     }
 }
 

@@ -186,6 +186,29 @@ pub fn unpack(deb: &Path, roots: &Path) -> anyhow::Result<PathBuf> {
     unpack_into(&[deb.to_owned()], &roots.join(stem))
 }
 
+/// Unpacks only `member` (a path in the package, `./usr/...`) of `deb` once into
+/// `root`; returns the file. For packages too big to unpack whole (the kernel's -dbg).
+pub fn unpack_member(deb: &Path, member: &str, root: &Path) -> anyhow::Result<PathBuf> {
+    let file = root.join(member.trim_start_matches("./"));
+    if file.is_file() {
+        return Ok(file);
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let cmd = format!(
+        "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' '{member}'",
+        deb.display(),
+        root.display()
+    );
+    run_bounded(
+        Command::new("sh").args(["-c", &cmd]),
+        Duration::from_secs(600),
+    )?;
+    if !file.is_file() {
+        bail!("{} has no {member}", deb.display());
+    }
+    Ok(file)
+}
+
 /// A control field of a `.deb` (`Version`, `Depends`, `Source`, ...).
 pub fn deb_field(deb: &Path, field: &str) -> anyhow::Result<String> {
     Ok(

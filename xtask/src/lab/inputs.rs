@@ -46,6 +46,8 @@ pub struct Inputs {
     pub qemu_data_dirs: Vec<PathBuf>,
     /// QEMU's loadable modules (TCG lives there), for the AMD lab's L1 emulator.
     pub qemu_module_dir: Option<PathBuf>,
+    /// The lab's download cache (`target/lab/cache`).
+    pub cache: PathBuf,
 }
 
 /// Where L1's kvm modules come from.
@@ -154,6 +156,7 @@ fn download_inputs(isa: Isa, cache: &Path) -> anyhow::Result<Inputs> {
         firmware,
         qemu_data_dirs: data_dirs,
         qemu_module_dir,
+        cache: cache.to_owned(),
     })
 }
 

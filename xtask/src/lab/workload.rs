@@ -31,11 +31,7 @@ pub fn l1(
         workload,
         kvmtrace,
         perf: None,
-        system_map: matches!(opts.workload, Workload::Boot | Workload::Sweep).then(|| {
-            inputs
-                .kernel
-                .with_file_name(format!("System.map-{}", inputs.abi))
-        }),
+        system_map: l2_system_map(opts, inputs)?,
         record_args: record_args(opts),
         run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,
@@ -47,6 +43,34 @@ pub fn l1(
         signals: opts.signals.join(" "),
         signal_after: opts.signal_after,
     })
+}
+
+/// The real System.map of the kernel L2 boots (with `nokaslr`), to name `--rip` rows:
+/// Debian's linux-image ships a stub, the real one is in its -dbg package (283 MB for
+/// 6.1 cloud, of which only System.map is unpacked). Fetched only for a booted L2
+/// recorded with `--rip`.
+fn l2_system_map(opts: &Options, inputs: &Inputs) -> anyhow::Result<Option<PathBuf>> {
+    let rips = opts
+        .record_args
+        .split_whitespace()
+        .any(|a| a == "--rip" || a.starts_with("--rip="));
+    if !rips || !matches!(opts.workload, Workload::Boot) {
+        return Ok(None);
+    }
+    let cache = inputs.cache.clone();
+    let deb = crate::apt::download(
+        &cache.join("debs"),
+        &format!("linux-image-{}-dbg", inputs.abi),
+    )?;
+    let member = format!("./usr/lib/debug/boot/System.map-{}", inputs.abi);
+    let map = crate::apt::unpack_member(
+        &deb,
+        &member,
+        &cache
+            .join("roots")
+            .join(format!("linux-image-{}-dbg", inputs.abi)),
+    )?;
+    Ok(Some(map))
 }
 
 /// What runs as L2: QEMU microvm booting Linux (with the L2 initrd built into
