@@ -198,14 +198,16 @@ fn port_name(port: u16) -> Option<&'static str> {
         0xb2 | 0xb3 => "APM/SMI control",
         0xe9 => "debug console",
         0x1f0..=0x1f7 | 0x3f6 => "ATA primary",
+        0x2e8..=0x2ef => "COM4",
         0x2f8..=0x2ff => "COM2",
         0x3c0..=0x3df => "VGA",
+        0x3e8..=0x3ef => "COM3",
         0x3f8..=0x3ff => "COM1",
         0x402 => "QEMU debugcon",
         0x4d0 | 0x4d1 => "ELCR",
-        0x510 | 0x511 | 0x514 => "QEMU fw_cfg",
+        0x510..=0x51b => "QEMU fw_cfg",
         0x600..=0x63f | 0xb000..=0xb03f => "ACPI PM",
-        0xcf8 | 0xcfc..=0xcff => "PCI config",
+        0xcf8..=0xcff => "PCI config",
         _ => return None,
     })
 }

@@ -100,6 +100,8 @@ fn evidence(
     let function = more
         .and_then(|r| r.rips.first())
         .and_then(|x| x.symbol.as_deref())
+        // A function names the cause; the lower half (user space, firmware) does not.
+        .filter(|s| !crate::symbols::user_space_label(s))
         .map(|s| s.split('+').next().unwrap_or(s).to_owned());
     let top = detail
         .first()

@@ -22,6 +22,14 @@ pub enum SymbolsError {
 /// Guest RIPs below this are user space (the lower canonical half).
 pub const USER_SPACE_END: u64 = 1 << 47;
 
+/// What [`Symbols::describe`] says of a lower-half RIP.
+pub const USER_SPACE: &str = "user space";
+
+/// Whether a RIP's description is [`USER_SPACE`]'s.
+pub fn user_space_label(description: &str) -> bool {
+    description == USER_SPACE
+}
+
 /// Whether `rip` is a user-space address.
 pub fn user_space(rip: u64) -> bool {
     rip < USER_SPACE_END
@@ -73,7 +81,7 @@ impl Symbols {
     /// What a report shows for `rip`.
     pub fn describe(&self, rip: u64) -> Option<String> {
         if user_space(rip) {
-            Some("user space".to_owned())
+            Some(USER_SPACE.to_owned())
         } else {
             self.lookup(rip)
         }
