@@ -173,6 +173,47 @@ fn amd_lab_writes_the_ab_report() {
         "{md}"
     );
     assert!(read(&dir.join("report.svg")).starts_with("<svg"));
+    // The why column cites the data (the lab records with --detail --rip 5): where the
+    // CR3 writes come from, and which MMIO the nested page faults are.
+    assert!(md.contains("mostly at load_new_mm_cr3"), "{md}");
+    assert!(md.contains("(IOAPIC)"), "{md}");
+}
+
+/// The boot recorded with `--detail --rip 5` (the lab's default): shadow paging's
+/// CR_ACCESS exits are CR3 writes from the guest's address-space switch, its #PF exits
+/// are page faults, and the kernel's own triggers agree row by row (the lab checks every
+/// row; here the causes a user reads).
+#[test]
+fn intel_detail_names_the_causes() {
+    let dir = mode_dir(boot("intel"), false);
+    let rec = record(&dir);
+    let reason = |name: &str| {
+        rec.reasons
+            .iter()
+            .find(|r| r.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {}", dir.display()))
+    };
+    let cr = reason("CR_ACCESS");
+    assert_eq!(cr.detail.first().map(|d| d.key.as_str()), Some("cr3:write"));
+    assert!(
+        cr.detail[0].totals.count * 10 >= cr.totals.count * 9,
+        "{:?}",
+        cr.detail
+    );
+    let pf = reason("EXCEPTION_NMI");
+    assert_eq!(pf.detail.first().map(|d| d.key.as_str()), Some("14"), "#PF");
+    assert_eq!(cr.rips.len(), 5);
+    let table = read(&dir.join("detail-table.txt"));
+    assert!(table.contains("load_new_mm_cr3+"), "{table}");
+    let nested = record(&mode_dir(boot("intel"), true));
+    let ept = nested
+        .reasons
+        .iter()
+        .find(|r| r.name == "EPT_VIOLATION")
+        .map(|r| r.detail.clone())
+        .unwrap_or_default();
+    assert!(ept.iter().any(|d| d.kind == "gpa"), "{ept:?}");
 }
 
 #[test]

@@ -117,10 +117,12 @@ pub struct Options {
     /// with another leaf layout; give the record the same leaves with --record-args.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub guest_args: String,
-    /// Extra arguments for `kvmtrace record` inside L1.
+    /// Extra arguments for `kvmtrace record` inside L1. With `--detail` and `--rip` the
+    /// lab also arms the kernel's triggers keyed the same way and fails unless every
+    /// detail and RIP row equals them.
     #[arg(
         long,
-        default_value = "--per-vcpu --snapshots",
+        default_value = "--per-vcpu --snapshots --detail --rip 5",
         allow_hyphen_values = true
     )]
     pub record_args: String,
