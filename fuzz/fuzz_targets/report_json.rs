@@ -20,8 +20,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(report) = Report::from_json(text) else {
         return;
     };
-    for per_vcpu in [false, true] {
-        let opts = Options { per_vcpu };
+    for (per_vcpu, detail) in [(false, false), (true, false), (false, true)] {
+        let opts = Options { per_vcpu, detail };
         let _ = render::render(&report, Format::Table, opts);
         let _ = render::render(&report, Format::Csv, opts);
     }
@@ -34,6 +34,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = reconcile(&report);
     let d = diff(&report, "a".to_owned(), &report, "b".to_owned());
     for format in [DiffFormat::Table, DiffFormat::Md, DiffFormat::Json] {
-        let _ = render::diff::render(&d, format);
+        let _ = render::diff::render(&d, format, true);
     }
 });
