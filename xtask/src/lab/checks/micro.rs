@@ -273,9 +273,10 @@ pub fn micro_expectations(isa: Isa, vms: &[image::MicroVm]) -> Vec<(Reason, u64)
 }
 
 /// The micro workload's `--detail` rows known in advance, by (kind, key): CPUID leaf
-/// 0 and the counter leaves, the port writes, the EFER reads and writes.
+/// 0, the port writes, the EFER reads and writes. Not the counter leaves: a patch may
+/// answer them before `kvm_cpuid()` (answers-in-emulate), and then no `kvm:kvm_cpuid`
+/// event keys those three exits (they are `undecoded`, and the hist has none either).
 pub fn micro_detail_expectations(vms: &[image::MicroVm]) -> Vec<((String, String), u64)> {
-    let n = micro_vcpus(vms);
     let each = |f: fn(&image::MicroVm) -> u32| -> u64 {
         vms.iter()
             .map(|v| u64::from(v.vcpus) * u64::from(f(v)))
@@ -284,8 +285,6 @@ pub fn micro_detail_expectations(vms: &[image::MicroVm]) -> Vec<((String, String
     let key = |kind: &str, key: &str| (kind.to_owned(), key.to_owned());
     let mut expect = vec![
         (key("cpuid", "0x0"), each(|v| v.cpuids)),
-        (key("cpuid", "0x4ffffffe"), 2 * n),
-        (key("cpuid", "0x4fffffff"), n),
         (
             key("port", &format!("{MICRO_PORT:#x}:out:1")),
             each(|v| v.outs),
@@ -417,8 +416,6 @@ mod tests {
             known,
             [
                 (key("cpuid", "0x0"), 16),
-                (key("cpuid", "0x4ffffffe"), 16),
-                (key("cpuid", "0x4fffffff"), 8),
                 (key("port", "0x1e0:out:1"), 24),
             ],
             "no MSR rows when the VMs do none"
