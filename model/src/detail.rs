@@ -91,7 +91,7 @@ fn decode_plain(isa: Isa, kind: u32, sub: u64) -> Decoded {
             "other",
             "other".to_owned(),
             format!(
-                "other sub-keys (past the cap of {} per reason)",
+                "other sub-keys (past the cap of {} per VM and reason)",
                 detail_kind::MAX_DETAIL_KEYS_PER_REASON
             ),
         ),

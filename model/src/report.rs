@@ -66,9 +66,10 @@
 //!   `lmsw`), `port` (VMX IO_INSTRUCTION, SVM IOIO: `0x3f8:out:1`, with `:string` for
 //!   INS/OUTS), `msr` (`kvm:kvm_msr`: `0x6e0:write`), `cpuid` (`kvm:kvm_cpuid`: the
 //!   leaf, `0x1`), `gpa` (EPT_VIOLATION, SVM NPF: the 1 MiB guest-physical region of
-//!   `kvm:kvm_page_fault`, `0xfee00000`); `other` holds a reason's exits past its cap
-//!   of 512 sub-keys (`dropped.detail_capped`), `undecoded` those no sub-key was seen
-//!   for. The rows of a reason add up to its `count`, besides rows with `"emulated":
+//!   `kvm:kvm_page_fault`, `0xfee00000`); `other` holds a reason's exits past the cap
+//!   of 512 sub-keys per VM (`dropped.detail_capped`), `undecoded` those no sub-key was
+//!   seen for (their tracepoint did not fire: e.g. a patch that answers CPUID leaves
+//!   before `kvm_cpuid()`). The rows of a reason add up to its `count`, besides rows with `"emulated":
 //!   true` (key suffix `:emulated`): a `kvm_msr` or `kvm_cpuid` event with no exit of its
 //!   own waiting for it, i.e. an instruction KVM emulated (real-mode code under shadow
 //!   paging, or a second one within one exit), counted under the instruction's own
@@ -124,8 +125,8 @@
 //!   - `cpuid_ring_full`: guest counter-leaf reads not recorded (`cpuid_reads`).
 //!   - `read_pending_full`: guest counter-leaf reads not recorded because the map of
 //!     reads waiting for their VM entry (or of vCPU threads) was full.
-//!   - `detail_capped`: exits counted in their reason's `other` detail row (the reason
-//!     had 512 sub-keys already); `detail_map_full`: exits in no detail row (in
+//!   - `detail_capped`: exits counted in their reason's `other` detail row (their VM
+//!     had 512 sub-keys of the reason already); `detail_map_full`: exits in no detail row (in
 //!     `undecoded`); `rip_map_full`: exits whose RIP was not counted (in `rips_rest`).
 //!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
 //!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
@@ -426,7 +427,8 @@ impl Breakdown {
             rows.push(DetailRow {
                 kind: detail::UNDECODED_KEY.to_owned(),
                 key: detail::UNDECODED_KEY.to_owned(),
-                label: "no sub-key seen (none decodable, or the map was full)".to_owned(),
+                label: "no sub-key seen (its tracepoint did not fire, or the map was full)"
+                    .to_owned(),
                 emulated: false,
                 totals: rest,
                 mean_ns: rest.mean_ns(),

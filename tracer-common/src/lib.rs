@@ -50,8 +50,9 @@ pub mod limits {
     pub const EXIT_FIELDS_BYTES: u32 = 64;
     /// Distinct (phase, VM, reason, detail sub-key) rows of `--detail`.
     pub const MAX_DETAIL_ROWS: u32 = 16384;
-    /// Distinct per-reason counts of detail sub-keys (the cap's bookkeeping).
-    pub const MAX_DETAIL_REASONS: u32 = 1024;
+    /// Distinct (VM, reason) counts of detail sub-keys (the cap's bookkeeping); past
+    /// it, new sub-keys go to their reason's `other` row.
+    pub const MAX_DETAIL_REASONS: u32 = 8192;
     /// Distinct (phase, VM, reason, guest RIP) rows of `--rip`.
     pub const MAX_RIP_ROWS: u32 = 65536;
     /// log2 buckets of the exit-handling time histogram: bucket b holds
@@ -88,8 +89,8 @@ pub mod drop_kind {
     /// The map of guest counter reads waiting for their VM entry was full: that read
     /// is not recorded.
     pub const READ_PENDING_FULL: u32 = 9;
-    /// A reason had its cap of detail sub-keys: the exit is in its reason's `other`
-    /// detail row.
+    /// A VM had its cap of detail sub-keys for the exit's reason (or the cap's
+    /// bookkeeping was full): the exit is in its reason's `other` detail row.
     pub const DETAIL_CAPPED: u32 = 10;
     /// The detail map was full: the exit is counted, but in no detail row.
     pub const DETAIL_MAP_FULL: u32 = 11;
@@ -438,13 +439,13 @@ pub mod detail_kind {
     /// EPT violations and SVM nested page faults: the 1 MiB region of
     /// `kvm:kvm_page_fault`'s `fault_address` (the address shifted right by 20).
     pub const GPA: u32 = 6;
-    /// The reason already had [`MAX_DETAIL_KEYS_PER_REASON`] sub-keys: the rest
-    /// are counted here, and in `DETAIL_CAPPED`.
+    /// The VM already had [`MAX_DETAIL_KEYS_PER_REASON`] sub-keys of the reason:
+    /// the rest are counted here, and in `DETAIL_CAPPED`.
     pub const OTHER: u32 = 7;
     /// Flag on a `kind`: an instruction KVM emulated without an exit of its own,
     /// counted under that instruction's reason.
     pub const EMULATED: u32 = 0x100;
-    /// The per-reason cap on distinct sub-keys (per VM and phase keys together).
+    /// The cap on one VM's distinct sub-keys of one reason (its phases together).
     pub const MAX_DETAIL_KEYS_PER_REASON: u64 = 512;
     /// The shift of [`GPA`].
     pub const GPA_REGION_SHIFT: u32 = 20;

@@ -194,10 +194,10 @@ struct CpuVcpu {
 #[map]
 static DETAIL_EXITS: PerCpuHashMap<DetailKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_DETAIL_ROWS, 0);
-/// `--detail`: distinct sub-keys so far per (isa, reason): the cap's bookkeeping,
+/// `--detail`: distinct sub-keys so far per (VM, isa, reason): the cap's bookkeeping,
 /// touched only when a new sub-key is inserted.
 #[map]
-static DETAIL_KEYS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_DETAIL_REASONS, 0);
+static DETAIL_KEYS: HashMap<u64, u64> = HashMap::with_max_entries(limits::MAX_DETAIL_REASONS, 0);
 /// `--rip`: exits per (phase, VM, reason, guest RIP).
 #[map]
 static RIP_EXITS: PerCpuHashMap<RipKey, u64> =
@@ -395,9 +395,10 @@ fn exit_detail(
     }
 }
 
-/// Counts one exit in its detail row, or, once its reason has
-/// [`detail_kind::MAX_DETAIL_KEYS_PER_REASON`] sub-keys, in the reason's `OTHER` row.
-/// Returns the row counted in (`kind` 0: none, the map was full).
+/// Counts one exit in its detail row, or, once its VM has
+/// [`detail_kind::MAX_DETAIL_KEYS_PER_REASON`] sub-keys of its reason (or the
+/// bookkeeping of those is full), in the reason's `OTHER` row. Returns the row counted
+/// in (`kind` 0: none, the map was full).
 #[inline(always)]
 fn count_detail(key: &DetailKey) -> DetailKey {
     let one = ExitStats {
@@ -409,24 +410,25 @@ fn count_detail(key: &DetailKey) -> DetailKey {
         unsafe { (*stats).count += 1 };
         return *key;
     }
-    let reason = ((key.meta & 0xff) << 24) | (key.reason & 0x00ff_ffff);
+    // (VM, isa, reason): each VM has its own cap (every Linux boot probes 256
+    // hypervisor CPUID leaves), so one VM cannot use up another's.
+    let vm_reason = (u64::from(key.pid) << 32)
+        | u64::from(((key.meta & 0xff) << 24) | (key.reason & 0x00ff_ffff));
     // SAFETY: the value is copied out.
-    let keys = unsafe { DETAIL_KEYS.get(reason) }.copied().unwrap_or(0);
-    let row = if keys < detail_kind::MAX_DETAIL_KEYS_PER_REASON {
-        // A new sub-key: two CPUs may both count it, which only makes the cap a
-        // little early.
-        if !shared_inc(&DETAIL_KEYS, &reason) {
-            count_drop(drop_kind::DETAIL_MAP_FULL);
-        }
-        *key
-    } else {
-        count_drop(drop_kind::DETAIL_CAPPED);
-        DetailKey {
-            kind: detail_kind::OTHER,
-            sub: 0,
-            ..*key
-        }
-    };
+    let keys = unsafe { DETAIL_KEYS.get(vm_reason) }.copied().unwrap_or(0);
+    // A new sub-key: two CPUs may both count it, which only makes the cap a little
+    // early.
+    let row =
+        if keys < detail_kind::MAX_DETAIL_KEYS_PER_REASON && shared_inc(&DETAIL_KEYS, &vm_reason) {
+            *key
+        } else {
+            count_drop(drop_kind::DETAIL_CAPPED);
+            DetailKey {
+                kind: detail_kind::OTHER,
+                sub: 0,
+                ..*key
+            }
+        };
     if add_stats(&DETAIL_EXITS, &row, &one) {
         row
     } else {

@@ -414,10 +414,7 @@ mod tests {
         let key = |k: &str, v: &str| (k.to_owned(), v.to_owned());
         assert_eq!(
             known,
-            [
-                (key("cpuid", "0x0"), 16),
-                (key("port", "0x1e0:out:1"), 24),
-            ],
+            [(key("cpuid", "0x0"), 16), (key("port", "0x1e0:out:1"), 24),],
             "no MSR rows when the VMs do none"
         );
         assert_eq!(micro_vcpus(&runs) * MICRO_LEAF_READS, 24);
