@@ -322,9 +322,12 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         count: 1,
         ..ExitStats::default()
     };
-    let rip_at =
-        (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
-    let guest_rip = u64::from(fields[rip_at]) | (u64::from(fields[rip_at + 1]) << 32);
+    // Only snapshots and `--rip` need the RIP: assembled for them alone.
+    let guest_rip = || {
+        let at =
+            (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
+        u64::from(fields[at]) | (u64::from(fields[at + 1]) << 32)
+    };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
         if !shared_inc(&VM_EXITS, &vm)
@@ -333,10 +336,10 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         {
             count_drop(drop_kind::VM_MAP_FULL);
         }
-        cpuid_snapshot(tid, &vm, guest_rip);
+        cpuid_snapshot(tid, &vm, guest_rip());
     }
     if global(&RIPS) != 0 {
-        count_rip(&row, guest_rip);
+        count_rip(&row, guest_rip());
     }
     // A full map is counted, not logged: a log line per exit would flood the host.
     if !add_stats(&VCPU_EXITS, &row, &one) {
@@ -365,8 +368,11 @@ fn try_kvm_exit(ctx: &TracePointContext) {
             (*slot).start_ns = now;
             (*slot).tid = tid;
             (*slot).row = row;
-            (*slot).awaiting = awaiting;
-            (*slot).detail = detail;
+            // Without --detail both stay zero, as the slot was made: no stores.
+            if global(&DETAIL) != 0 {
+                (*slot).awaiting = awaiting;
+                (*slot).detail = detail;
+            }
         }
     }
 }
