@@ -293,6 +293,55 @@ fn vcpus_per_vm(report: &Report) -> BTreeMap<u32, usize> {
     vcpus
 }
 
+/// Host counts in one read that cannot all be true: a reason's count above the VM's
+/// total, the VM's total above every VM's, or ended VMs' exits above every VM's. A
+/// record like that was taken by a broken tracer (once, an eBPF map key the loader
+/// changed); comparing the guest with it would blame the patch for kvmtrace's fault.
+pub fn contradictions(report: &Report) -> Vec<String> {
+    report
+        .cpuid_reads
+        .iter()
+        .filter_map(|r| {
+            let at_entry = (
+                r.host_reason_count_at_entry.unwrap_or(r.host_reason_count),
+                r.host_total_at_entry.unwrap_or(r.host_total),
+                r.host_all_vms_at_entry.or(r.host_all_vms),
+            );
+            let mut wrong = Vec::new();
+            for (when, (reason, total, all)) in [
+                ("exit", (r.host_reason_count, r.host_total, r.host_all_vms)),
+                ("entry", at_entry),
+            ] {
+                if r.kind == Some(LeafKind::Count) && reason > total {
+                    wrong.push(format!(
+                        "at the {when}, the reason's {reason} > the VM's {total}"
+                    ));
+                }
+                if let Some(all) = all.filter(|&all| all < total) {
+                    wrong.push(format!(
+                        "at the {when}, every VM's {all} < the VM's {total}"
+                    ));
+                }
+            }
+            if let (Some(ended), Some(all)) = (r.host_ended_vms, r.host_all_vms)
+                && ended > all
+            {
+                wrong.push(format!("ended VMs' {ended} > every VM's {all}"));
+            }
+            (!wrong.is_empty()).then(|| {
+                format!(
+                    "read at {} ns (pid {}, leaf {:#x} ECX {}): {}",
+                    r.ts_ns,
+                    r.pid,
+                    r.leaf,
+                    r.index,
+                    wrong.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 /// Reconciles every count and total read in `report` (cycles reads have no host
 /// counterpart: see [`cycles_row`]).
 pub fn reconcile(report: &Report) -> Reconciliation {
@@ -570,6 +619,39 @@ pub(crate) mod tests {
         let mut r = sample_report();
         r.cpuid_reads = reads;
         reconcile(&r).rows.into_iter().map(|x| x.verdict).collect()
+    }
+
+    #[test]
+    fn contradictory_host_counts_are_found() {
+        // The read of the broken --detail record (amd micro, patched): reason 114 at
+        // 1001 of the VM's 1106 exits, while "every VM" said 0.
+        let mut broken = read(LeafKind::Count, 114, 1001, 0, 1001);
+        broken.host_total = 1106;
+        broken.host_all_vms = Some(0);
+        broken.host_all_vms_at_entry = Some(0);
+        broken.ts_ns = 7_358_029_069;
+        let mut fine = broken.clone();
+        fine.host_all_vms = Some(1106);
+        fine.host_all_vms_at_entry = Some(1107);
+        fine.host_total_at_entry = Some(1107);
+        let mut r = sample_report();
+        r.cpuid_reads = vec![fine.clone(), broken];
+        assert_eq!(
+            contradictions(&r),
+            [
+                "read at 7358029069 ns (pid 7, leaf 0x4ffffffe ECX 114): at the exit, every \
+              VM's 0 < the VM's 1106, at the entry, every VM's 0 < the VM's 1106"
+            ]
+        );
+        let mut reason_over_total = fine.clone();
+        reason_over_total.host_reason_count = 1107;
+        let mut ended_over_all = fine;
+        ended_over_all.host_ended_vms = Some(1200);
+        r.cpuid_reads = vec![reason_over_total, ended_over_all];
+        let found = contradictions(&r);
+        assert_eq!(found.len(), 2);
+        assert!(found[0].ends_with("at the exit, the reason's 1107 > the VM's 1106"));
+        assert!(found[1].ends_with("ended VMs' 1200 > every VM's 1106"));
     }
 
     #[test]

@@ -245,8 +245,15 @@ fn add_stats<K>(map: &PerCpuHashMap<K, ExitStats>, key: &K, delta: &ExitStats) -
 }
 
 /// Atomically adds 1 to `key`, creating it. Returns false when the map is full.
+///
+/// The key is taken by value and kept on the stack. A `&CONSTANT` key would be a
+/// promoted constant, which LLVM may merge with a loader-set global of the same
+/// initial value: `&vm_totals_key::ALL` once became `&DETAIL`, so every exit under
+/// `--detail` was added to key 1 and the all-VMs total read 0. The tracer's
+/// `globals_are_only_loaded` test checks the object for any such pointer.
 #[inline(always)]
-fn shared_inc<K>(map: &HashMap<K, u64>, key: &K) -> bool {
+fn shared_inc<K: Copy>(map: &HashMap<K, u64>, key: K) -> bool {
+    let key = &key;
     for _ in 0..2 {
         if let Some(slot) = map.get_ptr_mut(key) {
             // SAFETY: a live map value; other vCPUs of the VM add to it concurrently.
@@ -330,9 +337,9 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
-        if !shared_inc(&VM_EXITS, &vm)
-            || !shared_inc(&VM_TOTALS, &tgid)
-            || !shared_inc(&VM_TOTALS, &vm_totals_key::ALL)
+        if !shared_inc(&VM_EXITS, vm)
+            || !shared_inc(&VM_TOTALS, tgid)
+            || !shared_inc(&VM_TOTALS, vm_totals_key::ALL)
         {
             count_drop(drop_kind::VM_MAP_FULL);
         }
@@ -425,7 +432,7 @@ fn count_detail(key: &DetailKey) -> DetailKey {
     // A new sub-key: two CPUs may both count it, which only makes the cap a little
     // early.
     let row =
-        if keys < detail_kind::MAX_DETAIL_KEYS_PER_REASON && shared_inc(&DETAIL_KEYS, &vm_reason) {
+        if keys < detail_kind::MAX_DETAIL_KEYS_PER_REASON && shared_inc(&DETAIL_KEYS, vm_reason) {
             *key
         } else {
             count_drop(drop_kind::DETAIL_CAPPED);
@@ -1149,7 +1156,7 @@ pub fn vcpu_run_vmx(ctx: ProbeContext) -> u32 {
             *started = 1;
             was != 0
         };
-        if synthetic && !shared_inc(&VM_SYNTHETIC, &tgid) {
+        if synthetic && !shared_inc(&VM_SYNTHETIC, tgid) {
             count_drop(drop_kind::VM_MAP_FULL);
         }
     } else if RUN_STARTED.insert(tid, 1, u64::from(BPF_ANY)).is_err() {

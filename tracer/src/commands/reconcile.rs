@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use kvmtrace_model::{
     guest::GuestReadout,
-    reconcile::{Reconciliation, reconcile},
+    reconcile::{Reconciliation, contradictions, reconcile},
     report::{RegistersInfo, Report},
 };
 use tracer_common::cpuid_exit;
@@ -105,6 +105,18 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
                 "{} has no guest counter reads: {}",
                 args.record.display(),
                 no_reads_why(&report)
+            ),
+        }
+        .into());
+    }
+    if let Some(first) = contradictions(&report).first() {
+        return Err(Failure {
+            status: Status::Error,
+            message: format!(
+                "{}: the host's counts contradict themselves, so nothing can be judged \
+                 against them ({first}); this is a kvmtrace bug: please report it with \
+                 the record",
+                args.record.display()
             ),
         }
         .into());

@@ -20,6 +20,8 @@ use kvmtrace_model::{
     tracefs_format::Tracepoint,
 };
 
+#[cfg(test)]
+mod object_check;
 mod setup;
 
 use setup::Setup;
