@@ -17,6 +17,7 @@ pub mod guest;
 pub mod kernel_hist;
 pub mod latency;
 pub mod leaves;
+pub mod metrics;
 pub mod paging;
 pub mod parse;
 pub mod rates;

@@ -151,7 +151,7 @@ use crate::{
     latency::{self, Bucket},
     leaves::Leaves,
     paging::Paging,
-    snapshot::{Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
+    snapshot::{Drops, Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
 };
 
 /// The `schema` value this version writes and reads.
@@ -319,15 +319,45 @@ impl Dropped {
 
     /// The non-zero counters, by their JSON names: `vcpu_map_full 2, detail_capped 3`.
     pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .by_kind()
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        parts.join(", ")
+    }
+
+    /// Every counter, by its JSON name, in the JSON's order.
+    pub fn by_kind(&self) -> Vec<(String, u64)> {
         let fields = serde_json::to_value(self).unwrap_or_default();
-        let parts: Vec<String> = fields
+        fields
             .as_object()
             .into_iter()
             .flatten()
-            .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        parts.join(", ")
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect()
+    }
+}
+
+impl From<&Drops> for Dropped {
+    fn from(drops: &Drops) -> Self {
+        Self {
+            exit_map_full: drops.get(drop_kind::EXIT_MAP_FULL),
+            vcpu_map_full: drops.get(drop_kind::VCPU_MAP_FULL),
+            hist_map_full: drops.get(drop_kind::HIST_MAP_FULL),
+            pending_map_full: drops.get(drop_kind::PENDING_MAP_FULL),
+            read_failed: drops.get(drop_kind::READ_FAILED),
+            filter_map_full: drops.get(drop_kind::FILTER_MAP_FULL),
+            vm_map_full: drops.get(drop_kind::VM_MAP_FULL),
+            cpuid_ring_full: drops.get(drop_kind::CPUID_RING_FULL),
+            pending_lost: drops.get(drop_kind::PENDING_LOST),
+            read_pending_full: drops.get(drop_kind::READ_PENDING_FULL),
+            recursion_misses: drops.recursion_misses,
+            detail_capped: drops.get(drop_kind::DETAIL_CAPPED),
+            detail_map_full: drops.get(drop_kind::DETAIL_MAP_FULL),
+            rip_map_full: drops.get(drop_kind::RIP_MAP_FULL),
+        }
     }
 }
 
@@ -809,23 +839,7 @@ impl Report {
             .iter()
             .try_fold(Totals::default(), |acc, r| acc.checked_add(r.totals))?;
         total.count = snap.total_exits()?;
-        let d = &snap.drops;
-        let dropped = Dropped {
-            exit_map_full: d.get(drop_kind::EXIT_MAP_FULL),
-            vcpu_map_full: d.get(drop_kind::VCPU_MAP_FULL),
-            hist_map_full: d.get(drop_kind::HIST_MAP_FULL),
-            pending_map_full: d.get(drop_kind::PENDING_MAP_FULL),
-            read_failed: d.get(drop_kind::READ_FAILED),
-            filter_map_full: d.get(drop_kind::FILTER_MAP_FULL),
-            vm_map_full: d.get(drop_kind::VM_MAP_FULL),
-            cpuid_ring_full: d.get(drop_kind::CPUID_RING_FULL),
-            pending_lost: d.get(drop_kind::PENDING_LOST),
-            read_pending_full: d.get(drop_kind::READ_PENDING_FULL),
-            recursion_misses: d.recursion_misses,
-            detail_capped: d.get(drop_kind::DETAIL_CAPPED),
-            detail_map_full: d.get(drop_kind::DETAIL_MAP_FULL),
-            rip_map_full: d.get(drop_kind::RIP_MAP_FULL),
-        };
+        let dropped = Dropped::from(&snap.drops);
         let cpuid_reads = snap
             .cpuid
             .iter()

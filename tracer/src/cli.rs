@@ -62,6 +62,53 @@ pub enum Command {
     /// A live view of exit rates per reason and per VM, like kvm_stat (q quits).
     #[command(after_help = exit_status::help(&[]))]
     Top(TopArgs),
+    /// Serve exit metrics to Prometheus on /metrics, read from the eBPF maps at each
+    /// scrape.
+    ///
+    /// Binds to localhost unless told otherwise. Stops cleanly on SIGTERM or Ctrl-C;
+    /// logs go to standard error.
+    ///
+    /// Examples:
+    ///   kvmtrace export
+    ///   kvmtrace export --listen 0.0.0.0:10470 --time --retention 600
+    #[command(verbatim_doc_comment, after_help = exit_status::help(&[]))]
+    Export(ExportArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ExportArgs {
+    /// Address and port to serve on; 0.0.0.0:PORT serves every interface. The default
+    /// port, 10470, is outside 9100-9999, the range Prometheus's list of default port
+    /// allocations has given out in full.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10470")]
+    pub listen: std::net::SocketAddr,
+    /// Count only the VM process with this pid (repeatable).
+    #[arg(short, long = "pid", value_name = "PID", value_parser = parse_pid, allow_negative_numbers = true)]
+    pub pids: Vec<u32>,
+    /// Label exits by vCPU too: a series per VM, vCPU and reason.
+    #[arg(long)]
+    pub per_vcpu: bool,
+    /// Serve the exit handling time histogram (kvmtrace_exit_handling_seconds).
+    #[arg(long)]
+    pub time: bool,
+    /// Seconds an exited VM's series stay, so the last scrape sees its final counts;
+    /// then they leave the maps and the scrape.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = parse_seconds,
+          allow_negative_numbers = true)]
+    pub retention: std::time::Duration,
+    /// The most exit series served; the VMs with the fewest exits beyond it are summed
+    /// into vm="_other" (kvmtrace_series_over_cap says how many).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_series,
+          allow_negative_numbers = true)]
+    pub max_series: usize,
+}
+
+fn parse_series(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{text}' is not a number of series: give 1 or more"))
 }
 
 #[derive(Debug, Args)]

@@ -14,11 +14,16 @@ use clap::{
 use crate::exit_status::Status;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
+    // A service logs what it does; the one-shot commands only what went wrong.
+    let level = match cli.command {
+        cli::Command::Export(_) => "info",
+        _ => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     let result = match cli.command {
         cli::Command::Record(args) => commands::record::run(*args),
         cli::Command::Show(args) => commands::show::run(&args),
@@ -27,6 +32,7 @@ fn main() -> ExitCode {
         cli::Command::Guest(args) => commands::guest::run(&args),
         cli::Command::Reconcile(args) => commands::reconcile::run(&args),
         cli::Command::Top(args) => commands::top::run(&args),
+        cli::Command::Export(args) => commands::export::run(&args),
     };
     match result {
         Ok(code) => code,

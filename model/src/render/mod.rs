@@ -6,6 +6,7 @@ mod csv;
 pub mod diff;
 pub mod guest;
 mod json;
+pub mod metrics;
 pub mod rates;
 pub mod reconcile;
 mod table;

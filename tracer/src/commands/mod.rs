@@ -1,6 +1,7 @@
 //! One module per `kvmtrace` subcommand.
 
 pub mod diff;
+pub mod export;
 pub mod guest;
 pub mod reasons;
 pub mod reconcile;

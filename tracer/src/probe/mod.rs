@@ -370,6 +370,27 @@ impl Probe {
         filter.insert(pid, 1, 0).map_err(map_err(maps::FILTER_PIDS))
     }
 
+    /// Deletes the per-vCPU rows of VM process `pid` (it has ended): its exits leave
+    /// every later snapshot. Returns the rows deleted.
+    pub fn forget_vm(&mut self, pid: u32) -> Result<usize, ProbeError> {
+        let mut rows: PerCpuHashMap<&mut MapData, PhaseVcpuKey, ExitStats> =
+            PerCpuHashMap::try_from(
+                self.ebpf
+                    .map_mut(maps::VCPU_EXITS)
+                    .ok_or(ProbeError::MissingMap(maps::VCPU_EXITS))?,
+            )
+            .map_err(map_err(maps::VCPU_EXITS))?;
+        let keys: Vec<PhaseVcpuKey> = rows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.vcpu().pid == pid)
+            .collect();
+        for key in &keys {
+            rows.remove(key).map_err(map_err(maps::VCPU_EXITS))?;
+        }
+        Ok(keys.len())
+    }
+
     /// Copies every map, summed over CPUs.
     pub fn snapshot(&self) -> Result<Snapshot, ProbeError> {
         let map = |name: &'static str| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));

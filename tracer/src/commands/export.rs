@@ -1,0 +1,287 @@
+//! `kvmtrace export`: an HTTP endpoint serving `/metrics` to Prometheus. Each scrape
+//! copies the eBPF maps (no polling loop between scrapes), names the VMs, forgets the
+//! VMs that ended more than `--retention` ago, and renders the series
+//! ([`kvmtrace_model::metrics`], [`kvmtrace_model::render::metrics`]).
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+    net::SocketAddr,
+    process::ExitCode,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use kvmtrace::{
+    host, privileges,
+    probe::{Probe, ProbeConfig},
+    tracefs::Tracefs,
+};
+use kvmtrace_model::{
+    metrics::{Scrape, expose, vm_label},
+    render::metrics::{OPENMETRICS_TYPE, PROMETHEUS_TYPE, text},
+};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use super::BadInput;
+use crate::{cli::ExportArgs, exit_status::Status};
+
+/// A VM process seen in the maps.
+struct Vm {
+    label: String,
+    /// `starttime` from /proc/PID/stat: a new process with the same pid is another VM.
+    started: Option<u64>,
+    /// When it was first seen gone.
+    gone_at: Option<Instant>,
+}
+
+/// What the exporter keeps between scrapes.
+struct Exporter {
+    probe: Probe,
+    vms: BTreeMap<u32, Vm>,
+    args: ExportArgs,
+}
+
+/// The process's start time (field 22 of /proc/PID/stat), or `None` if it is gone.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after its end.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Exporter {
+    /// Names new VMs, notes ended ones, and forgets those ended longer than the
+    /// retention ago.
+    fn track_vms(&mut self, pids: &BTreeSet<u32>, now: Instant) -> anyhow::Result<()> {
+        for &pid in pids {
+            let started = start_time(pid);
+            let vm = self.vms.entry(pid).or_insert_with(|| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let label = vm_label(&cmdline).unwrap_or_else(|| pid.to_string());
+                log::info!("VM {label} (pid {pid}): exits seen");
+                Vm {
+                    label,
+                    started,
+                    gone_at: None,
+                }
+            });
+            if vm.gone_at.is_none() && (started.is_none() || started != vm.started) {
+                log::info!(
+                    "VM {} (pid {pid}) ended: its series stay for {} s",
+                    vm.label,
+                    self.args.retention.as_secs_f64()
+                );
+                vm.gone_at = Some(now);
+            }
+        }
+        let expired: Vec<u32> = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| {
+                vm.gone_at
+                    .is_some_and(|t| now.duration_since(t) >= self.args.retention)
+            })
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in expired {
+            let rows = self.probe.forget_vm(pid)?;
+            if let Some(vm) = self.vms.remove(&pid) {
+                log::info!("VM {} (pid {pid}): {rows} rows forgotten", vm.label);
+            }
+        }
+        Ok(())
+    }
+
+    /// One scrape's text.
+    fn scrape(&mut self, openmetrics: bool) -> anyhow::Result<String> {
+        let now = Instant::now();
+        let pids: BTreeSet<u32> = self.probe.snapshot()?.vcpus.keys().map(|k| k.pid).collect();
+        self.track_vms(&pids, now)?;
+        // After forgetting: the snapshot served holds no forgotten VM.
+        let snapshot = self.probe.snapshot()?;
+        let labels = unique_labels(&self.vms);
+        let paging: Vec<_> = host::paging().into_iter().collect();
+        let exposition = expose(&Scrape {
+            snapshot: &snapshot,
+            vms: &labels,
+            per_vcpu: self.args.per_vcpu,
+            timing: self.args.time,
+            paging: &paging,
+            version: env!("CARGO_PKG_VERSION"),
+            max_series: self.args.max_series,
+        })?;
+        Ok(text(&exposition, openmetrics)?)
+    }
+}
+
+/// Each VM's label; a name two VMs share gets the pid after it (`web:4242`), so no two
+/// VMs' series add up.
+fn unique_labels(vms: &BTreeMap<u32, Vm>) -> BTreeMap<u32, String> {
+    let mut uses: BTreeMap<&str, usize> = BTreeMap::new();
+    for vm in vms.values() {
+        *uses.entry(vm.label.as_str()).or_default() += 1;
+    }
+    vms.iter()
+        .map(|(&pid, vm)| {
+            let label = if uses.get(vm.label.as_str()).copied().unwrap_or(0) > 1 {
+                format!("{}:{pid}", vm.label)
+            } else {
+                vm.label.clone()
+            };
+            (pid, label)
+        })
+        .collect()
+}
+
+/// The answer to one request.
+fn respond(exporter: &RefCell<Exporter>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, kind: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
+        r
+    };
+    let plain = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            plain,
+            "only GET\n".to_owned(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let openmetrics = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            match exporter.borrow_mut().scrape(openmetrics) {
+                Ok(body) => reply(
+                    StatusCode::OK,
+                    if openmetrics {
+                        OPENMETRICS_TYPE
+                    } else {
+                        PROMETHEUS_TYPE
+                    },
+                    body,
+                ),
+                Err(e) => {
+                    log::error!("scrape failed: {e:#}");
+                    reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        plain,
+                        format!("scrape failed: {e:#}\n"),
+                    )
+                }
+            }
+        }
+        "/" => reply(
+            StatusCode::OK,
+            plain,
+            "kvmtrace export: KVM exit metrics are at /metrics\n".to_owned(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            plain,
+            "not found: try /metrics\n".to_owned(),
+        ),
+    }
+}
+
+/// Binds `addr`, with one clear line for the usual failures.
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the port is in use (another exporter?): pick another with --listen".to_owned()
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".to_owned()
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "no interface of this host has that address: check --listen".to_owned()
+            }
+            _ => e.to_string(),
+        };
+        BadInput(format!("cannot listen on {addr}: {why}")).into()
+    })
+}
+
+pub fn run(args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    if let Some(missing) = privileges::missing() {
+        bail!(missing);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(args))
+}
+
+async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let listener = bind(args.listen).await?;
+    let tracefs = Tracefs::find_or_mount()?;
+    let config = ProbeConfig {
+        pids: args.pids.iter().copied().collect(),
+        ..ProbeConfig::default()
+    };
+    let probe = Probe::attach(&tracefs, &config)?;
+    let exporter = Rc::new(RefCell::new(Exporter {
+        probe,
+        vms: BTreeMap::new(),
+        args: args.clone(),
+    }));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    log::info!(
+        "serving KVM exit metrics on http://{}/metrics",
+        listener.local_addr()?
+    );
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    log::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let exporter = Rc::clone(&exporter);
+        tokio::task::spawn_local(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = respond(&exporter, &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                log::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
+    log::info!("stopped");
+    Ok(Status::Success.into())
+}
