@@ -12,7 +12,10 @@
 #   reload  one `kvmtrace record` across all modes, started before the vendor module is
 #           first loaded: each mode is an rmmod + insmod while it runs;
 #   signal  each mode's `kvmtrace record -- workload` gets the next signal of SIGNALS
-#           SIGNAL_AFTER seconds in, while the workload still runs.
+#           SIGNAL_AFTER seconds in, while the workload still runs;
+#   export  one `kvmtrace export` across all modes, on eth0 (QEMU forwards its port
+#           to the host, where Prometheus scrapes it); after each mode's VM ends, its
+#           scrape is printed, and again after EXPORT_RETENTION, when it must be gone.
 export PATH=/bin
 . /lab/lib.sh
 set -o pipefail
@@ -84,7 +87,35 @@ workload() {
     timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
 }
 
+# --scenario export: the network, and the exporter.
+export_start() {
+    step export:attach 300
+    for m in $NET_MODULES; do
+        insmod /lib/modules/net/$m || finish fail "insmod $m"
+    done
+    ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 \
+        || finish fail "cannot bring up eth0"
+    kvmtrace export --listen 0.0.0.0:$EXPORT_PORT --time --retention $EXPORT_RETENTION \
+        </dev/null 2>/tmp/kvmtrace-all.err &
+    KT=$!
+    n=0
+    until grep -q "serving KVM exit metrics" /tmp/kvmtrace-all.err; do
+        kill -0 $KT 2>/dev/null || { cat /tmp/kvmtrace-all.err; finish fail "kvmtrace export exited"; }
+        n=$((n + 1))
+        [ $n -lt 1200 ] || finish fail "kvmtrace export did not start"
+        sleep 0.1
+    done
+    say "export serving uptime=$(up)"
+}
+scrape() { # SECTION TAG
+    wget -q -O /tmp/metrics.txt http://127.0.0.1:$EXPORT_PORT/metrics || echo "scrape failed" > /tmp/metrics.txt
+    section $1 $2 /tmp/metrics.txt
+}
+
 failed=""
+if [ "$SCENARIO" = export ]; then
+    export_start
+fi
 if [ "$SCENARIO" = reload ]; then
     step reload:attach 300
     kvmtrace record --format json -o /tmp/rec-all.json $RECORD_ARGS </dev/null 2>/tmp/kvmtrace-all.err &
@@ -106,7 +137,9 @@ for mode in $MODES; do
     say "run $tag start uptime=$(up)"
     rm -f /tmp/rec.json /tmp/l2.out /tmp/kvmtrace.err
     expect_end=1
-    if [ ! -x /bin/kvmtrace ] || [ "$SCENARIO" = reload ]; then
+    # The workload's VM is named after the mode (QEMU's -name guest=l2-$KVMLAB_TAG).
+    export KVMLAB_TAG=$tag
+    if [ ! -x /bin/kvmtrace ] || [ "$SCENARIO" = reload ] || [ "$SCENARIO" = export ]; then
         workload
         rc=$?
     elif [ "$SCENARIO" = signal ]; then
@@ -147,6 +180,16 @@ for mode in $MODES; do
     if [ $expect_end = 1 ]; then
         grep -q "$END_MARKER" /tmp/l2.out || failed="$failed $tag:no-end-marker"
     fi
+    if [ "$SCENARIO" = export ]; then
+        # A few of Prometheus's 1 s scrapes see the final counts; then the series
+        # must leave with the retention.
+        sleep 3
+        say "export $tag final uptime=$(up)"
+        scrape metrics $tag
+        sleep $((EXPORT_RETENTION + 3))
+        say "export $tag retention uptime=$(up)"
+        scrape metrics-after $tag
+    fi
 
     step "$tag:dump" 120
     section hist $tag $EXIT/hist
@@ -172,6 +215,14 @@ if [ "$SCENARIO" = reload ]; then
     say "reload kvmtrace rc=$? uptime=$(up)"
     section kvmtrace-stderr all /tmp/kvmtrace-all.err
     [ -e /tmp/rec-all.json ] && section record all /tmp/rec-all.json
+fi
+
+if [ "$SCENARIO" = export ]; then
+    step export:stop 60
+    kill -TERM $KT
+    wait $KT
+    say "export kvmtrace rc=$? uptime=$(up)"
+    section kvmtrace-stderr all /tmp/kvmtrace-all.err
 fi
 
 step done 60

@@ -375,6 +375,23 @@ fn argument_cases() -> Vec<Case> {
         case(["record", "-p", "99999999999"], [v("99999999999")]),
         case(["record", "-p", "4194303"], ["no process with pid 4194303"]),
         case(["top", "-p", "0"], [v("0"), "not a process id".into()]),
+        case(
+            ["export", "--listen", "localhost"],
+            [v("localhost"), "--listen".into()],
+        ),
+        case(
+            ["export", "--listen", "1.2.3.4:99999"],
+            [v("1.2.3.4:99999")],
+        ),
+        case(
+            ["export", "--retention", "0"],
+            [v("0"), "--retention".into()],
+        ),
+        case(
+            ["export", "--max-series", "0"],
+            [v("0"), "number of series".into()],
+        ),
+        case(["export", "--per-vcpu=yes"], ["--per-vcpu"]),
         case(["top", "--pid", "x1"], [v("x1"), "not a process id".into()]),
         case(["record", "--vcpu", "first"], [v("first"), "--vcpu".into()]),
         case(["record", "-p", "1", "--", "qemu"], ["--pid", "CMD"]),
@@ -589,6 +606,7 @@ fn help_and_version_still_work() {
         "guest",
         "reconcile",
         "top",
+        "export",
     ] {
         let (code, stdout, _) = run(&[cmd.into(), "--help".into()]);
         assert_eq!(code, Some(0), "kvmtrace {cmd} --help");

@@ -93,6 +93,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         inputs: &inputs,
         initrd: &initrd,
         build: &build,
+        forward: None,
     };
     let what = format!(
         "{} rounds of {} configurations, {} CPUID exits each",

@@ -45,6 +45,9 @@ pub struct Machine<'a> {
     pub inputs: &'a Inputs,
     pub initrd: &'a Path,
     pub build: &'a Path,
+    /// QEMU only: a network card whose `guest` TCP port is forwarded to the host's
+    /// 127.0.0.1:`host`, and nothing else reachable (`(guest, host)`).
+    pub forward: Option<(u16, u16)>,
 }
 
 impl Machine<'_> {
@@ -59,7 +62,13 @@ impl Machine<'_> {
     ) -> anyhow::Result<(Run, String, Duration)> {
         let mut cmd = match self.isa {
             Isa::Intel => bochs::command(root, self.build, &self.inputs.kernel, self.initrd)?,
-            Isa::Amd => qemu::command(self.build, self.inputs, self.initrd, self.cpus)?,
+            Isa::Amd => qemu::command(
+                self.build,
+                self.inputs,
+                self.initrd,
+                self.cpus,
+                self.forward,
+            )?,
         };
         let s = Step::start(match self.isa {
             Isa::Intel => "bochs",

@@ -94,6 +94,8 @@ pub struct L1 {
     pub vms: u8,
     /// How kvmtrace runs (`modes`, `reload`, `signal`; see lab/l1-init.sh).
     pub scenario: &'static str,
+    /// Network driver modules, in load order (`--scenario export`).
+    pub net_modules: Vec<PathBuf>,
     /// `signal`: the signal names, one per mode in turn.
     pub signals: String,
     /// `signal`: L1 seconds from attach to the signal.
@@ -150,6 +152,13 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     };
     let vendor = vendor.trim_end_matches(".ko");
 
+    let mut net = Vec::new();
+    for m in &l1.net_modules {
+        let name = file_name(m)?;
+        a.file(&format!("lib/modules/net/{name}"), m)?;
+        net.push(name);
+    }
+
     let workload = add_workload(&mut a, &l1.workload)?;
     // `vms` VMs one after the other, each a new VM (its counters start at zero).
     let again = workload.strip_prefix("exec ").unwrap_or(&workload);
@@ -169,7 +178,9 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
         add_libraries(&mut a, libs)?;
     }
 
-    a.bytes("lab/env", env(l1, vendor, deps), 0o644)?;
+    let mut env = env(l1, vendor, deps);
+    let _ = writeln!(env, "NET_MODULES='{}'", net.join(" "));
+    a.bytes("lab/env", env, 0o644)?;
     a.write_to(out)
 }
 
@@ -195,8 +206,8 @@ fn add_workload(a: &mut Archive, workload: &Workload) -> anyhow::Result<String> 
             a.file("l2/initrd.cpio", l2_initrd)?;
             // -M microvm,rtc=on: without the RTC the L2 kernel polls it for a second.
             format!(
-                "exec {QEMU_IN_L1} -L {QEMU_DATA_IN_L1} -accel kvm -M microvm,rtc=on -cpu host \
-                 -m {memory_mb} -smp {smp} -nodefaults -no-user-config -display none -no-reboot \
+                "exec {QEMU_IN_L1} -L {QEMU_DATA_IN_L1} -name guest=l2-$KVMLAB_TAG \
+                 -accel kvm -M microvm,rtc=on -cpu host -m {memory_mb} -smp {smp} -nodefaults -no-user-config -display none -no-reboot \
                  -chardev stdio,id=s0,signal=off -serial chardev:s0 \
                  -kernel /l2/bzImage -initrd /l2/initrd.cpio -append '{L2_APPEND}{}'",
                 if *sweep { " kvmlab.sweep" } else { "" }
@@ -256,6 +267,12 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     let _ = writeln!(env, "SCENARIO={}", l1.scenario);
     let _ = writeln!(env, "SIGNALS='{}'", l1.signals);
     let _ = writeln!(env, "SIGNAL_AFTER={}", l1.signal_after);
+    let _ = writeln!(env, "EXPORT_PORT={}", super::options::EXPORT_PORT);
+    let _ = writeln!(
+        env,
+        "EXPORT_RETENTION={}",
+        super::options::EXPORT_RETENTION_SECS
+    );
     env
 }
 

@@ -38,6 +38,8 @@ pub struct Inputs {
     /// `qemu-system-x86_64-microvm --version`'s first line.
     pub qemu_version: String,
     pub kernel: PathBuf,
+    /// L1's network driver, for `--scenario export`.
+    pub net_modules: Vec<PathBuf>,
     pub modules: Vec<PathBuf>,
     pub busybox: PathBuf,
     /// The unpacked qemu-system-x86 7.2 tree, and its firmware files.
@@ -106,6 +108,7 @@ fn download_inputs(isa: Isa, cache: &Path) -> anyhow::Result<Inputs> {
     let kernel = kroot.join(format!("boot/vmlinuz-{abi}"));
     let kdir = kroot.join(format!("lib/modules/{abi}/kernel"));
     let modules: Vec<PathBuf> = isa.modules().iter().map(|m| kdir.join(m)).collect();
+    let net_modules = isa.net_modules().iter().map(|m| kdir.join(m)).collect();
     let bbroot = apt::unpack(&apt::download(&debs, "busybox-static")?, &roots)?;
     let busybox = bbroot.join("bin/busybox");
 
@@ -151,6 +154,7 @@ fn download_inputs(isa: Isa, cache: &Path) -> anyhow::Result<Inputs> {
         qemu_version: version,
         kernel,
         modules,
+        net_modules,
         busybox,
         qemu_root,
         firmware,

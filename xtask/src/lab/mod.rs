@@ -24,6 +24,7 @@ mod hist;
 pub mod image;
 pub mod inputs;
 pub mod options;
+mod prometheus;
 mod qemu;
 mod reason;
 pub mod record;
@@ -77,12 +78,24 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let size = image::l1_initrd(&l1, &initrd)?;
     s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
 
+    // --scenario export: Prometheus scrapes L1's exporter through a forwarded port.
+    let prometheus = match opts.scenario {
+        options::Scenario::Export => {
+            let host_port = prometheus::free_port()?;
+            let p = prometheus::Prometheus::start(&cache, &build, host_port)?;
+            Some((p, host_port))
+        }
+        _ => None,
+    };
     let machine = Machine {
         isa: opts.isa,
         cpus: opts.l1_cpus,
         inputs: &inputs,
         initrd: &initrd,
         build: &build,
+        forward: prometheus
+            .as_ref()
+            .map(|(_, host)| (options::EXPORT_PORT, *host)),
     };
     let what = format!(
         "L1 {} ({} CPU{}) with {} modes {:?}",
@@ -95,7 +108,15 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let serial_log = out.join("serial.log");
     let (run, result, emu_time) = machine.boot(root, what, opts.timeout_scale, &serial_log)?;
 
-    let outcome = results::summarize(opts, &out, &run, &l1);
+    let tags: Vec<String> = opts
+        .modes
+        .iter()
+        .map(|m| format!("{}{m}", opts.isa.paging()))
+        .collect();
+    let exported = prometheus
+        .map(|(p, _)| prometheus::collect(&p, &run.lines, &tags, &root.join("dist")))
+        .transpose()?;
+    let outcome = results::summarize(opts, &out, &run, &l1, exported.as_ref());
     if let Some((kvmtrace, _)) = &l1.kvmtrace {
         ab_report::ab_report(opts, &out, kvmtrace, l1.system_map.as_deref())?;
     }

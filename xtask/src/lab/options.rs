@@ -39,6 +39,27 @@ pub enum Scenario {
     Reload,
     /// Each mode's record gets a signal (--signals) while the workload still runs.
     Signal,
+    /// `kvmtrace export` serves L1's metrics across all modes, forwarded to the host's
+    /// 127.0.0.1 only, where a real Prometheus scrapes them every second (AMD lab:
+    /// QEMU's user networking, `restrict=on`).
+    Export,
+}
+
+/// `--scenario export`: the port `kvmtrace export` listens on in L1, and how long an
+/// ended VM's series stay (each mode waits that long after its VM ends, and checks
+/// they are gone).
+pub const EXPORT_PORT: u16 = 10470;
+pub const EXPORT_RETENTION_SECS: u64 = 4;
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Modes => "modes",
+            Self::Reload => "reload",
+            Self::Signal => "signal",
+            Self::Export => "export",
+        }
+    }
 }
 
 /// Which kvm modules L1 loads.
@@ -210,6 +231,11 @@ impl Options {
                 self.l1_cpus
             );
         }
+        if self.scenario == Scenario::Export && self.isa != Isa::Amd {
+            bail!(
+                "--scenario export needs --isa amd: L1's network is QEMU's (Bochs has none here)"
+            );
+        }
         if self.micro_vcpus > 1 && !matches!(self.workload, Workload::Micro | Workload::Churn) {
             bail!("--micro-vcpus is for the micro and churn workloads (the boot VM takes --smp)");
         }
@@ -254,6 +280,21 @@ impl Isa {
                 "arch/x86/kvm/kvm-amd.ko",
             ],
         }
+    }
+
+    /// L1's network driver for `--scenario export` (virtio-net over PCI), in load
+    /// order: the cloud kernel builds them all as modules.
+    pub fn net_modules(self) -> &'static [&'static str] {
+        &[
+            "drivers/virtio/virtio_ring.ko",
+            "drivers/virtio/virtio.ko",
+            "drivers/virtio/virtio_pci_modern_dev.ko",
+            "drivers/virtio/virtio_pci_legacy_dev.ko",
+            "drivers/virtio/virtio_pci.ko",
+            "net/core/failover.ko",
+            "drivers/net/net_failover.ko",
+            "drivers/net/virtio_net.ko",
+        ]
     }
 
     pub fn host_packages(self) -> &'static [&'static str] {

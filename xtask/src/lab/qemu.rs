@@ -9,7 +9,16 @@ use super::{
 
 /// QEMU TCG as L1 with `cpus` CPUs; with more than one, each runs in a host thread of
 /// its own (multi-threaded TCG), so L1's CPUs run truly in parallel.
-pub fn command(build: &Path, inputs: &Inputs, initrd: &Path, cpus: u8) -> anyhow::Result<Command> {
+/// With `forward` (guest port, host port): a virtio network card on QEMU's user
+/// network with `restrict=on` (L1 reaches nothing outside), and only that guest port
+/// forwarded, to the host's loopback address only.
+pub fn command(
+    build: &Path,
+    inputs: &Inputs,
+    initrd: &Path,
+    cpus: u8,
+    forward: Option<(u16, u16)>,
+) -> anyhow::Result<Command> {
     let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64");
     let mut cmd = Command::new(qemu);
     if let Some(dir) = &inputs.qemu_module_dir {
@@ -22,8 +31,18 @@ pub fn command(build: &Path, inputs: &Inputs, initrd: &Path, cpus: u8) -> anyhow
         .args(["-cpu", "max", "-smp"])
         .arg(cpus.to_string())
         .args(["-no-reboot", "-nodefaults"])
-        .args(["-display", "none", "-monitor", "none", "-net", "none"])
-        .arg("-m")
+        .args(["-display", "none", "-monitor", "none"]);
+    match forward {
+        Some((guest, host)) => cmd
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+            ))
+            // No option ROM: L1 boots its kernel directly.
+            .args(["-device", "virtio-net-pci,netdev=n0,romfile="]),
+        None => cmd.args(["-net", "none"]),
+    };
+    cmd.arg("-m")
         .arg(format!("{L1_MEMORY_MB}M"))
         .arg("-serial")
         .arg(format!("file:{}", build.join("serial.out").display()))

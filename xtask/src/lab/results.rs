@@ -14,6 +14,7 @@ use super::{
     hist::{self, Hist},
     image::{L1, Workload as L2Workload},
     options::{Scenario, mode_dir_name, workload_label},
+    prometheus::Exported,
     record::{self, Record},
 };
 
@@ -30,6 +31,8 @@ struct Lab<'a> {
     out: &'a Path,
     run: &'a Run,
     l1: &'a L1,
+    /// `--scenario export`: what Prometheus and L1's scrapes showed.
+    exported: Option<&'a Exported>,
 }
 
 /// One mode's results, read from the console (and written as they are read).
@@ -52,9 +55,42 @@ struct ModeResults<'a> {
 
 /// Parses the console, writes `target/lab/<isa>/<mode>/`, prints the tables; fails if
 /// kvmtrace ran and disagrees with the hist, or the micro workload's counts are off.
-pub fn summarize(opts: &Options, out: &Path, run: &Run, l1: &L1) -> anyhow::Result<()> {
-    let lab = Lab { opts, out, run, l1 };
+pub fn summarize(
+    opts: &Options,
+    out: &Path,
+    run: &Run,
+    l1: &L1,
+    exported: Option<&Exported>,
+) -> anyhow::Result<()> {
+    let lab = Lab {
+        opts,
+        out,
+        run,
+        l1,
+        exported,
+    };
     let mut problems = Vec::new();
+    if let Some(e) = exported {
+        println!(
+            "Prometheus {} scraped L1's kvmtrace export every second",
+            e.prometheus_version
+        );
+        if e.dist_problems.is_empty() {
+            println!("dist/: promtool passes the fleet configuration, the rules and their tests");
+        }
+        problems.extend(e.dist_problems.iter().cloned());
+        // SIGTERM stops the exporter cleanly: status 0.
+        let stopped = run
+            .lines
+            .iter()
+            .find_map(|l| l.text.split("KVMLAB export kvmtrace rc=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next());
+        match stopped {
+            Some("0") => println!("kvmtrace export stopped on SIGTERM with status 0"),
+            Some(rc) => problems.push(format!("kvmtrace export exited {rc} on SIGTERM")),
+            None => problems.push("kvmtrace export's end is not on the console".to_owned()),
+        }
+    }
     match console::l1_cpus_up(&run.lines) {
         Some(n) if n == u64::from(opts.l1_cpus) => println!("L1 brought up {n} CPU(s)"),
         Some(n) => problems.push(format!(
@@ -140,7 +176,12 @@ fn read_mode<'a>(
     if !kvmtrace_err.trim().is_empty() {
         write(&dir, "kvmtrace.stderr", &kvmtrace_err)?;
     }
-    let rows = reasons::compare(&hist.by_reason, record.as_ref().map(|r| &r.by_reason));
+    // Under `--scenario export` kvmtrace's column is what Prometheus scraped.
+    let scraped = lab.exported.and_then(|e| e.by_mode.get(&tag));
+    let rows = reasons::compare(
+        &hist.by_reason,
+        scraped.or(record.as_ref().map(|r| &r.by_reason)),
+    );
     Ok(Some(ModeResults {
         run_time: console::run_seconds(lines, &tag),
         reached_end: console::reached_end(lines),
@@ -208,13 +249,16 @@ fn check_mode(
         m.hist.by_reason.values().sum::<u64>()
     );
     print!("{}", reasons::table(&m.rows));
-    problems.extend(reasons::check_record(
-        tag,
-        &m.rows,
-        m.record.as_ref(),
-        l1.kvmtrace.is_some(),
-        &m.kvmtrace_err,
-    ));
+    match lab.exported {
+        Some(e) => problems.extend(export_problems(tag, &m.rows, e)),
+        None => problems.extend(reasons::check_record(
+            tag,
+            &m.rows,
+            m.record.as_ref(),
+            l1.kvmtrace.is_some(),
+            &m.kvmtrace_err,
+        )),
+    }
     if let Some(problem) = guest::guest_readout(opts, &m.dir, m.lines, l1)? {
         problems.push(format!("{tag}: {problem}"));
     }
@@ -264,6 +308,36 @@ fn check_mode(
     write_summary(lab, m, &vcpu_rows)?;
     println!("  -> {}", m.dir.display());
     Ok(())
+}
+
+/// `--scenario export`: Prometheus's values of the mode's VM equal the hist for every
+/// reason (and there are some), and the scrapes' own problems.
+fn export_problems(tag: &str, rows: &[reasons::Row], e: &Exported) -> Vec<String> {
+    let mut problems: Vec<String> = e
+        .problems
+        .get(tag)
+        .into_iter()
+        .flatten()
+        .map(|p| format!("{tag}: {p}"))
+        .collect();
+    let total: u64 = rows.iter().map(|r| r.hist).sum();
+    let differ = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).count();
+    if total == 0 {
+        problems.push(format!(
+            "{tag}: the hist counted no exits: nothing was compared"
+        ));
+    } else if differ > 0 {
+        problems.push(format!(
+            "{tag}: Prometheus differs from the hist in {differ} of {} reasons",
+            rows.len()
+        ));
+    } else {
+        println!(
+            "  Prometheus == hist for all {} reasons ({total} exits)",
+            rows.len()
+        );
+    }
+    problems
 }
 
 /// With `--detail` or `--rip` in the record arguments: mode `m`'s detail and RIP rows

@@ -35,10 +35,11 @@ pub fn l1(
         record_args: record_args(opts),
         run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,
-        scenario: match opts.scenario {
-            Scenario::Modes => "modes",
-            Scenario::Reload => "reload",
-            Scenario::Signal => "signal",
+        scenario: opts.scenario.name(),
+        net_modules: if opts.scenario == Scenario::Export {
+            inputs.net_modules.clone()
+        } else {
+            Vec::new()
         },
         signals: opts.signals.join(" "),
         signal_after: opts.signal_after,

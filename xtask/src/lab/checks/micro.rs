@@ -405,6 +405,7 @@ mod tests {
             run_timeout: 1,
             vms: 2,
             scenario: "modes",
+            net_modules: Vec::new(),
             signals: String::new(),
             signal_after: 0,
         };
