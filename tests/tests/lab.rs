@@ -999,3 +999,45 @@ fn intel_micro_detail_is_exact() {
 fn amd_micro_detail_is_exact() {
     micro_detail_is_exact("amd");
 }
+
+/// `kvmtrace export` runs in L1 across both paging modes while L2 boots; Debian's real
+/// Prometheus on the host scrapes it every second through QEMU's forward (restricted
+/// user networking). After each L2 ends, the last values Prometheus scraped of that VM
+/// (`vm="l2-npt1"`, from QEMU's `-name`) equal L1's kernel hist, reason by reason; the
+/// lab also checks the scrape lints clean, the VM leaves the scrape after the
+/// retention, the exporter stops with status 0 on SIGTERM, and dist/ passes promtool.
+#[test]
+fn amd_export_prometheus_equals_hist() {
+    let s = Scenario {
+        modules: "stock",
+        extra: &["--scenario", "export"],
+        tag: "export",
+        ..boot("amd")
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        assert_l2_ended(&dir);
+        let path = dir.join("prometheus.json");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&read(&path))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let scraped: std::collections::BTreeMap<tracer_common::ExitKey, u64> = rows
+            .iter()
+            .map(|r| {
+                let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+                let key = tracer_common::ExitKey {
+                    isa: n("isa") as u32,
+                    reason: n("reason") as u32,
+                    failed_entry: u32::from(r["failed_entry"].as_bool() == Some(true)),
+                };
+                (key, n("count"))
+            })
+            .collect();
+        let kernel = hist(&dir);
+        assert!(
+            kernel.values().sum::<u64>() > 1000,
+            "{}: a boot has thousands of exits",
+            dir.display()
+        );
+        assert_eq!(scraped, kernel, "{}", dir.display());
+    }
+}

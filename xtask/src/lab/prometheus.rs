@@ -242,7 +242,7 @@ pub struct Exported {
     /// Per mode tag: what is wrong with the scrapes (lint, a VM that stayed past its
     /// retention, in L1's scrape or in Prometheus at the end).
     pub problems: BTreeMap<String, Vec<String>>,
-    /// What promtool found wrong in dist/.
+    /// What is wrong beyond one mode: promtool on dist/, counters that went back.
     pub dist_problems: Vec<String>,
 }
 
@@ -265,6 +265,20 @@ pub fn collect(
         dist_problems: prom.check_dist(dist)?,
         ..Exported::default()
     };
+    // The vendor module is removed and loaded again between modes while the exporter
+    // runs: no counter may go backwards (Prometheus would see a reset).
+    for metric in ["kvmtrace_exits_total", "kvmtrace_dropped_events_total"] {
+        let resets = prom.query(&format!("sum(resets({metric}[1h]))"))?;
+        match resets.first() {
+            Some((_, n)) if *n == 0.0 => {}
+            Some((_, n)) => out.dist_problems.push(format!(
+                "{metric} went backwards {n} times across the reloads"
+            )),
+            None => out
+                .dist_problems
+                .push(format!("Prometheus has no {metric} samples at all")),
+        }
+    }
     for tag in tags {
         let vm = vm_of(tag);
         let label = format!("vm=\"{vm}\"");

@@ -76,7 +76,7 @@ pub fn summarize(
             e.prometheus_version
         );
         if e.dist_problems.is_empty() {
-            println!("dist/: promtool passes the fleet configuration, the rules and their tests");
+            println!("dist/ passes promtool, and no counter went back across the module reloads");
         }
         problems.extend(e.dist_problems.iter().cloned());
         // SIGTERM stops the exporter cleanly: status 0.
@@ -178,6 +178,17 @@ fn read_mode<'a>(
     }
     // Under `--scenario export` kvmtrace's column is what Prometheus scraped.
     let scraped = lab.exported.and_then(|e| e.by_mode.get(&tag));
+    if let Some(counts) = scraped {
+        let rows: Vec<_> = counts
+            .iter()
+            .map(|(r, n)| json!({"isa": r.isa, "reason": r.reason, "failed_entry": r.failed_entry, "count": n}))
+            .collect();
+        write(
+            &dir,
+            "prometheus.json",
+            &serde_json::to_string_pretty(&rows)?,
+        )?;
+    }
     let rows = reasons::compare(
         &hist.by_reason,
         scraped.or(record.as_ref().map(|r| &r.by_reason)),
