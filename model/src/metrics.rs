@@ -376,7 +376,7 @@ pub(crate) mod tests {
     fn vm_names_come_from_qemu_and_libvirt_command_lines() {
         let cases: [(&[u8], Option<&str>); 6] = [
             (
-                b"qemu-system-x86_64\0-name\0guest=web-1,debug-threads=on\0-m\01024\0",
+                b"qemu-system-x86_64\0-name\0guest=web-1,debug-threads=on\0-m\x001024\0",
                 Some("web-1"),
             ),
             (
@@ -384,7 +384,7 @@ pub(crate) mod tests {
                 Some("db"),
             ),
             (b"qemu\0-name\0guest=a,,b\0", Some("a,b")),
-            (b"qemu-system-x86_64\0-m\0512\0", None),
+            (b"qemu-system-x86_64\0-m\x00512\0", None),
             (b"qemu\0-name\0", None),
             (b"qemu\0-name\0debug-threads=on\0", None),
         ];
