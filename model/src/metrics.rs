@@ -34,6 +34,9 @@ pub struct Scrape<'a> {
     pub version: &'a str,
     /// The most exit series served; the rest are summed into `vm="_other"`.
     pub max_series: usize,
+    /// Handling time of VMs whose rows left the maps (`--retention`), per reason: the
+    /// histogram is not per VM, so its `_sum` keeps their share and never goes back.
+    pub forgotten_time_ns: &'a BTreeMap<ExitKey, u64>,
 }
 
 /// The labels an exit series is keyed by.
@@ -156,7 +159,10 @@ pub fn expose(scrape: &Scrape) -> Result<Exposition, Overflow> {
     let handling = if scrape.timing {
         snap.latency
             .iter()
-            .map(|(exit, counts)| handling(exit, counts, snap))
+            .map(|(exit, counts)| {
+                let gone = scrape.forgotten_time_ns.get(exit).copied().unwrap_or(0);
+                handling(exit, counts, snap, gone)
+            })
             .collect::<Result<_, _>>()?
     } else {
         Vec::new()
@@ -189,7 +195,12 @@ const FIRST_BOUND_NS: u64 = 1 << 7;
 const LAST_BOUND_NS: u64 = 1 << 27;
 
 /// One reason's histogram: the log2 buckets as cumulative counts at their ends.
-fn handling(exit: &ExitKey, counts: &[u64], snap: &Snapshot) -> Result<Handling, Overflow> {
+fn handling(
+    exit: &ExitKey,
+    counts: &[u64],
+    snap: &Snapshot,
+    forgotten_ns: u64,
+) -> Result<Handling, Overflow> {
     let mut buckets = Vec::new();
     let mut below = 0u64;
     for (b, &n) in counts.iter().enumerate() {
@@ -202,7 +213,10 @@ fn handling(exit: &ExitKey, counts: &[u64], snap: &Snapshot) -> Result<Handling,
             buckets.push((to_ns as f64 / 1e9, below));
         }
     }
-    let time_ns = snap.exits.get(exit).map_or(0, |s| s.time_ns);
+    let time_ns = sum_u64(
+        [snap.exits.get(exit).map_or(0, |s| s.time_ns), forgotten_ns],
+        "handling time",
+    )?;
     Ok(Handling {
         isa: isa_label(Isa::from_raw(exit.isa)),
         reason: exit.reason,
@@ -300,6 +314,8 @@ pub(crate) mod tests {
         s
     }
 
+    static NONE_FORGOTTEN: BTreeMap<ExitKey, u64> = BTreeMap::new();
+
     pub(crate) fn scrape_of<'a>(
         snap: &'a Snapshot,
         vms: &'a BTreeMap<u32, String>,
@@ -313,6 +329,7 @@ pub(crate) mod tests {
             paging,
             version: "0.1.0",
             max_series: 100,
+            forgotten_time_ns: &NONE_FORGOTTEN,
         }
     }
 
@@ -367,7 +384,12 @@ pub(crate) mod tests {
         assert_eq!(h.buckets[0], (128e-9, 1500));
         assert_eq!(h.buckets.len(), 21);
         assert_eq!(h.buckets.last().map(|b| b.1), Some(1500));
+        // A forgotten VM's time stays in the sum.
+        let forgotten = BTreeMap::from([(vmx(r::VMX_CPUID), 40_000)]);
         let mut s = scrape_of(&snap, &vms, &[]);
+        s.forgotten_time_ns = &forgotten;
+        let e = expose(&s).unwrap_or_else(|e| panic!("{e}"));
+        assert!((e.handling[0].sum_seconds - 100e-6).abs() < 1e-12);
         s.timing = false;
         assert!(expose(&s).map(|e| e.handling.is_empty()).unwrap_or(false));
     }

@@ -54,6 +54,8 @@ struct Exporter {
     probe: Probe,
     vms: BTreeMap<u32, Vm>,
     args: ExportArgs,
+    /// Handling time of the VMs forgotten so far, per reason (see [`Scrape`]).
+    forgotten_time_ns: BTreeMap<tracer_common::ExitKey, u64>,
 }
 
 /// The process's start time (field 22 of /proc/PID/stat), or `None` if it is gone.
@@ -100,8 +102,12 @@ impl Exporter {
             .collect();
         for pid in expired {
             let rows = self.probe.forget_vm(pid)?;
+            for (exit, stats) in &rows {
+                let t = self.forgotten_time_ns.entry(*exit).or_default();
+                *t = t.saturating_add(stats.time_ns);
+            }
             if let Some(vm) = self.vms.remove(&pid) {
-                log::info!("VM {} (pid {pid}): {rows} rows forgotten", vm.label);
+                log::info!("VM {} (pid {pid}): {} rows forgotten", vm.label, rows.len());
             }
         }
         Ok(())
@@ -124,6 +130,7 @@ impl Exporter {
             paging: &paging,
             version: env!("CARGO_PKG_VERSION"),
             max_series: self.args.max_series,
+            forgotten_time_ns: &self.forgotten_time_ns,
         })?;
         Ok(text(&exposition, openmetrics)?)
     }
@@ -247,6 +254,7 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
         probe,
         vms: BTreeMap::new(),
         args: args.clone(),
+        forgotten_time_ns: BTreeMap::new(),
     }));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -10,8 +10,8 @@ use aya::{
 };
 use thiserror::Error;
 use tracer_common::{
-    CpuidEvent, DetailKey, ExitStats, HistKey, PhaseExitKey, PhaseVcpuKey, RegsSample, RipKey,
-    drop_kind, limits, maps, regs_slot,
+    CpuidEvent, DetailKey, ExitKey, ExitStats, HistKey, PhaseExitKey, PhaseVcpuKey, RegsSample,
+    RipKey, drop_kind, limits, maps, regs_slot,
 };
 
 use kvmtrace_model::{
@@ -371,8 +371,8 @@ impl Probe {
     }
 
     /// Deletes the per-vCPU rows of VM process `pid` (it has ended): its exits leave
-    /// every later snapshot. Returns the rows deleted.
-    pub fn forget_vm(&mut self, pid: u32) -> Result<usize, ProbeError> {
+    /// every later snapshot. Returns what the deleted rows held, per exit reason.
+    pub fn forget_vm(&mut self, pid: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
         let mut rows: PerCpuHashMap<&mut MapData, PhaseVcpuKey, ExitStats> =
             PerCpuHashMap::try_from(
                 self.ebpf
@@ -380,15 +380,17 @@ impl Probe {
                     .ok_or(ProbeError::MissingMap(maps::VCPU_EXITS))?,
             )
             .map_err(map_err(maps::VCPU_EXITS))?;
-        let keys: Vec<PhaseVcpuKey> = rows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.vcpu().pid == pid)
-            .collect();
-        for key in &keys {
+        let mut gone = Vec::new();
+        for item in rows.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::VCPU_EXITS))?;
+            if key.vcpu().pid == pid {
+                gone.push((key, sum_stats(per_cpu.iter())?));
+            }
+        }
+        for (key, _) in &gone {
             rows.remove(key).map_err(map_err(maps::VCPU_EXITS))?;
         }
-        Ok(keys.len())
+        Ok(gone.into_iter().map(|(k, s)| (k.exit(), s)).collect())
     }
 
     /// Copies every map, summed over CPUs.
