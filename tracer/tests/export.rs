@@ -9,11 +9,11 @@ mod common;
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{has_kvm_tracepoints, is_root, kvmtrace, run, stderr};
+use common::{has_kvm_tracepoints, is_root, kvmtrace, run, run_unprivileged, stderr};
 
 /// A port nobody listens on now.
 fn free_port() -> u16 {
@@ -149,16 +149,8 @@ fn without_privileges_it_is_one_clear_line() {
     if !is_root() {
         return;
     }
-    let out = run(Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_kvmtrace"))
-        .args(["export", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_port())));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = run_unprivileged(&["export", "--listen", &listen]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(
         stderr(&out).trim(),

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{has_kvm_tracepoints, is_root, kvmtrace, names_in, run, stderr};
+use common::{has_kvm_tracepoints, is_root, kvmtrace, names_in, run, run_unprivileged, stderr};
 use kvmtrace_model::report::{Report, SCHEMA};
 
 fn tmp(name: &str) -> PathBuf {
@@ -204,15 +204,7 @@ fn unprivileged_user_is_told_to_use_sudo() {
     if !is_root() {
         return;
     }
-    let out = run(Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_kvmtrace"))
-        .args(["record", "-d", "1"]));
+    let out = run_unprivileged(&["record", "-d", "1"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(
         stderr(&out).trim(),

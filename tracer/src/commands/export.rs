@@ -68,8 +68,8 @@ fn start_time(pid: u32) -> Option<u64> {
 
 impl Exporter {
     /// Names new VMs, notes ended ones, and forgets those ended longer than the
-    /// retention ago.
-    fn track_vms(&mut self, pids: &BTreeSet<u32>, now: Instant) -> anyhow::Result<()> {
+    /// retention ago. Returns whether it forgot any.
+    fn track_vms(&mut self, pids: &BTreeSet<u32>, now: Instant) -> anyhow::Result<bool> {
         for &pid in pids {
             let started = start_time(pid);
             let vm = self.vms.entry(pid).or_insert_with(|| {
@@ -100,6 +100,7 @@ impl Exporter {
             })
             .map(|(&pid, _)| pid)
             .collect();
+        let forgot = !expired.is_empty();
         for pid in expired {
             let rows = self.probe.forget_vm(pid)?;
             for (exit, stats) in &rows {
@@ -110,16 +111,18 @@ impl Exporter {
                 log::info!("VM {} (pid {pid}): {} rows forgotten", vm.label, rows.len());
             }
         }
-        Ok(())
+        Ok(forgot)
     }
 
     /// One scrape's text.
     fn scrape(&mut self, openmetrics: bool) -> anyhow::Result<String> {
         let now = Instant::now();
-        let pids: BTreeSet<u32> = self.probe.snapshot()?.vcpus.keys().map(|k| k.pid).collect();
-        self.track_vms(&pids, now)?;
-        // After forgetting: the snapshot served holds no forgotten VM.
-        let snapshot = self.probe.snapshot()?;
+        let mut snapshot = self.probe.snapshot()?;
+        let pids: BTreeSet<u32> = snapshot.vcpus.keys().map(|k| k.pid).collect();
+        if self.track_vms(&pids, now)? {
+            // The snapshot served holds no forgotten VM.
+            snapshot = self.probe.snapshot()?;
+        }
         let labels = unique_labels(&self.vms);
         let paging: Vec<_> = host::paging().into_iter().collect();
         let exposition = expose(&Scrape {

@@ -86,3 +86,16 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Runs kvmtrace with `args` as the unprivileged user nobody, with no capabilities.
+pub fn run_unprivileged(args: &[&str]) -> Output {
+    run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_kvmtrace"))
+        .args(args))
+}
