@@ -310,6 +310,10 @@ pub struct Dropped {
     /// `--rip`: exits whose RIP is not counted (the map was full).
     #[serde(default)]
     pub rip_map_full: u64,
+    /// The count path: exits of VMs that found every VM slot taken, counted under
+    /// pid 0 ("other VMs") instead of their own.
+    #[serde(default)]
+    pub count_slots_full: u64,
 }
 
 impl Dropped {
@@ -357,6 +361,7 @@ impl From<&Drops> for Dropped {
             detail_capped: drops.get(drop_kind::DETAIL_CAPPED),
             detail_map_full: drops.get(drop_kind::DETAIL_MAP_FULL),
             rip_map_full: drops.get(drop_kind::RIP_MAP_FULL),
+            count_slots_full: drops.get(drop_kind::COUNT_SLOTS_FULL),
         }
     }
 }

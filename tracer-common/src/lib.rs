@@ -96,8 +96,11 @@ pub mod drop_kind {
     pub const DETAIL_MAP_FULL: u32 = 11;
     /// The guest-RIP map was full: the exit is counted, but its RIP is not.
     pub const RIP_MAP_FULL: u32 = 12;
+    /// The count path had no free VM slot: the exit is counted in slot 0, with the
+    /// VMs that found none, not under its own VM.
+    pub const COUNT_SLOTS_FULL: u32 = 13;
     /// Number of slots.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).
@@ -152,6 +155,11 @@ pub mod globals {
     /// Offsets of `ecx` and `write` in `kvm:kvm_msr`.
     pub const MSR_ECX_OFF: &str = "MSR_ECX_OFF";
     pub const MSR_WRITE_OFF: &str = "MSR_WRITE_OFF";
+    /// The count path's raw `kvm_exit`: offset of `exit_reason` in `struct vcpu_vmx`,
+    /// and of `vmcb` in `struct vcpu_svm` ([`NO_FIELD`](super::NO_FIELD): that
+    /// vendor's exits go to the overflow map under reason `u32::MAX - 1`).
+    pub const VMX_EXIT_REASON_OFF: &str = "VMX_EXIT_REASON_OFF";
+    pub const SVM_VMCB_OFF: &str = "SVM_VMCB_OFF";
     /// Offset of `fault_address` in `kvm:kvm_page_fault`.
     pub const PF_ADDRESS_OFF: &str = "PF_ADDRESS_OFF";
 }
@@ -177,6 +185,12 @@ pub mod maps {
     pub const DETAIL_EXITS: &str = "DETAIL_EXITS";
     pub const DETAIL_KEYS: &str = "DETAIL_KEYS";
     pub const RIP_EXITS: &str = "RIP_EXITS";
+    pub const COUNTS: &str = "COUNTS";
+    pub const COUNT_OVERFLOW: &str = "COUNT_OVERFLOW";
+    pub const VM_SLOTS: &str = "VM_SLOTS";
+    pub const SLOT_OWNERS: &str = "SLOT_OWNERS";
+    pub const COUNT_EPOCH: &str = "COUNT_EPOCH";
+    pub const SLOT_ENDED: &str = "SLOT_ENDED";
 }
 
 /// The kvm vendor modules whose load starts a new phase. A module cannot be removed
@@ -629,4 +643,92 @@ mod pod {
     unsafe impl aya::Pod for super::CpuidEvent {}
     unsafe impl aya::Pod for super::DetailKey {}
     unsafe impl aya::Pod for super::RipKey {}
+}
+
+/// The count path (`record --counts-only`, `top`, `export` without `--time`): one
+/// program per exit adds 1 to a per-CPU array cell, `VM slot × CELLS + dense reason`.
+/// No clock, no hash lookup on the way (the VM's slot is cached per CPU).
+pub mod count {
+    use super::{ExitKey, VMX_BASIC_REASON_MASK, VMX_FAILED_VMENTRY, isa};
+
+    /// Cells per VM slot: every dense reason index is below this.
+    pub const CELLS: u32 = 256;
+    /// VMX basic reasons 0..80 are cells 0..80 (the SDM defines up to 78).
+    pub const VMX_REASONS: u32 = 80;
+    /// SVM exit codes 0..0xa8 (CR, DR, exception, intercept codes) are cells
+    /// `SVM_BASE..`.
+    pub const SVM_BASE: u32 = VMX_REASONS;
+    pub const SVM_CODES: u32 = 0xa8;
+    /// SVM codes 0x400..0x404 (NPF, AVIC, VMGEXIT) are cells `SVM_HIGH_BASE..`.
+    pub const SVM_HIGH_BASE: u32 = SVM_BASE + SVM_CODES;
+    pub const SVM_HIGH_FIRST: u32 = 0x400;
+    pub const SVM_HIGH: u32 = 4;
+    /// `SVM_EXIT_ERR` (-1): a VMRUN that failed.
+    pub const SVM_ERR: u32 = SVM_HIGH_BASE + SVM_HIGH;
+    /// Not a cell: the exit goes, with its raw code, to the overflow map (a failed VMX
+    /// entry, or a reason this table does not know).
+    pub const OVERFLOW: u32 = CELLS;
+    /// VM slots. Slot 0 holds the exits of VMs that found every other slot taken
+    /// (counted as such in `drop_kind::COUNT_SLOTS_FULL`).
+    pub const MAX_VMS: u32 = 64;
+    /// The `vcpu_id` of a count-path row: the count path does not tell vCPUs apart.
+    pub const ALL_VCPUS: u32 = u32::MAX;
+    /// The per-CPU cache's slot value for a process the pid filter does not trace.
+    pub const NOT_TRACED: u32 = u32::MAX;
+
+    /// The cell of a raw `kvm_exit` (isa, reason), or [`OVERFLOW`].
+    #[inline(always)]
+    pub fn dense_index(exit_isa: u32, raw: u32) -> u32 {
+        if exit_isa == isa::VMX {
+            if raw & VMX_FAILED_VMENTRY == 0 && raw & VMX_BASIC_REASON_MASK < VMX_REASONS {
+                // Bits 30:16 are flags (e.g. 27: enclave mode): only the basic reason.
+                return raw & VMX_BASIC_REASON_MASK;
+            }
+            return OVERFLOW;
+        }
+        if exit_isa == isa::SVM {
+            if raw < SVM_CODES {
+                return SVM_BASE + raw;
+            }
+            if raw >= SVM_HIGH_FIRST && raw < SVM_HIGH_FIRST + SVM_HIGH {
+                return SVM_HIGH_BASE + raw - SVM_HIGH_FIRST;
+            }
+            if raw == u32::MAX {
+                return SVM_ERR;
+            }
+        }
+        OVERFLOW
+    }
+
+    /// The exit counted in cell `i`; `None` for a cell no exit maps to.
+    pub fn exit_of(i: u32) -> Option<ExitKey> {
+        let (exit_isa, reason) = match i {
+            _ if i < VMX_REASONS => (isa::VMX, i),
+            _ if i < SVM_HIGH_BASE => (isa::SVM, i - SVM_BASE),
+            _ if i < SVM_ERR => (isa::SVM, i - SVM_HIGH_BASE + SVM_HIGH_FIRST),
+            SVM_ERR => (isa::SVM, u32::MAX),
+            _ => return None,
+        };
+        Some(ExitKey::from_raw(exit_isa, reason))
+    }
+
+    /// A VM's slot key in `VM_SLOTS`: the phase in the high half, the tgid below.
+    #[inline(always)]
+    pub fn slot_key(phase: u32, tgid: u32) -> u64 {
+        (u64::from(phase) << 32) | u64::from(tgid)
+    }
+
+    /// This CPU's last VM: while the thread, phase and epoch match, its slot is
+    /// known without a hash lookup.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CachedSlot {
+        pub tgid: u32,
+        pub phase: u32,
+        /// `COUNT_EPOCH` when cached: user space bumps it when it frees a slot or
+        /// adds a pid to the filter, which empties every CPU's cache.
+        pub epoch: u32,
+        /// The slot, or [`NOT_TRACED`].
+        pub slot: u32,
+    }
 }

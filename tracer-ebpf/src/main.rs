@@ -41,6 +41,8 @@
 )]
 #![feature(core_intrinsics)]
 
+mod count;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
@@ -1098,6 +1100,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
                 core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(n, u32::MAX)
             };
         }
+    }
+    if gone {
+        count::vm_ended(tgid);
     }
     if global(&FILTER_PIDS_ENABLED) != 0 && gone {
         // Fails (ENOENT) when the process was not traced.

@@ -294,6 +294,17 @@ pub struct RecordArgs {
     #[arg(long)]
     pub snapshots: bool,
 
+    /// Count exits per VM and reason only, at the least cost per exit: no handling
+    /// time, no vCPU rows, no snapshots. One short eBPF program and one per-CPU add per
+    /// exit, reading the reason from the vCPU where the kvm module's BTF shows where.
+    #[arg(long, conflicts_with_all = ["snapshots", "rip", "vcpu", "per_vcpu", "detail"])]
+    pub counts_only: bool,
+
+    /// With --counts-only: read exits through the classic tracepoint even where the
+    /// raw one would do (to compare the two).
+    #[arg(long, hide = true, requires = "counts_only")]
+    pub classic_tracepoint: bool,
+
     /// Count exits per guest instruction pointer and show the N RIPs with the most
     /// exits per reason (name them with --guest-symbols).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000),

@@ -6,6 +6,7 @@
 //! are pure and tested without a kernel. Nothing here imports from further down.
 
 pub mod cpu;
+pub mod exit_layout;
 pub mod host;
 pub mod privileges;
 pub mod probe;

@@ -250,6 +250,8 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     let tracefs = Tracefs::find_or_mount()?;
     let config = ProbeConfig {
         pids: args.pids.iter().copied().collect(),
+        // Time and vCPU labels need the timing path; counts alone take the cheap one.
+        counts: (!args.time && !args.per_vcpu).then(|| super::count_choice(false)),
         ..ProbeConfig::default()
     };
     let probe = Probe::attach(&tracefs, &config)?;

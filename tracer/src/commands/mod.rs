@@ -226,3 +226,17 @@ fn io_reason(e: &std::io::Error) -> String {
     }
     e.to_string()
 }
+
+/// How the count path reads exits: the raw tracepoint where the vendor module's BTF
+/// shows the layout (unless `classic` asks otherwise), said on stderr either way.
+pub fn count_choice(classic: bool) -> kvmtrace::exit_layout::Choice {
+    let choice = if classic {
+        kvmtrace::exit_layout::Choice::Classic {
+            reason: "asked for".to_owned(),
+        }
+    } else {
+        kvmtrace::exit_layout::choose(std::path::Path::new(kvmtrace::probe::BTF_DIR))
+    };
+    log::info!("counting exits through the {}", choice.describe());
+    choice
+}

@@ -26,7 +26,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::{BadInput, OutputFile, load_symbols, render_options};
+use super::{BadInput, OutputFile, count_choice, load_symbols, render_options};
 use crate::{cli::RecordArgs, exit_status::Status};
 
 /// How long a command is given to exit after kvmtrace forwards SIGTERM to it.
@@ -36,8 +36,7 @@ const CHILD_GRACE: Duration = Duration::from_secs(5);
 const CPUID_DRAIN: Duration = Duration::from_millis(100);
 /// How often register-learning samples are looked at, while learning.
 const LEARN_DRAIN: Duration = Duration::from_millis(10);
-/// Where the kernel publishes BTF (the kvm module's, split on vmlinux's).
-const BTF_DIR: &str = "/sys/kernel/btf";
+use kvmtrace::probe::BTF_DIR;
 
 /// Why the record ended.
 enum End {
@@ -129,6 +128,9 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
         rips: args.rip.is_some(),
         max_overflow_rows: args.max_overflow_rows,
         max_vcpu_rows: args.max_vcpu_rows,
+        counts: args
+            .counts_only
+            .then(|| count_choice(args.classic_tracepoint)),
     })
 }
 
@@ -156,6 +158,9 @@ fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result
         ..config
     };
     let mut probe = Probe::attach(tracefs, &config)?;
+    if let Some(choice) = probe.count_path() {
+        eprintln_status(&format!("counting exits through the {}", choice.describe()));
+    }
     let attach_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let started_at = Utc::now();
     let paging = host::paging();
@@ -265,6 +270,7 @@ fn wait(
                 end = &mut ending => break end,
                 _ = drain.tick() => {
                     probe.drain_cpuid(&mut cpuid_reads);
+                    probe.tick()?;
                     phases.look(probe)?;
                 }
                 _ = learn.tick(), if regs.learning() => regs.learn(probe)?,

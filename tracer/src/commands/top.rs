@@ -166,9 +166,10 @@ pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
     let tracefs = Tracefs::find_or_mount()?;
     let config = ProbeConfig {
         pids: args.pids.iter().copied().collect::<BTreeSet<_>>(),
+        counts: Some(super::count_choice(false)),
         ..ProbeConfig::default()
     };
-    let probe = Probe::attach(&tracefs, &config)?;
+    let mut probe = Probe::attach(&tracefs, &config)?;
     let (tx, quit) = mpsc::channel();
     watch_signals(tx.clone())?;
     let screen = Screen::enter()?;

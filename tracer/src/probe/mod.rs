@@ -20,6 +20,7 @@ use kvmtrace_model::{
     tracefs_format::Tracepoint,
 };
 
+mod counts;
 #[cfg(test)]
 mod object_check;
 mod setup;
@@ -27,6 +28,7 @@ mod setup;
 use setup::Setup;
 
 use crate::{
+    exit_layout::Choice,
     tracefs::{Tracefs, TracefsError},
     vcpu_regs,
 };
@@ -74,7 +76,18 @@ pub enum ProbeError {
     MissingMap(&'static str),
     #[error(transparent)]
     Overflow(#[from] Overflow),
+    #[error("count cell {0} stands for no exit reason: the eBPF object and this kvmtrace disagree")]
+    CellWithoutReason(u32),
+    #[error(
+        "the kvm vendor module was reloaded and its layout changed: the counts read {was}, it now needs the {now}; restart kvmtrace, or record with time (without --counts-only)"
+    )]
+    LayoutChanged { was: String, now: String },
+    #[error("cannot tell how many CPUs this host has: {0}")]
+    Cpus(#[source] std::io::Error),
 }
+
+/// Where the kernel publishes BTF (vmlinux's, and each module's split on it).
+pub const BTF_DIR: &str = "/sys/kernel/btf";
 
 /// What to trace.
 #[derive(Clone, Debug)]
@@ -101,6 +114,9 @@ pub struct ProbeConfig {
     pub max_overflow_rows: u32,
     /// Entries of the per-vCPU map (one per VM, vCPU and reason).
     pub max_vcpu_rows: u32,
+    /// The count path, and how it reads exits: counts per VM and reason only, no
+    /// time, no vCPU, no snapshots. `None`: the timing path.
+    pub counts: Option<Choice>,
 }
 
 impl Default for ProbeConfig {
@@ -116,6 +132,7 @@ impl Default for ProbeConfig {
             rips: false,
             max_overflow_rows: limits::MAX_OVERFLOW_ROWS,
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
+            counts: None,
         }
     }
 }
@@ -134,6 +151,8 @@ pub struct Probe {
     tracks_phases: bool,
     /// Whether the probe on `vmx_vcpu_run()` counts synthetic exits.
     counts_synthetic: bool,
+    /// The count path's state; `None` on the timing path.
+    counts: Option<counts::CountPath>,
 }
 
 /// The function whose runs that enter no guest are KVM's synthetic exits.
@@ -254,7 +273,21 @@ impl Probe {
             filter_enabled: !config.pids.is_empty(),
             tracks_phases: setup.tracks_phases(),
             counts_synthetic,
+            counts: config.counts.clone().map(counts::CountPath::new),
         })
+    }
+
+    /// How the count path reads exits; `None` on the timing path.
+    pub fn count_path(&self) -> Option<&Choice> {
+        self.counts.as_ref().map(|c| &c.choice)
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ProbeError> {
+        self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ProbeError> {
+        self.ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))
     }
 
     /// Whether synthetic VMX exits are counted (see [`attach_synthetic_counter`]).
@@ -367,12 +400,25 @@ impl Probe {
                 .ok_or(ProbeError::MissingMap(maps::FILTER_PIDS))?,
         )
         .map_err(map_err(maps::FILTER_PIDS))?;
-        filter.insert(pid, 1, 0).map_err(map_err(maps::FILTER_PIDS))
+        filter
+            .insert(pid, 1, 0)
+            .map_err(map_err(maps::FILTER_PIDS))?;
+        // The count path may have cached the process as not traced: a new epoch
+        // makes every CPU look again.
+        let mut epoch: Array<&mut MapData, u32> = Array::try_from(self.map_mut(maps::COUNT_EPOCH)?)
+            .map_err(map_err(maps::COUNT_EPOCH))?;
+        let now = epoch.get(&0, 0).map_err(map_err(maps::COUNT_EPOCH))?;
+        epoch
+            .set(0, now.wrapping_add(1), 0)
+            .map_err(map_err(maps::COUNT_EPOCH))
     }
 
     /// Deletes the per-vCPU rows of VM process `pid` (it has ended): its exits leave
     /// every later snapshot. Returns what the deleted rows held, per exit reason.
     pub fn forget_vm(&mut self, pid: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
+        if self.counts.is_some() {
+            return self.forget_counted_vm(pid);
+        }
         let mut rows: PerCpuHashMap<&mut MapData, PhaseVcpuKey, ExitStats> =
             PerCpuHashMap::try_from(
                 self.ebpf
@@ -393,10 +439,14 @@ impl Probe {
         Ok(gone.into_iter().map(|(k, s)| (k.exit(), s)).collect())
     }
 
-    /// Copies every map, summed over CPUs.
-    pub fn snapshot(&self) -> Result<Snapshot, ProbeError> {
-        let map = |name: &'static str| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));
+    /// Copies every map, summed over CPUs (on the count path, after its upkeep: see
+    /// [`Probe::tick`]).
+    pub fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
         let mut snap = Snapshot::default();
+        if self.counts.is_some() {
+            self.count_rows(&mut snap)?;
+        }
+        let map = |name: &'static str| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));
 
         // Every counted exit is in a per-vCPU row, or (when that map was full) in the
         // per-reason overflow map.

@@ -6,15 +6,17 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use kvmtrace_model::tracefs_format::{Field, Tracepoint};
-use tracer_common::{NO_FIELD, globals, limits, maps};
+use tracer_common::{NO_FIELD, count, globals, limits, maps};
 
 use super::{ProbeConfig, ProbeError, find_program, load_error};
-use crate::tracefs::Tracefs;
+use crate::{exit_layout::Choice, tracefs::Tracefs};
 
 /// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
 /// so an exit is only timed once its entry program is attached, threads that exit from
 /// now on are forgotten, and child processes created from now on are followed.
-const PROGRAMS: [&str; 9] = [
+const PROGRAMS: [&str; 11] = [
+    "kvm_exit_count",
+    "kvm_exit_count_tp",
     "kvm_entry",
     "sched_switch",
     "sched_process_exit",
@@ -136,7 +138,28 @@ impl Setup {
     /// when used.
     pub fn attach_programs(&self, ebpf: &mut Ebpf, config: &ProbeConfig) -> Result<(), ProbeError> {
         let detail = config.detail;
+        let counting = config.counts.as_ref();
+        let raw = matches!(counting, Some(Choice::Raw { .. }));
         for program in PROGRAMS {
+            // The count path: its one exit program, and the process and module
+            // tracking; no entry, no sched_switch, no per-exit tracepoint but one.
+            let timing_only = matches!(
+                program,
+                "kvm_exit"
+                    | "kvm_entry"
+                    | "sched_switch"
+                    | "kvm_cpuid"
+                    | "kvm_msr"
+                    | "kvm_page_fault"
+            );
+            let skip = match program {
+                "kvm_exit_count" => !raw,
+                "kvm_exit_count_tp" => counting.is_none() || raw,
+                _ => counting.is_some() && timing_only,
+            };
+            if skip {
+                continue;
+            }
             let tp = match program {
                 "kvm_entry" => &config.entry_tracepoint,
                 "sched_switch" => &self.switch,
@@ -168,7 +191,7 @@ fn attach(ebpf: &mut Ebpf, program: &str, tp: &Tracepoint) -> Result<(), ProbeEr
         program: program.to_owned(),
         source,
     };
-    let attached = if matches!(program, "kvm_entry" | "sched_switch") {
+    let attached = if matches!(program, "kvm_entry" | "sched_switch" | "kvm_exit_count") {
         // A raw tracepoint: it needs no field of the record.
         let raw: &mut RawTracePoint = prog.try_into().map_err(unusable)?;
         raw.load().map_err(|e| load_error(program, e))?;
@@ -224,7 +247,19 @@ fn exit_globals(
 /// What to count: the filters, the snapshots' leaves, `--detail`, `--rip`.
 fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     let leaves = config.snapshots;
+    let offsets = match &config.counts {
+        Some(Choice::Raw { offsets, .. }) => Some(*offsets),
+        _ => None,
+    };
     vec![
+        (
+            globals::VMX_EXIT_REASON_OFF,
+            offsets.and_then(|o| o.vmx_exit_reason).unwrap_or(NO_FIELD),
+        ),
+        (
+            globals::SVM_VMCB_OFF,
+            offsets.and_then(|o| o.svm_vmcb).unwrap_or(NO_FIELD),
+        ),
         (globals::SNAPSHOTS, u32::from(leaves.is_some())),
         (
             globals::LEAF_TOTAL,
@@ -254,9 +289,20 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     // they are taken.
     let snap = config.snapshots.is_some();
     let ring_min = limits::CPUID_RING_MIN_BYTES;
+    let counting = config.counts.is_some();
     vec![
-        (maps::OVERFLOW_EXITS, config.max_overflow_rows),
-        (maps::VCPU_EXITS, config.max_vcpu_rows),
+        (
+            maps::OVERFLOW_EXITS,
+            on(!counting, config.max_overflow_rows, 1),
+        ),
+        (maps::VCPU_EXITS, on(!counting, config.max_vcpu_rows, 1)),
+        (maps::LATENCY_HIST, on(!counting, limits::MAX_HIST_ROWS, 1)),
+        (maps::PENDING, on(!counting, limits::MAX_PENDING, 1)),
+        (maps::COUNTS, on(counting, count::MAX_VMS, 1)),
+        (
+            maps::COUNT_OVERFLOW,
+            on(counting, config.max_overflow_rows, 1),
+        ),
         (maps::VM_EXITS, on(snap, limits::MAX_VM_ROWS, 1)),
         (maps::VM_TOTALS, on(snap, limits::MAX_VMS, 1)),
         (

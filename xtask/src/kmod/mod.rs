@@ -29,7 +29,7 @@ mod source;
 use std::path::{Path, PathBuf};
 
 pub use self::{
-    build::build,
+    build::{Built, build},
     options::{Flavour, KernelLine, Options, Variant},
 };
 

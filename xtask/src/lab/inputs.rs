@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 
 use super::{assets, options::Isa, step::Step};
 use crate::{apt, process::run_bounded};
@@ -74,21 +74,48 @@ pub fn prepare(
     apt::install(isa.host_packages())?;
     s.done("installed");
 
+    // The modules first: installing their build tools may refresh the package lists,
+    // and L1's kernel must be looked up in the same lists as the headers they were
+    // built against (a stale list once gave 6.1.0-48 to L1 and 6.1.0-57 to kmod).
+    let build = |variant: crate::kmod::Variant| -> anyhow::Result<crate::kmod::Built> {
+        let s = Step::start("kmod");
+        let kmod = crate::kmod::Options {
+            variant,
+            ..crate::kmod::Options::default()
+        };
+        let built = crate::kmod::build(&kmod, root)?;
+        s.done(format!("{variant} modules in {}", built.out_dir.display()));
+        Ok(built)
+    };
+    let mut built = match kvm {
+        KvmModules::Build(variant) => {
+            let variant: crate::kmod::Variant = *variant;
+            Some(build(variant)?)
+        }
+        _ => None,
+    };
     let s = Step::start("downloads");
     let mut inputs = apt::with_fresh_lists(|| download_inputs(isa, cache))?;
     s.done(format!("kernel {}, {}", inputs.abi, inputs.qemu_version));
+    let stale = built
+        .as_ref()
+        .is_some_and(|b| b.info.kernel_release != inputs.abi);
+    if let (KvmModules::Build(variant), true) = (kvm, stale) {
+        // The lists moved between the two look-ups: build again from the new ones.
+        let variant: crate::kmod::Variant = *variant;
+        built = Some(build(variant)?);
+    }
+    if let Some(b) = &built {
+        ensure!(
+            b.info.kernel_release == inputs.abi,
+            "the kvm modules were built for {} but L1 boots {}: run again (the package lists moved meanwhile)",
+            b.info.kernel_release,
+            inputs.abi
+        );
+    }
     let patched_dir = match kvm {
         KvmModules::Dir(dir) => Some(dir.to_path_buf()),
-        KvmModules::Build(variant) => {
-            let s = Step::start("kmod");
-            let kmod = crate::kmod::Options {
-                variant: *variant,
-                ..crate::kmod::Options::default()
-            };
-            let dir = crate::kmod::build(&kmod, root)?.out_dir;
-            s.done(format!("{variant} modules in {}", dir.display()));
-            Some(dir)
-        }
+        KvmModules::Build(_) => built.map(|b| b.out_dir),
         KvmModules::Debian => None,
     };
     if let Some(dir) = &patched_dir {

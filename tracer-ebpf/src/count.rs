@@ -1,0 +1,224 @@
+//! The count path: `record --counts-only`, `top`, and `export` without `--time`.
+//!
+//! One program per exit, and per exit: two array reads (the phase, the cache epoch),
+//! this CPU's cached VM slot, the exit reason, and one add to a per-CPU array cell.
+//! No clock, no hash lookup: the VM's slot is found in `VM_SLOTS` (and taken on the
+//! VM's first exit) only when this CPU last counted another VM.
+//!
+//! Where the vendor module's BTF gave the layout (the loader checks it against the
+//! tracepoint's prototype and the hardware's VMCB), the program is a raw tracepoint
+//! and reads the reason from the vCPU itself, so the kernel does not build the
+//! `kvm_exit` record. Otherwise the classic tracepoint's record gives it.
+//!
+//! Snapshots are not taken on this path; a VM's cells are summed in user space.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use core::intrinsics::AtomicOrdering;
+use tracer_common::{
+    ExitKey, NO_FIELD, PhaseVcpuKey, VcpuKey,
+    count::{self, CachedSlot},
+    drop_kind, isa, limits,
+};
+
+use crate::{EXIT_FIELDS_OFF, EXIT_ISA_OFF, EXIT_REASON_OFF, PHASE, count_drop, global, traced};
+
+#[unsafe(no_mangle)]
+static VMX_EXIT_REASON_OFF: u32 = NO_FIELD;
+#[unsafe(no_mangle)]
+static SVM_VMCB_OFF: u32 = NO_FIELD;
+
+/// `struct vmcb_control_area.exit_code`: fixed by the hardware (AMD APM vol. 2,
+/// appendix B), at the start of the VMCB. The loader checks the BTF agrees.
+const VMCB_EXIT_CODE: u64 = 0x70;
+
+/// Per VM slot, per CPU: exits per dense reason cell ([`count::dense_index`]).
+#[map]
+pub static COUNTS: PerCpuArray<[u64; count::CELLS as usize]> =
+    PerCpuArray::with_max_entries(count::MAX_VMS, 0);
+/// Exits whose reason has no cell, per (phase, VM, reason); `vcpu_id` is
+/// `ALL_VCPUS`.
+#[map]
+static COUNT_OVERFLOW: PerCpuHashMap<PhaseVcpuKey, u64> =
+    PerCpuHashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
+/// (phase, tgid) -> its slot, while the VM runs.
+#[map]
+static VM_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(count::MAX_VMS, 0);
+/// Slot -> the (phase, tgid) that took it: an insert here is how a slot is taken.
+/// User space removes the entry once it has read an ended VM's cells.
+#[map]
+static SLOT_OWNERS: HashMap<u32, u64> = HashMap::with_max_entries(count::MAX_VMS, 0);
+/// Slot -> 1 once its VM has ended (its cells are final).
+#[map]
+static SLOT_ENDED: Array<u32> = Array::with_max_entries(count::MAX_VMS, 0);
+/// Slot 0: bumped whenever a cached slot may have become wrong (a VM ended, the pid
+/// filter grew); a cache entry of another epoch is not used.
+#[map]
+static COUNT_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+/// Slot 0 of each CPU: the VM this CPU counted last.
+#[map]
+static CPU_SLOT: PerCpuArray<CachedSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// The raw tracepoint: `kvm_exit(struct kvm_vcpu *vcpu, u32 isa)` since 5.11.
+#[raw_tracepoint(tracepoint = "kvm_exit")]
+pub fn kvm_exit_count(ctx: RawTracePointContext) -> u32 {
+    let Some(slot) = vm_slot() else { return 0 };
+    let vcpu: u64 = ctx.arg(0);
+    let exit_isa = ctx.arg::<u64>(1) as u32;
+    match reason_of(vcpu, exit_isa) {
+        Some(raw) => add(slot, exit_isa, raw),
+        None => count_drop(drop_kind::READ_FAILED),
+    }
+    0
+}
+
+/// The reason, read from the vCPU: `vcpu_vmx.exit_reason`, or
+/// `vcpu_svm.vmcb->control.exit_code`.
+#[inline(always)]
+fn reason_of(vcpu: u64, exit_isa: u32) -> Option<u32> {
+    let (vmx, svm) = (global(&VMX_EXIT_REASON_OFF), global(&SVM_VMCB_OFF));
+    if exit_isa == isa::VMX && vmx != NO_FIELD {
+        // SAFETY: a probe read: a bad address fails, it does not fault.
+        return unsafe { bpf_probe_read_kernel((vcpu + u64::from(vmx)) as *const u32) }.ok();
+    }
+    if exit_isa == isa::SVM && svm != NO_FIELD {
+        // SAFETY: as above.
+        let vmcb = unsafe { bpf_probe_read_kernel((vcpu + u64::from(svm)) as *const u64) }.ok()?;
+        // SAFETY: as above.
+        return unsafe { bpf_probe_read_kernel((vmcb + VMCB_EXIT_CODE) as *const u32) }.ok();
+    }
+    None
+}
+
+/// The classic tracepoint, where the vendor module has no BTF: the reason and isa
+/// from the record.
+#[tracepoint(category = "kvm", name = "kvm_exit")]
+pub fn kvm_exit_count_tp(ctx: TracePointContext) -> u32 {
+    let Some(slot) = vm_slot() else { return 0 };
+    // SAFETY: the offsets come from the format file; read_at checks them.
+    let fields = unsafe {
+        ctx.read_at::<[u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>(
+            global(&EXIT_FIELDS_OFF) as usize
+        )
+    };
+    let Ok(fields) = fields else {
+        count_drop(drop_kind::READ_FAILED);
+        return 0;
+    };
+    let field = |off: &'static u32| {
+        fields[(global(off) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 1) as usize)]
+    };
+    add(slot, field(&EXIT_ISA_OFF), field(&EXIT_REASON_OFF));
+    0
+}
+
+/// Counts one exit of the VM in `slot`.
+#[inline(always)]
+fn add(slot: u32, exit_isa: u32, raw: u32) {
+    if slot == 0 {
+        count_drop(drop_kind::COUNT_SLOTS_FULL);
+    }
+    let cell = count::dense_index(exit_isa, raw);
+    if cell < count::CELLS {
+        if let Some(cells) = COUNTS.get_ptr_mut(slot) {
+            // SAFETY: this CPU's value; a tracing program runs with migration off and
+            // is this CPU's only writer of it. The mask shows the verifier the bound.
+            unsafe { (*cells)[(cell & (count::CELLS - 1)) as usize] += 1 };
+        }
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let phase = PHASE.get(0).copied().unwrap_or(0);
+    let vcpu = VcpuKey {
+        pid: tgid,
+        vcpu_id: count::ALL_VCPUS,
+        exit: ExitKey::from_raw(exit_isa, raw),
+    };
+    let key = PhaseVcpuKey::new(phase, &vcpu);
+    if let Some(n) = COUNT_OVERFLOW.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of the entry.
+        unsafe { *n += 1 };
+    } else if COUNT_OVERFLOW.insert(key, 1, 0).is_err() {
+        count_drop(drop_kind::EXIT_MAP_FULL);
+    }
+}
+
+/// The current VM's slot; `None` when the pid filter does not trace it.
+#[inline(always)]
+fn vm_slot() -> Option<u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let phase = PHASE.get(0).copied().unwrap_or(0);
+    let epoch = COUNT_EPOCH.get(0).copied().unwrap_or(0);
+    let cache = CPU_SLOT.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; only programs on this CPU use it, one at a time.
+    let cached = unsafe { *cache };
+    let slot = if cached.tgid == tgid && cached.phase == phase && cached.epoch == epoch {
+        cached.slot
+    } else {
+        let slot = if traced(tgid) {
+            take_slot(count::slot_key(phase, tgid))
+        } else {
+            count::NOT_TRACED
+        };
+        // SAFETY: as above.
+        unsafe {
+            *cache = CachedSlot {
+                tgid,
+                phase,
+                epoch,
+                slot,
+            }
+        };
+        slot
+    };
+    (slot != count::NOT_TRACED).then_some(slot)
+}
+
+/// The VM's slot, taking a free one on its first exit; 0 when none is free.
+#[inline(always)]
+fn take_slot(key: u64) -> u32 {
+    // SAFETY: the value is copied out.
+    if let Some(&slot) = unsafe { VM_SLOTS.get(&key) } {
+        return slot;
+    }
+    let mut i = 1;
+    while i < count::MAX_VMS {
+        if SLOT_OWNERS.insert(&i, &key, u64::from(BPF_NOEXIST)).is_ok() {
+            if VM_SLOTS.insert(&key, &i, u64::from(BPF_NOEXIST)).is_ok() {
+                return i;
+            }
+            // Another vCPU thread of this VM took a slot first: give this one back.
+            let _ = SLOT_OWNERS.remove(&i);
+            // SAFETY: the value is copied out.
+            return unsafe { VM_SLOTS.get(&key) }.copied().unwrap_or(0);
+        }
+        i += 1;
+    }
+    0
+}
+
+/// A process has ended: if it was a VM with a slot, the slot's cells are final. Its
+/// key leaves `VM_SLOTS` (a later process with the same pid gets a new slot), and the
+/// epoch empties every CPU's cache.
+#[inline(always)]
+pub fn vm_ended(tgid: u32) {
+    let key = count::slot_key(PHASE.get(0).copied().unwrap_or(0), tgid);
+    // SAFETY: the value is copied out.
+    let Some(&slot) = (unsafe { VM_SLOTS.get(&key) }) else {
+        return;
+    };
+    if let Some(ended) = SLOT_ENDED.get_ptr_mut(slot) {
+        // SAFETY: a live map value; only the VM's end writes 1 here.
+        unsafe { *ended = 1 };
+    }
+    let _ = VM_SLOTS.remove(&key);
+    if let Some(epoch) = COUNT_EPOCH.get_ptr_mut(0) {
+        // SAFETY: a live map value other CPUs may bump too.
+        unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(epoch, 1) };
+    }
+}

@@ -1,0 +1,288 @@
+//! The count path's maps in user space: a VM's cells summed over CPUs, ended VMs'
+//! slots read once and given back, and the vendor module's layout checked again
+//! after a reload.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use kvmtrace_model::snapshot::{Snapshot, sum_u64};
+use tracer_common::{ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps};
+
+use super::{Probe, ProbeError, map_err};
+use crate::exit_layout::{self, Choice};
+
+/// How long a reloaded vendor module may lack a layout equal to the one the program
+/// reads before that is an error (its BTF appears while it loads).
+const RELOAD_GRACE: Duration = Duration::from_secs(2);
+
+/// Cells of one slot, per CPU.
+type Cells = [u64; count::CELLS as usize];
+
+/// The count path's state on the user side.
+#[derive(Debug)]
+pub(super) struct CountPath {
+    pub choice: Choice,
+    /// The last phase whose vendor module was checked to have the layout read.
+    verified_phase: u32,
+    /// Since when the current phase's module has not shown that layout.
+    unverified_since: Option<Instant>,
+    /// Ended VMs, read from their slots: (phase, pid) -> exits per reason.
+    ended: BTreeMap<(u32, u32), BTreeMap<ExitKey, u64>>,
+}
+
+impl CountPath {
+    pub fn new(choice: Choice) -> Self {
+        Self {
+            choice,
+            verified_phase: 0,
+            unverified_since: None,
+            ended: BTreeMap::new(),
+        }
+    }
+}
+
+/// Adds `n` exits of `exit` by VM `pid` in `phase` to `snap`.
+fn add(snap: &mut Snapshot, phase: u32, pid: u32, exit: ExitKey, n: u64) -> Result<(), ProbeError> {
+    let stats = ExitStats {
+        count: n,
+        ..ExitStats::default()
+    };
+    let vcpu = VcpuKey {
+        pid,
+        vcpu_id: count::ALL_VCPUS,
+        exit,
+    };
+    snap.add_vcpu(vcpu, stats)?;
+    snap.add_exits(phase, exit, stats)?;
+    Ok(())
+}
+
+/// The cells of one slot summed over CPUs, as (exit, count) with count > 0.
+fn sum_cells(per_cpu: &PerCpuValues<Cells>) -> Result<Vec<(ExitKey, u64)>, ProbeError> {
+    let mut out = Vec::new();
+    for cell in 0..count::CELLS {
+        let n = sum_u64(per_cpu.iter().map(|c| c[cell as usize]), "exit count")?;
+        if n > 0 {
+            let exit = count::exit_of(cell).ok_or(ProbeError::CellWithoutReason(cell))?;
+            out.push((exit, n));
+        }
+    }
+    Ok(out)
+}
+
+impl Probe {
+    fn count_state(&mut self) -> Option<&mut CountPath> {
+        self.counts.as_mut()
+    }
+
+    /// The count path's upkeep, at least every 100 ms while a record runs: reads the
+    /// slots of VMs that ended (so slots are free for new VMs), and after a vendor
+    /// module reload checks that the module the raw program reads has the same
+    /// layout. A module without it is an error: the reasons read would be wrong.
+    pub fn tick(&mut self) -> Result<(), ProbeError> {
+        if self.counts.is_none() {
+            return Ok(());
+        }
+        self.verify_layout()?;
+        self.harvest()
+    }
+
+    fn verify_layout(&mut self) -> Result<(), ProbeError> {
+        let phase = self.phase()?;
+        let Some(path) = self.count_state() else {
+            return Ok(());
+        };
+        if !matches!(path.choice, Choice::Raw { .. }) || phase == path.verified_phase {
+            return Ok(());
+        }
+        let now = exit_layout::choose(std::path::Path::new(super::BTF_DIR));
+        if now == path.choice {
+            path.verified_phase = phase;
+            path.unverified_since = None;
+            return Ok(());
+        }
+        let since = *path.unverified_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < RELOAD_GRACE {
+            return Ok(());
+        }
+        Err(ProbeError::LayoutChanged {
+            was: path.choice.describe(),
+            now: now.describe(),
+        })
+    }
+
+    /// Reads the cells of every slot whose VM has ended into the ended VMs' counts,
+    /// zeroes them, and frees the slot.
+    fn harvest(&mut self) -> Result<(), ProbeError> {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| ProbeError::Cpus(e))?;
+        let ended_slots: Vec<u32> = {
+            let flags: Array<&MapData, u32> =
+                Array::try_from(self.map(maps::SLOT_ENDED)?).map_err(map_err(maps::SLOT_ENDED))?;
+            (1..count::MAX_VMS)
+                .filter(|&s| flags.get(&s, 0).is_ok_and(|v| v != 0))
+                .collect()
+        };
+        for slot in ended_slots {
+            let owners: HashMap<&MapData, u32, u64> =
+                HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
+                    .map_err(map_err(maps::SLOT_OWNERS))?;
+            let owner = owners.get(&slot, 0).ok();
+            let cells: PerCpuArray<&MapData, Cells> =
+                PerCpuArray::try_from(self.map(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
+            let sums = sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?)?;
+            if let (Some(key), Some(path)) = (owner, self.counts.as_mut()) {
+                let vm = path
+                    .ended
+                    .entry(((key >> 32) as u32, key as u32))
+                    .or_default();
+                for (exit, n) in sums {
+                    let row = vm.entry(exit).or_default();
+                    *row = sum_u64([*row, n], "exit count")?;
+                }
+            }
+            let zeros = PerCpuValues::try_from(vec![[0u64; count::CELLS as usize]; nr_cpus])
+                .map_err(ProbeError::Cpus)?;
+            let mut cells: PerCpuArray<&mut MapData, Cells> =
+                PerCpuArray::try_from(self.map_mut(maps::COUNTS)?)
+                    .map_err(map_err(maps::COUNTS))?;
+            cells.set(slot, zeros, 0).map_err(map_err(maps::COUNTS))?;
+            let mut flags: Array<&mut MapData, u32> =
+                Array::try_from(self.map_mut(maps::SLOT_ENDED)?)
+                    .map_err(map_err(maps::SLOT_ENDED))?;
+            flags.set(slot, 0, 0).map_err(map_err(maps::SLOT_ENDED))?;
+            let mut owners: HashMap<&mut MapData, u32, u64> =
+                HashMap::try_from(self.map_mut(maps::SLOT_OWNERS)?)
+                    .map_err(map_err(maps::SLOT_OWNERS))?;
+            // The slot is free from here on: a new VM may take it.
+            owners.remove(&slot).map_err(map_err(maps::SLOT_OWNERS))?;
+        }
+        Ok(())
+    }
+
+    /// The count path's rows: every VM (live slots, ended VMs, slot 0's VMs under pid
+    /// 0) per reason, and the overflow map's reasons.
+    pub(super) fn count_rows(&mut self, snap: &mut Snapshot) -> Result<(), ProbeError> {
+        self.tick()?;
+        let phase = self.phase()?;
+        let owners: Vec<(u32, u64)> = {
+            let owners: HashMap<&MapData, u32, u64> =
+                HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
+                    .map_err(map_err(maps::SLOT_OWNERS))?;
+            owners.iter().filter_map(Result::ok).collect()
+        };
+        let cells: PerCpuArray<&MapData, Cells> =
+            PerCpuArray::try_from(self.map(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
+        let slots = owners.into_iter().chain([(0, count::slot_key(phase, 0))]);
+        for (slot, key) in slots {
+            let sums = sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?)?;
+            for (exit, n) in sums {
+                add(snap, (key >> 32) as u32, key as u32, exit, n)?;
+            }
+        }
+        if let Some(path) = &self.counts {
+            for (&(vm_phase, pid), exits) in &path.ended {
+                for (&exit, &n) in exits {
+                    add(snap, vm_phase, pid, exit, n)?;
+                }
+            }
+        }
+        let overflow: PerCpuHashMap<&MapData, PhaseVcpuKey, u64> =
+            PerCpuHashMap::try_from(self.map(maps::COUNT_OVERFLOW)?)
+                .map_err(map_err(maps::COUNT_OVERFLOW))?;
+        for item in overflow.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
+            let n = sum_u64(per_cpu.iter().copied(), "exit count")?;
+            add(snap, key.phase(), key.pid, key.exit(), n)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an ended VM's counts (the count path): returns what they were.
+    pub(super) fn forget_counted_vm(
+        &mut self,
+        pid: u32,
+    ) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
+        self.tick()?;
+        let mut gone: BTreeMap<ExitKey, u64> = BTreeMap::new();
+        if let Some(path) = self.count_state() {
+            let keys: Vec<(u32, u32)> = path.ended.keys().filter(|k| k.1 == pid).copied().collect();
+            for key in keys {
+                for (exit, n) in path.ended.remove(&key).unwrap_or_default() {
+                    let row = gone.entry(exit).or_default();
+                    *row = sum_u64([*row, n], "exit count")?;
+                }
+            }
+        }
+        let mut overflow: PerCpuHashMap<&mut MapData, PhaseVcpuKey, u64> =
+            PerCpuHashMap::try_from(self.map_mut(maps::COUNT_OVERFLOW)?)
+                .map_err(map_err(maps::COUNT_OVERFLOW))?;
+        let mut rows = Vec::new();
+        for item in overflow.iter() {
+            let (key, per_cpu) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
+            if key.pid == pid {
+                rows.push((key, sum_u64(per_cpu.iter().copied(), "exit count")?));
+            }
+        }
+        for (key, n) in rows {
+            overflow
+                .remove(&key)
+                .map_err(map_err(maps::COUNT_OVERFLOW))?;
+            let row = gone.entry(key.exit()).or_default();
+            *row = sum_u64([*row, n], "exit count")?;
+        }
+        Ok(gone
+            .into_iter()
+            .map(|(exit, n)| {
+                (
+                    exit,
+                    ExitStats {
+                        count: n,
+                        ..ExitStats::default()
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{count, isa};
+
+    #[test]
+    fn every_cell_is_one_reason_and_back() {
+        let mut seen = std::collections::BTreeSet::new();
+        for cell in 0..count::CELLS {
+            if let Some(exit) = count::exit_of(cell) {
+                assert_eq!(count::dense_index(exit.isa, exit.reason), cell, "{exit:?}");
+                assert!(seen.insert(exit));
+            }
+        }
+        // VMX 0..80, SVM 0..0xa8, 0x400..0x404, -1.
+        assert_eq!(seen.len(), 80 + 0xa8 + 4 + 1);
+    }
+
+    #[test]
+    fn the_rest_overflows_with_its_code() {
+        assert_eq!(count::dense_index(isa::VMX, 80), count::OVERFLOW);
+        assert_eq!(
+            count::dense_index(isa::VMX, 0x8000_0021),
+            count::OVERFLOW,
+            "a failed entry keeps its flag, in the overflow map"
+        );
+        assert_eq!(
+            count::dense_index(isa::VMX, 0x0800_000a),
+            10,
+            "flags 30:16 ignored"
+        );
+        assert_eq!(count::dense_index(isa::SVM, 0xa8), count::OVERFLOW);
+        assert_eq!(count::dense_index(isa::SVM, 0x404), count::OVERFLOW);
+        assert_eq!(count::dense_index(isa::SVM, 0x400), count::SVM_HIGH_BASE);
+        assert_eq!(count::dense_index(isa::SVM, u32::MAX), count::SVM_ERR);
+        assert_eq!(count::dense_index(3, 1), count::OVERFLOW, "an unknown isa");
+        assert!(count::SVM_ERR < count::CELLS);
+    }
+}
