@@ -3,13 +3,17 @@
 # count, so a run's time repeats). The `micro` VMM runs CPUIDS CPUID exits under each
 # configuration, ROUNDS times, configurations interleaved within a round:
 #   stock      Debian's kvm modules, nothing tracing
+#   kvmtrace-counts  + `kvmtrace record --counts-only` (the count path)
+#   kvmtrace-counts-classic  the same on the classic tracepoint
 #   kvmtrace   + `kvmtrace record` (system-wide, attached before the VM starts)
-#   kvmtrace-detail + `kvmtrace record --detail` (each CPUID exit keyed by its leaf)
-#   perf       + `perf kvm stat record -a` (Debian's linux-perf)
+#   kvmtrace-per-vcpu, kvmtrace-snapshots, kvmtrace-detail  + record with that flag
+#   perf       + `perf kvm stat record -a` (Debian's linux-perf), as users run it
+#   perf-big   the same with a ring buffer big enough to lose nothing (-m PERF_PAGES)
 #   hist       + the kernel's hist trigger on kvm:kvm_exit
+#   bpftrace   + Debian's bpftrace counting kvm:kvm_exit with count()
 #   patched    our patched kvm modules, nothing tracing
-# then once more under kvmtrace with kernel.bpf_stats_enabled=1 for the eBPF run time
-# per exit. Lines for xtask:
+# then once more under kvmtrace (default and --counts-only) with
+# kernel.bpf_stats_enabled=1 for the eBPF run time per exit. Lines for xtask:
 #   KVMLAB bench CONFIG ROUND run_ns=N        one timed run
 # besides the protocol of lab/l1-lib.sh.
 export PATH=/bin:/usr/bin
@@ -31,6 +35,30 @@ measure() { # CONFIG ROUND
     /bin/micro $CPUIDS 0 > /tmp/micro.out 2>&1 || { cat /tmp/micro.out; finish fail "micro under $1"; }
     ns=$(sed -n 's/^micro: run_ns=//p' /tmp/micro.out)
     say "bench $1 $2 run_ns=$ns"
+}
+# perf kvm stat record as users run it (-a: every CPU, like kvmtrace; -o in tmpfs),
+# with more arguments after the round; perf writes its header at once.
+perf_run() { # CONFIG ROUND [PERF ARGS]
+    config=$1
+    round=$2
+    shift 2
+    perf kvm stat record -a -o /tmp/perf.data "$@" </dev/null >/tmp/perf.err 2>&1 &
+    PERF=$!
+    n=0
+    until [ -s /tmp/perf.data ]; do
+        kill -0 $PERF 2>/dev/null || { cat /tmp/perf.err; finish fail "perf exited"; }
+        n=$((n + 1))
+        [ $n -lt 600 ] || finish fail "perf did not start"
+        sleep 0.1
+    done
+    sleep 1
+    measure $config $round
+    kill -INT $PERF
+    wait $PERF
+    perf kvm -i /tmp/perf.data stat report --event=vmexit > /tmp/perf.txt 2>&1
+    section $config-report r$round /tmp/perf.txt
+    section $config-stderr r$round /tmp/perf.err
+    rm -f /tmp/perf.data /tmp/perf.data.old
 }
 # kvmtrace record in the background; returns once it is attached.
 kvmtrace_start() { # TAG [RECORD ARGS]
@@ -55,38 +83,51 @@ for round in $(seq 1 $ROUNDS); do
     step round$round $ROUND_BUDGET
     measure stock $round
 
+    kvmtrace_start c$round --counts-only
+    measure kvmtrace-counts $round
+    kvmtrace_stop c$round
+
+    kvmtrace_start k$round --counts-only --classic-tracepoint
+    measure kvmtrace-counts-classic $round
+    kvmtrace_stop k$round
+
     kvmtrace_start r$round
     measure kvmtrace $round
     kvmtrace_stop r$round
+
+    kvmtrace_start v$round --per-vcpu
+    measure kvmtrace-per-vcpu $round
+    kvmtrace_stop v$round
+
+    kvmtrace_start s$round --snapshots
+    measure kvmtrace-snapshots $round
+    kvmtrace_stop s$round
 
     kvmtrace_start d$round --detail
     measure kvmtrace-detail $round
     kvmtrace_stop d$round
 
-    # -a: every CPU, like kvmtrace; -o in tmpfs. perf writes its header at once.
-    perf kvm stat record -a -o /tmp/perf.data </dev/null >/tmp/perf.err 2>&1 &
-    PERF=$!
-    n=0
-    until [ -s /tmp/perf.data ]; do
-        kill -0 $PERF 2>/dev/null || { cat /tmp/perf.err; finish fail "perf exited"; }
-        n=$((n + 1))
-        [ $n -lt 600 ] || finish fail "perf did not start"
-        sleep 0.1
-    done
-    sleep 1
-    measure perf $round
-    kill -INT $PERF
-    wait $PERF
-    if [ $round = 1 ]; then
-        perf kvm -i /tmp/perf.data stat report --event=vmexit > /tmp/perf.txt 2>&1
-        section perf-report r$round /tmp/perf.txt
-        section perf-stderr r$round /tmp/perf.err
-    fi
-    rm -f /tmp/perf.data /tmp/perf.data.old
+    perf_run perf $round
+    perf_run perf-big $round -m $PERF_PAGES
 
     echo 'hist:keys=exit_reason:vals=hitcount' > $EXIT/trigger || finish fail "hist trigger"
     measure hist $round
     echo '!hist:keys=exit_reason:vals=hitcount' >> $EXIT/trigger
+
+    # bpftrace prints "Attaching 1 probe..." once attached, and the map at SIGINT.
+    bpftrace -e 'tracepoint:kvm:kvm_exit { @exits = count(); }' </dev/null >/tmp/bt.out 2>/tmp/bt.err &
+    BT=$!
+    n=0
+    until grep -q '^Attaching' /tmp/bt.out 2>/dev/null; do
+        kill -0 $BT 2>/dev/null || { cat /tmp/bt.out /tmp/bt.err; finish fail "bpftrace exited"; }
+        n=$((n + 1))
+        [ $n -lt 6000 ] || finish fail "bpftrace did not attach"
+        sleep 0.1
+    done
+    measure bpftrace $round
+    kill -INT $BT
+    wait $BT
+    section bpftrace r$round /tmp/bt.out
 
     unload
     load patched
@@ -100,5 +141,8 @@ echo 1 > /proc/sys/kernel/bpf_stats_enabled || finish fail "no kernel.bpf_stats_
 kvmtrace_start stats
 measure kvmtrace-stats 1
 kvmtrace_stop stats
+kvmtrace_start stats-counts --counts-only
+measure kvmtrace-counts-stats 1
+kvmtrace_stop stats-counts
 echo 0 > /proc/sys/kernel/bpf_stats_enabled
 finish pass

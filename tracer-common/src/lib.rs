@@ -169,6 +169,7 @@ pub mod maps {
     pub const OVERFLOW_EXITS: &str = "OVERFLOW_EXITS";
     pub const VCPU_EXITS: &str = "VCPU_EXITS";
     pub const LATENCY_HIST: &str = "LATENCY_HIST";
+    pub const LATENCY_CELLS: &str = "LATENCY_CELLS";
     pub const PENDING: &str = "PENDING";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const DROPS: &str = "DROPS";

@@ -4,10 +4,14 @@
 //! totals are the sums of those rows, made in user space; `OVERFLOW_EXITS` only takes
 //! the exits `VCPU_EXITS` had no room for.
 //!
+//! This is the timing path. The count path (`--counts-only`, `top`, `export` without
+//! `--time`) is [`count_path`]: one program per exit, no clock and no hash lookup.
+//!
 //! Hash lookups, without `--snapshots`: an exit does one (its `VCPU_EXITS` row; the
-//! overflow row only when that map is full). An entry does two: the row, to add the
-//! time, and the `LATENCY_HIST` bucket; its pending exit is in a per-CPU slot, and a
-//! third lookup (`PENDING`) is needed only when the thread left the CPU in between.
+//! overflow row only when that map is full). An entry does one: the row, to add the
+//! time; the histogram bucket is an array cell (`LATENCY_CELLS`; the `LATENCY_HIST`
+//! hash only for a reason without a cell). Its pending exit is in a per-CPU slot, and
+//! a second lookup (`PENDING`) is needed only when the thread left the CPU in between.
 //! The pid filter (`-p`, `-- CMD`) adds one lookup per exit.
 //!
 //! Opt-in: `--detail` adds one lookup per exit (its detail row, keyed from the exit's
@@ -41,7 +45,7 @@
 )]
 #![feature(core_intrinsics)]
 
-mod count;
+mod count_path;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -56,7 +60,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    CLONE_THREAD, CpuidEvent, DetailKey, DetailPlan, ExitKey, ExitStats, HistKey, NO_FIELD,
+    CLONE_THREAD, CpuidEvent, count, DetailKey, DetailPlan, ExitKey, ExitStats, HistKey, NO_FIELD,
     PendingExit, PhaseExitKey, PhaseVcpuKey, RegsSample, RipKey, UNKNOWN, VcpuKey, VmExitKey,
     cpuid_exit, detail_kind, detail_plan, drop_kind, hist_bucket, limits, read_source, regs_slot,
     vendor, vm_totals_key,
@@ -127,8 +131,16 @@ static OVERFLOW_EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
 #[map]
 static VCPU_EXITS: PerCpuHashMap<PhaseVcpuKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_VCPU_ROWS, 0);
-/// kvmtrace's latency histogram: exits per (reason, log2 bucket of handling time).
-/// (Not the kernel's hist trigger, which the lab compares with.)
+/// kvmtrace's latency histogram: exits per log2 bucket of handling time, per dense
+/// reason cell ([`count::dense_index`]): an array, so an entry needs no hash lookup
+/// for it. (Not the kernel's hist trigger, which the lab compares with.)
+#[map]
+static LATENCY_CELLS: PerCpuArray<[u64; limits::HIST_BUCKETS as usize]> =
+    PerCpuArray::with_max_entries(count::CELLS, 0);
+/// The power of two above [`limits::HIST_BUCKETS`], for the verifier's mask.
+const HIST_BUCKETS_POW2: u32 = 64;
+/// The same for reasons without a cell (failed VM entries, unknown codes), per
+/// (reason, bucket).
 #[map]
 static LATENCY_HIST: PerCpuHashMap<HistKey, u64> =
     PerCpuHashMap::with_max_entries(limits::MAX_HIST_ROWS, 0);
@@ -848,7 +860,24 @@ fn try_kvm_entry() {
         // Exists too: its exit (or the tracepoint that gave its sub-key) created it.
         add_stats(&DETAIL_EXITS, &detail, &timed);
     }
-    let hist = HistKey::new(&row.exit(), hist_bucket(elapsed));
+    let exit = row.exit();
+    let bucket = hist_bucket(elapsed);
+    let cell = count::dense_index(exit.isa, exit.reason | (exit.failed_entry << 31));
+    if cell < count::CELLS {
+        // Known reasons: an array cell, no hash lookup.
+        if let Some(buckets) = LATENCY_CELLS.get_ptr_mut(cell) {
+            // SAFETY: this CPU's value, no other writer. Masked after a volatile
+            // read, so LLVM keeps the mask that shows the verifier the bound.
+            unsafe {
+                let b = core::ptr::read_volatile(&bucket) & (HIST_BUCKETS_POW2 - 1);
+                if b < limits::HIST_BUCKETS {
+                    (*buckets)[b as usize] += 1;
+                }
+            }
+        }
+        return;
+    }
+    let hist = HistKey::new(&exit, bucket);
     if let Some(slot) = LATENCY_HIST.get_ptr_mut(hist) {
         // SAFETY: this CPU's slot; no other writer.
         unsafe { *slot += 1 };
@@ -1102,7 +1131,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         }
     }
     if gone {
-        count::vm_ended(tgid);
+        count_path::vm_ended(tgid);
     }
     if global(&FILTER_PIDS_ENABLED) != 0 && gone {
         // Fails (ENOENT) when the process was not traced.

@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: what tracing costs a busy KVM host, measured in the Bochs lab.
 //!
 //! L1 (lab/l1-bench.sh) runs the `micro` VMM, an exit-bound guest (N CPUID exits), under
-//! six configurations in interleaved rounds: stock modules untraced, + `kvmtrace
-//! record`, + `kvmtrace record --detail`, + `perf kvm stat record`, + the kernel's hist trigger, and our patched
-//! modules untraced. Bochs runs with `clock: sync=none`, so L1's clock follows the
+//! the configurations of [`CONFIGS`] in interleaved rounds: stock modules untraced,
+//! kvmtrace's count path (raw and classic tracepoint), `kvmtrace record` with time,
+//! `--per-vcpu`, `--snapshots` and `--detail`, `perf kvm stat record` as users run it
+//! and with a buffer that loses nothing, the kernel's hist trigger, Debian's bpftrace
+//! with a `count()` one-liner, and our patched modules untraced. Bochs runs with `clock: sync=none`, so L1's clock follows the
 //! instruction count: each time is a count of L1 instructions, and ratios repeat.
 //! Every configuration is printed as a ratio to the untraced stock run of the same
 //! round, with kvmtrace's own numbers (eBPF ns per exit from
@@ -37,7 +39,7 @@ pub struct Options {
     /// CPUID exits the guest makes in each timed run.
     #[arg(long, default_value_t = 200_000)]
     pub cpuids: u32,
-    /// Rounds of the six configurations (each round times each once).
+    /// Rounds of the configurations (each round times each once).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub rounds: u32,
     /// Where the results go.
@@ -49,14 +51,36 @@ pub struct Options {
 }
 
 /// The configurations, in the order L1 runs them; the first is the baseline.
-const CONFIGS: [(&str, &str); 6] = [
+const CONFIGS: [(&str, &str); 12] = [
     ("stock", "stock kvm, untraced"),
-    ("kvmtrace", "+ kvmtrace record"),
+    ("kvmtrace-counts", "+ kvmtrace record --counts-only"),
+    (
+        "kvmtrace-counts-classic",
+        "+ kvmtrace record --counts-only, classic tracepoint",
+    ),
+    ("kvmtrace", "+ kvmtrace record (with time)"),
+    ("kvmtrace-per-vcpu", "+ kvmtrace record --per-vcpu"),
+    ("kvmtrace-snapshots", "+ kvmtrace record --snapshots"),
     ("kvmtrace-detail", "+ kvmtrace record --detail"),
     ("perf", "+ perf kvm stat record"),
+    ("perf-big", "+ perf kvm stat record -m 128M (loses nothing)"),
     ("hist", "+ hist trigger on kvm:kvm_exit"),
+    ("bpftrace", "+ bpftrace: kvm:kvm_exit { @ = count() }"),
     ("patched", "patched kvm (counter leaves), untraced"),
 ];
+
+/// The kvmtrace records of each round: (console tag prefix, configuration).
+const RECORDS: [(&str, &str); 6] = [
+    ("c", "kvmtrace-counts"),
+    ("k", "kvmtrace-counts-classic"),
+    ("r", "kvmtrace"),
+    ("v", "kvmtrace-per-vcpu"),
+    ("s", "kvmtrace-snapshots"),
+    ("d", "kvmtrace-detail"),
+];
+
+/// perf's ring buffer for `perf-big`: 200 000 exits make ~45 MB of samples.
+const PERF_BIG_BUFFER: &str = "128M";
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     if opts.timeout_scale <= 0.0 {
@@ -72,6 +96,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     // them, for the last configuration.
     let inputs = inputs::prepare(Isa::Intel, &KvmModules::Debian, root, &cache)?;
     let perf = perf_tool()?;
+    let bpftrace = bpftrace_tool()?;
     let s = Step::start("kmod");
     let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
     s.done(patched.display().to_string());
@@ -80,9 +105,13 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     let s = Step::start("initrd");
     let initrd = build.join("l1-initrd.cpio");
-    let size = write_initrd(
-        opts, root, &inputs, &patched, &perf, &kvmtrace, &micro, &initrd,
-    )?;
+    let tools = Tools {
+        perf,
+        bpftrace,
+        kvmtrace: kvmtrace.clone(),
+        micro,
+    };
+    let size = write_initrd(opts, root, &inputs, &patched, &tools, &initrd)?;
     s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
 
     let host = host_costs(&kvmtrace.0)?;
@@ -136,18 +165,37 @@ pub fn perf_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     Ok((perf, perf_libs))
 }
 
+/// Debian's bpftrace, installed on the host (`bpftrace`), with the libraries it loads.
+pub fn bpftrace_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let s = Step::start("bpftrace");
+    crate::apt::install(&["bpftrace"])?;
+    let bpftrace = PathBuf::from("/usr/bin/bpftrace");
+    let libs = assets::shared_libraries(&bpftrace)?;
+    s.done(format!(
+        "{} ({} libraries)",
+        crate::exec::output(Command::new(&bpftrace).arg("--version"))?.trim(),
+        libs.len()
+    ));
+    Ok((bpftrace, libs))
+}
+
+/// The programs the bench carries into L1, each with the libraries it loads.
+struct Tools {
+    perf: (PathBuf, Vec<PathBuf>),
+    bpftrace: (PathBuf, Vec<PathBuf>),
+    kvmtrace: (PathBuf, Vec<PathBuf>),
+    micro: PathBuf,
+}
+
 /// Writes the bench's L1 initrd to `initrd`: lab/l1-bench.sh as /init, the stock and
-/// the `patched` kvm modules, the micro VMM, kvmtrace and perf (each with its
-/// libraries), and the rounds' settings. Returns its size.
-#[expect(clippy::too_many_arguments, reason = "one call, every input named")]
+/// the `patched` kvm modules, the micro VMM, kvmtrace, perf and bpftrace (each with
+/// its libraries), and the rounds' settings. Returns its size.
 fn write_initrd(
     opts: &Options,
     root: &Path,
     inputs: &Inputs,
     patched: &Path,
-    (perf, perf_libs): &(PathBuf, Vec<PathBuf>),
-    (kvmtrace, kvmtrace_libs): &(PathBuf, Vec<PathBuf>),
-    micro: &Path,
+    tools: &Tools,
     initrd: &Path,
 ) -> anyhow::Result<u64> {
     let mut a = image::l1_base(&inputs.busybox, &root.join("lab/l1-bench.sh"))?;
@@ -165,17 +213,24 @@ fn write_initrd(
     let Some((vendor, deps)) = names.split_last() else {
         bail!("no kvm modules");
     };
-    a.file("bin/micro", micro)?;
-    a.file("bin/kvmtrace", kvmtrace)?;
-    image::add_libraries(&mut a, kvmtrace_libs)?;
-    image::add_libraries(&mut a, perf_libs)?;
-    a.file("usr/bin/perf", perf)?;
-    // A round is six runs; a traced run in Bochs takes ~0.2 ms of host time per exit.
+    a.file("bin/micro", &tools.micro)?;
+    a.file("bin/kvmtrace", &tools.kvmtrace.0)?;
+    let mut libs: Vec<PathBuf> = [&tools.kvmtrace.1, &tools.perf.1, &tools.bpftrace.1]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    libs.sort();
+    libs.dedup();
+    image::add_libraries(&mut a, &libs)?;
+    a.file("usr/bin/perf", &tools.perf.0)?;
+    a.file("usr/bin/bpftrace", &tools.bpftrace.0)?;
+    // A traced run in Bochs takes ~0.2 ms of host time per exit; bpftrace starts slowly.
     let round_budget =
-        (f64::from(opts.cpuids) * CONFIGS.len() as f64 * 0.4e-3 + 120.0) * opts.timeout_scale;
+        (f64::from(opts.cpuids) * CONFIGS.len() as f64 * 0.4e-3 + 900.0) * opts.timeout_scale;
     let env = format!(
         "# Written by cargo xtask bench; sourced by /init.\nCPUIDS={}\nROUNDS={}\nPAGING=ept\n\
-         KVM_DEPS='{}'\nKVM_VENDOR={}\nKVM_MODULE={}\nROUND_BUDGET={}\n",
+         KVM_DEPS='{}'\nKVM_VENDOR={}\nKVM_MODULE={}\nROUND_BUDGET={}\nPERF_PAGES={PERF_BIG_BUFFER}\n",
         opts.cpuids,
         opts.rounds,
         deps.join(" "),
@@ -209,11 +264,26 @@ fn host_costs(kvmtrace: &Path) -> anyhow::Result<Cost> {
 struct Results {
     /// config -> round -> L1 ns
     runs: BTreeMap<String, BTreeMap<u32, u64>>,
-    /// kvmtrace's record of each round, and of the bpf-stats run.
+    /// kvmtrace's default record of each round (its start time and memory).
     kvmtrace: Vec<Cost>,
+    /// The bpf-stats runs: the default record, and the count path.
     stats: Cost,
-    /// perf kvm stat report's line for CPUID (what perf counted).
+    stats_counts: Cost,
+    /// perf kvm stat report's line for CPUID (what perf counted), as users run it and
+    /// with the big buffer.
     perf_cpuid: Option<String>,
+    perf_big_cpuid: Option<String>,
+    /// What bpftrace counted in round 1.
+    bpftrace_count: Option<u64>,
+}
+
+/// The CPUID line of a `perf kvm stat report` section.
+fn perf_line(lines: &[Line], config: &str) -> Option<String> {
+    console::section(lines, &format!("{config}-report"), "r1").and_then(|t| {
+        t.lines()
+            .find(|l| l.trim_start().starts_with("CPUID"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    })
 }
 
 impl Results {
@@ -237,31 +307,48 @@ impl Results {
             runs.entry(config.to_owned()).or_default().insert(round, ns);
         }
         let mut kvmtrace = Vec::new();
+        let mut bpftrace_count = None;
         for round in 1..=rounds {
-            let text = console::section(lines, "kvmtrace", &format!("r{round}"))
-                .with_context(|| format!("no kvmtrace record of round {round}"))?;
-            let cost = Cost::from_record(&text)?;
-            if cost.exits < u64::from(cpuids) {
-                bail!(
-                    "kvmtrace counted {} exits in round {round}, fewer than the {cpuids} CPUIDs",
-                    cost.exits
-                );
+            for (tag, config) in RECORDS {
+                let text = console::section(lines, "kvmtrace", &format!("{tag}{round}"))
+                    .with_context(|| format!("no {config} record of round {round}"))?;
+                let cost = Cost::from_record(&text)?;
+                if cost.exits < u64::from(cpuids) {
+                    bail!(
+                        "{config} counted {} exits in round {round}, fewer than the {cpuids} CPUIDs",
+                        cost.exits
+                    );
+                }
+                if tag == "r" {
+                    kvmtrace.push(cost);
+                }
             }
-            kvmtrace.push(cost);
+            let text = console::section(lines, "bpftrace", &format!("r{round}"))
+                .with_context(|| format!("no bpftrace output of round {round}"))?;
+            let counted = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("@exits:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .with_context(|| format!("bpftrace printed no count in round {round}: {text}"))?;
+            if counted < u64::from(cpuids) {
+                bail!("bpftrace counted {counted} exits in round {round}, fewer than the {cpuids} CPUIDs");
+            }
+            bpftrace_count.get_or_insert(counted);
         }
-        let stats = Cost::from_record(
-            &console::section(lines, "kvmtrace", "stats").context("no bpf-stats record")?,
-        )?;
-        let perf_cpuid = console::section(lines, "perf-report", "r1").and_then(|t| {
-            t.lines()
-                .find(|l| l.trim_start().starts_with("CPUID"))
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        });
+        let stats = |tag: &str| -> anyhow::Result<Cost> {
+            Cost::from_record(
+                &console::section(lines, "kvmtrace", tag)
+                    .with_context(|| format!("no bpf-stats record {tag}"))?,
+            )
+        };
         Ok(Self {
             runs,
             kvmtrace,
-            stats,
-            perf_cpuid,
+            stats: stats("stats")?,
+            stats_counts: stats("stats-counts")?,
+            perf_cpuid: perf_line(lines, "perf"),
+            perf_big_cpuid: perf_line(lines, "perf-big"),
+            bpftrace_count,
         })
     }
 
@@ -329,13 +416,20 @@ impl Results {
             "| | L1 (Bochs) | this host ({}) |\n|---|---:|---:|",
             host_cpu()
         );
-        let _ = writeln!(
-            md,
-            "| eBPF run time per exit (kvm_exit + kvm_entry, bpf_stats) | {} | - |",
-            self.stats
-                .ns_per_exit
-                .map_or("-".into(), |ns| format!("{ns:.0} ns"))
-        );
+        for (what, cost) in [
+            ("with time", &self.stats),
+            ("--counts-only", &self.stats_counts),
+        ] {
+            let _ = writeln!(
+                md,
+                "| eBPF run time per exit, {what} (every program, bpf_stats) | {} | - |",
+                cost.ns_per_exit
+                    .map_or("-".into(), |ns| format!("{ns:.0} ns"))
+            );
+            for (name, runs, ns) in &cost.programs {
+                let _ = writeln!(md, "| &nbsp;&nbsp;{name}: {runs} runs | {ns:.0} ns per run | - |");
+            }
+        }
         let _ = writeln!(
             md,
             "| start → attached | {} | {:.1} ms |",
@@ -351,6 +445,15 @@ impl Results {
         if let Some(line) = &self.perf_cpuid {
             let _ = writeln!(md, "\nperf kvm stat report, round 1: `{line}`");
         }
+        if let Some(line) = &self.perf_big_cpuid {
+            let _ = writeln!(
+                md,
+                "\nperf kvm stat report with -m {PERF_BIG_BUFFER}, round 1: `{line}`"
+            );
+        }
+        if let Some(n) = self.bpftrace_count {
+            let _ = writeln!(md, "\nbpftrace counted {n} exits in round 1.");
+        }
         md
     }
 
@@ -362,6 +465,10 @@ impl Results {
             "ratios": CONFIGS.iter().map(|(c, _)| (c.to_string(), json!(self.ratios(c)))).collect::<serde_json::Map<_, _>>(),
             "kvmtrace": self.kvmtrace.iter().map(|c| json!({"attach_ms": c.attach_ms, "peak_rss_mib": c.peak_rss_mib, "exits": c.exits})).collect::<Vec<_>>(),
             "ebpf_ns_per_exit": self.stats.ns_per_exit,
+            "ebpf_ns_per_exit_counts": self.stats_counts.ns_per_exit,
+            "ebpf_programs": self.stats.programs.iter().chain(&self.stats_counts.programs).map(|(n, runs, ns)| json!({"name": n, "runs": runs, "ns_per_run": ns})).collect::<Vec<_>>(),
+            "bpftrace_count": self.bpftrace_count,
+            "perf_big_cpuid": self.perf_big_cpuid,
             "host": {"attach_ms": host.attach_ms, "peak_rss_mib": host.peak_rss_mib},
             "perf_cpuid": self.perf_cpuid,
         })

@@ -466,6 +466,23 @@ impl Probe {
             snap.add_exits(key.phase, key.exit, sum_stats(per_cpu.iter())?)?;
         }
 
+        let cells: PerCpuArray<&MapData, [u64; limits::HIST_BUCKETS as usize]> =
+            PerCpuArray::try_from(map(maps::LATENCY_CELLS)?)
+                .map_err(map_err(maps::LATENCY_CELLS))?;
+        if self.counts.is_none() {
+            for cell in 0..tracer_common::count::CELLS {
+                let Some(exit) = tracer_common::count::exit_of(cell) else {
+                    continue;
+                };
+                let per_cpu = cells.get(&cell, 0).map_err(map_err(maps::LATENCY_CELLS))?;
+                for bucket in 0..limits::HIST_BUCKETS {
+                    let n = sum_u64(per_cpu.iter().map(|b| b[bucket as usize]), "histogram")?;
+                    if n > 0 {
+                        snap.add_hist(exit, bucket, n)?;
+                    }
+                }
+            }
+        }
         let hist: PerCpuHashMap<&MapData, HistKey, u64> =
             PerCpuHashMap::try_from(map(maps::LATENCY_HIST)?)
                 .map_err(map_err(maps::LATENCY_HIST))?;

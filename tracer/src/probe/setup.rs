@@ -297,6 +297,7 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         ),
         (maps::VCPU_EXITS, on(!counting, config.max_vcpu_rows, 1)),
         (maps::LATENCY_HIST, on(!counting, limits::MAX_HIST_ROWS, 1)),
+        (maps::LATENCY_CELLS, on(!counting, count::CELLS, 1)),
         (maps::PENDING, on(!counting, limits::MAX_PENDING, 1)),
         (maps::COUNTS, on(counting, count::MAX_VMS, 1)),
         (

@@ -143,29 +143,37 @@ pub struct Cost {
     pub attach_ms: f64,
     pub peak_rss_mib: f64,
     pub exits: u64,
+    /// Every program's run time over the exits counted (with `bpf_stats` only).
     pub ns_per_exit: Option<f64>,
+    /// Each program that ran: (name, runs, ns per run), with `bpf_stats` only.
+    pub programs: Vec<(String, u64, f64)>,
 }
 
 impl Cost {
     pub fn from_record(text: &str) -> anyhow::Result<Self> {
         let rep = report(text)?;
         let cost = rep.cost.unwrap_or_default();
-        let program = |name: &str| {
-            cost.programs
-                .iter()
-                .find(|p| p.name == name)
-                .map(|p| (p.run_count, p.run_time_ns))
-                .unwrap_or_default()
-        };
-        let (exit_runs, exit_ns) = program("kvm_exit");
-        let (_, entry_ns) = program("kvm_entry");
+        let exits = rep.total.count;
+        let ran: Vec<_> = cost.programs.iter().filter(|p| p.run_count > 0).collect();
+        let total_ns: u64 = ran.iter().map(|p| p.run_time_ns).sum();
         Ok(Self {
             attach_ms: cost.attach_ns as f64 / 1e6,
             peak_rss_mib: cost.peak_rss_kib as f64 / 1024.0,
-            exits: rep.total.count,
-            // Both programs run once per exit: their time together is the cost of one.
-            ns_per_exit: (cost.bpf_stats && exit_runs > 0)
-                .then(|| (exit_ns + entry_ns) as f64 / exit_runs as f64),
+            exits,
+            ns_per_exit: (cost.bpf_stats && exits > 0).then(|| total_ns as f64 / exits as f64),
+            programs: if cost.bpf_stats {
+                ran.iter()
+                    .map(|p| {
+                        (
+                            p.name.clone(),
+                            p.run_count,
+                            p.run_time_ns as f64 / p.run_count as f64,
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 }

@@ -127,8 +127,12 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
     if cell < count::CELLS {
         if let Some(cells) = COUNTS.get_ptr_mut(slot) {
             // SAFETY: this CPU's value; a tracing program runs with migration off and
-            // is this CPU's only writer of it. The mask shows the verifier the bound.
-            unsafe { (*cells)[(cell & (count::CELLS - 1)) as usize] += 1 };
+            // is this CPU's only writer of it. The index is masked after a volatile
+            // read, so LLVM cannot drop the mask that shows the verifier the bound.
+            unsafe {
+                let i = core::ptr::read_volatile(&cell) & (count::CELLS - 1);
+                (*cells)[i as usize] += 1;
+            }
         }
         return;
     }
@@ -186,18 +190,21 @@ fn take_slot(key: u64) -> u32 {
     if let Some(&slot) = unsafe { VM_SLOTS.get(&key) } {
         return slot;
     }
-    let mut i = 1;
-    while i < count::MAX_VMS {
-        if SLOT_OWNERS.insert(&i, &key, u64::from(BPF_NOEXIST)).is_ok() {
-            if VM_SLOTS.insert(&key, &i, u64::from(BPF_NOEXIST)).is_ok() {
+    for i in 1..count::MAX_VMS {
+        // The helpers get a copy: a counter whose address they took would be unknown
+        // to the verifier after the call, which then sees a loop without end.
+        let mut slot = 0;
+        // SAFETY: a write to a local.
+        unsafe { core::ptr::write_volatile(&mut slot, i) };
+        if SLOT_OWNERS.insert(&slot, &key, u64::from(BPF_NOEXIST)).is_ok() {
+            if VM_SLOTS.insert(&key, &slot, u64::from(BPF_NOEXIST)).is_ok() {
                 return i;
             }
             // Another vCPU thread of this VM took a slot first: give this one back.
-            let _ = SLOT_OWNERS.remove(&i);
+            let _ = SLOT_OWNERS.remove(&slot);
             // SAFETY: the value is copied out.
             return unsafe { VM_SLOTS.get(&key) }.copied().unwrap_or(0);
         }
-        i += 1;
     }
     0
 }
