@@ -1295,6 +1295,7 @@ pub(crate) mod tests {
             d.detail_capped,
             d.detail_map_full,
             d.rip_map_full,
+            d.count_slots_full,
         ];
         assert_eq!(seen.len(), drop_kind::COUNT as usize, "a kind has no field");
         seen.sort_unstable();

@@ -668,7 +668,12 @@ fn counts_only_is_exact(isa: &'static str, modules: &'static str, via: &str) {
             dir.display()
         );
         assert_eq!(rec.vms.len(), 1, "one VM: {}", dir.display());
-        assert_eq!(rec.vms[0].totals.count, rec.total.count, "{}", dir.display());
+        assert_eq!(
+            rec.vms[0].totals.count,
+            rec.total.count,
+            "{}",
+            dir.display()
+        );
         let stderr = read(&dir.join("kvmtrace.stderr"));
         assert!(
             stderr.contains(&format!("counting exits through the {via}")),
@@ -680,7 +685,11 @@ fn counts_only_is_exact(isa: &'static str, modules: &'static str, via: &str) {
 
 #[test]
 fn intel_counts_only_reads_the_reason_from_the_vcpu() {
-    counts_only_is_exact("intel", "stock", "raw tracepoint kvm_exit, vcpu_vmx.exit_reason");
+    counts_only_is_exact(
+        "intel",
+        "stock",
+        "raw tracepoint kvm_exit, vcpu_vmx.exit_reason",
+    );
 }
 
 #[test]

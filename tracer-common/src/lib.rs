@@ -160,6 +160,8 @@ pub mod globals {
     /// vendor's exits go to the overflow map under reason `u32::MAX - 1`).
     pub const VMX_EXIT_REASON_OFF: &str = "VMX_EXIT_REASON_OFF";
     pub const SVM_VMCB_OFF: &str = "SVM_VMCB_OFF";
+    /// Possible CPUs, for the sums of a counter read.
+    pub const NR_CPUS: &str = "NR_CPUS";
     /// Offset of `fault_address` in `kvm:kvm_page_fault`.
     pub const PF_ADDRESS_OFF: &str = "PF_ADDRESS_OFF";
 }
@@ -173,7 +175,6 @@ pub mod maps {
     pub const PENDING: &str = "PENDING";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const DROPS: &str = "DROPS";
-    pub const VM_EXITS: &str = "VM_EXITS";
     pub const VM_TOTALS: &str = "VM_TOTALS";
     pub const CPUID_EVENTS: &str = "CPUID_EVENTS";
     pub const PHASE: &str = "PHASE";
@@ -666,6 +667,10 @@ pub mod count {
     pub const SVM_HIGH: u32 = 4;
     /// `SVM_EXIT_ERR` (-1): a VMRUN that failed.
     pub const SVM_ERR: u32 = SVM_HIGH_BASE + SVM_HIGH;
+    /// With snapshots: every exit of the VM (not a reason: [`exit_of`] gives `None`).
+    pub const TOTAL: u32 = CELLS - 1;
+    /// CPUs a counter read sums over at most.
+    pub const MAX_CPUS: u32 = 1024;
     /// Not a cell: the exit goes, with its raw code, to the overflow map (a failed VMX
     /// entry, or a reason this table does not know).
     pub const OVERFLOW: u32 = CELLS;

@@ -10,11 +10,15 @@
 //! and reads the reason from the vCPU itself, so the kernel does not build the
 //! `kvm_exit` record. Otherwise the classic tracepoint's record gives it.
 //!
-//! Snapshots are not taken on this path; a VM's cells are summed in user space.
+//! The same cells serve the timing path's snapshots (`--snapshots`): each exit adds
+//! to them, and to the VM's total cell and this CPU's all-VMs count, without a hash
+//! lookup or a shared atomic; a guest counter read sums them over CPUs
+//! ([`vm_counts`]). Otherwise a VM's cells are summed in user space.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    cty::c_void,
+    helpers::{bpf_get_current_pid_tgid, bpf_map_lookup_percpu_elem, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
@@ -26,12 +30,19 @@ use tracer_common::{
     drop_kind, isa, limits,
 };
 
-use crate::{EXIT_FIELDS_OFF, EXIT_ISA_OFF, EXIT_REASON_OFF, PHASE, count_drop, global, traced};
+use crate::{
+    EXIT_FIELDS_OFF, EXIT_ISA_OFF, EXIT_REASON_OFF, PHASE, SNAPSHOTS, VM_TOTALS, count_drop,
+    global, traced,
+};
+use tracer_common::vm_totals_key;
 
 #[unsafe(no_mangle)]
 static VMX_EXIT_REASON_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
 static SVM_VMCB_OFF: u32 = NO_FIELD;
+/// Possible CPUs: a counter read sums the per-CPU cells of CPUs `0..NR_CPUS`.
+#[unsafe(no_mangle)]
+static NR_CPUS: u32 = 1;
 
 /// `struct vmcb_control_area.exit_code`: fixed by the hardware (AMD APM vol. 2,
 /// appendix B), at the start of the VMCB. The loader checks the BTF agrees.
@@ -60,6 +71,9 @@ static SLOT_ENDED: Array<u32> = Array::with_max_entries(count::MAX_VMS, 0);
 /// filter grew); a cache entry of another epoch is not used.
 #[map]
 static COUNT_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+/// Slot 0 of each CPU, with snapshots: every traced VM's exits on this CPU.
+#[map]
+static ALL_EXITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Slot 0 of each CPU: the VM this CPU counted last.
 #[map]
 static CPU_SLOT: PerCpuArray<CachedSlot> = PerCpuArray::with_max_entries(1, 0);
@@ -117,6 +131,18 @@ pub fn kvm_exit_count_tp(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The timing path with snapshots: counts the current VM's exit in its cells, its
+/// total cell and this CPU's all-VMs count, for [`vm_counts`].
+#[inline(always)]
+pub fn count_for_snapshots(exit_isa: u32, raw: u32) {
+    let Some(slot) = vm_slot() else { return };
+    add(slot, exit_isa, raw);
+    if let Some(all) = ALL_EXITS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, no other writer.
+        unsafe { *all += 1 };
+    }
+}
+
 /// Counts one exit of the VM in `slot`.
 #[inline(always)]
 fn add(slot: u32, exit_isa: u32, raw: u32) {
@@ -124,16 +150,23 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
         count_drop(drop_kind::COUNT_SLOTS_FULL);
     }
     let cell = count::dense_index(exit_isa, raw);
-    if cell < count::CELLS {
-        if let Some(cells) = COUNTS.get_ptr_mut(slot) {
-            // SAFETY: this CPU's value; a tracing program runs with migration off and
-            // is this CPU's only writer of it. The index is masked after a volatile
-            // read, so LLVM cannot drop the mask that shows the verifier the bound.
-            unsafe {
+    let snapshots = global(&SNAPSHOTS) != 0;
+    if let Some(cells) = COUNTS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's value; a tracing program runs with migration off and
+        // is this CPU's only writer of it. The index is masked after a volatile
+        // read, so LLVM cannot drop the mask that shows the verifier the bound.
+        unsafe {
+            if snapshots {
+                (*cells)[count::TOTAL as usize] += 1;
+            }
+            if cell < count::CELLS {
                 let i = core::ptr::read_volatile(&cell) & (count::CELLS - 1);
                 (*cells)[i as usize] += 1;
+                return;
             }
         }
+    }
+    if cell < count::CELLS {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -196,7 +229,10 @@ fn take_slot(key: u64) -> u32 {
         let mut slot = 0;
         // SAFETY: a write to a local.
         unsafe { core::ptr::write_volatile(&mut slot, i) };
-        if SLOT_OWNERS.insert(&slot, &key, u64::from(BPF_NOEXIST)).is_ok() {
+        if SLOT_OWNERS
+            .insert(&slot, &key, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
             if VM_SLOTS.insert(&key, &slot, u64::from(BPF_NOEXIST)).is_ok() {
                 return i;
             }
@@ -209,6 +245,74 @@ fn take_slot(key: u64) -> u32 {
     0
 }
 
+/// VM `pid`'s counts now, summed over CPUs: exits of `(isa, reason)` (a reason
+/// number the guest asked about), all its exits, and all traced VMs' exits.
+#[inline(always)]
+pub fn vm_counts(pid: u32, exit_isa: u32, reason: u32) -> (u64, u64, u64) {
+    let phase = PHASE.get(0).copied().unwrap_or(0);
+    // SAFETY: the value is copied out.
+    let slot = unsafe { VM_SLOTS.get(&count::slot_key(phase, pid)) }.copied();
+    let cell = count::dense_index(exit_isa, reason);
+    let overflow = PhaseVcpuKey::new(
+        phase,
+        &VcpuKey {
+            pid,
+            vcpu_id: count::ALL_VCPUS,
+            exit: ExitKey::from_raw(exit_isa, reason),
+        },
+    );
+    let (mut of_reason, mut total, mut all) = (0u64, 0u64, 0u64);
+    let nr_cpus = global(&NR_CPUS);
+    let zero = 0u32;
+    for cpu in 0..count::MAX_CPUS {
+        if cpu >= nr_cpus {
+            break;
+        }
+        // SAFETY: the helper returns this CPU's value of the entry, or null; the maps
+        // are passed as the loader relocates them.
+        unsafe {
+            if let Some(slot) = slot {
+                let cells = bpf_map_lookup_percpu_elem(
+                    core::ptr::addr_of!(COUNTS).cast_mut().cast::<c_void>(),
+                    core::ptr::from_ref(&slot).cast::<c_void>(),
+                    cpu,
+                )
+                .cast::<[u64; count::CELLS as usize]>();
+                if !cells.is_null() {
+                    total += (*cells)[count::TOTAL as usize];
+                    if cell < count::CELLS {
+                        let i = core::ptr::read_volatile(&cell) & (count::CELLS - 1);
+                        of_reason += (*cells)[i as usize];
+                    }
+                }
+            }
+            if cell >= count::CELLS {
+                let n = bpf_map_lookup_percpu_elem(
+                    core::ptr::addr_of!(COUNT_OVERFLOW)
+                        .cast_mut()
+                        .cast::<c_void>(),
+                    core::ptr::from_ref(&overflow).cast::<c_void>(),
+                    cpu,
+                )
+                .cast::<u64>();
+                if !n.is_null() {
+                    of_reason += *n;
+                }
+            }
+            let n = bpf_map_lookup_percpu_elem(
+                core::ptr::addr_of!(ALL_EXITS).cast_mut().cast::<c_void>(),
+                core::ptr::from_ref(&zero).cast::<c_void>(),
+                cpu,
+            )
+            .cast::<u64>();
+            if !n.is_null() {
+                all += *n;
+            }
+        }
+    }
+    (of_reason, total, all)
+}
+
 /// A process has ended: if it was a VM with a slot, the slot's cells are final. Its
 /// key leaves `VM_SLOTS` (a later process with the same pid gets a new slot), and the
 /// epoch empties every CPU's cache.
@@ -219,6 +323,11 @@ pub fn vm_ended(tgid: u32) {
     let Some(&slot) = (unsafe { VM_SLOTS.get(&key) }) else {
         return;
     };
+    if global(&SNAPSHOTS) != 0 {
+        // With snapshots, later reads tell counts carried over from ended VMs apart.
+        let (_, total, _) = vm_counts(tgid, 0, 0);
+        add_ended(total);
+    }
     if let Some(ended) = SLOT_ENDED.get_ptr_mut(slot) {
         // SAFETY: a live map value; only the VM's end writes 1 here.
         unsafe { *ended = 1 };
@@ -228,4 +337,25 @@ pub fn vm_ended(tgid: u32) {
         // SAFETY: a live map value other CPUs may bump too.
         unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(epoch, 1) };
     }
+}
+
+/// Adds an ended VM's exits to the ended VMs' total (rare: once per VM).
+#[inline(always)]
+fn add_ended(total: u64) {
+    for _ in 0..2 {
+        if let Some(slot) = VM_TOTALS.get_ptr_mut(vm_totals_key::ENDED) {
+            // SAFETY: a live map value other CPUs may add to.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, total)
+            };
+            return;
+        }
+        if VM_TOTALS
+            .insert(vm_totals_key::ENDED, total, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return;
+        }
+    }
+    count_drop(drop_kind::VM_MAP_FULL);
 }

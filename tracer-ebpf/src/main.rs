@@ -25,10 +25,11 @@
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
 //!
 //! Counts and times live in per-CPU maps and are bumped with plain adds: a per-CPU
-//! slot has one writer. The exceptions are shared and use atomic adds: with
-//! `--snapshots`, the per-VM counts that counter reads are compared with (`VM_EXITS`,
-//! `VM_TOTALS`: three more lookups and atomic adds per exit, since a VM's vCPUs run on
-//! many CPUs), and a few control slots (the phase, the outstanding reads). Every
+//! slot has one writer. With `--snapshots`, the per-VM counts that counter reads are
+//! compared with are the count path's per-CPU cells too (no hash lookup, no atomic
+//! per exit), summed over CPUs when a guest reads a counter. Shared, with atomic
+//! adds: a few control slots (the phase, the outstanding reads, the cache epoch) and
+//! the ended VMs' total, once per VM. Every
 //! insert that fails bumps a `DROPS` slot, so nothing is lost silently. Field offsets
 //! are globals the loader fills in from the tracepoint's `format` file.
 //!
@@ -60,10 +61,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    CLONE_THREAD, CpuidEvent, count, DetailKey, DetailPlan, ExitKey, ExitStats, HistKey, NO_FIELD,
+    CLONE_THREAD, CpuidEvent, DetailKey, DetailPlan, ExitKey, ExitStats, HistKey, NO_FIELD,
     PendingExit, PhaseExitKey, PhaseVcpuKey, RegsSample, RipKey, UNKNOWN, VcpuKey, VmExitKey,
-    cpuid_exit, detail_kind, detail_plan, drop_kind, hist_bucket, limits, read_source, regs_slot,
-    vendor, vm_totals_key,
+    count, cpuid_exit, detail_kind, detail_plan, drop_kind, hist_bucket, limits, read_source,
+    regs_slot, vendor, vm_totals_key,
 };
 
 #[unsafe(no_mangle)]
@@ -154,11 +155,8 @@ static PENDING: HashMap<u32, PendingExit> = HashMap::with_max_entries(limits::MA
 static FILTER_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_FILTER_PIDS, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_kind::COUNT, 0);
-/// Per-VM counts, kept only with `SNAPSHOTS`: the vCPUs of one VM share an entry, so
-/// these are atomic adds (a VM's own vCPUs are the only writers).
-#[map]
-static VM_EXITS: HashMap<VmExitKey, u64> = HashMap::with_max_entries(limits::MAX_VM_ROWS, 0);
-/// Per-VM totals, and the special keys of [`vm_totals_key`]: all VMs, ended VMs.
+/// With snapshots, the ended VMs' exits ([`vm_totals_key::ENDED`]), added once per
+/// VM when it ends. (A VM's own counts are the count path's cells, summed at a read.)
 #[map]
 static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
 /// Per-VM synthetic exits (VMX INVALID_STATE, made up by `vmx_vcpu_run()` without a
@@ -351,12 +349,7 @@ fn try_kvm_exit(ctx: &TracePointContext) {
     };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
-        if !shared_inc(&VM_EXITS, vm)
-            || !shared_inc(&VM_TOTALS, tgid)
-            || !shared_inc(&VM_TOTALS, vm_totals_key::ALL)
-        {
-            count_drop(drop_kind::VM_MAP_FULL);
-        }
+        count_path::count_for_snapshots(isa, raw_reason);
         cpuid_snapshot(tid, &vm, guest_rip());
     }
     if global(&RIPS) != 0 {
@@ -594,21 +587,15 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
     if !counter_leaf(function) {
         return;
     }
-    let reason_key = VmExitKey {
-        pid: vm.pid,
-        exit: ExitKey {
-            isa: vm.exit.isa,
-            reason: index,
-            failed_entry: 0,
-        },
-    };
-    // SAFETY: plain reads of values other vCPUs may be adding to.
+    let (host_reason_count, host_total, host_all_vms) =
+        count_path::vm_counts(vm.pid, vm.exit.isa, index);
+    // SAFETY: a plain read of a value other CPUs may be adding to; a helper call.
     let event = unsafe {
         CpuidEvent {
             ts_ns: bpf_ktime_get_ns(),
-            host_reason_count: VM_EXITS.get(reason_key).copied().unwrap_or(0),
-            host_total: VM_TOTALS.get(vm.pid).copied().unwrap_or(0),
-            host_all_vms: VM_TOTALS.get(vm_totals_key::ALL).copied().unwrap_or(0),
+            host_reason_count,
+            host_total,
+            host_all_vms,
             host_ended_vms: VM_TOTALS.get(vm_totals_key::ENDED).copied().unwrap_or(0),
             host_synthetic: synthetic_of(vm.pid),
             pid: vm.pid,
@@ -767,20 +754,11 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     event.rbx = rbx;
     event.rcx = rcx;
     event.rdx = rdx;
-    let reason_key = VmExitKey {
-        pid: tgid,
-        exit: ExitKey {
-            isa: event.isa,
-            reason: event.index,
-            failed_entry: 0,
-        },
-    };
-    // SAFETY: plain reads of values other vCPUs may be adding to.
-    unsafe {
-        event.host_reason_count_entry = VM_EXITS.get(reason_key).copied().unwrap_or(0);
-        event.host_total_entry = VM_TOTALS.get(tgid).copied().unwrap_or(0);
-        event.host_all_vms_entry = VM_TOTALS.get(vm_totals_key::ALL).copied().unwrap_or(0);
-    }
+    (
+        event.host_reason_count_entry,
+        event.host_total_entry,
+        event.host_all_vms_entry,
+    ) = count_path::vm_counts(tgid, event.isa, event.index);
     if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
         count_drop(drop_kind::CPUID_RING_FULL);
     }
@@ -979,22 +957,7 @@ fn try_kvm_cpuid(ctx: &TracePointContext, function: u32) {
         // SAFETY: the entry is copied out.
         _ => unsafe { PENDING.get(tid) }.map_or(0, |p| p.row.exit().isa),
     };
-    let reason_key = VmExitKey {
-        pid: tgid,
-        exit: ExitKey {
-            isa,
-            reason: index,
-            failed_entry: 0,
-        },
-    };
-    // SAFETY: plain reads of values other vCPUs may be adding to.
-    let host_reason_count = unsafe { VM_EXITS.get(reason_key) }.copied().unwrap_or(0);
-    // SAFETY: as above.
-    let host_total = unsafe { VM_TOTALS.get(tgid) }.copied().unwrap_or(0);
-    // SAFETY: as above.
-    let host_all_vms = unsafe { VM_TOTALS.get(vm_totals_key::ALL) }
-        .copied()
-        .unwrap_or(0);
+    let (host_reason_count, host_total, host_all_vms) = count_path::vm_counts(tgid, isa, index);
     // Only kvm_cpuid saw this read (no CPUID exit asked it, e.g. the emulator's CPUID,
     // or the register layout is not known yet).
     let event = CpuidEvent {
@@ -1119,7 +1082,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         let _ = VCPU_OF.remove(tid);
         let _ = RUN_STARTED.remove(tid);
         if gone {
-            vm_ended(tgid);
+            let _ = VM_SYNTHETIC.remove(tgid);
         }
         if PENDING_READS.remove(tid).is_ok()
             && let Some(n) = REGS.get_ptr_mut(regs_slot::READS_OUTSTANDING)
@@ -1138,37 +1101,6 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         let _ = FILTER_PIDS.remove(tgid);
     }
     0
-}
-
-/// Moves an ended VM's total to the ended VMs' one (once: the removal succeeds once),
-/// so a later read can tell counts carried over from it from those of VMs still
-/// running.
-#[inline(always)]
-fn vm_ended(tgid: u32) {
-    // SAFETY: the value is copied out.
-    let Some(total) = (unsafe { VM_TOTALS.get(tgid) }).copied() else {
-        return;
-    };
-    let _ = VM_SYNTHETIC.remove(tgid);
-    if VM_TOTALS.remove(tgid).is_err() {
-        return;
-    }
-    for _ in 0..2 {
-        if let Some(slot) = VM_TOTALS.get_ptr_mut(vm_totals_key::ENDED) {
-            // SAFETY: a live map value other CPUs may add to.
-            unsafe {
-                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, total)
-            };
-            return;
-        }
-        if VM_TOTALS
-            .insert(vm_totals_key::ENDED, total, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return;
-        }
-    }
-    count_drop(drop_kind::VM_MAP_FULL);
 }
 
 /// Counts synthetic exits: a vCPU thread that starts `vmx_vcpu_run()` again without a

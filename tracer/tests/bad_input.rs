@@ -395,6 +395,18 @@ fn argument_cases() -> Vec<Case> {
         case(["top", "--pid", "x1"], [v("x1"), "not a process id".into()]),
         case(["record", "--vcpu", "first"], [v("first"), "--vcpu".into()]),
         case(["record", "-p", "1", "--", "qemu"], ["--pid", "CMD"]),
+        case(
+            ["record", "--counts-only", "--snapshots"],
+            ["--counts-only", "--snapshots"],
+        ),
+        case(
+            ["record", "--counts-only", "--per-vcpu"],
+            ["--counts-only", "--per-vcpu"],
+        ),
+        case(
+            ["record", "--counts-only", "--rip", "5"],
+            ["--counts-only", "--rip"],
+        ),
         // Leaf presets and leaf numbers.
         case(
             ["guest", "--preset", "nope"],

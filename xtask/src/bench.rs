@@ -331,7 +331,9 @@ impl Results {
                 .and_then(|n| n.trim().parse::<u64>().ok())
                 .with_context(|| format!("bpftrace printed no count in round {round}: {text}"))?;
             if counted < u64::from(cpuids) {
-                bail!("bpftrace counted {counted} exits in round {round}, fewer than the {cpuids} CPUIDs");
+                bail!(
+                    "bpftrace counted {counted} exits in round {round}, fewer than the {cpuids} CPUIDs"
+                );
             }
             bpftrace_count.get_or_insert(counted);
         }
@@ -427,7 +429,10 @@ impl Results {
                     .map_or("-".into(), |ns| format!("{ns:.0} ns"))
             );
             for (name, runs, ns) in &cost.programs {
-                let _ = writeln!(md, "| &nbsp;&nbsp;{name}: {runs} runs | {ns:.0} ns per run | - |");
+                let _ = writeln!(
+                    md,
+                    "| &nbsp;&nbsp;{name}: {runs} runs | {ns:.0} ns per run | - |"
+                );
             }
         }
         let _ = writeln!(

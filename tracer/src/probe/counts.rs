@@ -21,10 +21,11 @@ const RELOAD_GRACE: Duration = Duration::from_secs(2);
 /// Cells of one slot, per CPU.
 type Cells = [u64; count::CELLS as usize];
 
-/// The count path's state on the user side.
+/// The VM slots' state on the user side: the count path's, or the snapshots'.
 #[derive(Debug)]
 pub(super) struct CountPath {
-    pub choice: Choice,
+    /// How the count path reads exits; `None`: the slots serve snapshots only.
+    pub choice: Option<Choice>,
     /// The last phase whose vendor module was checked to have the layout read.
     verified_phase: u32,
     /// Since when the current phase's module has not shown that layout.
@@ -34,7 +35,7 @@ pub(super) struct CountPath {
 }
 
 impl CountPath {
-    pub fn new(choice: Choice) -> Self {
+    pub fn new(choice: Option<Choice>) -> Self {
         Self {
             choice,
             verified_phase: 0,
@@ -95,11 +96,14 @@ impl Probe {
         let Some(path) = self.count_state() else {
             return Ok(());
         };
-        if !matches!(path.choice, Choice::Raw { .. }) || phase == path.verified_phase {
+        let Some(choice @ Choice::Raw { .. }) = &path.choice else {
+            return Ok(());
+        };
+        if phase == path.verified_phase {
             return Ok(());
         }
         let now = exit_layout::choose(std::path::Path::new(super::BTF_DIR));
-        if now == path.choice {
+        if now == *choice {
             path.verified_phase = phase;
             path.unverified_since = None;
             return Ok(());
@@ -109,7 +113,7 @@ impl Probe {
             return Ok(());
         }
         Err(ProbeError::LayoutChanged {
-            was: path.choice.describe(),
+            was: choice.describe(),
             now: now.describe(),
         })
     }

@@ -273,13 +273,14 @@ impl Probe {
             filter_enabled: !config.pids.is_empty(),
             tracks_phases: setup.tracks_phases(),
             counts_synthetic,
-            counts: config.counts.clone().map(counts::CountPath::new),
+            counts: (config.counts.is_some() || leaves.is_some())
+                .then(|| counts::CountPath::new(config.counts.clone())),
         })
     }
 
     /// How the count path reads exits; `None` on the timing path.
     pub fn count_path(&self) -> Option<&Choice> {
-        self.counts.as_ref().map(|c| &c.choice)
+        self.counts.as_ref().and_then(|c| c.choice.as_ref())
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ProbeError> {
@@ -416,7 +417,7 @@ impl Probe {
     /// Deletes the per-vCPU rows of VM process `pid` (it has ended): its exits leave
     /// every later snapshot. Returns what the deleted rows held, per exit reason.
     pub fn forget_vm(&mut self, pid: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
-        if self.counts.is_some() {
+        if self.count_path().is_some() {
             return self.forget_counted_vm(pid);
         }
         let mut rows: PerCpuHashMap<&mut MapData, PhaseVcpuKey, ExitStats> =
@@ -443,8 +444,10 @@ impl Probe {
     /// [`Probe::tick`]).
     pub fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
         let mut snap = Snapshot::default();
-        if self.counts.is_some() {
+        if self.count_path().is_some() {
             self.count_rows(&mut snap)?;
+        } else {
+            self.tick()?;
         }
         let map = |name: &'static str| self.ebpf.map(name).ok_or(ProbeError::MissingMap(name));
 
@@ -469,7 +472,7 @@ impl Probe {
         let cells: PerCpuArray<&MapData, [u64; limits::HIST_BUCKETS as usize]> =
             PerCpuArray::try_from(map(maps::LATENCY_CELLS)?)
                 .map_err(map_err(maps::LATENCY_CELLS))?;
-        if self.counts.is_none() {
+        if self.count_path().is_none() {
             for cell in 0..tracer_common::count::CELLS {
                 let Some(exit) = tracer_common::count::exit_of(cell) else {
                     continue;

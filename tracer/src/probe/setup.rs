@@ -251,7 +251,11 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         Some(Choice::Raw { offsets, .. }) => Some(*offsets),
         _ => None,
     };
+    // Possible CPUs, as the per-CPU maps hold them; one if that cannot be read (a
+    // counter read then sums CPU 0 only, which reconcile would show as a difference).
+    let nr_cpus = aya::util::nr_cpus().map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX));
     vec![
+        (globals::NR_CPUS, nr_cpus),
         (
             globals::VMX_EXIT_REASON_OFF,
             offsets.and_then(|o| o.vmx_exit_reason).unwrap_or(NO_FIELD),
@@ -299,12 +303,11 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (maps::LATENCY_HIST, on(!counting, limits::MAX_HIST_ROWS, 1)),
         (maps::LATENCY_CELLS, on(!counting, count::CELLS, 1)),
         (maps::PENDING, on(!counting, limits::MAX_PENDING, 1)),
-        (maps::COUNTS, on(counting, count::MAX_VMS, 1)),
+        (maps::COUNTS, on(counting || snap, count::MAX_VMS, 1)),
         (
             maps::COUNT_OVERFLOW,
-            on(counting, config.max_overflow_rows, 1),
+            on(counting || snap, config.max_overflow_rows, 1),
         ),
-        (maps::VM_EXITS, on(snap, limits::MAX_VM_ROWS, 1)),
         (maps::VM_TOTALS, on(snap, limits::MAX_VMS, 1)),
         (
             maps::CPUID_EVENTS,
