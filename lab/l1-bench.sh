@@ -12,6 +12,7 @@
 #   hist       + the kernel's hist trigger on kvm:kvm_exit
 #   bpftrace   + Debian's bpftrace counting kvm:kvm_exit with count()
 #   patched    our patched kvm modules, nothing tracing
+#   unpatched  the same out-of-tree build without the patch, nothing tracing
 # then once more under kvmtrace (default and --counts-only) with
 # kernel.bpf_stats_enabled=1 for the eBPF run time per exit. Lines for xtask:
 #   KVMLAB bench CONFIG ROUND run_ns=N        one timed run
@@ -20,7 +21,7 @@ export PATH=/bin:/usr/bin
 . /lab/lib.sh
 . /lab/env
 
-load() { # stock | patched
+load() { # stock | patched | unpatched
     for m in $KVM_DEPS $KVM_VENDOR.ko; do
         args=
         [ "$m" = "$KVM_VENDOR.ko" ] && args="$PAGING=1"
@@ -132,6 +133,9 @@ for round in $(seq 1 $ROUNDS); do
     unload
     load patched
     measure patched $round
+    unload
+    load unpatched
+    measure unpatched $round
     unload
     load stock
 done

@@ -271,6 +271,8 @@ pub struct VmRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuRow {
     pub pid: u32,
+    /// The vCPU, or `tracer_common::count::ALL_VCPUS` in a count-path record, whose
+    /// rows are per VM ([`VcpuRow::vcpu_label`] says `all`).
     pub vcpu_id: u32,
     pub isa: Isa,
     pub reason: u32,
@@ -278,6 +280,17 @@ pub struct VcpuRow {
     pub name: String,
     #[serde(flatten)]
     pub totals: Totals,
+}
+
+impl VcpuRow {
+    /// The vCPU id, or `all` for a count-path row.
+    pub fn vcpu_label(&self) -> String {
+        if self.vcpu_id == tracer_common::count::ALL_VCPUS {
+            "all".to_owned()
+        } else {
+            self.vcpu_id.to_string()
+        }
+    }
 }
 
 /// Events the eBPF side could not record in full.
@@ -1028,6 +1041,21 @@ pub(crate) mod tests {
             ..RunInfo::default()
         };
         Report::build(&snap, info).unwrap_or_else(|e| panic!("build: {e}"))
+    }
+
+    #[test]
+    fn count_path_rows_say_all_vcpus() {
+        let row = |vcpu_id| VcpuRow {
+            pid: 7,
+            vcpu_id,
+            isa: Isa::Vmx,
+            reason: 10,
+            failed_entry: false,
+            name: "CPUID".into(),
+            totals: Totals::default(),
+        };
+        assert_eq!(row(tracer_common::count::ALL_VCPUS).vcpu_label(), "all");
+        assert_eq!(row(3).vcpu_label(), "3");
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub struct Options {
 }
 
 /// The configurations, in the order L1 runs them; the first is the baseline.
-const CONFIGS: [(&str, &str); 12] = [
+const CONFIGS: [(&str, &str); 13] = [
     ("stock", "stock kvm, untraced"),
     ("kvmtrace-counts", "+ kvmtrace record --counts-only"),
     (
@@ -67,6 +67,7 @@ const CONFIGS: [(&str, &str); 12] = [
     ("hist", "+ hist trigger on kvm:kvm_exit"),
     ("bpftrace", "+ bpftrace: kvm:kvm_exit { @ = count() }"),
     ("patched", "patched kvm (counter leaves), untraced"),
+    ("unpatched", "the same build without the patch, untraced"),
 ];
 
 /// The kvmtrace records of each round: (console tag prefix, configuration).
@@ -99,7 +100,15 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let bpftrace = bpftrace_tool()?;
     let s = Step::start("kmod");
     let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
-    s.done(patched.display().to_string());
+    let unpatched = crate::kmod::build(
+        &crate::kmod::Options {
+            variant: crate::kmod::Variant::Unpatched,
+            ..crate::kmod::Options::default()
+        },
+        root,
+    )?
+    .out_dir;
+    s.done(format!("{} and {}", patched.display(), unpatched.display()));
     let kvmtrace = inputs::build_kvmtrace(root)?;
     let micro = inputs::build_micro(root, &build)?;
 
@@ -111,7 +120,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         kvmtrace: kvmtrace.clone(),
         micro,
     };
-    let size = write_initrd(opts, root, &inputs, &patched, &tools, &initrd)?;
+    let size = write_initrd(opts, root, &inputs, [&patched, &unpatched], &tools, &initrd)?;
     s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
 
     let host = host_costs(&kvmtrace.0)?;
@@ -187,14 +196,15 @@ struct Tools {
     micro: PathBuf,
 }
 
-/// Writes the bench's L1 initrd to `initrd`: lab/l1-bench.sh as /init, the stock and
-/// the `patched` kvm modules, the micro VMM, kvmtrace, perf and bpftrace (each with
-/// its libraries), and the rounds' settings. Returns its size.
+/// Writes the bench's L1 initrd to `initrd`: lab/l1-bench.sh as /init, the stock, the
+/// patched and the unpatched (same build, no patch) kvm modules, the micro VMM,
+/// kvmtrace, perf and bpftrace (each with its libraries), and the rounds' settings.
+/// Returns its size.
 fn write_initrd(
     opts: &Options,
     root: &Path,
     inputs: &Inputs,
-    patched: &Path,
+    [patched, unpatched]: [&Path; 2],
     tools: &Tools,
     initrd: &Path,
 ) -> anyhow::Result<u64> {
@@ -203,11 +213,13 @@ fn write_initrd(
     for m in &inputs.modules {
         let name = image::file_name(m)?;
         a.file(&format!("lib/modules/stock/{name}"), m)?;
-        let ours = patched.join(&name);
-        a.file(
-            &format!("lib/modules/patched/{name}"),
-            if ours.is_file() { &ours } else { m },
-        )?;
+        for (dir, built) in [("patched", patched), ("unpatched", unpatched)] {
+            let ours = built.join(&name);
+            a.file(
+                &format!("lib/modules/{dir}/{name}"),
+                if ours.is_file() { &ours } else { m },
+            )?;
+        }
         names.push(name);
     }
     let Some((vendor, deps)) = names.split_last() else {
@@ -356,7 +368,12 @@ impl Results {
 
     /// The ratio of `config` to the untraced stock run, per round.
     fn ratios(&self, config: &str) -> Vec<f64> {
-        let (Some(base), Some(runs)) = (self.runs.get("stock"), self.runs.get(config)) else {
+        self.ratio_of(config, "stock")
+    }
+
+    /// The ratio of `config` to `base`, per round.
+    fn ratio_of(&self, config: &str, base: &str) -> Vec<f64> {
+        let (Some(base), Some(runs)) = (self.runs.get(base), self.runs.get(config)) else {
             return Vec::new();
         };
         runs.iter()
@@ -402,6 +419,16 @@ impl Results {
                 (mean - 1.0) * 100.0
             );
         }
+        let own: Vec<String> = self
+            .ratio_of("patched", "unpatched")
+            .iter()
+            .map(|r| format!("{:+.2} %", (r - 1.0) * 100.0))
+            .collect();
+        let _ = writeln!(
+            md,
+            "\nThe patch's own cost (patched against the same build without it, each round): {}",
+            own.join(" / ")
+        );
         let attach: Vec<String> = self
             .kvmtrace
             .iter()
@@ -474,6 +501,7 @@ impl Results {
             "ebpf_programs": self.stats.programs.iter().chain(&self.stats_counts.programs).map(|(n, runs, ns)| json!({"name": n, "runs": runs, "ns_per_run": ns})).collect::<Vec<_>>(),
             "bpftrace_count": self.bpftrace_count,
             "perf_big_cpuid": self.perf_big_cpuid,
+            "patch_own": self.ratio_of("patched", "unpatched"),
             "host": {"attach_ms": host.attach_ms, "peak_rss_mib": host.peak_rss_mib},
             "perf_cpuid": self.perf_cpuid,
         })

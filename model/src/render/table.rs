@@ -204,7 +204,7 @@ pub fn render(report: &Report, opts: Options) -> String {
                 .unwrap_or_default();
             let key = [
                 format!("{} {comm}", r.pid).trim_end().to_owned(),
-                r.vcpu_id.to_string(),
+                r.vcpu_label(),
             ];
             let cells = reason_cells(
                 reason_label(r.reason, r.failed_entry),

@@ -144,6 +144,9 @@ pub enum Variant {
     RegsUnset,
     /// TEST ONLY: no 0x4FFFFFFD cycles leaf: it answers like stock KVM.
     NoCyclesLeaf,
+    /// No patch at all: Debian's source built the same way, the baseline that tells
+    /// the series' own cost from the out-of-tree build's (`cargo xtask bench`).
+    Unpatched,
 }
 
 impl Variant {
@@ -160,6 +163,7 @@ impl Variant {
             Self::TotalFallsThrough => "total-falls-through",
             Self::RegsUnset => "regs-unset",
             Self::NoCyclesLeaf => "no-cycles-leaf",
+            Self::Unpatched => "unpatched",
         }
     }
 

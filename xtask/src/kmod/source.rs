@@ -23,6 +23,9 @@ const CHECKPATCH_FILES: [&str; 3] = [
 
 /// The patch files to apply for `variant`: the series, then the variant's own.
 pub fn series(root: &Path, kernel: KernelLine, variant: Variant) -> anyhow::Result<Vec<PathBuf>> {
+    if variant == Variant::Unpatched {
+        return Ok(Vec::new());
+    }
     let mut patches = patch_files(&root.join("kernel").join(kernel.as_str()))?;
     if variant != Variant::Good {
         patches.extend(patch_files(&variant_dir(root, kernel, variant))?);
