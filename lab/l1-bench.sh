@@ -6,6 +6,7 @@
 #   kvmtrace-counts  + `kvmtrace record --counts-only` (the count path)
 #   kvmtrace-counts-classic  the same on the classic tracepoint
 #   kvmtrace   + `kvmtrace record` (system-wide, attached before the VM starts)
+#   kvmtrace-classic  the same on the classic tracepoint
 #   kvmtrace-per-vcpu, kvmtrace-snapshots, kvmtrace-detail  + record with that flag
 #   perf       + `perf kvm stat record -a` (Debian's linux-perf), as users run it
 #   perf-big   the same with a ring buffer big enough to lose nothing (-m PERF_PAGES)
@@ -95,6 +96,10 @@ for round in $(seq 1 $ROUNDS); do
     kvmtrace_start r$round
     measure kvmtrace $round
     kvmtrace_stop r$round
+
+    kvmtrace_start t$round --classic-tracepoint
+    measure kvmtrace-classic $round
+    kvmtrace_stop t$round
 
     kvmtrace_start v$round --per-vcpu
     measure kvmtrace-per-vcpu $round

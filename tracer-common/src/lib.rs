@@ -160,6 +160,8 @@ pub mod globals {
     /// vendor's exits go to the overflow map under reason `u32::MAX - 1`).
     pub const VMX_EXIT_REASON_OFF: &str = "VMX_EXIT_REASON_OFF";
     pub const SVM_VMCB_OFF: &str = "SVM_VMCB_OFF";
+    /// Offset of `vcpu_id` in `struct kvm_vcpu`, for the timing path's raw exit.
+    pub const VCPU_ID_OFF: &str = "VCPU_ID_OFF";
     /// Possible CPUs, for the sums of a counter read.
     pub const NR_CPUS: &str = "NR_CPUS";
     /// Offset of `fault_address` in `kvm:kvm_page_fault`.

@@ -40,6 +40,9 @@ use tracer_common::vm_totals_key;
 static VMX_EXIT_REASON_OFF: u32 = NO_FIELD;
 #[unsafe(no_mangle)]
 static SVM_VMCB_OFF: u32 = NO_FIELD;
+/// Offset of `vcpu_id` in `struct kvm_vcpu` (the timing path's raw exit).
+#[unsafe(no_mangle)]
+static VCPU_ID_OFF: u32 = NO_FIELD;
 /// Possible CPUs: a counter read sums the per-CPU cells of CPUs `0..NR_CPUS`.
 #[unsafe(no_mangle)]
 static NR_CPUS: u32 = 1;
@@ -94,7 +97,7 @@ pub fn kvm_exit_count(ctx: RawTracePointContext) -> u32 {
 /// The reason, read from the vCPU: `vcpu_vmx.exit_reason`, or
 /// `vcpu_svm.vmcb->control.exit_code`.
 #[inline(always)]
-fn reason_of(vcpu: u64, exit_isa: u32) -> Option<u32> {
+pub fn reason_of(vcpu: u64, exit_isa: u32) -> Option<u32> {
     let (vmx, svm) = (global(&VMX_EXIT_REASON_OFF), global(&SVM_VMCB_OFF));
     if exit_isa == isa::VMX && vmx != NO_FIELD {
         // SAFETY: a probe read: a bad address fails, it does not fault.
@@ -107,6 +110,17 @@ fn reason_of(vcpu: u64, exit_isa: u32) -> Option<u32> {
         return unsafe { bpf_probe_read_kernel((vmcb + VMCB_EXIT_CODE) as *const u32) }.ok();
     }
     None
+}
+
+/// The vCPU's `vcpu_id`, as `kvm:kvm_exit` reports it.
+#[inline(always)]
+pub fn vcpu_id_of(vcpu: u64) -> Option<u32> {
+    let off = global(&VCPU_ID_OFF);
+    if off == NO_FIELD {
+        return None;
+    }
+    // SAFETY: a probe read: a bad address fails, it does not fault.
+    unsafe { bpf_probe_read_kernel((vcpu + u64::from(off)) as *const u32) }.ok()
 }
 
 /// The classic tracepoint, where the vendor module has no BTF: the reason and isa

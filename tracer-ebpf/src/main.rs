@@ -290,21 +290,9 @@ fn traced(tgid: u32) -> bool {
 
 #[tracepoint(category = "kvm", name = "kvm_exit")]
 pub fn kvm_exit(ctx: TracePointContext) -> u32 {
-    try_kvm_exit(&ctx);
-    0
-}
-
-#[inline(always)]
-fn try_kvm_exit(ctx: &TracePointContext) {
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
-    if !traced(tgid) {
-        return;
-    }
-    // One read for all three fields (the helper call is most of a read's cost).
+    // One read for all the fields (the helper call is most of a read's cost).
     // SAFETY: the offset comes from this tracepoint's format file; read_at checks it.
     let Ok(fields) = (unsafe {
         ctx.read_at::<[u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>(
@@ -312,7 +300,7 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         )
     }) else {
         count_drop(drop_kind::READ_FAILED);
-        return;
+        return 0;
     };
     // The loader checked that each offset is 4-aligned and within the bytes read; the
     // mask only shows the verifier the bound.
@@ -320,11 +308,60 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         let i = (global(off) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 1) as usize);
         fields[i]
     };
-    let (raw_reason, isa, vcpu_id) = (
-        field(&EXIT_REASON_OFF),
-        field(&EXIT_ISA_OFF),
-        field(&EXIT_VCPU_OFF),
-    );
+    let exit = Exit {
+        raw_reason: field(&EXIT_REASON_OFF),
+        isa: field(&EXIT_ISA_OFF),
+        vcpu_id: field(&EXIT_VCPU_OFF),
+        fields: Some(&fields),
+    };
+    try_kvm_exit(now, &exit);
+    0
+}
+
+/// The timing path's exit without the record: where the vendor module's BTF shows
+/// the layout, and nothing needs the record's other fields (no `--detail`, no
+/// `--rip`, no register learning), the reason and the vCPU id are read from the vCPU.
+#[raw_tracepoint(tracepoint = "kvm_exit")]
+pub fn kvm_exit_raw(ctx: RawTracePointContext) -> u32 {
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let vcpu: u64 = ctx.arg(0);
+    let isa = ctx.arg::<u64>(1) as u32;
+    let (Some(raw_reason), Some(vcpu_id)) = (
+        count_path::reason_of(vcpu, isa),
+        count_path::vcpu_id_of(vcpu),
+    ) else {
+        count_drop(drop_kind::READ_FAILED);
+        return 0;
+    };
+    let exit = Exit {
+        raw_reason,
+        isa,
+        vcpu_id,
+        fields: None,
+    };
+    try_kvm_exit(now, &exit);
+    0
+}
+
+/// One exit, from the record or from the vCPU.
+struct Exit<'a> {
+    raw_reason: u32,
+    isa: u32,
+    vcpu_id: u32,
+    /// The record's fields (the classic tracepoint): `--detail`'s and the RIP's source.
+    fields: Option<&'a [u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>,
+}
+
+#[inline(always)]
+fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if !traced(tgid) {
+        return;
+    }
+    let (raw_reason, isa, vcpu_id) = (ex.raw_reason, ex.isa, ex.vcpu_id);
     let vcpu_filter = global(&VCPU_FILTER);
     if vcpu_filter != u32::MAX && vcpu_filter != vcpu_id {
         return;
@@ -341,11 +378,13 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         count: 1,
         ..ExitStats::default()
     };
-    // Only snapshots and `--rip` need the RIP: assembled for them alone.
+    // Only snapshots and `--rip` need the RIP: assembled for them alone, from the
+    // record (the raw program runs only where neither needs it: 0).
     let guest_rip = || {
         let at =
             (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
-        u64::from(fields[at]) | (u64::from(fields[at + 1]) << 32)
+        ex.fields
+            .map_or(0, |f| u64::from(f[at]) | (u64::from(f[at + 1]) << 32))
     };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
@@ -365,10 +404,9 @@ fn try_kvm_exit(ctx: &TracePointContext) {
         // Not timed: its row does not exist to add the time to.
         return;
     }
-    let (detail, awaiting) = if global(&DETAIL) == 0 {
-        (DetailKey::default(), 0)
-    } else {
-        exit_detail(&fields, &exit, &row)
+    let (detail, awaiting) = match ex.fields {
+        Some(fields) if global(&DETAIL) != 0 => exit_detail(fields, &exit, &row),
+        _ => (DetailKey::default(), 0),
     };
     if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; a tracing program does not migrate, and the slot is

@@ -300,9 +300,9 @@ pub struct RecordArgs {
     #[arg(long, conflicts_with_all = ["snapshots", "rip", "vcpu", "per_vcpu", "detail"])]
     pub counts_only: bool,
 
-    /// With --counts-only: read exits through the classic tracepoint even where the
-    /// raw one would do (to compare the two).
-    #[arg(long, hide = true, requires = "counts_only")]
+    /// Read exits through the classic tracepoint even where the raw one would do (to
+    /// compare the two).
+    #[arg(long, hide = true)]
     pub classic_tracepoint: bool,
 
     /// Count exits per guest instruction pointer and show the N RIPs with the most

@@ -22,6 +22,8 @@ pub struct Offsets {
     pub vmx_exit_reason: Option<u32>,
     /// `offsetof(struct vcpu_svm, vmcb)`, with kvm_amd loaded.
     pub svm_vmcb: Option<u32>,
+    /// `offsetof(struct kvm_vcpu, vcpu_id)` (the timing path's raw exit).
+    pub vcpu_id: u32,
 }
 
 /// How the count path reads exits on this host.
@@ -34,6 +36,14 @@ pub enum Choice {
 }
 
 impl Choice {
+    /// The offsets, where the raw tracepoint can be used.
+    pub fn offsets(&self) -> Option<Offsets> {
+        match self {
+            Choice::Raw { offsets, .. } => Some(*offsets),
+            Choice::Classic { .. } => None,
+        }
+    }
+
     /// One line for the log and the record: which program and why.
     pub fn describe(&self) -> String {
         match self {
@@ -80,17 +90,23 @@ fn read(btf_dir: &Path) -> Result<Choice, String> {
     let kvm =
         btf_rs::Btf::from_split_file(&kvm_file, &base).map_err(|e| open_err(&kvm_file, &e))?;
     check_prototype(&kvm)?;
+    let (vcpu_id, m) = member(&kvm, "kvm_vcpu", "vcpu_id")?;
+    if size_of_member(&kvm, &m) != Some(4) || vcpu_id % 4 != 0 {
+        return Err("kvm_vcpu.vcpu_id is not 4 aligned bytes".to_owned());
+    }
     let btf = btf_rs::Btf::from_split_file(&module_file, &base)
         .map_err(|e| open_err(&module_file, &e))?;
     let offsets = if vendor == "kvm_intel" {
         Offsets {
             vmx_exit_reason: Some(vmx_exit_reason(&btf)?),
             svm_vmcb: None,
+            vcpu_id,
         }
     } else {
         Offsets {
             vmx_exit_reason: None,
             svm_vmcb: Some(svm_vmcb(&btf)?),
+            vcpu_id,
         }
     };
     Ok(Choice::Raw {

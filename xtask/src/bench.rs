@@ -51,7 +51,7 @@ pub struct Options {
 }
 
 /// The configurations, in the order L1 runs them; the first is the baseline.
-const CONFIGS: [(&str, &str); 13] = [
+const CONFIGS: [(&str, &str); 14] = [
     ("stock", "stock kvm, untraced"),
     ("kvmtrace-counts", "+ kvmtrace record --counts-only"),
     (
@@ -59,6 +59,7 @@ const CONFIGS: [(&str, &str); 13] = [
         "+ kvmtrace record --counts-only, classic tracepoint",
     ),
     ("kvmtrace", "+ kvmtrace record (with time)"),
+    ("kvmtrace-classic", "+ kvmtrace record, classic tracepoint"),
     ("kvmtrace-per-vcpu", "+ kvmtrace record --per-vcpu"),
     ("kvmtrace-snapshots", "+ kvmtrace record --snapshots"),
     ("kvmtrace-detail", "+ kvmtrace record --detail"),
@@ -71,10 +72,11 @@ const CONFIGS: [(&str, &str); 13] = [
 ];
 
 /// The kvmtrace records of each round: (console tag prefix, configuration).
-const RECORDS: [(&str, &str); 6] = [
+const RECORDS: [(&str, &str); 7] = [
     ("c", "kvmtrace-counts"),
     ("k", "kvmtrace-counts-classic"),
     ("r", "kvmtrace"),
+    ("t", "kvmtrace-classic"),
     ("v", "kvmtrace-per-vcpu"),
     ("s", "kvmtrace-snapshots"),
     ("d", "kvmtrace-detail"),

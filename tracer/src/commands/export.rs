@@ -248,10 +248,13 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<ExitCode> {
 async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     let listener = bind(args.listen).await?;
     let tracefs = Tracefs::find_or_mount()?;
+    let choice = super::count_choice(false);
+    let counting = !args.time && !args.per_vcpu;
     let config = ProbeConfig {
         pids: args.pids.iter().copied().collect(),
         // Time and vCPU labels need the timing path; counts alone take the cheap one.
-        counts: (!args.time && !args.per_vcpu).then(|| super::count_choice(false)),
+        raw_exit: (!counting).then(|| choice.offsets()).flatten(),
+        counts: counting.then_some(choice),
         ..ProbeConfig::default()
     };
     let probe = Probe::attach(&tracefs, &config)?;

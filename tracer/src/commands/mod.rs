@@ -227,8 +227,8 @@ fn io_reason(e: &std::io::Error) -> String {
     e.to_string()
 }
 
-/// How the count path reads exits: the raw tracepoint where the vendor module's BTF
-/// shows the layout (unless `classic` asks otherwise), said on stderr either way.
+/// How exits can be read: the raw tracepoint where the vendor module's BTF shows the
+/// layout (unless `classic` asks otherwise), or the classic one; logged.
 pub fn count_choice(classic: bool) -> kvmtrace::exit_layout::Choice {
     let choice = if classic {
         kvmtrace::exit_layout::Choice::Classic {
@@ -237,6 +237,6 @@ pub fn count_choice(classic: bool) -> kvmtrace::exit_layout::Choice {
     } else {
         kvmtrace::exit_layout::choose(std::path::Path::new(kvmtrace::probe::BTF_DIR))
     };
-    log::info!("counting exits through the {}", choice.describe());
+    log::info!("exits can be read through the {}", choice.describe());
     choice
 }

@@ -128,10 +128,26 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
         rips: args.rip.is_some(),
         max_overflow_rows: args.max_overflow_rows,
         max_vcpu_rows: args.max_vcpu_rows,
-        counts: args
-            .counts_only
-            .then(|| count_choice(args.classic_tracepoint)),
+        counts: None,
+        raw_exit: None,
     })
+    .map(|config| with_exit_source(config, args))
+}
+
+/// How exits are read: the count path (`--counts-only`), or the timing path from the
+/// vCPU itself where the BTF allows and nothing needs the record's other fields
+/// (`--detail`, `--rip`; with `--snapshots`, the registers must come from BTF too,
+/// which [`trace`] checks).
+fn with_exit_source(config: ProbeConfig, args: &RecordArgs) -> ProbeConfig {
+    let choice = count_choice(args.classic_tracepoint);
+    let record_free = !args.report.detail && args.rip.is_none();
+    ProbeConfig {
+        raw_exit: (!args.counts_only && record_free)
+            .then(|| choice.offsets())
+            .flatten(),
+        counts: args.counts_only.then_some(choice),
+        ..config
+    }
 }
 
 /// A finished trace: the maps' contents, the facts of the run, and why it ended.
@@ -154,12 +170,20 @@ fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result
     let config = probe_config(args)?;
     let mut regs = Registers::new(config.snapshots.is_some());
     let config = ProbeConfig {
+        // Register learning needs the record's guest_rip: the classic tracepoint.
+        raw_exit: config
+            .raw_exit
+            .filter(|_| config.snapshots.is_none() || regs.layout.is_some()),
         regs: regs.layout.clone(),
         ..config
     };
     let mut probe = Probe::attach(tracefs, &config)?;
-    if let Some(choice) = probe.count_path() {
-        eprintln_status(&format!("counting exits through the {}", choice.describe()));
+    match (probe.count_path(), &config.raw_exit) {
+        (Some(choice), _) => {
+            eprintln_status(&format!("counting exits through the {}", choice.describe()));
+        }
+        (None, Some(_)) => eprintln_status("timing exits through the raw tracepoint kvm_exit"),
+        (None, None) => eprintln_status("timing exits through the classic tracepoint kvm:kvm_exit"),
     }
     let attach_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let started_at = Utc::now();

@@ -117,6 +117,10 @@ pub struct ProbeConfig {
     /// The count path, and how it reads exits: counts per VM and reason only, no
     /// time, no vCPU, no snapshots. `None`: the timing path.
     pub counts: Option<Choice>,
+    /// The timing path: read each exit from the vCPU at these offsets (a raw
+    /// tracepoint) instead of the `kvm:kvm_exit` record. Only where nothing needs the
+    /// record's other fields: no `--detail`, no `--rip`, no register learning.
+    pub raw_exit: Option<crate::exit_layout::Offsets>,
 }
 
 impl Default for ProbeConfig {
@@ -133,6 +137,7 @@ impl Default for ProbeConfig {
             max_overflow_rows: limits::MAX_OVERFLOW_ROWS,
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
             counts: None,
+            raw_exit: None,
         }
     }
 }

@@ -14,7 +14,8 @@ use crate::{exit_layout::Choice, tracefs::Tracefs};
 /// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
 /// so an exit is only timed once its entry program is attached, threads that exit from
 /// now on are forgotten, and child processes created from now on are followed.
-const PROGRAMS: [&str; 11] = [
+const PROGRAMS: [&str; 12] = [
+    "kvm_exit_raw",
     "kvm_exit_count",
     "kvm_exit_count_tp",
     "kvm_entry",
@@ -152,9 +153,12 @@ impl Setup {
                     | "kvm_msr"
                     | "kvm_page_fault"
             );
+            let raw_exit = config.raw_exit.is_some();
             let skip = match program {
                 "kvm_exit_count" => !raw,
                 "kvm_exit_count_tp" => counting.is_none() || raw,
+                "kvm_exit_raw" => counting.is_some() || !raw_exit,
+                "kvm_exit" => counting.is_some() || raw_exit,
                 _ => counting.is_some() && timing_only,
             };
             if skip {
@@ -191,7 +195,10 @@ fn attach(ebpf: &mut Ebpf, program: &str, tp: &Tracepoint) -> Result<(), ProbeEr
         program: program.to_owned(),
         source,
     };
-    let attached = if matches!(program, "kvm_entry" | "sched_switch" | "kvm_exit_count") {
+    let attached = if matches!(
+        program,
+        "kvm_entry" | "sched_switch" | "kvm_exit_count" | "kvm_exit_raw"
+    ) {
         // A raw tracepoint: it needs no field of the record.
         let raw: &mut RawTracePoint = prog.try_into().map_err(unusable)?;
         raw.load().map_err(|e| load_error(program, e))?;
@@ -248,8 +255,8 @@ fn exit_globals(
 fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     let leaves = config.snapshots;
     let offsets = match &config.counts {
-        Some(Choice::Raw { offsets, .. }) => Some(*offsets),
-        _ => None,
+        Some(choice) => choice.offsets(),
+        None => config.raw_exit,
     };
     // Possible CPUs, as the per-CPU maps hold them; one if that cannot be read (a
     // counter read then sums CPU 0 only, which reconcile would show as a difference).
@@ -263,6 +270,10 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (
             globals::SVM_VMCB_OFF,
             offsets.and_then(|o| o.svm_vmcb).unwrap_or(NO_FIELD),
+        ),
+        (
+            globals::VCPU_ID_OFF,
+            offsets.map_or(NO_FIELD, |o| o.vcpu_id),
         ),
         (globals::SNAPSHOTS, u32::from(leaves.is_some())),
         (
