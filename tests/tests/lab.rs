@@ -707,6 +707,49 @@ fn amd_counts_only_without_btf_uses_the_classic_tracepoint() {
     counts_only_is_exact("amd", "patched", "classic tracepoint kvm:kvm_exit (");
 }
 
+/// The timing path reads each exit from the vCPU too (a raw tracepoint) where the
+/// BTF shows the layout and nothing needs the record's other fields (no `--detail`,
+/// no `--rip`): every reason and every (vCPU, reason) equals the hist, and every exit
+/// but the VM's last is timed.
+fn timing_raw_exit_is_exact(isa: &'static str) {
+    let s = Scenario {
+        modules: "stock",
+        extra: &["--record-args", "--per-vcpu"],
+        tag: "timing-raw",
+        ..micro(isa)
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        assert_l2_ended(&dir);
+        assert_matches_hist(&dir);
+        assert_vcpus_sum(&dir, 1);
+        let rec = record(&dir);
+        let timed: u64 = rec.reasons.iter().map(|r| r.totals.timed).sum();
+        assert!(
+            timed + 1 >= rec.total.count && rec.total.count > 1000,
+            "{}: {timed} of {} timed",
+            dir.display(),
+            rec.total.count
+        );
+        let stderr = read(&dir.join("kvmtrace.stderr"));
+        assert!(
+            stderr.contains("timing exits through the raw tracepoint kvm_exit"),
+            "{}: {stderr}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn intel_timing_path_reads_the_exit_from_the_vcpu() {
+    timing_raw_exit_is_exact("intel");
+}
+
+#[test]
+fn amd_timing_path_reads_the_exit_from_the_vcpu() {
+    timing_raw_exit_is_exact("amd");
+}
+
 /// A million exits through the count path, and not one differs from the hist.
 #[test]
 fn amd_a_million_exits_on_the_count_path_match_the_hist() {

@@ -64,7 +64,7 @@ const CONFIGS: [(&str, &str); 14] = [
     ("kvmtrace-snapshots", "+ kvmtrace record --snapshots"),
     ("kvmtrace-detail", "+ kvmtrace record --detail"),
     ("perf", "+ perf kvm stat record"),
-    ("perf-big", "+ perf kvm stat record -m 128M (loses nothing)"),
+    ("perf-big", "+ perf kvm stat record -m 128M, throttling off"),
     ("hist", "+ hist trigger on kvm:kvm_exit"),
     ("bpftrace", "+ bpftrace: kvm:kvm_exit { @ = count() }"),
     ("patched", "patched kvm (counter leaves), untraced"),

@@ -64,7 +64,8 @@ fn add(snap: &mut Snapshot, phase: u32, pid: u32, exit: ExitKey, n: u64) -> Resu
 /// The cells of one slot summed over CPUs, as (exit, count) with count > 0.
 fn sum_cells(per_cpu: &PerCpuValues<Cells>) -> Result<Vec<(ExitKey, u64)>, ProbeError> {
     let mut out = Vec::new();
-    for cell in 0..count::CELLS {
+    // The total cell (kept with snapshots) is the sum of the others.
+    for cell in (0..count::CELLS).filter(|&c| c != count::TOTAL) {
         let n = sum_u64(per_cpu.iter().map(|c| c[cell as usize]), "exit count")?;
         if n > 0 {
             let exit = count::exit_of(cell).ok_or(ProbeError::CellWithoutReason(cell))?;
