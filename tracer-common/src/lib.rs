@@ -175,6 +175,7 @@ pub mod maps {
     pub const LATENCY_HIST: &str = "LATENCY_HIST";
     pub const LATENCY_CELLS: &str = "LATENCY_CELLS";
     pub const PENDING: &str = "PENDING";
+    pub const CPU_PENDING: &str = "CPU_PENDING";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const DROPS: &str = "DROPS";
     pub const VM_TOTALS: &str = "VM_TOTALS";

@@ -7,12 +7,14 @@
 //! This is the timing path. The count path (`--counts-only`, `top`, `export` without
 //! `--time`) is [`count_path`]: one program per exit, no clock and no hash lookup.
 //!
-//! Hash lookups, without `--snapshots`: an exit does one (its `VCPU_EXITS` row; the
-//! overflow row only when that map is full). An entry does one: the row, to add the
-//! time; the histogram bucket is an array cell (`LATENCY_CELLS`; the `LATENCY_HIST`
-//! hash only for a reason without a cell). Its pending exit is in a per-CPU slot, and
-//! a second lookup (`PENDING`) is needed only when the thread left the CPU in between.
-//! The pid filter (`-p`, `-- CMD`) adds one lookup per exit.
+//! Hash lookups, without `--snapshots`: an exit does none: it is parked in a per-CPU
+//! slot. Its entry does one: the exit's `VCPU_EXITS` row, which gets the count and the
+//! time together (the overflow row only when that map is full); the histogram bucket
+//! is an array cell (`LATENCY_CELLS`; the `LATENCY_HIST` hash only for a reason
+//! without a cell). A second lookup (`PENDING`) is needed only when the thread left
+//! the CPU in between. An exit whose entry never comes (the thread ends, or a parked
+//! exit is overwritten) is counted untimed then; user space adds the exits still
+//! parked at a snapshot. The pid filter (`-p`, `-- CMD`) adds one lookup per exit.
 //!
 //! Opt-in: `--detail` adds one lookup per exit (its detail row, keyed from the exit's
 //! own fields, or for MSR, CPUID and EPT/NPF exits by the `kvm_msr`, `kvm_cpuid` or
@@ -374,10 +376,7 @@ fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
     };
     let phase = PHASE.get(0).copied().unwrap_or(0);
     let row = PhaseVcpuKey::new(phase, &vcpu);
-    let one = ExitStats {
-        count: 1,
-        ..ExitStats::default()
-    };
+    let one = untimed_one();
     // Only snapshots and `--rip` need the RIP: assembled for them alone, from the
     // record (the raw program runs only where neither needs it: 0).
     let guest_rip = || {
@@ -394,16 +393,8 @@ fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
     if global(&RIPS) != 0 {
         count_rip(&row, guest_rip());
     }
-    // A full map is counted, not logged: a log line per exit would flood the host.
-    if !add_stats(&VCPU_EXITS, &row, &one) {
-        count_drop(drop_kind::VCPU_MAP_FULL);
-        let overflow = PhaseExitKey { phase, exit };
-        if !add_stats(&OVERFLOW_EXITS, &overflow, &one) {
-            count_drop(drop_kind::EXIT_MAP_FULL);
-        }
-        // Not timed: its row does not exist to add the time to.
-        return;
-    }
+    // The exit is counted at its entry, with its time (one hash lookup there, none
+    // here); until then it is parked, and user space counts parked exits too.
     let (detail, awaiting) = match ex.fields {
         Some(fields) if global(&DETAIL) != 0 => exit_detail(fields, &exit, &row),
         _ => (DetailKey::default(), 0),
@@ -416,6 +407,7 @@ fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
             // the CPU (sched_switch empties the slot) or re-entered (kvm_entry does).
             if (*slot).start_ns != 0 {
                 count_drop(drop_kind::PENDING_LOST);
+                count_row(&(*slot).row, &one);
             }
             (*slot).start_ns = now;
             (*slot).tid = tid;
@@ -426,6 +418,24 @@ fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
                 (*slot).detail = detail;
             }
         }
+    }
+}
+
+/// Adds `stats` to the exit's per-vCPU row, or, when that map is full, to its
+/// reason's overflow row. A full map is counted, not logged: a log line per exit
+/// would flood the host.
+#[inline(always)]
+fn count_row(row: &PhaseVcpuKey, stats: &ExitStats) {
+    if add_stats(&VCPU_EXITS, row, stats) {
+        return;
+    }
+    count_drop(drop_kind::VCPU_MAP_FULL);
+    let overflow = PhaseExitKey {
+        phase: row.phase(),
+        exit: row.exit(),
+    };
+    if !add_stats(&OVERFLOW_EXITS, &overflow, stats) {
+        count_drop(drop_kind::EXIT_MAP_FULL);
     }
 }
 
@@ -825,9 +835,20 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
         .insert(pending.tid, pending, u64::from(BPF_ANY))
         .is_err()
     {
+        // Its time is lost, not the exit.
         count_drop(drop_kind::PENDING_MAP_FULL);
+        count_row(&pending.row, &untimed_one());
     }
     0
+}
+
+/// One exit, without its time.
+#[inline(always)]
+fn untimed_one() -> ExitStats {
+    ExitStats {
+        count: 1,
+        ..ExitStats::default()
+    }
 }
 
 #[raw_tracepoint(tracepoint = "kvm_entry")]
@@ -865,14 +886,14 @@ fn try_kvm_entry() {
     // SAFETY: a helper with no arguments.
     let elapsed = unsafe { bpf_ktime_get_ns() }.saturating_sub(start_ns);
     let timed = ExitStats {
-        count: 0,
+        count: 1,
         timed: 1,
         time_ns: elapsed,
         max_ns: elapsed,
     };
-    // The row exists: its exit created it.
-    add_stats(&VCPU_EXITS, &row, &timed);
+    count_row(&row, &timed);
     if detail.kind != 0 {
+        let timed = ExitStats { count: 0, ..timed };
         // Exists too: its exit (or the tracepoint that gave its sub-key) created it.
         add_stats(&DETAIL_EXITS, &detail, &timed);
     }
@@ -1108,13 +1129,19 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.
         unsafe {
-            if (*slot).tid == tid {
+            if (*slot).tid == tid && (*slot).start_ns != 0 {
                 (*slot).start_ns = 0;
+                count_row(&(*slot).row, &untimed_one());
             }
         }
     }
-    // Fails (ENOENT) for every thread that never had an exit pending: nothing to do.
-    let _ = PENDING.remove(tid);
+    // SAFETY: the entry is copied out; the thread is exiting, nothing else writes it.
+    if let Some(pending) = unsafe { PENDING.get(tid) }.copied() {
+        if pending.start_ns != 0 && pending.row.pid == tgid {
+            count_row(&pending.row, &untimed_one());
+        }
+        let _ = PENDING.remove(tid);
+    }
     let gone = process_gone(&ctx, tid, tgid);
     if global(&SNAPSHOTS) != 0 {
         let _ = VCPU_OF.remove(tid);

@@ -10,8 +10,8 @@ use aya::{
 };
 use thiserror::Error;
 use tracer_common::{
-    CpuidEvent, DetailKey, ExitKey, ExitStats, HistKey, PhaseExitKey, PhaseVcpuKey, RegsSample,
-    RipKey, drop_kind, limits, maps, regs_slot,
+    CpuidEvent, DetailKey, ExitKey, ExitStats, HistKey, PendingExit, PhaseExitKey, PhaseVcpuKey,
+    RegsSample, RipKey, drop_kind, limits, maps, regs_slot,
 };
 
 use kvmtrace_model::{
@@ -465,6 +465,35 @@ impl Probe {
             let stats = sum_stats(per_cpu.iter())?;
             snap.add_vcpu(key.vcpu(), stats)?;
             snap.add_exits(key.phase(), key.exit(), stats)?;
+        }
+        // Exits still waiting for their entry (counted there): parked per CPU, or per
+        // thread once the thread left its CPU.
+        if self.count_path().is_none() {
+            let one = ExitStats {
+                count: 1,
+                ..ExitStats::default()
+            };
+            let mut parked = Vec::new();
+            let slots: PerCpuArray<&MapData, PendingExit> =
+                PerCpuArray::try_from(map(maps::CPU_PENDING)?).map_err(map_err(maps::CPU_PENDING))?;
+            let per_cpu = slots.get(&0, 0).map_err(map_err(maps::CPU_PENDING))?;
+            parked.extend(per_cpu.iter().filter(|p| p.start_ns != 0).map(|p| p.row));
+            let threads: HashMap<&MapData, u32, PendingExit> =
+                HashMap::try_from(map(maps::PENDING)?).map_err(map_err(maps::PENDING))?;
+            // The eBPF side deletes entries while we walk: a bounded walk.
+            let walk = 2 * limits::MAX_PENDING as usize;
+            parked.extend(
+                threads
+                    .iter()
+                    .take(walk)
+                    .map_while(Result::ok)
+                    .filter(|(_, p)| p.start_ns != 0)
+                    .map(|(_, p)| p.row),
+            );
+            for row in parked {
+                snap.add_vcpu(row.vcpu(), one)?;
+                snap.add_exits(row.phase(), row.exit(), one)?;
+            }
         }
         let overflow: PerCpuHashMap<&MapData, PhaseExitKey, ExitStats> =
             PerCpuHashMap::try_from(map(maps::OVERFLOW_EXITS)?)
