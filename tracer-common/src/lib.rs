@@ -699,7 +699,7 @@ pub mod count {
             if raw < SVM_CODES {
                 return SVM_BASE + raw;
             }
-            if raw >= SVM_HIGH_FIRST && raw < SVM_HIGH_FIRST + SVM_HIGH {
+            if (SVM_HIGH_FIRST..SVM_HIGH_FIRST + SVM_HIGH).contains(&raw) {
                 return SVM_HIGH_BASE + raw - SVM_HIGH_FIRST;
             }
             if raw == u32::MAX {

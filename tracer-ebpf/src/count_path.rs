@@ -234,7 +234,7 @@ fn vm_slot() -> Option<u32> {
 #[inline(always)]
 fn take_slot(key: u64) -> u32 {
     // SAFETY: the value is copied out.
-    if let Some(&slot) = unsafe { VM_SLOTS.get(&key) } {
+    if let Some(&slot) = unsafe { VM_SLOTS.get(key) } {
         return slot;
     }
     for i in 1..count::MAX_VMS {
@@ -244,16 +244,16 @@ fn take_slot(key: u64) -> u32 {
         // SAFETY: a write to a local.
         unsafe { core::ptr::write_volatile(&mut slot, i) };
         if SLOT_OWNERS
-            .insert(&slot, &key, u64::from(BPF_NOEXIST))
+            .insert(slot, key, u64::from(BPF_NOEXIST))
             .is_ok()
         {
-            if VM_SLOTS.insert(&key, &slot, u64::from(BPF_NOEXIST)).is_ok() {
+            if VM_SLOTS.insert(key, slot, u64::from(BPF_NOEXIST)).is_ok() {
                 return i;
             }
             // Another vCPU thread of this VM took a slot first: give this one back.
-            let _ = SLOT_OWNERS.remove(&slot);
+            let _ = SLOT_OWNERS.remove(slot);
             // SAFETY: the value is copied out.
-            return unsafe { VM_SLOTS.get(&key) }.copied().unwrap_or(0);
+            return unsafe { VM_SLOTS.get(key) }.copied().unwrap_or(0);
         }
     }
     0
@@ -265,7 +265,7 @@ fn take_slot(key: u64) -> u32 {
 pub fn vm_counts(pid: u32, exit_isa: u32, reason: u32) -> (u64, u64, u64) {
     let phase = PHASE.get(0).copied().unwrap_or(0);
     // SAFETY: the value is copied out.
-    let slot = unsafe { VM_SLOTS.get(&count::slot_key(phase, pid)) }.copied();
+    let slot = unsafe { VM_SLOTS.get(count::slot_key(phase, pid)) }.copied();
     let cell = count::dense_index(exit_isa, reason);
     let overflow = PhaseVcpuKey::new(
         phase,
@@ -334,7 +334,7 @@ pub fn vm_counts(pid: u32, exit_isa: u32, reason: u32) -> (u64, u64, u64) {
 pub fn vm_ended(tgid: u32) {
     let key = count::slot_key(PHASE.get(0).copied().unwrap_or(0), tgid);
     // SAFETY: the value is copied out.
-    let Some(&slot) = (unsafe { VM_SLOTS.get(&key) }) else {
+    let Some(&slot) = (unsafe { VM_SLOTS.get(key) }) else {
         return;
     };
     if global(&SNAPSHOTS) != 0 {
@@ -346,7 +346,7 @@ pub fn vm_ended(tgid: u32) {
         // SAFETY: a live map value; only the VM's end writes 1 here.
         unsafe { *ended = 1 };
     }
-    let _ = VM_SLOTS.remove(&key);
+    let _ = VM_SLOTS.remove(key);
     if let Some(epoch) = COUNT_EPOCH.get_ptr_mut(0) {
         // SAFETY: a live map value other CPUs may bump too.
         unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(epoch, 1) };

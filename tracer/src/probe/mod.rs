@@ -475,7 +475,8 @@ impl Probe {
             };
             let mut parked = Vec::new();
             let slots: PerCpuArray<&MapData, PendingExit> =
-                PerCpuArray::try_from(map(maps::CPU_PENDING)?).map_err(map_err(maps::CPU_PENDING))?;
+                PerCpuArray::try_from(map(maps::CPU_PENDING)?)
+                    .map_err(map_err(maps::CPU_PENDING))?;
             let per_cpu = slots.get(&0, 0).map_err(map_err(maps::CPU_PENDING))?;
             parked.extend(per_cpu.iter().filter(|p| p.start_ns != 0).map(|p| p.row));
             let threads: HashMap<&MapData, u32, PendingExit> =
