@@ -59,7 +59,12 @@ fn reason_cells(
         name.to_owned(),
         t.count.to_string(),
         percent(t.count, all),
-        human_ns(t.time_ns),
+        // Nothing timed (the count path): no time to show, not 0 ns.
+        if t.timed == 0 {
+            "-".to_owned()
+        } else {
+            human_ns(t.time_ns)
+        },
         or_dash(t.mean_ns()),
         or_dash(quantiles.0),
         or_dash(quantiles.1),
