@@ -84,9 +84,8 @@ fn read(btf_dir: &Path) -> Result<Choice, String> {
             return Err(format!("{} has no BTF", file.display()));
         }
     }
-    let base_file = btf_dir.join("vmlinux");
     let open_err = |f: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", f.display());
-    let base = btf_rs::Btf::from_file(&base_file).map_err(|e| open_err(&base_file, &e))?;
+    let base = crate::btf_base::open(btf_dir)?;
     let kvm =
         btf_rs::Btf::from_split_file(&kvm_file, &base).map_err(|e| open_err(&kvm_file, &e))?;
     check_prototype(&kvm)?;

@@ -5,6 +5,7 @@
 //! (plain data) → the report, diff, reconcile and renderers of `kvmtrace_model`, which
 //! are pure and tested without a kernel. Nothing here imports from further down.
 
+pub mod btf_base;
 pub mod cpu;
 pub mod exit_layout;
 pub mod host;

@@ -66,7 +66,7 @@ pub fn from_btf(btf_dir: &Path) -> Result<Option<Layout>, Error> {
         reason: e.to_string(),
     };
     let base_path = btf_dir.join("vmlinux");
-    let base = btf_rs::Btf::from_file(&base_path).map_err(|e| err(&base_path, &e))?;
+    let base = crate::btf_base::open(btf_dir).map_err(|e| err(&base_path, &e))?;
     let btf = btf_rs::Btf::from_split_file(&module, &base).map_err(|e| err(&module, &e))?;
     let arch = member_offset(&btf, "kvm_vcpu", "arch")?;
     let regs = member_offset(&btf, "kvm_vcpu_arch", "regs")?;
