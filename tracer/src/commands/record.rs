@@ -178,18 +178,18 @@ fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result
         ..config
     };
     let mut probe = Probe::attach(tracefs, &config)?;
-    match (probe.count_path(), &config.raw_exit) {
-        (Some(choice), _) => {
-            eprintln_status(&format!("counting exits through the {}", choice.describe()));
-        }
-        (None, Some(_)) => eprintln_status("timing exits through the raw tracepoint kvm_exit"),
-        (None, None) => eprintln_status("timing exits through the classic tracepoint kvm:kvm_exit"),
-    }
+    // Said after the line that the record is on, so that a failure before it (a
+    // command that cannot run) stays one line.
+    let source = match (probe.count_path(), &config.raw_exit) {
+        (Some(choice), _) => format!("counting exits through the {}", choice.describe()),
+        (None, Some(_)) => "timing exits through the raw tracepoint kvm_exit".to_owned(),
+        (None, None) => "timing exits through the classic tracepoint kvm:kvm_exit".to_owned(),
+    };
     let attach_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let started_at = Utc::now();
     let paging = host::paging();
     let mut phases = Phases::new(&probe, paging.clone(), started_at)?;
-    let mut waited = wait(args, &mut probe, &mut regs, &mut phases)?;
+    let mut waited = wait(args, &mut probe, &mut regs, &mut phases, &source)?;
     if regs.learning() {
         regs.learn(&mut probe)?;
     }
@@ -249,6 +249,7 @@ fn wait(
     probe: &mut Probe,
     regs: &mut Registers,
     phases: &mut Phases,
+    source: &str,
 ) -> anyhow::Result<Waited> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -285,6 +286,7 @@ fn wait(
             (None, Some(d)) => format!("recording VM exits for {:.1} s", d.as_secs_f64()),
             (None, None) => "recording VM exits; press Ctrl-C to stop".to_owned(),
         });
+        eprintln_status(source);
         let ending = wait_for_end(&mut signals, child.as_mut(), args.duration);
         tokio::pin!(ending);
         let mut drain = tokio::time::interval(CPUID_DRAIN);
