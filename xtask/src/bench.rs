@@ -164,30 +164,31 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
 /// perf, installed on the host (`linux-perf`), with the libraries it loads.
 pub fn perf_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    let s = Step::start("perf");
-    crate::apt::install(&["linux-perf"])?;
-    let perf = PathBuf::from("/usr/bin/perf");
-    let perf_libs = assets::shared_libraries(&perf)?;
-    s.done(format!(
-        "{} ({} libraries)",
-        crate::exec::output(Command::new(&perf).arg("version"))?.trim(),
-        perf_libs.len()
-    ));
-    Ok((perf, perf_libs))
+    host_tool("perf", "linux-perf", "version")
 }
 
 /// Debian's bpftrace, installed on the host (`bpftrace`), with the libraries it loads.
 pub fn bpftrace_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    let s = Step::start("bpftrace");
-    crate::apt::install(&["bpftrace"])?;
-    let bpftrace = PathBuf::from("/usr/bin/bpftrace");
-    let libs = assets::shared_libraries(&bpftrace)?;
+    host_tool("bpftrace", "bpftrace", "--version")
+}
+
+/// `/usr/bin/NAME` from Debian package `package`, installed on the host, with the
+/// libraries it loads; the step line shows what `NAME VERSION_ARG` prints.
+fn host_tool(
+    name: &str,
+    package: &str,
+    version_arg: &str,
+) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let s = Step::start(name);
+    crate::apt::install(&[package])?;
+    let binary = PathBuf::from("/usr/bin").join(name);
+    let libs = assets::shared_libraries(&binary)?;
     s.done(format!(
         "{} ({} libraries)",
-        crate::exec::output(Command::new(&bpftrace).arg("--version"))?.trim(),
+        crate::exec::output(Command::new(&binary).arg(version_arg))?.trim(),
         libs.len()
     ));
-    Ok((bpftrace, libs))
+    Ok((binary, libs))
 }
 
 /// The programs the bench carries into L1, each with the libraries it loads.
