@@ -15,6 +15,7 @@ pub mod diff;
 pub mod exit_reasons;
 pub mod guest;
 pub mod kernel_hist;
+pub mod kernel_trace;
 pub mod latency;
 pub mod leaves;
 pub mod metrics;

@@ -34,14 +34,19 @@ pub struct Scenario {
     pub extra: &'static [&'static str],
     /// Names the scenario's results directory when `extra` is not empty.
     pub tag: &'static str,
+    /// L1's kernel line (`--kernel`): `5.10`, `6.1` or `6.12`.
+    pub kernel: &'static str,
 }
 
 impl Scenario {
     pub fn name(&self) -> String {
-        let name = format!(
+        let mut name = format!(
             "{}-{}-smp{}-vms{}-{}",
             self.isa, self.workload, self.smp, self.vms, self.modules
         );
+        if self.kernel != "6.1" {
+            name = format!("{name}-linux{}", self.kernel);
+        }
         if self.tag.is_empty() {
             name
         } else {
@@ -75,7 +80,7 @@ pub fn lab(s: Scenario) -> PathBuf {
     cmd.current_dir(&root)
         .args(["xtask", "lab", "--isa", s.isa, "--workload", s.workload])
         .args(["--smp", &s.smp.to_string(), "--modules", s.modules])
-        .args(["--vms", &s.vms.to_string()])
+        .args(["--vms", &s.vms.to_string(), "--kernel", s.kernel])
         .args(s.extra)
         .args(["--kvmtrace", "required", "--out"])
         .arg(&out);
@@ -123,10 +128,30 @@ pub fn l2_ended(dir: &Path) -> bool {
 
 /// The kernel's `hist:keys=isa,exit_reason` output, split like kvmtrace splits reasons
 /// (VMX: basic reason and failed-entry bit).
+/// Where the kernel has no hist triggers (5.10), the trace buffer's counts instead
+/// (`trace-counts.txt`, mapped through `kvm_exit-format.txt`).
 pub fn hist(dir: &Path) -> BTreeMap<ExitKey, u64> {
     let path = dir.join("hist.txt");
-    let hist =
-        KernelHist::parse(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let hist = if path.is_file() {
+        KernelHist::parse(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    } else {
+        let counts = dir.join("trace-counts.txt");
+        // Mode directories are named for the paging: ept (VMX) or npt (SVM).
+        let vmx = dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ept"));
+        let exit_isa = if vmx {
+            tracer_common::isa::VMX
+        } else {
+            tracer_common::isa::SVM
+        };
+        kvmtrace_model::kernel_trace::parse(
+            &read(&dir.join("kvm_exit-format.txt")),
+            &read(&counts),
+            exit_isa,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", counts.display()))
+    };
     assert!(
         !hist.by_reason.is_empty(),
         "{} has no hist lines",

@@ -164,6 +164,9 @@ pub mod globals {
     pub const VCPU_ID_OFF: &str = "VCPU_ID_OFF";
     /// Possible CPUs, for the sums of a counter read.
     pub const NR_CPUS: &str = "NR_CPUS";
+    /// 1 when a counter read sums per-CPU cells in the kernel (5.19+); 0: every
+    /// exit also adds to shared cells, which the read takes.
+    pub const SUM_PER_CPU: &str = "SUM_PER_CPU";
     /// Offset of `fault_address` in `kvm:kvm_page_fault`.
     pub const PF_ADDRESS_OFF: &str = "PF_ADDRESS_OFF";
 }
@@ -192,6 +195,8 @@ pub mod maps {
     pub const RIP_EXITS: &str = "RIP_EXITS";
     pub const COUNTS: &str = "COUNTS";
     pub const COUNT_OVERFLOW: &str = "COUNT_OVERFLOW";
+    pub const SHARED_CELLS: &str = "SHARED_CELLS";
+    pub const SHARED_ALL: &str = "SHARED_ALL";
     pub const VM_SLOTS: &str = "VM_SLOTS";
     pub const SLOT_OWNERS: &str = "SLOT_OWNERS";
     pub const COUNT_EPOCH: &str = "COUNT_EPOCH";

@@ -13,14 +13,16 @@
 //! The same cells serve the timing path's snapshots (`--snapshots`): each exit adds
 //! to them, and to the VM's total cell and this CPU's all-VMs count, without a hash
 //! lookup or a shared atomic; a guest counter read sums them over CPUs
-//! ([`vm_counts`]). Otherwise a VM's cells are summed in user space.
+//! ([`vm_counts`]). Otherwise a VM's cells are summed in user space. Kernels before
+//! 5.19 have no helper to read another CPU's value: there (`SUM_PER_CPU` = 0) each
+//! exit also adds to the VM's shared cells, atomically, and a read takes those.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     cty::c_void,
     helpers::{bpf_get_current_pid_tgid, bpf_map_lookup_percpu_elem, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use core::intrinsics::AtomicOrdering;
@@ -46,6 +48,12 @@ static VCPU_ID_OFF: u32 = NO_FIELD;
 /// Possible CPUs: a counter read sums the per-CPU cells of CPUs `0..NR_CPUS`.
 #[unsafe(no_mangle)]
 static NR_CPUS: u32 = 1;
+/// 1 when the kernel has `bpf_map_lookup_percpu_elem` (5.19+): a counter read sums
+/// the per-CPU cells. 0: it reads `SHARED_CELLS`, which each exit also adds to. The
+/// loader sets it, and the verifier drops the branch not taken (read-only data), so
+/// an older kernel never sees the helper.
+#[unsafe(no_mangle)]
+static SUM_PER_CPU: u32 = 1;
 
 /// `struct vmcb_control_area.exit_code`: fixed by the hardware (AMD APM vol. 2,
 /// appendix B), at the start of the VMCB. The loader checks the BTF agrees.
@@ -55,11 +63,19 @@ const VMCB_EXIT_CODE: u64 = 0x70;
 #[map]
 pub static COUNTS: PerCpuArray<[u64; count::CELLS as usize]> =
     PerCpuArray::with_max_entries(count::MAX_VMS, 0);
-/// Exits whose reason has no cell, per (phase, VM, reason); `vcpu_id` is
-/// `ALL_VCPUS`.
+/// Per VM slot, shared by all CPUs, only with snapshots where `SUM_PER_CPU` is 0:
+/// the same cells as `COUNTS`, added to atomically.
 #[map]
-static COUNT_OVERFLOW: PerCpuHashMap<PhaseVcpuKey, u64> =
-    PerCpuHashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
+static SHARED_CELLS: Array<[u64; count::CELLS as usize]> =
+    Array::with_max_entries(count::MAX_VMS, 0);
+/// Slot 0, as `SHARED_CELLS`: every traced VM's exits.
+#[map]
+static SHARED_ALL: Array<u64> = Array::with_max_entries(1, 0);
+/// Exits whose reason has no cell (rare), per (phase, VM, reason), added to
+/// atomically; `vcpu_id` is `ALL_VCPUS`.
+#[map]
+static COUNT_OVERFLOW: HashMap<PhaseVcpuKey, u64> =
+    HashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
 /// (phase, tgid) -> its slot, while the VM runs.
 #[map]
 static VM_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(count::MAX_VMS, 0);
@@ -151,9 +167,39 @@ pub fn kvm_exit_count_tp(ctx: TracePointContext) -> u32 {
 pub fn count_for_snapshots(exit_isa: u32, raw: u32) {
     let Some(slot) = vm_slot() else { return };
     add(slot, exit_isa, raw);
-    if let Some(all) = ALL_EXITS.get_ptr_mut(0) {
+    if global(&SUM_PER_CPU) == 0 {
+        if let Some(all) = SHARED_ALL.get_ptr_mut(0) {
+            // SAFETY: a live map value other CPUs add to.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(all, 1)
+            };
+        }
+    } else if let Some(all) = ALL_EXITS.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, no other writer.
         unsafe { *all += 1 };
+    }
+}
+
+/// Where `SUM_PER_CPU` is 0, with snapshots: adds the exit to the slot's shared
+/// total cell and reason cell.
+#[inline(always)]
+fn add_shared(slot: u32, cell: u32) {
+    let Some(cells) = SHARED_CELLS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: a live map value other CPUs add to; the index is masked as in `add`.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &mut (*cells)[count::TOTAL as usize],
+            1,
+        );
+        if cell < count::CELLS {
+            let i = core::ptr::read_volatile(&cell) & (count::CELLS - 1);
+            core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &mut (*cells)[i as usize],
+                1,
+            );
+        }
     }
 }
 
@@ -165,6 +211,9 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
     }
     let cell = count::dense_index(exit_isa, raw);
     let snapshots = global(&SNAPSHOTS) != 0;
+    if snapshots && global(&SUM_PER_CPU) == 0 {
+        add_shared(slot, cell);
+    }
     if let Some(cells) = COUNTS.get_ptr_mut(slot) {
         // SAFETY: this CPU's value; a tracing program runs with migration off and
         // is this CPU's only writer of it. The index is masked after a volatile
@@ -191,12 +240,21 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
         exit: ExitKey::from_raw(exit_isa, raw),
     };
     let key = PhaseVcpuKey::new(phase, &vcpu);
-    if let Some(n) = COUNT_OVERFLOW.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of the entry.
-        unsafe { *n += 1 };
-    } else if COUNT_OVERFLOW.insert(key, 1, 0).is_err() {
-        count_drop(drop_kind::EXIT_MAP_FULL);
+    for _ in 0..2 {
+        if let Some(n) = COUNT_OVERFLOW.get_ptr_mut(key) {
+            // SAFETY: a live map value other CPUs may add to.
+            unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
+            return;
+        }
+        // Another CPU may insert the key between the lookup and here: then add.
+        if COUNT_OVERFLOW
+            .insert(key, 1, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return;
+        }
     }
+    count_drop(drop_kind::EXIT_MAP_FULL);
 }
 
 /// The current VM's slot; `None` when the pid filter does not trace it.
@@ -275,7 +333,14 @@ pub fn vm_counts(pid: u32, exit_isa: u32, reason: u32) -> (u64, u64, u64) {
             exit: ExitKey::from_raw(exit_isa, reason),
         },
     );
-    let (mut of_reason, mut total, mut all) = (0u64, 0u64, 0u64);
+    // SAFETY: the value is copied out.
+    let mut of_reason = unsafe { COUNT_OVERFLOW.get(overflow) }
+        .copied()
+        .unwrap_or(0);
+    if global(&SUM_PER_CPU) == 0 {
+        return shared_counts(slot, cell, of_reason);
+    }
+    let (mut total, mut all) = (0u64, 0u64);
     let nr_cpus = global(&NR_CPUS);
     let zero = 0u32;
     for cpu in 0..count::MAX_CPUS {
@@ -300,19 +365,6 @@ pub fn vm_counts(pid: u32, exit_isa: u32, reason: u32) -> (u64, u64, u64) {
                     }
                 }
             }
-            if cell >= count::CELLS {
-                let n = bpf_map_lookup_percpu_elem(
-                    core::ptr::addr_of!(COUNT_OVERFLOW)
-                        .cast_mut()
-                        .cast::<c_void>(),
-                    core::ptr::from_ref(&overflow).cast::<c_void>(),
-                    cpu,
-                )
-                .cast::<u64>();
-                if !n.is_null() {
-                    of_reason += *n;
-                }
-            }
             let n = bpf_map_lookup_percpu_elem(
                 core::ptr::addr_of!(ALL_EXITS).cast_mut().cast::<c_void>(),
                 core::ptr::from_ref(&zero).cast::<c_void>(),
@@ -325,6 +377,23 @@ pub fn vm_counts(pid: u32, exit_isa: u32, reason: u32) -> (u64, u64, u64) {
         }
     }
     (of_reason, total, all)
+}
+
+/// [`vm_counts`] where `SUM_PER_CPU` is 0: the shared cells.
+#[inline(always)]
+fn shared_counts(slot: Option<u32>, cell: u32, overflow: u64) -> (u64, u64, u64) {
+    let all = SHARED_ALL.get(0).copied().unwrap_or(0);
+    let Some(cells) = slot.and_then(|s| SHARED_CELLS.get(s)) else {
+        return (overflow, 0, all);
+    };
+    let of_reason = if cell < count::CELLS {
+        // SAFETY: a volatile read of a local, masked as in `add`.
+        let i = unsafe { core::ptr::read_volatile(&cell) } & (count::CELLS - 1);
+        cells[i as usize]
+    } else {
+        overflow
+    };
+    (of_reason, cells[count::TOTAL as usize], all)
 }
 
 /// A process has ended: if it was a VM with a slot, the slot's cells are final. Its

@@ -305,6 +305,12 @@ pub struct RecordArgs {
     #[arg(long, hide = true)]
     pub classic_tracepoint: bool,
 
+    /// With --snapshots: keep each VM's counts for the reads in cells shared by all
+    /// CPUs, as on kernels before 5.19, even where per-CPU cells would do (to test
+    /// that path here).
+    #[arg(long, hide = true, requires = "snapshots")]
+    pub shared_cells: bool,
+
     /// Count exits per guest instruction pointer and show the N RIPs with the most
     /// exits per reason (name them with --guest-symbols).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000),

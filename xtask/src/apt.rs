@@ -4,14 +4,23 @@
 //!
 //! Package lists that are missing or older than the mirror show up as a lookup that
 //! finds nothing, an install that fails or a download that 404s. Each of those
-//! refreshes the lists (`apt-get update`, at most once per xtask run) and tries once
-//! more. `APT_CONFIG` is honoured, so a private apt configuration (e.g. an empty lists
-//! directory) applies to every call.
+//! refreshes the lists (`apt-get update`, at most once per xtask run and apt
+//! configuration) and tries once more. `APT_CONFIG` is honoured, so a private apt
+//! configuration (e.g. an empty lists directory) applies to every call on the host's
+//! sources.
+//!
+//! Packages of another Debian release (bullseye's 5.10 kernel) are looked up and
+//! downloaded through an [`Apt`] of its own ([`Apt::bullseye`]): a private apt
+//! configuration under `target/apt/`, with its own sources, lists, cache and an empty
+//! dpkg status, passed as `APT_CONFIG` to those calls only. The machine's apt sources
+//! are never changed, and nothing is ever installed from such a configuration.
+
+mod private;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
@@ -21,24 +30,176 @@ use crate::{exec::output, process::run_bounded};
 
 /// The longest an apt or dpkg call may take.
 const APT_TIME: Duration = Duration::from_secs(900);
-/// Whether this run refreshed the package lists already.
-static UPDATED: AtomicBool = AtomicBool::new(false);
+/// The apt configurations whose lists this run refreshed already (`None`: the host's).
+static REFRESHED: Mutex<Vec<Option<PathBuf>>> = Mutex::new(Vec::new());
 
-fn apt_get() -> Command {
-    let mut cmd = Command::new("apt-get");
-    cmd.env("DEBIAN_FRONTEND", "noninteractive");
-    cmd
+/// Where packages are looked up and downloaded from: the host's apt sources, or a
+/// private apt configuration for another Debian release. Only the host's can install.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Apt {
+    /// The private configuration file (`APT_CONFIG`), or `None` for the host's.
+    config: Option<PathBuf>,
 }
 
-/// Runs `apt-get update` unless this run did already; whether it ran.
-fn refresh(why: &str) -> anyhow::Result<bool> {
-    if UPDATED.swap(true, Ordering::SeqCst) {
-        return Ok(false);
+impl Apt {
+    /// The machine's own apt sources (and `$APT_CONFIG`, when set).
+    pub fn host() -> Self {
+        Self { config: None }
     }
-    eprintln!("apt: {why}: refreshing the package lists (apt-get update)");
-    run_bounded(apt_get().args(["update", "-qq"]), APT_TIME)
-        .context("apt-get update failed: check the network and the apt sources")?;
-    Ok(true)
+
+    /// Whether this is the host's apt configuration.
+    pub fn is_host(&self) -> bool {
+        self.config.is_none()
+    }
+
+    /// Where the packages come from, for messages: `the host's apt sources` or the
+    /// private configuration file.
+    pub fn describe(&self) -> String {
+        match &self.config {
+            None => "the host's apt sources".to_owned(),
+            Some(conf) => format!("the private apt configuration {}", conf.display()),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        if let Some(conf) = &self.config {
+            cmd.env("APT_CONFIG", conf);
+        }
+        cmd
+    }
+
+    fn apt_get(&self) -> Command {
+        self.command("apt-get")
+    }
+
+    fn refreshed(&self) -> bool {
+        REFRESHED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&self.config)
+    }
+
+    /// Runs `apt-get update` unless this run did already for this configuration;
+    /// whether it ran.
+    fn refresh(&self, why: &str) -> anyhow::Result<bool> {
+        {
+            let mut done = REFRESHED.lock().unwrap_or_else(PoisonError::into_inner);
+            if done.contains(&self.config) {
+                return Ok(false);
+            }
+            done.push(self.config.clone());
+        }
+        eprintln!(
+            "apt: {why}: refreshing the package lists (apt-get update{})",
+            match &self.config {
+                None => String::new(),
+                Some(conf) => format!(" with APT_CONFIG={}", conf.display()),
+            }
+        );
+        run_bounded(self.apt_get().args(["update", "-qq"]), APT_TIME).with_context(|| {
+            format!(
+                "apt-get update failed: check the network and {}",
+                self.describe()
+            )
+        })?;
+        Ok(true)
+    }
+
+    /// `attempt`, and once more after refreshing the package lists if it failed.
+    fn retry_after_refresh<T>(&self, attempt: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        match attempt() {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if self.refresh(&last_line(&e))? {
+                    attempt()
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// `prepare`, and once more after refreshing the package lists if it failed and
+    /// the lists had not been refreshed before it began. For a whole sequence of
+    /// look-ups and downloads: a stale list names a package version the mirror no
+    /// longer has, so after the refresh the look-ups must be made again, not only the
+    /// download.
+    pub fn with_fresh_lists<T>(
+        &self,
+        prepare: impl Fn() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let fresh_before = self.refreshed();
+        match prepare() {
+            Ok(v) => Ok(v),
+            Err(e) if fresh_before => Err(e),
+            Err(e) => {
+                self.refresh(&last_line(&e))?;
+                prepare()
+            }
+        }
+    }
+
+    /// The output of `apt-cache ARGS`, run again after a refresh when `found` says it
+    /// holds nothing useful (e.g. no package lists yet).
+    pub fn cache<T>(&self, args: &[&str], found: impl Fn(&str) -> Option<T>) -> anyhow::Result<T> {
+        let show = match &self.config {
+            None => format!("apt-cache {}", args.join(" ")),
+            Some(conf) => format!("APT_CONFIG={} apt-cache {}", conf.display(), args.join(" ")),
+        };
+        self.retry_after_refresh(|| {
+            let text = output(self.command("apt-cache").args(args))?;
+            found(&text).with_context(|| format!("`{show}` does not have it"))
+        })
+    }
+
+    /// The `.deb` for `spec` (`name`, `name=version` or `name/release`) in `debs`,
+    /// downloaded unless a file of the same name and size is already there.
+    pub fn download(&self, debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(debs)
+            .with_context(|| format!("cannot create {}", debs.display()))?;
+        self.retry_after_refresh(|| self.fetch(debs, spec))
+    }
+
+    /// The `Candidate:` version of `pkg` in `apt-cache policy` output.
+    pub fn candidate(&self, pkg: &str) -> anyhow::Result<String> {
+        self.cache(&["policy", pkg], |text| parse_candidate(text, pkg))
+    }
+
+    fn fetch(&self, debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
+        let uris = output(self.apt_get().args(["download", "--print-uris", spec]))?;
+        // 'http://…/foo_1.2_amd64.deb' foo_1.2_amd64.deb 12345 SHA256:…
+        let mut fields = uris
+            .lines()
+            .find(|l| l.starts_with('\''))
+            .with_context(|| format!("apt-get download --print-uris {spec} printed no URI"))?
+            .split_whitespace()
+            .skip(1);
+        let (Some(file), Some(size)) = (fields.next(), fields.next()) else {
+            bail!("cannot parse apt-get --print-uris output for {spec}: {uris}");
+        };
+        let path = debs.join(file);
+        let have = std::fs::metadata(&path).map(|m| m.len().to_string()).ok();
+        if have.as_deref() != Some(size) {
+            eprintln!("apt: downloading {file}");
+            run_bounded(
+                self.apt_get()
+                    .args(["download", "-qq", spec])
+                    .current_dir(debs),
+                APT_TIME,
+            )
+            .with_context(|| format!("apt-get download {spec} failed ({})", self.describe()))?;
+            if !path.is_file() {
+                bail!("apt-get download {spec} did not produce {}", path.display());
+            }
+        }
+        Ok(path)
+    }
+}
+
+fn apt_get() -> Command {
+    Apt::host().apt_get()
 }
 
 /// The innermost cause of `e`: the line that says what apt could not do.
@@ -50,34 +211,9 @@ fn last_line(e: &anyhow::Error) -> String {
         .to_owned()
 }
 
-/// `attempt`, and once more after refreshing the package lists if it failed.
-fn retry_after_refresh<T>(attempt: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    match attempt() {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            if refresh(&last_line(&e))? {
-                attempt()
-            } else {
-                Err(e)
-            }
-        }
-    }
-}
-
-/// `prepare`, and once more after refreshing the package lists if it failed and the
-/// lists had not been refreshed before it began. For a whole sequence of look-ups and
-/// downloads: a stale list names a package version the mirror no longer has, so
-/// after the refresh the look-ups must be made again, not only the download.
+/// [`Apt::with_fresh_lists`] on the host's apt sources.
 pub fn with_fresh_lists<T>(prepare: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let fresh_before = UPDATED.load(Ordering::SeqCst);
-    match prepare() {
-        Ok(v) => Ok(v),
-        Err(e) if fresh_before => Err(e),
-        Err(e) => {
-            refresh(&last_line(&e))?;
-            prepare()
-        }
-    }
+    Apt::host().with_fresh_lists(prepare)
 }
 
 /// Whether `package` is installed on the host.
@@ -94,7 +230,7 @@ pub fn install(packages: &[&str]) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("apt: installing {}", missing.join(" "));
-    retry_after_refresh(|| {
+    Apt::host().retry_after_refresh(|| {
         run_bounded(
             apt_get()
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -105,49 +241,9 @@ pub fn install(packages: &[&str]) -> anyhow::Result<()> {
     })
 }
 
-/// The output of `apt-cache ARGS`, run again after a refresh when `found` says it
-/// holds nothing useful (e.g. no package lists yet).
-pub fn cache<T>(args: &[&str], found: impl Fn(&str) -> Option<T>) -> anyhow::Result<T> {
-    let show = format!("apt-cache {}", args.join(" "));
-    retry_after_refresh(|| {
-        let text = output(Command::new("apt-cache").args(args))?;
-        found(&text).with_context(|| format!("`{show}` does not have it"))
-    })
-}
-
-/// The `.deb` for `spec` (`name`, `name=version` or `name/release`) in `debs`,
-/// downloaded unless a file of the same name and size is already there.
+/// [`Apt::download`] from the host's apt sources.
 pub fn download(debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(debs).with_context(|| format!("cannot create {}", debs.display()))?;
-    retry_after_refresh(|| fetch(debs, spec))
-}
-
-fn fetch(debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
-    let uris = output(apt_get().args(["download", "--print-uris", spec]))?;
-    // 'http://…/foo_1.2_amd64.deb' foo_1.2_amd64.deb 12345 SHA256:…
-    let mut fields = uris
-        .lines()
-        .find(|l| l.starts_with('\''))
-        .with_context(|| format!("apt-get download --print-uris {spec} printed no URI"))?
-        .split_whitespace()
-        .skip(1);
-    let (Some(file), Some(size)) = (fields.next(), fields.next()) else {
-        bail!("cannot parse apt-get --print-uris output for {spec}: {uris}");
-    };
-    let path = debs.join(file);
-    let have = std::fs::metadata(&path).map(|m| m.len().to_string()).ok();
-    if have.as_deref() != Some(size) {
-        eprintln!("apt: downloading {file}");
-        run_bounded(
-            apt_get().args(["download", "-qq", spec]).current_dir(debs),
-            APT_TIME,
-        )
-        .with_context(|| format!("apt-get download {spec} failed"))?;
-        if !path.is_file() {
-            bail!("apt-get download {spec} did not produce {}", path.display());
-        }
-    }
-    Ok(path)
+    Apt::host().download(debs, spec)
 }
 
 /// Unpacks each of `debs`, in order, into `root` (once: a stamp naming them marks it
@@ -226,11 +322,6 @@ pub fn depends_names(depends: &str) -> Vec<String> {
         .filter_map(|d| d.split_whitespace().next())
         .map(|name| name.split(':').next().unwrap_or(name).to_owned())
         .collect()
-}
-
-/// The `Candidate:` version of `pkg` in `apt-cache policy` output.
-pub fn candidate(pkg: &str) -> anyhow::Result<String> {
-    cache(&["policy", pkg], |text| parse_candidate(text, pkg))
 }
 
 fn parse_candidate(text: &str, pkg: &str) -> Option<String> {

@@ -97,7 +97,13 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     // The lab's Intel machine with Debian's modules; the patched ones are added beside
     // them, for the last configuration.
-    let inputs = inputs::prepare(Isa::Intel, &KvmModules::Debian, root, &cache)?;
+    let inputs = inputs::prepare(
+        Isa::Intel,
+        crate::kmod::KernelLine::V6_1,
+        &KvmModules::Debian,
+        root,
+        &cache,
+    )?;
     let perf = perf_tool()?;
     let bpftrace = bpftrace_tool()?;
     let s = Step::start("kmod");

@@ -64,14 +64,26 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         )?;
     }
 
-    // The KVM patch: checkpatch --strict, then the series must build for both kernels.
-    let check = kmod::Options {
-        check: true,
-        ..kmod::Options::default()
-    };
-    kmod::run(&check, root)?;
+    // The KVM patch: checkpatch --strict on each line's series, with that line's own
+    // checkpatch; then the series must build for every line.
+    for kernel in [
+        kmod::KernelLine::V6_1,
+        kmod::KernelLine::V6_12,
+        kmod::KernelLine::V5_10,
+    ] {
+        let check = kmod::Options {
+            kernel,
+            check: true,
+            ..kmod::Options::default()
+        };
+        kmod::run(&check, root)?;
+    }
     if !opts.no_kmod {
-        for kernel in [kmod::KernelLine::V6_12, kmod::KernelLine::V6_1] {
+        for kernel in [
+            kmod::KernelLine::V6_12,
+            kmod::KernelLine::V6_1,
+            kmod::KernelLine::V5_10,
+        ] {
             let build = kmod::Options {
                 kernel,
                 ..kmod::Options::default()

@@ -130,6 +130,7 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
         max_vcpu_rows: args.max_vcpu_rows,
         counts: None,
         raw_exit: None,
+        sum_per_cpu: !args.shared_cells && kvmtrace::probe::sums_per_cpu(),
     })
     .map(|config| with_exit_source(config, args))
 }
@@ -184,6 +185,13 @@ fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result
         (Some(choice), _) => format!("counting exits through the {}", choice.describe()),
         (None, Some(_)) => "timing exits through the raw tracepoint kvm_exit".to_owned(),
         (None, None) => "timing exits through the classic tracepoint kvm:kvm_exit".to_owned(),
+    };
+    let source = if config.snapshots.is_some() && !config.sum_per_cpu {
+        format!(
+            "{source}; the counts the reads are compared with are kept in cells shared by all CPUs (per-CPU ones need Linux 5.19)"
+        )
+    } else {
+        source
     };
     let attach_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let started_at = Utc::now();

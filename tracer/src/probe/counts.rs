@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use kvmtrace_model::snapshot::{Snapshot, sum_u64};
 use tracer_common::{ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps};
 
@@ -154,6 +154,15 @@ impl Probe {
                 PerCpuArray::try_from(self.map_mut(maps::COUNTS)?)
                     .map_err(map_err(maps::COUNTS))?;
             cells.set(slot, zeros, 0).map_err(map_err(maps::COUNTS))?;
+            // The shared cells, where they are used (older kernels, with snapshots).
+            let mut shared: Array<&mut MapData, Cells> =
+                Array::try_from(self.map_mut(maps::SHARED_CELLS)?)
+                    .map_err(map_err(maps::SHARED_CELLS))?;
+            if slot < shared.len() {
+                shared
+                    .set(slot, [0u64; count::CELLS as usize], 0)
+                    .map_err(map_err(maps::SHARED_CELLS))?;
+            }
             let mut flags: Array<&mut MapData, u32> =
                 Array::try_from(self.map_mut(maps::SLOT_ENDED)?)
                     .map_err(map_err(maps::SLOT_ENDED))?;
@@ -194,12 +203,11 @@ impl Probe {
                 }
             }
         }
-        let overflow: PerCpuHashMap<&MapData, PhaseVcpuKey, u64> =
-            PerCpuHashMap::try_from(self.map(maps::COUNT_OVERFLOW)?)
+        let overflow: HashMap<&MapData, PhaseVcpuKey, u64> =
+            HashMap::try_from(self.map(maps::COUNT_OVERFLOW)?)
                 .map_err(map_err(maps::COUNT_OVERFLOW))?;
         for item in overflow.iter() {
-            let (key, per_cpu) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
-            let n = sum_u64(per_cpu.iter().copied(), "exit count")?;
+            let (key, n) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
             add(snap, key.phase(), key.pid, key.exit(), n)?;
         }
         Ok(())
@@ -221,14 +229,14 @@ impl Probe {
                 }
             }
         }
-        let mut overflow: PerCpuHashMap<&mut MapData, PhaseVcpuKey, u64> =
-            PerCpuHashMap::try_from(self.map_mut(maps::COUNT_OVERFLOW)?)
+        let mut overflow: HashMap<&mut MapData, PhaseVcpuKey, u64> =
+            HashMap::try_from(self.map_mut(maps::COUNT_OVERFLOW)?)
                 .map_err(map_err(maps::COUNT_OVERFLOW))?;
         let mut rows = Vec::new();
         for item in overflow.iter() {
-            let (key, per_cpu) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
+            let (key, n) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
             if key.pid == pid {
-                rows.push((key, sum_u64(per_cpu.iter().copied(), "exit count")?));
+                rows.push((key, n));
             }
         }
         for (key, n) in rows {

@@ -24,6 +24,7 @@ mod counts;
 #[cfg(test)]
 mod object_check;
 mod setup;
+pub use setup::sums_per_cpu;
 
 use setup::Setup;
 
@@ -121,6 +122,9 @@ pub struct ProbeConfig {
     /// tracepoint) instead of the `kvm:kvm_exit` record. Only where nothing needs the
     /// record's other fields: no `--detail`, no `--rip`, no register learning.
     pub raw_exit: Option<crate::exit_layout::Offsets>,
+    /// With snapshots: a counter read sums the VM's per-CPU cells in the kernel
+    /// (5.19+, [`sums_per_cpu`]); false: every exit also adds to shared cells.
+    pub sum_per_cpu: bool,
 }
 
 impl Default for ProbeConfig {
@@ -138,6 +142,7 @@ impl Default for ProbeConfig {
             max_vcpu_rows: limits::MAX_VCPU_ROWS,
             counts: None,
             raw_exit: None,
+            sum_per_cpu: setup::sums_per_cpu(),
         }
     }
 }

@@ -263,6 +263,7 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     let nr_cpus = aya::util::nr_cpus().map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX));
     vec![
         (globals::NR_CPUS, nr_cpus),
+        (globals::SUM_PER_CPU, u32::from(config.sum_per_cpu)),
         (
             globals::VMX_EXIT_REASON_OFF,
             offsets.and_then(|o| o.vmx_exit_reason).unwrap_or(NO_FIELD),
@@ -295,6 +296,15 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     ]
 }
 
+/// Whether a program can read another CPU's value of a per-CPU map entry
+/// (`bpf_map_lookup_percpu_elem`, Linux 5.19): then a counter read sums the per-CPU
+/// cells; otherwise exits also go to shared cells. When the version cannot be read,
+/// the shared cells: slower, but they load everywhere.
+pub fn sums_per_cpu() -> bool {
+    use aya::util::KernelVersion;
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 19, 0))
+}
+
 /// Every map's size: as configured, or 1 entry (1 page for ring buffers) when the
 /// option that uses it is off.
 pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
@@ -318,6 +328,10 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (
             maps::COUNT_OVERFLOW,
             on(counting || snap, config.max_overflow_rows, 1),
+        ),
+        (
+            maps::SHARED_CELLS,
+            on(snap && !config.sum_per_cpu, count::MAX_VMS, 1),
         ),
         (maps::VM_TOTALS, on(snap, limits::MAX_VMS, 1)),
         (

@@ -65,26 +65,30 @@ pub struct Built {
 /// Builds (or finds up to date) the modules `opts` asks for.
 pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
     ensure!(opts.jobs > 0, "--jobs must be at least 1");
-    apt::install(&BUILD_DEPS)?;
-    let work = work_dir(opts, root);
-    let inputs = apt::with_fresh_lists(|| debian::inputs(opts, root, &work))?;
-
     let patches = source::series(root, opts.kernel, opts.variant)?;
+    apt::install(&BUILD_DEPS)?;
+    if let Some(cc) = opts.kernel.compiler_override() {
+        apt::install(&[cc])?;
+    }
+    let work = work_dir(opts, root);
+    let debian = opts.kernel.apt(root)?;
+    let inputs = debian.with_fresh_lists(|| debian::inputs(opts, &debian, root, &work))?;
+
     let out_dir = match opts.variant {
         Variant::Good => work.join("out"),
         v => work.join(format!("out-{v}")),
     };
-    let fingerprint = fingerprint(
-        &[
-            RECIPE,
-            &inputs.release,
-            &inputs.image_version,
-            opts.kernel.as_str(),
-            opts.flavour.as_str(),
-            opts.variant.as_str(),
-        ],
-        &patches,
-    )?;
+    let mut fields = vec![
+        RECIPE,
+        &inputs.release,
+        &inputs.image_version,
+        opts.kernel.as_str(),
+        opts.flavour.as_str(),
+        opts.variant.as_str(),
+    ];
+    // Only where it applies, so the other lines' earlier builds stay up to date.
+    fields.extend(opts.kernel.compiler_override());
+    let fingerprint = fingerprint(&fields, &patches)?;
     let modules: Vec<PathBuf> = MODULES.iter().map(|m| out_dir.join(m)).collect();
     let info_path = out_dir.join("kmod.json");
 
@@ -153,15 +157,23 @@ fn make(
     source::prepare_tree(&src, &tree, patches)?;
 
     let kvm_dir = tree.join("arch/x86/kvm");
+    let mut make = Command::new("make");
+    make.arg("-C")
+        .arg(&inputs.headers_dir)
+        .arg(format!("M={}", kvm_dir.display()))
+        .arg(format!("-j{}", opts.jobs));
+    if let Some(cc) = opts.kernel.compiler_override() {
+        eprintln!(
+            "kmod: building with {cc}: {} names {}, which this host's Debian lacks",
+            inputs.headers_dir.display(),
+            expected_compiler(&inputs.headers_dir)
+                .as_deref()
+                .unwrap_or("another compiler")
+        );
+        make.arg(format!("CC={cc}"));
+    }
     let build_start = Instant::now();
-    exec(
-        Command::new("make")
-            .arg("-C")
-            .arg(&inputs.headers_dir)
-            .arg(format!("M={}", kvm_dir.display()))
-            .arg(format!("-j{}", opts.jobs))
-            .arg("modules"),
-    )?;
+    exec(make.arg("modules"))?;
     let build_seconds = build_start.elapsed().as_secs();
     eprintln!("kmod: make took {build_seconds}s");
     Ok((kvm_dir, build_seconds))
@@ -196,6 +208,23 @@ fn install_modules(
     Ok(())
 }
 
+/// The compiler a Debian headers directory builds with, from its `.kernelvariables`
+/// (`CC = $(if ...) $(CROSS_COMPILE)gcc-10`), if it names one.
+fn expected_compiler(headers_dir: &Path) -> Option<String> {
+    parse_compiler(&fs::read_to_string(headers_dir.join(".kernelvariables")).ok()?)
+}
+
+fn parse_compiler(kernelvariables: &str) -> Option<String> {
+    kernelvariables
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("CC"))
+        .filter_map(|l| l.trim_start().strip_prefix('='))
+        .filter_map(|value| value.split_whitespace().last())
+        .map(|word| word.rsplit(')').next().unwrap_or(word))
+        .find(|cc| !cc.is_empty())
+        .map(str::to_owned)
+}
+
 /// SHA-256 over `fields` and the name and contents of each patch.
 fn fingerprint(fields: &[&str], patches: &[PathBuf]) -> anyhow::Result<String> {
     let mut hash = Sha256::new();
@@ -215,4 +244,30 @@ fn fingerprint(fields: &[&str], patches: &[PathBuf]) -> anyhow::Result<String> {
 
 fn read_info(path: &Path) -> Option<BuildInfo> {
     serde_json::from_str(&fs::read_to_string(path).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiler_from_kernelvariables() {
+        let bullseye = "override ARCH = x86\n\
+                        override KERNELRELEASE = 5.10.0-46-cloud-amd64\n\
+                        CCACHE = ccache\n\
+                        CC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE)gcc-10\n\
+                        ifneq ($(DEB_BUILD_ARCH),$(DEB_HOST_ARCH))\n";
+        assert_eq!(parse_compiler(bullseye).as_deref(), Some("gcc-10"));
+        assert_eq!(parse_compiler("CC=gcc-12\n").as_deref(), Some("gcc-12"));
+        assert_eq!(parse_compiler("CCACHE = ccache\n"), None);
+        assert_eq!(parse_compiler("CC =\n"), None);
+    }
+
+    #[test]
+    fn fingerprint_changes_with_each_field() {
+        let a = fingerprint(&["kmod-recipe-1", "5.10", "gcc-12"], &[]).ok();
+        let b = fingerprint(&["kmod-recipe-1", "5.10", ""], &[]).ok();
+        assert!(a.is_some());
+        assert_ne!(a, b);
+    }
 }

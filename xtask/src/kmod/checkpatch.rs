@@ -13,8 +13,9 @@ use crate::{apt, exec::show};
 pub fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
     apt::install(&["perl", "xz-utils"])?;
     let source_pkg = opts.kernel.source_package();
+    let debian = opts.kernel.apt(root)?;
     let (source_version, tarball) =
-        apt::with_fresh_lists(|| debian::source_tarball(opts.kernel, root))?;
+        debian.with_fresh_lists(|| debian::source_tarball(&debian, opts.kernel, root))?;
 
     let mut patches = source::series(root, opts.kernel, Variant::Good)?;
     for variant in Variant::TEST_ONLY {

@@ -1,5 +1,7 @@
 //! The Debian side of a build: the kernel release of the day, its source and
-//! headers (downloaded and unpacked, never installed), all of one version.
+//! headers (downloaded and unpacked, never installed), all of one version. Each
+//! kernel line's packages come from its own Debian release ([`KernelLine::apt`]):
+//! the host's sources for 6.1 and 6.12, a private configuration for bullseye's 5.10.
 
 use std::{
     fs,
@@ -9,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use super::{Flavour, KernelLine, Options};
-use crate::apt;
+use crate::apt::{self, Apt};
 
 /// The Debian inputs of one build, all of the same version.
 pub struct Inputs {
@@ -23,14 +25,15 @@ pub struct Inputs {
     pub headers_dir: PathBuf,
 }
 
-/// Looks up today's release, downloads its source and headers, and refuses unless
-/// the image, the headers and the source are one Debian version.
-pub fn inputs(opts: &Options, root: &Path, work: &Path) -> anyhow::Result<Inputs> {
-    let release = kernel_release(opts.kernel, opts.flavour)?;
+/// Looks up today's release in `apt` (the line's own Debian release), downloads its
+/// source and headers, and refuses unless the image, the headers and the source are
+/// one Debian version.
+pub fn inputs(opts: &Options, apt: &Apt, root: &Path, work: &Path) -> anyhow::Result<Inputs> {
+    let release = kernel_release(apt, opts.kernel, opts.flavour)?;
     let image_pkg = format!("linux-image-{release}");
-    let image_version = apt::candidate(&image_pkg)?;
-    let (source_version, tarball) = source_tarball(opts.kernel, root)?;
-    let (headers_version, headers_dir) = headers_tree(&release, root, work)?;
+    let image_version = apt.candidate(&image_pkg)?;
+    let (source_version, tarball) = source_tarball(apt, opts.kernel, root)?;
+    let (headers_version, headers_dir) = headers_tree(apt, &release, root, work)?;
     same_versions(&[
         (&image_pkg, &image_version),
         (&format!("linux-headers-{release}"), &headers_version),
@@ -59,17 +62,21 @@ fn is_kernel_package(name: &str) -> bool {
 }
 
 /// The kernel release behind the image metapackage, e.g. `6.1.0-56-cloud-amd64`.
-fn kernel_release(kernel: KernelLine, flavour: Flavour) -> anyhow::Result<String> {
+fn kernel_release(apt: &Apt, kernel: KernelLine, flavour: Flavour) -> anyhow::Result<String> {
     let meta = kernel.image_metapackage(flavour);
-    apt::cache(&["depends", &meta], |deps| parse_release(deps, flavour))
+    apt.cache(&["depends", &meta], |deps| parse_release(deps, flavour))
         .with_context(|| format!("apt names no linux-image package for {meta}"))
 }
 
-/// Downloads the kernel source package and unpacks it under `target/kmod/debs`; its
-/// version and the path of the tarball it holds.
-pub fn source_tarball(kernel: KernelLine, root: &Path) -> anyhow::Result<(String, PathBuf)> {
+/// Downloads the kernel source package from `apt` and unpacks it under
+/// `target/kmod/debs`; its version and the path of the tarball it holds.
+pub fn source_tarball(
+    apt: &Apt,
+    kernel: KernelLine,
+    root: &Path,
+) -> anyhow::Result<(String, PathBuf)> {
     let debs = root.join("target/kmod/debs");
-    let deb = apt::download(&debs, &kernel.source_package())?;
+    let deb = apt.download(&debs, &kernel.source_package())?;
     let version = apt::deb_field(&deb, "Version")?;
     let unpacked = apt::unpack(&deb, &debs.join("roots"))?;
     let tarball = unpacked.join(format!("usr/src/{}.tar.xz", kernel.source_package()));
@@ -88,31 +95,43 @@ pub fn source_tarball(kernel: KernelLine, root: &Path) -> anyhow::Result<(String
 /// flavour's headers, the common headers and kbuild are unpacked into one root, and
 /// the flavour's one-line Makefile is pointed at the unpacked common tree. Returns
 /// the headers' version and their directory (`make -C` it).
-fn headers_tree(release: &str, root: &Path, work: &Path) -> anyhow::Result<(String, PathBuf)> {
+///
+/// What the packages need to run (compiler, pahole, libraries) is installed from the
+/// host's sources when they come from there. From another release (bullseye) nothing
+/// is installed: its kbuild tools run on bookworm's libraries, and the compiler it
+/// names is replaced ([`KernelLine::compiler_override`]).
+fn headers_tree(
+    apt: &Apt,
+    release: &str,
+    root: &Path,
+    work: &Path,
+) -> anyhow::Result<(String, PathBuf)> {
     let debs = root.join("target/kmod/debs");
     let headers_pkg = format!("linux-headers-{release}");
-    let flavour_deb = apt::download(&debs, &headers_pkg)?;
+    let flavour_deb = apt.download(&debs, &headers_pkg)?;
     let version = apt::deb_field(&flavour_deb, "Version")?;
     let mut all = vec![flavour_deb.clone()];
     for dep in apt::depends_names(&apt::deb_field(&flavour_deb, "Depends")?) {
         if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
-            all.push(apt::download(&debs, &format!("{dep}={version}"))?);
+            all.push(apt.download(&debs, &format!("{dep}={version}"))?);
         }
     }
     ensure!(
         all.len() == 3,
         "{headers_pkg} {version} does not depend on one common headers and one kbuild package"
     );
-    // What those packages need to run (compiler, pahole, libraries), but no kernel.
-    let mut tools = Vec::new();
-    for deb in &all {
-        tools.extend(
-            apt::depends_names(&apt::deb_field(deb, "Depends")?)
-                .into_iter()
-                .filter(|d| !is_kernel_package(d)),
-        );
+    if apt.is_host() {
+        // What those packages need to run (compiler, pahole, libraries), but no kernel.
+        let mut tools = Vec::new();
+        for deb in &all {
+            tools.extend(
+                apt::depends_names(&apt::deb_field(deb, "Depends")?)
+                    .into_iter()
+                    .filter(|d| !is_kernel_package(d)),
+            );
+        }
+        apt::install(&tools.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
-    apt::install(&tools.iter().map(String::as_str).collect::<Vec<_>>())?;
     let tree = apt::unpack_into(&all, &work.join(format!("headers-{version}")))?;
     let dir = tree.join(format!("usr/src/{headers_pkg}"));
     let makefile = dir.join("Makefile");

@@ -3,7 +3,9 @@
 //! headers of the kernel the lab boots.
 //!
 //! 1. Look up the kernel release (ABI) behind the flavour's image metapackage, every
-//!    time: the mirror moves with security updates.
+//!    time: the mirror moves with security updates. Each line's packages come from its
+//!    own Debian release: bookworm(-security) for 6.1 and 6.12, bullseye(-security)
+//!    for 5.10 through a private apt configuration in `target/apt/bullseye`.
 //! 2. Download the source and the headers (the flavour's, the common ones and kbuild)
 //!    and unpack them under `target/kmod/`: never installed, since the headers'
 //!    dependencies would put a kernel image on the host. Install only the missing
@@ -15,7 +17,8 @@
 //! 4. Copy that to `build-<variant>`, apply the series (and the variant's patches)
 //!    with `patch --fuzz=0`, point the kvm Makefile at the copy and put the patched
 //!    headers ahead of the installed ones (`NOSTDINC_FLAGS`), then
-//!    `make -C <unpacked headers>/usr/src/linux-headers-<release> M=... modules`.
+//!    `make -C <unpacked headers>/usr/src/linux-headers-<release> M=... modules`
+//!    (5.10: with `CC=gcc-12`, as bookworm has no gcc-10).
 //! 5. Copy the modules to `out` (`out-<variant>` for the test-only variants), strip
 //!    them, check their vermagic and write `kmod.json`, whose fingerprint of every input
 //!    lets the next run skip all of this.

@@ -1,9 +1,11 @@
 //! What `cargo xtask kmod` builds: the options, the kernel line, the flavour and the
 //! variant of the series.
 
-use std::fmt;
+use std::{fmt, path::Path};
 
 use clap::{Args, ValueEnum};
+
+use crate::apt::Apt;
 
 #[derive(Args, Debug)]
 pub struct Options {
@@ -45,6 +47,10 @@ impl Default for Options {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum KernelLine {
+    /// Debian 11's kernel (bullseye, through a private apt configuration in
+    /// target/apt/bullseye; built with bookworm's gcc-12).
+    #[value(name = "5.10")]
+    V5_10,
     /// Debian 12's own kernel, the lab's.
     #[value(name = "6.1")]
     V6_1,
@@ -56,16 +62,38 @@ pub enum KernelLine {
 impl KernelLine {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::V5_10 => "5.10",
             Self::V6_1 => "6.1",
             Self::V6_12 => "6.12",
         }
     }
 
-    /// The metapackage that depends on the current image of this line and flavour.
+    /// The metapackage that depends on the current image of this line and flavour
+    /// (in the line's own Debian release, see [`KernelLine::apt`]).
     pub fn image_metapackage(self, flavour: Flavour) -> String {
         match self {
-            Self::V6_1 => format!("linux-image-{}", flavour.arch_suffix()),
+            Self::V5_10 | Self::V6_1 => format!("linux-image-{}", flavour.arch_suffix()),
             Self::V6_12 => format!("linux-image-6.12-{}", flavour.arch_suffix()),
+        }
+    }
+
+    /// Where this line's packages come from: the host's apt sources (bookworm and
+    /// bookworm-security) for 6.1 and 6.12, a private configuration under
+    /// `target/apt/` for bullseye's 5.10. Never used to install anything.
+    pub fn apt(self, root: &Path) -> anyhow::Result<Apt> {
+        match self {
+            Self::V5_10 => Apt::bullseye(root),
+            Self::V6_1 | Self::V6_12 => Ok(Apt::host()),
+        }
+    }
+
+    /// The compiler to build with instead of the one the headers name, when that one
+    /// is not in bookworm: bullseye's headers ask for gcc-10, and bookworm's gcc-12
+    /// builds their modules without a warning.
+    pub fn compiler_override(self) -> Option<&'static str> {
+        match self {
+            Self::V5_10 => Some("gcc-12"),
+            Self::V6_1 | Self::V6_12 => None,
         }
     }
 

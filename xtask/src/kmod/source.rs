@@ -14,6 +14,17 @@ use crate::exec::exec;
 
 /// Source directories the modules are built from; everything else comes from the headers.
 const SOURCE_DIRS: [&str; 2] = ["arch/x86/kvm", "virt/kvm"];
+/// The kvm Makefile's line that puts `arch/x86/kvm` on the include path: 6.1 and later,
+/// then 5.10.
+const KVM_INCLUDE_LINES: [&str; 2] = [
+    "ccflags-y += -I $(srctree)/arch/x86/kvm",
+    "ccflags-y += -Iarch/x86/kvm",
+];
+/// How the kvm Makefile adds `virt/kvm`: an include of `Makefile.kvm` by absolute path
+/// (6.1 and later), or objects named relative to the Makefile (5.10), which the copy
+/// keeps working as they are.
+const VIRT_KVM_INCLUDE: &str = "include $(srctree)/virt/kvm/Makefile.kvm";
+const VIRT_KVM_RELATIVE: &str = "KVM := ../../../virt/kvm";
 /// checkpatch.pl and the data files it reads from its own directory.
 const CHECKPATCH_FILES: [&str; 3] = [
     "scripts/checkpatch.pl",
@@ -178,27 +189,39 @@ pub fn prepare_tree(src: &Path, tree: &Path, patches: &[PathBuf]) -> anyhow::Res
     let makefile = tree.join("arch/x86/kvm/Makefile");
     let text = fs::read_to_string(&makefile)
         .with_context(|| format!("cannot read {}", makefile.display()))?;
+    let text = rewrite_makefile(&text, tree_str, &overlays)
+        .with_context(|| format!("{} is not laid out as expected", makefile.display()))?;
+    fs::write(&makefile, text).with_context(|| format!("cannot write {}", makefile.display()))
+}
+
+/// The kvm Makefile `text` for a build in `tree`: its include line pointed at the
+/// tree, with the patched header directories `overlays` first, and `virt/kvm` taken
+/// from the tree too.
+fn rewrite_makefile(text: &str, tree: &str, overlays: &[&str]) -> anyhow::Result<String> {
     let mut rules = format!(
         // trace.h includes itself as "../../arch/x86/kvm/trace.h": -I arch/x86 resolves it.
-        "ccflags-y += -I {tree_str}/arch/x86/kvm -I {tree_str}/arch/x86\n"
+        "ccflags-y += -I {tree}/arch/x86/kvm -I {tree}/arch/x86\n"
     );
     for dir in overlays {
-        rules.push_str(&format!("NOSTDINC_FLAGS += -I {tree_str}/{dir}\n"));
+        rules.push_str(&format!("NOSTDINC_FLAGS += -I {tree}/{dir}\n"));
     }
-    let text = replace_line(
+    let include = KVM_INCLUDE_LINES
+        .into_iter()
+        .find(|l| has_line(text, l))
+        .with_context(|| format!("no line '{}'", KVM_INCLUDE_LINES.join("' or '")))?;
+    let text = replace_line(text, include, rules.trim_end())?;
+    if has_line(&text, VIRT_KVM_RELATIVE) {
+        return Ok(text);
+    }
+    replace_line(
         &text,
-        "ccflags-y += -I $(srctree)/arch/x86/kvm",
-        rules.trim_end(),
+        VIRT_KVM_INCLUDE,
+        &format!("include {tree}/virt/kvm/Makefile.kvm"),
     )
-    .and_then(|t| {
-        replace_line(
-            &t,
-            "include $(srctree)/virt/kvm/Makefile.kvm",
-            &format!("include {tree_str}/virt/kvm/Makefile.kvm"),
-        )
-    })
-    .with_context(|| format!("{} is not laid out as expected", makefile.display()))?;
-    fs::write(&makefile, text).with_context(|| format!("cannot write {}", makefile.display()))
+}
+
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l.trim_end() == line)
 }
 
 /// `text` with its one line equal to `old` replaced by `new`.
@@ -246,12 +269,35 @@ mod tests {
     }
 
     #[test]
+    fn makefile_of_each_layout() {
+        let v6 = "ccflags-y += -I $(srctree)/arch/x86/kvm\n\
+                  include $(srctree)/virt/kvm/Makefile.kvm\n";
+        assert_eq!(
+            rewrite_makefile(v6, "/t", &["arch/x86/include"])
+                .ok()
+                .as_deref(),
+            Some(
+                "ccflags-y += -I /t/arch/x86/kvm -I /t/arch/x86\n\
+                 NOSTDINC_FLAGS += -I /t/arch/x86/include\n\
+                 include /t/virt/kvm/Makefile.kvm\n"
+            )
+        );
+        let v5 = "ccflags-y += -Iarch/x86/kvm\nKVM := ../../../virt/kvm\n";
+        assert_eq!(
+            rewrite_makefile(v5, "/t", &[]).ok().as_deref(),
+            Some("ccflags-y += -I /t/arch/x86/kvm -I /t/arch/x86\nKVM := ../../../virt/kvm\n")
+        );
+        assert!(rewrite_makefile("ccflags-y += -Iarch/x86/kvm\n", "/t", &[]).is_err());
+        assert!(rewrite_makefile("KVM := ../../../virt/kvm\n", "/t", &[]).is_err());
+    }
+
+    #[test]
     fn every_variant_has_patches_for_every_line() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        for kernel in [KernelLine::V6_1, KernelLine::V6_12] {
+        for kernel in [KernelLine::V5_10, KernelLine::V6_1, KernelLine::V6_12] {
             for variant in std::iter::once(Variant::Good).chain(Variant::TEST_ONLY) {
                 let patches = series(&root, kernel, variant);
                 assert!(patches.is_ok(), "{kernel} {variant}: {patches:?}");

@@ -18,16 +18,31 @@ pub struct Hist {
 
 /// Parses the hist file.
 pub fn parse_hist(text: &str) -> anyhow::Result<Hist> {
-    let kernel = KernelHist::parse(text)?;
-    Ok(Hist {
-        by_reason: kernel
-            .by_reason
-            .into_iter()
-            .map(|(k, n)| (k.into(), n))
-            .collect(),
-        by_vcpu: kernel.by_vcpu,
-        dropped: kernel.dropped,
-    })
+    Ok(KernelHist::parse(text)?.into())
+}
+
+/// The counts of the trace buffer, where the kernel has no hist triggers (see
+/// [`kvmtrace_model::kernel_trace`]).
+pub fn from_trace(
+    format: &str,
+    counts: &str,
+    exit_isa: u32,
+) -> Result<Hist, kvmtrace_model::kernel_trace::TraceError> {
+    kvmtrace_model::kernel_trace::parse(format, counts, exit_isa).map(Hist::from)
+}
+
+impl From<KernelHist> for Hist {
+    fn from(kernel: KernelHist) -> Self {
+        Hist {
+            by_reason: kernel
+                .by_reason
+                .into_iter()
+                .map(|(k, n)| (k.into(), n))
+                .collect(),
+            by_vcpu: kernel.by_vcpu,
+            dropped: kernel.dropped,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,10 +11,16 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use super::{assets, options::Isa, step::Step};
-use crate::{apt, process::run_bounded};
+use crate::{
+    apt,
+    kmod::{Flavour, KernelLine},
+    process::run_bounded,
+};
 
-/// Debian's kernel for L1 and L2: the cloud flavour boots fastest under emulation (LZ4).
-const KERNEL_META: &str = "linux-image-cloud-amd64";
+/// The kernels are Debian's cloud flavour: it boots fastest under emulation.
+const FLAVOUR: Flavour = Flavour::Cloud;
+/// L2's kernel line, the same whatever L1 runs (`--kernel`), so only the host changes.
+const L2_KERNEL: KernelLine = KernelLine::V6_1;
 /// bookworm's QEMU: 10.x breaks shadow paging under nested SVM (shared/LAB-NOTES.md).
 const QEMU_RELEASE: &str = "bookworm";
 const QEMU_VERSION_PREFIX: &str = "1:7.2";
@@ -34,12 +40,19 @@ const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The unpacked Debian packages the lab is built from.
 pub struct Inputs {
+    /// L1's kernel release (`uname -r`).
     pub abi: String,
     /// `qemu-system-x86_64-microvm --version`'s first line.
     pub qemu_version: String,
+    /// L1's kernel image.
     pub kernel: PathBuf,
-    /// L1's network driver, for `--scenario export`.
-    pub net_modules: Vec<PathBuf>,
+    /// L2's kernel release and image (6.1 whatever L1 runs).
+    pub l2_abi: String,
+    pub l2_kernel: PathBuf,
+    /// L1's `lib/modules/<release>`, and where its compressed modules are unpacked
+    /// (see [`assets::plain_modules`]): for modules only some scenarios load.
+    pub module_dir: PathBuf,
+    pub plain_modules: PathBuf,
     pub modules: Vec<PathBuf>,
     pub busybox: PathBuf,
     /// The unpacked qemu-system-x86 7.2 tree, and its firmware files.
@@ -62,10 +75,11 @@ pub enum KvmModules<'a> {
     Build(crate::kmod::Variant),
 }
 
-/// Installs the host packages `isa`'s lab needs, downloads its inputs into `cache`,
-/// and puts the kvm modules `kvm` names in place of Debian's.
+/// Installs the host packages `isa`'s lab needs, downloads its inputs (L1 runs `kernel`)
+/// into `cache`, and puts the kvm modules `kvm` names in place of Debian's.
 pub fn prepare(
     isa: Isa,
+    kernel: KernelLine,
     kvm: &KvmModules<'_>,
     root: &Path,
     cache: &Path,
@@ -80,6 +94,8 @@ pub fn prepare(
     let build = |variant: crate::kmod::Variant| -> anyhow::Result<crate::kmod::Built> {
         let s = Step::start("kmod");
         let kmod = crate::kmod::Options {
+            kernel,
+            flavour: FLAVOUR,
             variant,
             ..crate::kmod::Options::default()
         };
@@ -95,7 +111,7 @@ pub fn prepare(
         _ => None,
     };
     let s = Step::start("downloads");
-    let mut inputs = apt::with_fresh_lists(|| download_inputs(isa, cache))?;
+    let mut inputs = apt::with_fresh_lists(|| download_inputs(isa, kernel, root, cache))?;
     s.done(format!("kernel {}, {}", inputs.abi, inputs.qemu_version));
     let stale = built
         .as_ref()
@@ -124,18 +140,33 @@ pub fn prepare(
     Ok(inputs)
 }
 
-/// Downloads and unpacks L1's kernel and modules, busybox and QEMU 7.2, and installs
-/// QEMU's libraries on the host.
-fn download_inputs(isa: Isa, cache: &Path) -> anyhow::Result<Inputs> {
+/// Downloads and unpacks L1's kernel (of line `line`) and modules, L2's kernel,
+/// busybox and QEMU 7.2, and installs QEMU's libraries on the host.
+fn download_inputs(
+    isa: Isa,
+    line: KernelLine,
+    root: &Path,
+    cache: &Path,
+) -> anyhow::Result<Inputs> {
     let debs = cache.join("debs");
     let roots = cache.join("roots");
-    let abi = assets::kernel_abi(KERNEL_META)?;
-    let image_pkg = format!("linux-image-{abi}");
-    let kroot = apt::unpack(&apt::download(&debs, &image_pkg)?, &roots)?;
+    // Each line's image from its own Debian release (5.10: bullseye, privately).
+    let image = |line: KernelLine| -> anyhow::Result<(String, PathBuf)> {
+        let apt = line.apt(root)?;
+        let abi = assets::kernel_abi(&apt, &line.image_metapackage(FLAVOUR))?;
+        let deb = apt.download(&debs, &format!("linux-image-{abi}"))?;
+        Ok((abi, apt::unpack(&deb, &roots)?))
+    };
+    let (abi, kroot) = image(line)?;
     let kernel = kroot.join(format!("boot/vmlinuz-{abi}"));
-    let kdir = kroot.join(format!("lib/modules/{abi}/kernel"));
-    let modules: Vec<PathBuf> = isa.modules().iter().map(|m| kdir.join(m)).collect();
-    let net_modules = isa.net_modules().iter().map(|m| kdir.join(m)).collect();
+    let (l2_abi, l2_root) = image(L2_KERNEL)?;
+    let l2_kernel = l2_root.join(format!("boot/vmlinuz-{l2_abi}"));
+    let moddir = kroot.join(format!("lib/modules/{abi}"));
+    let plain = cache.join("modules").join(&abi);
+    let modules = assets::plain_modules(&moddir, isa.modules(), &plain)?;
+    if modules.len() != isa.modules().len() {
+        bail!("L1's kernel {abi} has kvm built in: the lab must load and reload it as modules");
+    }
     let bbroot = apt::unpack(&apt::download(&debs, "busybox-static")?, &roots)?;
     let busybox = bbroot.join("bin/busybox");
 
@@ -180,8 +211,11 @@ fn download_inputs(isa: Isa, cache: &Path) -> anyhow::Result<Inputs> {
         abi,
         qemu_version: version,
         kernel,
+        l2_abi,
+        l2_kernel,
         modules,
-        net_modules,
+        module_dir: moddir,
+        plain_modules: plain,
         busybox,
         qemu_root,
         firmware,

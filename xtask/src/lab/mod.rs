@@ -62,7 +62,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         (None, Some(variant)) => KvmModules::Build(variant),
         (None, None) => KvmModules::Debian,
     };
-    let inputs = inputs::prepare(opts.isa, &kvm, root, &cache)?;
+    let inputs = inputs::prepare(opts.isa, opts.kernel, &kvm, root, &cache)?;
     let kvmtrace = match opts.kvmtrace {
         Kvmtrace::Required => Some(inputs::build_kvmtrace(root)?),
         Kvmtrace::Off => None,

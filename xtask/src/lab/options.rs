@@ -6,6 +6,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 
 use super::reason::{ISA_SVM, ISA_VMX};
+use crate::kmod::KernelLine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Isa {
@@ -120,6 +121,11 @@ pub struct Options {
     /// Which KVM to run: kvm_intel (Bochs) or kvm_amd (QEMU TCG).
     #[arg(long, value_enum, default_value_t = Isa::Intel)]
     pub isa: Isa,
+    /// L1's kernel: Debian's cloud kernel of this line, with its own kvm modules (and
+    /// with --modules patched, the series built for it). L2 boots the same 6.1 guest
+    /// whatever L1 runs, so only the host changes.
+    #[arg(long, value_enum, default_value_t = KernelLine::V6_1)]
+    pub kernel: KernelLine,
     /// Paging modes, in order: 1 = nested paging (ept/npt=1), 0 = shadow paging.
     #[arg(long, value_delimiter = ',', default_values_t = [1u8, 0u8],
           value_parser = clap::value_parser!(u8).range(0..=1))]
@@ -217,6 +223,12 @@ impl Options {
         }
     }
 
+    /// The one kernel warning L1 may log (6.12 under Bochs), if any.
+    pub fn allowed_warning(&self) -> Option<&'static str> {
+        (self.isa == Isa::Intel && self.kernel == KernelLine::V6_12)
+            .then_some(super::console::BOCHS_TOPOLOGY_WARNING)
+    }
+
     /// What clap cannot check alone: combinations of options.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.modes.is_empty() {
@@ -234,6 +246,16 @@ impl Options {
         if self.scenario == Scenario::Export && self.isa != Isa::Amd {
             bail!(
                 "--scenario export needs --isa amd: L1's network is QEMU's (Bochs has none here)"
+            );
+        }
+        let keyed = self
+            .record_args
+            .split_whitespace()
+            .any(|a| ["--detail", "--rip"].contains(&a) || a.starts_with("--rip="));
+        if self.kernel == KernelLine::V5_10 && keyed {
+            bail!(
+                "--kernel 5.10 has no hist triggers to check --detail and --rip against: \
+                 give --record-args without them (e.g. --record-args '--per-vcpu --snapshots')"
             );
         }
         if self.micro_vcpus > 1 && !matches!(self.workload, Workload::Micro | Workload::Churn) {
@@ -310,8 +332,9 @@ impl Isa {
                 "util-linux",
                 "gcc",
                 "libc6-dev",
+                "xz-utils",
             ],
-            Isa::Amd => &["gcc", "libc6-dev"],
+            Isa::Amd => &["gcc", "libc6-dev", "xz-utils"],
         }
     }
 }
@@ -341,6 +364,9 @@ pub fn mode_dir_name(opts: &Options, mode: u8) -> String {
     }
     if opts.l1_cpus > 1 {
         name.push_str(&format!(".l1cpus{}", opts.l1_cpus));
+    }
+    if opts.kernel != KernelLine::V6_1 {
+        name.push_str(&format!(".linux{}", opts.kernel));
     }
     name
 }
@@ -443,6 +469,34 @@ mod tests {
     }
 
     #[test]
+    fn kernel_lines_and_what_they_allow() -> anyhow::Result<()> {
+        assert_eq!(parse(&[])?.kernel, KernelLine::V6_1);
+        assert!(parse(&["--kernel", "4.19"]).is_err());
+        // 5.10 has no hist triggers to check --detail and --rip against.
+        let err = refused(&["--kernel", "5.10"])?;
+        assert!(
+            err.contains("--record-args") && !err.contains('\n'),
+            "{err}"
+        );
+        parse(&[
+            "--kernel",
+            "5.10",
+            "--record-args",
+            "--per-vcpu --snapshots",
+        ])?
+        .validate()?;
+        let o = parse(&["--kernel", "6.12", "--isa", "intel"])?;
+        assert!(o.allowed_warning().is_some());
+        assert!(
+            parse(&["--kernel", "6.12", "--isa", "amd"])?
+                .allowed_warning()
+                .is_none()
+        );
+        assert!(parse(&["--isa", "intel"])?.allowed_warning().is_none());
+        Ok(())
+    }
+
+    #[test]
     fn results_directories_name_vcpus_and_l1_cpus() -> anyhow::Result<()> {
         let opts = |args: &str| parse(&args.split_whitespace().collect::<Vec<_>>());
         for (args, mode, want) in [
@@ -459,6 +513,8 @@ mod tests {
             ),
             ("--isa amd --smp 2 --l1-cpus 2", 1, "npt1.smp2.l1cpus2"),
             ("--isa amd --micro-vcpus 2 --l1-cpus 2 --out x", 1, "npt1"),
+            ("--kernel 6.12 --workload micro", 0, "ept0.micro.linux6.12"),
+            ("--kernel 6.1", 1, "ept1"),
         ] {
             assert_eq!(mode_dir_name(&opts(args)?, mode), want, "{args}");
         }

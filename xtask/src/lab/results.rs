@@ -147,19 +147,16 @@ fn read_mode<'a>(
     let lines = console::mode_lines(all_lines, &tag);
     write(&dir, "serial.log", &console::transcript(lines))?;
 
-    let Some(hist_text) = console::section(all_lines, "hist", &tag) else {
-        problems.push(format!("{tag}: no hist on the console"));
+    let Some((hist, hist_text)) = reference(all_lines, &tag, &dir, opts.isa, problems)? else {
         return Ok(None);
     };
-    write(&dir, "hist.txt", &hist_text)?;
-    let hist = hist::parse_hist(&hist_text)?;
     if hist.dropped != 0 {
         problems.push(format!("{tag}: the hist dropped {} entries", hist.dropped));
     }
     let record = read_record(all_lines, &tag, &dir, whole, problems)?;
     if let Some(bad) = console::section(all_lines, "dmesg-bad", &tag) {
         write(&dir, "dmesg-bad.txt", &bad)?;
-        let complaints = console::dmesg_complaints(&bad);
+        let complaints = console::dmesg_complaints(&bad, lab.opts.allowed_warning());
         if !complaints.is_empty() {
             problems.push(format!(
                 "{tag}: L1's kernel complained:\n{}",
@@ -210,6 +207,41 @@ fn read_mode<'a>(
 
 /// The record of mode `tag`: its own (`record.json`, whose timing is checked), or its
 /// phase of the whole run's record (`phase.json`).
+/// The mode's ground truth: the hist triggers' output (`hist.txt`), or where the
+/// kernel has none, the trace buffer's counts (`trace-counts.txt`, with the event's
+/// format in `kvm_exit-format.txt`), with the hist's text (empty for the trace
+/// buffer). `None`, with the problem said, when neither is there or the trace
+/// buffer's counts cannot stand as the reference.
+fn reference(
+    all_lines: &[Line],
+    tag: &str,
+    dir: &Path,
+    isa: super::options::Isa,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<Option<(hist::Hist, String)>> {
+    if let Some(text) = console::section(all_lines, "hist", tag) {
+        write(dir, "hist.txt", &text)?;
+        return Ok(Some((hist::parse_hist(&text)?, text)));
+    }
+    let counts = console::section(all_lines, "trace-counts", tag);
+    let format = console::section(all_lines, "kvm-exit-format", tag);
+    let (Some(counts), Some(format)) = (counts, format) else {
+        problems.push(format!(
+            "{tag}: neither a hist nor the trace buffer's counts on the console"
+        ));
+        return Ok(None);
+    };
+    write(dir, "trace-counts.txt", &counts)?;
+    write(dir, "kvm_exit-format.txt", &format)?;
+    match hist::from_trace(&format, &counts, isa.trace_isa()) {
+        Ok(h) => Ok(Some((h, String::new()))),
+        Err(e) => {
+            problems.push(format!("{tag}: the trace buffer's counts: {e}"));
+            Ok(None)
+        }
+    }
+}
+
 fn read_record(
     lines: &[Line],
     tag: &str,

@@ -37,7 +37,11 @@ pub fn l1(
         vms: opts.vms,
         scenario: opts.scenario.name(),
         net_modules: if opts.scenario == Scenario::Export {
-            inputs.net_modules.clone()
+            assets::plain_modules(
+                &inputs.module_dir,
+                opts.isa.net_modules(),
+                &inputs.plain_modules,
+            )?
         } else {
             Vec::new()
         },
@@ -61,15 +65,15 @@ fn l2_system_map(opts: &Options, inputs: &Inputs) -> anyhow::Result<Option<PathB
     let cache = inputs.cache.clone();
     let deb = crate::apt::download(
         &cache.join("debs"),
-        &format!("linux-image-{}-dbg", inputs.abi),
+        &format!("linux-image-{}-dbg", inputs.l2_abi),
     )?;
-    let member = format!("./usr/lib/debug/boot/System.map-{}", inputs.abi);
+    let member = format!("./usr/lib/debug/boot/System.map-{}", inputs.l2_abi);
     let map = crate::apt::unpack_member(
         &deb,
         &member,
         &cache
             .join("roots")
-            .join(format!("linux-image-{}-dbg", inputs.abi)),
+            .join(format!("linux-image-{}-dbg", inputs.l2_abi)),
     )?;
     Ok(Some(map))
 }
@@ -99,7 +103,7 @@ fn l2_workload(
                 qemu_libs: assets::shared_libraries(&qemu)?,
                 qemu,
                 firmware: inputs.firmware.clone(),
-                kernel: inputs.kernel.clone(),
+                kernel: inputs.l2_kernel.clone(),
                 l2_initrd: l2,
                 memory_mb: L2_MEMORY_MB,
                 smp: opts.smp,
