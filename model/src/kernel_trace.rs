@@ -47,6 +47,8 @@ pub enum TraceError {
     },
     #[error("the trace counts have no `{0}` line")]
     Missing(&'static str),
+    #[error("the trace buffer holds no kvm_exit record: kvm_exit was not enabled, or no VM ran")]
+    Empty,
 }
 
 /// One vendor's exit codes by the names `kvm_exit` prints for them.
@@ -194,6 +196,9 @@ pub fn parse(format: &str, counts: &str, exit_isa: u32) -> Result<KernelHist, Tr
         n => return Err(TraceError::Unmatched(n, first_unmatched)),
     }
     let (entries, written) = entries.ok_or(TraceError::Missing("# entries-in-buffer"))?;
+    if summed == 0 {
+        return Err(TraceError::Empty);
+    }
     if summed != counted || counted != entries || entries != written {
         return Err(TraceError::Incomplete {
             counted: summed,
@@ -346,6 +351,8 @@ mod tests {
             parse(FORMAT, "7 vcpu 0 reason CPUID\n", isa::VMX),
             Err(TraceError::Missing("# counted"))
         );
+        // A reference that counted nothing checks nothing.
+        assert_eq!(parse(FORMAT, &tail(0), isa::VMX), Err(TraceError::Empty));
         assert!(matches!(
             parse(
                 FORMAT,

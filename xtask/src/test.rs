@@ -23,6 +23,13 @@ pub struct Options {
     pub fuzz_seconds: u64,
 }
 
+/// The kernel lines whose series is checked and built (the lab boots each).
+const LINES: &[kmod::KernelLine] = &[
+    kmod::KernelLine::V6_1,
+    kmod::KernelLine::V6_12,
+    kmod::KernelLine::V5_10,
+];
+
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     setup::run(&setup::Options::default(), root)?;
     let cargo = || {
@@ -66,11 +73,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
 
     // The KVM patch: checkpatch --strict on each line's series, with that line's own
     // checkpatch; then the series must build for every line.
-    for kernel in [
-        kmod::KernelLine::V6_1,
-        kmod::KernelLine::V6_12,
-        kmod::KernelLine::V5_10,
-    ] {
+    for &kernel in LINES {
         let check = kmod::Options {
             kernel,
             check: true,
@@ -79,11 +82,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         kmod::run(&check, root)?;
     }
     if !opts.no_kmod {
-        for kernel in [
-            kmod::KernelLine::V6_12,
-            kmod::KernelLine::V6_1,
-            kmod::KernelLine::V5_10,
-        ] {
+        for &kernel in LINES {
             let build = kmod::Options {
                 kernel,
                 ..kmod::Options::default()
