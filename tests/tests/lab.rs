@@ -759,6 +759,60 @@ fn amd_timing_path_reads_the_exit_from_the_vcpu() {
     timing_raw_exit_is_exact("amd");
 }
 
+/// The default record (time, no `--per-vcpu`) keeps rows per VM: each exit is counted
+/// in its VM's per-CPU cells and timed at its entry in the VM's time cells, with no
+/// hash lookup. Every reason equals the hist, the rows are the VM's ("all" vCPUs), and
+/// every exit but the VM's last is timed.
+fn per_vm_time_is_exact(isa: &'static str) {
+    let s = Scenario {
+        modules: "stock",
+        extra: &["--record-args", ""],
+        tag: "per-vm-time",
+        ..micro(isa)
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        assert_l2_ended(&dir);
+        assert_matches_hist(&dir);
+        let rec = record(&dir);
+        assert!(
+            !rec.vcpus.is_empty()
+                && rec
+                    .vcpus
+                    .iter()
+                    .all(|v| v.vcpu_id == tracer_common::count::ALL_VCPUS),
+            "{}: rows are not per VM: {:?}",
+            dir.display(),
+            rec.vcpus
+        );
+        let timed: u64 = rec.reasons.iter().map(|r| r.totals.timed).sum();
+        let time_ns: u64 = rec.reasons.iter().map(|r| r.totals.time_ns).sum();
+        assert!(
+            timed + 1 >= rec.total.count && rec.total.count > 1000 && time_ns > 0,
+            "{}: {timed} of {} timed, {time_ns} ns",
+            dir.display(),
+            rec.total.count
+        );
+        let stderr = read(&dir.join("kvmtrace.stderr"));
+        assert!(
+            stderr.contains("timing exits through the raw tracepoint kvm_exit, in rows per VM"),
+            "{}: {stderr}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn amd_default_record_times_rows_per_vm() {
+    per_vm_time_is_exact("amd");
+}
+
+#[test]
+#[ignore = "one ISA per claim in the default run: cargo xtask test --full"]
+fn intel_default_record_times_rows_per_vm() {
+    per_vm_time_is_exact("intel");
+}
+
 /// A million exits through the count path, and not one differs from the hist.
 #[test]
 fn amd_a_million_exits_on_the_count_path_match_the_hist() {
@@ -782,13 +836,22 @@ fn amd_a_million_exits_on_the_count_path_match_the_hist() {
 }
 
 /// A million exits in one run, and not one differs from the hist. (The default run
-/// keeps the count path's million; this is the timing path's.)
+/// keeps the count path's million; this is the default record's, with time and rows
+/// per VM.)
 #[test]
 #[ignore = "one run per claim in the default run: cargo xtask test --full"]
 fn amd_a_million_exits_match_the_hist() {
     let s = Scenario {
+        modules: "stock",
         tag: "million",
-        extra: &["--micro-cpuids", "1000000", "--modes", "1"],
+        extra: &[
+            "--micro-cpuids",
+            "1000000",
+            "--modes",
+            "1",
+            "--record-args",
+            "",
+        ],
         ..micro("amd")
     };
     let dir = mode_dir(s, true);

@@ -16,6 +16,10 @@
 //! ([`vm_counts`]). Otherwise a VM's cells are summed in user space. Kernels before
 //! 5.19 have no helper to read another CPU's value: there (`SUM_PER_CPU` = 0) each
 //! exit also adds to the VM's shared cells, atomically, and a read takes those.
+//!
+//! The timing path uses the same cells where per-VM rows are all it reports (no
+//! `--per-vcpu`, `--vcpu`, `--detail`, `--rip` or snapshots; `VM_TIME` = 1): the exit
+//! is counted here at once, and its entry adds its time to the slot's `TIMES` cell.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -27,7 +31,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    ExitKey, NO_FIELD, PhaseVcpuKey, VcpuKey,
+    ExitKey, NO_FIELD, PhaseVcpuKey, TimeCell, VcpuKey,
     count::{self, CachedSlot},
     drop_kind, isa, limits,
 };
@@ -62,6 +66,11 @@ const VMCB_EXIT_CODE: u64 = 0x70;
 /// Per VM slot, per CPU: exits per dense reason cell ([`count::dense_index`]).
 #[map]
 pub static COUNTS: PerCpuArray<[u64; count::CELLS as usize]> =
+    PerCpuArray::with_max_entries(count::MAX_VMS, 0);
+/// Per VM slot, per CPU, on the per-VM timing path (`VM_TIME`): the handling time of
+/// the exits `COUNTS` counts, per cell, added at each exit's entry.
+#[map]
+static TIMES: PerCpuArray<[TimeCell; count::CELLS as usize]> =
     PerCpuArray::with_max_entries(count::MAX_VMS, 0);
 /// Per VM slot, shared by all CPUs, only with snapshots where `SUM_PER_CPU` is 0:
 /// the same cells as `COUNTS`, added to atomically.
@@ -203,9 +212,32 @@ fn add_shared(slot: u32, cell: u32) {
     }
 }
 
+/// The per-VM timing path's entry: adds an exit's handling time to its VM slot's
+/// cell. False for a reason without a cell, which the caller keeps elsewhere.
+#[inline(always)]
+pub fn add_time(slot: u32, cell: u32, elapsed: u64) -> bool {
+    if cell >= count::CELLS {
+        return false;
+    }
+    if let Some(cells) = TIMES.get_ptr_mut(slot) {
+        // SAFETY: this CPU's value, no other writer; the index is masked after a
+        // volatile read, as in `add`.
+        unsafe {
+            let i = core::ptr::read_volatile(&cell) & (count::CELLS - 1);
+            let c = &mut (*cells)[i as usize];
+            c.timed += 1;
+            c.time_ns += elapsed;
+            if elapsed > c.max_ns {
+                c.max_ns = elapsed;
+            }
+        }
+    }
+    true
+}
+
 /// Counts one exit of the VM in `slot`.
 #[inline(always)]
-fn add(slot: u32, exit_isa: u32, raw: u32) {
+pub fn add(slot: u32, exit_isa: u32, raw: u32) {
     if slot == 0 {
         count_drop(drop_kind::COUNT_SLOTS_FULL);
     }
@@ -261,7 +293,12 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
 #[inline(always)]
 fn vm_slot() -> Option<u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let phase = PHASE.get(0).copied().unwrap_or(0);
+    vm_slot_of(tgid, PHASE.get(0).copied().unwrap_or(0))
+}
+
+/// VM `tgid`'s slot in `phase`; `None` when the pid filter does not trace it.
+#[inline(always)]
+pub fn vm_slot_of(tgid: u32, phase: u32) -> Option<u32> {
     let epoch = COUNT_EPOCH.get(0).copied().unwrap_or(0);
     let cache = CPU_SLOT.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; only programs on this CPU use it, one at a time.

@@ -71,6 +71,10 @@ use tracer_common::{
 
 #[unsafe(no_mangle)]
 static EXIT_FIELDS_OFF: u32 = 8;
+/// 1: the per-VM timing path (see `count_path`): exits counted at once in the VM's
+/// cells, timed at their entry; no per-vCPU rows.
+#[unsafe(no_mangle)]
+static VM_TIME: u32 = 0;
 #[unsafe(no_mangle)]
 static EXIT_REASON_OFF: u32 = 0;
 #[unsafe(no_mangle)]
@@ -329,10 +333,15 @@ pub fn kvm_exit_raw(ctx: RawTracePointContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let vcpu: u64 = ctx.arg(0);
     let isa = ctx.arg::<u64>(1) as u32;
-    let (Some(raw_reason), Some(vcpu_id)) = (
-        count_path::reason_of(vcpu, isa),
-        count_path::vcpu_id_of(vcpu),
-    ) else {
+    let Some(raw_reason) = count_path::reason_of(vcpu, isa) else {
+        count_drop(drop_kind::READ_FAILED);
+        return 0;
+    };
+    if global(&VM_TIME) != 0 {
+        vm_exit(now, isa, raw_reason);
+        return 0;
+    }
+    let Some(vcpu_id) = count_path::vcpu_id_of(vcpu) else {
         count_drop(drop_kind::READ_FAILED);
         return 0;
     };
@@ -355,8 +364,46 @@ struct Exit<'a> {
     fields: Option<&'a [u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>,
 }
 
+/// The per-VM timing path's exit: counted now in its VM's cells, parked for its
+/// entry to time it.
+#[inline(always)]
+fn vm_exit(now: u64, isa: u32, raw_reason: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let phase = PHASE.get(0).copied().unwrap_or(0);
+    let Some(vm_slot) = count_path::vm_slot_of(tgid, phase) else {
+        return;
+    };
+    count_path::add(vm_slot, isa, raw_reason);
+    let row = PhaseVcpuKey::new(
+        phase,
+        &VcpuKey {
+            pid: tgid,
+            vcpu_id: count::ALL_VCPUS,
+            exit: ExitKey::from_raw(isa, raw_reason),
+        },
+    );
+    if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, as in `try_kvm_exit`.
+        unsafe {
+            if (*slot).start_ns != 0 {
+                // Counted already; only its time is lost.
+                count_drop(drop_kind::PENDING_LOST);
+            }
+            (*slot).start_ns = now;
+            (*slot).tid = tid;
+            (*slot).row = row;
+            (*slot).vm_slot = vm_slot;
+        }
+    }
+}
+
 #[inline(always)]
 fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
+    if global(&VM_TIME) != 0 {
+        vm_exit(now, ex.isa, ex.raw_reason);
+        return;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
@@ -837,9 +884,18 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     {
         // Its time is lost, not the exit.
         count_drop(drop_kind::PENDING_MAP_FULL);
-        count_row(&pending.row, &untimed_one());
+        count_untimed(&pending.row);
     }
     0
+}
+
+/// Counts an exit whose time is lost. On the per-VM timing path it was counted at
+/// the exit already: nothing to do.
+#[inline(always)]
+fn count_untimed(row: &PhaseVcpuKey) {
+    if global(&VM_TIME) == 0 {
+        count_row(row, &untimed_one());
+    }
 }
 
 /// One exit, without its time.
@@ -875,8 +931,14 @@ fn try_kvm_entry() {
         },
     };
     // SAFETY: this CPU's slot, or the thread's own entry: only this thread uses it now.
-    let (start_ns, row, detail) =
-        unsafe { ((*pending).start_ns, (*pending).row, (*pending).detail) };
+    let (start_ns, row, detail, vm_slot) = unsafe {
+        (
+            (*pending).start_ns,
+            (*pending).row,
+            (*pending).detail,
+            (*pending).vm_slot,
+        )
+    };
     if start_ns == 0 || row.pid != (pid_tgid >> 32) as u32 {
         // The first entry after attach, or an old exit of a thread id now reused.
         return;
@@ -891,15 +953,23 @@ fn try_kvm_entry() {
         time_ns: elapsed,
         max_ns: elapsed,
     };
-    count_row(&row, &timed);
+    let exit = row.exit();
+    let cell = count::dense_index(exit.isa, exit.reason | (exit.failed_entry << 31));
+    if global(&VM_TIME) != 0 {
+        // Counted at the exit: only the time, in its VM's cell, or (a reason without
+        // a cell, rare) in its VM's row.
+        if !count_path::add_time(vm_slot, cell, elapsed) {
+            count_row(&row, &ExitStats { count: 0, ..timed });
+        }
+    } else {
+        count_row(&row, &timed);
+    }
     if detail.kind != 0 {
         let timed = ExitStats { count: 0, ..timed };
         // Exists too: its exit (or the tracepoint that gave its sub-key) created it.
         add_stats(&DETAIL_EXITS, &detail, &timed);
     }
-    let exit = row.exit();
     let bucket = hist_bucket(elapsed);
-    let cell = count::dense_index(exit.isa, exit.reason | (exit.failed_entry << 31));
     if cell < count::CELLS {
         // Known reasons: an array cell, no hash lookup.
         if let Some(buckets) = LATENCY_CELLS.get_ptr_mut(cell) {
@@ -1131,14 +1201,14 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         unsafe {
             if (*slot).tid == tid && (*slot).start_ns != 0 {
                 (*slot).start_ns = 0;
-                count_row(&(*slot).row, &untimed_one());
+                count_untimed(&(*slot).row);
             }
         }
     }
     // SAFETY: the entry is copied out; the thread is exiting, nothing else writes it.
     if let Some(pending) = unsafe { PENDING.get(tid) }.copied() {
         if pending.start_ns != 0 && pending.row.pid == tgid {
-            count_row(&pending.row, &untimed_one());
+            count_untimed(&pending.row);
         }
         let _ = PENDING.remove(tid);
     }

@@ -131,6 +131,7 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
         counts: None,
         raw_exit: None,
         sum_per_cpu: !args.shared_cells && kvmtrace::probe::sums_per_cpu(),
+        vm_time: false,
     })
     .map(|config| with_exit_source(config, args))
 }
@@ -142,11 +143,15 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
 fn with_exit_source(config: ProbeConfig, args: &RecordArgs) -> ProbeConfig {
     let choice = count_choice(args.classic_tracepoint);
     let record_free = !args.report.detail && args.rip.is_none();
-    ProbeConfig {
+    let config = ProbeConfig {
         raw_exit: (!args.counts_only && record_free)
             .then(|| choice.offsets())
             .flatten(),
         counts: args.counts_only.then_some(choice),
+        ..config
+    };
+    ProbeConfig {
+        vm_time: config.per_vm_time_fits(args.report.per_vcpu),
         ..config
     }
 }
@@ -185,6 +190,11 @@ fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result
         (Some(choice), _) => format!("counting exits through the {}", choice.describe()),
         (None, Some(_)) => "timing exits through the raw tracepoint kvm_exit".to_owned(),
         (None, None) => "timing exits through the classic tracepoint kvm:kvm_exit".to_owned(),
+    };
+    let source = if probe.per_vm_time() {
+        format!("{source}, in rows per VM (--per-vcpu keeps rows per vCPU)")
+    } else {
+        source
     };
     let source = if config.snapshots.is_some() && !config.sum_per_cpu {
         format!(

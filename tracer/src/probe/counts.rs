@@ -1,6 +1,6 @@
-//! The count path's maps in user space: a VM's cells summed over CPUs, ended VMs'
-//! slots read once and given back, and the vendor module's layout checked again
-//! after a reload.
+//! The count path's maps in user space: a VM's cells summed over CPUs (with their
+//! time cells on the per-VM timing path), ended VMs' slots read once and given back,
+//! and the vendor module's layout checked again after a reload.
 
 use std::{
     collections::BTreeMap,
@@ -8,8 +8,8 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
-use kvmtrace_model::snapshot::{Snapshot, sum_u64};
-use tracer_common::{ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps};
+use kvmtrace_model::snapshot::{Snapshot, sum_stats};
+use tracer_common::{ExitKey, ExitStats, PhaseVcpuKey, TimeCell, VcpuKey, count, maps};
 
 use super::{Probe, ProbeError, map_err};
 use crate::exit_layout::{self, Choice};
@@ -20,24 +20,30 @@ const RELOAD_GRACE: Duration = Duration::from_secs(2);
 
 /// Cells of one slot, per CPU.
 type Cells = [u64; count::CELLS as usize];
+/// Time cells of one slot, per CPU (the per-VM timing path).
+type Times = [TimeCell; count::CELLS as usize];
 
 /// The VM slots' state on the user side: the count path's, or the snapshots'.
 #[derive(Debug)]
 pub(super) struct CountPath {
-    /// How the count path reads exits; `None`: the slots serve snapshots only.
+    /// How the count path reads exits; `None`: the slots serve snapshots, or the
+    /// timing path's per-VM rows.
     pub choice: Option<Choice>,
+    /// The timing path's per-VM rows: the slots' `TIMES` cells hold their time.
+    pub times: bool,
     /// The last phase whose vendor module was checked to have the layout read.
     verified_phase: u32,
     /// Since when the current phase's module has not shown that layout.
     unverified_since: Option<Instant>,
     /// Ended VMs, read from their slots: (phase, pid) -> exits per reason.
-    ended: BTreeMap<(u32, u32), BTreeMap<ExitKey, u64>>,
+    ended: BTreeMap<(u32, u32), BTreeMap<ExitKey, ExitStats>>,
 }
 
 impl CountPath {
-    pub fn new(choice: Option<Choice>) -> Self {
+    pub fn new(choice: Option<Choice>, times: bool) -> Self {
         Self {
             choice,
+            times,
             verified_phase: 0,
             unverified_since: None,
             ended: BTreeMap::new(),
@@ -45,12 +51,14 @@ impl CountPath {
     }
 }
 
-/// Adds `n` exits of `exit` by VM `pid` in `phase` to `snap`.
-fn add(snap: &mut Snapshot, phase: u32, pid: u32, exit: ExitKey, n: u64) -> Result<(), ProbeError> {
-    let stats = ExitStats {
-        count: n,
-        ..ExitStats::default()
-    };
+/// Adds `stats` of `exit` by VM `pid` in `phase` to `snap`.
+fn add(
+    snap: &mut Snapshot,
+    phase: u32,
+    pid: u32,
+    exit: ExitKey,
+    stats: ExitStats,
+) -> Result<(), ProbeError> {
     let vcpu = VcpuKey {
         pid,
         vcpu_id: count::ALL_VCPUS,
@@ -61,23 +69,60 @@ fn add(snap: &mut Snapshot, phase: u32, pid: u32, exit: ExitKey, n: u64) -> Resu
     Ok(())
 }
 
-/// The cells of one slot summed over CPUs, as (exit, count) with count > 0.
-fn sum_cells(per_cpu: &PerCpuValues<Cells>) -> Result<Vec<(ExitKey, u64)>, ProbeError> {
+/// The cells of one slot summed over CPUs, as (exit, stats) with a count or a time:
+/// the count from `counts`, the time from `times` where the slot has time cells.
+fn sum_cells(
+    counts: &PerCpuValues<Cells>,
+    times: Option<&PerCpuValues<Times>>,
+) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
     let mut out = Vec::new();
     // The total cell (kept with snapshots) is the sum of the others.
     for cell in (0..count::CELLS).filter(|&c| c != count::TOTAL) {
-        let n = sum_u64(per_cpu.iter().map(|c| c[cell as usize]), "exit count")?;
-        if n > 0 {
+        let i = cell as usize;
+        let per_cpu = counts.iter().enumerate().map(|(cpu, c)| {
+            let t = times
+                .and_then(|t| t.get(cpu))
+                .map(|t| t[i])
+                .unwrap_or_default();
+            ExitStats {
+                count: c[i],
+                timed: t.timed,
+                time_ns: t.time_ns,
+                max_ns: t.max_ns,
+            }
+        });
+        let stats = sum_stats(per_cpu.collect::<Vec<_>>().iter())?;
+        if stats.count > 0 || stats.timed > 0 {
             let exit = count::exit_of(cell).ok_or(ProbeError::CellWithoutReason(cell))?;
-            out.push((exit, n));
+            out.push((exit, stats));
         }
     }
     Ok(out)
 }
 
+/// Adds `more` to `row`, failing instead of wrapping.
+fn add_stats(row: &mut ExitStats, more: ExitStats) -> Result<(), ProbeError> {
+    *row = sum_stats([*row, more].iter())?;
+    Ok(())
+}
+
 impl Probe {
     fn count_state(&mut self) -> Option<&mut CountPath> {
         self.counts.as_mut()
+    }
+
+    /// Slot `slot`'s cells summed over CPUs, with their time on the per-VM timing path.
+    fn slot_rows(&self, slot: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
+        let cells: PerCpuArray<&MapData, Cells> =
+            PerCpuArray::try_from(self.map(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
+        let counts = cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?;
+        if !self.per_vm_time() {
+            return sum_cells(&counts, None);
+        }
+        let times: PerCpuArray<&MapData, Times> =
+            PerCpuArray::try_from(self.map(maps::TIMES)?).map_err(map_err(maps::TIMES))?;
+        let times = times.get(&slot, 0).map_err(map_err(maps::TIMES))?;
+        sum_cells(&counts, Some(&times))
     }
 
     /// The count path's upkeep, at least every 100 ms while a record runs: reads the
@@ -135,17 +180,14 @@ impl Probe {
                 HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
                     .map_err(map_err(maps::SLOT_OWNERS))?;
             let owner = owners.get(&slot, 0).ok();
-            let cells: PerCpuArray<&MapData, Cells> =
-                PerCpuArray::try_from(self.map(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
-            let sums = sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?)?;
+            let sums = self.slot_rows(slot)?;
             if let (Some(key), Some(path)) = (owner, self.counts.as_mut()) {
                 let vm = path
                     .ended
                     .entry(((key >> 32) as u32, key as u32))
                     .or_default();
-                for (exit, n) in sums {
-                    let row = vm.entry(exit).or_default();
-                    *row = sum_u64([*row, n], "exit count")?;
+                for (exit, stats) in sums {
+                    add_stats(vm.entry(exit).or_default(), stats)?;
                 }
             }
             let zeros = PerCpuValues::try_from(vec![[0u64; count::CELLS as usize]; nr_cpus])
@@ -154,6 +196,18 @@ impl Probe {
                 PerCpuArray::try_from(self.map_mut(maps::COUNTS)?)
                     .map_err(map_err(maps::COUNTS))?;
             cells.set(slot, zeros, 0).map_err(map_err(maps::COUNTS))?;
+            if self.per_vm_time() {
+                let zeros = PerCpuValues::try_from(vec![
+                    [TimeCell::default();
+                        count::CELLS as usize];
+                    nr_cpus
+                ])
+                .map_err(ProbeError::Cpus)?;
+                let mut times: PerCpuArray<&mut MapData, Times> =
+                    PerCpuArray::try_from(self.map_mut(maps::TIMES)?)
+                        .map_err(map_err(maps::TIMES))?;
+                times.set(slot, zeros, 0).map_err(map_err(maps::TIMES))?;
+            }
             // The shared cells, where they are used (older kernels, with snapshots).
             let mut shared: Array<&mut MapData, Cells> =
                 Array::try_from(self.map_mut(maps::SHARED_CELLS)?)
@@ -187,19 +241,16 @@ impl Probe {
                     .map_err(map_err(maps::SLOT_OWNERS))?;
             owners.iter().filter_map(Result::ok).collect()
         };
-        let cells: PerCpuArray<&MapData, Cells> =
-            PerCpuArray::try_from(self.map(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
         let slots = owners.into_iter().chain([(0, count::slot_key(phase, 0))]);
         for (slot, key) in slots {
-            let sums = sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?)?;
-            for (exit, n) in sums {
-                add(snap, (key >> 32) as u32, key as u32, exit, n)?;
+            for (exit, stats) in self.slot_rows(slot)? {
+                add(snap, (key >> 32) as u32, key as u32, exit, stats)?;
             }
         }
         if let Some(path) = &self.counts {
             for (&(vm_phase, pid), exits) in &path.ended {
-                for (&exit, &n) in exits {
-                    add(snap, vm_phase, pid, exit, n)?;
+                for (&exit, &stats) in exits {
+                    add(snap, vm_phase, pid, exit, stats)?;
                 }
             }
         }
@@ -208,7 +259,11 @@ impl Probe {
                 .map_err(map_err(maps::COUNT_OVERFLOW))?;
         for item in overflow.iter() {
             let (key, n) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
-            add(snap, key.phase(), key.pid, key.exit(), n)?;
+            let stats = ExitStats {
+                count: n,
+                ..ExitStats::default()
+            };
+            add(snap, key.phase(), key.pid, key.exit(), stats)?;
         }
         Ok(())
     }
@@ -219,13 +274,12 @@ impl Probe {
         pid: u32,
     ) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
         self.tick()?;
-        let mut gone: BTreeMap<ExitKey, u64> = BTreeMap::new();
+        let mut gone: BTreeMap<ExitKey, ExitStats> = BTreeMap::new();
         if let Some(path) = self.count_state() {
             let keys: Vec<(u32, u32)> = path.ended.keys().filter(|k| k.1 == pid).copied().collect();
             for key in keys {
-                for (exit, n) in path.ended.remove(&key).unwrap_or_default() {
-                    let row = gone.entry(exit).or_default();
-                    *row = sum_u64([*row, n], "exit count")?;
+                for (exit, stats) in path.ended.remove(&key).unwrap_or_default() {
+                    add_stats(gone.entry(exit).or_default(), stats)?;
                 }
             }
         }
@@ -243,21 +297,13 @@ impl Probe {
             overflow
                 .remove(&key)
                 .map_err(map_err(maps::COUNT_OVERFLOW))?;
-            let row = gone.entry(key.exit()).or_default();
-            *row = sum_u64([*row, n], "exit count")?;
+            let stats = ExitStats {
+                count: n,
+                ..ExitStats::default()
+            };
+            add_stats(gone.entry(key.exit()).or_default(), stats)?;
         }
-        Ok(gone
-            .into_iter()
-            .map(|(exit, n)| {
-                (
-                    exit,
-                    ExitStats {
-                        count: n,
-                        ..ExitStats::default()
-                    },
-                )
-            })
-            .collect())
+        Ok(gone.into_iter().collect())
     }
 }
 

@@ -125,6 +125,24 @@ pub struct ProbeConfig {
     /// With snapshots: a counter read sums the VM's per-CPU cells in the kernel
     /// (5.19+, [`sums_per_cpu`]); false: every exit also adds to shared cells.
     pub sum_per_cpu: bool,
+    /// The timing path with per-VM rows only: each exit is counted at once in its
+    /// VM's per-CPU cells (as on the count path) and its entry adds its time to the
+    /// VM's time cells, with no hash lookup at either. Only without per-vCPU rows,
+    /// `vcpu`, `detail`, `rips` and `snapshots` ([`ProbeConfig::per_vm_time_fits`]).
+    pub vm_time: bool,
+}
+
+impl ProbeConfig {
+    /// Whether nothing asked for needs per-vCPU rows: the timing path can then keep
+    /// per-VM rows (`vm_time`).
+    pub fn per_vm_time_fits(&self, per_vcpu: bool) -> bool {
+        !per_vcpu
+            && self.counts.is_none()
+            && self.vcpu.is_none()
+            && !self.detail
+            && !self.rips
+            && self.snapshots.is_none()
+    }
 }
 
 impl Default for ProbeConfig {
@@ -143,6 +161,7 @@ impl Default for ProbeConfig {
             counts: None,
             raw_exit: None,
             sum_per_cpu: setup::sums_per_cpu(),
+            vm_time: false,
         }
     }
 }
@@ -283,14 +302,25 @@ impl Probe {
             filter_enabled: !config.pids.is_empty(),
             tracks_phases: setup.tracks_phases(),
             counts_synthetic,
-            counts: (config.counts.is_some() || leaves.is_some())
-                .then(|| counts::CountPath::new(config.counts.clone())),
+            counts: (config.counts.is_some() || leaves.is_some() || config.vm_time)
+                .then(|| counts::CountPath::new(config.counts.clone(), config.vm_time)),
         })
     }
 
     /// How the count path reads exits; `None` on the timing path.
     pub fn count_path(&self) -> Option<&Choice> {
         self.counts.as_ref().and_then(|c| c.choice.as_ref())
+    }
+
+    /// Whether the timing path keeps per-VM rows in the count path's cells
+    /// ([`ProbeConfig::vm_time`]).
+    pub fn per_vm_time(&self) -> bool {
+        self.counts.as_ref().is_some_and(|c| c.times)
+    }
+
+    /// Whether the rows are the VM slots' cells: the count path, or per-VM time.
+    fn rows_in_cells(&self) -> bool {
+        self.count_path().is_some() || self.per_vm_time()
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, ProbeError> {
@@ -430,6 +460,12 @@ impl Probe {
         if self.count_path().is_some() {
             return self.forget_counted_vm(pid);
         }
+        // Per-VM time: the cells, and the rows of reasons without a cell.
+        let mut gone_cells = if self.per_vm_time() {
+            self.forget_counted_vm(pid)?
+        } else {
+            Vec::new()
+        };
         let mut rows: PerCpuHashMap<&mut MapData, PhaseVcpuKey, ExitStats> =
             PerCpuHashMap::try_from(
                 self.ebpf
@@ -447,14 +483,15 @@ impl Probe {
         for (key, _) in &gone {
             rows.remove(key).map_err(map_err(maps::VCPU_EXITS))?;
         }
-        Ok(gone.into_iter().map(|(k, s)| (k.exit(), s)).collect())
+        gone_cells.extend(gone.into_iter().map(|(k, s)| (k.exit(), s)));
+        Ok(gone_cells)
     }
 
     /// Copies every map, summed over CPUs (on the count path, after its upkeep: see
     /// [`Probe::tick`]).
     pub fn snapshot(&mut self) -> Result<Snapshot, ProbeError> {
         let mut snap = Snapshot::default();
-        if self.count_path().is_some() {
+        if self.rows_in_cells() {
             self.count_rows(&mut snap)?;
         } else {
             self.tick()?;
@@ -472,8 +509,8 @@ impl Probe {
             snap.add_exits(key.phase(), key.exit(), stats)?;
         }
         // Exits still waiting for their entry (counted there): parked per CPU, or per
-        // thread once the thread left its CPU.
-        if self.count_path().is_none() {
+        // thread once the thread left its CPU. Per-VM time counted them at the exit.
+        if !self.rows_in_cells() {
             let one = ExitStats {
                 count: 1,
                 ..ExitStats::default()
@@ -854,7 +891,11 @@ format:
         assert_eq!((h.exit(), h.bucket()), (svm, 47));
         assert_eq!(size_of::<PhaseVcpuKey>(), 16);
         assert_eq!(size_of::<HistKey>(), 8);
-        assert_eq!(size_of::<tracer_common::PendingExit>(), 56);
+        assert_eq!(
+            size_of::<tracer_common::PendingExit>(),
+            64,
+            "one cache line"
+        );
         // Keys without padding: every byte is hashed.
         assert_eq!(size_of::<tracer_common::DetailKey>(), 24);
         assert_eq!(size_of::<tracer_common::RipKey>(), 24);

@@ -264,6 +264,7 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     vec![
         (globals::NR_CPUS, nr_cpus),
         (globals::SUM_PER_CPU, u32::from(config.sum_per_cpu)),
+        (globals::VM_TIME, u32::from(config.vm_time)),
         (
             globals::VMX_EXIT_REASON_OFF,
             offsets.and_then(|o| o.vmx_exit_reason).unwrap_or(NO_FIELD),
@@ -315,6 +316,8 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     let snap = config.snapshots.is_some();
     let ring_min = limits::CPUID_RING_MIN_BYTES;
     let counting = config.counts.is_some();
+    // The VM slots' cells: the count path's, the snapshots', and per-VM time's.
+    let cells = counting || snap || config.vm_time;
     vec![
         (
             maps::OVERFLOW_EXITS,
@@ -324,11 +327,9 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (maps::LATENCY_HIST, on(!counting, limits::MAX_HIST_ROWS, 1)),
         (maps::LATENCY_CELLS, on(!counting, count::CELLS, 1)),
         (maps::PENDING, on(!counting, limits::MAX_PENDING, 1)),
-        (maps::COUNTS, on(counting || snap, count::MAX_VMS, 1)),
-        (
-            maps::COUNT_OVERFLOW,
-            on(counting || snap, config.max_overflow_rows, 1),
-        ),
+        (maps::COUNTS, on(cells, count::MAX_VMS, 1)),
+        (maps::TIMES, on(config.vm_time, count::MAX_VMS, 1)),
+        (maps::COUNT_OVERFLOW, on(cells, config.max_overflow_rows, 1)),
         (
             maps::SHARED_CELLS,
             on(snap && !config.sum_per_cpu, count::MAX_VMS, 1),
