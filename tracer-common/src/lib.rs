@@ -167,8 +167,8 @@ pub mod globals {
     /// 1 when a counter read sums per-CPU cells in the kernel (5.19+); 0: every
     /// exit also adds to shared cells, which the read takes.
     pub const SUM_PER_CPU: &str = "SUM_PER_CPU";
-    /// 1: the timing path keeps per-VM rows, counted at the exit in the count path's
-    /// cells and timed at the entry in `TIMES` (no hash lookup at either).
+    /// 1: the timing path keeps per-VM rows, in the VM slots' per-CPU `TIMES` cells
+    /// (no hash lookup at the exit or the entry).
     pub const VM_TIME: &str = "VM_TIME";
     /// Offset of `fault_address` in `kvm:kvm_page_fault`.
     pub const PF_ADDRESS_OFF: &str = "PF_ADDRESS_OFF";
@@ -279,16 +279,6 @@ pub struct ExitStats {
     pub max_ns: u64,
 }
 
-/// Handling time of the exits of one VM slot and reason (the per-VM timing path):
-/// as [`ExitStats`] without the count, which the count path's cell holds.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TimeCell {
-    pub timed: u64,
-    pub time_ns: u64,
-    pub max_ns: u64,
-}
-
 /// Key of the per-VM, per-vCPU map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -394,11 +384,12 @@ pub struct PendingExit {
     pub row: PhaseVcpuKey,
     /// The vCPU thread (in the per-CPU slot; unused in the per-thread map).
     pub tid: u32,
-    /// The per-VM timing path: the VM's slot, whose `TIMES` cell the entry adds to
-    /// (the exit is already counted).
+    /// The per-VM timing path: the VM's slot, whose `TIMES` cell the exit is counted
+    /// in. It also serves as this CPU's cache of the slot of `row.pid`, valid while
+    /// the count path's epoch is `epoch`.
     pub vm_slot: u32,
-    /// Keeps the fields after it 8-aligned, with no hidden padding.
-    pub pad: u32,
+    /// The epoch `vm_slot` was found in.
+    pub epoch: u32,
     /// With `--detail`: the [`detail_kind`] a later tracepoint of this thread is
     /// expected to give the exit (0: none, or already given).
     pub awaiting: u32,
@@ -672,7 +663,6 @@ mod pod {
     unsafe impl aya::Pod for super::CpuidEvent {}
     unsafe impl aya::Pod for super::DetailKey {}
     unsafe impl aya::Pod for super::RipKey {}
-    unsafe impl aya::Pod for super::TimeCell {}
 }
 
 /// The count path (`record --counts-only`, `top`, `export` without `--time`): one

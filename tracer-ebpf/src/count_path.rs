@@ -17,9 +17,9 @@
 //! 5.19 have no helper to read another CPU's value: there (`SUM_PER_CPU` = 0) each
 //! exit also adds to the VM's shared cells, atomically, and a read takes those.
 //!
-//! The timing path uses the same cells where per-VM rows are all it reports (no
-//! `--per-vcpu`, `--vcpu`, `--detail`, `--rip` or snapshots; `VM_TIME` = 1): the exit
-//! is counted here at once, and its entry adds its time to the slot's `TIMES` cell.
+//! The timing path uses the same VM slots where per-VM rows are all it reports (no
+//! `--per-vcpu`, `--vcpu`, `--detail`, `--rip` or snapshots; `VM_TIME` = 1): an exit
+//! is counted with its time, at its entry, in its VM slot's per-CPU `TIMES` cell.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    ExitKey, NO_FIELD, PhaseVcpuKey, TimeCell, VcpuKey,
+    ExitKey, ExitStats, NO_FIELD, PhaseVcpuKey, VcpuKey,
     count::{self, CachedSlot},
     drop_kind, isa, limits,
 };
@@ -67,10 +67,10 @@ const VMCB_EXIT_CODE: u64 = 0x70;
 #[map]
 pub static COUNTS: PerCpuArray<[u64; count::CELLS as usize]> =
     PerCpuArray::with_max_entries(count::MAX_VMS, 0);
-/// Per VM slot, per CPU, on the per-VM timing path (`VM_TIME`): the handling time of
-/// the exits `COUNTS` counts, per cell, added at each exit's entry.
+/// Per VM slot, per CPU, on the per-VM timing path (`VM_TIME`): exits and their
+/// handling time per dense reason cell.
 #[map]
-static TIMES: PerCpuArray<[TimeCell; count::CELLS as usize]> =
+static TIMES: PerCpuArray<[ExitStats; count::CELLS as usize]> =
     PerCpuArray::with_max_entries(count::MAX_VMS, 0);
 /// Per VM slot, shared by all CPUs, only with snapshots where `SUM_PER_CPU` is 0:
 /// the same cells as `COUNTS`, added to atomically.
@@ -212,10 +212,10 @@ fn add_shared(slot: u32, cell: u32) {
     }
 }
 
-/// The per-VM timing path's entry: adds an exit's handling time to its VM slot's
-/// cell. False for a reason without a cell, which the caller keeps elsewhere.
+/// The per-VM timing path: adds `stats` to VM slot `slot`'s cell `cell`. False for a
+/// reason without a cell, which the caller keeps elsewhere.
 #[inline(always)]
-pub fn add_time(slot: u32, cell: u32, elapsed: u64) -> bool {
+pub fn add_to_vm(slot: u32, cell: u32, stats: &ExitStats) -> bool {
     if cell >= count::CELLS {
         return false;
     }
@@ -225,19 +225,26 @@ pub fn add_time(slot: u32, cell: u32, elapsed: u64) -> bool {
         unsafe {
             let i = core::ptr::read_volatile(&cell) & (count::CELLS - 1);
             let c = &mut (*cells)[i as usize];
-            c.timed += 1;
-            c.time_ns += elapsed;
-            if elapsed > c.max_ns {
-                c.max_ns = elapsed;
+            c.count += stats.count;
+            c.timed += stats.timed;
+            c.time_ns += stats.time_ns;
+            if stats.max_ns > c.max_ns {
+                c.max_ns = stats.max_ns;
             }
         }
     }
     true
 }
 
+/// The epoch of the cached VM slots (see `COUNT_EPOCH`).
+#[inline(always)]
+pub fn epoch() -> u32 {
+    COUNT_EPOCH.get(0).copied().unwrap_or(0)
+}
+
 /// Counts one exit of the VM in `slot`.
 #[inline(always)]
-pub fn add(slot: u32, exit_isa: u32, raw: u32) {
+fn add(slot: u32, exit_isa: u32, raw: u32) {
     if slot == 0 {
         count_drop(drop_kind::COUNT_SLOTS_FULL);
     }
@@ -299,7 +306,7 @@ fn vm_slot() -> Option<u32> {
 /// VM `tgid`'s slot in `phase`; `None` when the pid filter does not trace it.
 #[inline(always)]
 pub fn vm_slot_of(tgid: u32, phase: u32) -> Option<u32> {
-    let epoch = COUNT_EPOCH.get(0).copied().unwrap_or(0);
+    let epoch = epoch();
     let cache = CPU_SLOT.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; only programs on this CPU use it, one at a time.
     let cached = unsafe { *cache };

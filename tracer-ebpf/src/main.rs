@@ -364,17 +364,16 @@ struct Exit<'a> {
     fields: Option<&'a [u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>,
 }
 
-/// The per-VM timing path's exit: counted now in its VM's cells, parked for its
-/// entry to time it.
+/// The per-VM timing path's exit: parked, with its VM's slot, for its entry to count
+/// and time it in the slot's cell. The slot of the VM this CPU parked an exit of last
+/// is reused while the slots' epoch has not changed; otherwise it is looked up (and
+/// taken on the VM's first exit) as the count path does.
 #[inline(always)]
 fn vm_exit(now: u64, isa: u32, raw_reason: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let phase = PHASE.get(0).copied().unwrap_or(0);
-    let Some(vm_slot) = count_path::vm_slot_of(tgid, phase) else {
-        return;
-    };
-    count_path::add(vm_slot, isa, raw_reason);
+    let epoch = count_path::epoch();
     let row = PhaseVcpuKey::new(
         phase,
         &VcpuKey {
@@ -383,18 +382,37 @@ fn vm_exit(now: u64, isa: u32, raw_reason: u32) {
             exit: ExitKey::from_raw(isa, raw_reason),
         },
     );
-    if let Some(slot) = CPU_PENDING.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, as in `try_kvm_exit`.
-        unsafe {
-            if (*slot).start_ns != 0 {
-                // Counted already; only its time is lost.
-                count_drop(drop_kind::PENDING_LOST);
-            }
-            (*slot).start_ns = now;
-            (*slot).tid = tid;
-            (*slot).row = row;
-            (*slot).vm_slot = vm_slot;
+    let Some(slot) = CPU_PENDING.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, as in `try_kvm_exit`.
+    let last = unsafe { *slot };
+    let vm_slot = if last.epoch == epoch && last.row.pid == tgid && last.row.meta == row.meta {
+        // The same VM and phase. (`meta` also holds the isa, which a VM keeps, and
+        // the failed-entry bit: a failed entry costs a look-up, nothing else.)
+        last.vm_slot
+    } else {
+        match count_path::vm_slot_of(tgid, phase) {
+            Some(s) => s,
+            // Not traced.
+            None => return,
         }
+    };
+    if vm_slot == 0 {
+        count_drop(drop_kind::COUNT_SLOTS_FULL);
+    }
+    if last.start_ns != 0 {
+        // Its entry never came: counted without its time.
+        count_drop(drop_kind::PENDING_LOST);
+        count_untimed(&last);
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*slot).start_ns = now;
+        (*slot).tid = tid;
+        (*slot).row = row;
+        (*slot).vm_slot = vm_slot;
+        (*slot).epoch = epoch;
     }
 }
 
@@ -884,18 +902,29 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     {
         // Its time is lost, not the exit.
         count_drop(drop_kind::PENDING_MAP_FULL);
-        count_untimed(&pending.row);
+        count_untimed(&pending);
     }
     0
 }
 
-/// Counts an exit whose time is lost. On the per-VM timing path it was counted at
-/// the exit already: nothing to do.
+/// Counts a parked exit whose time is lost.
 #[inline(always)]
-fn count_untimed(row: &PhaseVcpuKey) {
-    if global(&VM_TIME) == 0 {
-        count_row(row, &untimed_one());
+fn count_untimed(pending: &PendingExit) {
+    count_exit(pending, &untimed_one());
+}
+
+/// Counts a parked exit with `stats`: in its VM slot's cell on the per-VM timing path
+/// (or, for a reason without a cell, in its VM's row), else in its vCPU's row.
+#[inline(always)]
+fn count_exit(pending: &PendingExit, stats: &ExitStats) {
+    if global(&VM_TIME) != 0 {
+        let exit = pending.row.exit();
+        let cell = count::dense_index(exit.isa, exit.reason | (exit.failed_entry << 31));
+        if count_path::add_to_vm(pending.vm_slot, cell, stats) {
+            return;
+        }
     }
+    count_row(&pending.row, stats);
 }
 
 /// One exit, without its time.
@@ -955,13 +984,7 @@ fn try_kvm_entry() {
     };
     let exit = row.exit();
     let cell = count::dense_index(exit.isa, exit.reason | (exit.failed_entry << 31));
-    if global(&VM_TIME) != 0 {
-        // Counted at the exit: only the time, in its VM's cell, or (a reason without
-        // a cell, rare) in its VM's row.
-        if !count_path::add_time(vm_slot, cell, elapsed) {
-            count_row(&row, &ExitStats { count: 0, ..timed });
-        }
-    } else {
+    if global(&VM_TIME) == 0 || !count_path::add_to_vm(vm_slot, cell, &timed) {
         count_row(&row, &timed);
     }
     if detail.kind != 0 {
@@ -1201,14 +1224,14 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         unsafe {
             if (*slot).tid == tid && (*slot).start_ns != 0 {
                 (*slot).start_ns = 0;
-                count_untimed(&(*slot).row);
+                count_untimed(&*slot);
             }
         }
     }
     // SAFETY: the entry is copied out; the thread is exiting, nothing else writes it.
     if let Some(pending) = unsafe { PENDING.get(tid) }.copied() {
         if pending.start_ns != 0 && pending.row.pid == tgid {
-            count_untimed(&pending.row);
+            count_untimed(&pending);
         }
         let _ = PENDING.remove(tid);
     }

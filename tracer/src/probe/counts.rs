@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use kvmtrace_model::snapshot::{Snapshot, sum_stats};
-use tracer_common::{ExitKey, ExitStats, PhaseVcpuKey, TimeCell, VcpuKey, count, maps};
+use tracer_common::{ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps};
 
 use super::{Probe, ProbeError, map_err};
 use crate::exit_layout::{self, Choice};
@@ -20,8 +20,8 @@ const RELOAD_GRACE: Duration = Duration::from_secs(2);
 
 /// Cells of one slot, per CPU.
 type Cells = [u64; count::CELLS as usize];
-/// Time cells of one slot, per CPU (the per-VM timing path).
-type Times = [TimeCell; count::CELLS as usize];
+/// Cells of one slot on the per-VM timing path, per CPU: exits and their time.
+type Times = [ExitStats; count::CELLS as usize];
 
 /// The VM slots' state on the user side: the count path's, or the snapshots'.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub(super) struct CountPath {
     /// How the count path reads exits; `None`: the slots serve snapshots, or the
     /// timing path's per-VM rows.
     pub choice: Option<Choice>,
-    /// The timing path's per-VM rows: the slots' `TIMES` cells hold their time.
+    /// The timing path's per-VM rows: the slots' cells are `TIMES`, not `COUNTS`.
     pub times: bool,
     /// The last phase whose vendor module was checked to have the layout read.
     verified_phase: u32,
@@ -69,32 +69,20 @@ fn add(
     Ok(())
 }
 
-/// The cells of one slot summed over CPUs, as (exit, stats) with a count or a time:
-/// the count from `counts`, the time from `times` where the slot has time cells.
-fn sum_cells(
-    counts: &PerCpuValues<Cells>,
-    times: Option<&PerCpuValues<Times>>,
+/// The cells of one slot summed over CPUs, as (exit, stats) for each cell with exits;
+/// `stats` reads one CPU's cell.
+fn sum_cells<T: aya::Pod>(
+    per_cpu: &PerCpuValues<[T; count::CELLS as usize]>,
+    stats: impl Fn(&T) -> ExitStats,
 ) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
     let mut out = Vec::new();
     // The total cell (kept with snapshots) is the sum of the others.
     for cell in (0..count::CELLS).filter(|&c| c != count::TOTAL) {
-        let i = cell as usize;
-        let per_cpu = counts.iter().enumerate().map(|(cpu, c)| {
-            let t = times
-                .and_then(|t| t.get(cpu))
-                .map(|t| t[i])
-                .unwrap_or_default();
-            ExitStats {
-                count: c[i],
-                timed: t.timed,
-                time_ns: t.time_ns,
-                max_ns: t.max_ns,
-            }
-        });
-        let stats = sum_stats(per_cpu.collect::<Vec<_>>().iter())?;
-        if stats.count > 0 || stats.timed > 0 {
+        let cells: Vec<ExitStats> = per_cpu.iter().map(|c| stats(&c[cell as usize])).collect();
+        let sum = sum_stats(cells.iter())?;
+        if sum.count > 0 {
             let exit = count::exit_of(cell).ok_or(ProbeError::CellWithoutReason(cell))?;
-            out.push((exit, stats));
+            out.push((exit, sum));
         }
     }
     Ok(out)
@@ -111,18 +99,22 @@ impl Probe {
         self.counts.as_mut()
     }
 
-    /// Slot `slot`'s cells summed over CPUs, with their time on the per-VM timing path.
+    /// Slot `slot`'s cells summed over CPUs: the count path's (counts), or the per-VM
+    /// timing path's (counts and time).
     fn slot_rows(&self, slot: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
+        if self.per_vm_time() {
+            let cells: PerCpuArray<&MapData, Times> =
+                PerCpuArray::try_from(self.map(maps::TIMES)?).map_err(map_err(maps::TIMES))?;
+            return sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::TIMES))?, |s| *s);
+        }
         let cells: PerCpuArray<&MapData, Cells> =
             PerCpuArray::try_from(self.map(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
-        let counts = cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?;
-        if !self.per_vm_time() {
-            return sum_cells(&counts, None);
-        }
-        let times: PerCpuArray<&MapData, Times> =
-            PerCpuArray::try_from(self.map(maps::TIMES)?).map_err(map_err(maps::TIMES))?;
-        let times = times.get(&slot, 0).map_err(map_err(maps::TIMES))?;
-        sum_cells(&counts, Some(&times))
+        sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?, |&n| {
+            ExitStats {
+                count: n,
+                ..ExitStats::default()
+            }
+        })
     }
 
     /// The count path's upkeep, at least every 100 ms while a record runs: reads the
@@ -164,6 +156,20 @@ impl Probe {
         })
     }
 
+    /// Zeroes slot `slot` of the per-CPU cells `map` on every CPU.
+    fn zero_cells<T: aya::Pod + Default>(
+        &mut self,
+        map: &'static str,
+        slot: u32,
+        nr_cpus: usize,
+    ) -> Result<(), ProbeError> {
+        let zeros = PerCpuValues::try_from(vec![[T::default(); count::CELLS as usize]; nr_cpus])
+            .map_err(ProbeError::Cpus)?;
+        let mut cells: PerCpuArray<&mut MapData, [T; count::CELLS as usize]> =
+            PerCpuArray::try_from(self.map_mut(map)?).map_err(map_err(map))?;
+        cells.set(slot, zeros, 0).map_err(map_err(map))
+    }
+
     /// Reads the cells of every slot whose VM has ended into the ended VMs' counts,
     /// zeroes them, and frees the slot.
     fn harvest(&mut self) -> Result<(), ProbeError> {
@@ -190,23 +196,10 @@ impl Probe {
                     add_stats(vm.entry(exit).or_default(), stats)?;
                 }
             }
-            let zeros = PerCpuValues::try_from(vec![[0u64; count::CELLS as usize]; nr_cpus])
-                .map_err(ProbeError::Cpus)?;
-            let mut cells: PerCpuArray<&mut MapData, Cells> =
-                PerCpuArray::try_from(self.map_mut(maps::COUNTS)?)
-                    .map_err(map_err(maps::COUNTS))?;
-            cells.set(slot, zeros, 0).map_err(map_err(maps::COUNTS))?;
             if self.per_vm_time() {
-                let zeros = PerCpuValues::try_from(vec![
-                    [TimeCell::default();
-                        count::CELLS as usize];
-                    nr_cpus
-                ])
-                .map_err(ProbeError::Cpus)?;
-                let mut times: PerCpuArray<&mut MapData, Times> =
-                    PerCpuArray::try_from(self.map_mut(maps::TIMES)?)
-                        .map_err(map_err(maps::TIMES))?;
-                times.set(slot, zeros, 0).map_err(map_err(maps::TIMES))?;
+                self.zero_cells::<ExitStats>(maps::TIMES, slot, nr_cpus)?;
+            } else {
+                self.zero_cells::<u64>(maps::COUNTS, slot, nr_cpus)?;
             }
             // The shared cells, where they are used (older kernels, with snapshots).
             let mut shared: Array<&mut MapData, Cells> =

@@ -509,12 +509,13 @@ impl Probe {
             snap.add_exits(key.phase(), key.exit(), stats)?;
         }
         // Exits still waiting for their entry (counted there): parked per CPU, or per
-        // thread once the thread left its CPU. Per-VM time counted them at the exit.
-        if !self.rows_in_cells() {
+        // thread once the thread left its CPU.
+        if self.count_path().is_none() {
             let one = ExitStats {
                 count: 1,
                 ..ExitStats::default()
             };
+            // The per-VM timing path parks exits in per-VM rows (vcpu_id: all).
             let mut parked = Vec::new();
             let slots: PerCpuArray<&MapData, PendingExit> =
                 PerCpuArray::try_from(map(maps::CPU_PENDING)?)

@@ -316,8 +316,7 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     let snap = config.snapshots.is_some();
     let ring_min = limits::CPUID_RING_MIN_BYTES;
     let counting = config.counts.is_some();
-    // The VM slots' cells: the count path's, the snapshots', and per-VM time's.
-    let cells = counting || snap || config.vm_time;
+    let cells = counting || snap;
     vec![
         (
             maps::OVERFLOW_EXITS,
