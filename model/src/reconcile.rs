@@ -397,6 +397,7 @@ pub fn reconcile(report: &Report) -> Reconciliation {
             },
         });
     }
+    lost_not_own_exit(&mut rows);
     attribute_totals(&mut rows);
     Reconciliation {
         schema: RECONCILE_SCHEMA,
@@ -501,6 +502,30 @@ fn fastpath_span(rows: &[Row], total: &Row) -> Span {
         span.hi = span.hi.saturating_add(hi.min(0));
     }
     span
+}
+
+/// Reads short by exactly one in a VM with two or more vCPUs, where another read of the
+/// VM's CPUID count or total was exact: that KVM counts the querying CPUID exit before
+/// it answers, so the one missing is not this query's own exit but an update lost to
+/// the other vCPUs (a million CPUIDs on two vCPUs can lose just one).
+fn lost_not_own_exit(rows: &mut [Row]) {
+    let self_kind = |r: &Row| {
+        r.reason
+            .is_none_or(|n| n == exit_reasons::cpuid_reason(r.isa))
+    };
+    let counts_own_exit: BTreeSet<u32> = rows
+        .iter()
+        .filter(|r| r.verdict == Verdict::Exact && self_kind(r))
+        .map(|r| r.pid)
+        .collect();
+    for r in rows.iter_mut() {
+        if r.verdict == Verdict::CpuidSelfExit
+            && r.at.vcpus >= 2
+            && counts_own_exit.contains(&r.pid)
+        {
+            r.verdict = Verdict::LostUpdates;
+        }
+    }
 }
 
 /// A total the VM's other reads and host counts explain, each contribution named:
@@ -884,6 +909,30 @@ pub(crate) mod tests {
         let r = rows(vec![cpuid, total]);
         assert_eq!(r[0].verdict, Verdict::LostUpdates);
         assert_eq!(all_causes(&r[1]), [Verdict::LostUpdates]);
+    }
+
+    #[test]
+    fn one_short_with_two_vcpus_is_a_lost_update_where_the_own_exit_is_counted() {
+        // racy-shared, npt0 (lab): the CPUID count exact, the total one short.
+        let two = |r: CpuidRead, tid| CpuidRead { tid, ..r };
+        let cpuid = two(
+            at(
+                read(LeafKind::Count, 10, 1_984_345, 0, 1_984_345),
+                1,
+                1_996_050,
+            ),
+            9,
+        );
+        let total = at(read(LeafKind::Total, 0, 1_996_049, 0, 0), 2, 1_996_050);
+        let r = rows(vec![cpuid.clone(), total.clone()]);
+        assert_eq!(r[0].verdict, Verdict::Exact);
+        assert_eq!(all_causes(&r[1]), [Verdict::LostUpdates]);
+        // One vCPU: one short is the query's own exit.
+        let one = rows(vec![CpuidRead { tid: 8, ..cpuid }, total.clone()]);
+        assert_eq!(one[1].verdict, Verdict::CpuidSelfExit);
+        // Two vCPUs, but no read shows the own exit counted: still the own exit.
+        let alone = rows(vec![two(total.clone(), 9), total]);
+        assert_eq!(alone[1].verdict, Verdict::CpuidSelfExit);
     }
 
     #[test]
