@@ -755,6 +755,7 @@ fn intel_timing_path_reads_the_exit_from_the_vcpu() {
 }
 
 #[test]
+#[ignore = "the default run times the raw exit on AMD in amd_default_record_times_rows_per_vm: cargo xtask test --full"]
 fn amd_timing_path_reads_the_exit_from_the_vcpu() {
     timing_raw_exit_is_exact("amd");
 }
