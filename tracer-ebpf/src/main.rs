@@ -71,8 +71,8 @@ use tracer_common::{
 
 #[unsafe(no_mangle)]
 static EXIT_FIELDS_OFF: u32 = 8;
-/// 1: the per-VM timing path (see `count_path`): exits counted at once in the VM's
-/// cells, timed at their entry; no per-vCPU rows.
+/// 1: the per-VM timing path (see `count_path`): an exit is parked with its VM's slot
+/// and counted and timed at its entry in the slot's cell; no per-vCPU rows.
 #[unsafe(no_mangle)]
 static VM_TIME: u32 = 0;
 #[unsafe(no_mangle)]

@@ -125,9 +125,9 @@ pub struct ProbeConfig {
     /// With snapshots: a counter read sums the VM's per-CPU cells in the kernel
     /// (5.19+, [`sums_per_cpu`]); false: every exit also adds to shared cells.
     pub sum_per_cpu: bool,
-    /// The timing path with per-VM rows only: each exit is counted at once in its
-    /// VM's per-CPU cells (as on the count path) and its entry adds its time to the
-    /// VM's time cells, with no hash lookup at either. Only without per-vCPU rows,
+    /// The timing path with per-VM rows only: each exit is parked with its VM's slot
+    /// (found as the count path finds it) and its entry counts and times it in the
+    /// slot's per-CPU cell, with no hash lookup at either. Only without per-vCPU rows,
     /// `vcpu`, `detail`, `rips` and `snapshots` ([`ProbeConfig::per_vm_time_fits`]).
     pub vm_time: bool,
 }
