@@ -755,19 +755,17 @@ fn intel_timing_path_reads_the_exit_from_the_vcpu() {
 }
 
 #[test]
-#[ignore = "the default run times the raw exit on AMD in amd_default_record_times_rows_per_vm: cargo xtask test --full"]
 fn amd_timing_path_reads_the_exit_from_the_vcpu() {
     timing_raw_exit_is_exact("amd");
 }
 
-/// The default record (time, no `--per-vcpu`) keeps rows per VM: each exit is counted
-/// in its VM's per-CPU cells and timed at its entry in the VM's time cells, with no
-/// hash lookup. Every reason equals the hist, the rows are the VM's ("all" vCPUs), and
+/// The experimental per-VM rows (`record --vm-rows`, hidden): each exit is counted and
+/// timed at its entry in its VM slot's per-CPU cell, with no hash lookup. Every reason equals the hist, the rows are the VM's ("all" vCPUs), and
 /// every exit but the VM's last is timed.
 fn per_vm_time_is_exact(isa: &'static str) {
     let s = Scenario {
         modules: "stock",
-        extra: &["--record-args", ""],
+        extra: &["--record-args", "--vm-rows"],
         tag: "per-vm-time",
         ..micro(isa)
     };
@@ -804,6 +802,7 @@ fn per_vm_time_is_exact(isa: &'static str) {
 }
 
 #[test]
+#[ignore = "experimental (it once lost the VM's last exit): cargo xtask test --full"]
 fn amd_default_record_times_rows_per_vm() {
     per_vm_time_is_exact("amd");
 }
@@ -837,8 +836,8 @@ fn amd_a_million_exits_on_the_count_path_match_the_hist() {
 }
 
 /// A million exits in one run, and not one differs from the hist. (The default run
-/// keeps the count path's million; this is the default record's, with time and rows
-/// per VM.)
+/// keeps the count path's million; this is the default record's, with time, on
+/// Debian's modules: the raw exit.)
 #[test]
 #[ignore = "one run per claim in the default run: cargo xtask test --full"]
 fn amd_a_million_exits_match_the_hist() {
