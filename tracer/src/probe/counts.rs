@@ -88,6 +88,11 @@ fn sum_cells<T: aya::Pod>(
     Ok(out)
 }
 
+/// Whether process `pid` still exists (running, or a zombie not yet reaped).
+fn pid_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Adds `more` to `row`, failing instead of wrapping.
 fn add_stats(row: &mut ExitStats, more: ExitStats) -> Result<(), ProbeError> {
     *row = sum_stats([*row, more].iter())?;
@@ -177,8 +182,21 @@ impl Probe {
         let ended_slots: Vec<u32> = {
             let flags: Array<&MapData, u32> =
                 Array::try_from(self.map(maps::SLOT_ENDED)?).map_err(map_err(maps::SLOT_ENDED))?;
+            let owners: HashMap<&MapData, u32, u64> =
+                HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
+                    .map_err(map_err(maps::SLOT_OWNERS))?;
             (1..count::MAX_VMS)
                 .filter(|&s| flags.get(&s, 0).is_ok_and(|v| v != 0))
+                // Only once the process is reaped: the group leader's exit ends the VM
+                // (kernels without `group_dead`), and a vCPU thread's
+                // sched_process_exit, which counts its last untimed exit on the per-VM
+                // timing path, can come after it (do_exit wakes pthread_join in
+                // exit_mm, before that tracepoint).
+                .filter(|&s| {
+                    owners
+                        .get(&s, 0)
+                        .map_or(true, |key| !pid_exists(key as u32))
+                })
                 .collect()
         };
         for slot in ended_slots {
