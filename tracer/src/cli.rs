@@ -312,8 +312,8 @@ pub struct RecordArgs {
     pub shared_cells: bool,
 
     /// Keep rows per VM in per-CPU array cells instead of per-vCPU rows in a hash map
-    /// (no hash lookup per exit). Experimental: the lab has seen it lose a VM's last,
-    /// untimed exit (docs/BENCHMARKS.md).
+    /// (no hash lookup per exit). Experimental, not yet the default
+    /// (docs/BENCHMARKS.md).
     #[arg(long, hide = true, conflicts_with_all = ["snapshots", "rip", "vcpu", "per_vcpu", "detail", "counts_only"])]
     pub vm_rows: bool,
 
