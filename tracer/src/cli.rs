@@ -214,7 +214,9 @@ pub struct ReportArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-    /// Rows per VM and vCPU instead of per reason.
+    /// Rows per VM and vCPU instead of per reason. A record keeps rows per vCPU only
+    /// with it (or --vcpu, --detail, --rip, --snapshots); without, it keeps rows per
+    /// VM, which costs less per exit.
     #[arg(long)]
     pub per_vcpu: bool,
     /// Split each reason by what caused it: exception vector, control register and
@@ -310,12 +312,6 @@ pub struct RecordArgs {
     /// that path here).
     #[arg(long, hide = true, requires = "snapshots")]
     pub shared_cells: bool,
-
-    /// Keep rows per VM in per-CPU array cells instead of per-vCPU rows in a hash map
-    /// (no hash lookup per exit). Experimental, not yet the default
-    /// (docs/BENCHMARKS.md).
-    #[arg(long, hide = true, conflicts_with_all = ["snapshots", "rip", "vcpu", "per_vcpu", "detail", "counts_only"])]
-    pub vm_rows: bool,
 
     /// Count exits per guest instruction pointer and show the N RIPs with the most
     /// exits per reason (name them with --guest-symbols).

@@ -1,6 +1,10 @@
 //! `cargo xtask test`: the one command that checks everything, as CI runs it.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use clap::Args;
 
@@ -30,8 +34,40 @@ const LINES: &[kmod::KernelLine] = &[
     kmod::KernelLine::V5_10,
 ];
 
+/// Each step's wall time, said as it ends and again in a summary at the end, so that a
+/// CI log shows where its time went.
+#[derive(Default)]
+struct Steps {
+    done: Vec<(&'static str, Duration)>,
+    since: Option<Instant>,
+}
+
+impl Steps {
+    fn start(&mut self) {
+        self.since = Some(Instant::now());
+    }
+
+    fn end(&mut self, step: &'static str) {
+        let took = self.since.take().map(|t| t.elapsed()).unwrap_or_default();
+        eprintln!("xtask test: {step} took {} s", took.as_secs());
+        self.done.push((step, took));
+    }
+
+    fn summary(&self) {
+        let all: Duration = self.done.iter().map(|(_, d)| *d).sum();
+        eprintln!("xtask test: all steps took {} s:", all.as_secs());
+        for (step, took) in &self.done {
+            eprintln!("  {:>6} s  {step}", took.as_secs());
+        }
+    }
+}
+
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    let mut steps = Steps::default();
+    steps.start();
     setup::run(&setup::Options::default(), root)?;
+    steps.end("setup");
+    steps.start();
     let cargo = || {
         let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         c.current_dir(root);
@@ -57,9 +93,13 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
             .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
             .args(["--", "-D", "warnings"]),
     )?;
+    steps.end("fmt and clippy");
+    steps.start();
     // Unit tests, and the integration tests that load the eBPF programs (as root).
     // One thread: the tests attach to the same kernel tracepoints.
     exec(cargo().args(["test", "--", "--test-threads=1"]))?;
+    steps.end("unit and root tests");
+    steps.start();
     // Every parser of user input, fuzzed for a bounded time.
     if opts.fuzz_seconds > 0 {
         fuzz::run(
@@ -71,6 +111,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         )?;
     }
 
+    steps.end("fuzzing");
+    steps.start();
     // The KVM patch: checkpatch --strict on each line's series, with that line's own
     // checkpatch; then the series must build for every line.
     for &kernel in LINES {
@@ -81,6 +123,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         };
         kmod::run(&check, root)?;
     }
+    steps.end("checkpatch");
+    steps.start();
     if !opts.no_kmod {
         for &kernel in LINES {
             let build = kmod::Options {
@@ -90,6 +134,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
             kmod::run(&build, root)?;
         }
     }
+    steps.end("kmod builds");
+    steps.start();
     if !opts.no_lab {
         // One scenario at a time: each boots an emulator that wants a whole core.
         let mut lab = cargo();
@@ -106,5 +152,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         }
         exec(&mut lab)?;
     }
+    steps.end("lab and xtask tests");
+    steps.summary();
     Ok(())
 }

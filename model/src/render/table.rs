@@ -238,6 +238,16 @@ pub fn render(report: &Report, opts: Options) -> String {
     } else {
         let _ = writeln!(out, "{table}");
     }
+    if opts.per_vcpu
+        && report
+            .vcpus
+            .iter()
+            .any(|r| r.vcpu_id == tracer_common::count::ALL_VCPUS)
+    {
+        out.push_str(
+            "vcpu \"all\": this record kept rows per VM; record with --per-vcpu for rows per vCPU\n",
+        );
+    }
     if report.phases.len() > 1 {
         let _ = writeln!(out, "{}", phases_table(&report.phases));
     }
@@ -278,13 +288,24 @@ mod tests {
     fn per_vcpu_table_and_drops() {
         let mut r = sample_report();
         r.dropped.vcpu_map_full = 2;
-        insta::assert_snapshot!(render(
-            &r,
-            Options {
-                per_vcpu: true,
-                ..Options::default()
-            }
-        ));
+        insta::assert_snapshot!(render(&r, per_vcpu()));
+    }
+
+    #[test]
+    fn per_vm_rows_say_why_the_vcpu_is_all() {
+        let mut r = sample_report();
+        assert!(!render(&r, per_vcpu()).contains("kept rows per VM"));
+        for row in &mut r.vcpus {
+            row.vcpu_id = tracer_common::count::ALL_VCPUS;
+        }
+        insta::assert_snapshot!(render(&r, per_vcpu()));
+    }
+
+    fn per_vcpu() -> Options {
+        Options {
+            per_vcpu: true,
+            ..Options::default()
+        }
     }
 
     #[test]

@@ -257,6 +257,11 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
         counts: counting.then_some(choice),
         ..ProbeConfig::default()
     };
+    // Time without vCPU labels: per-VM rows, no hash lookup per exit.
+    let config = ProbeConfig {
+        vm_time: config.per_vm_time_fits(args.per_vcpu),
+        ..config
+    };
     let probe = Probe::attach(&tracefs, &config)?;
     let exporter = Rc::new(RefCell::new(Exporter {
         probe,

@@ -151,7 +151,7 @@ fn with_exit_source(config: ProbeConfig, args: &RecordArgs) -> ProbeConfig {
         ..config
     };
     ProbeConfig {
-        vm_time: args.vm_rows && config.per_vm_time_fits(args.report.per_vcpu),
+        vm_time: config.per_vm_time_fits(args.report.per_vcpu),
         ..config
     }
 }
