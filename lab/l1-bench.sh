@@ -13,6 +13,8 @@
 #   hist       + the kernel's hist trigger on kvm:kvm_exit
 #   bpftrace   + Debian's bpftrace counting kvm:kvm_exit with count()
 #   patched    our patched kvm modules, nothing tracing
+#   patched-no-cycles  the same series without its cycles (BENCH ONLY variant), the
+#              count alone
 #   unpatched  the same out-of-tree build without the patch, nothing tracing
 # then once more under kvmtrace (default and --counts-only) with
 # kernel.bpf_stats_enabled=1 for the eBPF run time per exit. Lines for xtask:
@@ -22,7 +24,7 @@ export PATH=/bin:/usr/bin
 . /lab/lib.sh
 . /lab/env
 
-load() { # stock | patched | unpatched
+load() { # stock | patched | no-cycles | unpatched
     for m in $KVM_DEPS $KVM_VENDOR.ko; do
         args=
         [ "$m" = "$KVM_VENDOR.ko" ] && args="$PAGING=1"
@@ -147,6 +149,9 @@ for round in $(seq 1 $ROUNDS); do
     unload
     load patched
     measure patched $round
+    unload
+    load no-cycles
+    measure patched-no-cycles $round
     unload
     load unpatched
     measure unpatched $round

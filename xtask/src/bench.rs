@@ -51,7 +51,7 @@ pub struct Options {
 }
 
 /// The configurations, in the order L1 runs them; the first is the baseline.
-const CONFIGS: [(&str, &str); 14] = [
+const CONFIGS: [(&str, &str); 15] = [
     ("stock", "stock kvm, untraced"),
     ("kvmtrace-counts", "+ kvmtrace record --counts-only"),
     (
@@ -68,6 +68,10 @@ const CONFIGS: [(&str, &str); 14] = [
     ("hist", "+ hist trigger on kvm:kvm_exit"),
     ("bpftrace", "+ bpftrace: kvm:kvm_exit { @ = count() }"),
     ("patched", "patched kvm (counter leaves), untraced"),
+    (
+        "patched-no-cycles",
+        "the patch without its cycles (count only), untraced",
+    ),
     ("unpatched", "the same build without the patch, untraced"),
 ];
 
@@ -108,15 +112,21 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let bpftrace = bpftrace_tool()?;
     let s = Step::start("kmod");
     let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
-    let unpatched = crate::kmod::build(
-        &crate::kmod::Options {
-            variant: crate::kmod::Variant::Unpatched,
+    let variant = |variant| -> anyhow::Result<PathBuf> {
+        let opts = crate::kmod::Options {
+            variant,
             ..crate::kmod::Options::default()
-        },
-        root,
-    )?
-    .out_dir;
-    s.done(format!("{} and {}", patched.display(), unpatched.display()));
+        };
+        Ok(crate::kmod::build(&opts, root)?.out_dir)
+    };
+    let no_cycles = variant(crate::kmod::Variant::NoCycles)?;
+    let unpatched = variant(crate::kmod::Variant::Unpatched)?;
+    s.done(format!(
+        "{}, {} and {}",
+        patched.display(),
+        no_cycles.display(),
+        unpatched.display()
+    ));
     let kvmtrace = inputs::build_kvmtrace(root)?;
     let micro = inputs::build_micro(root, &build)?;
 
@@ -128,7 +138,14 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         kvmtrace: kvmtrace.clone(),
         micro,
     };
-    let size = write_initrd(opts, root, &inputs, [&patched, &unpatched], &tools, &initrd)?;
+    let size = write_initrd(
+        opts,
+        root,
+        &inputs,
+        [&patched, &no_cycles, &unpatched],
+        &tools,
+        &initrd,
+    )?;
     s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
 
     let host = host_costs(&kvmtrace.0)?;
@@ -206,14 +223,15 @@ struct Tools {
 }
 
 /// Writes the bench's L1 initrd to `initrd`: lab/l1-bench.sh as /init, the stock, the
-/// patched and the unpatched (same build, no patch) kvm modules, the micro VMM,
+/// patched, the count-only (no cycles) and the unpatched (same build, no patch) kvm
+/// modules, the micro VMM,
 /// kvmtrace, perf and bpftrace (each with its libraries), and the rounds' settings.
 /// Returns its size.
 fn write_initrd(
     opts: &Options,
     root: &Path,
     inputs: &Inputs,
-    [patched, unpatched]: [&Path; 2],
+    [patched, no_cycles, unpatched]: [&Path; 3],
     tools: &Tools,
     initrd: &Path,
 ) -> anyhow::Result<u64> {
@@ -222,7 +240,11 @@ fn write_initrd(
     for m in &inputs.modules {
         let name = image::file_name(m)?;
         a.file(&format!("lib/modules/stock/{name}"), m)?;
-        for (dir, built) in [("patched", patched), ("unpatched", unpatched)] {
+        for (dir, built) in [
+            ("patched", patched),
+            ("no-cycles", no_cycles),
+            ("unpatched", unpatched),
+        ] {
             let ours = built.join(&name);
             a.file(
                 &format!("lib/modules/{dir}/{name}"),
@@ -428,15 +450,23 @@ impl Results {
                 (mean - 1.0) * 100.0
             );
         }
-        let own: Vec<String> = self
-            .ratio_of("patched", "unpatched")
-            .iter()
-            .map(|r| format!("{:+.2} %", (r - 1.0) * 100.0))
-            .collect();
+        let own = |config: &str| -> String {
+            let each: Vec<String> = self
+                .ratio_of(config, "unpatched")
+                .iter()
+                .map(|r| format!("{:+.2} %", (r - 1.0) * 100.0))
+                .collect();
+            each.join(" / ")
+        };
         let _ = writeln!(
             md,
             "\nThe patch's own cost (patched against the same build without it, each round): {}",
-            own.join(" / ")
+            own("patched")
+        );
+        let _ = writeln!(
+            md,
+            "\nThe count's own cost (the patch without its cycles against the same build without the patch, each round): {}",
+            own("patched-no-cycles")
         );
         let attach: Vec<String> = self
             .kvmtrace
@@ -511,6 +541,7 @@ impl Results {
             "bpftrace_count": self.bpftrace_count,
             "perf_big_cpuid": self.perf_big_cpuid,
             "patch_own": self.ratio_of("patched", "unpatched"),
+            "count_own": self.ratio_of("patched-no-cycles", "unpatched"),
             "host": {"attach_ms": host.attach_ms, "peak_rss_mib": host.peak_rss_mib},
             "perf_cpuid": self.perf_cpuid,
         })

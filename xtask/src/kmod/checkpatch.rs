@@ -1,5 +1,5 @@
 //! `cargo xtask kmod --check`: `checkpatch.pl --strict` on the series and every
-//! test-only variant.
+//! test-only and bench-only variant.
 
 use std::{path::Path, process::Command};
 
@@ -21,6 +21,12 @@ pub fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
     for variant in Variant::TEST_ONLY {
         let dir = source::variant_dir(root, opts.kernel, variant);
         patches.extend(source::patch_files(&dir)?);
+    }
+    for variant in Variant::BENCH_ONLY {
+        let dir = source::variant_dir(root, opts.kernel, variant);
+        if dir.is_dir() {
+            patches.extend(source::patch_files(&dir)?);
+        }
     }
     let src = work_dir(opts, root).join("src");
     source::extract(opts.kernel, &tarball, &source_version, &patches, &src)?;

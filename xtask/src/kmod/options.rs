@@ -172,6 +172,10 @@ pub enum Variant {
     RegsUnset,
     /// TEST ONLY: no 0x4FFFFFFD cycles leaf: it answers like stock KVM.
     NoCyclesLeaf,
+    /// BENCH ONLY (6.1): the series without its cycles: no TSC read at VM-exit or
+    /// VM-entry, only the count (`cargo xtask bench` tells the count's cost from the
+    /// cycles').
+    NoCycles,
     /// No patch at all: Debian's source built the same way, the baseline that tells
     /// the series' own cost from the out-of-tree build's (`cargo xtask bench`).
     Unpatched,
@@ -191,6 +195,7 @@ impl Variant {
             Self::TotalFallsThrough => "total-falls-through",
             Self::RegsUnset => "regs-unset",
             Self::NoCyclesLeaf => "no-cycles-leaf",
+            Self::NoCycles => "no-cycles",
             Self::Unpatched => "unpatched",
         }
     }
@@ -208,6 +213,11 @@ impl Variant {
         Self::RegsUnset,
         Self::NoCyclesLeaf,
     ];
+}
+
+impl Variant {
+    /// Variants that only the bench builds, for the lines that have them.
+    pub const BENCH_ONLY: [Variant; 1] = [Self::NoCycles];
 }
 
 impl fmt::Display for Variant {
