@@ -5,8 +5,10 @@
 //! kvmtrace's count path (raw and classic tracepoint), `kvmtrace record` with time,
 //! `--per-vcpu`, `--snapshots` and `--detail`, `perf kvm stat record` as users run it
 //! and with a buffer that loses nothing, the kernel's hist trigger, Debian's bpftrace
-//! with a `count()` one-liner, and our patched modules untraced. Bochs runs with `clock: sync=none`, so L1's clock follows the
-//! instruction count: each time is a count of L1 instructions, and ratios repeat.
+//! with a `count()` one-liner, and our patched modules untraced: the whole series, the
+//! series without its cycles (the count alone), and the same build without the patch.
+//! Bochs runs with `clock: sync=none`, so L1's clock follows the instruction count:
+//! each time is a count of L1 instructions, and ratios repeat.
 //! Every configuration is printed as a ratio to the untraced stock run of the same
 //! round, with kvmtrace's own numbers (eBPF ns per exit from
 //! `kernel.bpf_stats_enabled`, start-to-attached time, peak RSS), in L1 and on this
