@@ -88,6 +88,8 @@ pub fn lab(s: Scenario) -> PathBuf {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // Kept beside the results: the lab's steps, each with its time.
+    let _ = std::fs::write(out.join("lab.stderr"), stderr.as_bytes());
     let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
     assert!(
