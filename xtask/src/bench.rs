@@ -351,6 +351,16 @@ impl Results {
             rounds = rounds.max(round);
             runs.entry(config.to_owned()).or_default().insert(round, ns);
         }
+        // A configuration with no run would print an empty ratio: fail instead.
+        for (config, _) in CONFIGS {
+            for round in 1..=rounds {
+                if !runs.get(config).is_some_and(|r| r.contains_key(&round)) {
+                    bail!(
+                        "L1 measured no {config} run in round {round}: see the bench's serial log"
+                    );
+                }
+            }
+        }
         let mut kvmtrace = Vec::new();
         let mut bpftrace_count = None;
         for round in 1..=rounds {

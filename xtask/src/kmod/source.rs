@@ -39,7 +39,13 @@ pub fn series(root: &Path, kernel: KernelLine, variant: Variant) -> anyhow::Resu
     }
     let mut patches = patch_files(&root.join("kernel").join(kernel.as_str()))?;
     if variant != Variant::Good {
-        patches.extend(patch_files(&variant_dir(root, kernel, variant))?);
+        let dir = variant_dir(root, kernel, variant);
+        ensure!(
+            dir.is_dir(),
+            "the {variant} variant has no patches for {kernel} ({} is missing): pick a kernel line that has it",
+            dir.display()
+        );
+        patches.extend(patch_files(&dir)?);
     }
     Ok(patches)
 }
