@@ -35,20 +35,23 @@ const LINES: &[kmod::KernelLine] = &[
 ];
 
 /// Each step's wall time, said as it ends and again in a summary at the end, so that a
-/// CI log shows where its time went.
-#[derive(Default)]
+/// CI log shows where its time went. A step runs from the end of the one before.
 struct Steps {
     done: Vec<(&'static str, Duration)>,
-    since: Option<Instant>,
+    since: Instant,
 }
 
 impl Steps {
-    fn start(&mut self) {
-        self.since = Some(Instant::now());
+    fn new() -> Self {
+        Self {
+            done: Vec::new(),
+            since: Instant::now(),
+        }
     }
 
     fn end(&mut self, step: &'static str) {
-        let took = self.since.take().map(|t| t.elapsed()).unwrap_or_default();
+        let took = self.since.elapsed();
+        self.since = Instant::now();
         eprintln!("xtask test: {step} took {} s", took.as_secs());
         self.done.push((step, took));
     }
@@ -63,11 +66,9 @@ impl Steps {
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
-    let mut steps = Steps::default();
-    steps.start();
+    let mut steps = Steps::new();
     setup::run(&setup::Options::default(), root)?;
     steps.end("setup");
-    steps.start();
     let cargo = || {
         let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         c.current_dir(root);
@@ -94,12 +95,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
             .args(["--", "-D", "warnings"]),
     )?;
     steps.end("fmt and clippy");
-    steps.start();
     // Unit tests, and the integration tests that load the eBPF programs (as root).
     // One thread: the tests attach to the same kernel tracepoints.
     exec(cargo().args(["test", "--", "--test-threads=1"]))?;
     steps.end("unit and root tests");
-    steps.start();
     // Every parser of user input, fuzzed for a bounded time.
     if opts.fuzz_seconds > 0 {
         fuzz::run(
@@ -112,7 +111,6 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     }
 
     steps.end("fuzzing");
-    steps.start();
     // The KVM patch: checkpatch --strict on each line's series, with that line's own
     // checkpatch; then the series must build for every line.
     for &kernel in LINES {
@@ -124,7 +122,6 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         kmod::run(&check, root)?;
     }
     steps.end("checkpatch");
-    steps.start();
     if !opts.no_kmod {
         for &kernel in LINES {
             let build = kmod::Options {
@@ -135,7 +132,6 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         }
     }
     steps.end("kmod builds");
-    steps.start();
     if !opts.no_lab {
         // One scenario at a time: each boots an emulator that wants a whole core.
         let mut lab = cargo();

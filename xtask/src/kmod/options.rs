@@ -213,9 +213,7 @@ impl Variant {
         Self::RegsUnset,
         Self::NoCyclesLeaf,
     ];
-}
 
-impl Variant {
     /// Variants that only the bench builds, for the lines that have them.
     pub const BENCH_ONLY: [Variant; 1] = [Self::NoCycles];
 }
