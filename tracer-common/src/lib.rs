@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod exit_reasons;
+pub mod rows;
 
 /// `isa` values of the `kvm:kvm_exit` tracepoint (`KVM_ISA_VMX` / `KVM_ISA_SVM` in
 /// `arch/x86/kvm/trace.h`).
@@ -25,10 +26,14 @@ pub mod limits {
     pub const MAX_HIST_ROWS: u32 = 4096;
     /// vCPU threads with an exit whose next entry has not been seen yet (a thread's
     /// entry is deleted when the thread exits).
-    pub const MAX_PENDING: u32 = 8192;
+    pub const MAX_PENDING: u32 = 16384;
+    /// vCPU threads with a row at once (the count path and the per-VM timing path):
+    /// 4 096 VMs of 4 vCPUs. A thread past it is counted in slot 0
+    /// (`drop_kind::COUNT_SLOTS_FULL`), never in another VM's row.
+    pub const MAX_THREADS: u32 = 16384;
     /// Live processes in the `-p` / `-- CMD` filter: child processes (not threads) of
     /// traced processes are added, and a process is removed when it exits.
-    pub const MAX_FILTER_PIDS: u32 = 4096;
+    pub const MAX_FILTER_PIDS: u32 = 8192;
     /// Distinct (VM pid, isa, reason, failed-entry) keys of the per-VM counts that
     /// CPUID snapshots read.
     pub const MAX_VM_ROWS: u32 = 16384;
@@ -170,6 +175,9 @@ pub mod globals {
     /// 1: the timing path keeps per-VM rows, in the VM slots' per-CPU `TIMES` cells
     /// (no hash lookup at the exit or the entry).
     pub const VM_TIME: &str = "VM_TIME";
+    /// The ISA whose reasons have cells in thread rows and latency cells
+    /// ([`rows::cell`](super::rows::cell)): the host's.
+    pub const CELL_ISA: &str = "CELL_ISA";
     /// Offset of `fault_address` in `kvm:kvm_page_fault`.
     pub const PF_ADDRESS_OFF: &str = "PF_ADDRESS_OFF";
 }
@@ -205,6 +213,13 @@ pub mod maps {
     pub const COUNT_EPOCH: &str = "COUNT_EPOCH";
     pub const SLOT_ENDED: &str = "SLOT_ENDED";
     pub const TIMES: &str = "TIMES";
+    pub const THREAD_SLOTS: &str = "THREAD_SLOTS";
+    pub const SLOT_THREADS: &str = "SLOT_THREADS";
+    pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    pub const ENDED_SLOTS: &str = "ENDED_SLOTS";
+    pub const COUNT_ROWS: &str = "COUNT_ROWS";
+    pub const TIME_ROWS: &str = "TIME_ROWS";
+    pub const CPU_THREAD: &str = "CPU_THREAD";
 }
 
 /// The kvm vendor modules whose load starts a new phase. A module cannot be removed
@@ -384,11 +399,10 @@ pub struct PendingExit {
     pub row: PhaseVcpuKey,
     /// The vCPU thread (in the per-CPU slot; unused in the per-thread map).
     pub tid: u32,
-    /// The per-VM timing path: the VM's slot, whose `TIMES` cell the exit is counted
-    /// in. It also serves as this CPU's cache of the slot of `row.pid`, valid while
-    /// the count path's epoch is `epoch`.
+    /// The per-VM timing path: the thread's slot, whose `TIME_ROWS` row the exit is
+    /// counted in.
     pub vm_slot: u32,
-    /// The epoch `vm_slot` was found in.
+    /// Unused (kept for the layout).
     pub epoch: u32,
     /// With `--detail`: the [`detail_kind`] a later tracepoint of this thread is
     /// expected to give the exit (0: none, or already given).
@@ -663,6 +677,9 @@ mod pod {
     unsafe impl aya::Pod for super::CpuidEvent {}
     unsafe impl aya::Pod for super::DetailKey {}
     unsafe impl aya::Pod for super::RipKey {}
+    unsafe impl aya::Pod for super::rows::ThreadSlot {}
+    unsafe impl aya::Pod for super::rows::ThreadOwner {}
+    unsafe impl aya::Pod for super::rows::CachedThread {}
 }
 
 /// The count path (`record --counts-only`, `top`, `export` without `--time`): one

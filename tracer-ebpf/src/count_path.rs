@@ -1,25 +1,22 @@
 //! The count path: `record --counts-only`, `top`, and `export` without `--time`.
 //!
 //! One program per exit, and per exit: two array reads (the phase, the cache epoch),
-//! this CPU's cached VM slot, the exit reason, and one add to a per-CPU array cell.
-//! No clock, no hash lookup: the VM's slot is found in `VM_SLOTS` (and taken on the
-//! VM's first exit) only when this CPU last counted another VM.
+//! this CPU's cached thread slot, the exit reason, and one plain add to a cell of the
+//! thread's own row ([`thread_rows`]). No clock, no hash lookup on the way: the
+//! thread's slot is looked up (and taken on its first exit) only when this CPU last
+//! counted another thread.
 //!
 //! Where the vendor module's BTF gave the layout (the loader checks it against the
 //! tracepoint's prototype and the hardware's VMCB), the program is a raw tracepoint
 //! and reads the reason from the vCPU itself, so the kernel does not build the
 //! `kvm_exit` record. Otherwise the classic tracepoint's record gives it.
 //!
-//! The same cells serve the timing path's snapshots (`--snapshots`): each exit adds
+//! Snapshots (`--snapshots`) keep per-VM cells here too, in VM slots: each exit adds
 //! to them, and to the VM's total cell and this CPU's all-VMs count, without a hash
 //! lookup or a shared atomic; a guest counter read sums them over CPUs
-//! ([`vm_counts`]). Otherwise a VM's cells are summed in user space. Kernels before
-//! 5.19 have no helper to read another CPU's value: there (`SUM_PER_CPU` = 0) each
-//! exit also adds to the VM's shared cells, atomically, and a read takes those.
-//!
-//! The timing path uses the same VM slots where per-VM rows are all it reports (no
-//! `--per-vcpu`, `--vcpu`, `--detail`, `--rip` or snapshots; `VM_TIME` = 1): an exit
-//! is counted with its time, at its entry, in its VM slot's per-CPU `TIMES` cell.
+//! ([`vm_counts`]). Kernels before 5.19 have no helper to read another CPU's value:
+//! there (`SUM_PER_CPU` = 0) each exit also adds to the VM's shared cells,
+//! atomically, and a read takes those.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -31,15 +28,16 @@ use aya_ebpf::{
 };
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    ExitKey, ExitStats, NO_FIELD, PhaseVcpuKey, VcpuKey,
+    ExitKey, NO_FIELD, PhaseVcpuKey, VcpuKey,
     count::{self, CachedSlot},
     drop_kind, isa, limits,
 };
 
 use crate::{
     EXIT_FIELDS_OFF, EXIT_ISA_OFF, EXIT_REASON_OFF, PHASE, SNAPSHOTS, VM_TOTALS, count_drop,
-    global, traced,
+    global, thread_rows, traced,
 };
+use tracer_common::rows::{self, CachedThread};
 use tracer_common::vm_totals_key;
 
 #[unsafe(no_mangle)]
@@ -66,11 +64,6 @@ const VMCB_EXIT_CODE: u64 = 0x70;
 /// Per VM slot, per CPU: exits per dense reason cell ([`count::dense_index`]).
 #[map]
 pub static COUNTS: PerCpuArray<[u64; count::CELLS as usize]> =
-    PerCpuArray::with_max_entries(count::MAX_VMS, 0);
-/// Per VM slot, per CPU, on the per-VM timing path (`VM_TIME`): exits and their
-/// handling time per dense reason cell.
-#[map]
-static TIMES: PerCpuArray<[ExitStats; count::CELLS as usize]> =
     PerCpuArray::with_max_entries(count::MAX_VMS, 0);
 /// Per VM slot, shared by all CPUs, only with snapshots where `SUM_PER_CPU` is 0:
 /// the same cells as `COUNTS`, added to atomically.
@@ -109,14 +102,31 @@ static CPU_SLOT: PerCpuArray<CachedSlot> = PerCpuArray::with_max_entries(1, 0);
 /// The raw tracepoint: `kvm_exit(struct kvm_vcpu *vcpu, u32 isa)` since 5.11.
 #[raw_tracepoint(tracepoint = "kvm_exit")]
 pub fn kvm_exit_count(ctx: RawTracePointContext) -> u32 {
-    let Some(slot) = vm_slot() else { return 0 };
+    let Some(me) = thread_rows::current(|| count::ALL_VCPUS) else {
+        return 0;
+    };
     let vcpu: u64 = ctx.arg(0);
     let exit_isa = ctx.arg::<u64>(1) as u32;
     match reason_of(vcpu, exit_isa) {
-        Some(raw) => add(slot, exit_isa, raw),
+        Some(raw) => count_in_row(&me, exit_isa, raw),
         None => count_drop(drop_kind::READ_FAILED),
     }
     0
+}
+
+/// Counts one exit of the current thread in its row, or, for a reason without a
+/// cell, in the overflow map under its VM.
+#[inline(always)]
+fn count_in_row(me: &CachedThread, exit_isa: u32, raw: u32) {
+    if me.slot == rows::FULL_SLOT {
+        count_drop(drop_kind::COUNT_SLOTS_FULL);
+    }
+    let c = thread_rows::cell(exit_isa, raw);
+    if c < rows::CELLS {
+        thread_rows::add_count(me.slot, c);
+        return;
+    }
+    overflow_add(me.phase, me.tgid, exit_isa, raw);
 }
 
 /// The reason, read from the vCPU: `vcpu_vmx.exit_reason`, or
@@ -152,7 +162,9 @@ pub fn vcpu_id_of(vcpu: u64) -> Option<u32> {
 /// from the record.
 #[tracepoint(category = "kvm", name = "kvm_exit")]
 pub fn kvm_exit_count_tp(ctx: TracePointContext) -> u32 {
-    let Some(slot) = vm_slot() else { return 0 };
+    let Some(me) = thread_rows::current(|| count::ALL_VCPUS) else {
+        return 0;
+    };
     // SAFETY: the offsets come from the format file; read_at checks them.
     let fields = unsafe {
         ctx.read_at::<[u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>(
@@ -166,7 +178,7 @@ pub fn kvm_exit_count_tp(ctx: TracePointContext) -> u32 {
     let field = |off: &'static u32| {
         fields[(global(off) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 1) as usize)]
     };
-    add(slot, field(&EXIT_ISA_OFF), field(&EXIT_REASON_OFF));
+    count_in_row(&me, field(&EXIT_ISA_OFF), field(&EXIT_REASON_OFF));
     0
 }
 
@@ -212,37 +224,22 @@ fn add_shared(slot: u32, cell: u32) {
     }
 }
 
-/// The per-VM timing path: adds `stats` to VM slot `slot`'s cell `cell`. False for a
-/// reason without a cell, which the caller keeps elsewhere.
-#[inline(always)]
-pub fn add_to_vm(slot: u32, cell: u32, stats: &ExitStats) -> bool {
-    if cell >= count::CELLS {
-        return false;
-    }
-    if let Some(cells) = TIMES.get_ptr_mut(slot) {
-        // SAFETY: this CPU's value, no other writer; the index is masked after a
-        // volatile read, as in `add`.
-        unsafe {
-            let i = core::ptr::read_volatile(&cell) & (count::CELLS - 1);
-            let c = &mut (*cells)[i as usize];
-            c.count += stats.count;
-            c.timed += stats.timed;
-            c.time_ns += stats.time_ns;
-            if stats.max_ns > c.max_ns {
-                c.max_ns = stats.max_ns;
-            }
-        }
-    }
-    true
-}
-
-/// The epoch of the cached VM slots (see `COUNT_EPOCH`).
+/// The epoch of the cached VM slots and thread slots (see `COUNT_EPOCH`).
 #[inline(always)]
 pub fn epoch() -> u32 {
     COUNT_EPOCH.get(0).copied().unwrap_or(0)
 }
 
-/// Counts one exit of the VM in `slot`.
+/// Empties every CPU's cache of VM and thread slots.
+#[inline(always)]
+pub fn bump_epoch() {
+    if let Some(epoch) = COUNT_EPOCH.get_ptr_mut(0) {
+        // SAFETY: a live map value other CPUs may bump too.
+        unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(epoch, 1) };
+    }
+}
+
+/// Counts one exit of the VM in `slot`'s cells (snapshots).
 #[inline(always)]
 fn add(slot: u32, exit_isa: u32, raw: u32) {
     if slot == 0 {
@@ -272,7 +269,12 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let phase = PHASE.get(0).copied().unwrap_or(0);
+    overflow_add(PHASE.get(0).copied().unwrap_or(0), tgid, exit_isa, raw);
+}
+
+/// Counts one exit of a reason without a cell, per (phase, VM, reason), atomically.
+#[inline(always)]
+fn overflow_add(phase: u32, tgid: u32, exit_isa: u32, raw: u32) {
     let vcpu = VcpuKey {
         pid: tgid,
         vcpu_id: count::ALL_VCPUS,
@@ -305,7 +307,7 @@ fn vm_slot() -> Option<u32> {
 
 /// VM `tgid`'s slot in `phase`; `None` when the pid filter does not trace it.
 #[inline(always)]
-pub fn vm_slot_of(tgid: u32, phase: u32) -> Option<u32> {
+fn vm_slot_of(tgid: u32, phase: u32) -> Option<u32> {
     let epoch = epoch();
     let cache = CPU_SLOT.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; only programs on this CPU use it, one at a time.
@@ -460,10 +462,7 @@ pub fn vm_ended(tgid: u32) {
         unsafe { *ended = 1 };
     }
     let _ = VM_SLOTS.remove(key);
-    if let Some(epoch) = COUNT_EPOCH.get_ptr_mut(0) {
-        // SAFETY: a live map value other CPUs may bump too.
-        unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(epoch, 1) };
-    }
+    bump_epoch();
 }
 
 /// Adds an ended VM's exits to the ended VMs' total (rare: once per VM).

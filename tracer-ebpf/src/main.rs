@@ -49,6 +49,7 @@
 #![feature(core_intrinsics)]
 
 mod count_path;
+mod thread_rows;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -66,7 +67,7 @@ use tracer_common::{
     CLONE_THREAD, CpuidEvent, DetailKey, DetailPlan, ExitKey, ExitStats, HistKey, NO_FIELD,
     PendingExit, PhaseExitKey, PhaseVcpuKey, RegsSample, RipKey, UNKNOWN, VcpuKey, VmExitKey,
     count, cpuid_exit, detail_kind, detail_plan, drop_kind, hist_bucket, limits, read_source,
-    regs_slot, vendor, vm_totals_key,
+    regs_slot, rows, vendor, vm_totals_key,
 };
 
 #[unsafe(no_mangle)]
@@ -138,12 +139,12 @@ static OVERFLOW_EXITS: PerCpuHashMap<PhaseExitKey, ExitStats> =
 #[map]
 static VCPU_EXITS: PerCpuHashMap<PhaseVcpuKey, ExitStats> =
     PerCpuHashMap::with_max_entries(limits::MAX_VCPU_ROWS, 0);
-/// kvmtrace's latency histogram: exits per log2 bucket of handling time, per dense
-/// reason cell ([`count::dense_index`]): an array, so an entry needs no hash lookup
+/// kvmtrace's latency histogram: exits per log2 bucket of handling time, per thread
+/// row cell ([`thread_rows::cell`]): an array, so an entry needs no hash lookup
 /// for it. (Not the kernel's hist trigger, which the lab compares with.)
 #[map]
 static LATENCY_CELLS: PerCpuArray<[u64; limits::HIST_BUCKETS as usize]> =
-    PerCpuArray::with_max_entries(count::CELLS, 0);
+    PerCpuArray::with_max_entries(rows::CELLS, 0);
 /// The power of two above [`limits::HIST_BUCKETS`], for the verifier's mask.
 const HIST_BUCKETS_POW2: u32 = 64;
 /// The same for reasons without a cell (failed VM entries, unknown codes), per
@@ -338,7 +339,9 @@ pub fn kvm_exit_raw(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     if global(&VM_TIME) != 0 {
-        vm_exit(now, isa, raw_reason);
+        vm_exit(now, isa, raw_reason, || {
+            count_path::vcpu_id_of(vcpu).unwrap_or(count::ALL_VCPUS)
+        });
         return 0;
     }
     let Some(vcpu_id) = count_path::vcpu_id_of(vcpu) else {
@@ -364,21 +367,23 @@ struct Exit<'a> {
     fields: Option<&'a [u32; (limits::EXIT_FIELDS_BYTES / 4) as usize]>,
 }
 
-/// The per-VM timing path's exit: parked, with its VM's slot, for its entry to count
-/// and time it in the slot's cell. The slot of the VM this CPU parked an exit of last
-/// is reused while the slots' epoch has not changed; otherwise it is looked up (and
-/// taken on the VM's first exit) as the count path does.
+/// The per-VM timing path's exit: parked, with its thread's slot ([`thread_rows`]),
+/// for its entry to count and time it in the thread's row. The slot is cached per
+/// CPU; `vcpu_id` is read only when the thread takes its slot.
 #[inline(always)]
-fn vm_exit(now: u64, isa: u32, raw_reason: u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let phase = PHASE.get(0).copied().unwrap_or(0);
-    let epoch = count_path::epoch();
+fn vm_exit(now: u64, isa: u32, raw_reason: u32, vcpu_id: impl FnOnce() -> u32) {
+    let Some(me) = thread_rows::current(vcpu_id) else {
+        // Not traced.
+        return;
+    };
+    if me.slot == rows::FULL_SLOT {
+        count_drop(drop_kind::COUNT_SLOTS_FULL);
+    }
     let row = PhaseVcpuKey::new(
-        phase,
+        me.phase,
         &VcpuKey {
-            pid: tgid,
-            vcpu_id: count::ALL_VCPUS,
+            pid: me.tgid,
+            vcpu_id: me.vcpu_id,
             exit: ExitKey::from_raw(isa, raw_reason),
         },
     );
@@ -387,20 +392,6 @@ fn vm_exit(now: u64, isa: u32, raw_reason: u32) {
     };
     // SAFETY: this CPU's slot, as in `try_kvm_exit`.
     let last = unsafe { *slot };
-    let vm_slot = if last.epoch == epoch && last.row.pid == tgid && last.row.meta == row.meta {
-        // The same VM and phase. (`meta` also holds the isa, which a VM keeps, and
-        // the failed-entry bit: a failed entry costs a look-up, nothing else.)
-        last.vm_slot
-    } else {
-        match count_path::vm_slot_of(tgid, phase) {
-            Some(s) => s,
-            // Not traced.
-            None => return,
-        }
-    };
-    if vm_slot == 0 {
-        count_drop(drop_kind::COUNT_SLOTS_FULL);
-    }
     if last.start_ns != 0 {
         // Its entry never came: counted without its time.
         count_drop(drop_kind::PENDING_LOST);
@@ -409,17 +400,16 @@ fn vm_exit(now: u64, isa: u32, raw_reason: u32) {
     // SAFETY: as above.
     unsafe {
         (*slot).start_ns = now;
-        (*slot).tid = tid;
+        (*slot).tid = me.tid;
         (*slot).row = row;
-        (*slot).vm_slot = vm_slot;
-        (*slot).epoch = epoch;
+        (*slot).vm_slot = me.slot;
     }
 }
 
 #[inline(always)]
 fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
     if global(&VM_TIME) != 0 {
-        vm_exit(now, ex.isa, ex.raw_reason);
+        vm_exit(now, ex.isa, ex.raw_reason, || ex.vcpu_id);
         return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -919,8 +909,10 @@ fn count_untimed(pending: &PendingExit) {
 fn count_exit(pending: &PendingExit, stats: &ExitStats) {
     if global(&VM_TIME) != 0 {
         let exit = pending.row.exit();
-        let cell = count::dense_index(exit.isa, exit.reason | (exit.failed_entry << 31));
-        if count_path::add_to_vm(pending.vm_slot, cell, stats) {
+        let cell = thread_rows::cell(exit.isa, exit.reason | (exit.failed_entry << 31));
+        if cell < rows::CELLS {
+            let own = pending.tid == bpf_get_current_pid_tgid() as u32;
+            thread_rows::add_time(pending.vm_slot, cell, stats, own);
             return;
         }
     }
@@ -983,8 +975,11 @@ fn try_kvm_entry() {
         max_ns: elapsed,
     };
     let exit = row.exit();
-    let cell = count::dense_index(exit.isa, exit.reason | (exit.failed_entry << 31));
-    if global(&VM_TIME) == 0 || !count_path::add_to_vm(vm_slot, cell, &timed) {
+    let cell = thread_rows::cell(exit.isa, exit.reason | (exit.failed_entry << 31));
+    if global(&VM_TIME) != 0 && cell < rows::CELLS {
+        // The thread's own row: this is the thread.
+        thread_rows::add_time(vm_slot, cell, &timed, true);
+    } else {
         count_row(&row, &timed);
     }
     if detail.kind != 0 {
@@ -993,7 +988,7 @@ fn try_kvm_entry() {
         add_stats(&DETAIL_EXITS, &detail, &timed);
     }
     let bucket = hist_bucket(elapsed);
-    if cell < count::CELLS {
+    if cell < rows::CELLS {
         // Known reasons: an array cell, no hash lookup.
         if let Some(buckets) = LATENCY_CELLS.get_ptr_mut(cell) {
             // SAFETY: this CPU's value, no other writer. Masked after a volatile
@@ -1251,6 +1246,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
             };
         }
     }
+    // Its row is final (its last exit, if any, is counted above).
+    thread_rows::thread_ended(tid);
     if gone {
         count_path::vm_ended(tgid);
     }

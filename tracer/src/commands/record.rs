@@ -132,6 +132,7 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
         raw_exit: None,
         sum_per_cpu: !args.shared_cells && kvmtrace::probe::sums_per_cpu(),
         vm_time: false,
+        cell_isa: kvmtrace::probe::host_isa(),
     })
     .map(|config| with_exit_source(config, args))
 }

@@ -1,15 +1,19 @@
-//! The count path's maps in user space: a VM's cells summed over CPUs (with their
-//! time cells on the per-VM timing path), ended VMs' slots read once and given back,
-//! and the vendor module's layout checked again after a reload.
+//! The thread rows in user space ([`tracer_common::rows`]): each live thread's row,
+//! ended threads' rows read once, zeroed and their slots given back; the snapshots' VM
+//! slots freed once their VM is reaped; and the vendor module's layout checked again
+//! after a reload.
 
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, Queue};
 use kvmtrace_model::snapshot::{Snapshot, sum_stats};
-use tracer_common::{ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps};
+use tracer_common::{
+    ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps,
+    rows::{self, ThreadOwner},
+};
 
 use super::{Probe, ProbeError, map_err};
 use crate::exit_layout::{self, Choice};
@@ -18,36 +22,49 @@ use crate::exit_layout::{self, Choice};
 /// reads before that is an error (its BTF appears while it loads).
 const RELOAD_GRACE: Duration = Duration::from_secs(2);
 
-/// Cells of one slot, per CPU.
+/// Cells of one VM slot, per CPU (snapshots).
 type Cells = [u64; count::CELLS as usize];
-/// Cells of one slot on the per-VM timing path, per CPU: exits and their time.
-type Times = [ExitStats; count::CELLS as usize];
+/// A count row.
+type CountRow = [u64; rows::CELLS as usize];
+/// A time row: exits and their time.
+type TimeRow = [ExitStats; rows::CELLS as usize];
 
-/// The VM slots' state on the user side: the count path's, or the snapshots'.
+/// The thread rows' state on the user side.
 #[derive(Debug)]
 pub(super) struct CountPath {
-    /// How the count path reads exits; `None`: the slots serve snapshots, or the
-    /// timing path's per-VM rows.
+    /// How the count path reads exits; `None`: the rows are the timing path's, or
+    /// only the snapshots' VM slots are kept.
     pub choice: Option<Choice>,
-    /// The timing path's per-VM rows: the slots' cells are `TIMES`, not `COUNTS`.
+    /// The timing path's per-VM rows: the rows are `TIME_ROWS`, not `COUNT_ROWS`.
     pub times: bool,
+    /// Snapshots keep VM slots, freed here once their VM is reaped.
+    pub snapshots: bool,
+    /// The ISA whose reasons have cells (`CELL_ISA`).
+    pub cell_isa: u32,
     /// The last phase whose vendor module was checked to have the layout read.
     verified_phase: u32,
     /// Since when the current phase's module has not shown that layout.
     unverified_since: Option<Instant>,
-    /// Ended VMs, read from their slots: (phase, pid) -> exits per reason.
+    /// Ended threads, read from their rows: (phase, pid) -> exits per reason.
     ended: BTreeMap<(u32, u32), BTreeMap<ExitKey, ExitStats>>,
 }
 
 impl CountPath {
-    pub fn new(choice: Option<Choice>, times: bool) -> Self {
+    pub fn new(choice: Option<Choice>, times: bool, snapshots: bool, cell_isa: u32) -> Self {
         Self {
             choice,
             times,
+            snapshots,
+            cell_isa,
             verified_phase: 0,
             unverified_since: None,
             ended: BTreeMap::new(),
         }
+    }
+
+    /// Whether exits are counted in thread rows.
+    fn rows(&self) -> bool {
+        self.choice.is_some() || self.times
     }
 }
 
@@ -69,20 +86,16 @@ fn add(
     Ok(())
 }
 
-/// The cells of one slot summed over CPUs, as (exit, stats) for each cell with exits;
-/// `stats` reads one CPU's cell.
-fn sum_cells<T: aya::Pod>(
-    per_cpu: &PerCpuValues<[T; count::CELLS as usize]>,
-    stats: impl Fn(&T) -> ExitStats,
+/// A row's cells with exits, as (exit, stats).
+fn row_exits(
+    cell_isa: u32,
+    cells: impl Iterator<Item = ExitStats>,
 ) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
     let mut out = Vec::new();
-    // The total cell (kept with snapshots) is the sum of the others.
-    for cell in (0..count::CELLS).filter(|&c| c != count::TOTAL) {
-        let cells: Vec<ExitStats> = per_cpu.iter().map(|c| stats(&c[cell as usize])).collect();
-        let sum = sum_stats(cells.iter())?;
-        if sum.count > 0 {
-            let exit = count::exit_of(cell).ok_or(ProbeError::CellWithoutReason(cell))?;
-            out.push((exit, sum));
+    for (c, stats) in (0..rows::CELLS).zip(cells) {
+        if stats.count > 0 {
+            let exit = rows::exit_of(cell_isa, c).ok_or(ProbeError::CellWithoutReason(c))?;
+            out.push((exit, stats));
         }
     }
     Ok(out)
@@ -104,34 +117,61 @@ impl Probe {
         self.counts.as_mut()
     }
 
-    /// Slot `slot`'s cells summed over CPUs: the count path's (counts), or the per-VM
-    /// timing path's (counts and time).
+    /// Slot `slot`'s row: the count path's (counts), or the per-VM timing path's
+    /// (counts and time).
     fn slot_rows(&self, slot: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
-        if self.per_vm_time() {
-            let cells: PerCpuArray<&MapData, Times> =
-                PerCpuArray::try_from(self.map(maps::TIMES)?).map_err(map_err(maps::TIMES))?;
-            return sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::TIMES))?, |s| *s);
+        let Some(path) = &self.counts else {
+            return Ok(Vec::new());
+        };
+        if path.times {
+            let rows: Array<&MapData, TimeRow> =
+                Array::try_from(self.map(maps::TIME_ROWS)?).map_err(map_err(maps::TIME_ROWS))?;
+            let row = rows.get(&slot, 0).map_err(map_err(maps::TIME_ROWS))?;
+            return row_exits(path.cell_isa, row.into_iter());
         }
-        let cells: PerCpuArray<&MapData, Cells> =
-            PerCpuArray::try_from(self.map(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
-        sum_cells(&cells.get(&slot, 0).map_err(map_err(maps::COUNTS))?, |&n| {
-            ExitStats {
+        let rows: Array<&MapData, CountRow> =
+            Array::try_from(self.map(maps::COUNT_ROWS)?).map_err(map_err(maps::COUNT_ROWS))?;
+        let row = rows.get(&slot, 0).map_err(map_err(maps::COUNT_ROWS))?;
+        row_exits(
+            path.cell_isa,
+            row.into_iter().map(|n| ExitStats {
                 count: n,
                 ..ExitStats::default()
-            }
-        })
+            }),
+        )
     }
 
-    /// The count path's upkeep, at least every 100 ms while a record runs: reads the
-    /// slots of VMs that ended (so slots are free for new VMs), and after a vendor
-    /// module reload checks that the module the raw program reads has the same
-    /// layout. A module without it is an error: the reasons read would be wrong.
-    pub fn tick(&mut self) -> Result<(), ProbeError> {
-        if self.counts.is_none() {
+    /// Puts every slot but slot 0 on the free queue (at attach).
+    pub(super) fn fill_free_slots(&mut self) -> Result<(), ProbeError> {
+        if !self.counts.as_ref().is_some_and(CountPath::rows) {
             return Ok(());
         }
+        let mut free: Queue<&mut MapData, u32> =
+            Queue::try_from(self.map_mut(maps::FREE_SLOTS)?).map_err(map_err(maps::FREE_SLOTS))?;
+        for slot in 1..=free.capacity() {
+            free.push(slot, 0).map_err(map_err(maps::FREE_SLOTS))?;
+        }
+        Ok(())
+    }
+
+    /// The rows' upkeep, at least every 100 ms while a record runs: reads the rows of
+    /// threads that ended (so slots are free for new ones), frees the snapshots' VM
+    /// slots of reaped VMs, and after a vendor module reload checks that the module
+    /// the raw program reads has the same layout. A module without it is an error:
+    /// the reasons read would be wrong.
+    pub fn tick(&mut self) -> Result<(), ProbeError> {
+        let Some(path) = &self.counts else {
+            return Ok(());
+        };
+        let (rows, snapshots) = (path.rows(), path.snapshots);
         self.verify_layout()?;
-        self.harvest()
+        if rows {
+            self.harvest()?;
+        }
+        if snapshots {
+            self.free_vm_slots()?;
+        }
+        Ok(())
     }
 
     fn verify_layout(&mut self) -> Result<(), ProbeError> {
@@ -161,23 +201,76 @@ impl Probe {
         })
     }
 
-    /// Zeroes slot `slot` of the per-CPU cells `map` on every CPU.
-    fn zero_cells<T: aya::Pod + Default>(
-        &mut self,
-        map: &'static str,
-        slot: u32,
-        nr_cpus: usize,
-    ) -> Result<(), ProbeError> {
-        let zeros = PerCpuValues::try_from(vec![[T::default(); count::CELLS as usize]; nr_cpus])
-            .map_err(ProbeError::Cpus)?;
-        let mut cells: PerCpuArray<&mut MapData, [T; count::CELLS as usize]> =
-            PerCpuArray::try_from(self.map_mut(map)?).map_err(map_err(map))?;
-        cells.set(slot, zeros, 0).map_err(map_err(map))
+    /// The next slot whose thread has ended, if any.
+    fn next_ended(&mut self) -> Result<Option<u32>, ProbeError> {
+        let mut ended: Queue<&mut MapData, u32> = Queue::try_from(self.map_mut(maps::ENDED_SLOTS)?)
+            .map_err(map_err(maps::ENDED_SLOTS))?;
+        match ended.pop(0) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(MapError::ElementNotFound) => Ok(None),
+            Err(e) => Err(ProbeError::Map {
+                map: maps::ENDED_SLOTS,
+                source: e,
+            }),
+        }
     }
 
-    /// Reads the cells of every slot whose VM has ended into the ended VMs' counts,
-    /// zeroes them, and frees the slot.
+    /// Reads the row of every slot whose thread has ended into the ended VMs' counts,
+    /// zeroes it, and frees the slot. Only its thread wrote the row, and it has ended.
     fn harvest(&mut self) -> Result<(), ProbeError> {
+        while let Some(slot) = self.next_ended()? {
+            let owner = {
+                let owners: HashMap<&MapData, u32, ThreadOwner> =
+                    HashMap::try_from(self.map(maps::SLOT_THREADS)?)
+                        .map_err(map_err(maps::SLOT_THREADS))?;
+                owners.get(&slot, 0).map_err(map_err(maps::SLOT_THREADS))?
+            };
+            let sums = self.slot_rows(slot)?;
+            let Some(path) = self.counts.as_mut() else {
+                return Ok(());
+            };
+            let vm = path.ended.entry((owner.phase, owner.tgid)).or_default();
+            for (exit, stats) in sums {
+                add_stats(vm.entry(exit).or_default(), stats)?;
+            }
+            if path.times {
+                let mut rows: Array<&mut MapData, TimeRow> =
+                    Array::try_from(self.map_mut(maps::TIME_ROWS)?)
+                        .map_err(map_err(maps::TIME_ROWS))?;
+                rows.set(slot, [ExitStats::default(); rows::CELLS as usize], 0)
+                    .map_err(map_err(maps::TIME_ROWS))?;
+            } else {
+                let mut rows: Array<&mut MapData, CountRow> =
+                    Array::try_from(self.map_mut(maps::COUNT_ROWS)?)
+                        .map_err(map_err(maps::COUNT_ROWS))?;
+                rows.set(slot, [0; rows::CELLS as usize], 0)
+                    .map_err(map_err(maps::COUNT_ROWS))?;
+            }
+            let mut owners: HashMap<&mut MapData, u32, ThreadOwner> =
+                HashMap::try_from(self.map_mut(maps::SLOT_THREADS)?)
+                    .map_err(map_err(maps::SLOT_THREADS))?;
+            owners.remove(&slot).map_err(map_err(maps::SLOT_THREADS))?;
+            // The slot is free from here on: a new thread may take it.
+            let mut free: Queue<&mut MapData, u32> =
+                Queue::try_from(self.map_mut(maps::FREE_SLOTS)?)
+                    .map_err(map_err(maps::FREE_SLOTS))?;
+            free.push(slot, 0).map_err(map_err(maps::FREE_SLOTS))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes slot `slot` of the per-CPU cells `map` on every CPU.
+    fn zero_cells(&mut self, slot: u32, nr_cpus: usize) -> Result<(), ProbeError> {
+        let zeros = PerCpuValues::try_from(vec![[0u64; count::CELLS as usize]; nr_cpus])
+            .map_err(ProbeError::Cpus)?;
+        let mut cells: PerCpuArray<&mut MapData, Cells> =
+            PerCpuArray::try_from(self.map_mut(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
+        cells.set(slot, zeros, 0).map_err(map_err(maps::COUNTS))
+    }
+
+    /// Snapshots: zeroes the cells of every VM slot whose VM has ended and been
+    /// reaped, and frees the slot.
+    fn free_vm_slots(&mut self) -> Result<(), ProbeError> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| ProbeError::Cpus(e))?;
         let ended_slots: Vec<u32> = {
             let flags: Array<&MapData, u32> =
@@ -188,10 +281,7 @@ impl Probe {
             (1..count::MAX_VMS)
                 .filter(|&s| flags.get(&s, 0).is_ok_and(|v| v != 0))
                 // Only once the process is reaped: the group leader's exit ends the VM
-                // (kernels without `group_dead`), and a vCPU thread's
-                // sched_process_exit, which counts its last untimed exit on the per-VM
-                // timing path, can come after it (do_exit wakes pthread_join in
-                // exit_mm, before that tracepoint).
+                // (kernels without `group_dead`), and its other threads may still exit.
                 .filter(|&s| {
                     owners
                         .get(&s, 0)
@@ -200,26 +290,8 @@ impl Probe {
                 .collect()
         };
         for slot in ended_slots {
-            let owners: HashMap<&MapData, u32, u64> =
-                HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
-                    .map_err(map_err(maps::SLOT_OWNERS))?;
-            let owner = owners.get(&slot, 0).ok();
-            let sums = self.slot_rows(slot)?;
-            if let (Some(key), Some(path)) = (owner, self.counts.as_mut()) {
-                let vm = path
-                    .ended
-                    .entry(((key >> 32) as u32, key as u32))
-                    .or_default();
-                for (exit, stats) in sums {
-                    add_stats(vm.entry(exit).or_default(), stats)?;
-                }
-            }
-            if self.per_vm_time() {
-                self.zero_cells::<ExitStats>(maps::TIMES, slot, nr_cpus)?;
-            } else {
-                self.zero_cells::<u64>(maps::COUNTS, slot, nr_cpus)?;
-            }
-            // The shared cells, where they are used (older kernels, with snapshots).
+            self.zero_cells(slot, nr_cpus)?;
+            // The shared cells, where they are used (older kernels).
             let mut shared: Array<&mut MapData, Cells> =
                 Array::try_from(self.map_mut(maps::SHARED_CELLS)?)
                     .map_err(map_err(maps::SHARED_CELLS))?;
@@ -241,21 +313,29 @@ impl Probe {
         Ok(())
     }
 
-    /// The count path's rows: every VM (live slots, ended VMs, slot 0's VMs under pid
-    /// 0) per reason, and the overflow map's reasons.
+    /// The thread rows: every VM (live threads' rows, ended threads', slot 0's
+    /// threads under pid 0) per reason, and the overflow map's reasons.
     pub(super) fn count_rows(&mut self, snap: &mut Snapshot) -> Result<(), ProbeError> {
         self.tick()?;
         let phase = self.phase()?;
-        let owners: Vec<(u32, u64)> = {
-            let owners: HashMap<&MapData, u32, u64> =
-                HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
-                    .map_err(map_err(maps::SLOT_OWNERS))?;
-            owners.iter().filter_map(Result::ok).collect()
+        // By slot: a walk that restarts (the map changed under it) sees a slot twice.
+        let owners: BTreeMap<u32, ThreadOwner> = {
+            let owners: HashMap<&MapData, u32, ThreadOwner> =
+                HashMap::try_from(self.map(maps::SLOT_THREADS)?)
+                    .map_err(map_err(maps::SLOT_THREADS))?;
+            let walk = 2 * tracer_common::limits::MAX_THREADS as usize;
+            owners.iter().take(walk).filter_map(Result::ok).collect()
         };
-        let slots = owners.into_iter().chain([(0, count::slot_key(phase, 0))]);
-        for (slot, key) in slots {
+        let full = ThreadOwner {
+            phase,
+            tgid: 0,
+            tid: 0,
+            vcpu_id: count::ALL_VCPUS,
+        };
+        let slots = owners.into_iter().chain([(rows::FULL_SLOT, full)]);
+        for (slot, owner) in slots {
             for (exit, stats) in self.slot_rows(slot)? {
-                add(snap, (key >> 32) as u32, key as u32, exit, stats)?;
+                add(snap, owner.phase, owner.tgid, exit, stats)?;
             }
         }
         if let Some(path) = &self.counts {
@@ -320,39 +400,22 @@ impl Probe {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::{count, isa};
+    use tracer_common::{ExitStats, isa, rows};
 
     #[test]
-    fn every_cell_is_one_reason_and_back() {
-        let mut seen = std::collections::BTreeSet::new();
-        for cell in 0..count::CELLS {
-            if let Some(exit) = count::exit_of(cell) {
-                assert_eq!(count::dense_index(exit.isa, exit.reason), cell, "{exit:?}");
-                assert!(seen.insert(exit));
-            }
-        }
-        // VMX 0..80, SVM 0..0xa8, 0x400..0x404, -1.
-        assert_eq!(seen.len(), 80 + 0xa8 + 4 + 1);
-    }
-
-    #[test]
-    fn the_rest_overflows_with_its_code() {
-        assert_eq!(count::dense_index(isa::VMX, 80), count::OVERFLOW);
-        assert_eq!(
-            count::dense_index(isa::VMX, 0x8000_0021),
-            count::OVERFLOW,
-            "a failed entry keeps its flag, in the overflow map"
+    fn a_row_names_each_cell_with_exits() {
+        let mut cells = [ExitStats::default(); rows::CELLS as usize];
+        cells[10].count = 3;
+        cells[rows::CELLS as usize - 1].count = 1;
+        let vmx = super::row_exits(isa::VMX, cells.into_iter()).expect("cells");
+        assert_eq!(vmx.len(), 2);
+        assert_eq!((vmx[0].0.reason, vmx[0].1.count), (10, 3));
+        assert_eq!(vmx[1].0.reason, 63);
+        let svm = super::row_exits(isa::SVM, cells.into_iter()).expect("cells");
+        assert_eq!(svm[1].0.reason, u32::MAX, "SVM_EXIT_ERR");
+        assert!(
+            super::row_exits(3, cells.into_iter()).is_err(),
+            "an unknown ISA"
         );
-        assert_eq!(
-            count::dense_index(isa::VMX, 0x0800_000a),
-            10,
-            "flags 30:16 ignored"
-        );
-        assert_eq!(count::dense_index(isa::SVM, 0xa8), count::OVERFLOW);
-        assert_eq!(count::dense_index(isa::SVM, 0x404), count::OVERFLOW);
-        assert_eq!(count::dense_index(isa::SVM, 0x400), count::SVM_HIGH_BASE);
-        assert_eq!(count::dense_index(isa::SVM, u32::MAX), count::SVM_ERR);
-        assert_eq!(count::dense_index(3, 1), count::OVERFLOW, "an unknown isa");
-        const { assert!(count::SVM_ERR < count::TOTAL) };
     }
 }

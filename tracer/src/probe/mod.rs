@@ -24,7 +24,7 @@ mod counts;
 #[cfg(test)]
 mod object_check;
 mod setup;
-pub use setup::sums_per_cpu;
+pub use setup::{host_isa, sums_per_cpu};
 
 use setup::Setup;
 
@@ -130,6 +130,9 @@ pub struct ProbeConfig {
     /// slot's per-CPU cell, with no hash lookup at either. Only without per-vCPU rows,
     /// `vcpu`, `detail`, `rips` and `snapshots` ([`ProbeConfig::per_vm_time_fits`]).
     pub vm_time: bool,
+    /// The ISA whose reasons have cells in thread rows and latency cells: the host's
+    /// ([`host_isa`]).
+    pub cell_isa: u32,
 }
 
 impl ProbeConfig {
@@ -162,6 +165,7 @@ impl Default for ProbeConfig {
             raw_exit: None,
             sum_per_cpu: setup::sums_per_cpu(),
             vm_time: false,
+            cell_isa: setup::host_isa(),
         }
     }
 }
@@ -182,6 +186,8 @@ pub struct Probe {
     counts_synthetic: bool,
     /// The count path's state; `None` on the timing path.
     counts: Option<counts::CountPath>,
+    /// The ISA whose reasons have cells ([`ProbeConfig::cell_isa`]).
+    cell_isa: u32,
 }
 
 /// The function whose runs that enter no guest are KVM's synthetic exits.
@@ -294,7 +300,8 @@ impl Probe {
                 .ok_or(ProbeError::MissingMap(maps::REGS_SAMPLES))?,
         )
         .map_err(map_err(maps::REGS_SAMPLES))?;
-        Ok(Self {
+        let mut probe = Self {
+            cell_isa: config.cell_isa,
             ebpf,
             logger,
             cpuid_events,
@@ -302,9 +309,17 @@ impl Probe {
             filter_enabled: !config.pids.is_empty(),
             tracks_phases: setup.tracks_phases(),
             counts_synthetic,
-            counts: (config.counts.is_some() || leaves.is_some() || config.vm_time)
-                .then(|| counts::CountPath::new(config.counts.clone(), config.vm_time)),
-        })
+            counts: (config.counts.is_some() || leaves.is_some() || config.vm_time).then(|| {
+                counts::CountPath::new(
+                    config.counts.clone(),
+                    config.vm_time,
+                    leaves.is_some(),
+                    config.cell_isa,
+                )
+            }),
+        };
+        probe.fill_free_slots()?;
+        Ok(probe)
     }
 
     /// How the count path reads exits; `None` on the timing path.
@@ -551,8 +566,8 @@ impl Probe {
             PerCpuArray::try_from(map(maps::LATENCY_CELLS)?)
                 .map_err(map_err(maps::LATENCY_CELLS))?;
         if self.count_path().is_none() {
-            for cell in 0..tracer_common::count::CELLS {
-                let Some(exit) = tracer_common::count::exit_of(cell) else {
+            for cell in 0..tracer_common::rows::CELLS {
+                let Some(exit) = tracer_common::rows::exit_of(self.cell_isa, cell) else {
                     continue;
                 };
                 let per_cpu = cells.get(&cell, 0).map_err(map_err(maps::LATENCY_CELLS))?;

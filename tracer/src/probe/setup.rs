@@ -6,7 +6,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use kvmtrace_model::tracefs_format::{Field, Tracepoint};
-use tracer_common::{NO_FIELD, count, globals, limits, maps};
+use tracer_common::{NO_FIELD, count, globals, isa, limits, maps, rows};
 
 use super::{ProbeConfig, ProbeError, find_program, load_error};
 use crate::{exit_layout::Choice, tracefs::Tracefs};
@@ -265,6 +265,7 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (globals::NR_CPUS, nr_cpus),
         (globals::SUM_PER_CPU, u32::from(config.sum_per_cpu)),
         (globals::VM_TIME, u32::from(config.vm_time)),
+        (globals::CELL_ISA, config.cell_isa),
         (
             globals::VMX_EXIT_REASON_OFF,
             offsets.and_then(|o| o.vmx_exit_reason).unwrap_or(NO_FIELD),
@@ -306,6 +307,37 @@ pub fn sums_per_cpu() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 19, 0))
 }
 
+/// The host's ISA, whose exit reasons get cells in thread rows: VMX where the CPU
+/// has `vmx`, SVM where it has `svm` (`/proc/cpuinfo`), else by vendor. A host runs
+/// one vendor's KVM; exits of the other ISA would still be counted, in the overflow
+/// maps.
+pub fn host_isa() -> u32 {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    isa_of_cpuinfo(&cpuinfo)
+}
+
+/// [`host_isa`] from the text of `/proc/cpuinfo`.
+pub(super) fn isa_of_cpuinfo(cpuinfo: &str) -> u32 {
+    let line = |key: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map_or("", |(_, v)| v)
+    };
+    let flags: Vec<&str> = line("flags").split_whitespace().collect();
+    if flags.contains(&"vmx") {
+        return isa::VMX;
+    }
+    if flags.contains(&"svm") {
+        return isa::SVM;
+    }
+    match line("vendor_id").trim() {
+        "AuthenticAMD" | "HygonGenuine" => isa::SVM,
+        _ => isa::VMX,
+    }
+}
+
 /// Every map's size: as configured, or 1 entry (1 page for ring buffers) when the
 /// option that uses it is off.
 pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
@@ -316,7 +348,9 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     let snap = config.snapshots.is_some();
     let ring_min = limits::CPUID_RING_MIN_BYTES;
     let counting = config.counts.is_some();
-    let cells = counting || snap;
+    // Thread rows: the count path's, or the per-VM timing path's.
+    let rows = counting || config.vm_time;
+    let threads = limits::MAX_THREADS;
     vec![
         (
             maps::OVERFLOW_EXITS,
@@ -324,11 +358,19 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         ),
         (maps::VCPU_EXITS, on(!counting, config.max_vcpu_rows, 1)),
         (maps::LATENCY_HIST, on(!counting, limits::MAX_HIST_ROWS, 1)),
-        (maps::LATENCY_CELLS, on(!counting, count::CELLS, 1)),
+        (maps::LATENCY_CELLS, on(!counting, rows::CELLS, 1)),
         (maps::PENDING, on(!counting, limits::MAX_PENDING, 1)),
-        (maps::COUNTS, on(cells, count::MAX_VMS, 1)),
-        (maps::TIMES, on(config.vm_time, count::MAX_VMS, 1)),
-        (maps::COUNT_OVERFLOW, on(cells, config.max_overflow_rows, 1)),
+        (maps::THREAD_SLOTS, on(rows, threads, 1)),
+        (maps::SLOT_THREADS, on(rows, threads, 1)),
+        (maps::FREE_SLOTS, on(rows, threads, 1)),
+        (maps::ENDED_SLOTS, on(rows, threads, 1)),
+        (maps::COUNT_ROWS, on(counting, threads + 1, 1)),
+        (maps::TIME_ROWS, on(config.vm_time, threads + 1, 1)),
+        (maps::COUNTS, on(snap, count::MAX_VMS, 1)),
+        (
+            maps::COUNT_OVERFLOW,
+            on(counting || snap, config.max_overflow_rows, 1),
+        ),
         (
             maps::SHARED_CELLS,
             on(snap && !config.sum_per_cpu, count::MAX_VMS, 1),
