@@ -627,7 +627,8 @@ fn amd_full_maps_are_reported_not_silent() {
         tag: "full",
         extra: &[
             "--record-args",
-            "--per-vcpu --max-overflow-rows 2 --max-vcpu-rows 1",
+            // --vcpu keeps the per-vCPU hash rows (thread rows have no such limit).
+            "--vcpu 0 --max-overflow-rows 2 --max-vcpu-rows 1",
         ],
         ..micro("amd")
     };

@@ -31,6 +31,9 @@ pub mod limits {
     /// 4 096 VMs of 4 vCPUs. A thread past it is counted in slot 0
     /// (`drop_kind::COUNT_SLOTS_FULL`), never in another VM's row.
     pub const MAX_THREADS: u32 = 16384;
+    /// With thread rows: the per-CPU hash maps' entries, which then only take the
+    /// reasons without a cell (per VM or vCPU, per reason, and per histogram bucket).
+    pub const MAX_UNCELLED_ROWS: u32 = 256;
     /// Live processes in the `-p` / `-- CMD` filter: child processes (not threads) of
     /// traced processes are added, and a process is removed when it exits.
     pub const MAX_FILTER_PIDS: u32 = 8192;
@@ -178,6 +181,9 @@ pub mod globals {
     /// The ISA whose reasons have cells in thread rows and latency cells
     /// ([`rows::cell`](super::rows::cell)): the host's.
     pub const CELL_ISA: &str = "CELL_ISA";
+    /// 1: the per-VM timing path keeps a row per vCPU (`--per-vcpu`), keyed by the
+    /// thread's `vcpu_id`; 0: per VM (`vcpu_id` is `ALL_VCPUS`).
+    pub const VCPU_ROWS: &str = "VCPU_ROWS";
     /// Offset of `fault_address` in `kvm:kvm_page_fault`.
     pub const PF_ADDRESS_OFF: &str = "PF_ADDRESS_OFF";
 }

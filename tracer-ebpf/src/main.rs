@@ -76,6 +76,9 @@ static EXIT_FIELDS_OFF: u32 = 8;
 /// and counted and timed at its entry in the slot's cell; no per-vCPU rows.
 #[unsafe(no_mangle)]
 static VM_TIME: u32 = 0;
+/// 1: with `VM_TIME`, rows per vCPU (the thread's `vcpu_id`); 0: per VM.
+#[unsafe(no_mangle)]
+static VCPU_ROWS: u32 = 0;
 #[unsafe(no_mangle)]
 static EXIT_REASON_OFF: u32 = 0;
 #[unsafe(no_mangle)]
@@ -340,6 +343,9 @@ pub fn kvm_exit_raw(ctx: RawTracePointContext) -> u32 {
     };
     if global(&VM_TIME) != 0 {
         vm_exit(now, isa, raw_reason, || {
+            if global(&VCPU_ROWS) == 0 {
+                return count::ALL_VCPUS;
+            }
             count_path::vcpu_id_of(vcpu).unwrap_or(count::ALL_VCPUS)
         });
         return 0;
@@ -409,7 +415,13 @@ fn vm_exit(now: u64, isa: u32, raw_reason: u32, vcpu_id: impl FnOnce() -> u32) {
 #[inline(always)]
 fn try_kvm_exit(now: u64, ex: &Exit<'_>) {
     if global(&VM_TIME) != 0 {
-        vm_exit(now, ex.isa, ex.raw_reason, || ex.vcpu_id);
+        vm_exit(now, ex.isa, ex.raw_reason, || {
+            if global(&VCPU_ROWS) == 0 {
+                count::ALL_VCPUS
+            } else {
+                ex.vcpu_id
+            }
+        });
         return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();

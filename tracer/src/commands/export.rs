@@ -259,7 +259,8 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     };
     // Time without vCPU labels: per-VM rows, no hash lookup per exit.
     let config = ProbeConfig {
-        vm_time: config.per_vm_time_fits(args.per_vcpu),
+        vm_time: config.per_vm_time_fits(),
+        vcpu_rows: config.per_vm_time_fits() && args.per_vcpu,
         ..config
     };
     let probe = Probe::attach(&tracefs, &config)?;

@@ -133,6 +133,7 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
         sum_per_cpu: !args.shared_cells && kvmtrace::probe::sums_per_cpu(),
         vm_time: false,
         cell_isa: kvmtrace::probe::host_isa(),
+        vcpu_rows: false,
     })
     .map(|config| with_exit_source(config, args))
 }
@@ -152,7 +153,8 @@ fn with_exit_source(config: ProbeConfig, args: &RecordArgs) -> ProbeConfig {
         ..config
     };
     ProbeConfig {
-        vm_time: config.per_vm_time_fits(args.report.per_vcpu),
+        vm_time: config.per_vm_time_fits(),
+        vcpu_rows: config.per_vm_time_fits() && args.report.per_vcpu,
         ..config
     }
 }

@@ -45,8 +45,9 @@ pub(super) struct CountPath {
     verified_phase: u32,
     /// Since when the current phase's module has not shown that layout.
     unverified_since: Option<Instant>,
-    /// Ended threads, read from their rows: (phase, pid) -> exits per reason.
-    ended: BTreeMap<(u32, u32), BTreeMap<ExitKey, ExitStats>>,
+    /// Ended threads, read from their rows: (phase, pid, vcpu_id) -> exits per
+    /// reason.
+    ended: BTreeMap<(u32, u32, u32), BTreeMap<ExitKey, ExitStats>>,
 }
 
 impl CountPath {
@@ -68,19 +69,15 @@ impl CountPath {
     }
 }
 
-/// Adds `stats` of `exit` by VM `pid` in `phase` to `snap`.
+/// Adds `stats` of `exit` by VM `pid`'s vCPU `vcpu_id` (`ALL_VCPUS`: the VM's row)
+/// in `phase` to `snap`.
 fn add(
     snap: &mut Snapshot,
-    phase: u32,
-    pid: u32,
+    (phase, pid, vcpu_id): (u32, u32, u32),
     exit: ExitKey,
     stats: ExitStats,
 ) -> Result<(), ProbeError> {
-    let vcpu = VcpuKey {
-        pid,
-        vcpu_id: count::ALL_VCPUS,
-        exit,
-    };
+    let vcpu = VcpuKey { pid, vcpu_id, exit };
     snap.add_vcpu(vcpu, stats)?;
     snap.add_exits(phase, exit, stats)?;
     Ok(())
@@ -229,7 +226,10 @@ impl Probe {
             let Some(path) = self.counts.as_mut() else {
                 return Ok(());
             };
-            let vm = path.ended.entry((owner.phase, owner.tgid)).or_default();
+            let vm = path
+                .ended
+                .entry((owner.phase, owner.tgid, owner.vcpu_id))
+                .or_default();
             for (exit, stats) in sums {
                 add_stats(vm.entry(exit).or_default(), stats)?;
             }
@@ -335,13 +335,13 @@ impl Probe {
         let slots = owners.into_iter().chain([(rows::FULL_SLOT, full)]);
         for (slot, owner) in slots {
             for (exit, stats) in self.slot_rows(slot)? {
-                add(snap, owner.phase, owner.tgid, exit, stats)?;
+                add(snap, (owner.phase, owner.tgid, owner.vcpu_id), exit, stats)?;
             }
         }
         if let Some(path) = &self.counts {
-            for (&(vm_phase, pid), exits) in &path.ended {
+            for (&row, exits) in &path.ended {
                 for (&exit, &stats) in exits {
-                    add(snap, vm_phase, pid, exit, stats)?;
+                    add(snap, row, exit, stats)?;
                 }
             }
         }
@@ -354,7 +354,7 @@ impl Probe {
                 count: n,
                 ..ExitStats::default()
             };
-            add(snap, key.phase(), key.pid, key.exit(), stats)?;
+            add(snap, (key.phase(), key.pid, key.vcpu_id), key.exit(), stats)?;
         }
         Ok(())
     }
@@ -367,7 +367,8 @@ impl Probe {
         self.tick()?;
         let mut gone: BTreeMap<ExitKey, ExitStats> = BTreeMap::new();
         if let Some(path) = self.count_state() {
-            let keys: Vec<(u32, u32)> = path.ended.keys().filter(|k| k.1 == pid).copied().collect();
+            let keys: Vec<(u32, u32, u32)> =
+                path.ended.keys().filter(|k| k.1 == pid).copied().collect();
             for key in keys {
                 for (exit, stats) in path.ended.remove(&key).unwrap_or_default() {
                     add_stats(gone.entry(exit).or_default(), stats)?;

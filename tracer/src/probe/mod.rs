@@ -21,6 +21,7 @@ use kvmtrace_model::{
 };
 
 mod counts;
+pub mod memory;
 #[cfg(test)]
 mod object_check;
 mod setup;
@@ -83,6 +84,8 @@ pub enum ProbeError {
         "the kvm vendor module was reloaded and its layout changed: the counts read {was}, it now needs the {now}; restart kvmtrace, or record with time (without --counts-only)"
     )]
     LayoutChanged { was: String, now: String },
+    #[error("cannot read the maps of the eBPF object: {0}")]
+    ObjectMaps(String),
     #[error("cannot tell how many CPUs this host has: {0}")]
     Cpus(#[source] std::io::Error),
 }
@@ -133,14 +136,15 @@ pub struct ProbeConfig {
     /// The ISA whose reasons have cells in thread rows and latency cells: the host's
     /// ([`host_isa`]).
     pub cell_isa: u32,
+    /// With `vm_time`: a row per vCPU (the thread's `vcpu_id`), not per VM.
+    pub vcpu_rows: bool,
 }
 
 impl ProbeConfig {
-    /// Whether nothing asked for needs per-vCPU rows: the timing path can then keep
-    /// per-VM rows (`vm_time`).
-    pub fn per_vm_time_fits(&self, per_vcpu: bool) -> bool {
-        !per_vcpu
-            && self.counts.is_none()
+    /// Whether nothing asked for needs the hash rows: the timing path can then keep
+    /// thread rows (`vm_time`), per VM or per vCPU (`vcpu_rows`).
+    pub fn per_vm_time_fits(&self) -> bool {
+        self.counts.is_none()
             && self.vcpu.is_none()
             && !self.detail
             && !self.rips
@@ -166,6 +170,7 @@ impl Default for ProbeConfig {
             sum_per_cpu: setup::sums_per_cpu(),
             vm_time: false,
             cell_isa: setup::host_isa(),
+            vcpu_rows: false,
         }
     }
 }
@@ -274,12 +279,7 @@ impl Probe {
         for (name, value) in &setup.globals {
             loader.override_global(name, value, true);
         }
-        let mut ebpf = loader
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/tracer"
-            )))
-            .map_err(ProbeError::Object)?;
+        let mut ebpf = loader.load(memory::object()).map_err(ProbeError::Object)?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf)
             .map_err(|e| log::debug!("no eBPF logger: {e}"))
             .ok();

@@ -266,6 +266,7 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (globals::SUM_PER_CPU, u32::from(config.sum_per_cpu)),
         (globals::VM_TIME, u32::from(config.vm_time)),
         (globals::CELL_ISA, config.cell_isa),
+        (globals::VCPU_ROWS, u32::from(config.vcpu_rows)),
         (
             globals::VMX_EXIT_REASON_OFF,
             offsets.and_then(|o| o.vmx_exit_reason).unwrap_or(NO_FIELD),
@@ -351,13 +352,27 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     // Thread rows: the count path's, or the per-VM timing path's.
     let rows = counting || config.vm_time;
     let threads = limits::MAX_THREADS;
+    // With thread rows, the per-CPU hashes only take the reasons without a cell.
+    let hashed = |size: u32| {
+        if config.vm_time {
+            size.min(limits::MAX_UNCELLED_ROWS)
+        } else {
+            size
+        }
+    };
     vec![
         (
             maps::OVERFLOW_EXITS,
-            on(!counting, config.max_overflow_rows, 1),
+            on(!counting, hashed(config.max_overflow_rows), 1),
         ),
-        (maps::VCPU_EXITS, on(!counting, config.max_vcpu_rows, 1)),
-        (maps::LATENCY_HIST, on(!counting, limits::MAX_HIST_ROWS, 1)),
+        (
+            maps::VCPU_EXITS,
+            on(!counting, hashed(config.max_vcpu_rows), 1),
+        ),
+        (
+            maps::LATENCY_HIST,
+            on(!counting, hashed(limits::MAX_HIST_ROWS), 1),
+        ),
         (maps::LATENCY_CELLS, on(!counting, rows::CELLS, 1)),
         (maps::PENDING, on(!counting, limits::MAX_PENDING, 1)),
         (maps::THREAD_SLOTS, on(rows, threads, 1)),
