@@ -56,6 +56,10 @@ pub enum Verdict {
     CyclesNotImplemented,
     /// Undefined answered for a defined reason, or the other way round.
     WrongUndefinedAnswer,
+    /// The guest received another answer than `kvm:kvm_cpuid` reported: the patch sets
+    /// it after that tracepoint (e.g. once `kvm_cpuid()` has returned), so the kernel's
+    /// own trace shows values the guest never got.
+    AnswerAfterTracepoint,
     /// None of the above.
     Unexplained,
 }
@@ -80,6 +84,7 @@ impl Verdict {
             Self::RegistersUnset => "EBX/EDX not set, or ECX echoes the input",
             Self::CyclesNotImplemented => "the cycles leaf is not implemented",
             Self::WrongUndefinedAnswer => "wrong undefined/not-handled answer",
+            Self::AnswerAfterTracepoint => "answer set after kvm_cpuid's tracepoint",
             Self::Unexplained => "unexplained",
         }
     }
@@ -118,6 +123,10 @@ struct ReadPoint {
     vcpus: usize,
     /// The other running VMs' exits at the read (see [`Host::live_others`]).
     live_others: Option<u64>,
+    /// `kvm:kvm_cpuid` reported other values than the guest received.
+    tracepoint_differs: bool,
+    /// A read of the cycles leaf: no count to weigh against the VM's other reads.
+    cycles: bool,
 }
 
 /// All reads of a record, reconciled.
@@ -394,11 +403,14 @@ pub fn reconcile(report: &Report) -> Reconciliation {
                 synthetic: read.host_synthetic,
                 vcpus: host.vcpus,
                 live_others: host.live_others(),
+                tracepoint_differs: read.kvm_cpuid_differs.is_some(),
+                cycles: false,
             },
         });
     }
     lost_not_own_exit(&mut rows);
     attribute_totals(&mut rows);
+    add_tracepoint_cause(&mut rows);
     Reconciliation {
         schema: RECONCILE_SCHEMA,
         reads: rows.len(),
@@ -414,8 +426,8 @@ pub fn reconcile(report: &Report) -> Reconciliation {
 /// an unpatched KVM about a defined reason the host saw exit twice or more (the earlier
 /// exit's cycles are in; this query's are not yet), and the VM's count leaf did count
 /// that reason (zero cycles for exits the patch never counted, e.g. fastpath ones, are
-/// the count's fault, named on its row). The contract: EAX = EDX = 0, EBX:ECX the
-/// cycles.
+/// the count's fault, named on its row); or when `kvm:kvm_cpuid` saw another answer
+/// (see [`add_tracepoint_cause`]). The contract: EAX = EDX = 0, EBX:ECX the cycles.
 fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
     let defined = tracer_common::exit_reasons::defined_by_spec(read.isa.raw(), read.index);
     let cycles = (u64::from(read.ebx) << 32) | u64::from(read.ecx);
@@ -429,7 +441,8 @@ fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
         && read.edx != UNDEFINED_EDX
         && read.host_reason_count >= 2
         && (read.eax != 0 || cycles == 0);
-    unimplemented.then(|| Row {
+    let tracepoint_differs = read.kvm_cpuid_differs.is_some();
+    (unimplemented || tracepoint_differs).then(|| Row {
         pid: read.pid,
         isa: read.isa,
         reason: Some(read.index),
@@ -437,7 +450,12 @@ fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
         host: read.host_reason_count,
         guest: cycles,
         difference: 0,
-        verdict: Verdict::CyclesNotImplemented,
+        // Exact until add_tracepoint_cause names the tracepoint's disagreement.
+        verdict: if unimplemented {
+            Verdict::CyclesNotImplemented
+        } else {
+            Verdict::Exact
+        },
         causes: Vec::new(),
         at: ReadPoint {
             ts_ns: read.ts_ns,
@@ -445,8 +463,27 @@ fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
             synthetic: read.host_synthetic,
             vcpus: 0,
             live_others: None,
+            tracepoint_differs,
+            cycles: true,
         },
     })
+}
+
+/// Reads where `kvm:kvm_cpuid` reported other values than the guest received: the
+/// patch set the answer after the tracepoint, a cause of its own besides whatever the
+/// value itself shows (an exact value keeps only this cause). Runs last, so that the
+/// other reads' verdicts, which [`attribute_totals`] weighs, are about values alone.
+fn add_tracepoint_cause(rows: &mut [Row]) {
+    for r in rows.iter_mut().filter(|r| r.at.tracepoint_differs) {
+        let mut found = match (r.verdict, r.causes.is_empty()) {
+            (Verdict::Exact, _) => Vec::new(),
+            (v, true) => vec![v],
+            (_, false) => std::mem::take(&mut r.causes),
+        };
+        found.push(Verdict::AnswerAfterTracepoint);
+        r.verdict = found[0];
+        r.causes = if found.len() > 1 { found } else { Vec::new() };
+    }
 }
 
 /// An interval of differences `[lo, hi]` (guest minus host).
@@ -472,7 +509,9 @@ fn fastpath_span(rows: &[Row], total: &Row) -> Span {
     let mut span = Span::ZERO;
     let mut reasons: Vec<u32> = rows
         .iter()
-        .filter(|r| r.pid == total.pid && r.reason.is_some_and(|x| fastpath(r.isa, x)))
+        .filter(|r| {
+            r.pid == total.pid && !r.at.cycles && r.reason.is_some_and(|x| fastpath(r.isa, x))
+        })
         .filter_map(|r| r.reason)
         .collect();
     reasons.sort_unstable();
@@ -481,7 +520,7 @@ fn fastpath_span(rows: &[Row], total: &Row) -> Span {
         let (mut lo, mut hi) = (i128::MIN, 0i128);
         for r in rows
             .iter()
-            .filter(|r| r.pid == total.pid && r.reason == Some(reason))
+            .filter(|r| r.pid == total.pid && !r.at.cycles && r.reason == Some(reason))
         {
             let d = r.difference.min(0);
             let between = i128::from(r.at.vm_total.abs_diff(total.at.vm_total));
@@ -515,7 +554,7 @@ fn lost_not_own_exit(rows: &mut [Row]) {
     };
     let counts_own_exit: BTreeSet<u32> = rows
         .iter()
-        .filter(|r| r.verdict == Verdict::Exact && self_kind(r))
+        .filter(|r| r.verdict == Verdict::Exact && !r.at.cycles && self_kind(r))
         .map(|r| r.pid)
         .collect();
     for r in rows.iter_mut() {
@@ -592,9 +631,8 @@ fn attribute_totals(rows: &mut [Row]) {
             // Still unexplained while the VM's count leaf reads are right: the total
             // leaf itself answers wrongly.
             let count_reads = || {
-                rows.iter().filter(|r| {
-                    r.pid == pid && r.reason.is_some() && r.verdict != Verdict::CyclesNotImplemented
-                })
+                rows.iter()
+                    .filter(|r| r.pid == pid && r.reason.is_some() && !r.at.cycles)
             };
             let counts_ok =
                 count_reads().all(|r| r.verdict.is_ok() || r.verdict == Verdict::CpuidSelfExit);
@@ -944,6 +982,83 @@ pub(crate) mod tests {
         ]);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].verdict, Verdict::FastpathNotCounted);
+    }
+
+    /// `r` as the vCPU registers and `kvm:kvm_cpuid` both saw it, the tracepoint with
+    /// EAX `tp_eax` (the other registers as the guest got them).
+    fn tracepoint_saw(mut r: CpuidRead, tp_eax: u32) -> CpuidRead {
+        r.seen_by = vec![ReadSource::Registers, ReadSource::KvmCpuid];
+        r.kvm_cpuid_differs = Some([tp_eax, r.ebx, r.ecx, r.edx]);
+        r
+    }
+
+    #[test]
+    fn an_answer_set_after_the_tracepoint_is_a_cause_of_its_own() {
+        let cycles = |reason, ts| {
+            let mut c = at(read(LeafKind::Cycles, reason, 0, 0, 558), ts, 3000 + ts);
+            c.ecx = 123_456;
+            c
+        };
+        let r = rows(vec![
+            // The guest got the right count, the tracepoint another one.
+            tracepoint_saw(at(read(LeafKind::Count, 30, 558, 0, 558), 1, 3000), 7),
+            // Wrong for a known reason too: both causes.
+            tracepoint_saw(at(read(LeafKind::Count, 32, 100, 0, 937), 2, 3001), 100),
+            // An undefined reason answered as such, but not what the tracepoint said.
+            tracepoint_saw(
+                at(read(LeafKind::Count, 35, 0, UNDEFINED_EDX, 0), 3, 3002),
+                0xd,
+            ),
+            // A total short by more than anything explains: still unexplained.
+            tracepoint_saw(at(read(LeafKind::Total, 0, 1000, 0, 0), 4, 3003), 0),
+            // A cycles read that answers right gets a row for the tracepoint alone.
+            tracepoint_saw(cycles(30, 5), 9),
+            // The same, agreeing with the tracepoint: nothing to say.
+            cycles(28, 6),
+        ]);
+        let got: Vec<(Option<u32>, Vec<Verdict>)> =
+            r.iter().map(|x| (x.reason, all_causes(x))).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(30), vec![Verdict::AnswerAfterTracepoint]),
+                (
+                    Some(32),
+                    vec![Verdict::FastpathNotCounted, Verdict::AnswerAfterTracepoint]
+                ),
+                (
+                    Some(35),
+                    vec![Verdict::Undefined, Verdict::AnswerAfterTracepoint]
+                ),
+                (
+                    None,
+                    vec![Verdict::Unexplained, Verdict::AnswerAfterTracepoint]
+                ),
+                (Some(30), vec![Verdict::AnswerAfterTracepoint]),
+            ]
+        );
+        assert_eq!(r[0].verdict, Verdict::AnswerAfterTracepoint);
+        assert_eq!(r[3].verdict, Verdict::Unexplained);
+        assert_eq!(
+            (r[4].name.as_str(), r[4].difference),
+            ("IO_INSTRUCTION (cycles)", 0)
+        );
+    }
+
+    #[test]
+    fn a_cycles_row_says_nothing_about_the_counts() {
+        // Two vCPUs, the total one short: the query's own exit, unless another read of
+        // the VM shows the own exit counted. A cycles read of the CPUID reason, shown
+        // for its tracepoint alone, is no such read.
+        let mut cycles = tracepoint_saw(at(read(LeafKind::Cycles, 10, 0, 0, 651), 1, 6801), 1);
+        cycles.ecx = 123_456;
+        cycles.tid = 9;
+        let total = at(read(LeafKind::Total, 0, 6800, 0, 0), 2, 6801);
+        let r = rows(vec![cycles, total]);
+        assert_eq!(
+            r.iter().map(|x| x.verdict).collect::<Vec<_>>(),
+            [Verdict::AnswerAfterTracepoint, Verdict::CpuidSelfExit]
+        );
     }
 
     #[test]

@@ -78,24 +78,6 @@ fn no_reads_why(report: &Report) -> String {
     )
 }
 
-/// Reads that `kvm:kvm_cpuid` saw with other values than the guest received.
-fn tracepoint_disagreements(report: &Report) -> Vec<String> {
-    report
-        .cpuid_reads
-        .iter()
-        .filter_map(|r| {
-            let tp = r.kvm_cpuid_differs?;
-            Some(format!(
-                "leaf {:#x} ECX {}: kvm:kvm_cpuid saw {:#x?} but the guest received {:#x?}",
-                r.leaf,
-                r.index,
-                tp,
-                [r.eax, r.ebx, r.ecx, r.edx]
-            ))
-        })
-        .collect()
-}
-
 pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
     let report = load_report(&args.record)?;
     if report.cpuid_reads.is_empty() {
@@ -122,11 +104,10 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let rec = reconcile(&report);
-    let mut mismatches = match &args.guest {
+    let mismatches = match &args.guest {
         Some(path) => guest_mismatches(&rec, &load_guest_readout(path)?),
         None => Vec::new(),
     };
-    mismatches.extend(tracepoint_disagreements(&report));
     let bytes = match args.format {
         TextFormat::Json => {
             let mut v = serde_json::to_vec_pretty(&rec)?;
