@@ -10,6 +10,7 @@
 //! - Kernel text the tracer and the lab read: [`tracefs_format`] (a tracepoint's
 //!   format file) and [`kernel_hist`] (the output of a hist trigger).
 
+pub mod cause;
 pub mod detail;
 pub mod diff;
 pub mod exit_reasons;
@@ -29,3 +30,4 @@ pub mod report;
 pub mod snapshot;
 pub mod symbols;
 pub mod tracefs_format;
+pub mod verdict;

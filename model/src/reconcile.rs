@@ -9,86 +9,13 @@ use std::{
 
 use serde::Serialize;
 
+pub use crate::cause::Verdict;
 use crate::{
     exit_reasons::{self, Isa},
     leaves::UNDEFINED_EDX,
     report::{CpuidRead, LeafKind, Report},
+    verdict::{Judging, RecordVerdict},
 };
-
-/// What a difference between the guest's and the host's count means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    /// The guest read exactly the host's count.
-    Exact,
-    /// A reason the specification does not define, answered as undefined.
-    Undefined,
-    /// The guest is short by exactly the CPUID exit of this very query: the KVM counts
-    /// an exit only after handling it.
-    CpuidSelfExit,
-    /// The guest value is the host count's low 32 bits: the high half was lost.
-    Truncated32,
-    /// The guest is short in a reason KVM handles on its fastpath (MSR writes of the
-    /// TSC deadline, preemption timer), or a total is short by no more than those
-    /// reasons' deficit: the KVM counts in the slow exit handler only.
-    FastpathNotCounted,
-    /// The guest counted KVM's synthetic INVALID_STATE exits (VMX reason 33), which
-    /// `vmx_vcpu_run()` makes up when the guest needs emulation and which are not VM
-    /// exits (`kvm:kvm_exit` never shows them): the KVM counts at the top of the exit
-    /// handler.
-    SyntheticCounted,
-    /// The guest read the count of every VM running at the time: counters shared by
-    /// all VMs (e.g. kvm.ko globals).
-    SharedAcrossVms,
-    /// The guest counted more than the host saw for this VM: counts carried over from an
-    /// earlier VM or module load.
-    CarriedOver,
-    /// The guest is short in a VM with two or more vCPUs and nothing else explains it:
-    /// updates lost to counters the vCPUs share without synchronisation.
-    LostUpdates,
-    /// The total leaf answers like an unpatched KVM (or zeros) while the count leaf
-    /// works: the total is not reaching the guest (e.g. a missing `else` after it).
-    TotalLeafWrong,
-    /// EBX or EDX were not set (or ECX echoes the asked reason) while EAX is right.
-    RegistersUnset,
-    /// The cycles leaf answers like an unpatched KVM (zeros, or data in EAX) about a
-    /// reason with exits: it is not implemented.
-    CyclesNotImplemented,
-    /// Undefined answered for a defined reason, or the other way round.
-    WrongUndefinedAnswer,
-    /// The guest received another answer than `kvm:kvm_cpuid` reported: the patch sets
-    /// it after that tracepoint (e.g. once `kvm_cpuid()` has returned), so the kernel's
-    /// own trace shows values the guest never got.
-    AnswerAfterTracepoint,
-    /// None of the above.
-    Unexplained,
-}
-
-impl Verdict {
-    pub fn is_ok(self) -> bool {
-        matches!(self, Self::Exact | Self::Undefined)
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Exact => "exact",
-            Self::Undefined => "undefined reason, answered as such",
-            Self::CpuidSelfExit => "short by this query's own CPUID exit",
-            Self::Truncated32 => "32-bit truncation",
-            Self::FastpathNotCounted => "fastpath exits not counted",
-            Self::SyntheticCounted => "synthetic INVALID_STATE exits counted",
-            Self::SharedAcrossVms => "counters shared by all VMs",
-            Self::CarriedOver => "counts carried over from an earlier VM or module load",
-            Self::LostUpdates => "updates lost to unsynchronised counters (2+ vCPUs)",
-            Self::TotalLeafWrong => "the total leaf answers wrongly (the count leaf works)",
-            Self::RegistersUnset => "EBX/EDX not set, or ECX echoes the input",
-            Self::CyclesNotImplemented => "the cycles leaf is not implemented",
-            Self::WrongUndefinedAnswer => "wrong undefined/not-handled answer",
-            Self::AnswerAfterTracepoint => "answer set after kvm_cpuid's tracepoint",
-            Self::Unexplained => "unexplained",
-        }
-    }
-}
 
 /// One guest read, reconciled.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -106,6 +33,9 @@ pub struct Row {
     /// Every cause found for this read, when more than one applies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub causes: Vec<Verdict>,
+    /// Wrong only for causes the user accepts (`--accept`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub accepted: bool,
     /// Where the read stands among the VM's reads (for attributing totals).
     #[serde(skip)]
     at: ReadPoint,
@@ -129,12 +59,29 @@ struct ReadPoint {
     cycles: bool,
 }
 
-/// All reads of a record, reconciled.
+impl Row {
+    /// Every cause found for this read: `causes`, or the one `verdict`.
+    pub fn every_cause(&self) -> &[Verdict] {
+        if self.causes.is_empty() {
+            std::slice::from_ref(&self.verdict)
+        } else {
+            &self.causes
+        }
+    }
+
+    /// A read of the cycles leaf (its `host` is the reason's count, not cycles).
+    pub fn is_cycles(&self) -> bool {
+        self.at.cycles
+    }
+}
+
+/// All reads of a record, reconciled, and the verdict on them (in the JSON, its fields
+/// beside `schema` and `rows`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Reconciliation {
     pub schema: &'static str,
-    pub reads: usize,
-    pub unexplained: usize,
+    #[serde(flatten)]
+    pub verdict: RecordVerdict,
     pub rows: Vec<Row>,
 }
 
@@ -352,8 +299,25 @@ pub fn contradictions(report: &Report) -> Vec<String> {
 }
 
 /// Reconciles every count and total read in `report` (cycles reads have no host
-/// counterpart: see [`cycles_row`]).
+/// counterpart: see [`cycles_row`]), accepting nothing and without the guest's
+/// printout.
 pub fn reconcile(report: &Report) -> Reconciliation {
+    reconcile_judged(report, &Judging::default())
+}
+
+/// [`reconcile`], judged with the causes the user accepts and the guest's printout.
+pub fn reconcile_judged(report: &Report, judging: &Judging) -> Reconciliation {
+    let mut rows = reconciled_rows(report);
+    let verdict = RecordVerdict::judge(&mut rows, judging);
+    Reconciliation {
+        schema: RECONCILE_SCHEMA,
+        verdict,
+        rows,
+    }
+}
+
+/// A row for every count and total read, and for the cycles reads with a cause.
+fn reconciled_rows(report: &Report) -> Vec<Row> {
     let mut rows = Vec::new();
     let vcpus = vcpus_per_vm(report);
     for read in &report.cpuid_reads {
@@ -397,6 +361,7 @@ pub fn reconcile(report: &Report) -> Reconciliation {
             difference: i128::from(guest) - i128::from(shown),
             verdict: found.first().copied().unwrap_or(Verdict::Unexplained),
             causes: if found.len() > 1 { found } else { Vec::new() },
+            accepted: false,
             at: ReadPoint {
                 ts_ns: read.ts_ns,
                 vm_total: read.host_total,
@@ -411,15 +376,7 @@ pub fn reconcile(report: &Report) -> Reconciliation {
     lost_not_own_exit(&mut rows);
     attribute_totals(&mut rows);
     add_tracepoint_cause(&mut rows);
-    Reconciliation {
-        schema: RECONCILE_SCHEMA,
-        reads: rows.len(),
-        unexplained: rows
-            .iter()
-            .filter(|r| r.verdict == Verdict::Unexplained)
-            .count(),
-        rows,
-    }
+    rows
 }
 
 /// A cycles read has no host counterpart: it only gets a row when the leaf answers like
@@ -457,6 +414,7 @@ fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
             Verdict::Exact
         },
         causes: Vec::new(),
+        accepted: false,
         at: ReadPoint {
             ts_ns: read.ts_ns,
             vm_total: read.host_total,
@@ -471,16 +429,26 @@ fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
 
 /// Reads where `kvm:kvm_cpuid` reported other values than the guest received: the
 /// patch set the answer after the tracepoint, a cause of its own besides whatever the
-/// value itself shows (an exact value keeps only this cause). Runs last, so that the
-/// other reads' verdicts, which [`attribute_totals`] weighs, are about values alone.
+/// value itself shows. It comes first where the value is right (an exact value keeps
+/// only this cause), after the value's own causes where it is not. Runs last, so that
+/// the other reads' verdicts, which [`attribute_totals`] weighs, are about values alone.
 fn add_tracepoint_cause(rows: &mut [Row]) {
     for r in rows.iter_mut().filter(|r| r.at.tracepoint_differs) {
-        let mut found = match (r.verdict, r.causes.is_empty()) {
-            (Verdict::Exact, _) => Vec::new(),
-            (v, true) => vec![v],
-            (_, false) => std::mem::take(&mut r.causes),
-        };
-        found.push(Verdict::AnswerAfterTracepoint);
+        let value_right = r
+            .every_cause()
+            .iter()
+            .all(|c| !c.is_fault() && *c != Verdict::Unexplained);
+        let mut found: Vec<Verdict> = r
+            .every_cause()
+            .iter()
+            .copied()
+            .filter(|&c| c != Verdict::Exact)
+            .collect();
+        if value_right {
+            found.insert(0, Verdict::AnswerAfterTracepoint);
+        } else {
+            found.push(Verdict::AnswerAfterTracepoint);
+        }
         r.verdict = found[0];
         r.causes = if found.len() > 1 { found } else { Vec::new() };
     }
@@ -775,7 +743,7 @@ pub(crate) mod tests {
             read(LeafKind::Total, 0, 5, 0, (1 << 32) + 5),
         ];
         let rec = reconcile(&r);
-        assert_eq!((rec.reads, rec.unexplained), (2, 1));
+        assert_eq!((rec.verdict.reads, rec.verdict.unexplained), (2, 1));
         assert_eq!(rec.rows[0].difference, -387);
         assert_eq!(
             rec.rows[1].verdict,
@@ -846,11 +814,7 @@ pub(crate) mod tests {
     }
 
     fn all_causes(row: &Row) -> Vec<Verdict> {
-        if row.causes.is_empty() {
-            vec![row.verdict]
-        } else {
-            row.causes.clone()
-        }
+        row.every_cause().to_vec()
     }
 
     #[test]
@@ -1028,7 +992,7 @@ pub(crate) mod tests {
                 ),
                 (
                     Some(35),
-                    vec![Verdict::Undefined, Verdict::AnswerAfterTracepoint]
+                    vec![Verdict::AnswerAfterTracepoint, Verdict::Undefined]
                 ),
                 (
                     None,
