@@ -299,7 +299,7 @@ pub fn contradictions(report: &Report) -> Vec<String> {
 }
 
 /// Reconciles every count and total read in `report` (cycles reads have no host
-/// counterpart: see [`cycles_row`]), accepting nothing and without the guest's
+/// counterpart: only those with a cause get a row), accepting nothing and without the guest's
 /// printout.
 pub fn reconcile(report: &Report) -> Reconciliation {
     reconcile_judged(report, &Judging::default())

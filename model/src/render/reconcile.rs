@@ -189,6 +189,46 @@ mod tests {
     }
 
     #[test]
+    fn zero_unexplained_in_the_summary_is_never_the_unexplained_outcome() {
+        let guest = readout(&[(48, "EPT_VIOLATION", 545)]);
+        let with_guest = Judging {
+            guest: Some(&guest),
+            ..Judging::default()
+        };
+        let records = [
+            reads(vec![read(LeafKind::Count, 48, 544, 0, 544)]),
+            wrong_patch(),
+            reads(vec![read(LeafKind::Count, 30, 1000, 0, 1387)]),
+        ];
+        let mut outcomes = Vec::new();
+        for r in &records {
+            for judging in [&Judging::default(), &with_guest] {
+                let rec = reconcile_judged(r, judging);
+                let says_none = summary(&rec.verdict).contains("; 0 unexplained");
+                assert_eq!(
+                    says_none,
+                    rec.verdict.outcome != crate::verdict::Outcome::Unexplained,
+                    "{rec:?}"
+                );
+                outcomes.push(rec.verdict.outcome);
+            }
+        }
+        use crate::verdict::Outcome::{CausesNamed, Right, Unexplained};
+        // The guest printed 545 EPT_VIOLATION exits: no read of the three returned it.
+        assert_eq!(
+            outcomes,
+            [
+                Right,
+                Unexplained,
+                CausesNamed,
+                Unexplained,
+                Unexplained,
+                Unexplained
+            ]
+        );
+    }
+
+    #[test]
     fn the_json_states_the_same_verdict() {
         let judging = Judging {
             accept: [Verdict::RegistersUnset].into(),
