@@ -7,9 +7,13 @@
 //!
 //! - The exit-reason names: [`exit_reasons`].
 //! - The leaf contract of a patched KVM: [`leaves`]; the guest's readout of it: [`guest`].
+//! - What [`reconcile`] names: each read's causes ([`cause`]), and the one verdict on a
+//!   record that its summary, its JSON and `kvmtrace reconcile`'s exit status state
+//!   ([`verdict`]).
 //! - Kernel text the tracer and the lab read: [`tracefs_format`] (a tracepoint's
 //!   format file) and [`kernel_hist`] (the output of a hist trigger).
 
+pub mod cause;
 pub mod detail;
 pub mod diff;
 pub mod exit_reasons;
@@ -29,3 +33,4 @@ pub mod report;
 pub mod snapshot;
 pub mod symbols;
 pub mod tracefs_format;
+pub mod verdict;

@@ -9,81 +9,13 @@ use std::{
 
 use serde::Serialize;
 
+pub use crate::cause::Verdict;
 use crate::{
     exit_reasons::{self, Isa},
     leaves::UNDEFINED_EDX,
     report::{CpuidRead, LeafKind, Report},
+    verdict::{Judging, RecordVerdict},
 };
-
-/// What a difference between the guest's and the host's count means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    /// The guest read exactly the host's count.
-    Exact,
-    /// A reason the specification does not define, answered as undefined.
-    Undefined,
-    /// The guest is short by exactly the CPUID exit of this very query: the KVM counts
-    /// an exit only after handling it.
-    CpuidSelfExit,
-    /// The guest value is the host count's low 32 bits: the high half was lost.
-    Truncated32,
-    /// The guest is short in a reason KVM handles on its fastpath (MSR writes of the
-    /// TSC deadline, preemption timer), or a total is short by no more than those
-    /// reasons' deficit: the KVM counts in the slow exit handler only.
-    FastpathNotCounted,
-    /// The guest counted KVM's synthetic INVALID_STATE exits (VMX reason 33), which
-    /// `vmx_vcpu_run()` makes up when the guest needs emulation and which are not VM
-    /// exits (`kvm:kvm_exit` never shows them): the KVM counts at the top of the exit
-    /// handler.
-    SyntheticCounted,
-    /// The guest read the count of every VM running at the time: counters shared by
-    /// all VMs (e.g. kvm.ko globals).
-    SharedAcrossVms,
-    /// The guest counted more than the host saw for this VM: counts carried over from an
-    /// earlier VM or module load.
-    CarriedOver,
-    /// The guest is short in a VM with two or more vCPUs and nothing else explains it:
-    /// updates lost to counters the vCPUs share without synchronisation.
-    LostUpdates,
-    /// The total leaf answers like an unpatched KVM (or zeros) while the count leaf
-    /// works: the total is not reaching the guest (e.g. a missing `else` after it).
-    TotalLeafWrong,
-    /// EBX or EDX were not set (or ECX echoes the asked reason) while EAX is right.
-    RegistersUnset,
-    /// The cycles leaf answers like an unpatched KVM (zeros, or data in EAX) about a
-    /// reason with exits: it is not implemented.
-    CyclesNotImplemented,
-    /// Undefined answered for a defined reason, or the other way round.
-    WrongUndefinedAnswer,
-    /// None of the above.
-    Unexplained,
-}
-
-impl Verdict {
-    pub fn is_ok(self) -> bool {
-        matches!(self, Self::Exact | Self::Undefined)
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Exact => "exact",
-            Self::Undefined => "undefined reason, answered as such",
-            Self::CpuidSelfExit => "short by this query's own CPUID exit",
-            Self::Truncated32 => "32-bit truncation",
-            Self::FastpathNotCounted => "fastpath exits not counted",
-            Self::SyntheticCounted => "synthetic INVALID_STATE exits counted",
-            Self::SharedAcrossVms => "counters shared by all VMs",
-            Self::CarriedOver => "counts carried over from an earlier VM or module load",
-            Self::LostUpdates => "updates lost to unsynchronised counters (2+ vCPUs)",
-            Self::TotalLeafWrong => "the total leaf answers wrongly (the count leaf works)",
-            Self::RegistersUnset => "EBX/EDX not set, or ECX echoes the input",
-            Self::CyclesNotImplemented => "the cycles leaf is not implemented",
-            Self::WrongUndefinedAnswer => "wrong undefined/not-handled answer",
-            Self::Unexplained => "unexplained",
-        }
-    }
-}
 
 /// One guest read, reconciled.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -101,6 +33,9 @@ pub struct Row {
     /// Every cause found for this read, when more than one applies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub causes: Vec<Verdict>,
+    /// Wrong only for causes the user accepts (`--accept`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub accepted: bool,
     /// Where the read stands among the VM's reads (for attributing totals).
     #[serde(skip)]
     at: ReadPoint,
@@ -118,14 +53,35 @@ struct ReadPoint {
     vcpus: usize,
     /// The other running VMs' exits at the read (see [`Host::live_others`]).
     live_others: Option<u64>,
+    /// `kvm:kvm_cpuid` reported other values than the guest received.
+    tracepoint_differs: bool,
+    /// A read of the cycles leaf: no count to weigh against the VM's other reads.
+    cycles: bool,
 }
 
-/// All reads of a record, reconciled.
+impl Row {
+    /// Every cause found for this read: `causes`, or the one `verdict`.
+    pub fn every_cause(&self) -> &[Verdict] {
+        if self.causes.is_empty() {
+            std::slice::from_ref(&self.verdict)
+        } else {
+            &self.causes
+        }
+    }
+
+    /// A read of the cycles leaf (its `host` is the reason's count, not cycles).
+    pub fn is_cycles(&self) -> bool {
+        self.at.cycles
+    }
+}
+
+/// All reads of a record, reconciled, and the verdict on them (in the JSON, its fields
+/// beside `schema` and `rows`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Reconciliation {
     pub schema: &'static str,
-    pub reads: usize,
-    pub unexplained: usize,
+    #[serde(flatten)]
+    pub verdict: RecordVerdict,
     pub rows: Vec<Row>,
 }
 
@@ -343,8 +299,25 @@ pub fn contradictions(report: &Report) -> Vec<String> {
 }
 
 /// Reconciles every count and total read in `report` (cycles reads have no host
-/// counterpart: see [`cycles_row`]).
+/// counterpart: only those with a cause get a row), accepting nothing and without the guest's
+/// printout.
 pub fn reconcile(report: &Report) -> Reconciliation {
+    reconcile_judged(report, &Judging::default())
+}
+
+/// [`reconcile`], judged with the causes the user accepts and the guest's printout.
+pub fn reconcile_judged(report: &Report, judging: &Judging) -> Reconciliation {
+    let mut rows = reconciled_rows(report);
+    let verdict = RecordVerdict::judge(&mut rows, judging);
+    Reconciliation {
+        schema: RECONCILE_SCHEMA,
+        verdict,
+        rows,
+    }
+}
+
+/// A row for every count and total read, and for the cycles reads with a cause.
+fn reconciled_rows(report: &Report) -> Vec<Row> {
     let mut rows = Vec::new();
     let vcpus = vcpus_per_vm(report);
     for read in &report.cpuid_reads {
@@ -388,34 +361,30 @@ pub fn reconcile(report: &Report) -> Reconciliation {
             difference: i128::from(guest) - i128::from(shown),
             verdict: found.first().copied().unwrap_or(Verdict::Unexplained),
             causes: if found.len() > 1 { found } else { Vec::new() },
+            accepted: false,
             at: ReadPoint {
                 ts_ns: read.ts_ns,
                 vm_total: read.host_total,
                 synthetic: read.host_synthetic,
                 vcpus: host.vcpus,
                 live_others: host.live_others(),
+                tracepoint_differs: read.kvm_cpuid_differs.is_some(),
+                cycles: false,
             },
         });
     }
     lost_not_own_exit(&mut rows);
     attribute_totals(&mut rows);
-    Reconciliation {
-        schema: RECONCILE_SCHEMA,
-        reads: rows.len(),
-        unexplained: rows
-            .iter()
-            .filter(|r| r.verdict == Verdict::Unexplained)
-            .count(),
-        rows,
-    }
+    add_tracepoint_cause(&mut rows);
+    rows
 }
 
 /// A cycles read has no host counterpart: it only gets a row when the leaf answers like
 /// an unpatched KVM about a defined reason the host saw exit twice or more (the earlier
 /// exit's cycles are in; this query's are not yet), and the VM's count leaf did count
 /// that reason (zero cycles for exits the patch never counted, e.g. fastpath ones, are
-/// the count's fault, named on its row). The contract: EAX = EDX = 0, EBX:ECX the
-/// cycles.
+/// the count's fault, named on its row); or when `kvm:kvm_cpuid` saw another answer
+/// (see [`add_tracepoint_cause`]). The contract: EAX = EDX = 0, EBX:ECX the cycles.
 fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
     let defined = tracer_common::exit_reasons::defined_by_spec(read.isa.raw(), read.index);
     let cycles = (u64::from(read.ebx) << 32) | u64::from(read.ecx);
@@ -429,7 +398,8 @@ fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
         && read.edx != UNDEFINED_EDX
         && read.host_reason_count >= 2
         && (read.eax != 0 || cycles == 0);
-    unimplemented.then(|| Row {
+    let tracepoint_differs = read.kvm_cpuid_differs.is_some();
+    (unimplemented || tracepoint_differs).then(|| Row {
         pid: read.pid,
         isa: read.isa,
         reason: Some(read.index),
@@ -437,16 +407,51 @@ fn cycles_row(read: &CpuidRead, all: &[CpuidRead]) -> Option<Row> {
         host: read.host_reason_count,
         guest: cycles,
         difference: 0,
-        verdict: Verdict::CyclesNotImplemented,
+        // Exact until add_tracepoint_cause names the tracepoint's disagreement.
+        verdict: if unimplemented {
+            Verdict::CyclesNotImplemented
+        } else {
+            Verdict::Exact
+        },
         causes: Vec::new(),
+        accepted: false,
         at: ReadPoint {
             ts_ns: read.ts_ns,
             vm_total: read.host_total,
             synthetic: read.host_synthetic,
             vcpus: 0,
             live_others: None,
+            tracepoint_differs,
+            cycles: true,
         },
     })
+}
+
+/// Reads where `kvm:kvm_cpuid` reported other values than the guest received: the
+/// patch set the answer after the tracepoint, a cause of its own besides whatever the
+/// value itself shows. It comes first where the value is right (an exact value keeps
+/// only this cause), after the value's own causes where it is not. Runs last, so that
+/// the other reads' verdicts, which [`attribute_totals`] weighs, are about values alone.
+fn add_tracepoint_cause(rows: &mut [Row]) {
+    for r in rows.iter_mut().filter(|r| r.at.tracepoint_differs) {
+        let value_right = r
+            .every_cause()
+            .iter()
+            .all(|c| !c.is_fault() && *c != Verdict::Unexplained);
+        let mut found: Vec<Verdict> = r
+            .every_cause()
+            .iter()
+            .copied()
+            .filter(|&c| c != Verdict::Exact)
+            .collect();
+        if value_right {
+            found.insert(0, Verdict::AnswerAfterTracepoint);
+        } else {
+            found.push(Verdict::AnswerAfterTracepoint);
+        }
+        r.verdict = found[0];
+        r.causes = if found.len() > 1 { found } else { Vec::new() };
+    }
 }
 
 /// An interval of differences `[lo, hi]` (guest minus host).
@@ -472,7 +477,9 @@ fn fastpath_span(rows: &[Row], total: &Row) -> Span {
     let mut span = Span::ZERO;
     let mut reasons: Vec<u32> = rows
         .iter()
-        .filter(|r| r.pid == total.pid && r.reason.is_some_and(|x| fastpath(r.isa, x)))
+        .filter(|r| {
+            r.pid == total.pid && !r.at.cycles && r.reason.is_some_and(|x| fastpath(r.isa, x))
+        })
         .filter_map(|r| r.reason)
         .collect();
     reasons.sort_unstable();
@@ -481,7 +488,7 @@ fn fastpath_span(rows: &[Row], total: &Row) -> Span {
         let (mut lo, mut hi) = (i128::MIN, 0i128);
         for r in rows
             .iter()
-            .filter(|r| r.pid == total.pid && r.reason == Some(reason))
+            .filter(|r| r.pid == total.pid && !r.at.cycles && r.reason == Some(reason))
         {
             let d = r.difference.min(0);
             let between = i128::from(r.at.vm_total.abs_diff(total.at.vm_total));
@@ -515,7 +522,7 @@ fn lost_not_own_exit(rows: &mut [Row]) {
     };
     let counts_own_exit: BTreeSet<u32> = rows
         .iter()
-        .filter(|r| r.verdict == Verdict::Exact && self_kind(r))
+        .filter(|r| r.verdict == Verdict::Exact && !r.at.cycles && self_kind(r))
         .map(|r| r.pid)
         .collect();
     for r in rows.iter_mut() {
@@ -592,9 +599,8 @@ fn attribute_totals(rows: &mut [Row]) {
             // Still unexplained while the VM's count leaf reads are right: the total
             // leaf itself answers wrongly.
             let count_reads = || {
-                rows.iter().filter(|r| {
-                    r.pid == pid && r.reason.is_some() && r.verdict != Verdict::CyclesNotImplemented
-                })
+                rows.iter()
+                    .filter(|r| r.pid == pid && r.reason.is_some() && !r.at.cycles)
             };
             let counts_ok =
                 count_reads().all(|r| r.verdict.is_ok() || r.verdict == Verdict::CpuidSelfExit);
@@ -737,7 +743,7 @@ pub(crate) mod tests {
             read(LeafKind::Total, 0, 5, 0, (1 << 32) + 5),
         ];
         let rec = reconcile(&r);
-        assert_eq!((rec.reads, rec.unexplained), (2, 1));
+        assert_eq!((rec.verdict.reads, rec.verdict.unexplained), (2, 1));
         assert_eq!(rec.rows[0].difference, -387);
         assert_eq!(
             rec.rows[1].verdict,
@@ -808,11 +814,7 @@ pub(crate) mod tests {
     }
 
     fn all_causes(row: &Row) -> Vec<Verdict> {
-        if row.causes.is_empty() {
-            vec![row.verdict]
-        } else {
-            row.causes.clone()
-        }
+        row.every_cause().to_vec()
     }
 
     #[test]
@@ -944,6 +946,83 @@ pub(crate) mod tests {
         ]);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].verdict, Verdict::FastpathNotCounted);
+    }
+
+    /// `r` as the vCPU registers and `kvm:kvm_cpuid` both saw it, the tracepoint with
+    /// EAX `tp_eax` (the other registers as the guest got them).
+    fn tracepoint_saw(mut r: CpuidRead, tp_eax: u32) -> CpuidRead {
+        r.seen_by = vec![ReadSource::Registers, ReadSource::KvmCpuid];
+        r.kvm_cpuid_differs = Some([tp_eax, r.ebx, r.ecx, r.edx]);
+        r
+    }
+
+    #[test]
+    fn an_answer_set_after_the_tracepoint_is_a_cause_of_its_own() {
+        let cycles = |reason, ts| {
+            let mut c = at(read(LeafKind::Cycles, reason, 0, 0, 558), ts, 3000 + ts);
+            c.ecx = 123_456;
+            c
+        };
+        let r = rows(vec![
+            // The guest got the right count, the tracepoint another one.
+            tracepoint_saw(at(read(LeafKind::Count, 30, 558, 0, 558), 1, 3000), 7),
+            // Wrong for a known reason too: both causes.
+            tracepoint_saw(at(read(LeafKind::Count, 32, 100, 0, 937), 2, 3001), 100),
+            // An undefined reason answered as such, but not what the tracepoint said.
+            tracepoint_saw(
+                at(read(LeafKind::Count, 35, 0, UNDEFINED_EDX, 0), 3, 3002),
+                0xd,
+            ),
+            // A total short by more than anything explains: still unexplained.
+            tracepoint_saw(at(read(LeafKind::Total, 0, 1000, 0, 0), 4, 3003), 0),
+            // A cycles read that answers right gets a row for the tracepoint alone.
+            tracepoint_saw(cycles(30, 5), 9),
+            // The same, agreeing with the tracepoint: nothing to say.
+            cycles(28, 6),
+        ]);
+        let got: Vec<(Option<u32>, Vec<Verdict>)> =
+            r.iter().map(|x| (x.reason, all_causes(x))).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(30), vec![Verdict::AnswerAfterTracepoint]),
+                (
+                    Some(32),
+                    vec![Verdict::FastpathNotCounted, Verdict::AnswerAfterTracepoint]
+                ),
+                (
+                    Some(35),
+                    vec![Verdict::AnswerAfterTracepoint, Verdict::Undefined]
+                ),
+                (
+                    None,
+                    vec![Verdict::Unexplained, Verdict::AnswerAfterTracepoint]
+                ),
+                (Some(30), vec![Verdict::AnswerAfterTracepoint]),
+            ]
+        );
+        assert_eq!(r[0].verdict, Verdict::AnswerAfterTracepoint);
+        assert_eq!(r[3].verdict, Verdict::Unexplained);
+        assert_eq!(
+            (r[4].name.as_str(), r[4].difference),
+            ("IO_INSTRUCTION (cycles)", 0)
+        );
+    }
+
+    #[test]
+    fn a_cycles_row_says_nothing_about_the_counts() {
+        // Two vCPUs, the total one short: the query's own exit, unless another read of
+        // the VM shows the own exit counted. A cycles read of the CPUID reason, shown
+        // for its tracepoint alone, is no such read.
+        let mut cycles = tracepoint_saw(at(read(LeafKind::Cycles, 10, 0, 0, 651), 1, 6801), 1);
+        cycles.ecx = 123_456;
+        cycles.tid = 9;
+        let total = at(read(LeafKind::Total, 0, 6800, 0, 0), 2, 6801);
+        let r = rows(vec![cycles, total]);
+        assert_eq!(
+            r.iter().map(|x| x.verdict).collect::<Vec<_>>(),
+            [Verdict::AnswerAfterTracepoint, Verdict::CpuidSelfExit]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use kvmtrace_e2e::{
 use kvmtrace_model::{
     exit_reasons::Isa,
     reconcile::{Verdict, reconcile},
+    verdict::Outcome,
 };
 
 const fn boot(isa: &'static str) -> Scenario {
@@ -112,7 +113,7 @@ fn micro_counts_are_exact(s: Scenario, cpuid: &str, io: &str, hlt: &str) {
         assert_eq!(field("io"), 100, "{leaves}");
         assert!(field("total") >= 1000 + 100 + 3, "{leaves}");
         let r = reconcile(&rec);
-        assert_eq!(r.reads, 3, "{}", dir.display());
+        assert_eq!(r.verdict.reads, 3, "{}", dir.display());
         assert!(
             r.rows.iter().all(|x| x.verdict == Verdict::Exact),
             "{:#?}",
@@ -258,7 +259,12 @@ fn patched_counters_reconcile(isa: &'static str) {
         );
         let rec = record(&dir);
         let r = reconcile(&rec);
-        assert!(r.reads > 60, "{}: only {} reads", dir.display(), r.reads);
+        assert!(
+            r.verdict.reads > 60,
+            "{}: only {} reads",
+            dir.display(),
+            r.verdict.reads
+        );
         let bad: Vec<_> = r.rows.iter().filter(|x| !x.verdict.is_ok()).collect();
         assert!(bad.is_empty(), "{}: {bad:#?}", dir.display());
         // The guest printed what the host saw it read (its last read of each reason:
@@ -922,6 +928,8 @@ fn answers_in_emulate_is_exact(isa: &'static str) {
             dir.display(),
             r.rows
         );
+        // So `kvmtrace reconcile` exits 0.
+        assert_eq!(r.verdict.outcome, Outcome::Right, "{}", dir.display());
         // CPUID: 1000 in the loop + this query; IO: 100 port writes.
         let guest: Vec<u64> = r.rows.iter().map(|x| x.guest).collect();
         assert_eq!(&guest[..2], [1001, 100], "{}", dir.display());
@@ -1011,13 +1019,23 @@ fn causes(s: Scenario) -> std::collections::BTreeSet<Verdict> {
 fn causes_in(s: Scenario, nested: bool) -> std::collections::BTreeSet<Verdict> {
     let dir = mode_dir(s, nested);
     let r = reconcile(&record(&dir));
-    assert!(r.reads > 0, "{}: no reads", dir.display());
-    assert_eq!(r.unexplained, 0, "{}: {:#?}", dir.display(), r.rows);
-    r.rows
+    assert!(r.verdict.reads > 0, "{}: no reads", dir.display());
+    assert_eq!(r.verdict.unexplained, 0, "{}: {:#?}", dir.display(), r.rows);
+    let causes: std::collections::BTreeSet<Verdict> = r
+        .rows
         .iter()
         .flat_map(|row| std::iter::once(row.verdict).chain(row.causes.iter().copied()))
         .filter(|v| !v.is_ok())
-        .collect()
+        .collect();
+    // What `kvmtrace reconcile` exits with: 7 (wrong, every cause named) where a fault
+    // is named, else 0.
+    let outcome = if causes.iter().any(|c| c.is_fault()) {
+        Outcome::CausesNamed
+    } else {
+        Outcome::Right
+    };
+    assert_eq!(r.verdict.outcome, outcome, "{}", dir.display());
+    causes
 }
 
 fn variant(modules: &'static str, base: Scenario) -> Scenario {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use kvmtrace_model::tracefs_format::Tracepoint;
 use kvmtrace_model::{
+    cause::Verdict,
     exit_reasons::Isa,
     leaves::{self, Leaves},
     render::{Format, diff::DiffFormat},
@@ -52,12 +53,15 @@ pub enum Command {
     Guest(GuestArgs),
     /// Compare the guest's counter reads with the host's count at the same instant.
     ///
-    /// Needs a record made with `record --snapshots`.
+    /// Needs a record made with `record --snapshots`. Each read is exact, or wrong for
+    /// the causes named in its row; the exit status says which (below).
     ///
-    /// Example:
+    /// Examples:
     ///   kvmtrace reconcile boot.json --guest guest.json
+    ///   kvmtrace reconcile boot.json --accept registers_unset,fastpath_not_counted
     #[command(verbatim_doc_comment,
-              after_help = exit_status::help(&[Status::Unexplained, Status::NoCounterReads]))]
+              after_help = exit_status::help(&[Status::Unexplained, Status::NoCounterReads,
+                                               Status::CausesNamed]))]
     Reconcile(ReconcileArgs),
     /// A live view of exit rates per reason and per VM, like kvm_stat (q quits).
     #[command(after_help = exit_status::help(&[]))]
@@ -136,12 +140,25 @@ pub struct ReconcileArgs {
     /// host saw it read.
     #[arg(long, value_name = "FILE")]
     pub guest: Option<PathBuf>,
+    /// Causes to accept on purpose (e.g. a course whose contract leaves EBX/EDX
+    /// unspecified): reads wrong only for these are shown as accepted, not exact, and
+    /// do not change the exit status. The causes: truncated32, fastpath_not_counted,
+    /// synthetic_counted, shared_across_vms, carried_over, lost_updates,
+    /// total_leaf_wrong, registers_unset, cycles_not_implemented,
+    /// wrong_undefined_answer, answer_after_tracepoint.
+    #[arg(long, value_name = "CAUSE[,CAUSE...]", value_delimiter = ',',
+          value_parser = parse_cause)]
+    pub accept: Vec<Verdict>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = TextFormat::Table)]
     pub format: TextFormat,
     /// Write to FILE instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+}
+
+fn parse_cause(text: &str) -> Result<Verdict, String> {
+    Verdict::parse_fault(text)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -22,11 +22,14 @@ pub enum Status {
     Unexplained,
     /// `reconcile`: the record holds no guest counter reads, so nothing was compared.
     NoCounterReads,
+    /// `reconcile`: the counters are wrong, and every difference has a named cause
+    /// (none unexplained; accepted causes aside).
+    CausesNamed,
 }
 
 impl Status {
     /// Every status, in numeric order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Success,
         Self::Error,
         Self::BadInput,
@@ -34,6 +37,7 @@ impl Status {
         Self::CommandFailed,
         Self::Unexplained,
         Self::NoCounterReads,
+        Self::CausesNamed,
     ];
 
     /// The exit status number.
@@ -46,6 +50,7 @@ impl Status {
             Self::CommandFailed => 4,
             Self::Unexplained => 5,
             Self::NoCounterReads => 6,
+            Self::CausesNamed => 7,
         }
     }
 
@@ -61,6 +66,9 @@ impl Status {
                 "reconcile: a difference with no known cause; guest --sweep: an answer disagrees with the tables"
             }
             Self::NoCounterReads => "reconcile: the record has no guest counter reads",
+            Self::CausesNamed => {
+                "reconcile: the counters are wrong, and every difference has a named cause"
+            }
         }
     }
 }

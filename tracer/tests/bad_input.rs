@@ -457,6 +457,23 @@ fn argument_cases() -> Vec<Case> {
         case(["diff", "a.json"], ["<B>", "diff --help"]),
         case(["reconcile"], ["<RECORD>"]),
         case(["reconcile", "r.json", "--guest"], ["--guest"]),
+        case(
+            [
+                "reconcile",
+                "r.json",
+                "--accept",
+                "fastpath_not_counted,nope",
+            ],
+            [
+                v("nope"),
+                "unknown cause".into(),
+                "fastpath_not_counted".into(),
+            ],
+        ),
+        case(
+            ["reconcile", "r.json", "--accept", "unexplained"],
+            [v("unexplained"), "not a fault to accept".into()],
+        ),
         case(["shw", "r.json"], [v("shw"), "show".into()]),
         case(
             ["show", "--formt", "json", "r.json"],

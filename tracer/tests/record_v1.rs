@@ -203,7 +203,7 @@ fn kvmtrace_show_renders_the_v1_fixture() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         stdout(&out).starts_with(
-            "17 guest counter reads: 16 exact, 1 undefined reason, answered as such; 0 unexplained\n"
+            "17 guest counter reads: 16 exact, 1 undefined reason answered as such; 0 unexplained\n"
         ),
         "{}",
         stdout(&out)

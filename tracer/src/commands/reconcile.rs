@@ -1,11 +1,11 @@
-//! `kvmtrace reconcile RECORD.json [--guest GUEST.json]`.
+//! `kvmtrace reconcile RECORD.json [--guest GUEST.json] [--accept CAUSE,...]`.
 
 use std::process::ExitCode;
 
 use kvmtrace_model::{
-    guest::GuestReadout,
-    reconcile::{Reconciliation, contradictions, reconcile},
+    reconcile::{contradictions, reconcile_judged},
     report::{RegistersInfo, Report},
+    verdict::{Judging, Outcome},
 };
 use tracer_common::cpuid_exit;
 
@@ -14,30 +14,6 @@ use crate::{
     cli::{ReconcileArgs, TextFormat},
     exit_status::Status,
 };
-
-/// Checks the guest's own printout against the registers the host saw it read: every
-/// value it printed must be one that a read of that reason returned (a record may hold
-/// several VMs, each with its readout).
-fn guest_mismatches(rec: &Reconciliation, guest: &GuestReadout) -> Vec<String> {
-    guest
-        .reasons
-        .iter()
-        .filter(|g| {
-            let mut reads = rec
-                .rows
-                .iter()
-                .filter(|r| r.reason == Some(g.reason))
-                .peekable();
-            reads.peek().is_some() && !reads.any(|r| r.guest == g.count)
-        })
-        .map(|g| {
-            format!(
-                "{} ({}): the guest printed {}, which no read of it returned",
-                g.name, g.reason, g.count
-            )
-        })
-        .collect()
-}
 
 /// What a record without counter reads saw, and what to check.
 fn no_reads_why(report: &Report) -> String {
@@ -78,24 +54,6 @@ fn no_reads_why(report: &Report) -> String {
     )
 }
 
-/// Reads that `kvm:kvm_cpuid` saw with other values than the guest received.
-fn tracepoint_disagreements(report: &Report) -> Vec<String> {
-    report
-        .cpuid_reads
-        .iter()
-        .filter_map(|r| {
-            let tp = r.kvm_cpuid_differs?;
-            Some(format!(
-                "leaf {:#x} ECX {}: kvm:kvm_cpuid saw {:#x?} but the guest received {:#x?}",
-                r.leaf,
-                r.index,
-                tp,
-                [r.eax, r.ebx, r.ecx, r.edx]
-            ))
-        })
-        .collect()
-}
-
 pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
     let report = load_report(&args.record)?;
     if report.cpuid_reads.is_empty() {
@@ -121,27 +79,29 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
         }
         .into());
     }
-    let rec = reconcile(&report);
-    let mut mismatches = match &args.guest {
-        Some(path) => guest_mismatches(&rec, &load_guest_readout(path)?),
-        None => Vec::new(),
+    let guest = args.guest.as_deref().map(load_guest_readout).transpose()?;
+    let judging = Judging {
+        accept: args.accept.iter().copied().collect(),
+        guest: guest.as_ref(),
     };
-    mismatches.extend(tracepoint_disagreements(&report));
+    let rec = reconcile_judged(&report, &judging);
     let bytes = match args.format {
         TextFormat::Json => {
             let mut v = serde_json::to_vec_pretty(&rec)?;
             v.push(b'\n');
             v
         }
-        TextFormat::Table => {
-            kvmtrace_model::render::reconcile::table(&rec, &mismatches).into_bytes()
-        }
+        TextFormat::Table => kvmtrace_model::render::reconcile::table(&rec).into_bytes(),
     };
     write_output(args.output.as_deref(), &bytes)?;
-    Ok(if rec.unexplained > 0 || !mismatches.is_empty() {
-        Status::Unexplained
-    } else {
-        Status::Success
+    Ok(status(rec.verdict.outcome).into())
+}
+
+/// The exit status of the verdict: the same value the summary line and the JSON state.
+fn status(outcome: Outcome) -> Status {
+    match outcome {
+        Outcome::Right => Status::Success,
+        Outcome::CausesNamed => Status::CausesNamed,
+        Outcome::Unexplained => Status::Unexplained,
     }
-    .into())
 }
