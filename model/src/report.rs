@@ -95,6 +95,8 @@
 //!   mode that load had (`null` when it was reloaded again before kvmtrace looked).
 //!   Phase 0 is whatever was loaded when the record began. A VM cannot outlive its
 //!   module, so every VM's exits fall in one phase.
+//! - `cost.maps`, `cost.map_bytes`: each eBPF map's entries and kernel bytes, as the
+//!   kernel charges them (`memlock` in the map's fdinfo), and their sum.
 //! - `cost`: what kvmtrace itself cost: time from its start to all probes attached, its
 //!   peak resident memory, and each eBPF program's run count and run time (the times
 //!   are 0 unless `sysctl kernel.bpf_stats_enabled=1`, then `bpf_stats` is true).
@@ -151,7 +153,7 @@ use crate::{
     latency::{self, Bucket},
     leaves::Leaves,
     paging::Paging,
-    snapshot::{Drops, Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
+    snapshot::{Drops, MapCost, Overflow, ProgramCost, Snapshot, sum_stats, sum_u64},
 };
 
 /// The `schema` value this version writes and reads.
@@ -526,6 +528,13 @@ pub struct Cost {
     #[serde(default)]
     pub filter_pids: Option<u64>,
     pub programs: Vec<ProgramCost>,
+    /// Every eBPF map's kernel memory, read back from the kernel (absent in older
+    /// reports).
+    #[serde(default)]
+    pub maps: Vec<MapCost>,
+    /// Their sum.
+    #[serde(default)]
+    pub map_bytes: u64,
 }
 
 /// Facts about the run that the maps do not hold.

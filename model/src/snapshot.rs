@@ -162,6 +162,15 @@ pub struct ProgramCost {
     pub jited_bytes: u32,
 }
 
+/// What one eBPF map costs in kernel memory, as the kernel charges it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapCost {
+    pub name: String,
+    pub entries: u32,
+    /// The map's `memlock` in its fdinfo: the kernel's own figure.
+    pub kernel_bytes: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -224,12 +224,15 @@ fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result
     let mut snapshot = probe.snapshot()?;
     snapshot.cpuid = std::mem::take(&mut waited.cpuid_reads);
     let ended_at = Utc::now();
+    let maps = probe.map_costs();
     let cost = Cost {
         attach_ns,
         peak_rss_kib: host::peak_rss_kib(),
         bpf_stats: host::bpf_stats_enabled(),
         filter_pids: snapshot.filter_pids,
         programs: probe.costs(),
+        map_bytes: maps.iter().map(|m| m.kernel_bytes).sum(),
+        maps,
     };
     drop(probe);
 

@@ -384,6 +384,51 @@ impl Probe {
             .collect()
     }
 
+    /// Every map's entries and kernel bytes, as the kernel charges them.
+    pub fn map_costs(&self) -> Vec<kvmtrace_model::snapshot::MapCost> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let data = |map: &aya::maps::Map| match map {
+            aya::maps::Map::Array(m)
+            | aya::maps::Map::PerCpuArray(m)
+            | aya::maps::Map::HashMap(m)
+            | aya::maps::Map::PerCpuHashMap(m)
+            | aya::maps::Map::Queue(m)
+            | aya::maps::Map::RingBuf(m) => Some((
+                m.fd().as_fd().as_raw_fd(),
+                m.info().map_or(0, |i| i.max_entries()),
+            )),
+            _ => None,
+        };
+        let mut out: Vec<_> = self
+            .ebpf
+            .maps()
+            .filter_map(|(name, map)| Some((name.to_owned(), data(map)?)))
+            .chain([
+                (
+                    maps::CPUID_EVENTS.to_owned(),
+                    (self.cpuid_events.as_raw_fd(), 0),
+                ),
+                (
+                    maps::REGS_SAMPLES.to_owned(),
+                    (self.regs_samples.as_raw_fd(), 0),
+                ),
+            ])
+            .filter_map(|(name, (fd, entries))| {
+                Some(kvmtrace_model::snapshot::MapCost {
+                    name,
+                    entries,
+                    kernel_bytes: memory::charged(fd)?,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.kernel_bytes
+                .cmp(&a.kernel_bytes)
+                .then(a.name.cmp(&b.name))
+        });
+        out
+    }
+
     /// Takes the guest counter-leaf reads recorded since the last call.
     pub fn drain_cpuid(&mut self, into: &mut Vec<CpuidEvent>) {
         while let Some(item) = self.cpuid_events.next() {
