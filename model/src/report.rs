@@ -1119,7 +1119,6 @@ pub(crate) mod tests {
 
     #[test]
     fn emulated_rows_are_kept_beside_their_reason() {
-        let r = detail_report();
         let mut snap = Snapshot::default();
         let io = ExitKey::from_raw(1, 30);
         snap.add_exits(0, io, stats(2, 2, 20)).ok();
@@ -1167,7 +1166,26 @@ pub(crate) mod tests {
             Some(&3),
             "counted like the hist"
         );
-        assert!(!r.reasons.is_empty());
+        let rows: Vec<(u32, u64, Vec<(&str, bool, u64)>)> = b
+            .reasons
+            .iter()
+            .map(|x| {
+                let detail = x
+                    .detail
+                    .iter()
+                    .map(|d| (d.key.as_str(), d.emulated, d.totals.count))
+                    .collect();
+                (x.reason, x.totals.count, detail)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (30, 2, vec![("0x70:out:1", false, 2)]),
+                (10, 0, vec![("0x0:emulated", true, 3)]),
+            ],
+            "the IO reason keeps its exits and its port row; the emulated CPUIDs sort after it"
+        );
     }
 
     #[test]
