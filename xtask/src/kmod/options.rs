@@ -97,6 +97,15 @@ impl KernelLine {
         }
     }
 
+    /// Whether Debian builds this line with `CONFIG_HIST_TRIGGERS` (5.10 is built
+    /// without: the lab then counts the trace buffer's `kvm_exit` records instead).
+    pub fn has_hist_triggers(self) -> bool {
+        match self {
+            Self::V5_10 => false,
+            Self::V6_1 | Self::V6_12 => true,
+        }
+    }
+
     pub fn source_package(self) -> String {
         format!("linux-source-{}", self.as_str())
     }

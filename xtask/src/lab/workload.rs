@@ -7,7 +7,7 @@ use super::{
     Options, assets,
     image::{self, L1, Workload as L2Workload},
     inputs::{Inputs, build_micro},
-    options::{Scenario, Workload, record_args},
+    options::{Scenario, Workload},
 };
 
 const L2_MEMORY_MB: u32 = 128;
@@ -32,7 +32,7 @@ pub fn l1(
         kvmtrace,
         perf: None,
         system_map: l2_system_map(opts, inputs)?,
-        record_args: record_args(opts),
+        record_args: opts.l1_record_args(),
         run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,
         scenario: opts.scenario.name(),
@@ -56,7 +56,7 @@ pub fn l1(
 /// recorded with `--rip`.
 fn l2_system_map(opts: &Options, inputs: &Inputs) -> anyhow::Result<Option<PathBuf>> {
     let rips = opts
-        .record_args
+        .record_args()
         .split_whitespace()
         .any(|a| a == "--rip" || a.starts_with("--rip="));
     if !rips || !matches!(opts.workload, Workload::Boot) {
