@@ -26,7 +26,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::lab::{
-    assets, console,
+    console,
     emulator::{Line, Machine},
     image,
     inputs::{self, Inputs, KvmModules},
@@ -110,8 +110,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         root,
         &cache,
     )?;
-    let perf = perf_tool()?;
-    let bpftrace = bpftrace_tool()?;
+    let perf = inputs::perf_tool(root)?;
+    let bpftrace = inputs::bpftrace_tool(root)?;
     let s = Step::start("kmod");
     let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
     let variant = |variant| -> anyhow::Result<PathBuf> {
@@ -185,35 +185,6 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     println!("\n{md}");
     println!("-> {}", out.join("bench.md").display());
     Ok(())
-}
-
-/// perf, installed on the host (`linux-perf`), with the libraries it loads.
-pub fn perf_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    host_tool("perf", "linux-perf", "version")
-}
-
-/// Debian's bpftrace, installed on the host (`bpftrace`), with the libraries it loads.
-pub fn bpftrace_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    host_tool("bpftrace", "bpftrace", "--version")
-}
-
-/// `/usr/bin/NAME` from Debian package `package`, installed on the host, with the
-/// libraries it loads; the step line shows what `NAME VERSION_ARG` prints.
-fn host_tool(
-    name: &str,
-    package: &str,
-    version_arg: &str,
-) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    let s = Step::start(name);
-    crate::apt::install(&[package])?;
-    let binary = PathBuf::from("/usr/bin").join(name);
-    let libs = assets::shared_libraries(&binary)?;
-    s.done(format!(
-        "{} ({} libraries)",
-        crate::exec::output(Command::new(&binary).arg(version_arg))?.trim(),
-        libs.len()
-    ));
-    Ok((binary, libs))
 }
 
 /// The programs the bench carries into L1, each with the libraries it loads.

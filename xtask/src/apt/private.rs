@@ -61,6 +61,7 @@ impl Apt {
         write_if_changed(&config, &apt_conf(dir_str))?;
         Ok(Self {
             config: Some(config),
+            binary_cache: dir.join("binary-cache"),
         })
     }
 }

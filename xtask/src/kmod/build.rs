@@ -66,9 +66,9 @@ pub struct Built {
 pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
     ensure!(opts.jobs > 0, "--jobs must be at least 1");
     let patches = source::series(root, opts.kernel, opts.variant)?;
-    apt::install(&BUILD_DEPS)?;
+    apt::install(root, &BUILD_DEPS)?;
     if let Some(cc) = opts.kernel.compiler_override() {
-        apt::install(&[cc])?;
+        apt::install(root, &[cc])?;
     }
     let work = work_dir(opts, root);
     let debian = opts.kernel.apt(root)?;

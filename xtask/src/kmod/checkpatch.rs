@@ -11,7 +11,7 @@ use crate::{apt, exec::show};
 /// Runs `checkpatch.pl --strict` on the series of `opts.kernel` and on every
 /// test-only variant of it.
 pub fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
-    apt::install(&["perl", "xz-utils"])?;
+    apt::install(root, &["perl", "xz-utils"])?;
     let source_pkg = opts.kernel.source_package();
     let debian = opts.kernel.apt(root)?;
     let (source_version, tarball) =

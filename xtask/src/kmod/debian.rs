@@ -130,7 +130,7 @@ fn headers_tree(
                     .filter(|d| !is_kernel_package(d)),
             );
         }
-        apt::install(&tools.iter().map(String::as_str).collect::<Vec<_>>())?;
+        apt::install(root, &tools.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     let tree = apt::unpack_into(&all, &work.join(format!("headers-{version}")))?;
     let dir = tree.join(format!("usr/src/{headers_pkg}"));

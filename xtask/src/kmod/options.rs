@@ -83,7 +83,7 @@ impl KernelLine {
     pub fn apt(self, root: &Path) -> anyhow::Result<Apt> {
         match self {
             Self::V5_10 => Apt::bullseye(root),
-            Self::V6_1 | Self::V6_12 => Ok(Apt::host()),
+            Self::V6_1 | Self::V6_12 => Ok(Apt::host(root)),
         }
     }
 

@@ -52,9 +52,10 @@ struct Sample {
 
 impl Prometheus {
     /// Unpacks Debian's `prometheus` under `cache` (once), and starts it with its data
-    /// in `build/prometheus`, scraping 127.0.0.1:`target` every second.
-    pub fn start(cache: &Path, build: &Path, target: u16) -> anyhow::Result<Self> {
-        let deb = apt::download(&cache.join("debs"), "prometheus")?;
+    /// in `build/prometheus`, scraping 127.0.0.1:`target` every second. `root`: the
+    /// checkout, for apt.
+    pub fn start(root: &Path, cache: &Path, build: &Path, target: u16) -> anyhow::Result<Self> {
+        let deb = apt::download(root, &cache.join("debs"), "prometheus")?;
         let root = apt::unpack(&deb, &cache.join("roots"))?;
         let version = apt::deb_field(&deb, "Version")?;
         let (server, promtool) = (

@@ -31,7 +31,7 @@ pub fn l1(
         workload,
         kvmtrace,
         perf: None,
-        system_map: l2_system_map(opts, inputs)?,
+        system_map: l2_system_map(opts, root, inputs)?,
         record_args: opts.l1_record_args(),
         run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,
@@ -54,7 +54,7 @@ pub fn l1(
 /// Debian's linux-image ships a stub, the real one is in its -dbg package (283 MB for
 /// 6.1 cloud, of which only System.map is unpacked). Fetched only for a booted L2
 /// recorded with `--rip`.
-fn l2_system_map(opts: &Options, inputs: &Inputs) -> anyhow::Result<Option<PathBuf>> {
+fn l2_system_map(opts: &Options, root: &Path, inputs: &Inputs) -> anyhow::Result<Option<PathBuf>> {
     let rips = opts
         .record_args()
         .split_whitespace()
@@ -64,6 +64,7 @@ fn l2_system_map(opts: &Options, inputs: &Inputs) -> anyhow::Result<Option<PathB
     }
     let cache = inputs.cache.clone();
     let deb = crate::apt::download(
+        root,
         &cache.join("debs"),
         &format!("linux-image-{}-dbg", inputs.l2_abi),
     )?;
