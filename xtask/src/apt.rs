@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{exec::output, process::run_bounded};
+use crate::{exec::output, files::write, process::run_bounded};
 
 /// The longest an apt or dpkg call may take.
 const APT_TIME: Duration = Duration::from_secs(900);
@@ -301,7 +301,7 @@ pub fn unpack_into(debs: &[PathBuf], root: &Path) -> anyhow::Result<PathBuf> {
             Duration::from_secs(300),
         )?;
     }
-    std::fs::write(&stamp, names).with_context(|| format!("cannot write {}", stamp.display()))?;
+    write(&stamp, names)?;
     Ok(root.to_owned())
 }
 

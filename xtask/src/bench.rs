@@ -25,15 +25,17 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::lab::{
-    console,
-    emulator::{Line, Machine},
-    image,
-    inputs::{self, Inputs, KvmModules},
-    options::Isa,
-    record::Cost,
-    results::write,
-    step::Step,
+use crate::{
+    files::write_in as write,
+    lab::{
+        console::{self, Line},
+        emulator::Machine,
+        image,
+        inputs::{self, Inputs, KvmModules},
+        options::Isa,
+        record::Cost,
+        step::Step,
+    },
 };
 
 #[derive(Args, Debug)]

@@ -3,6 +3,7 @@
 mod apt;
 mod bench;
 mod exec;
+mod files;
 mod fuzz;
 mod kmod;
 mod lab;

@@ -10,8 +10,11 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{Flavour, KernelLine, Options};
-use crate::apt::{self, Apt};
+use super::options::{Flavour, KernelLine, Options};
+use crate::{
+    apt::{self, Apt},
+    files::write,
+};
 
 /// The Debian inputs of one build, all of the same version.
 pub struct Inputs {
@@ -139,8 +142,7 @@ fn headers_tree(
         .with_context(|| format!("cannot read {}", makefile.display()))?;
     let rewritten = point_at_common_headers(&text, &tree);
     if rewritten != text {
-        fs::write(&makefile, rewritten)
-            .with_context(|| format!("cannot write {}", makefile.display()))?;
+        write(&makefile, rewritten)?;
     }
     let include = format!("include {}/usr/src/", tree.display());
     ensure!(

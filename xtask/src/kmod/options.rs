@@ -1,7 +1,10 @@
 //! What `cargo xtask kmod` builds: the options, the kernel line, the flavour and the
 //! variant of the series.
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use clap::{Args, ValueEnum};
 
@@ -15,8 +18,9 @@ pub struct Options {
     /// Kernel flavour whose headers the modules are built against.
     #[arg(long, value_enum, default_value_t = Flavour::Cloud)]
     pub flavour: Flavour,
-    /// The series, or one of its TEST-ONLY variants in kernel/variants/, applied on
-    /// top of it (all deliberately wrong but answers-in-emulate).
+    /// The series, or one of its variants in kernel/variants/ applied on top of it:
+    /// TEST-ONLY ones (all deliberately wrong but answers-in-emulate) or the BENCH-ONLY
+    /// no-cycles; or unpatched, the same build without the series.
     #[arg(long, value_enum, default_value_t = Variant::Good)]
     pub variant: Variant,
     /// Only run `checkpatch.pl --strict` on the series and its variants; fail on any
@@ -29,6 +33,15 @@ pub struct Options {
     /// Parallel make jobs.
     #[arg(long, default_value_t = 2)]
     pub jobs: u32,
+}
+
+impl Options {
+    /// Where the builds of this kernel line and flavour are kept:
+    /// `target/kmod/<kernel>-<flavour>` in the checkout `root`.
+    pub fn work_dir(&self, root: &Path) -> PathBuf {
+        root.join("target/kmod")
+            .join(format!("{}-{}", self.kernel, self.flavour))
+    }
 }
 
 impl Default for Options {
@@ -209,7 +222,8 @@ impl Variant {
         }
     }
 
-    /// Every variant in kernel/variants/, all of them applied on top of the series.
+    /// The TEST-ONLY variants in kernel/variants/, each applied on top of the series:
+    /// every variant there but the BENCH-ONLY ones ([`Variant::BENCH_ONLY`]).
     pub const TEST_ONLY: [Variant; 10] = [
         Self::SlowpathOnly,
         Self::SurvivesReload,

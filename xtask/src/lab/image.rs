@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{console::END_MARKER, cpio::Archive};
-use crate::process::run_bounded;
+use crate::{files::write, process::run_bounded};
 
 /// The memory of the L1 host, in MiB (both emulators).
 pub const L1_MEMORY_MB: u32 = 1024;
@@ -349,13 +349,12 @@ pub fn boot_disk(dir: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<(Pa
     )?;
     run_bounded(Command::new("syslinux").arg("--install").arg(&disk), t)?;
     let cfg = dir.join("syslinux.cfg");
-    std::fs::write(
+    write(
         &cfg,
         format!(
             "SERIAL 0 115200\nDEFAULT lab\nPROMPT 0\nTIMEOUT 0\nLABEL lab\n  KERNEL vmlinuz\n  INITRD initrd\n  APPEND {L1_APPEND}\n"
         ),
-    )
-    .with_context(|| format!("cannot write {}", cfg.display()))?;
+    )?;
     for (src, name) in [
         (cfg.as_path(), "syslinux.cfg"),
         (kernel, "vmlinuz"),

@@ -7,22 +7,16 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::{
-    Options,
     checks::{detail, guest, micro, reasons, vcpus},
-    console,
-    emulator::{Line, Run},
+    console::{self, Line},
+    emulator::Run,
     hist::{self, Hist},
     image::{L1, Workload as L2Workload},
-    options::{Scenario, mode_dir_name, workload_label},
+    options::{Options, Scenario, mode_dir_name, workload_label},
     prometheus::Exported,
     record::{self, Record},
 };
-
-/// Writes `text` to `dir/name`.
-pub fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
-    let p = dir.join(name);
-    std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
-}
+use crate::files::write_in as write;
 
 /// What every step of [`summarize`] reads: the options, where results go, the run's
 /// console and what L1 ran.
@@ -145,7 +139,7 @@ fn read_mode<'a>(
     let dir = lab.out.join(&dir_name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let lines = console::mode_lines(all_lines, &tag);
-    write(&dir, "serial.log", &console::transcript(lines))?;
+    write(&dir, "serial.log", console::transcript(lines))?;
 
     let Some((hist, hist_text)) = reference(all_lines, &tag, &dir, opts.isa, problems)? else {
         return Ok(None);

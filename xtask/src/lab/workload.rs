@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    Options, assets,
+    assets,
     image::{self, L1, Workload as L2Workload},
     inputs::{Inputs, build_micro},
-    options::{Scenario, Workload},
+    options::{Options, Scenario, Workload},
 };
 
 const L2_MEMORY_MB: u32 = 128;

@@ -15,8 +15,10 @@ use kvmtrace_model::{
 };
 use tracer_common::ExitKey;
 
-use crate::lab::emulator::Line;
-use crate::lab::{console, results::write};
+use crate::{
+    files::write_in as write,
+    lab::console::{self, Line},
+};
 
 /// What one mode's detail check needs.
 pub struct Inputs<'a> {

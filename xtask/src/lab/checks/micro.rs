@@ -10,10 +10,10 @@ use tracer_common::exit_reasons::{
 };
 
 use crate::lab::{
-    Options, console, emulator,
+    console::{self, Line},
     hist::Hist,
     image::{self, L1, Workload as L2Workload},
-    options::{Isa, Modules},
+    options::{Isa, Modules, Options},
     reason::Reason,
     record::Record,
 };
@@ -28,7 +28,7 @@ use crate::lab::{
 pub fn micro_readout(
     opts: &Options,
     dir: &Path,
-    lines: &[emulator::Line],
+    lines: &[Line],
     l1: &L1,
 ) -> anyhow::Result<Vec<String>> {
     let (L2Workload::Micro { .. }, Some((kvmtrace, _))) = (&l1.workload, &l1.kvmtrace) else {
