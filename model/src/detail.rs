@@ -12,7 +12,6 @@ use tracer_common::{DetailPlan, ExitKey, detail_kind, detail_plan, exit_reasons:
 use crate::{
     exit_reasons::Isa,
     kernel_hist::{self, ParseError},
-    report::ReasonRow,
 };
 
 /// One decoded sub-key.
@@ -385,21 +384,6 @@ pub fn reference(t: &KernelTriggers<'_>) -> Result<KeyCounts, ParseError> {
         }
     }
     Ok(out)
-}
-
-/// kvmtrace's detail rows of `reasons`, summed over reasons by (kind, key), without
-/// the `undecoded` and `other` rows (the reference has neither), and without the
-/// kinds in `skip`.
-pub fn totals(reasons: &[ReasonRow], skip: &[&str]) -> KeyCounts {
-    let mut out = KeyCounts::new();
-    for d in reasons.iter().flat_map(|r| &r.detail) {
-        if d.kind == UNDECODED_KEY || d.kind == "other" || skip.contains(&d.kind.as_str()) {
-            continue;
-        }
-        let key = d.key.strip_suffix(EMULATED_SUFFIX).unwrap_or(&d.key);
-        *out.entry((d.kind.clone(), key.to_owned())).or_default() += d.totals.count;
-    }
-    out
 }
 
 #[cfg(test)]

@@ -146,7 +146,7 @@ use tracer_common::{
 };
 
 use crate::{
-    detail,
+    detail::{self, KeyCounts},
     exit_reasons::{self, Isa},
     latency::{self, Bucket},
     leaves::Leaves,
@@ -915,6 +915,27 @@ impl Report {
     pub fn pids(&self) -> BTreeSet<u32> {
         self.vms.iter().map(|v| v.pid).collect()
     }
+
+    /// The `--detail` rows, summed over reasons by (kind, key), without the
+    /// `undecoded` and `other` rows (the kernel's reference, [`detail::reference`], has
+    /// neither), and without the kinds in `skip`.
+    pub fn detail_totals(&self, skip: &[&str]) -> KeyCounts {
+        let mut out = KeyCounts::new();
+        for d in self.reasons.iter().flat_map(|r| &r.detail) {
+            if d.kind == detail::UNDECODED_KEY
+                || d.kind == "other"
+                || skip.contains(&d.kind.as_str())
+            {
+                continue;
+            }
+            let key = d
+                .key
+                .strip_suffix(detail::EMULATED_SUFFIX)
+                .unwrap_or(&d.key);
+            *out.entry((d.kind.clone(), key.to_owned())).or_default() += d.totals.count;
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -1160,31 +1181,31 @@ pub(crate) mod tests {
             (d[0].key.as_str(), d[0].emulated, d[0].totals.count),
             ("0x0:emulated", true, 3)
         );
-        let totals = crate::detail::totals(&b.reasons, &[]);
+        let totals = b.detail_totals(&[]);
         assert_eq!(
             totals.get(&("cpuid".into(), "0x0".into())),
             Some(&3),
             "counted like the hist"
         );
-        let rows: Vec<(u32, u64, Vec<(&str, bool, u64)>)> = b
+        let reasons: Vec<(u32, u64)> = b
             .reasons
             .iter()
-            .map(|x| {
-                let detail = x
-                    .detail
-                    .iter()
-                    .map(|d| (d.key.as_str(), d.emulated, d.totals.count))
-                    .collect();
-                (x.reason, x.totals.count, detail)
-            })
+            .map(|x| (x.reason, x.totals.count))
             .collect();
         assert_eq!(
-            rows,
-            [
-                (30, 2, vec![("0x70:out:1", false, 2)]),
-                (10, 0, vec![("0x0:emulated", true, 3)]),
-            ],
-            "the IO reason keeps its exits and its port row; the emulated CPUIDs sort after it"
+            reasons,
+            [(30, 2), (10, 0)],
+            "the IO reason keeps its exits; the emulated CPUIDs sort after it"
+        );
+        let io_rows: Vec<(&str, bool, u64)> = b.reasons[0]
+            .detail
+            .iter()
+            .map(|d| (d.key.as_str(), d.emulated, d.totals.count))
+            .collect();
+        assert_eq!(
+            io_rows,
+            [("0x70:out:1", false, 2)],
+            "the IO reason keeps its port row, with no emulated row beside it"
         );
     }
 

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
-use super::{Options, human_ns, percent};
+use super::common::{Options, human_ns, percent};
 use crate::report::{PhaseRow, ReasonRow, Report, Totals};
 
 fn new_table(header: &[&str]) -> Table {
