@@ -10,7 +10,7 @@ use super::{
     checks::{detail, guest, micro, reasons, vcpus},
     console::{self, Line},
     emulator::Run,
-    hist::{self, Hist},
+    hist::{self, Hist, Source},
     image::{L1, Workload as L2Workload},
     options::{Options, Scenario, mode_dir_name, workload_label},
     prometheus::Exported,
@@ -285,12 +285,13 @@ fn check_mode(
         m.run_time,
         m.hist.by_reason.values().sum::<u64>()
     );
-    print!("{}", reasons::table(&m.rows));
+    print!("{}", reasons::table(&m.rows, m.hist.source));
     match lab.exported {
-        Some(e) => problems.extend(export_problems(tag, &m.rows, e)),
+        Some(e) => problems.extend(export_problems(tag, &m.rows, m.hist.source, e)),
         None => problems.extend(reasons::check_record(
             tag,
             &m.rows,
+            m.hist.source,
             m.record.as_ref(),
             l1.kvmtrace.is_some(),
             &m.kvmtrace_err,
@@ -310,7 +311,10 @@ fn check_mode(
     if let Some(rec) = m.record.as_ref().filter(|_| !whole) {
         let vcpu_problems = vcpus::per_vcpu_problems(tag, &m.hist, rec);
         if vcpu_problems.is_empty() {
-            println!("  per (vCPU, reason): kvmtrace == hist, and its vCPU rows sum to its totals");
+            println!(
+                "  per (vCPU, reason): kvmtrace == {}, and its vCPU rows sum to its totals",
+                m.hist.source.name()
+            );
         }
         problems.extend(vcpu_problems);
     }
@@ -347,9 +351,10 @@ fn check_mode(
     Ok(())
 }
 
-/// `--scenario export`: Prometheus's values of the mode's VM equal the hist for every
-/// reason (and there are some), and the scrapes' own problems.
-fn export_problems(tag: &str, rows: &[reasons::Row], e: &Exported) -> Vec<String> {
+/// `--scenario export`: Prometheus's values of the mode's VM equal the reference
+/// (`source`) for every reason (and there are some), and the scrapes' own problems.
+fn export_problems(tag: &str, rows: &[reasons::Row], source: Source, e: &Exported) -> Vec<String> {
+    let reference = source.name();
     let mut problems: Vec<String> = e
         .problems
         .get(tag)
@@ -361,16 +366,16 @@ fn export_problems(tag: &str, rows: &[reasons::Row], e: &Exported) -> Vec<String
     let differ = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).count();
     if total == 0 {
         problems.push(format!(
-            "{tag}: the hist counted no exits: nothing was compared"
+            "{tag}: the {reference} counted no exits: nothing was compared"
         ));
     } else if differ > 0 {
         problems.push(format!(
-            "{tag}: Prometheus differs from the hist in {differ} of {} reasons",
+            "{tag}: Prometheus differs from the {reference} in {differ} of {} reasons",
             rows.len()
         ));
     } else {
         println!(
-            "  Prometheus == hist for all {} reasons ({total} exits)",
+            "  Prometheus == {reference} for all {} reasons ({total} exits)",
             rows.len()
         );
     }
