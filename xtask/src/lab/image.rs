@@ -261,6 +261,17 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
             .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
     };
     let _ = writeln!(env, "DETAIL={}", u8::from(has("--detail")));
+    // The exits the detail triggers key by a kvm_exit field, as `--detail` does.
+    let _ = writeln!(
+        env,
+        "DETAIL_INFO1_IF='{}'",
+        kvmtrace_model::detail::info1_trigger_filter()
+    );
+    let _ = writeln!(
+        env,
+        "DETAIL_VECTOR_IF='{}'",
+        kvmtrace_model::detail::intr_info_trigger_filter()
+    );
     let _ = writeln!(env, "RIPS={}", u8::from(has("--rip")));
     let _ = writeln!(env, "PERF={}", u8::from(l1.perf.is_some()));
     let _ = writeln!(env, "END_MARKER='{END_MARKER}'");
@@ -385,5 +396,49 @@ mod tests {
             msrs: 5,
         };
         assert_eq!(vm.command(), "/bin/micro 100000 100 2 5");
+    }
+
+    #[test]
+    fn the_detail_triggers_filter_as_the_detail_plan_keys() {
+        let l1 = L1 {
+            busybox: PathBuf::new(),
+            init: PathBuf::new(),
+            modules: Vec::new(),
+            paging: "ept",
+            modes: vec![1],
+            workload: Workload::Micro {
+                binary: PathBuf::new(),
+                vms: Vec::new(),
+                overlap: false,
+            },
+            kvmtrace: None,
+            perf: None,
+            system_map: None,
+            record_args: "--detail".to_owned(),
+            run_timeout: 1,
+            vms: 1,
+            scenario: "modes",
+            net_modules: Vec::new(),
+            signals: String::new(),
+            signal_after: 0,
+        };
+        let env = env(&l1, "kvm-intel", &[]);
+        let lines: Vec<&str> = env.lines().filter(|l| l.starts_with("DETAIL")).collect();
+        assert_eq!(
+            lines,
+            [
+                "DETAIL=1",
+                "DETAIL_INFO1_IF='exit_reason == 28 || exit_reason == 30 || exit_reason == 123'",
+                "DETAIL_VECTOR_IF='isa == 1 && exit_reason == 0'",
+            ]
+        );
+        // The init script reads them, and keeps no copy of its own.
+        let init = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/l1-init.sh"),
+        )
+        .unwrap_or_else(|e| panic!("lab/l1-init.sh: {e}"));
+        assert!(init.contains(" if $DETAIL_INFO1_IF\""));
+        assert!(init.contains(" if $DETAIL_VECTOR_IF\""));
+        assert!(!init.contains("exit_reason =="), "a filter of its own");
     }
 }
