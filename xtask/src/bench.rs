@@ -590,7 +590,7 @@ mod tests {
 
     /// The console of a bench whose L1 ran `rounds` full rounds, each configuration
     /// taking `ns(config)`; without the timed runs when `runs` is false.
-    fn console(rounds: u32, runs: bool, ns: fn(&str) -> u64) -> Vec<Line> {
+    fn console(rounds: u32, runs: bool, ns: &dyn Fn(&str) -> u64) -> Vec<Line> {
         let mut lines = Vec::new();
         for round in 1..=rounds {
             for (config, _) in CONFIGS.iter().filter(|_| runs) {
@@ -631,31 +631,32 @@ mod tests {
     }
 
     #[test]
-    fn no_bench_lines_fail() {
-        let lines = console(2, false, |_| 1000);
-        assert_eq!(
-            err(&lines, 2),
-            "L1 measured no stock run in round 1: see the bench's serial log"
-        );
-    }
-
-    #[test]
-    fn a_round_asked_for_and_not_run_fails() {
-        let lines = console(1, true, |_| 1000);
-        assert!(Results::parse(&lines, CPUIDS, 1).is_ok());
-        assert_eq!(
-            err(&lines, 2),
-            "L1 measured no stock run in round 2: see the bench's serial log"
-        );
-    }
-
-    #[test]
-    fn a_round_not_asked_for_fails() {
-        let lines = console(2, true, |_| 1000);
-        assert_eq!(
-            err(&lines, 1),
-            "L1 ran round 2, not one of the 1 asked for: KVMLAB bench stock 2 run_ns=1000"
-        );
+    fn the_rounds_asked_for_are_the_rounds_run() {
+        // (rounds L1 ran, with timed runs, rounds asked for, the error)
+        for (ran, runs, asked, want) in [
+            (
+                2,
+                false,
+                2,
+                "L1 measured no stock run in round 1: see the bench's serial log",
+            ),
+            (
+                1,
+                true,
+                2,
+                "L1 measured no stock run in round 2: see the bench's serial log",
+            ),
+            (
+                2,
+                true,
+                1,
+                "L1 ran round 2, not one of the 1 asked for: KVMLAB bench stock 2 run_ns=1000",
+            ),
+            (1, true, 1, ""),
+        ] {
+            let lines = console(ran, runs, &|_| 1000);
+            assert_eq!(err(&lines, asked), want, "{ran} rounds, {asked} asked for");
+        }
     }
 
     #[test]
@@ -667,29 +668,26 @@ mod tests {
             ns_per_exit: None,
             programs: Vec::new(),
         };
-        let lines = console(2, true, |c| if c == "stock" { 1000 } else { 1500 });
-        let md = Results::parse(&lines, CPUIDS, 2)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .markdown(&opts(2), &host);
-        let row = md
-            .lines()
-            .find(|l| l.starts_with("| + kvmtrace record (with time)"));
-        assert_eq!(
-            row,
-            Some("| + kvmtrace record (with time) | 0.01 µs | 1.5000 / 1.5000 | +50.00 % |")
-        );
-        // A stock run of 0 ns gives no ratio: a dash, not NaN.
-        let lines = console(1, true, |c| if c == "stock" { 0 } else { 1500 });
-        let md = Results::parse(&lines, CPUIDS, 1)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .markdown(&opts(1), &host);
-        assert!(!md.contains("NaN"), "{md}");
-        let row = md
-            .lines()
-            .find(|l| l.starts_with("| + kvmtrace record (with time)"));
-        assert_eq!(
-            row,
-            Some("| + kvmtrace record (with time) | 0.01 µs |  | - |")
-        );
+        // (rounds, the stock run's ns, kvmtrace's row); a stock run of 0 ns gives no
+        // ratio: a dash, not NaN.
+        for (rounds, stock, want) in [
+            (
+                2,
+                1000,
+                "| + kvmtrace record (with time) | 0.01 µs | 1.5000 / 1.5000 | +50.00 % |",
+            ),
+            (1, 0, "| + kvmtrace record (with time) | 0.01 µs |  | - |"),
+        ] {
+            let ns = move |c: &str| if c == "stock" { stock } else { 1500 };
+            let lines = console(rounds, true, &ns);
+            let md = Results::parse(&lines, CPUIDS, rounds)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .markdown(&opts(rounds), &host);
+            assert!(!md.contains("NaN"), "{md}");
+            let row = md
+                .lines()
+                .find(|l| l.starts_with("| + kvmtrace record (with time)"));
+            assert_eq!(row, Some(want), "stock {stock} ns");
+        }
     }
 }

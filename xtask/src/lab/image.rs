@@ -102,6 +102,32 @@ pub struct L1 {
     pub signal_after: u32,
 }
 
+#[cfg(test)]
+impl L1 {
+    /// An L1 of tests: `workload` run `vms` times in one nested-paging mode, recorded
+    /// with `record_args`, with no files.
+    pub fn with_workload(workload: Workload, vms: u8, record_args: &str) -> Self {
+        Self {
+            busybox: PathBuf::new(),
+            init: PathBuf::new(),
+            modules: Vec::new(),
+            paging: "ept",
+            modes: vec![1],
+            workload,
+            kvmtrace: None,
+            perf: None,
+            system_map: None,
+            record_args: record_args.to_owned(),
+            run_timeout: 1,
+            vms,
+            scenario: "modes",
+            net_modules: Vec::new(),
+            signals: String::new(),
+            signal_after: 0,
+        }
+    }
+}
+
 /// Builds the L2 initrd: busybox and its /init.
 pub fn l2_initrd(
     busybox: &Path,
@@ -400,28 +426,12 @@ mod tests {
 
     #[test]
     fn the_detail_triggers_filter_as_the_detail_plan_keys() {
-        let l1 = L1 {
-            busybox: PathBuf::new(),
-            init: PathBuf::new(),
-            modules: Vec::new(),
-            paging: "ept",
-            modes: vec![1],
-            workload: Workload::Micro {
-                binary: PathBuf::new(),
-                vms: Vec::new(),
-                overlap: false,
-            },
-            kvmtrace: None,
-            perf: None,
-            system_map: None,
-            record_args: "--detail".to_owned(),
-            run_timeout: 1,
-            vms: 1,
-            scenario: "modes",
-            net_modules: Vec::new(),
-            signals: String::new(),
-            signal_after: 0,
+        let workload = Workload::Micro {
+            binary: PathBuf::new(),
+            vms: Vec::new(),
+            overlap: false,
         };
+        let l1 = L1::with_workload(workload, 1, "--detail");
         let env = env(&l1, "kvm-intel", &[]);
         let lines: Vec<&str> = env.lines().filter(|l| l.starts_with("DETAIL")).collect();
         assert_eq!(
