@@ -37,8 +37,9 @@ BY_VCPU="hist:keys=vcpu_id,exit_reason:vals=hitcount:sort=vcpu_id,exit_reason:si
 # With DETAIL=1 / RIPS=1 (kvmtrace records --detail / --rip): the kernel's own counts
 # keyed as kvmtrace's detail and RIP rows are (xtask decodes them the same way).
 KVM_EV=/sys/kernel/tracing/events/kvm
-VECTOR_T='hist:keys=exit_reason,intr_info:vals=hitcount:size=256 if isa == 1 && exit_reason == 0'
-INFO1_T='hist:keys=isa,exit_reason,info1:vals=hitcount:size=4096 if exit_reason == 28 || exit_reason == 30 || exit_reason == 123'
+# The filters come from the model's detail plan (DETAIL_*_IF in /lab/env).
+VECTOR_T="hist:keys=exit_reason,intr_info:vals=hitcount:size=256 if $DETAIL_VECTOR_IF"
+INFO1_T="hist:keys=isa,exit_reason,info1:vals=hitcount:size=4096 if $DETAIL_INFO1_IF"
 MSR_T='hist:keys=ecx,write:vals=hitcount:size=1024'
 CPUID_T='hist:keys=function:vals=hitcount:size=1024'
 PF_T='hist:keys=fault_address.buckets=1048576:vals=hitcount:size=4096'

@@ -12,7 +12,6 @@ use tracer_common::{DetailPlan, ExitKey, detail_kind, detail_plan, exit_reasons:
 use crate::{
     exit_reasons::Isa,
     kernel_hist::{self, ParseError},
-    report::ReasonRow,
 };
 
 /// One decoded sub-key.
@@ -329,6 +328,52 @@ pub struct KernelTriggers<'a> {
     pub page_fault: Option<&'a str>,
 }
 
+/// Exit reasons are below this in both numberings (VMX basic reasons; SVM exit codes,
+/// NPF 0x400 and VMGEXIT 0x403 the highest).
+const REASONS_BELOW: u32 = 0x1000;
+
+/// The (isa, reason) pairs whose `--detail` sub-key [`detail_plan`] takes from
+/// `kvm_exit`'s `info1` (`info1`: `Some`) or `intr_info` (`intr_info`: `Some`) at the
+/// exit itself.
+fn keyed_at_exit(info1: Option<u64>, intr_info: Option<u32>) -> Vec<(u32, u32)> {
+    [tracer_common::isa::VMX, tracer_common::isa::SVM]
+        .into_iter()
+        .flat_map(|isa| (0..REASONS_BELOW).map(move |reason| (isa, reason)))
+        .filter(|&(isa, reason)| {
+            let exit = ExitKey::from_raw(isa, reason);
+            matches!(detail_plan(&exit, info1, intr_info), DetailPlan::Now(..))
+        })
+        .collect()
+}
+
+/// The filter of the kernel's `keys=isa,exit_reason,info1` trigger
+/// ([`KernelTriggers::exit`]): the reasons keyed by `info1`, of either isa (the key
+/// holds the isa), e.g. `exit_reason == 28 || exit_reason == 30 || exit_reason == 123`.
+pub fn info1_trigger_filter() -> String {
+    let mut reasons: Vec<u32> = keyed_at_exit(Some(0), None)
+        .into_iter()
+        .map(|(_, reason)| reason)
+        .collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    let terms: Vec<String> = reasons
+        .iter()
+        .map(|reason| format!("exit_reason == {reason}"))
+        .collect();
+    terms.join(" || ")
+}
+
+/// The filter of the kernel's `keys=exit_reason,intr_info` trigger
+/// ([`KernelTriggers::exit`]): the exits keyed by `intr_info`, each with its isa (the
+/// key has none), e.g. `isa == 1 && exit_reason == 0`.
+pub fn intr_info_trigger_filter() -> String {
+    let terms: Vec<String> = keyed_at_exit(None, Some(0))
+        .iter()
+        .map(|(isa, reason)| format!("isa == {isa} && exit_reason == {reason}"))
+        .collect();
+    terms.join(" || ")
+}
+
 /// What `--detail` must show, from the kernel's triggers, decoded by the same
 /// [`tracer_common::detail_plan`] and [`decode`] as kvmtrace's own rows.
 pub fn reference(t: &KernelTriggers<'_>) -> Result<KeyCounts, ParseError> {
@@ -387,25 +432,24 @@ pub fn reference(t: &KernelTriggers<'_>) -> Result<KeyCounts, ParseError> {
     Ok(out)
 }
 
-/// kvmtrace's detail rows of `reasons`, summed over reasons by (kind, key), without
-/// the `undecoded` and `other` rows (the reference has neither), and without the
-/// kinds in `skip`.
-pub fn totals(reasons: &[ReasonRow], skip: &[&str]) -> KeyCounts {
-    let mut out = KeyCounts::new();
-    for d in reasons.iter().flat_map(|r| &r.detail) {
-        if d.kind == UNDECODED_KEY || d.kind == "other" || skip.contains(&d.kind.as_str()) {
-            continue;
-        }
-        let key = d.key.strip_suffix(EMULATED_SUFFIX).unwrap_or(&d.key);
-        *out.entry((d.kind.clone(), key.to_owned())).or_default() += d.totals.count;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tracer_common::isa;
+
+    #[test]
+    fn the_kernel_triggers_filter_the_exits_keyed_at_the_exit() {
+        assert_eq!(
+            info1_trigger_filter(),
+            "exit_reason == 28 || exit_reason == 30 || exit_reason == 123",
+            "VMX CR_ACCESS and IO_INSTRUCTION, SVM IOIO"
+        );
+        assert_eq!(
+            intr_info_trigger_filter(),
+            "isa == 1 && exit_reason == 0",
+            "VMX EXCEPTION_NMI"
+        );
+    }
 
     #[test]
     fn the_kernel_reference_decodes_like_kvmtrace() {

@@ -30,7 +30,8 @@
 //!   "dropped": { "exit_map_full": 0, "vcpu_map_full": 0, "hist_map_full": 0,
 //!                "pending_map_full": 0, "read_failed": 0, "filter_map_full": 0,
 //!                "vm_map_full": 0, "cpuid_ring_full": 0, "pending_lost": 0,
-//!                "recursion_misses": 0 },
+//!                "read_pending_full": 0, "recursion_misses": 0, "detail_capped": 0,
+//!                "detail_map_full": 0, "rip_map_full": 0, "count_slots_full": 0 },
 //!   "phases": [
 //!     { "phase": 0, "paging": { "module": "kvm_intel", "parameter": "ept", "nested": true },
 //!       "since": "2026-11-24T16:00:00.000000Z", "total": { "count": 6800, "timed": 6799, "time_ns": 123456789 },
@@ -123,13 +124,19 @@
 //!   - `filter_map_full`: child processes of traced processes that were not traced,
 //!     because the pid filter held `MAX_FILTER_PIDS` live processes (or the
 //!     `task:task_newtask` record was unreadable).
-//!   - `vm_map_full`: exits missing from the per-VM counts that `--snapshots` reads.
+//!   - `vm_map_full` (`--snapshots`): what the maps kept beside a VM's own counts
+//!     could not hold: a VM that ended whose exits are missing from `host_ended_vms`,
+//!     or a synthetic exit missing from its VM's `host_synthetic`. A VM's own counts
+//!     are the count path's cells (see `count_slots_full`).
 //!   - `cpuid_ring_full`: guest counter-leaf reads not recorded (`cpuid_reads`).
 //!   - `read_pending_full`: guest counter-leaf reads not recorded because the map of
 //!     reads waiting for their VM entry (or of vCPU threads) was full.
 //!   - `detail_capped`: exits counted in their reason's `other` detail row (their VM
 //!     had 512 sub-keys of the reason already); `detail_map_full`: exits in no detail row (in
 //!     `undecoded`); `rip_map_full`: exits whose RIP was not counted (in `rips_rest`).
+//!   - `count_slots_full`: exits of VMs that found every VM slot of the count path
+//!     taken, counted under pid 0 ("other VMs") instead of their own VM (they are in
+//!     `total` and `reasons`).
 //!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
 //!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
 //!     `recursion_misses`, summed over kvmtrace's programs; kernels before 5.12 do not
@@ -148,7 +155,7 @@ use tracer_common::{
 };
 
 use crate::{
-    detail,
+    detail::{self, KeyCounts},
     exit_reasons::{self, Isa},
     latency::{self, Bucket},
     leaves::Leaves,
@@ -304,6 +311,8 @@ pub struct Dropped {
     pub pending_map_full: u64,
     pub read_failed: u64,
     pub filter_map_full: u64,
+    /// `--snapshots`: ended VMs missing from `host_ended_vms`, and synthetic exits
+    /// missing from `host_synthetic` (their maps were full).
     #[serde(default)]
     pub vm_map_full: u64,
     #[serde(default)]
@@ -924,6 +933,27 @@ impl Report {
     pub fn pids(&self) -> BTreeSet<u32> {
         self.vms.iter().map(|v| v.pid).collect()
     }
+
+    /// The `--detail` rows, summed over reasons by (kind, key), without the
+    /// `undecoded` and `other` rows (the kernel's reference, [`detail::reference`], has
+    /// neither), and without the kinds in `skip`.
+    pub fn detail_totals(&self, skip: &[&str]) -> KeyCounts {
+        let mut out = KeyCounts::new();
+        for d in self.reasons.iter().flat_map(|r| &r.detail) {
+            if d.kind == detail::UNDECODED_KEY
+                || d.kind == "other"
+                || skip.contains(&d.kind.as_str())
+            {
+                continue;
+            }
+            let key = d
+                .key
+                .strip_suffix(detail::EMULATED_SUFFIX)
+                .unwrap_or(&d.key);
+            *out.entry((d.kind.clone(), key.to_owned())).or_default() += d.totals.count;
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -1128,7 +1158,6 @@ pub(crate) mod tests {
 
     #[test]
     fn emulated_rows_are_kept_beside_their_reason() {
-        let r = detail_report();
         let mut snap = Snapshot::default();
         let io = ExitKey::from_raw(1, 30);
         snap.add_exits(0, io, stats(2, 2, 20)).ok();
@@ -1170,13 +1199,32 @@ pub(crate) mod tests {
             (d[0].key.as_str(), d[0].emulated, d[0].totals.count),
             ("0x0:emulated", true, 3)
         );
-        let totals = crate::detail::totals(&b.reasons, &[]);
+        let totals = b.detail_totals(&[]);
         assert_eq!(
             totals.get(&("cpuid".into(), "0x0".into())),
             Some(&3),
             "counted like the hist"
         );
-        assert!(!r.reasons.is_empty());
+        let reasons: Vec<(u32, u64)> = b
+            .reasons
+            .iter()
+            .map(|x| (x.reason, x.totals.count))
+            .collect();
+        assert_eq!(
+            reasons,
+            [(30, 2), (10, 0)],
+            "the IO reason keeps its exits; the emulated CPUIDs sort after it"
+        );
+        let io_rows: Vec<(&str, bool, u64)> = b.reasons[0]
+            .detail
+            .iter()
+            .map(|d| (d.key.as_str(), d.emulated, d.totals.count))
+            .collect();
+        assert_eq!(
+            io_rows,
+            [("0x70:out:1", false, 2)],
+            "the IO reason keeps its port row, with no emulated row beside it"
+        );
     }
 
     #[test]
@@ -1351,6 +1399,22 @@ pub(crate) mod tests {
             },
         ] {
             assert!(one.any(), "{one:?}");
+        }
+    }
+
+    #[test]
+    fn the_schema_doc_names_every_dropped_field() {
+        let doc: String = include_str!("report.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for (field, _) in Dropped::default().by_kind() {
+            assert!(doc.contains(&format!("`{field}`")), "{field} has no bullet");
+            assert!(
+                doc.contains(&format!("\"{field}\": 0")),
+                "{field} is not in the example"
+            );
         }
     }
 

@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{
+    Args, Parser, Subcommand,
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
+};
 use kvmtrace_model::tracefs_format::Tracepoint;
 use kvmtrace_model::{
     cause::Verdict,
@@ -229,7 +232,7 @@ pub struct GuestArgs {
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Output format.
-    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    #[arg(short, long, value_parser = choice::<Format>(), default_value = "table")]
     pub format: Format,
     /// Rows per VM and vCPU instead of per reason. A record keeps rows per vCPU only
     /// with it (or --vcpu, --detail, --rip, --snapshots); without, it keeps rows per
@@ -276,7 +279,7 @@ pub struct DiffArgs {
     /// The second record.
     pub b: PathBuf,
     /// Output format.
-    #[arg(short, long, value_enum, default_value_t = DiffFormat::Table)]
+    #[arg(short, long, value_parser = choice::<DiffFormat>(), default_value = "table")]
     pub format: DiffFormat,
     /// Under each reason, the sub-keys that moved (records made with `record --detail`;
     /// JSON always has them).
@@ -448,6 +451,53 @@ fn parse_isa(text: &str) -> Result<Isa, String> {
     text.parse()
 }
 
+/// An enum of the model offered as an option's values: the model has no clap, so the
+/// command line names its values here.
+trait Choice: Copy + Send + Sync + 'static {
+    /// Each value with its name and its `--help` line, in the order help lists them.
+    const VALUES: &'static [(Self, &'static str, &'static str)];
+}
+
+impl Choice for Format {
+    const VALUES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Table, "table", "A table for people"),
+        (
+            Self::Json,
+            "json",
+            "The versioned JSON report (schema kvmtrace.record.v1)",
+        ),
+        (
+            Self::Csv,
+            "csv",
+            "One row per reason (or per VM, vCPU and reason with --per-vcpu)",
+        ),
+    ];
+}
+
+impl Choice for DiffFormat {
+    const VALUES: &'static [(Self, &'static str, &'static str)] = &[
+        (Self::Table, "table", "A table for people"),
+        (Self::Json, "json", "JSON (schema kvmtrace.diff.v1)"),
+        (Self::Md, "md", "A Markdown table, for reports"),
+        (Self::Svg, "svg", "An SVG grouped bar chart on a log axis"),
+    ];
+}
+
+/// clap's parser of a [`Choice`]: one of its names, with the possible values (and
+/// their help) that clap lists.
+fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
+    let values = T::VALUES
+        .iter()
+        .map(|&(_, name, help)| PossibleValue::new(name).help(help));
+    PossibleValuesParser::new(values).try_map(|name: String| {
+        T::VALUES
+            .iter()
+            .find(|&&(_, n, _)| n == name)
+            .map(|&(value, _, _)| value)
+            .ok_or_else(|| format!("'{name}' is not a possible value"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -485,6 +535,50 @@ mod tests {
         }
         assert_eq!(parse_preset("count-fffd").as_deref(), Ok("count-fffd"));
         assert!(parse_preset("nope").is_err());
+    }
+
+    #[test]
+    fn model_formats_are_offered_by_name() {
+        let show = |format: &str| match Cli::try_parse_from([
+            "kvmtrace", "show", "-f", format, "r.json",
+        ]) {
+            Ok(Cli {
+                command: Command::Show(args),
+            }) => Ok(args.report.format),
+            other => Err(format!("{other:?}")),
+        };
+        assert_eq!(show("table"), Ok(Format::Table));
+        assert_eq!(show("json"), Ok(Format::Json));
+        assert_eq!(show("csv"), Ok(Format::Csv));
+        assert!(show("xml").is_err());
+        let diff = |format: &str| match Cli::try_parse_from([
+            "kvmtrace", "diff", "-f", format, "a.json", "b.json",
+        ]) {
+            Ok(Cli {
+                command: Command::Diff(args),
+            }) => Ok(args.format),
+            other => Err(format!("{other:?}")),
+        };
+        for (value, name, _) in DiffFormat::VALUES {
+            assert_eq!(diff(name), Ok(*value), "{name}");
+        }
+        assert_eq!(diff("md"), Ok(DiffFormat::Md));
+        let help = Cli::command()
+            .find_subcommand_mut("diff")
+            .map(|c| c.render_long_help().to_string())
+            .unwrap_or_default();
+        assert!(
+            help.lines()
+                .any(|l| l.trim() == "- svg:   An SVG grouped bar chart on a log axis"),
+            "{help}"
+        );
+        let Ok(Cli {
+            command: Command::Show(args),
+        }) = Cli::try_parse_from(["kvmtrace", "show", "r.json"])
+        else {
+            panic!("show without -f");
+        };
+        assert_eq!(args.report.format, Format::Table, "the default");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Facts about the host a report records: kernel release, KVM paging mode, and the
 //! names of the processes that own the VMs.
 
-use std::{fs, path::Path};
+use std::{fs, io, os::unix::fs::MetadataExt as _, path::Path};
 
 use kvmtrace_model::paging::Paging;
 
@@ -56,6 +56,37 @@ pub fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// The inode number of the initial pid namespace, fixed since Linux 3.8
+/// (`PROC_PID_INIT_INO` in
+/// [include/linux/proc_ns.h](https://elixir.bootlin.com/linux/v6.1/source/include/linux/proc_ns.h)).
+const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+
+/// One line saying why kvmtrace cannot trace from here, or `None` when it runs in the
+/// host's (the initial) pid namespace with a /proc that shows it. The eBPF side sees
+/// pids as the host numbers them, and kvmtrace looks them up in /proc (`-p`, a VM's
+/// process reaped): in a container without the host's pid namespace, /proc is
+/// another namespace's.
+pub fn pid_namespace_problem() -> Option<String> {
+    pid_namespace_verdict(fs::metadata("/proc/self/ns/pid").map(|m| m.ino()))
+}
+
+/// [`pid_namespace_problem`] from the inode of `/proc/self/ns/pid`, or from why it
+/// could not be read (a /proc of another pid namespace has no `self` for kvmtrace).
+fn pid_namespace_verdict(ino: io::Result<u64>) -> Option<String> {
+    match ino {
+        Ok(PROC_PID_INIT_INO) => None,
+        Ok(ino) => Some(format!(
+            "kvmtrace is in pid namespace pid:[{ino}], not the host's: its /proc would not \
+             show the traced processes; run it in the host's pid namespace \
+             (a container needs --pid=host)"
+        )),
+        Err(e) => Some(format!(
+            "cannot read /proc/self/ns/pid ({e}): kvmtrace needs the host's pid namespace \
+             and its /proc (a container needs --pid=host)"
+        )),
+    }
+}
+
 /// Whether the kernel measures eBPF run times (`sysctl kernel.bpf_stats_enabled`).
 pub fn bpf_stats_enabled() -> bool {
     fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
@@ -64,6 +95,26 @@ pub fn bpf_stats_enabled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_host_pid_namespace_may_trace() {
+        assert_eq!(pid_namespace_verdict(Ok(0xEFFF_FFFC)), None);
+        assert_eq!(
+            pid_namespace_verdict(Ok(4_026_532_247)).as_deref(),
+            Some(
+                "kvmtrace is in pid namespace pid:[4026532247], not the host's: its /proc \
+                 would not show the traced processes; run it in the host's pid namespace \
+                 (a container needs --pid=host)"
+            )
+        );
+        let gone = io::Error::from(io::ErrorKind::NotFound);
+        let line = pid_namespace_verdict(Err(gone)).unwrap_or_default();
+        assert!(
+            line.starts_with("cannot read /proc/self/ns/pid (entity not found): "),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "one line: {line}");
+    }
 
     #[test]
     fn this_process_has_a_peak_rss() {

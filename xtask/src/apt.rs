@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{exec::output, process::run_bounded};
+use crate::{exec::output, files::write, process::run_bounded};
 
 /// The longest an apt or dpkg call may take.
 const APT_TIME: Duration = Duration::from_secs(900);
@@ -39,12 +39,20 @@ static REFRESHED: Mutex<Vec<Option<PathBuf>>> = Mutex::new(Vec::new());
 pub struct Apt {
     /// The private configuration file (`APT_CONFIG`), or `None` for the host's.
     config: Option<PathBuf>,
+    /// Where apt keeps its binary package cache for this configuration (see
+    /// [`Apt::command`]): under the checkout's target/apt/ for the host's lists, or
+    /// beside a private configuration.
+    binary_cache: PathBuf,
 }
 
 impl Apt {
-    /// The machine's own apt sources (and `$APT_CONFIG`, when set).
-    pub fn host() -> Self {
-        Self { config: None }
+    /// The machine's own apt sources (and `$APT_CONFIG`, when set), with the binary
+    /// package cache in the checkout `root`.
+    pub fn host(root: &Path) -> Self {
+        Self {
+            config: None,
+            binary_cache: root.join("target/apt/host-cache"),
+        }
     }
 
     /// Whether this is the host's apt configuration.
@@ -86,15 +94,12 @@ impl Apt {
         cmd
     }
 
-    /// Where apt keeps its binary package cache for this configuration: under
-    /// target/apt/ (the host's lists), or beside a private configuration. None when
-    /// the directory cannot be made: apt then parses the lists each time, as before.
-    fn binary_cache_dir(&self) -> Option<PathBuf> {
-        let dir = match &self.config {
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/apt/host-cache"),
-            Some(conf) => conf.parent()?.join("binary-cache"),
-        };
-        std::fs::create_dir_all(&dir).ok().map(|()| dir)
+    /// [`Apt::binary_cache`], or None when the directory cannot be made: apt then
+    /// parses the lists each time, as before.
+    fn binary_cache_dir(&self) -> Option<&Path> {
+        std::fs::create_dir_all(&self.binary_cache)
+            .ok()
+            .map(|()| self.binary_cache.as_path())
     }
 
     fn apt_get(&self) -> Command {
@@ -225,10 +230,6 @@ impl Apt {
     }
 }
 
-fn apt_get() -> Command {
-    Apt::host().apt_get()
-}
-
 /// The innermost cause of `e`: the line that says what apt could not do.
 fn last_line(e: &anyhow::Error) -> String {
     format!("{e:#}")
@@ -238,9 +239,12 @@ fn last_line(e: &anyhow::Error) -> String {
         .to_owned()
 }
 
-/// [`Apt::with_fresh_lists`] on the host's apt sources.
-pub fn with_fresh_lists<T>(prepare: impl Fn() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    Apt::host().with_fresh_lists(prepare)
+/// [`Apt::with_fresh_lists`] on the host's apt sources, for the checkout `root`.
+pub fn with_fresh_lists<T>(
+    root: &Path,
+    prepare: impl Fn() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    Apt::host(root).with_fresh_lists(prepare)
 }
 
 /// Whether `package` is installed on the host.
@@ -250,16 +254,17 @@ fn installed(package: &str) -> bool {
 }
 
 /// Installs those of `packages` that are not installed yet (host tools only: never a
-/// kernel; see [`download`] for those).
-pub fn install(packages: &[&str]) -> anyhow::Result<()> {
+/// kernel; see [`download`] for those), for the checkout `root`.
+pub fn install(root: &Path, packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("apt: installing {}", missing.join(" "));
-    Apt::host().retry_after_refresh(|| {
+    let host = Apt::host(root);
+    host.retry_after_refresh(|| {
         run_bounded(
-            apt_get()
+            host.apt_get()
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
                 .args(&missing),
             APT_TIME,
@@ -268,9 +273,9 @@ pub fn install(packages: &[&str]) -> anyhow::Result<()> {
     })
 }
 
-/// [`Apt::download`] from the host's apt sources.
-pub fn download(debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
-    Apt::host().download(debs, spec)
+/// [`Apt::download`] from the host's apt sources, for the checkout `root`.
+pub fn download(root: &Path, debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
+    Apt::host(root).download(debs, spec)
 }
 
 /// Unpacks each of `debs`, in order, into `root` (once: a stamp naming them marks it
@@ -296,7 +301,7 @@ pub fn unpack_into(debs: &[PathBuf], root: &Path) -> anyhow::Result<PathBuf> {
             Duration::from_secs(300),
         )?;
     }
-    std::fs::write(&stamp, names).with_context(|| format!("cannot write {}", stamp.display()))?;
+    write(&stamp, names)?;
     Ok(root.to_owned())
 }
 
@@ -366,6 +371,30 @@ fn parse_candidate(text: &str, pkg: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_cache_is_in_the_checkout_given() {
+        let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let cmd = Apt::host(root.path()).command("apt-cache");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let cache = root.path().join("target/apt/host-cache");
+        assert_eq!(
+            args,
+            [
+                "-o".to_owned(),
+                format!("Dir::Cache::pkgcache={}/pkgcache.bin", cache.display()),
+                "-o".to_owned(),
+                format!(
+                    "Dir::Cache::srcpkgcache={}/srcpkgcache.bin",
+                    cache.display()
+                ),
+            ]
+        );
+        assert!(cache.is_dir());
+    }
 
     #[test]
     fn candidate_from_policy() {

@@ -25,15 +25,17 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::lab::{
-    assets, console,
-    emulator::{Line, Machine},
-    image,
-    inputs::{self, Inputs, KvmModules},
-    options::Isa,
-    record::Cost,
-    results::write,
-    step::Step,
+use crate::{
+    files::write_in as write,
+    lab::{
+        console::{self, Line},
+        emulator::Machine,
+        image,
+        inputs::{self, Inputs, KvmModules},
+        options::Isa,
+        record::Cost,
+        step::Step,
+    },
 };
 
 #[derive(Args, Debug)]
@@ -110,8 +112,8 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         root,
         &cache,
     )?;
-    let perf = perf_tool()?;
-    let bpftrace = bpftrace_tool()?;
+    let perf = inputs::perf_tool(root)?;
+    let bpftrace = inputs::bpftrace_tool(root)?;
     let s = Step::start("kmod");
     let patched = crate::kmod::build(&crate::kmod::Options::default(), root)?.out_dir;
     let variant = |variant| -> anyhow::Result<PathBuf> {
@@ -174,7 +176,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
             serial_log.display()
         );
     }
-    let results = Results::parse(&run.lines, opts.cpuids)?;
+    let results = Results::parse(&run.lines, opts.cpuids, opts.rounds)?;
     let md = results.markdown(opts, &host);
     write(&out, "bench.md", &md)?;
     write(
@@ -185,35 +187,6 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     println!("\n{md}");
     println!("-> {}", out.join("bench.md").display());
     Ok(())
-}
-
-/// perf, installed on the host (`linux-perf`), with the libraries it loads.
-pub fn perf_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    host_tool("perf", "linux-perf", "version")
-}
-
-/// Debian's bpftrace, installed on the host (`bpftrace`), with the libraries it loads.
-pub fn bpftrace_tool() -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    host_tool("bpftrace", "bpftrace", "--version")
-}
-
-/// `/usr/bin/NAME` from Debian package `package`, installed on the host, with the
-/// libraries it loads; the step line shows what `NAME VERSION_ARG` prints.
-fn host_tool(
-    name: &str,
-    package: &str,
-    version_arg: &str,
-) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    let s = Step::start(name);
-    crate::apt::install(&[package])?;
-    let binary = PathBuf::from("/usr/bin").join(name);
-    let libs = assets::shared_libraries(&binary)?;
-    s.done(format!(
-        "{} ({} libraries)",
-        crate::exec::output(Command::new(&binary).arg(version_arg))?.trim(),
-        libs.len()
-    ));
-    Ok((binary, libs))
 }
 
 /// The programs the bench carries into L1, each with the libraries it loads.
@@ -332,9 +305,9 @@ fn perf_line(lines: &[Line], config: &str) -> Option<String> {
 }
 
 impl Results {
-    fn parse(lines: &[Line], cpuids: u32) -> anyhow::Result<Self> {
+    /// Reads the `rounds` rounds L1 was asked for from its console.
+    fn parse(lines: &[Line], cpuids: u32, rounds: u32) -> anyhow::Result<Self> {
         let mut runs: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
-        let mut rounds = 0;
         for l in lines {
             let Some(rest) = l.text.strip_prefix("KVMLAB bench ") else {
                 continue;
@@ -348,10 +321,16 @@ impl Results {
                 .strip_prefix("run_ns=")
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("bad bench line: {}", l.text))?;
-            rounds = rounds.max(round);
+            if !(1..=rounds).contains(&round) {
+                bail!(
+                    "L1 ran round {round}, not one of the {rounds} asked for: {}",
+                    l.text
+                );
+            }
             runs.entry(config.to_owned()).or_default().insert(round, ns);
         }
-        // A configuration with no run would print an empty ratio: fail instead.
+        // A configuration with no run in a round asked for would print an empty ratio:
+        // fail instead.
         for (config, _) in CONFIGS {
             for round in 1..=rounds {
                 if !runs.get(config).is_some_and(|r| r.contains_key(&round)) {
@@ -450,16 +429,17 @@ impl Results {
             });
             let ratios = self.ratios(config);
             let each: Vec<String> = ratios.iter().map(|r| format!("{r:.4}")).collect();
-            let mean = if ratios.is_empty() {
-                f64::NAN
+            // No ratio (an untraced stock run of 0 ns): a dash, not NaN.
+            let overhead = if ratios.is_empty() {
+                "-".to_owned()
             } else {
-                ratios.iter().sum::<f64>() / ratios.len() as f64
+                let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+                format!("{:+.2} %", (mean - 1.0) * 100.0)
             };
             let _ = writeln!(
                 md,
-                "| {label} | {per_exit} | {} | {:+.2} % |",
-                each.join(" / "),
-                (mean - 1.0) * 100.0
+                "| {label} | {per_exit} | {} | {overhead} |",
+                each.join(" / ")
             );
         }
         let own = |config: &str| -> String {
@@ -570,4 +550,144 @@ fn host_cpu() -> String {
                 .map(|(_, m)| m.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use kvmtrace_model::{
+        report::{Report, RunInfo},
+        snapshot::Snapshot,
+    };
+
+    use super::*;
+
+    const CPUIDS: u32 = 100;
+
+    /// A record of `exits` exits, as L1 prints it in a `kvmtrace` section.
+    fn record(exits: u64) -> String {
+        let mut snap = Snapshot::default();
+        snap.exits.insert(
+            tracer_common::ExitKey::from_raw(1, 10),
+            tracer_common::ExitStats {
+                count: exits,
+                ..tracer_common::ExitStats::default()
+            },
+        );
+        let report =
+            Report::build(&snap, RunInfo::default()).unwrap_or_else(|e| panic!("build: {e}"));
+        serde_json::to_string(&report).unwrap_or_else(|e| panic!("json: {e}"))
+    }
+
+    fn section(lines: &mut Vec<Line>, kind: &str, tag: &str, text: &str) {
+        lines.push(line(format!("KVMLAB begin {kind} {tag}")));
+        lines.extend(text.lines().map(|t| line(t.to_owned())));
+        lines.push(line(format!("KVMLAB end {kind} {tag}")));
+    }
+
+    fn line(text: String) -> Line {
+        Line { at: 0.0, text }
+    }
+
+    /// The console of a bench whose L1 ran `rounds` full rounds, each configuration
+    /// taking `ns(config)`; without the timed runs when `runs` is false.
+    fn console(rounds: u32, runs: bool, ns: &dyn Fn(&str) -> u64) -> Vec<Line> {
+        let mut lines = Vec::new();
+        for round in 1..=rounds {
+            for (config, _) in CONFIGS.iter().filter(|_| runs) {
+                lines.push(line(format!(
+                    "KVMLAB bench {config} {round} run_ns={}",
+                    ns(config)
+                )));
+            }
+            for (tag, _) in RECORDS {
+                section(
+                    &mut lines,
+                    "kvmtrace",
+                    &format!("{tag}{round}"),
+                    &record(150),
+                );
+            }
+            section(&mut lines, "bpftrace", &format!("r{round}"), "@exits: 150");
+        }
+        section(&mut lines, "kvmtrace", "stats", &record(150));
+        section(&mut lines, "kvmtrace", "stats-counts", &record(150));
+        lines
+    }
+
+    fn opts(rounds: u32) -> Options {
+        Options {
+            cpuids: CPUIDS,
+            rounds,
+            out: PathBuf::new(),
+            timeout_scale: 1.0,
+        }
+    }
+
+    fn err(lines: &[Line], rounds: u32) -> String {
+        Results::parse(lines, CPUIDS, rounds)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_rounds_asked_for_are_the_rounds_run() {
+        // (rounds L1 ran, with timed runs, rounds asked for, the error)
+        for (ran, runs, asked, want) in [
+            (
+                2,
+                false,
+                2,
+                "L1 measured no stock run in round 1: see the bench's serial log",
+            ),
+            (
+                1,
+                true,
+                2,
+                "L1 measured no stock run in round 2: see the bench's serial log",
+            ),
+            (
+                2,
+                true,
+                1,
+                "L1 ran round 2, not one of the 1 asked for: KVMLAB bench stock 2 run_ns=1000",
+            ),
+            (1, true, 1, ""),
+        ] {
+            let lines = console(ran, runs, &|_| 1000);
+            assert_eq!(err(&lines, asked), want, "{ran} rounds, {asked} asked for");
+        }
+    }
+
+    #[test]
+    fn markdown_has_ratios_and_no_nan() {
+        let host = Cost {
+            attach_ms: 1.0,
+            peak_rss_mib: 2.0,
+            exits: 0,
+            ns_per_exit: None,
+            programs: Vec::new(),
+        };
+        // (rounds, the stock run's ns, kvmtrace's row); a stock run of 0 ns gives no
+        // ratio: a dash, not NaN.
+        for (rounds, stock, want) in [
+            (
+                2,
+                1000,
+                "| + kvmtrace record (with time) | 0.01 µs | 1.5000 / 1.5000 | +50.00 % |",
+            ),
+            (1, 0, "| + kvmtrace record (with time) | 0.01 µs |  | - |"),
+        ] {
+            let ns = move |c: &str| if c == "stock" { stock } else { 1500 };
+            let lines = console(rounds, true, &ns);
+            let md = Results::parse(&lines, CPUIDS, rounds)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .markdown(&opts(rounds), &host);
+            assert!(!md.contains("NaN"), "{md}");
+            let row = md
+                .lines()
+                .find(|l| l.starts_with("| + kvmtrace record (with time)"));
+            assert_eq!(row, Some(want), "stock {stock} ns");
+        }
+    }
 }

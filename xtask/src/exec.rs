@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use anyhow::bail;
 
-use crate::process;
+use crate::process::{self, show};
 
 /// Runs `cmd` with inherited stdio; fails unless it exits 0.
 pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
@@ -32,13 +32,4 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&stdout).into_owned())
-}
-
-/// A command line as a shell would show it.
-pub fn show(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
 }

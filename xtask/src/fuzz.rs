@@ -21,7 +21,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, builder::PossibleValuesParser};
 
 use crate::{
-    exec::{exec, output, show},
+    exec::{exec, output},
+    process::show,
     setup,
 };
 

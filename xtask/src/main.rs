@@ -3,6 +3,7 @@
 mod apt;
 mod bench;
 mod exec;
+mod files;
 mod fuzz;
 mod kmod;
 mod lab;
@@ -10,7 +11,7 @@ mod process;
 mod setup;
 mod test;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -42,12 +43,31 @@ enum Command {
     Bench(bench::Options),
 }
 
+/// The checkout xtask runs in: `cargo xtask` (`cargo run`) names the package it runs
+/// in `CARGO_MANIFEST_DIR` at run time; run otherwise, the nearest directory from the
+/// current one up that holds `xtask/Cargo.toml`. Never the checkout the binary was
+/// built in: a binary built in one checkout must not write into that one's target/.
 fn workspace_root() -> anyhow::Result<PathBuf> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(PathBuf::from)
-        .context("xtask has no parent directory")
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    checkout_root(manifest_dir.as_deref(), &cwd).with_context(|| {
+        format!(
+            "{} is not in a kvmtrace checkout (no xtask/Cargo.toml here or above): \
+             run cargo xtask inside one",
+            cwd.display()
+        )
+    })
+}
+
+/// [`workspace_root`]: the parent of `manifest_dir` (xtask's own directory), else the
+/// first of `cwd` and its ancestors that holds `xtask/Cargo.toml`.
+fn checkout_root(manifest_dir: Option<&Path>, cwd: &Path) -> Option<PathBuf> {
+    let is_checkout = |dir: &Path| dir.join("xtask/Cargo.toml").is_file();
+    manifest_dir
+        .and_then(Path::parent)
+        .filter(|dir| is_checkout(dir))
+        .or_else(|| cwd.ancestors().find(|dir| is_checkout(dir)))
+        .map(Path::to_path_buf)
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,5 +89,29 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checkout_is_the_one_xtask_runs_in() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("moved/b"));
+        for checkout in [&a, &b] {
+            std::fs::create_dir_all(checkout.join("xtask/src")).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(checkout.join("xtask/Cargo.toml"), "").unwrap_or_else(|e| panic!("{e}"));
+        }
+        let deep = b.join("xtask/src");
+        assert_eq!(
+            checkout_root(Some(&a.join("xtask")), &deep),
+            Some(a.clone())
+        );
+        assert_eq!(checkout_root(None, &deep), Some(b.clone()));
+        // A CARGO_MANIFEST_DIR that is not a checkout's xtask/ is passed over.
+        assert_eq!(checkout_root(Some(tmp.path()), &b), Some(b.clone()));
+        assert_eq!(checkout_root(None, tmp.path()), None);
     }
 }

@@ -24,8 +24,6 @@ use signal_hook::{
     iterator::Signals,
 };
 
-use crate::exec::show;
-
 /// Process groups of the children alive now.
 static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 /// How many xtasks run above this one (`cargo xtask test` runs tests that run
@@ -242,6 +240,15 @@ fn wait_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<()> {
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A command line as a shell would show it.
+pub fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

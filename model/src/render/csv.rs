@@ -1,6 +1,6 @@
 //! CSV: one row per reason, or per (VM, vCPU, reason) with `--per-vcpu`. Times in ns.
 
-use super::{Options, RenderError};
+use super::common::{Options, RenderError, percent};
 use crate::{
     exit_reasons::Isa,
     report::{Report, Totals},
@@ -34,7 +34,7 @@ fn reason_cells(
         name.to_owned(),
         failed_entry.to_string(),
         t.count.to_string(),
-        super::percent(t.count, all),
+        percent(t.count, all),
         t.timed.to_string(),
         t.time_ns.to_string(),
         t.mean_ns().map(|m| m.to_string()).unwrap_or_default(),

@@ -4,11 +4,11 @@ use std::fmt::Write as _;
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
-use super::RenderError;
+use super::common::RenderError;
 use crate::diff::{DetailDiff, Diff, DiffRow};
 
 /// Output formats of `kvmtrace diff`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiffFormat {
     /// A table for people.
     Table,

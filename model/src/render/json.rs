@@ -1,6 +1,6 @@
 //! JSON: the report itself (format documented in [`crate::report`]).
 
-use super::RenderError;
+use super::common::RenderError;
 use crate::report::Report;
 
 pub fn render(report: &Report) -> Result<Vec<u8>, RenderError> {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
-use super::{Options, human_ns, percent};
+use super::common::{Options, human_ns, percent};
 use crate::report::{PhaseRow, ReasonRow, Report, Totals};
 
 fn new_table(header: &[&str]) -> Table {
@@ -233,8 +233,19 @@ pub fn render(report: &Report, opts: Options) -> String {
         }
         t
     };
-    if report.reasons.is_empty() {
+    let rows = if opts.per_vcpu {
+        report.vcpus.len()
+    } else {
+        report.reasons.len()
+    };
+    if total == 0 {
         out.push_str("no VM exits were recorded\n");
+    } else if rows == 0 {
+        // Every exit was counted only in `dropped` (or, per vCPU, in no vCPU row).
+        let _ = writeln!(
+            out,
+            "none of the {total} exits has a row here: see the warning below"
+        );
     } else {
         let _ = writeln!(out, "{table}");
     }
@@ -350,6 +361,30 @@ mod tests {
     fn empty_report_says_so() {
         let mut r = sample_report();
         r.reasons.clear();
+        r.vms.clear();
+        r.vcpus.clear();
+        r.total = Totals::default();
         insta::assert_snapshot!(render(&r, Options::default()));
+    }
+
+    #[test]
+    fn exits_counted_only_as_dropped_are_not_called_none() {
+        let mut r = sample_report();
+        r.reasons.clear();
+        r.vcpus.clear();
+        r.dropped.exit_map_full = r.total.count;
+        for opts in [Options::default(), per_vcpu()] {
+            let text = render(&r, opts);
+            assert!(!text.contains("no VM exits"), "{text}");
+            assert_eq!(
+                text.lines().nth(1),
+                Some("none of the 11 exits has a row here: see the warning below"),
+                "{text}"
+            );
+            assert_eq!(
+                text.lines().last(),
+                Some("warning: incomplete data (exit_map_full 11); see `dropped` in --format json")
+            );
+        }
     }
 }

@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
@@ -24,7 +23,7 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use kvmtrace::{
-    host, privileges,
+    host,
     probe::{Probe, ProbeConfig},
     tracefs::Tracefs,
 };
@@ -235,9 +234,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 pub fn run(args: &ExportArgs) -> anyhow::Result<ExitCode> {
-    if let Some(missing) = privileges::missing() {
-        bail!(missing);
-    }
+    super::check_can_trace()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

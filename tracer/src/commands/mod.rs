@@ -18,6 +18,8 @@ use std::{
 use kvmtrace_model::{guest::GuestReadout, render::Options, report::Report, symbols::Symbols};
 use thiserror::Error;
 
+use kvmtrace::{host, privileges};
+
 use crate::{
     cli::{ReportArgs, SymbolArgs},
     exit_status::Status,
@@ -34,6 +36,15 @@ pub struct BadInput(pub String);
 pub struct Failure {
     pub status: Status,
     pub message: String,
+}
+
+/// Fails with one line unless this process may trace: the privileges to load eBPF
+/// programs, in the host's pid namespace.
+pub fn check_can_trace() -> anyhow::Result<()> {
+    match privileges::missing().or_else(host::pid_namespace_problem) {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 /// Reads a text file the user named; every failure is [`BadInput`] naming the file.

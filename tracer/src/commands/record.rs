@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use chrono::Utc;
 use kvmtrace::{
-    host, privileges,
+    host,
     probe::{Probe, ProbeConfig},
     tracefs::Tracefs,
     vcpu_regs,
@@ -63,9 +63,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     // Before anything is attached: a bad file is a usage error.
     let symbols = load_symbols(&args.report.symbols)?;
-    if let Some(missing) = privileges::missing() {
-        bail!(missing);
-    }
+    super::check_can_trace()?;
     for pid in &args.pids {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             bail!("no process with pid {pid}: check it with `ps -p {pid}`");

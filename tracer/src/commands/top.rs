@@ -16,14 +16,14 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use crossterm::{
     cursor,
     event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
     execute, queue, terminal,
 };
 use kvmtrace::{
-    host, privileges,
+    host,
     probe::{Probe, ProbeConfig},
     tracefs::Tracefs,
 };
@@ -160,9 +160,7 @@ fn watch_keys(tx: mpsc::Sender<Quit>) {
 }
 
 pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
-    if let Some(missing) = privileges::missing() {
-        bail!(missing);
-    }
+    super::check_can_trace()?;
     let tracefs = Tracefs::find_or_mount()?;
     let config = ProbeConfig {
         pids: args.pids.iter().copied().collect::<BTreeSet<_>>(),

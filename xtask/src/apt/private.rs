@@ -8,6 +8,7 @@ use std::{fs, path::Path};
 use anyhow::{Context as _, ensure};
 
 use super::Apt;
+use crate::files::write;
 
 /// The keyring that signs Debian's archives, bullseye's included (debian-archive-keyring).
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -61,6 +62,7 @@ impl Apt {
         write_if_changed(&config, &apt_conf(dir_str))?;
         Ok(Self {
             config: Some(config),
+            binary_cache: dir.join("binary-cache"),
         })
     }
 }
@@ -98,10 +100,6 @@ fn apt_conf(dir: &str) -> String {
     })
     .chain(std::iter::once("Acquire::Languages \"none\";\n".to_owned()))
     .collect()
-}
-
-fn write(path: &Path, text: &str) -> anyhow::Result<()> {
-    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn write_if_changed(path: &Path, text: &str) -> anyhow::Result<()> {

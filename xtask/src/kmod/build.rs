@@ -13,10 +13,15 @@ use anyhow::{Context as _, ensure};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Options, RECIPE, Variant, debian, source, work_dir};
+use super::{
+    debian,
+    options::{Options, Variant},
+    source::{self, RECIPE},
+};
 use crate::{
     apt,
     exec::{exec, output},
+    files::write,
 };
 
 /// The modules the KVM build produces.
@@ -66,11 +71,11 @@ pub struct Built {
 pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
     ensure!(opts.jobs > 0, "--jobs must be at least 1");
     let patches = source::series(root, opts.kernel, opts.variant)?;
-    apt::install(&BUILD_DEPS)?;
+    apt::install(root, &BUILD_DEPS)?;
     if let Some(cc) = opts.kernel.compiler_override() {
-        apt::install(&[cc])?;
+        apt::install(root, &[cc])?;
     }
-    let work = work_dir(opts, root);
+    let work = opts.work_dir(root);
     let debian = opts.kernel.apt(root)?;
     let inputs = debian.with_fresh_lists(|| debian::inputs(opts, &debian, root, &work))?;
 
@@ -121,8 +126,7 @@ pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
         build_seconds,
     };
     let json = serde_json::to_string_pretty(&info).context("cannot encode kmod.json")?;
-    fs::write(&info_path, json + "\n")
-        .with_context(|| format!("cannot write {}", info_path.display()))?;
+    write(&info_path, json + "\n")?;
     Ok(Built {
         out_dir,
         modules,

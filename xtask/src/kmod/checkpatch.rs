@@ -5,13 +5,17 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use super::{Options, Variant, debian, source, work_dir};
-use crate::{apt, exec::show};
+use super::{
+    debian,
+    options::{Options, Variant},
+    source,
+};
+use crate::{apt, process::show};
 
 /// Runs `checkpatch.pl --strict` on the series of `opts.kernel` and on every
 /// test-only variant of it.
 pub fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
-    apt::install(&["perl", "xz-utils"])?;
+    apt::install(root, &["perl", "xz-utils"])?;
     let source_pkg = opts.kernel.source_package();
     let debian = opts.kernel.apt(root)?;
     let (source_version, tarball) =
@@ -28,7 +32,7 @@ pub fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
             patches.extend(source::patch_files(&dir)?);
         }
     }
-    let src = work_dir(opts, root).join("src");
+    let src = opts.work_dir(root).join("src");
     source::extract(opts.kernel, &tarball, &source_version, &patches, &src)?;
 
     let checkpatch = src.join("scripts/checkpatch.pl");

@@ -10,8 +10,11 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{Flavour, KernelLine, Options};
-use crate::apt::{self, Apt};
+use super::options::{Flavour, KernelLine, Options};
+use crate::{
+    apt::{self, Apt},
+    files::write,
+};
 
 /// The Debian inputs of one build, all of the same version.
 pub struct Inputs {
@@ -130,28 +133,42 @@ fn headers_tree(
                     .filter(|d| !is_kernel_package(d)),
             );
         }
-        apt::install(&tools.iter().map(String::as_str).collect::<Vec<_>>())?;
+        apt::install(root, &tools.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     let tree = apt::unpack_into(&all, &work.join(format!("headers-{version}")))?;
     let dir = tree.join(format!("usr/src/{headers_pkg}"));
     let makefile = dir.join("Makefile");
     let text = fs::read_to_string(&makefile)
         .with_context(|| format!("cannot read {}", makefile.display()))?;
-    // "include /usr/src/linux-headers-<version>-common/Makefile"
-    let rewritten = text.replace(
-        "include /usr/src/",
-        &format!("include {}/usr/src/", tree.display()),
-    );
+    let rewritten = point_at_common_headers(&text, &tree);
     if rewritten != text {
-        fs::write(&makefile, rewritten)
-            .with_context(|| format!("cannot write {}", makefile.display()))?;
+        write(&makefile, rewritten)?;
     }
+    let include = format!("include {}/usr/src/", tree.display());
     ensure!(
-        fs::read_to_string(&makefile).is_ok_and(|t| t.contains(&*tree.to_string_lossy())),
+        fs::read_to_string(&makefile).is_ok_and(|t| t.contains(&include)),
         "{} does not include the unpacked common headers",
         makefile.display()
     );
     Ok((version, dir))
+}
+
+/// The flavour's Makefile with its `include <dir>/usr/src/<common headers>/Makefile`
+/// line pointed at the common headers unpacked in `tree`, wherever it pointed before:
+/// Debian's `/usr/src/`, or a tree unpacked in a checkout since moved or renamed.
+fn point_at_common_headers(text: &str, tree: &Path) -> String {
+    text.split_inclusive('\n')
+        .map(|line| {
+            // The last `/usr/src/`: the tree's own path may hold one too.
+            let common = line
+                .strip_prefix("include ")
+                .and_then(|path| path.rfind("/usr/src/").map(|at| &path[at..]));
+            match common {
+                Some(common) => format!("include {}{common}", tree.display()),
+                None => line.to_owned(),
+            }
+        })
+        .collect()
 }
 
 /// The release from `apt-cache depends linux-image-...` output.
@@ -200,6 +217,26 @@ mod tests {
         );
         assert_eq!(parse_release(cloud, Flavour::Generic), None);
         assert_eq!(parse_release("linux-image-amd64\n", Flavour::Generic), None);
+    }
+
+    #[test]
+    fn the_makefile_is_pointed_at_the_tree_wherever_it_pointed() {
+        let debian = "# generated\ninclude /usr/src/linux-headers-6.1.0-27-common/Makefile\n";
+        let tree = Path::new("/new/place/target/kmod/6.1-cloud/headers-6.1.158-1");
+        let want = "# generated\ninclude /new/place/target/kmod/6.1-cloud/headers-6.1.158-1\
+                    /usr/src/linux-headers-6.1.0-27-common/Makefile\n";
+        assert_eq!(point_at_common_headers(debian, tree), want);
+        // Unpacked by a checkout that was then moved: pointed at the new place.
+        let moved = "# generated\ninclude /old/place/target/kmod/6.1-cloud/headers-6.1.158-1\
+                     /usr/src/linux-headers-6.1.0-27-common/Makefile\n";
+        assert_eq!(point_at_common_headers(moved, tree), want);
+        assert_eq!(point_at_common_headers(want, tree), want, "already right");
+        // A checkout under a /usr/src/ of its own.
+        let under = Path::new("/usr/src/kvmtrace/target/kmod/h");
+        assert_eq!(
+            point_at_common_headers(debian, under),
+            "# generated\ninclude /usr/src/kvmtrace/target/kmod/h/usr/src/linux-headers-6.1.0-27-common/Makefile\n"
+        );
     }
 
     #[test]

@@ -29,15 +29,12 @@ mod debian;
 mod options;
 mod source;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use self::{
     build::{Built, build},
     options::{Flavour, KernelLine, Options, Variant},
 };
-
-/// Bump when the build recipe changes, so earlier outputs are rebuilt.
-const RECIPE: &str = "kmod-recipe-1";
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     if opts.check {
@@ -57,11 +54,4 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         println!("{}", module.display());
     }
     Ok(())
-}
-
-/// Where the builds of `opts`' kernel line and flavour are kept:
-/// `target/kmod/<kernel>-<flavour>`.
-fn work_dir(opts: &Options, root: &Path) -> PathBuf {
-    root.join("target/kmod")
-        .join(format!("{}-{}", opts.kernel, opts.flavour))
 }

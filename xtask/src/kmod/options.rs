@@ -1,7 +1,10 @@
 //! What `cargo xtask kmod` builds: the options, the kernel line, the flavour and the
 //! variant of the series.
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use clap::{Args, ValueEnum};
 
@@ -15,8 +18,9 @@ pub struct Options {
     /// Kernel flavour whose headers the modules are built against.
     #[arg(long, value_enum, default_value_t = Flavour::Cloud)]
     pub flavour: Flavour,
-    /// The series, or one of its TEST-ONLY variants in kernel/variants/, applied on
-    /// top of it (all deliberately wrong but answers-in-emulate).
+    /// The series, or one of its variants in kernel/variants/ applied on top of it:
+    /// TEST-ONLY ones (all deliberately wrong but answers-in-emulate) or the BENCH-ONLY
+    /// no-cycles; or unpatched, the same build without the series.
     #[arg(long, value_enum, default_value_t = Variant::Good)]
     pub variant: Variant,
     /// Only run `checkpatch.pl --strict` on the series and its variants; fail on any
@@ -29,6 +33,15 @@ pub struct Options {
     /// Parallel make jobs.
     #[arg(long, default_value_t = 2)]
     pub jobs: u32,
+}
+
+impl Options {
+    /// Where the builds of this kernel line and flavour are kept:
+    /// `target/kmod/<kernel>-<flavour>` in the checkout `root`.
+    pub fn work_dir(&self, root: &Path) -> PathBuf {
+        root.join("target/kmod")
+            .join(format!("{}-{}", self.kernel, self.flavour))
+    }
 }
 
 impl Default for Options {
@@ -83,7 +96,7 @@ impl KernelLine {
     pub fn apt(self, root: &Path) -> anyhow::Result<Apt> {
         match self {
             Self::V5_10 => Apt::bullseye(root),
-            Self::V6_1 | Self::V6_12 => Ok(Apt::host()),
+            Self::V6_1 | Self::V6_12 => Ok(Apt::host(root)),
         }
     }
 
@@ -94,6 +107,15 @@ impl KernelLine {
         match self {
             Self::V5_10 => Some("gcc-12"),
             Self::V6_1 | Self::V6_12 => None,
+        }
+    }
+
+    /// Whether Debian builds this line with `CONFIG_HIST_TRIGGERS` (5.10 is built
+    /// without: the lab then counts the trace buffer's `kvm_exit` records instead).
+    pub fn has_hist_triggers(self) -> bool {
+        match self {
+            Self::V5_10 => false,
+            Self::V6_1 | Self::V6_12 => true,
         }
     }
 
@@ -200,7 +222,8 @@ impl Variant {
         }
     }
 
-    /// Every variant in kernel/variants/, all of them applied on top of the series.
+    /// The TEST-ONLY variants in kernel/variants/, each applied on top of the series:
+    /// every variant there but the BENCH-ONLY ones ([`Variant::BENCH_ONLY`]).
     pub const TEST_ONLY: [Variant; 10] = [
         Self::SlowpathOnly,
         Self::SurvivesReload,

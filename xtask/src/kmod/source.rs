@@ -9,8 +9,11 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
-use super::{KernelLine, RECIPE, Variant};
-use crate::exec::exec;
+use super::options::{KernelLine, Variant};
+use crate::{exec::exec, files::write};
+
+/// Bump when the build recipe changes, so earlier outputs are rebuilt.
+pub const RECIPE: &str = "kmod-recipe-1";
 
 /// Source directories the modules are built from; everything else comes from the headers.
 const SOURCE_DIRS: [&str; 2] = ["arch/x86/kvm", "virt/kvm"];
@@ -197,7 +200,7 @@ pub fn prepare_tree(src: &Path, tree: &Path, patches: &[PathBuf]) -> anyhow::Res
         .with_context(|| format!("cannot read {}", makefile.display()))?;
     let text = rewrite_makefile(&text, tree_str, &overlays)
         .with_context(|| format!("{} is not laid out as expected", makefile.display()))?;
-    fs::write(&makefile, text).with_context(|| format!("cannot write {}", makefile.display()))
+    write(&makefile, text)
 }
 
 /// The kvm Makefile `text` for a build in `tree`: its include line pointed at the

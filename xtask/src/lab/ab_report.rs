@@ -2,7 +2,8 @@
 
 use std::{path::Path, process::Command};
 
-use super::{Options, options::mode_dir_name, results::write};
+use super::options::{Options, mode_dir_name};
+use crate::files::write_in as write;
 
 /// Writes the nested-vs-shadow A/B report, `report.md` and `report.svg`, with the
 /// same kvmtrace binary that recorded (`kvmtrace diff`, with `--detail` and L2's

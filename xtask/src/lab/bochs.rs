@@ -5,6 +5,7 @@ use std::{path::Path, process::Command};
 use anyhow::Context as _;
 
 use super::image::{self, L1_MEMORY_MB};
+use crate::files::write;
 
 /// The Bochs command that boots `kernel` and `initrd` from a disk in `build`, with the
 /// config written from lab/bochsrc.in.
@@ -21,10 +22,10 @@ pub fn command(root: &Path, build: &Path, kernel: &Path, initrd: &Path) -> anyho
         .replace("@SERIAL@", &text(&build.join("serial.out")))
         .replace("@LOG@", &text(&build.join("bochs.log")));
     let bochsrc = build.join("bochsrc");
-    std::fs::write(&bochsrc, rc).with_context(|| format!("cannot write {}", bochsrc.display()))?;
+    write(&bochsrc, rc)?;
     // The debugger is compiled in: this script just says "continue".
     let dbg = build.join("bochs-debugger.rc");
-    std::fs::write(&dbg, "c\n").with_context(|| format!("cannot write {}", dbg.display()))?;
+    write(&dbg, "c\n")?;
     let _ = std::fs::remove_file(build.join("disk.img.lock"));
     let mut cmd = Command::new("unshare");
     cmd.args(["-n", "bochs-bin", "-q", "-f"])

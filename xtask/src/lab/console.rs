@@ -1,7 +1,11 @@
 //! The serial console protocol: the markers L1's init (lab/l1-init.sh) and the L2
 //! workload print, and how the lab reads results back from `serial.log`.
 
-use super::emulator::Line;
+/// One line of the console, with the host wall time since the emulator started.
+pub struct Line {
+    pub at: f64,
+    pub text: String,
+}
 
 /// Marks the end of the workload on its console; the L1 init looks for it.
 pub const END_MARKER: &str = "KVMLAB-L2 end";

@@ -12,8 +12,15 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{bochs, console, inputs::Inputs, options::Isa, qemu, step::Step};
-use crate::process::ChildGuard;
+use super::{
+    bochs,
+    console::{self, Line},
+    inputs::Inputs,
+    options::Isa,
+    qemu,
+    step::Step,
+};
+use crate::{files::write, process::ChildGuard};
 
 /// The budget of the first step: from power-on to the L1 init's first marker.
 const BOOT_BUDGET: Duration = Duration::from_secs(240);
@@ -21,12 +28,6 @@ const BOOT_BUDGET: Duration = Duration::from_secs(240);
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 /// Console lines that mean the L1 kernel is gone.
 const PANIC_MARKERS: &[&str] = &["Kernel panic - not syncing", "---[ end Kernel panic"];
-
-/// One line of the console, with the host wall time since the emulator started.
-pub struct Line {
-    pub at: f64,
-    pub text: String,
-}
 
 pub struct Run {
     pub lines: Vec<Line>,
@@ -133,8 +134,7 @@ fn run(
         scale,
     };
     let outcome = watch.follow(cmd, serial, step);
-    std::fs::write(serial_copy, console::transcript(&watch.lines))
-        .with_context(|| format!("cannot write {}", serial_copy.display()))?;
+    write(serial_copy, console::transcript(&watch.lines))?;
     outcome?;
     Ok(Run {
         wall: watch.started.elapsed().as_secs_f64(),

@@ -7,18 +7,45 @@ use kvmtrace_model::kernel_hist::KernelHist;
 
 use super::reason::Counts;
 
-/// The kernel's two hist triggers on kvm:kvm_exit, as printed by `cat hist`.
+/// The kernel's two hist triggers on kvm:kvm_exit, as printed by `cat hist` (or the
+/// same counts from the trace buffer: see [`Hist::source`]).
 #[derive(Default)]
 pub struct Hist {
     pub by_reason: Counts,
     /// Keyed by vcpu_id and the raw exit_reason; the hist has no isa in this key.
     pub by_vcpu: BTreeMap<(u32, u64), u64>,
     pub dropped: u64,
+    /// Where the counts came from, named in every verdict against them.
+    pub source: Source,
+}
+
+/// Where the lab's ground truth came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// The kernel's hist triggers on kvm:kvm_exit.
+    #[default]
+    Hist,
+    /// Every kvm_exit record in the trace buffer, where the kernel has no hist
+    /// triggers (Debian's 5.10).
+    TraceBuffer,
+}
+
+impl Source {
+    /// Its name in the lab's lines: `kvmtrace == hist`, `kvmtrace == trace buffer`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hist => "hist",
+            Self::TraceBuffer => "trace buffer",
+        }
+    }
 }
 
 /// Parses the hist file.
 pub fn parse_hist(text: &str) -> anyhow::Result<Hist> {
-    Ok(KernelHist::parse(text)?.into())
+    Ok(Hist {
+        source: Source::Hist,
+        ..KernelHist::parse(text)?.into()
+    })
 }
 
 /// The counts of the trace buffer, where the kernel has no hist triggers (see
@@ -28,7 +55,10 @@ pub fn from_trace(
     counts: &str,
     exit_isa: u32,
 ) -> Result<Hist, kvmtrace_model::kernel_trace::TraceError> {
-    kvmtrace_model::kernel_trace::parse(format, counts, exit_isa).map(Hist::from)
+    kvmtrace_model::kernel_trace::parse(format, counts, exit_isa).map(|kernel| Hist {
+        source: Source::TraceBuffer,
+        ..kernel.into()
+    })
 }
 
 impl From<KernelHist> for Hist {
@@ -41,6 +71,7 @@ impl From<KernelHist> for Hist {
                 .collect(),
             by_vcpu: kernel.by_vcpu,
             dropped: kernel.dropped,
+            source: Source::default(),
         }
     }
 }
@@ -72,6 +103,7 @@ mod tests {
         assert_eq!(h.by_reason.get(&failed), Some(&2));
         assert_eq!(h.by_vcpu.get(&(1, 12)), Some(&3));
         assert_eq!(h.dropped, 0);
+        assert_eq!(h.source, Source::Hist);
         assert_eq!(failed.name(), "INVALID_STATE (failed entry)");
         let svm = |reason| Reason {
             isa: ISA_SVM,

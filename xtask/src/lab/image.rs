@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{console::END_MARKER, cpio::Archive};
-use crate::process::run_bounded;
+use crate::{files::write, process::run_bounded};
 
 /// The memory of the L1 host, in MiB (both emulators).
 pub const L1_MEMORY_MB: u32 = 1024;
@@ -100,6 +100,32 @@ pub struct L1 {
     pub signals: String,
     /// `signal`: L1 seconds from attach to the signal.
     pub signal_after: u32,
+}
+
+#[cfg(test)]
+impl L1 {
+    /// An L1 of tests: `workload` run `vms` times in one nested-paging mode, recorded
+    /// with `record_args`, with no files.
+    pub fn with_workload(workload: Workload, vms: u8, record_args: &str) -> Self {
+        Self {
+            busybox: PathBuf::new(),
+            init: PathBuf::new(),
+            modules: Vec::new(),
+            paging: "ept",
+            modes: vec![1],
+            workload,
+            kvmtrace: None,
+            perf: None,
+            system_map: None,
+            record_args: record_args.to_owned(),
+            run_timeout: 1,
+            vms,
+            scenario: "modes",
+            net_modules: Vec::new(),
+            signals: String::new(),
+            signal_after: 0,
+        }
+    }
 }
 
 /// Builds the L2 initrd: busybox and its /init.
@@ -261,6 +287,17 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
             .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
     };
     let _ = writeln!(env, "DETAIL={}", u8::from(has("--detail")));
+    // The exits the detail triggers key by a kvm_exit field, as `--detail` does.
+    let _ = writeln!(
+        env,
+        "DETAIL_INFO1_IF='{}'",
+        kvmtrace_model::detail::info1_trigger_filter()
+    );
+    let _ = writeln!(
+        env,
+        "DETAIL_VECTOR_IF='{}'",
+        kvmtrace_model::detail::intr_info_trigger_filter()
+    );
     let _ = writeln!(env, "RIPS={}", u8::from(has("--rip")));
     let _ = writeln!(env, "PERF={}", u8::from(l1.perf.is_some()));
     let _ = writeln!(env, "END_MARKER='{END_MARKER}'");
@@ -349,13 +386,12 @@ pub fn boot_disk(dir: &Path, kernel: &Path, initrd: &Path) -> anyhow::Result<(Pa
     )?;
     run_bounded(Command::new("syslinux").arg("--install").arg(&disk), t)?;
     let cfg = dir.join("syslinux.cfg");
-    std::fs::write(
+    write(
         &cfg,
         format!(
             "SERIAL 0 115200\nDEFAULT lab\nPROMPT 0\nTIMEOUT 0\nLABEL lab\n  KERNEL vmlinuz\n  INITRD initrd\n  APPEND {L1_APPEND}\n"
         ),
-    )
-    .with_context(|| format!("cannot write {}", cfg.display()))?;
+    )?;
     for (src, name) in [
         (cfg.as_path(), "syslinux.cfg"),
         (kernel, "vmlinuz"),
@@ -386,5 +422,33 @@ mod tests {
             msrs: 5,
         };
         assert_eq!(vm.command(), "/bin/micro 100000 100 2 5");
+    }
+
+    #[test]
+    fn the_detail_triggers_filter_as_the_detail_plan_keys() {
+        let workload = Workload::Micro {
+            binary: PathBuf::new(),
+            vms: Vec::new(),
+            overlap: false,
+        };
+        let l1 = L1::with_workload(workload, 1, "--detail");
+        let env = env(&l1, "kvm-intel", &[]);
+        let lines: Vec<&str> = env.lines().filter(|l| l.starts_with("DETAIL")).collect();
+        assert_eq!(
+            lines,
+            [
+                "DETAIL=1",
+                "DETAIL_INFO1_IF='exit_reason == 28 || exit_reason == 30 || exit_reason == 123'",
+                "DETAIL_VECTOR_IF='isa == 1 && exit_reason == 0'",
+            ]
+        );
+        // The init script reads them, and keeps no copy of its own.
+        let init = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/l1-init.sh"),
+        )
+        .unwrap_or_else(|e| panic!("lab/l1-init.sh: {e}"));
+        assert!(init.contains(" if $DETAIL_INFO1_IF\""));
+        assert!(init.contains(" if $DETAIL_VECTOR_IF\""));
+        assert!(!init.contains("exit_reason =="), "a filter of its own");
     }
 }

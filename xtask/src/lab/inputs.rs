@@ -85,7 +85,7 @@ pub fn prepare(
     cache: &Path,
 ) -> anyhow::Result<Inputs> {
     let s = Step::start("host packages");
-    apt::install(isa.host_packages())?;
+    apt::install(root, isa.host_packages())?;
     s.done("installed");
 
     // The modules first: installing their build tools may refresh the package lists,
@@ -111,7 +111,7 @@ pub fn prepare(
         _ => None,
     };
     let s = Step::start("downloads");
-    let mut inputs = apt::with_fresh_lists(|| download_inputs(isa, kernel, root, cache))?;
+    let mut inputs = apt::with_fresh_lists(root, || download_inputs(isa, kernel, root, cache))?;
     s.done(format!("kernel {}, {}", inputs.abi, inputs.qemu_version));
     let stale = built
         .as_ref()
@@ -167,10 +167,10 @@ fn download_inputs(
     if modules.len() != isa.modules().len() {
         bail!("L1's kernel {abi} has kvm built in: the lab must load and reload it as modules");
     }
-    let bbroot = apt::unpack(&apt::download(&debs, "busybox-static")?, &roots)?;
+    let bbroot = apt::unpack(&apt::download(root, &debs, "busybox-static")?, &roots)?;
     let busybox = bbroot.join("bin/busybox");
 
-    let qemu_deb = apt::download(&debs, &format!("qemu-system-x86/{QEMU_RELEASE}"))?;
+    let qemu_deb = apt::download(root, &debs, &format!("qemu-system-x86/{QEMU_RELEASE}"))?;
     let qemu_version = apt::deb_field(&qemu_deb, "Version")?;
     if !qemu_version.starts_with(QEMU_VERSION_PREFIX) {
         bail!("apt offers qemu-system-x86 {qemu_version}, the lab needs {QEMU_VERSION_PREFIX}");
@@ -178,9 +178,9 @@ fn download_inputs(
     let qemu_root = apt::unpack(&qemu_deb, &roots)?;
     // The firmware and common packages must come from the same QEMU source.
     let source_version = assets::deb_source_version(&qemu_deb)?;
-    let data_deb = apt::download(&debs, &format!("qemu-system-data={source_version}"))?;
+    let data_deb = apt::download(root, &debs, &format!("qemu-system-data={source_version}"))?;
     let data_root = apt::unpack(&data_deb, &roots)?;
-    let seabios_root = apt::unpack(&apt::download(&debs, "seabios")?, &roots)?;
+    let seabios_root = apt::unpack(&apt::download(root, &debs, "seabios")?, &roots)?;
     let mut data_dirs = vec![
         data_root.join("usr/share/qemu"),
         seabios_root.join("usr/share/seabios"),
@@ -189,14 +189,14 @@ fn download_inputs(
     let mut libs = assets::library_depends(&qemu_deb)?;
     let mut qemu_module_dir = None;
     if isa == Isa::Amd {
-        let common = apt::download(&debs, &format!("qemu-system-common={qemu_version}"))?;
+        let common = apt::download(root, &debs, &format!("qemu-system-common={qemu_version}"))?;
         let common_root = apt::unpack(&common, &roots)?;
         data_dirs.push(common_root.join("usr/share/qemu"));
         qemu_module_dir = Some(common_root.join("usr/lib/x86_64-linux-gnu/qemu"));
         libs.extend(assets::library_depends(&common)?);
     }
     let libs: Vec<&str> = libs.iter().map(String::as_str).collect();
-    apt::install(&libs)?;
+    apt::install(root, &libs)?;
     let microvm = qemu_root.join("usr/bin/qemu-system-x86_64-microvm");
     let version = crate::exec::output(Command::new(&microvm).arg("--version"))?;
     let version = version.lines().next().unwrap_or("").to_owned();
@@ -297,4 +297,35 @@ pub fn build_kvmtrace(root: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     let bin = root.join(format!("target/{STATIC_TARGET}/release/kvmtrace"));
     s.done(format!("{}", bin.display()));
     Ok((bin, Vec::new()))
+}
+
+/// perf, installed on the host (`linux-perf`), with the libraries it loads.
+pub fn perf_tool(root: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    host_tool(root, "perf", "linux-perf", "version")
+}
+
+/// Debian's bpftrace, installed on the host (`bpftrace`), with the libraries it loads.
+pub fn bpftrace_tool(root: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    host_tool(root, "bpftrace", "bpftrace", "--version")
+}
+
+/// `/usr/bin/NAME` from Debian package `package`, installed on the host (apt in the
+/// checkout `root`), with the libraries it loads; the step line shows what `NAME
+/// VERSION_ARG` prints.
+fn host_tool(
+    root: &Path,
+    name: &str,
+    package: &str,
+    version_arg: &str,
+) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let s = Step::start(name);
+    apt::install(root, &[package])?;
+    let binary = PathBuf::from("/usr/bin").join(name);
+    let libs = assets::shared_libraries(&binary)?;
+    s.done(format!(
+        "{} ({} libraries)",
+        crate::exec::output(Command::new(&binary).arg(version_arg))?.trim(),
+        libs.len()
+    ));
+    Ok((binary, libs))
 }

@@ -72,7 +72,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let s = Step::start("initrd");
     let mut l1 = workload::l1(opts, root, &build, &inputs, kvmtrace)?;
     if opts.perf {
-        l1.perf = Some(crate::bench::perf_tool()?);
+        l1.perf = Some(inputs::perf_tool(root)?);
     }
     let initrd = build.join("l1-initrd.cpio");
     let size = image::l1_initrd(&l1, &initrd)?;
@@ -82,7 +82,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let prometheus = match opts.scenario {
         options::Scenario::Export => {
             let host_port = prometheus::free_port()?;
-            let p = prometheus::Prometheus::start(&cache, &build, host_port)?;
+            let p = prometheus::Prometheus::start(root, &cache, &build, host_port)?;
             Some((p, host_port))
         }
         _ => None,

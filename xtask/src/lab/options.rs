@@ -146,13 +146,11 @@ pub struct Options {
     pub guest_args: String,
     /// Extra arguments for `kvmtrace record` inside L1. With `--detail` and `--rip` the
     /// lab also arms the kernel's triggers keyed the same way and fails unless every
-    /// detail and RIP row equals them.
-    #[arg(
-        long,
-        default_value = "--per-vcpu --snapshots --detail --rip 5",
-        allow_hyphen_values = true
-    )]
-    pub record_args: String,
+    /// detail and RIP row equals them. Default: `--per-vcpu --snapshots --detail --rip
+    /// 5`; with --kernel 5.10, which has no hist triggers to check them against,
+    /// `--per-vcpu --snapshots`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub record_args: Option<String>,
     /// Which kvm modules L1 loads: the patched ones (built by `cargo xtask kmod`),
     /// Debian's stock ones, or a TEST-ONLY variant of the patch (kernel/README.md).
     #[arg(long, value_parser = Modules::parse, default_value = "patched")]
@@ -213,6 +211,12 @@ pub struct Options {
 /// vCPUs a micro VM may have (lab/micro.c's MAX_VCPUS).
 const MAX_MICRO_VCPUS: i64 = 8;
 
+/// `kvmtrace record`'s arguments when `--record-args` is not given.
+const DEFAULT_RECORD_ARGS: &str = "--per-vcpu --snapshots --detail --rip 5";
+/// The same on a kernel whose hist triggers cannot check `--detail` and `--rip`
+/// (see [`KernelLine::has_hist_triggers`]).
+const DEFAULT_RECORD_ARGS_UNKEYED: &str = "--per-vcpu --snapshots";
+
 impl Options {
     /// The modules to load, with `--stock` applied.
     pub fn module_set(&self) -> Modules {
@@ -220,6 +224,29 @@ impl Options {
             Modules::Stock
         } else {
             self.modules
+        }
+    }
+
+    /// `--record-args`, or the default that fits `--kernel`.
+    pub fn record_args(&self) -> &str {
+        match &self.record_args {
+            Some(given) => given,
+            None if self.kernel.has_hist_triggers() => DEFAULT_RECORD_ARGS,
+            None => DEFAULT_RECORD_ARGS_UNKEYED,
+        }
+    }
+
+    /// `kvmtrace record`'s arguments inside L1. A sweep makes 131 078 counter reads:
+    /// their snapshots would be tens of MB of JSON on a serial console, so it records
+    /// without.
+    pub fn l1_record_args(&self) -> String {
+        let args = self.record_args().split_whitespace();
+        if self.workload == Workload::Sweep {
+            args.filter(|a| *a != "--snapshots")
+                .collect::<Vec<_>>()
+                .join(" ")
+        } else {
+            args.collect::<Vec<_>>().join(" ")
         }
     }
 
@@ -249,13 +276,14 @@ impl Options {
             );
         }
         let keyed = self
-            .record_args
+            .record_args()
             .split_whitespace()
             .any(|a| ["--detail", "--rip"].contains(&a) || a.starts_with("--rip="));
-        if self.kernel == KernelLine::V5_10 && keyed {
+        if !self.kernel.has_hist_triggers() && keyed {
             bail!(
-                "--kernel 5.10 has no hist triggers to check --detail and --rip against: \
-                 give --record-args without them (e.g. --record-args '--per-vcpu --snapshots')"
+                "--kernel {} has no hist triggers to check --detail and --rip against: \
+                 give --record-args without them (e.g. --record-args '{DEFAULT_RECORD_ARGS_UNKEYED}')",
+                self.kernel
             );
         }
         if self.micro_vcpus > 1 && !matches!(self.workload, Workload::Micro | Workload::Churn) {
@@ -388,20 +416,6 @@ pub fn workload_label(opts: &Options) -> String {
     label
 }
 
-/// `kvmtrace record` arguments inside L1. A sweep makes 131 078 counter reads: their
-/// snapshots would be tens of MB of JSON on a serial console, so it records without.
-pub fn record_args(opts: &Options) -> String {
-    if opts.workload == Workload::Sweep {
-        opts.record_args
-            .split_whitespace()
-            .filter(|a| *a != "--snapshots")
-            .collect::<Vec<_>>()
-            .join(" ")
-    } else {
-        opts.record_args.clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -472,19 +486,31 @@ mod tests {
     fn kernel_lines_and_what_they_allow() -> anyhow::Result<()> {
         assert_eq!(parse(&[])?.kernel, KernelLine::V6_1);
         assert!(parse(&["--kernel", "4.19"]).is_err());
-        // 5.10 has no hist triggers to check --detail and --rip against.
-        let err = refused(&["--kernel", "5.10"])?;
+        // 5.10 has no hist triggers to check --detail and --rip against: as typed, it
+        // records without them; given them, it refuses.
+        let o = parse(&["--kernel", "5.10"])?;
+        o.validate()?;
+        assert_eq!(o.l1_record_args(), "--per-vcpu --snapshots");
+        let err = refused(&["--kernel", "5.10", "--record-args", "--per-vcpu --rip 3"])?;
         assert!(
             err.contains("--record-args") && !err.contains('\n'),
             "{err}"
         );
-        parse(&[
-            "--kernel",
-            "5.10",
-            "--record-args",
-            "--per-vcpu --snapshots",
-        ])?
-        .validate()?;
+        let o = parse(&["--kernel", "5.10", "--record-args", "--snapshots"])?;
+        o.validate()?;
+        assert_eq!(o.l1_record_args(), "--snapshots");
+        for line in ["6.1", "6.12"] {
+            assert_eq!(
+                parse(&["--kernel", line])?.l1_record_args(),
+                "--per-vcpu --snapshots --detail --rip 5",
+                "{line}"
+            );
+        }
+        assert_eq!(
+            parse(&["--workload", "sweep"])?.l1_record_args(),
+            "--per-vcpu --detail --rip 5",
+            "a sweep records without snapshots"
+        );
         let o = parse(&["--kernel", "6.12", "--isa", "intel"])?;
         assert!(o.allowed_warning().is_some());
         assert!(

@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
 use super::reason::{Counts, ISA_SVM, ISA_VMX, Reason};
-use crate::{apt, process::ChildGuard};
+use crate::{apt, files::write, process::ChildGuard};
 
 /// A running Prometheus server.
 pub struct Prometheus {
@@ -52,9 +52,10 @@ struct Sample {
 
 impl Prometheus {
     /// Unpacks Debian's `prometheus` under `cache` (once), and starts it with its data
-    /// in `build/prometheus`, scraping 127.0.0.1:`target` every second.
-    pub fn start(cache: &Path, build: &Path, target: u16) -> anyhow::Result<Self> {
-        let deb = apt::download(&cache.join("debs"), "prometheus")?;
+    /// in `build/prometheus`, scraping 127.0.0.1:`target` every second. `root`: the
+    /// checkout, for apt.
+    pub fn start(root: &Path, cache: &Path, build: &Path, target: u16) -> anyhow::Result<Self> {
+        let deb = apt::download(root, &cache.join("debs"), "prometheus")?;
         let root = apt::unpack(&deb, &cache.join("roots"))?;
         let version = apt::deb_field(&deb, "Version")?;
         let (server, promtool) = (
@@ -69,7 +70,7 @@ impl Prometheus {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let config = dir.join("prometheus.yml");
-        std::fs::write(
+        write(
             &config,
             format!(
                 "# Written by cargo xtask lab --scenario export.\n\
@@ -77,8 +78,7 @@ impl Prometheus {
                  scrape_configs:\n  - job_name: kvmtrace\n    static_configs:\n\
                  \x20     - targets: ['127.0.0.1:{target}']\n"
             ),
-        )
-        .with_context(|| format!("cannot write {}", config.display()))?;
+        )?;
         let port = free_port()?;
         let log = std::fs::File::create(dir.join("prometheus.log"))
             .with_context(|| format!("cannot create {}", dir.join("prometheus.log").display()))?;
@@ -256,7 +256,7 @@ pub fn vm_of(tag: &str) -> String {
 /// (`metrics-after`) and Prometheus now no longer have it.
 pub fn collect(
     prom: &Prometheus,
-    lines: &[super::emulator::Line],
+    lines: &[super::console::Line],
     tags: &[String],
     dist: &Path,
 ) -> anyhow::Result<Exported> {

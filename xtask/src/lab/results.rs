@@ -7,22 +7,16 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::{
-    Options,
     checks::{detail, guest, micro, reasons, vcpus},
-    console,
-    emulator::{Line, Run},
-    hist::{self, Hist},
+    console::{self, Line},
+    emulator::Run,
+    hist::{self, Hist, Source},
     image::{L1, Workload as L2Workload},
-    options::{Scenario, mode_dir_name, workload_label},
+    options::{Options, Scenario, mode_dir_name, workload_label},
     prometheus::Exported,
     record::{self, Record},
 };
-
-/// Writes `text` to `dir/name`.
-pub fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
-    let p = dir.join(name);
-    std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
-}
+use crate::files::write_in as write;
 
 /// What every step of [`summarize`] reads: the options, where results go, the run's
 /// console and what L1 ran.
@@ -145,7 +139,7 @@ fn read_mode<'a>(
     let dir = lab.out.join(&dir_name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let lines = console::mode_lines(all_lines, &tag);
-    write(&dir, "serial.log", &console::transcript(lines))?;
+    write(&dir, "serial.log", console::transcript(lines))?;
 
     let Some((hist, hist_text)) = reference(all_lines, &tag, &dir, opts.isa, problems)? else {
         return Ok(None);
@@ -291,12 +285,13 @@ fn check_mode(
         m.run_time,
         m.hist.by_reason.values().sum::<u64>()
     );
-    print!("{}", reasons::table(&m.rows));
+    print!("{}", reasons::table(&m.rows, m.hist.source));
     match lab.exported {
-        Some(e) => problems.extend(export_problems(tag, &m.rows, e)),
+        Some(e) => problems.extend(export_problems(tag, &m.rows, m.hist.source, e)),
         None => problems.extend(reasons::check_record(
             tag,
             &m.rows,
+            m.hist.source,
             m.record.as_ref(),
             l1.kvmtrace.is_some(),
             &m.kvmtrace_err,
@@ -316,7 +311,10 @@ fn check_mode(
     if let Some(rec) = m.record.as_ref().filter(|_| !whole) {
         let vcpu_problems = vcpus::per_vcpu_problems(tag, &m.hist, rec);
         if vcpu_problems.is_empty() {
-            println!("  per (vCPU, reason): kvmtrace == hist, and its vCPU rows sum to its totals");
+            println!(
+                "  per (vCPU, reason): kvmtrace == {}, and its vCPU rows sum to its totals",
+                m.hist.source.name()
+            );
         }
         problems.extend(vcpu_problems);
     }
@@ -353,9 +351,10 @@ fn check_mode(
     Ok(())
 }
 
-/// `--scenario export`: Prometheus's values of the mode's VM equal the hist for every
-/// reason (and there are some), and the scrapes' own problems.
-fn export_problems(tag: &str, rows: &[reasons::Row], e: &Exported) -> Vec<String> {
+/// `--scenario export`: Prometheus's values of the mode's VM equal the reference
+/// (`source`) for every reason (and there are some), and the scrapes' own problems.
+fn export_problems(tag: &str, rows: &[reasons::Row], source: Source, e: &Exported) -> Vec<String> {
+    let reference = source.name();
     let mut problems: Vec<String> = e
         .problems
         .get(tag)
@@ -367,16 +366,16 @@ fn export_problems(tag: &str, rows: &[reasons::Row], e: &Exported) -> Vec<String
     let differ = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).count();
     if total == 0 {
         problems.push(format!(
-            "{tag}: the hist counted no exits: nothing was compared"
+            "{tag}: the {reference} counted no exits: nothing was compared"
         ));
     } else if differ > 0 {
         problems.push(format!(
-            "{tag}: Prometheus differs from the hist in {differ} of {} reasons",
+            "{tag}: Prometheus differs from the {reference} in {differ} of {} reasons",
             rows.len()
         ));
     } else {
         println!(
-            "  Prometheus == hist for all {} reasons ({total} exits)",
+            "  Prometheus == {reference} for all {} reasons ({total} exits)",
             rows.len()
         );
     }

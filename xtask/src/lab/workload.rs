@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    Options, assets,
+    assets,
     image::{self, L1, Workload as L2Workload},
     inputs::{Inputs, build_micro},
-    options::{Scenario, Workload, record_args},
+    options::{Options, Scenario, Workload},
 };
 
 const L2_MEMORY_MB: u32 = 128;
@@ -31,8 +31,8 @@ pub fn l1(
         workload,
         kvmtrace,
         perf: None,
-        system_map: l2_system_map(opts, inputs)?,
-        record_args: record_args(opts),
+        system_map: l2_system_map(opts, root, inputs)?,
+        record_args: opts.l1_record_args(),
         run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
         vms: opts.vms,
         scenario: opts.scenario.name(),
@@ -54,9 +54,9 @@ pub fn l1(
 /// Debian's linux-image ships a stub, the real one is in its -dbg package (283 MB for
 /// 6.1 cloud, of which only System.map is unpacked). Fetched only for a booted L2
 /// recorded with `--rip`.
-fn l2_system_map(opts: &Options, inputs: &Inputs) -> anyhow::Result<Option<PathBuf>> {
+fn l2_system_map(opts: &Options, root: &Path, inputs: &Inputs) -> anyhow::Result<Option<PathBuf>> {
     let rips = opts
-        .record_args
+        .record_args()
         .split_whitespace()
         .any(|a| a == "--rip" || a.starts_with("--rip="));
     if !rips || !matches!(opts.workload, Workload::Boot) {
@@ -64,6 +64,7 @@ fn l2_system_map(opts: &Options, inputs: &Inputs) -> anyhow::Result<Option<PathB
     }
     let cache = inputs.cache.clone();
     let deb = crate::apt::download(
+        root,
         &cache.join("debs"),
         &format!("linux-image-{}-dbg", inputs.l2_abi),
     )?;

@@ -15,8 +15,10 @@ use kvmtrace_model::{
 };
 use tracer_common::ExitKey;
 
-use crate::lab::emulator::Line;
-use crate::lab::{console, results::write};
+use crate::{
+    files::write_in as write,
+    lab::console::{self, Line},
+};
 
 /// What one mode's detail check needs.
 pub struct Inputs<'a> {
@@ -67,7 +69,7 @@ pub fn check(m: &Inputs<'_>) -> anyhow::Result<Vec<String>> {
             page_fault: m.nested.then_some(pf.as_str()),
         })?;
         let skip: &[&str] = if m.nested { &[] } else { &["gpa"] };
-        let ours = detail::totals(&report.reasons, skip);
+        let ours = report.detail_totals(skip);
         problems.extend(compare_detail(tag, &reference, &ours, detail_on));
         if let Some(known) = &m.micro {
             problems.extend(micro_detail(tag, known, &reference, &ours));

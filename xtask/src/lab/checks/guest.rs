@@ -5,11 +5,13 @@ use std::{path::Path, process::Command};
 
 use anyhow::Context as _;
 
-use crate::lab::{
-    Options, console, emulator,
-    image::L1,
-    options::{Modules, Workload},
-    results::write,
+use crate::{
+    files::write_in as write,
+    lab::{
+        console::{self, Line},
+        image::L1,
+        options::{Modules, Options, Workload},
+    },
 };
 
 /// `kvmtrace reconcile`'s exit status for counters that are wrong, every difference
@@ -24,7 +26,7 @@ const RECONCILE_CAUSES_NAMED: i32 = 7;
 pub fn guest_readout(
     opts: &Options,
     dir: &Path,
-    lines: &[emulator::Line],
+    lines: &[Line],
     l1: &L1,
 ) -> anyhow::Result<Option<String>> {
     if let Some(sweep) = console::l2_section(lines, "KVMLAB-SWEEP") {

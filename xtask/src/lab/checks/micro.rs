@@ -10,10 +10,10 @@ use tracer_common::exit_reasons::{
 };
 
 use crate::lab::{
-    Options, console, emulator,
+    console::{self, Line},
     hist::Hist,
     image::{self, L1, Workload as L2Workload},
-    options::{Isa, Modules},
+    options::{Isa, Modules, Options},
     reason::Reason,
     record::Record,
 };
@@ -28,7 +28,7 @@ use crate::lab::{
 pub fn micro_readout(
     opts: &Options,
     dir: &Path,
-    lines: &[emulator::Line],
+    lines: &[Line],
     l1: &L1,
 ) -> anyhow::Result<Vec<String>> {
     let (L2Workload::Micro { .. }, Some((kvmtrace, _))) = (&l1.workload, &l1.kvmtrace) else {
@@ -387,28 +387,12 @@ mod tests {
 
     #[test]
     fn micro_runs_repeat_the_vms() {
-        let l1 = L1 {
-            busybox: PathBuf::new(),
-            init: PathBuf::new(),
-            modules: Vec::new(),
-            paging: "npt",
-            modes: vec![1],
-            workload: L2Workload::Micro {
-                binary: PathBuf::new(),
-                vms: vec![vm(1, 2, 2), vm(3, 4, 2)],
-                overlap: false,
-            },
-            kvmtrace: None,
-            perf: None,
-            system_map: None,
-            record_args: String::new(),
-            run_timeout: 1,
-            vms: 2,
-            scenario: "modes",
-            net_modules: Vec::new(),
-            signals: String::new(),
-            signal_after: 0,
+        let workload = L2Workload::Micro {
+            binary: PathBuf::new(),
+            vms: vec![vm(1, 2, 2), vm(3, 4, 2)],
+            overlap: false,
         };
+        let l1 = L1::with_workload(workload, 2, "");
         let runs = micro_runs(&l1);
         assert_eq!(runs, [vm(1, 2, 2), vm(3, 4, 2), vm(1, 2, 2), vm(3, 4, 2)]);
         let known = micro_detail_expectations(&runs);

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::lab::{
+    hist::Source,
     reason::{Counts, Reason},
     record::{self, Record},
 };
@@ -40,11 +41,18 @@ pub fn compare(hist: &Counts, rec: Option<&Counts>) -> Vec<Row> {
     rows
 }
 
-/// A plain-text table of `rows`.
-pub fn table(rows: &[Row]) -> String {
+/// A plain-text table of `rows`, the reference's column named after its `source`.
+pub fn table(rows: &[Row], source: Source) -> String {
     let mut out = String::new();
     let has_rec = rows.iter().any(|r| r.kvmtrace.is_some());
-    let _ = write!(out, "  {:>6}  {:<28} {:>9}", "reason", "name", "hist");
+    let w = source.name().len().max(9);
+    let _ = write!(
+        out,
+        "  {:>6}  {:<28} {:>w$}",
+        "reason",
+        "name",
+        source.name()
+    );
     if has_rec {
         let _ = write!(out, " {:>9}  diff", "kvmtrace");
     }
@@ -54,7 +62,7 @@ pub fn table(rows: &[Row]) -> String {
         th += r.hist;
         let _ = write!(
             out,
-            "  {:>6}  {:<28} {:>9}",
+            "  {:>6}  {:<28} {:>w$}",
             format!("{:#x}", r.reason.reason),
             r.name,
             r.hist
@@ -71,7 +79,7 @@ pub fn table(rows: &[Row]) -> String {
         }
         out.push('\n');
     }
-    let _ = write!(out, "  {:>6}  {:<28} {:>9}", "", "total", th);
+    let _ = write!(out, "  {:>6}  {:<28} {:>w$}", "", "total", th);
     if has_rec {
         let mark = if th == tk {
             "=".to_owned()
@@ -82,6 +90,37 @@ pub fn table(rows: &[Row]) -> String {
     }
     out.push('\n');
     out
+}
+
+/// Whether the record `rec` agrees with the reference (`source`) in `rows`: the line
+/// that says so, or the problem. A full per-reason map agrees when the reasons that
+/// got in are exact and the others are all in `dropped.exit_map_full`.
+fn agreement(rows: &[Row], source: Source, rec: &Record) -> Result<String, String> {
+    let reference = source.name();
+    let diffs: Vec<&Row> = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
+    let full = rec.dropped.exit_map_full;
+    let uncounted: u64 = diffs
+        .iter()
+        .filter(|r| r.kvmtrace == Some(0))
+        .map(|r| r.hist)
+        .sum();
+    if diffs.is_empty() {
+        Ok(format!(
+            "kvmtrace == {reference} for all {} reasons",
+            rows.len()
+        ))
+    } else if full > 0 && diffs.iter().all(|r| r.kvmtrace == Some(0)) && uncounted == full {
+        Ok(format!(
+            "kvmtrace == {reference} for the {} reasons it had room for; the other {} reasons' {full} exits are in dropped.exit_map_full",
+            rows.len() - diffs.len(),
+            diffs.len()
+        ))
+    } else {
+        Err(format!(
+            "kvmtrace differs from the {reference} in {} reasons",
+            diffs.len()
+        ))
+    }
 }
 
 /// The timing invariants of one record (see [`record::timing_problems`]), printed;
@@ -97,12 +136,13 @@ pub fn timing_check(what: &str, record: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// kvmtrace's verdict against the hist in one mode, printed: equal for every reason
-/// (or for those its full per-reason map had room for), or no record at all. The
-/// problems, as problems of `tag`.
+/// kvmtrace's verdict against the reference (`source`) in one mode, printed: equal for
+/// every reason (or for those its full per-reason map had room for), or no record at
+/// all. The problems, as problems of `tag`.
 pub fn check_record(
     tag: &str,
     rows: &[Row],
+    source: Source,
     record: Option<&Record>,
     kvmtrace_ran: bool,
     kvmtrace_err: &str,
@@ -110,28 +150,9 @@ pub fn check_record(
     let mut problems = Vec::new();
     match (record, kvmtrace_ran) {
         (Some(rec), _) => {
-            let diffs: Vec<&Row> = rows.iter().filter(|r| r.kvmtrace != Some(r.hist)).collect();
-            // A full per-reason map: the reasons that got in are exact, the
-            // others are all in dropped.exit_map_full.
-            let full = rec.dropped.exit_map_full;
-            let uncounted: u64 = diffs
-                .iter()
-                .filter(|r| r.kvmtrace == Some(0))
-                .map(|r| r.hist)
-                .sum();
-            if diffs.is_empty() {
-                println!("  kvmtrace == hist for all {} reasons", rows.len());
-            } else if full > 0 && diffs.iter().all(|r| r.kvmtrace == Some(0)) && uncounted == full {
-                println!(
-                    "  kvmtrace == hist for the {} reasons it had room for; the other {} reasons' {full} exits are in dropped.exit_map_full",
-                    rows.len() - diffs.len(),
-                    diffs.len()
-                );
-            } else {
-                problems.push(format!(
-                    "{tag}: kvmtrace differs from the hist in {} reasons",
-                    diffs.len()
-                ));
+            match agreement(rows, source, rec) {
+                Ok(line) => println!("  {line}"),
+                Err(problem) => problems.push(format!("{tag}: {problem}")),
             }
             let dropped = serde_json::to_string(&rec.dropped).unwrap_or_default();
             println!("  kvmtrace paging: {}, dropped: {dropped}", rec.paging);
@@ -148,4 +169,64 @@ pub fn check_record(
         (None, false) => println!("  (kvmtrace not run: hist only)"),
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use kvmtrace_model::report::Dropped;
+
+    use super::*;
+    use crate::lab::reason::{ISA_VMX, VcpuCounts};
+
+    fn record() -> Record {
+        Record {
+            by_reason: Counts::new(),
+            by_vcpu: VcpuCounts::new(),
+            total: None,
+            dropped: Dropped::default(),
+            paging: "null".to_owned(),
+        }
+    }
+
+    fn row(reason: u32, hist: u64, kvmtrace: u64) -> Row {
+        let reason = Reason {
+            isa: ISA_VMX,
+            reason,
+            failed_entry: false,
+        };
+        Row {
+            name: reason.name(),
+            reason,
+            hist,
+            kvmtrace: Some(kvmtrace),
+        }
+    }
+
+    #[test]
+    fn the_verdict_names_the_reference_it_was_checked_against() {
+        let rows = [row(10, 651, 651), row(30, 12, 12)];
+        assert_eq!(
+            agreement(&rows, Source::TraceBuffer, &record()).as_deref(),
+            Ok("kvmtrace == trace buffer for all 2 reasons")
+        );
+        assert_eq!(
+            agreement(&rows, Source::Hist, &record()).as_deref(),
+            Ok("kvmtrace == hist for all 2 reasons")
+        );
+        let off = [row(10, 651, 650), row(30, 12, 12)];
+        assert_eq!(
+            agreement(&off, Source::TraceBuffer, &record()),
+            Err("kvmtrace differs from the trace buffer in 1 reasons".to_owned())
+        );
+        let table = table(&rows, Source::TraceBuffer);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines.first().copied(),
+            Some("  reason  name                         trace buffer  kvmtrace  diff")
+        );
+        assert_eq!(
+            lines.last().copied(),
+            Some("          total                                 663       663  =")
+        );
+    }
 }
