@@ -6,6 +6,7 @@ mod exec;
 mod fuzz;
 mod kmod;
 mod lab;
+mod lock;
 mod process;
 mod setup;
 mod test;
