@@ -8,7 +8,8 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError},
+    time::Instant,
 };
 
 use kvmtrace_model::{
@@ -66,16 +67,196 @@ fn workspace() -> PathBuf {
         .unwrap_or_else(|| panic!("no workspace above {}", env!("CARGO_MANIFEST_DIR")))
 }
 
-/// The results of a scenario, running the lab the first time it is asked for.
-pub fn lab(s: Scenario) -> PathBuf {
-    static DONE: OnceLock<Mutex<BTreeMap<Scenario, PathBuf>>> = OnceLock::new();
-    let done = DONE.get_or_init(|| Mutex::new(BTreeMap::new()));
-    let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(dir) = done.get(&s) {
-        return dir.clone();
+/// How many labs may run at once: 2 (the default) runs an Intel (Bochs) and an AMD
+/// (QEMU TCG) lab side by side, each an emulator in one thread, so each has a core of
+/// the two; 1 runs one lab at a time. From `KVMTRACE_LAB_STREAMS`.
+///
+/// The test threads decide how many tests wait at once: `cargo xtask test` gives
+/// libtest a thread per test (`--test-threads`), so every test asks for its scenario at
+/// the start and the streams never starve; with `--test-threads=1` labs run one by one
+/// whatever this says.
+pub fn streams() -> u8 {
+    match std::env::var("KVMTRACE_LAB_STREAMS").as_deref() {
+        Ok("1") => 1,
+        Ok("2") | Err(_) => 2,
+        Ok(other) => panic!("KVMTRACE_LAB_STREAMS={other}: 1 or 2"),
     }
+}
+
+/// Which labs a scenario may run beside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stream {
+    /// One Bochs lab (Intel) or one QEMU lab (AMD) at a time, beside one of the other.
+    Intel,
+    Amd,
+    /// Alone: L1 or L2 with more than one CPU (`--l1-cpus 2` makes QEMU two threads,
+    /// and a race needs the CPUs to run truly at once). These run after the streams.
+    Alone,
+}
+
+impl Scenario {
+    fn stream(&self) -> Stream {
+        let l1_cpus = self
+            .extra
+            .windows(2)
+            .find(|w| w[0] == "--l1-cpus")
+            .map_or(1, |w| w[1].parse::<u8>().unwrap_or(u8::MAX));
+        match self.isa {
+            _ if l1_cpus > 1 || self.smp > 1 => Stream::Alone,
+            "intel" => Stream::Intel,
+            _ => Stream::Amd,
+        }
+    }
+}
+
+/// The labs running now and the tests waiting for a stream (see [`Slots::take`]).
+#[derive(Default)]
+struct Running {
+    intel: bool,
+    amd: bool,
+    alone: bool,
+    /// Tests waiting for the Intel or AMD stream: the labs that run alone wait until
+    /// none is left, so they run as a phase after the two streams.
+    waiting: usize,
+}
+
+impl Running {
+    /// Whether a lab of `stream` may start now (see [`Slots::take`]).
+    fn allows(&self, stream: Stream, streams: u8) -> bool {
+        let any = self.intel || self.amd || self.alone;
+        match stream {
+            _ if streams < 2 => !any,
+            Stream::Intel => !self.intel && !self.alone,
+            Stream::Amd => !self.amd && !self.alone,
+            Stream::Alone => !any && self.waiting == 0,
+        }
+    }
+}
+
+struct Slots {
+    running: Mutex<Running>,
+    changed: Condvar,
+}
+
+/// A stream held while its lab runs; dropping it (also on a panic) frees the stream.
+struct Slot<'a> {
+    slots: &'a Slots,
+    stream: Stream,
+}
+
+impl Slots {
+    fn get() -> &'static Self {
+        static SLOTS: OnceLock<Slots> = OnceLock::new();
+        SLOTS.get_or_init(Slots::new)
+    }
+
+    fn new() -> Self {
+        Slots {
+            running: Mutex::new(Running::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until `stream` may start a lab: its own stream idle and nothing running
+    /// alone (with one stream: nothing running at all); for [`Stream::Alone`], nothing
+    /// running and no test waiting for a stream.
+    fn take(&self, stream: Stream, streams: u8) -> Slot<'_> {
+        let mut r = self.lock();
+        let waits = stream != Stream::Alone;
+        if waits {
+            r.waiting += 1;
+        }
+        while !r.allows(stream, streams) {
+            r = self.changed.wait(r).unwrap_or_else(PoisonError::into_inner);
+        }
+        if waits {
+            r.waiting -= 1;
+        }
+        *Self::flag(&mut r, stream) = true;
+        Slot {
+            slots: self,
+            stream,
+        }
+    }
+
+    fn flag(r: &mut Running, stream: Stream) -> &mut bool {
+        match stream {
+            Stream::Intel => &mut r.intel,
+            Stream::Amd => &mut r.amd,
+            Stream::Alone => &mut r.alone,
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *Slots::flag(&mut self.slots.lock(), self.stream) = false;
+        self.slots.changed.notify_all();
+    }
+}
+
+/// Said on the test process's stderr at once (libtest captures only `eprintln!`), so
+/// that a log shows the streams' labs as they start and end.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// What [`lab`] keeps per scenario: its results directory, or why its lab failed (the
+/// other tests of a failed scenario fail at once, without booting it again).
+type Outcome = Arc<Mutex<Option<Result<PathBuf, String>>>>;
+
+/// The results of a scenario, running the lab the first time it is asked for. Labs of
+/// other scenarios may run at the same time (see [`streams`]); each scenario has a
+/// results directory of its own, `target/lab-tests/<name>`.
+pub fn lab(s: Scenario) -> PathBuf {
+    static DONE: OnceLock<Mutex<BTreeMap<Scenario, Outcome>>> = OnceLock::new();
+    static NAMES: OnceLock<Mutex<BTreeMap<String, Scenario>>> = OnceLock::new();
+    let name = s.name();
+    {
+        // Two scenarios with one name would write into one directory.
+        let mut names = NAMES
+            .get_or_init(|| Mutex::new(BTreeMap::new()))
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let first = names.entry(name.clone()).or_insert(s);
+        assert_eq!(
+            *first, s,
+            "two scenarios share the results directory {name}: give one a tag"
+        );
+    }
+    let outcome: Outcome = DONE
+        .get_or_init(|| Mutex::new(BTreeMap::new()))
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(s)
+        .or_default()
+        .clone();
+    // Held while the lab runs: another test of the same scenario waits for its result.
+    let mut outcome = outcome.lock().unwrap_or_else(PoisonError::into_inner);
+    let earlier = outcome.is_some();
+    let result = outcome.get_or_insert_with(|| {
+        let streams = streams();
+        let stream = s.stream();
+        let _slot = Slots::get().take(stream, streams);
+        run_lab(s, stream, streams)
+    });
+    match result {
+        Ok(dir) => dir.clone(),
+        Err(why) if earlier => panic!("(this scenario's lab failed for an earlier test) {why}"),
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// `cargo xtask lab` for `s` in its results directory; the directory, or why it failed.
+fn run_lab(s: Scenario, stream: Stream, streams: u8) -> Result<PathBuf, String> {
     let root = workspace();
-    let out = root.join("target/lab-tests").join(s.name());
+    let name = s.name();
+    let out = root.join("target/lab-tests").join(&name);
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&root)
         .args(["xtask", "lab", "--isa", s.isa, "--workload", s.workload])
@@ -84,23 +265,40 @@ pub fn lab(s: Scenario) -> PathBuf {
         .args(s.extra)
         .args(["--kvmtrace", "required", "--out"])
         .arg(&out);
+    // Two labs share the CPUs with each other's set-up and builds: double every wall
+    // time limit (the L1 init's step budgets and L2's run timeout) unless told.
+    if !s.extra.contains(&"--timeout-scale") {
+        let scale = std::env::var("KVMTRACE_LAB_TIMEOUT_SCALE")
+            .unwrap_or_else(|_| if streams > 1 { "2" } else { "1" }.to_owned());
+        cmd.args(["--timeout-scale", &scale]);
+    }
+    let started = Instant::now();
+    say(&format!("lab [{stream:?}] {name}: started"));
     let output = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Kept beside the results: the lab's steps, each with its time.
     let _ = std::fs::write(out.join("lab.stderr"), stderr.as_bytes());
+    let took = started.elapsed().as_secs();
+    say(&format!(
+        "lab [{stream:?}] {name}: {} in {took} s",
+        if output.status.success() {
+            "passed"
+        } else {
+            "FAILED"
+        }
+    ));
+    if output.status.success() {
+        return Ok(out);
+    }
     let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
-    assert!(
-        output.status.success(),
-        "{} failed ({}):\n{}",
-        s.name(),
+    Err(format!(
+        "{name} failed ({}):\n{}",
         output.status,
         tail.join("\n")
-    );
-    done.insert(s, out.clone());
-    out
+    ))
 }
 
 /// The mode directory (`ept1`, `npt0`, ...) of a scenario's results.
@@ -275,6 +473,81 @@ pub fn assert_vcpus_sum(dir: &Path, vcpus: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BOOT: Scenario = Scenario {
+        isa: "amd",
+        workload: "boot",
+        smp: 1,
+        modules: "patched",
+        vms: 1,
+        extra: &[],
+        tag: "",
+        kernel: "6.1",
+    };
+
+    #[test]
+    fn labs_that_need_two_cpus_run_alone() {
+        assert_eq!(BOOT.stream(), Stream::Amd);
+        let intel = Scenario {
+            isa: "intel",
+            ..BOOT
+        };
+        assert_eq!(intel.stream(), Stream::Intel);
+        let l1 = Scenario {
+            extra: &["--micro-vcpus", "2", "--l1-cpus", "2"],
+            ..BOOT
+        };
+        assert_eq!(l1.stream(), Stream::Alone);
+        assert_eq!(Scenario { smp: 2, ..intel }.stream(), Stream::Alone);
+        let one = Scenario {
+            extra: &["--l1-cpus", "1"],
+            ..BOOT
+        };
+        assert_eq!(one.stream(), Stream::Amd);
+    }
+
+    #[test]
+    fn one_lab_per_stream_and_the_alone_ones_after_them() {
+        let running = |intel, amd, alone, waiting| Running {
+            intel,
+            amd,
+            alone,
+            waiting,
+        };
+        let idle = running(false, false, false, 0);
+        let intel = running(true, false, false, 0);
+        for stream in [Stream::Intel, Stream::Amd, Stream::Alone] {
+            assert!(idle.allows(stream, 2) && idle.allows(stream, 1));
+        }
+        assert!(intel.allows(Stream::Amd, 2), "AMD beside Intel");
+        assert!(!intel.allows(Stream::Amd, 1), "one stream: one lab");
+        assert!(!intel.allows(Stream::Intel, 2));
+        assert!(!intel.allows(Stream::Alone, 2));
+        assert!(!running(false, false, false, 1).allows(Stream::Alone, 2));
+        let alone = running(false, false, true, 0);
+        assert!(!alone.allows(Stream::Intel, 2) && !alone.allows(Stream::Amd, 2));
+    }
+
+    #[test]
+    fn a_waiting_lab_starts_when_its_stream_frees() {
+        let slots = Slots::new();
+        let first = slots.take(Stream::Intel, 2);
+        let _amd = slots.take(Stream::Amd, 2);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _second = slots.take(Stream::Intel, 2);
+                let _ = tx.send(());
+            });
+            let wait = std::time::Duration::from_millis(200);
+            assert!(rx.recv_timeout(wait).is_err(), "two Intel labs at once");
+            drop(first);
+            assert!(
+                rx.recv_timeout(wait * 50).is_ok(),
+                "the second never started"
+            );
+        });
+    }
 
     #[test]
     fn differences_go_both_ways() {

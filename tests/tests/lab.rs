@@ -269,11 +269,16 @@ fn patched_counters_reconcile(isa: &'static str) {
         assert!(bad.is_empty(), "{}: {bad:#?}", dir.display());
         // The guest printed what the host saw it read (its last read of each reason:
         // reason 0 is also read once early, to detect the patch).
-        for g in guest["reasons"]
+        let reasons = guest["reasons"]
             .as_array()
             .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
+            .unwrap_or_else(|| panic!("{}: guest.json has no reasons array", dir.display()));
+        assert!(
+            !reasons.is_empty(),
+            "{}: the guest printed no reason it read",
+            dir.display()
+        );
+        for g in reasons {
             let reason = g["reason"].as_u64().and_then(|n| u32::try_from(n).ok());
             let host_row = r.rows.iter().rfind(|x| x.reason == reason);
             assert_eq!(

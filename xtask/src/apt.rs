@@ -33,6 +33,11 @@ const APT_TIME: Duration = Duration::from_secs(900);
 /// The apt configurations whose lists this run refreshed already (`None`: the host's).
 static REFRESHED: Mutex<Vec<Option<PathBuf>>> = Mutex::new(Vec::new());
 
+/// Holds the machine-wide lock of xtask's apt and dpkg calls.
+fn apt_lock() -> anyhow::Result<crate::lock::Lock> {
+    crate::lock::exclusive(&crate::lock::machine("apt"), "apt")
+}
+
 /// Where packages are looked up and downloaded from: the host's apt sources, or a
 /// private apt configuration for another Debian release. Only the host's can install.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +128,7 @@ impl Apt {
             }
             done.push(self.config.clone());
         }
+        let _apt = apt_lock()?;
         eprintln!(
             "apt: {why}: refreshing the package lists (apt-get update{})",
             match &self.config {
@@ -181,7 +187,10 @@ impl Apt {
             Some(conf) => format!("APT_CONFIG={} apt-cache {}", conf.display(), args.join(" ")),
         };
         self.retry_after_refresh(|| {
-            let text = output(self.command("apt-cache").args(args))?;
+            let text = {
+                let _apt = apt_lock()?;
+                output(self.command("apt-cache").args(args))?
+            };
             found(&text).with_context(|| format!("`{show}` does not have it"))
         })
     }
@@ -200,6 +209,7 @@ impl Apt {
     }
 
     fn fetch(&self, debs: &Path, spec: &str) -> anyhow::Result<PathBuf> {
+        let _apt = apt_lock()?;
         let uris = output(self.apt_get().args(["download", "--print-uris", spec]))?;
         // 'http://…/foo_1.2_amd64.deb' foo_1.2_amd64.deb 12345 SHA256:…
         let mut fields = uris
@@ -260,11 +270,19 @@ pub fn install(root: &Path, packages: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    let _apt = apt_lock()?;
+    // Another xtask may have installed them while this one waited for the lock.
+    let missing: Vec<&str> = missing.into_iter().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
     eprintln!("apt: installing {}", missing.join(" "));
     let host = Apt::host(root);
     host.retry_after_refresh(|| {
         run_bounded(
             host.apt_get()
+                // Wait for an apt outside xtask (e.g. unattended-upgrades) to finish.
+                .args(["-o", "DPkg::Lock::Timeout=300"])
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
                 .args(&missing),
             APT_TIME,
@@ -281,6 +299,7 @@ pub fn download(root: &Path, debs: &Path, spec: &str) -> anyhow::Result<PathBuf>
 /// Unpacks each of `debs`, in order, into `root` (once: a stamp naming them marks it
 /// done). Returns `root`.
 pub fn unpack_into(debs: &[PathBuf], root: &Path) -> anyhow::Result<PathBuf> {
+    let _unpack = crate::lock::exclusive(&crate::lock::beside(root), "an unpack")?;
     let stamp = root.join(".unpacked");
     let names: String = debs
         .iter()
@@ -318,6 +337,7 @@ pub fn unpack(deb: &Path, roots: &Path) -> anyhow::Result<PathBuf> {
 /// `root`; returns the file. For packages too big to unpack whole (the kernel's -dbg).
 pub fn unpack_member(deb: &Path, member: &str, root: &Path) -> anyhow::Result<PathBuf> {
     let file = root.join(member.trim_start_matches("./"));
+    let _unpack = crate::lock::exclusive(&crate::lock::beside(root), "an unpack")?;
     if file.is_file() {
         return Ok(file);
     }

@@ -6,7 +6,8 @@
 //!    and guest readouts made by the library, this host's tracepoint `format` files.
 //! 3. `cargo fuzz build` (output streamed), then `cargo fuzz run` for each target with
 //!    `-max_total_time` (and `fuzz/dicts/<target>.dict`, the JSON keys, where there is
-//!    one); each run's output goes to `fuzz/target/logs/<target>.log`.
+//!    one), `--jobs` targets at a time (each libFuzzer is one thread: one per core);
+//!    each run's output goes to `fuzz/target/logs/<target>.log`.
 //! 4. A line per target with its executions. A crash (panic, timeout, out of memory)
 //!    fails the run, naming the crashing input and the command that replays it; the
 //!    other targets still run, and every failure is reported together.
@@ -15,7 +16,15 @@
 //! without a sanitizer (the parsers are safe Rust: a panic is the bug to find) and with
 //! debug assertions, so an arithmetic overflow panics as it would in a debug build.
 
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    path::Path,
+    process::Command,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, builder::PossibleValuesParser};
@@ -51,6 +60,21 @@ pub struct Options {
     /// Fuzz only this target (repeatable); default: all of them.
     #[arg(long = "target", value_name = "NAME", value_parser = PossibleValuesParser::new(TARGETS))]
     pub targets: Vec<String>,
+    /// Targets fuzzed at the same time (default: one per CPU).
+    #[arg(long, value_name = "N", default_value_t = cpus(),
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: u16,
+}
+
+/// The CPUs this process may use (1 when unknown).
+pub fn cpus() -> u16 {
+    std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX))
+}
+
+/// What a fuzz run did: how many targets ran, and the report of each that failed.
+pub struct Fuzzed {
+    pub targets: usize,
+    pub failures: Vec<String>,
 }
 
 /// What one target's run did.
@@ -63,6 +87,21 @@ struct Outcome {
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    let fuzzed = fuzz(opts, root)?;
+    if !fuzzed.failures.is_empty() {
+        bail!(
+            "{} of {} fuzz targets failed:\n{}",
+            fuzzed.failures.len(),
+            fuzzed.targets,
+            fuzzed.failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Fuzzes the targets `opts` names; fails only when they cannot be fuzzed at all (a
+/// crash is a failure in what it returns).
+pub fn fuzz(opts: &Options, root: &Path) -> anyhow::Result<Fuzzed> {
     setup::run(&setup::Options::default(), root)?;
     ensure_cargo_fuzz()?;
     let toolchain = setup::ebpf_toolchain(root)?;
@@ -95,24 +134,36 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     } else {
         opts.targets.iter().map(String::as_str).collect()
     };
+    // Workers take the next target until none is left; results keep the targets' order.
+    let next = AtomicUsize::new(0);
+    let done = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..usize::from(opts.jobs).min(targets.len()) {
+            scope.spawn(|| {
+                while let Some(&target) = targets.get(next.fetch_add(1, Ordering::SeqCst)) {
+                    let result =
+                        fuzz_one(&mut cargo(), target, opts.seconds, &fuzz_dir, &toolchain);
+                    done.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((target, result));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(PoisonError::into_inner);
+    done.sort_by_key(|(target, _)| targets.iter().position(|t| t == target));
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();
-    for target in targets {
-        let mut cmd = cargo();
-        let (outcome, failure) = fuzz_one(&mut cmd, target, opts.seconds, &fuzz_dir, &toolchain)?;
+    for (_, result) in done {
+        let (outcome, failure) = result?;
         outcomes.push(outcome);
         failures.extend(failure);
     }
     print_outcomes(&outcomes, opts.seconds);
-    if !failures.is_empty() {
-        bail!(
-            "{} of {} fuzz targets failed:\n{}",
-            failures.len(),
-            outcomes.len(),
-            failures.join("\n")
-        );
-    }
-    Ok(())
+    Ok(Fuzzed {
+        targets: outcomes.len(),
+        failures,
+    })
 }
 
 /// Runs one target for `seconds` through `cmd` (`cargo +nightly`), its log under

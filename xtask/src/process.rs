@@ -142,6 +142,11 @@ impl ChildGuard {
         &self.what
     }
 
+    /// The child's piped stdout, to read while it runs (once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
     fn forget(&self) {
         groups().retain(|&g| g != self.pgid);
     }

@@ -42,6 +42,8 @@ pub fn ebpf_toolchain(root: &Path) -> anyhow::Result<String> {
 }
 
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
+    // rustup's toolchains and cargo's installed binaries are the machine's.
+    let _setup = crate::lock::exclusive(&crate::lock::machine("setup"), "the set-up")?;
     let toolchain = ebpf_toolchain(root)?;
     ensure_toolchain(&toolchain)?;
     let llvm_major = llvm_major(&toolchain)?;

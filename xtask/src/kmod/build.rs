@@ -76,6 +76,9 @@ pub fn build(opts: &Options, root: &Path) -> anyhow::Result<Built> {
         apt::install(root, &[cc])?;
     }
     let work = opts.work_dir(root);
+    // One build per line and flavour at a time: they share `src`, its staging copy and
+    // the unpacked headers (two labs may want the same modules at once).
+    let _work = crate::lock::exclusive(&crate::lock::beside(&work), "a kvm module build")?;
     let debian = opts.kernel.apt(root)?;
     let inputs = debian.with_fresh_lists(|| debian::inputs(opts, &debian, root, &work))?;
 

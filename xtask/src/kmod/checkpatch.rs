@@ -32,7 +32,10 @@ pub fn check(opts: &Options, root: &Path) -> anyhow::Result<()> {
             patches.extend(source::patch_files(&dir)?);
         }
     }
-    let src = opts.work_dir(root).join("src");
+    let work = opts.work_dir(root);
+    // `src` is the builds' too (see `build`).
+    let _work = crate::lock::exclusive(&crate::lock::beside(&work), "a kvm module build")?;
+    let src = work.join("src");
     source::extract(opts.kernel, &tarball, &source_version, &patches, &src)?;
 
     let checkpatch = src.join("scripts/checkpatch.pl");

@@ -111,7 +111,11 @@ pub fn prepare(
         _ => None,
     };
     let s = Step::start("downloads");
-    let mut inputs = apt::with_fresh_lists(root, || download_inputs(isa, kernel, root, cache))?;
+    let mut inputs = {
+        // Labs running side by side share the cache (the unpacked modules too).
+        let _cache = crate::lock::exclusive(&crate::lock::beside(cache), "the lab cache")?;
+        apt::with_fresh_lists(root, || download_inputs(isa, kernel, root, cache))?
+    };
     s.done(format!("kernel {}, {}", inputs.abi, inputs.qemu_version));
     let stale = built
         .as_ref()
