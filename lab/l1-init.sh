@@ -34,6 +34,8 @@ else
 fi
 BY_REASON="hist:keys=isa,exit_reason:vals=hitcount:sort=isa,exit_reason:size=$REASON_SIZE"
 BY_VCPU="hist:keys=vcpu_id,exit_reason:vals=hitcount:sort=vcpu_id,exit_reason:size=$VCPU_SIZE"
+# The crowd (CROWD=1): per thread too, for each VM's own row.
+BY_THREAD="hist:keys=common_pid,exit_reason:vals=hitcount:sort=common_pid,exit_reason:size=32768"
 # With DETAIL=1 / RIPS=1 (kvmtrace records --detail / --rip): the kernel's own counts
 # keyed as kvmtrace's detail and RIP rows are (xtask decodes them the same way).
 KVM_EV=/sys/kernel/tracing/events/kvm
@@ -55,7 +57,10 @@ TRACING=/sys/kernel/tracing
 TRACE_BUFFER_KB=65536
 reference_arm() {
     if [ $REFERENCE = hist ]; then
-        echo "$BY_REASON" > $EXIT/trigger && echo "$BY_VCPU" >> $EXIT/trigger
+        echo "$BY_REASON" > $EXIT/trigger && echo "$BY_VCPU" >> $EXIT/trigger || return 1
+        if [ "$CROWD" = 1 ]; then
+            echo "$BY_THREAD" >> $EXIT/trigger || return 1
+        fi
         return
     fi
     echo 0 > $TRACING/tracing_on && echo 0 > $EXIT/enable \
@@ -64,6 +69,7 @@ reference_arm() {
 }
 reference_disarm() {
     if [ $REFERENCE = hist ]; then
+        [ "$CROWD" = 1 ] && echo "!$BY_THREAD" >> $EXIT/trigger
         echo "!$BY_VCPU" >> $EXIT/trigger; echo "!$BY_REASON" >> $EXIT/trigger
     else
         echo 0 > $TRACING/tracing_on; echo 0 > $EXIT/enable

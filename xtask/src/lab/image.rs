@@ -42,13 +42,24 @@ pub enum Workload {
         sweep: bool,
     },
     /// The static `micro` VMM, once per VM: per vCPU `cpuids` CPUID exits, `outs` port
-    /// writes, one HLT. With `overlap` the first VM runs in the background while the others run
-    /// one after the other.
+    /// writes, one HLT; `launch` says whether they run in turn, overlapping, or all at
+    /// once.
     Micro {
         binary: PathBuf,
         vms: Vec<MicroVm>,
-        overlap: bool,
+        launch: Launch,
     },
+}
+
+/// How the micro VMs of one mode are started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// One after the other.
+    InTurn,
+    /// The first in the background, the others one after the other meanwhile.
+    Overlap,
+    /// All at once (the crowd).
+    AllAtOnce,
 }
 
 /// One run of the `micro` VMM: one VM, whose `vcpus` vCPUs (a thread each) each run
@@ -91,7 +102,7 @@ pub struct L1 {
     /// Seconds one workload run may take inside L1.
     pub run_timeout: u64,
     /// How many VMs the workload runs, one after the other.
-    pub vms: u8,
+    pub vms: u16,
     /// How kvmtrace runs (`modes`, `reload`, `signal`; see lab/l1-init.sh).
     pub scenario: &'static str,
     /// Network driver modules, in load order (`--scenario export`).
@@ -106,7 +117,7 @@ pub struct L1 {
 impl L1 {
     /// An L1 of tests: `workload` run `vms` times in one nested-paging mode, recorded
     /// with `record_args`, with no files.
-    pub fn with_workload(workload: Workload, vms: u8, record_args: &str) -> Self {
+    pub fn with_workload(workload: Workload, vms: u16, record_args: &str) -> Self {
         Self {
             busybox: PathBuf::new(),
             init: PathBuf::new(),
@@ -242,7 +253,22 @@ fn add_workload(a: &mut Archive, workload: &Workload) -> anyhow::Result<String> 
         Workload::Micro {
             binary,
             vms,
-            overlap: true,
+            launch: Launch::AllAtOnce,
+        } => {
+            a.file("bin/micro", binary)?;
+            // Every VM in the background; a VM that fails says so (its counts are then
+            // missing, which the checks see too).
+            let mut s = String::new();
+            for vm in vms {
+                let _ = writeln!(s, "{{ {} || echo \"micro failed: $?\"; }} &", vm.command());
+            }
+            s.push_str("wait");
+            s
+        }
+        Workload::Micro {
+            binary,
+            vms,
+            launch: Launch::Overlap,
         } => {
             a.file("bin/micro", binary)?;
             let Some((first, rest)) = vms.split_first() else {
@@ -280,6 +306,15 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     let _ = writeln!(env, "RUN_TIMEOUT={}", l1.run_timeout);
     let _ = writeln!(env, "RUN_BUDGET={}", l1.run_timeout + 60);
     let _ = writeln!(env, "RECORD_ARGS='{}'", l1.record_args);
+    // The crowd's reference is per thread, too: a thread's CPUID count names its VM.
+    let crowd = matches!(
+        l1.workload,
+        Workload::Micro {
+            launch: Launch::AllAtOnce,
+            ..
+        }
+    );
+    let _ = writeln!(env, "CROWD={}", u8::from(crowd));
     // Arm the kernel's triggers keyed as kvmtrace's --detail and --rip rows are.
     let has = |flag: &str| {
         l1.record_args
@@ -429,7 +464,7 @@ mod tests {
         let workload = Workload::Micro {
             binary: PathBuf::new(),
             vms: Vec::new(),
-            overlap: false,
+            launch: Launch::InTurn,
         };
         let l1 = L1::with_workload(workload, 1, "--detail");
         let env = env(&l1, "kvm-intel", &[]);

@@ -28,6 +28,9 @@ pub enum Workload {
     /// VMs that start and stop while others run: a long micro VM in the background,
     /// two short ones after each other meanwhile (see [`churn_vms`]).
     Churn,
+    /// --vms micro VMs at once, VM i running 100 + i CPUIDs (so no two can swap rows
+    /// unnoticed); each VM's row must equal the kernel's count for its threads.
+    Crowd,
 }
 
 /// How kvmtrace runs inside L1.
@@ -158,9 +161,10 @@ pub struct Options {
     /// Short for `--modules stock`: Debian's unpatched kvm modules.
     #[arg(long, conflicts_with = "modules")]
     pub stock: bool,
-    /// How many VMs run one after the other in each mode (each must start from zero).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
-    pub vms: u8,
+    /// How many VMs run one after the other in each mode (1..=4; each must start from
+    /// zero), or with --workload crowd, at once (1..=4096).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub vms: u16,
     /// Where the results go (default: target/lab/<isa>, with .micro/.smpN suffixes).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -208,6 +212,9 @@ pub struct Options {
     pub signal_after: u32,
 }
 
+/// VMs that may run one after the other (`--vms` without `--workload crowd`).
+const MAX_VMS_IN_TURN: u16 = 4;
+
 /// vCPUs a micro VM may have (lab/micro.c's MAX_VCPUS).
 const MAX_MICRO_VCPUS: i64 = 8;
 
@@ -231,6 +238,8 @@ impl Options {
     pub fn record_args(&self) -> &str {
         match &self.record_args {
             Some(given) => given,
+            // The crowd checks the default record's rows per VM.
+            None if self.workload == Workload::Crowd => "",
             None if self.kernel.has_hist_triggers() => DEFAULT_RECORD_ARGS,
             None => DEFAULT_RECORD_ARGS_UNKEYED,
         }
@@ -286,8 +295,21 @@ impl Options {
                 self.kernel
             );
         }
-        if self.micro_vcpus > 1 && !matches!(self.workload, Workload::Micro | Workload::Churn) {
-            bail!("--micro-vcpus is for the micro and churn workloads (the boot VM takes --smp)");
+        if self.micro_vcpus > 1
+            && !matches!(
+                self.workload,
+                Workload::Micro | Workload::Churn | Workload::Crowd
+            )
+        {
+            bail!(
+                "--micro-vcpus is for the micro, churn and crowd workloads (the boot VM takes --smp)"
+            );
+        }
+        if self.workload != Workload::Crowd && self.vms > MAX_VMS_IN_TURN {
+            bail!(
+                "--vms {} runs that many VMs one after the other: at most {MAX_VMS_IN_TURN} (--workload crowd runs up to 4096 at once)",
+                self.vms
+            );
         }
         Ok(())
     }
@@ -375,12 +397,15 @@ pub fn mode_dir_name(opts: &Options, mode: u8) -> String {
         return name;
     }
     match opts.workload {
-        Workload::Micro | Workload::Churn => {
-            name.push_str(if opts.workload == Workload::Micro {
-                ".micro"
-            } else {
-                ".churn"
+        Workload::Micro | Workload::Churn | Workload::Crowd => {
+            name.push_str(match opts.workload {
+                Workload::Micro => ".micro",
+                Workload::Churn => ".churn",
+                _ => ".crowd",
             });
+            if opts.workload == Workload::Crowd {
+                name.push_str(&format!("{}", opts.vms));
+            }
             if opts.micro_vcpus > 1 {
                 name.push_str(&format!(".vcpus{}", opts.micro_vcpus));
             }
@@ -405,7 +430,7 @@ pub fn workload_label(opts: &Options) -> String {
     let mut label = format!("{:?}", opts.workload).to_lowercase();
     let vcpus = match opts.workload {
         Workload::Boot | Workload::Sweep => opts.smp,
-        Workload::Micro | Workload::Churn => opts.micro_vcpus,
+        Workload::Micro | Workload::Churn | Workload::Crowd => opts.micro_vcpus,
     };
     if vcpus > 1 {
         label.push_str(&format!(", {vcpus} vCPUs"));

@@ -14,6 +14,8 @@ use super::reason::{Counts, Reason, VcpuCounts};
 pub struct Record {
     pub by_reason: Counts,
     pub by_vcpu: VcpuCounts,
+    /// VM (pid) -> its exits per reason.
+    pub by_vm: std::collections::BTreeMap<u32, Counts>,
     pub total: Option<u64>,
     pub dropped: Dropped,
     /// The record's paging mode, as JSON (`null` when unknown), for the console.
@@ -45,14 +47,16 @@ fn report(text: &str) -> anyhow::Result<Report> {
 pub fn parse_record(text: &str) -> anyhow::Result<Record> {
     let rep = report(text)?;
     let mut by_vcpu = VcpuCounts::new();
+    let mut by_vm = std::collections::BTreeMap::<u32, Counts>::new();
     for r in &rep.vcpus {
-        *by_vcpu
-            .entry((r.vcpu_id, reason(r.isa, r.reason, r.failed_entry)))
-            .or_default() += r.totals.count;
+        let key = reason(r.isa, r.reason, r.failed_entry);
+        *by_vcpu.entry((r.vcpu_id, key)).or_default() += r.totals.count;
+        *by_vm.entry(r.pid).or_default().entry(key).or_default() += r.totals.count;
     }
     Ok(Record {
         by_reason: by_reason(&rep.reasons),
         by_vcpu,
+        by_vm,
         total: Some(rep.total.count),
         paging: serde_json::to_string(&rep.paging)?,
         dropped: rep.dropped,
@@ -83,6 +87,7 @@ pub fn phase_record(all: &str, tag: &str) -> anyhow::Result<Option<(Record, Stri
     let rec = Record {
         by_reason: by_reason(&phase.reasons),
         by_vcpu: VcpuCounts::new(),
+        by_vm: std::collections::BTreeMap::new(),
         total: Some(phase.total.count),
         paging: serde_json::to_string(&phase.paging)?,
         dropped: rep.dropped,

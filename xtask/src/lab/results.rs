@@ -7,13 +7,14 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::{
-    checks::{detail, guest, micro, reasons, vcpus},
+    checks::{crowd, detail, guest, micro, reasons, vcpus},
     console::{self, Line},
     emulator::Run,
     hist::{self, Hist, Source},
-    image::{L1, Workload as L2Workload},
+    image::{self, L1, Workload as L2Workload},
     options::{Options, Scenario, mode_dir_name, workload_label},
     prometheus::Exported,
+    reason::Reason,
     record::{self, Record},
 };
 use crate::files::write_in as write;
@@ -326,6 +327,27 @@ fn check_mode(
                 k.map_or("-".into(), |k| k.to_string())
             );
         }
+    }
+    if let L2Workload::Micro {
+        vms,
+        launch: image::Launch::AllAtOnce,
+        ..
+    } = &l1.workload
+    {
+        let isa = opts.isa.trace_isa();
+        let text = std::fs::read_to_string(m.dir.join("hist.txt")).unwrap_or_default();
+        let threads = crowd::by_thread(&text, isa)?;
+        let cpuid = Reason::from(tracer_common::ExitKey::from_raw(
+            isa,
+            micro::cpuid_reason(isa),
+        ));
+        problems.extend(crowd::problems(
+            tag,
+            vms,
+            &threads,
+            m.record.as_ref(),
+            cpuid,
+        ));
     }
     if let L2Workload::Micro { .. } = &l1.workload
         && opts.scenario != Scenario::Signal

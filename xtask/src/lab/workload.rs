@@ -33,8 +33,9 @@ pub fn l1(
         perf: None,
         system_map: l2_system_map(opts, root, inputs)?,
         record_args: opts.l1_record_args(),
-        run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(opts.vms)) as u64,
-        vms: opts.vms,
+        run_timeout: (run_timeout(opts) as f64 * opts.timeout_scale * f64::from(in_turn(opts)))
+            as u64,
+        vms: in_turn(opts),
         scenario: opts.scenario.name(),
         net_modules: if opts.scenario == Scenario::Export {
             assets::plain_modules(
@@ -111,19 +112,23 @@ fn l2_workload(
                 sweep: opts.workload == Workload::Sweep,
             }
         }
-        Workload::Micro | Workload::Churn => L2Workload::Micro {
+        Workload::Micro | Workload::Churn | Workload::Crowd => L2Workload::Micro {
             binary: build_micro(root, build)?,
-            vms: if opts.workload == Workload::Churn {
-                churn_vms(opts)
-            } else {
-                vec![image::MicroVm {
+            vms: match opts.workload {
+                Workload::Churn => churn_vms(opts),
+                Workload::Crowd => crowd_vms(opts),
+                _ => vec![image::MicroVm {
                     cpuids: opts.micro_cpuids,
                     outs: opts.micro_outs,
                     vcpus: opts.micro_vcpus,
                     msrs: opts.micro_msrs,
-                }]
+                }],
             },
-            overlap: opts.workload == Workload::Churn,
+            launch: match opts.workload {
+                Workload::Churn => image::Launch::Overlap,
+                Workload::Crowd => image::Launch::AllAtOnce,
+                _ => image::Launch::InTurn,
+            },
         },
     })
 }
@@ -139,8 +144,36 @@ fn run_timeout(opts: &Options) -> u64 {
         Workload::Micro | Workload::Churn => {
             120 + u64::from(opts.micro_cpuids) * u64::from(opts.micro_vcpus) / 5_000
         }
+        // Each VM's set-up (KVM_CREATE_VM, its memory, its vCPU threads) is most of it.
+        Workload::Crowd => 120 + u64::from(opts.vms) * u64::from(opts.micro_vcpus) / 2,
     }
 }
+
+/// How many times the workload runs one after the other in each mode: `--vms`, but
+/// once for the crowd, whose `--vms` run at once.
+fn in_turn(opts: &Options) -> u16 {
+    if opts.workload == Workload::Crowd {
+        1
+    } else {
+        opts.vms
+    }
+}
+
+/// The VMs of the crowd workload: `--vms` of them, VM i running 100 + i CPUIDs, one
+/// port write and --micro-vcpus vCPUs, all at once.
+fn crowd_vms(opts: &Options) -> Vec<image::MicroVm> {
+    (0..u32::from(opts.vms))
+        .map(|i| image::MicroVm {
+            cpuids: CROWD_CPUIDS + i,
+            outs: 1,
+            vcpus: opts.micro_vcpus,
+            msrs: 0,
+        })
+        .collect()
+}
+
+/// The crowd's first VM's CPUIDs.
+pub const CROWD_CPUIDS: u32 = 100;
 
 /// The VMs of the churn workload, from --micro-cpuids C and --micro-outs O: one with
 /// 20·C CPUIDs in the background, then (C, O) and (2·C, 2·O) one after the other.

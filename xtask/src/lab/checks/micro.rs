@@ -146,6 +146,15 @@ pub fn check_counts(
     problems
 }
 
+/// The raw CPUID exit reason of `isa` (the kvm_exit tracepoint's).
+pub fn cpuid_reason(isa: u32) -> u32 {
+    if isa == crate::lab::reason::ISA_VMX {
+        VMX_CPUID
+    } else {
+        SVM_CPUID
+    }
+}
+
 /// The micro VMM's exits that are fixed in advance.
 /// The micro guest's own counter-leaf reads at the end (CPUID count, I/O count, total).
 pub const MICRO_LEAF_READS: u64 = 3;
@@ -390,7 +399,7 @@ mod tests {
         let workload = L2Workload::Micro {
             binary: PathBuf::new(),
             vms: vec![vm(1, 2, 2), vm(3, 4, 2)],
-            overlap: false,
+            launch: crate::lab::image::Launch::InTurn,
         };
         let l1 = L1::with_workload(workload, 2, "");
         let runs = micro_runs(&l1);

@@ -2,6 +2,7 @@
 //! reason and per vCPU; the micro workload's exits known in advance; and the guest's
 //! counter reads against `kvmtrace reconcile`.
 
+pub mod crowd;
 pub mod detail;
 pub mod guest;
 pub mod micro;

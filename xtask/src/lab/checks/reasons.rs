@@ -182,6 +182,7 @@ mod tests {
         Record {
             by_reason: Counts::new(),
             by_vcpu: VcpuCounts::new(),
+            by_vm: std::collections::BTreeMap::new(),
             total: None,
             dropped: Dropped::default(),
             paging: "null".to_owned(),

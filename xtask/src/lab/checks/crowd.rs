@@ -1,0 +1,142 @@
+//! The crowd workload: many micro VMs at once, VM i running 100 + i CPUIDs per vCPU.
+//! The kernel's own hist keyed by thread (`common_pid`) and reason is the reference:
+//! a thread's CPUID count names its VM, the VM's threads summed are its row, and
+//! kvmtrace's row of the VM with that CPUID count must equal it reason by reason.
+//! Nothing may be dropped.
+
+use std::collections::BTreeMap;
+
+use kvmtrace_model::kernel_hist;
+use tracer_common::ExitKey;
+
+use crate::lab::{
+    image::MicroVm,
+    reason::{Counts, Reason},
+    record::Record,
+};
+
+/// The micro guest's own counter-leaf reads (CPUIDs) at its end, per vCPU.
+const LEAF_READS: u64 = super::micro::MICRO_LEAF_READS;
+
+/// Each thread's exits per reason, from the `common_pid,exit_reason` hist, whose
+/// reasons are raw (`isa` is the host's: `isa`).
+pub fn by_thread(hist: &str, isa: u32) -> anyhow::Result<BTreeMap<u64, Counts>> {
+    let mut out: BTreeMap<u64, Counts> = BTreeMap::new();
+    for (keys, n) in kernel_hist::rows(hist)? {
+        let (Some(&tid), Some(&raw), 2) =
+            (keys.get("common_pid"), keys.get("exit_reason"), keys.len())
+        else {
+            continue;
+        };
+        let raw = u32::try_from(raw)?;
+        let reason = Reason::from(ExitKey::from_raw(isa, raw));
+        *out.entry(tid).or_default().entry(reason).or_default() += n;
+    }
+    Ok(out)
+}
+
+/// Each VM's reference row, by its CPUID count per vCPU: its threads' rows summed.
+fn by_vm(threads: &BTreeMap<u64, Counts>, cpuid: Reason) -> BTreeMap<u64, (u32, Counts)> {
+    let mut out: BTreeMap<u64, (u32, Counts)> = BTreeMap::new();
+    for counts in threads.values() {
+        let Some(&n) = counts.get(&cpuid) else {
+            continue;
+        };
+        let vm = out.entry(n).or_default();
+        vm.0 += 1;
+        for (&r, &c) in counts {
+            *vm.1.entry(r).or_default() += c;
+        }
+    }
+    out
+}
+
+/// What is wrong with the crowd's record against the hist by thread: each VM must
+/// have one row in each, equal reason by reason, and nothing dropped.
+pub fn problems(
+    tag: &str,
+    vms: &[MicroVm],
+    threads: &BTreeMap<u64, Counts>,
+    record: Option<&Record>,
+    cpuid: Reason,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(rec) = record else {
+        return vec![format!("{tag}: the crowd has no record")];
+    };
+    let reference = by_vm(threads, cpuid);
+    // kvmtrace's rows, by the VM's CPUID count per vCPU.
+    let mut mine: BTreeMap<u64, Vec<&Counts>> = BTreeMap::new();
+    for counts in rec.by_vm.values() {
+        let n = counts.get(&cpuid).copied().unwrap_or(0);
+        mine.entry(n).or_default().push(counts);
+    }
+    let mut exact = 0;
+    for vm in vms {
+        let vcpus = u64::from(vm.vcpus);
+        let per_vcpu = u64::from(vm.cpuids) + LEAF_READS;
+        let want = per_vcpu * vcpus;
+        let hist = reference.get(&per_vcpu);
+        let kvmtrace = mine.get(&want).map(Vec::as_slice).unwrap_or_default();
+        match (hist, kvmtrace) {
+            (Some((threads, h)), [k]) if u64::from(*threads) == vcpus && h == *k => exact += 1,
+            (Some((threads, h)), [k]) => problems.push(format!(
+                "{tag}: VM with {} CPUIDs: hist ({threads} threads) {h:?}, kvmtrace {k:?}",
+                vm.cpuids
+            )),
+            (None, _) => problems.push(format!(
+                "{tag}: VM with {} CPUIDs: no thread in the hist ran {per_vcpu}",
+                vm.cpuids
+            )),
+            (Some(_), rows) => problems.push(format!(
+                "{tag}: VM with {} CPUIDs: {} kvmtrace rows with {want} CPUIDs, want 1",
+                vm.cpuids,
+                rows.len()
+            )),
+        }
+    }
+    let d = &rec.dropped;
+    if d.any() {
+        problems.push(format!("{tag}: kvmtrace dropped something: {d:?}"));
+    }
+    println!(
+        "  crowd: {exact} of {} VMs exact against the hist by thread; {} kvmtrace VM rows; count_slots_full {}",
+        vms.len(),
+        rec.by_vm.len(),
+        d.count_slots_full
+    );
+    if rec.by_vm.len() != vms.len() {
+        problems.push(format!(
+            "{tag}: kvmtrace has {} VM rows, the crowd had {} VMs",
+            rec.by_vm.len(),
+            vms.len()
+        ));
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::reason::ISA_SVM;
+
+    const HIST: &str = "\
+{ common_pid:        101, exit_reason:        114 } hitcount:        103
+{ common_pid:        101, exit_reason:        120 } hitcount:          1
+{ common_pid:        202, exit_reason:        114 } hitcount:        104
+{ common_pid:        202, exit_reason:        123 } hitcount:          1
+{ isa:          2, exit_reason:        114 } hitcount:        207
+Dropped: 0
+";
+
+    #[test]
+    fn threads_are_read_and_named_by_their_cpuids() {
+        let threads = by_thread(HIST, ISA_SVM).expect("parses");
+        assert_eq!(threads.len(), 2, "the isa-keyed line is not a thread");
+        let cpuid = Reason::from(ExitKey::from_raw(ISA_SVM, 0x72));
+        let vms = by_vm(&threads, cpuid);
+        assert_eq!(vms.keys().copied().collect::<Vec<_>>(), [103, 104]);
+        assert_eq!(vms[&104].0, 1);
+        assert_eq!(vms[&104].1.values().sum::<u64>(), 105);
+    }
+}
