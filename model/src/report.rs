@@ -31,7 +31,8 @@
 //!                "pending_map_full": 0, "read_failed": 0, "filter_map_full": 0,
 //!                "vm_map_full": 0, "cpuid_ring_full": 0, "pending_lost": 0,
 //!                "read_pending_full": 0, "recursion_misses": 0, "detail_capped": 0,
-//!                "detail_map_full": 0, "rip_map_full": 0, "count_slots_full": 0 },
+//!                "detail_map_full": 0, "rip_map_full": 0, "count_slots_full": 0,
+//!                "snapshot_lost": 0 },
 //!   "phases": [
 //!     { "phase": 0, "paging": { "module": "kvm_intel", "parameter": "ept", "nested": true },
 //!       "since": "2026-11-24T16:00:00.000000Z", "total": { "count": 6800, "timed": 6799, "time_ns": 123456789 },
@@ -127,16 +128,19 @@
 //!   - `vm_map_full` (`--snapshots`): what the maps kept beside a VM's own counts
 //!     could not hold: a VM that ended whose exits are missing from `host_ended_vms`,
 //!     or a synthetic exit missing from its VM's `host_synthetic`. A VM's own counts
-//!     are the count path's cells (see `count_slots_full`).
+//!     are the count path's VM cells.
 //!   - `cpuid_ring_full`: guest counter-leaf reads not recorded (`cpuid_reads`).
 //!   - `read_pending_full`: guest counter-leaf reads not recorded because the map of
 //!     reads waiting for their VM entry (or of vCPU threads) was full.
 //!   - `detail_capped`: exits counted in their reason's `other` detail row (their VM
 //!     had 512 sub-keys of the reason already); `detail_map_full`: exits in no detail row (in
 //!     `undecoded`); `rip_map_full`: exits whose RIP was not counted (in `rips_rest`).
-//!   - `count_slots_full`: exits of VMs that found every VM slot of the count path
-//!     taken, counted under pid 0 ("other VMs") instead of their own VM (they are in
-//!     `total` and `reasons`).
+//!   - `count_slots_full`: exits of vCPU threads that found every thread row taken
+//!     (16 384), counted under pid 0 ("other VMs") instead of their own VM (they are
+//!     in `total` and `reasons`).
+//!   - `snapshot_lost` (`--snapshots`): guest counter reads whose registers or
+//!     `kvm:kvm_cpuid` record could not be read; their exits are counted, the reads
+//!     are not in `cpuid_reads`.
 //!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
 //!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
 //!     `recursion_misses`, summed over kvmtrace's programs; kernels before 5.12 do not
@@ -334,10 +338,15 @@ pub struct Dropped {
     /// `--rip`: exits whose RIP is not counted (the map was full).
     #[serde(default)]
     pub rip_map_full: u64,
-    /// The count path: exits of VMs that found every VM slot taken, counted under
-    /// pid 0 ("other VMs") instead of their own.
+    /// Exits of vCPU threads that found every thread row taken, counted under pid 0
+    /// ("other VMs") instead of their own VM.
     #[serde(default)]
     pub count_slots_full: u64,
+    /// `--snapshots`: guest counter reads whose registers or `kvm:kvm_cpuid` record
+    /// could not be read (their exits are counted; the reads are not in
+    /// `cpuid_reads`).
+    #[serde(default)]
+    pub snapshot_lost: u64,
 }
 
 impl Dropped {
@@ -386,6 +395,7 @@ impl From<&Drops> for Dropped {
             detail_map_full: drops.get(drop_kind::DETAIL_MAP_FULL),
             rip_map_full: drops.get(drop_kind::RIP_MAP_FULL),
             count_slots_full: drops.get(drop_kind::COUNT_SLOTS_FULL),
+            snapshot_lost: drops.get(drop_kind::SNAPSHOT_LOST),
         }
     }
 }
@@ -1381,6 +1391,7 @@ pub(crate) mod tests {
             d.detail_map_full,
             d.rip_map_full,
             d.count_slots_full,
+            d.snapshot_lost,
         ];
         assert_eq!(seen.len(), drop_kind::COUNT as usize, "a kind has no field");
         seen.sort_unstable();

@@ -86,7 +86,8 @@ pub mod drop_kind {
     /// The pid filter map was full (or the `task_newtask` record was unreadable): a
     /// child process of a traced process is not traced.
     pub const FILTER_MAP_FULL: u32 = 5;
-    /// The per-VM count map was full: CPUID snapshots of this VM are incomplete.
+    /// With snapshots, a map kept beside a VM's own counts was full: an ended VM
+    /// missing from `VM_TOTALS`, or a synthetic exit missing from `VM_SYNTHETIC`.
     pub const VM_MAP_FULL: u32 = 6;
     /// The CPUID snapshot ring buffer was full: a guest counter read was not recorded.
     pub const CPUID_RING_FULL: u32 = 7;
@@ -104,11 +105,15 @@ pub mod drop_kind {
     pub const DETAIL_MAP_FULL: u32 = 11;
     /// The guest-RIP map was full: the exit is counted, but its RIP is not.
     pub const RIP_MAP_FULL: u32 = 12;
-    /// The count path had no free VM slot: the exit is counted in slot 0, with the
-    /// VMs that found none, not under its own VM.
+    /// The thread rows had no free slot: the exit is counted in slot 0, with the
+    /// other threads that found none, not under its own VM.
     pub const COUNT_SLOTS_FULL: u32 = 13;
+    /// A guest counter read's registers (at its CPUID exit or its next entry) or its
+    /// `kvm:kvm_cpuid` record could not be read: that read's snapshot is lost. (The
+    /// exit itself is counted.)
+    pub const SNAPSHOT_LOST: u32 = 14;
     /// Number of slots.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).

@@ -695,7 +695,7 @@ fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
         )
     };
     let (Ok(rax), Ok(rcx)) = asked else {
-        count_drop(drop_kind::READ_FAILED);
+        count_drop(drop_kind::SNAPSHOT_LOST);
         return;
     };
     let (function, index) = (rax as u32, rcx as u32);
@@ -862,7 +862,7 @@ fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     let mut event = unsafe { *read };
     let _ = PENDING_READS.remove(tid);
     let (Ok(rax), Ok(rcx), Ok(rdx), Ok(rbx)) = got else {
-        count_drop(drop_kind::READ_FAILED);
+        count_drop(drop_kind::SNAPSHOT_LOST);
         return;
     };
     event.rax = rax;
@@ -1030,7 +1030,7 @@ fn try_kvm_entry() {
 pub fn kvm_cpuid(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the format file; read_at checks bounds.
     let Ok(function) = (unsafe { ctx.read_at::<u32>(global(&CPUID_FUNCTION_OFF) as usize) }) else {
-        count_drop(drop_kind::READ_FAILED);
+        count_drop(drop_kind::SNAPSHOT_LOST);
         return 0;
     };
     if global(&DETAIL) != 0 {
@@ -1093,7 +1093,7 @@ fn try_kvm_cpuid(ctx: &TracePointContext, function: u32) {
         )
     };
     let (Ok(index), Ok(rax), Ok(rbx), Ok(rcx), Ok(rdx)) = regs else {
-        count_drop(drop_kind::READ_FAILED);
+        count_drop(drop_kind::SNAPSHOT_LOST);
         return;
     };
     // A read the registers will show at the next entry: add what kvm_cpuid saw.

@@ -193,6 +193,8 @@ pub struct Probe {
     counts: Option<counts::CountPath>,
     /// The ISA whose reasons have cells ([`ProbeConfig::cell_isa`]).
     cell_isa: u32,
+    /// Each map's planned cost ([`memory::plan`]), to set beside the kernel's.
+    plan: Vec<memory::MapBytes>,
 }
 
 /// The function whose runs that enter no guest are KVM's synthetic exits.
@@ -300,7 +302,9 @@ impl Probe {
                 .ok_or(ProbeError::MissingMap(maps::REGS_SAMPLES))?,
         )
         .map_err(map_err(maps::REGS_SAMPLES))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| ProbeError::Cpus(e))?;
         let mut probe = Self {
+            plan: memory::plan(config, u32::try_from(nr_cpus).unwrap_or(u32::MAX))?,
             cell_isa: config.cell_isa,
             ebpf,
             logger,
@@ -414,10 +418,12 @@ impl Probe {
                 ),
             ])
             .filter_map(|(name, (fd, entries))| {
+                let planned = self.plan.iter().find(|m| m.name == name);
                 Some(kvmtrace_model::snapshot::MapCost {
-                    name,
-                    entries,
+                    entries: planned.map_or(entries, |m| m.entries),
+                    planned_bytes: planned.map(|m| m.footprint),
                     kernel_bytes: memory::charged(fd)?,
+                    name,
                 })
             })
             .collect();

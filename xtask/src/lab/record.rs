@@ -16,6 +16,8 @@ pub struct Record {
     pub by_vcpu: VcpuCounts,
     /// VM (pid) -> its exits per reason.
     pub by_vm: std::collections::BTreeMap<u32, Counts>,
+    /// Each eBPF map's kernel bytes (`cost.maps`), as the kernel and the plan say.
+    pub maps: Vec<kvmtrace_model::snapshot::MapCost>,
     pub total: Option<u64>,
     pub dropped: Dropped,
     /// The record's paging mode, as JSON (`null` when unknown), for the console.
@@ -57,6 +59,7 @@ pub fn parse_record(text: &str) -> anyhow::Result<Record> {
         by_reason: by_reason(&rep.reasons),
         by_vcpu,
         by_vm,
+        maps: rep.cost.map(|c| c.maps).unwrap_or_default(),
         total: Some(rep.total.count),
         paging: serde_json::to_string(&rep.paging)?,
         dropped: rep.dropped,
@@ -88,6 +91,7 @@ pub fn phase_record(all: &str, tag: &str) -> anyhow::Result<Option<(Record, Stri
         by_reason: by_reason(&phase.reasons),
         by_vcpu: VcpuCounts::new(),
         by_vm: std::collections::BTreeMap::new(),
+        maps: Vec::new(),
         total: Some(phase.total.count),
         paging: serde_json::to_string(&phase.paging)?,
         dropped: rep.dropped,

@@ -298,6 +298,13 @@ fn check_mode(
             &m.kvmtrace_err,
         )),
     }
+    if let Some(rec) = m.record.as_ref()
+        && lab.exported.is_none()
+        && !whole
+    {
+        let exact = opts.kernel == crate::kmod::KernelLine::V6_1;
+        problems.extend(reasons::memory_problems(tag, rec, exact));
+    }
     if let Some(problem) = guest::guest_readout(opts, &m.dir, m.lines, l1)? {
         problems.push(format!("{tag}: {problem}"));
     }

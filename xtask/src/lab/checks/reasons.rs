@@ -139,6 +139,41 @@ pub fn timing_check(what: &str, record: &str) -> anyhow::Result<Vec<String>> {
 /// kvmtrace's verdict against the reference (`source`) in one mode, printed: equal for
 /// every reason (or for those its full per-reason map had room for), or no record at
 /// all. The problems, as problems of `tag`.
+/// kvmtrace's maps' kernel bytes: each as its plan says, where the kernel charges a
+/// map its footprint (`exact`: Linux 5.11-6.3, e.g. the lab's 6.1); printed anyway.
+/// A record with no map costs checked nothing: a problem.
+pub fn memory_problems(tag: &str, rec: &Record, exact: bool) -> Vec<String> {
+    if rec.maps.is_empty() {
+        return vec![format!("{tag}: the record has no map costs (cost.maps)")];
+    }
+    let total: u64 = rec.maps.iter().map(|m| m.kernel_bytes).sum();
+    let off: Vec<String> = rec
+        .maps
+        .iter()
+        .filter(|m| m.planned_bytes != Some(m.kernel_bytes))
+        .map(|m| {
+            format!(
+                "{} kernel {} planned {:?}",
+                m.name, m.kernel_bytes, m.planned_bytes
+            )
+        })
+        .collect();
+    println!(
+        "  kernel memory: {} maps, {:.1} MiB; {}",
+        rec.maps.len(),
+        total as f64 / f64::from(1 << 20),
+        if off.is_empty() {
+            "each as planned".to_owned()
+        } else {
+            format!("{} not as planned ({})", off.len(), off.join(", "))
+        }
+    );
+    if exact && !off.is_empty() {
+        return vec![format!("{tag}: maps not as planned: {}", off.join(", "))];
+    }
+    Vec::new()
+}
+
 pub fn check_record(
     tag: &str,
     rows: &[Row],
@@ -183,6 +218,7 @@ mod tests {
             by_reason: Counts::new(),
             by_vcpu: VcpuCounts::new(),
             by_vm: std::collections::BTreeMap::new(),
+            maps: Vec::new(),
             total: None,
             dropped: Dropped::default(),
             paging: "null".to_owned(),
