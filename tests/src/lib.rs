@@ -30,7 +30,7 @@ pub struct Scenario {
     /// The modules: `stock`, `patched`, or a test-only variant.
     pub modules: &'static str,
     /// VMs run one after the other in each mode.
-    pub vms: u8,
+    pub vms: u16,
     /// More `cargo xtask lab` arguments (scenario, counts, record arguments).
     pub extra: &'static [&'static str],
     /// Names the scenario's results directory when `extra` is not empty.

@@ -629,6 +629,79 @@ fn amd_vms_starting_and_stopping_keep_their_rows() {
     }
 }
 
+/// The crowd: `vms` micro VMs at once on two L1 CPUs, VM i running 100 + i CPUIDs.
+/// Every VM has its own row, which equals the kernel's hist of its thread reason by
+/// reason (the thread named by its CPUID count), and nothing is dropped.
+fn crowd_is_exact(vms: u16, tag: &'static str) {
+    let s = Scenario {
+        workload: "crowd",
+        modules: "stock",
+        vms,
+        tag,
+        extra: &["--l1-cpus", "2"],
+        ..micro("amd")
+    };
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        assert_matches_hist(&dir);
+        let rec = record(&dir);
+        assert!(!rec.dropped.any(), "{}: {:?}", dir.display(), rec.dropped);
+        let hist_text = read(&dir.join("hist.txt"));
+        let rows = kvmtrace_model::kernel_hist::rows(&hist_text).expect("hist.txt parses");
+        // Thread -> (raw reason -> count), from the `common_pid,exit_reason` trigger.
+        let mut threads: std::collections::BTreeMap<u64, std::collections::BTreeMap<u64, u64>> =
+            std::collections::BTreeMap::new();
+        for (keys, n) in rows {
+            if let (Some(&tid), Some(&reason), 2) =
+                (keys.get("common_pid"), keys.get("exit_reason"), keys.len())
+            {
+                *threads.entry(tid).or_default().entry(reason).or_default() += n;
+            }
+        }
+        // Per VM, by its CPUID count (CPUIDs + the guest's 3 leaf reads): hist and kvmtrace.
+        let cpuid = 0x72;
+        let hist_vms: std::collections::BTreeMap<u64, std::collections::BTreeMap<u64, u64>> =
+            threads
+                .values()
+                .map(|t| (t.get(&cpuid).copied().unwrap_or(0), t.clone()))
+                .collect();
+        let mut kvmtrace_vms = std::collections::BTreeMap::new();
+        for vm in &rec.vms {
+            let row: std::collections::BTreeMap<u64, u64> = rec
+                .vcpus
+                .iter()
+                .filter(|v| v.pid == vm.pid)
+                .map(|v| (u64::from(v.reason), v.totals.count))
+                .collect();
+            let n = row.get(&cpuid).copied().unwrap_or(0);
+            assert!(
+                kvmtrace_vms.insert(n, row).is_none(),
+                "{}: two VMs with {n} CPUIDs",
+                dir.display()
+            );
+        }
+        let want: Vec<u64> = (0..u64::from(vms)).map(|i| 100 + i + 3).collect();
+        assert_eq!(
+            kvmtrace_vms.keys().copied().collect::<Vec<_>>(),
+            want,
+            "{}",
+            dir.display()
+        );
+        assert_eq!(hist_vms, kvmtrace_vms, "{}", dir.display());
+    }
+}
+
+#[test]
+fn amd_crowd_of_256_vms_is_exact() {
+    crowd_is_exact(256, "crowd");
+}
+
+#[test]
+#[ignore = "1 024 VMs at once: cargo xtask test --full"]
+fn amd_crowd_of_1024_vms_is_exact() {
+    crowd_is_exact(1024, "crowd");
+}
+
 /// Maps far too small for the run (one vCPU row, two overflow reasons): the rows that
 /// got in are exact, everything else is counted as dropped, and the total still equals
 /// the hist.
