@@ -35,7 +35,7 @@ use tracer_common::{
 
 use crate::{
     EXIT_FIELDS_OFF, EXIT_ISA_OFF, EXIT_REASON_OFF, PHASE, SNAPSHOTS, VM_TOTALS, count_drop,
-    global, thread_rows, traced,
+    global, shared_add, thread_rows, traced,
 };
 use tracer_common::rows::{self, CachedThread};
 use tracer_common::vm_totals_key;
@@ -281,19 +281,8 @@ fn overflow_add(phase: u32, tgid: u32, exit_isa: u32, raw: u32) {
         exit: ExitKey::from_raw(exit_isa, raw),
     };
     let key = PhaseVcpuKey::new(phase, &vcpu);
-    for _ in 0..2 {
-        if let Some(n) = COUNT_OVERFLOW.get_ptr_mut(key) {
-            // SAFETY: a live map value other CPUs may add to.
-            unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
-            return;
-        }
-        // Another CPU may insert the key between the lookup and here: then add.
-        if COUNT_OVERFLOW
-            .insert(key, 1, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return;
-        }
+    if shared_add(&COUNT_OVERFLOW, key, 1) {
+        return;
     }
     count_drop(drop_kind::EXIT_MAP_FULL);
 }
@@ -468,20 +457,8 @@ pub fn vm_ended(tgid: u32) {
 /// Adds an ended VM's exits to the ended VMs' total (rare: once per VM).
 #[inline(always)]
 fn add_ended(total: u64) {
-    for _ in 0..2 {
-        if let Some(slot) = VM_TOTALS.get_ptr_mut(vm_totals_key::ENDED) {
-            // SAFETY: a live map value other CPUs may add to.
-            unsafe {
-                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, total)
-            };
-            return;
-        }
-        if VM_TOTALS
-            .insert(vm_totals_key::ENDED, total, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return;
-        }
+    if shared_add(&VM_TOTALS, vm_totals_key::ENDED, total) {
+        return;
     }
     count_drop(drop_kind::VM_MAP_FULL);
 }
