@@ -98,6 +98,19 @@ fn test_result(line: &str) -> Option<Tally> {
     seen.then_some(tally)
 }
 
+/// A step's counts as its lines say them; `skipped` when nothing ran.
+fn counts(t: Tally) -> String {
+    if t == Tally::default() {
+        return "skipped".to_owned();
+    }
+    let ignored = if t.ignored > 0 {
+        format!(", {} ignored", t.ignored)
+    } else {
+        String::new()
+    };
+    format!("{} passed, {} failed{ignored}", t.passed, t.failed)
+}
+
 /// A finished step: its wall time, its counts, and what failed in it.
 struct Done {
     step: &'static str,
@@ -178,10 +191,9 @@ impl Steps {
         self.since = Instant::now();
         let tally = std::mem::take(&mut self.tally);
         eprintln!(
-            "xtask test: {step} took {} s ({} passed, {} failed)",
+            "xtask test: {step} took {} s ({})",
             took.as_secs(),
-            tally.passed,
-            tally.failed
+            counts(tally)
         );
         self.done.push(Done {
             step,
@@ -198,17 +210,11 @@ impl Steps {
         eprintln!("xtask test: the steps:");
         for d in &self.done {
             all.add(d.tally);
-            let ignored = if d.tally.ignored > 0 {
-                format!(", {} ignored", d.tally.ignored)
-            } else {
-                String::new()
-            };
             eprintln!(
-                "  {:>6} s  {}  ({} passed, {} failed{ignored})",
+                "  {:>6} s  {}  ({})",
                 d.took.as_secs(),
                 d.step,
-                d.tally.passed,
-                d.tally.failed
+                counts(d.tally)
             );
         }
         let failures: Vec<&String> = self.done.iter().flat_map(|d| &d.failures).collect();
