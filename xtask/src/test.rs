@@ -254,9 +254,13 @@ impl std::error::Error for Reported {}
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let mut steps = Steps::new();
     // Nothing builds without the toolchain: a failed set-up ends the run.
-    setup::run(&setup::Options::default(), root)?;
-    steps.check("setup", Ok(()));
+    let setup = setup::run(&setup::Options::default(), root);
+    let set_up = setup.is_ok();
+    steps.check("setup", setup);
     steps.end("setup");
+    if !set_up {
+        return steps.summary();
+    }
     let cargo = || {
         let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         // A test that cannot run here (not root) must fail, not skip, as on CI.
