@@ -2,6 +2,10 @@
 //! read what it brought back: kvmtrace's JSON record and the kernel's own hist trigger
 //! output for each paging mode.
 //!
+//! Labs of different scenarios may run at once: an Intel (Bochs) and an AMD (QEMU) lab
+//! side by side, the labs that need two CPUs by themselves after them (see [`lab`] and
+//! [`streams`]). `cargo xtask test` runs the lab tests that way.
+//!
 //! Tests panic with context instead of returning errors, so a failure shows where.
 
 use std::{

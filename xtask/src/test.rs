@@ -98,6 +98,19 @@ fn test_result(line: &str) -> Option<Tally> {
     seen.then_some(tally)
 }
 
+/// A step's counts as its lines say them; `skipped` when nothing ran.
+fn counts(t: Tally) -> String {
+    if t == Tally::default() {
+        return "skipped".to_owned();
+    }
+    let ignored = if t.ignored > 0 {
+        format!(", {} ignored", t.ignored)
+    } else {
+        String::new()
+    };
+    format!("{} passed, {} failed{ignored}", t.passed, t.failed)
+}
+
 /// A finished step: its wall time, its counts, and what failed in it.
 struct Done {
     step: &'static str,
@@ -178,10 +191,9 @@ impl Steps {
         self.since = Instant::now();
         let tally = std::mem::take(&mut self.tally);
         eprintln!(
-            "xtask test: {step} took {} s ({} passed, {} failed)",
+            "xtask test: {step} took {} s ({})",
             took.as_secs(),
-            tally.passed,
-            tally.failed
+            counts(tally)
         );
         self.done.push(Done {
             step,
@@ -198,17 +210,11 @@ impl Steps {
         eprintln!("xtask test: the steps:");
         for d in &self.done {
             all.add(d.tally);
-            let ignored = if d.tally.ignored > 0 {
-                format!(", {} ignored", d.tally.ignored)
-            } else {
-                String::new()
-            };
             eprintln!(
-                "  {:>6} s  {}  ({} passed, {} failed{ignored})",
+                "  {:>6} s  {}  ({})",
                 d.took.as_secs(),
                 d.step,
-                d.tally.passed,
-                d.tally.failed
+                counts(d.tally)
             );
         }
         let failures: Vec<&String> = self.done.iter().flat_map(|d| &d.failures).collect();
@@ -248,9 +254,13 @@ impl std::error::Error for Reported {}
 pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let mut steps = Steps::new();
     // Nothing builds without the toolchain: a failed set-up ends the run.
-    setup::run(&setup::Options::default(), root)?;
-    steps.check("setup", Ok(()));
+    let setup = setup::run(&setup::Options::default(), root);
+    let set_up = setup.is_ok();
+    steps.check("setup", setup);
     steps.end("setup");
+    if !set_up {
+        return steps.summary();
+    }
     let cargo = || {
         let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         // A test that cannot run here (not root) must fail, not skip, as on CI.
