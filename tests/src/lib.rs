@@ -44,6 +44,20 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// The patched 6.1 L1 booting the Linux L2 once per mode, with `isa`.
+    pub const fn boot(isa: &'static str) -> Self {
+        Self {
+            isa,
+            workload: "boot",
+            smp: 1,
+            modules: "patched",
+            vms: 1,
+            extra: &[],
+            tag: "",
+            kernel: "6.1",
+        }
+    }
+
     pub fn name(&self) -> String {
         let mut name = format!(
             "{}-{}-smp{}-vms{}-{}",
@@ -478,16 +492,7 @@ pub fn assert_vcpus_sum(dir: &Path, vcpus: u32) {
 mod tests {
     use super::*;
 
-    const BOOT: Scenario = Scenario {
-        isa: "amd",
-        workload: "boot",
-        smp: 1,
-        modules: "patched",
-        vms: 1,
-        extra: &[],
-        tag: "",
-        kernel: "6.1",
-    };
+    const BOOT: Scenario = Scenario::boot("amd");
 
     #[test]
     fn labs_that_need_two_cpus_run_alone() {

@@ -15,16 +15,7 @@ use kvmtrace_model::{
 };
 
 const fn boot(isa: &'static str) -> Scenario {
-    Scenario {
-        isa,
-        workload: "boot",
-        smp: 1,
-        modules: "patched",
-        vms: 1,
-        extra: &[],
-        tag: "",
-        kernel: "6.1",
-    }
+    Scenario::boot(isa)
 }
 
 const fn micro(isa: &'static str) -> Scenario {

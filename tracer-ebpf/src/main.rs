@@ -243,6 +243,14 @@ fn shared_add<K: Copy>(map: &HashMap<K, u64>, key: K, delta: u64) -> bool {
     false
 }
 
+/// The current thread's (tgid, tid), where the pid filter traces its process.
+#[inline(always)]
+fn traced_current() -> Option<(u32, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    traced(tgid).then_some((tgid, tid))
+}
+
 #[inline(always)]
 fn traced(tgid: u32) -> bool {
     // SAFETY: the map value is only tested for presence.

@@ -307,12 +307,9 @@ pub(crate) fn on_cpuid(ctx: &TracePointContext, function: u32) {
     if !counter_leaf(function) {
         return;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
-    if !traced(tgid) {
+    let Some((tgid, tid)) = traced_current() else {
         return;
-    }
+    };
     // SAFETY: offsets from the format file; read_at checks bounds.
     let regs = unsafe {
         (

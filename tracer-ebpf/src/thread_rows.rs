@@ -188,12 +188,26 @@ pub fn add_time(slot: u32, c: u32, stats: &ExitStats, own: bool) {
             s.timed += stats.timed;
             s.time_ns += stats.time_ns;
         } else {
-            let add = |n: &mut u64, d: u64| {
-                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, d)
-            };
-            add(&mut s.count, stats.count);
-            add(&mut s.timed, stats.timed);
-            add(&mut s.time_ns, stats.time_ns);
+            // A zero is not added: LLVM turns an atomic add of 0 into an atomic OR,
+            // which kernels before 5.12 reject (an untimed exit adds 0 time).
+            if stats.count != 0 {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &mut s.count,
+                    stats.count,
+                );
+            }
+            if stats.timed != 0 {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &mut s.timed,
+                    stats.timed,
+                );
+            }
+            if stats.time_ns != 0 {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &mut s.time_ns,
+                    stats.time_ns,
+                );
+            }
         }
         // Shared slot: a racing larger max may be lost; the count and time are not.
         if stats.max_ns > s.max_ns {

@@ -171,12 +171,9 @@ pub(crate) fn on_exit(now: u64, ex: &Exit<'_>) {
         });
         return;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
-    if !traced(tgid) {
+    let Some((tgid, tid)) = traced_current() else {
         return;
-    }
+    };
     let (raw_reason, isa, vcpu_id) = (ex.raw_reason, ex.isa, ex.vcpu_id);
     let vcpu_filter = global(&VCPU_FILTER);
     if vcpu_filter != u32::MAX && vcpu_filter != vcpu_id {

@@ -235,8 +235,9 @@ pub struct ReportArgs {
     #[arg(short, long, value_parser = choice::<Format>(), default_value = "table")]
     pub format: Format,
     /// Rows per VM and vCPU instead of per reason. A record keeps rows per vCPU only
-    /// with it (or --vcpu, --detail, --rip, --snapshots); without, it keeps rows per
-    /// VM, which costs less per exit.
+    /// with it (or --vcpu, --detail, --rip, --snapshots); without, rows per VM. Both
+    /// come from each vCPU thread's own row, at the same cost per exit; --vcpu,
+    /// --detail, --rip and --snapshots keep hash rows, which cost more.
     #[arg(long)]
     pub per_vcpu: bool,
     /// Split each reason by what caused it: exception vector, control register and

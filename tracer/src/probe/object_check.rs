@@ -73,9 +73,50 @@ fn global_sites(elf: &[u8]) -> Result<Vec<Site>, String> {
     Ok(sites)
 }
 
+/// `BPF_STX | BPF_ATOMIC` on 32 and 64 bits; an atomic's operation is its `imm`.
+const ATOMIC_W: u8 = 0xc3;
+const ATOMIC_DW: u8 = 0xdb;
+/// `BPF_ADD` without `BPF_FETCH`: the only atomic kernels before 5.12 take (XADD).
+const XADD: i32 = 0;
+
+/// Every atomic instruction that is not a plain add, as "program: imm", in the
+/// programs of `elf`. Kernels before 5.12 reject the program (EINVAL) otherwise.
+fn atomics_newer_than_xadd(elf: &[u8]) -> Result<Vec<String>, String> {
+    let file = object::File::parse(elf).map_err(|e| format!("parse: {e}"))?;
+    let mut out = Vec::new();
+    for section in file.sections().filter(|s| s.kind() == SectionKind::Text) {
+        let name = section.name().unwrap_or("?").to_owned();
+        let code = section.data().map_err(|e| format!("{name}: {e}"))?;
+        for insn in code.chunks_exact(8) {
+            let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
+            if [ATOMIC_W, ATOMIC_DW].contains(&insn[0]) && imm != XADD {
+                out.push(format!("{name}: atomic op {imm:#x}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 5.10 rejected every timing program when an untimed exit's atomic add of 0
+    /// time became an atomic OR (LLVM's idempotent form of `add 0`).
+    #[test]
+    fn every_atomic_is_a_plain_add() {
+        let newer = atomics_newer_than_xadd(object()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(newer, Vec::<String>::new());
+        // An atomic OR (imm 0x40) is found.
+        let mut elf = object().to_vec();
+        let at = elf
+            .windows(8)
+            .position(|w| w[0] == ATOMIC_DW && w[4..] == [0, 0, 0, 0])
+            .unwrap_or_else(|| panic!("no atomic add in the object"));
+        elf[at + 4] = 0x40;
+        let newer = atomics_newer_than_xadd(&elf).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(newer.len(), 1, "{newer:?}");
+    }
 
     fn object() -> &'static [u8] {
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"))
