@@ -20,14 +20,8 @@ const fn boot(isa: &'static str) -> Scenario {
 
 const fn micro(isa: &'static str) -> Scenario {
     Scenario {
-        isa,
         workload: "micro",
-        smp: 1,
-        modules: "patched",
-        vms: 1,
-        extra: &[],
-        tag: "",
-        kernel: "6.1",
+        ..Scenario::boot(isa)
     }
 }
 
