@@ -180,8 +180,8 @@ pub mod globals {
     /// 1 when a counter read sums per-CPU cells in the kernel (5.19+); 0: every
     /// exit also adds to shared cells, which the read takes.
     pub const SUM_PER_CPU: &str = "SUM_PER_CPU";
-    /// 1: the timing path keeps per-VM rows, in the VM slots' per-CPU `TIMES` cells
-    /// (no hash lookup at the exit or the entry).
+    /// 1: the timing path counts in thread rows (`TIME_ROWS`; no hash lookup at the
+    /// exit or the entry).
     pub const VM_TIME: &str = "VM_TIME";
     /// The ISA whose reasons have cells in thread rows and latency cells
     /// ([`rows::cell`](super::rows::cell)): the host's.
@@ -223,7 +223,6 @@ pub mod maps {
     pub const SLOT_OWNERS: &str = "SLOT_OWNERS";
     pub const COUNT_EPOCH: &str = "COUNT_EPOCH";
     pub const SLOT_ENDED: &str = "SLOT_ENDED";
-    pub const TIMES: &str = "TIMES";
     pub const THREAD_SLOTS: &str = "THREAD_SLOTS";
     pub const SLOT_THREADS: &str = "SLOT_THREADS";
     pub const FREE_SLOTS: &str = "FREE_SLOTS";
@@ -693,9 +692,9 @@ mod pod {
     unsafe impl aya::Pod for super::rows::CachedThread {}
 }
 
-/// The count path (`record --counts-only`, `top`, `export` without `--time`): one
-/// program per exit adds 1 to a per-CPU array cell, `VM slot × CELLS + dense reason`.
-/// No clock, no hash lookup on the way (the VM's slot is cached per CPU).
+/// The snapshots' VM slots (`--snapshots`): each exit also adds 1 to a per-CPU array
+/// cell, `VM slot × CELLS + dense reason`, which a guest counter read sums. (The
+/// count path and the timing path count in thread rows: [`rows`].)
 pub mod count {
     use super::{ExitKey, VMX_BASIC_REASON_MASK, VMX_FAILED_VMENTRY, isa};
 

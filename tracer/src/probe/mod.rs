@@ -128,10 +128,10 @@ pub struct ProbeConfig {
     /// With snapshots: a counter read sums the VM's per-CPU cells in the kernel
     /// (5.19+, [`sums_per_cpu`]); false: every exit also adds to shared cells.
     pub sum_per_cpu: bool,
-    /// The timing path with per-VM rows only: each exit is parked with its VM's slot
-    /// (found as the count path finds it) and its entry counts and times it in the
-    /// slot's per-CPU cell, with no hash lookup at either. Only without per-vCPU rows,
-    /// `vcpu`, `detail`, `rips` and `snapshots` ([`ProbeConfig::per_vm_time_fits`]).
+    /// The timing path on thread rows: each exit is parked with its thread's slot and
+    /// its entry counts and times it in the thread's row, with no hash lookup at
+    /// either (per VM, or per vCPU with `vcpu_rows`). Only without `vcpu`, `detail`,
+    /// `rips` and `snapshots` ([`ProbeConfig::per_vm_time_fits`]).
     pub vm_time: bool,
     /// The ISA whose reasons have cells in thread rows and latency cells: the host's
     /// ([`host_isa`]).
@@ -337,7 +337,7 @@ impl Probe {
         self.counts.as_ref().is_some_and(|c| c.times)
     }
 
-    /// Whether the rows are the VM slots' cells: the count path, or per-VM time.
+    /// Whether the rows are thread rows: the count path, or the timing path's.
     fn rows_in_cells(&self) -> bool {
         self.count_path().is_some() || self.per_vm_time()
     }
