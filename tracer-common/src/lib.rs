@@ -37,11 +37,9 @@ pub mod limits {
     /// Live processes in the `-p` / `-- CMD` filter: child processes (not threads) of
     /// traced processes are added, and a process is removed when it exits.
     pub const MAX_FILTER_PIDS: u32 = 8192;
-    /// Distinct (VM pid, isa, reason, failed-entry) keys of the per-VM counts that
-    /// CPUID snapshots read.
-    pub const MAX_VM_ROWS: u32 = 16384;
-    /// VMs with a running total.
-    pub const MAX_VMS: u32 = 1024;
+    /// VMs with a row at once for the guest counter reads of `--snapshots`: a VM past
+    /// it has none, and its reads are counted as lost snapshots.
+    pub const MAX_VMS: u32 = 4096;
     /// Bytes of the CPUID snapshot ring buffer (drained every 100 ms).
     pub const CPUID_RING_BYTES: u32 = 16 << 20;
     /// Bytes of that ring buffer when no snapshots are taken (one page: it stays empty).
@@ -52,7 +50,7 @@ pub mod limits {
     pub const LEARN_RING_BYTES: u32 = 1 << 20;
     /// vCPU threads (the thread's `struct kvm_vcpu`, and a guest counter read waiting
     /// for its VM entry), kept only with snapshots.
-    pub const MAX_VCPU_THREADS: u32 = 8192;
+    pub const MAX_VCPU_THREADS: u32 = 16384;
     /// Bytes of the `kvm:kvm_exit` record read at once (the fields kvmtrace needs lie
     /// within 52 bytes on every kernel since 5.7).
     pub const EXIT_FIELDS_BYTES: u32 = 64;
@@ -215,14 +213,15 @@ pub mod maps {
     pub const DETAIL_EXITS: &str = "DETAIL_EXITS";
     pub const DETAIL_KEYS: &str = "DETAIL_KEYS";
     pub const RIP_EXITS: &str = "RIP_EXITS";
-    pub const COUNTS: &str = "COUNTS";
     pub const COUNT_OVERFLOW: &str = "COUNT_OVERFLOW";
-    pub const SHARED_CELLS: &str = "SHARED_CELLS";
+    pub const VM_ROWS: &str = "VM_ROWS";
+    pub const VM_EXITS: &str = "VM_EXITS";
+    pub const VM_FREE: &str = "VM_FREE";
+    pub const VM_ENDED: &str = "VM_ENDED";
     pub const SHARED_ALL: &str = "SHARED_ALL";
     pub const VM_SLOTS: &str = "VM_SLOTS";
     pub const SLOT_OWNERS: &str = "SLOT_OWNERS";
     pub const COUNT_EPOCH: &str = "COUNT_EPOCH";
-    pub const SLOT_ENDED: &str = "SLOT_ENDED";
     pub const THREAD_SLOTS: &str = "THREAD_SLOTS";
     pub const SLOT_THREADS: &str = "SLOT_THREADS";
     pub const FREE_SLOTS: &str = "FREE_SLOTS";
@@ -692,76 +691,14 @@ mod pod {
     unsafe impl aya::Pod for super::rows::CachedThread {}
 }
 
-/// The snapshots' VM slots (`--snapshots`): each exit also adds 1 to a per-CPU array
-/// cell, `VM slot × CELLS + dense reason`, which a guest counter read sums. (The
+/// The snapshots' VM slots (`--snapshots`): each VM's row of counts, which a guest
+/// counter read is compared with, and each CPU's cache of its last VM's slot. (The
 /// count path and the timing path count in thread rows: [`rows`].)
 pub mod count {
-    use super::{ExitKey, VMX_BASIC_REASON_MASK, VMX_FAILED_VMENTRY, isa};
-
-    /// Cells per VM slot: every dense reason index is below this.
-    pub const CELLS: u32 = 256;
-    /// VMX basic reasons 0..80 are cells 0..80 (the SDM defines up to 78).
-    pub const VMX_REASONS: u32 = 80;
-    /// SVM exit codes 0..0xa8 (CR, DR, exception, intercept codes) are cells
-    /// `SVM_BASE..`.
-    pub const SVM_BASE: u32 = VMX_REASONS;
-    pub const SVM_CODES: u32 = 0xa8;
-    /// SVM codes 0x400..0x404 (NPF, AVIC, VMGEXIT) are cells `SVM_HIGH_BASE..`.
-    pub const SVM_HIGH_BASE: u32 = SVM_BASE + SVM_CODES;
-    pub const SVM_HIGH_FIRST: u32 = 0x400;
-    pub const SVM_HIGH: u32 = 4;
-    /// `SVM_EXIT_ERR` (-1): a VMRUN that failed.
-    pub const SVM_ERR: u32 = SVM_HIGH_BASE + SVM_HIGH;
-    /// With snapshots: every exit of the VM (not a reason: [`exit_of`] gives `None`).
-    pub const TOTAL: u32 = CELLS - 1;
-    /// CPUs a counter read sums over at most.
+    /// CPUs a counter read sums the all-VMs count over at most.
     pub const MAX_CPUS: u32 = 1024;
-    /// Not a cell: the exit goes, with its raw code, to the overflow map (a failed VMX
-    /// entry, or a reason this table does not know).
-    pub const OVERFLOW: u32 = CELLS;
-    /// VM slots. Slot 0 holds the exits of VMs that found every other slot taken
-    /// (counted as such in `drop_kind::COUNT_SLOTS_FULL`).
-    pub const MAX_VMS: u32 = 64;
     /// The `vcpu_id` of a count-path row: the count path does not tell vCPUs apart.
     pub const ALL_VCPUS: u32 = u32::MAX;
-    /// The per-CPU cache's slot value for a process the pid filter does not trace.
-    pub const NOT_TRACED: u32 = u32::MAX;
-
-    /// The cell of a raw `kvm_exit` (isa, reason), or [`OVERFLOW`].
-    #[inline(always)]
-    pub fn dense_index(exit_isa: u32, raw: u32) -> u32 {
-        if exit_isa == isa::VMX {
-            if raw & VMX_FAILED_VMENTRY == 0 && raw & VMX_BASIC_REASON_MASK < VMX_REASONS {
-                // Bits 30:16 are flags (e.g. 27: enclave mode): only the basic reason.
-                return raw & VMX_BASIC_REASON_MASK;
-            }
-            return OVERFLOW;
-        }
-        if exit_isa == isa::SVM {
-            if raw < SVM_CODES {
-                return SVM_BASE + raw;
-            }
-            if (SVM_HIGH_FIRST..SVM_HIGH_FIRST + SVM_HIGH).contains(&raw) {
-                return SVM_HIGH_BASE + raw - SVM_HIGH_FIRST;
-            }
-            if raw == u32::MAX {
-                return SVM_ERR;
-            }
-        }
-        OVERFLOW
-    }
-
-    /// The exit counted in cell `i`; `None` for a cell no exit maps to.
-    pub fn exit_of(i: u32) -> Option<ExitKey> {
-        let (exit_isa, reason) = match i {
-            _ if i < VMX_REASONS => (isa::VMX, i),
-            _ if i < SVM_HIGH_BASE => (isa::SVM, i - SVM_BASE),
-            _ if i < SVM_ERR => (isa::SVM, i - SVM_HIGH_BASE + SVM_HIGH_FIRST),
-            SVM_ERR => (isa::SVM, u32::MAX),
-            _ => return None,
-        };
-        Some(ExitKey::from_raw(exit_isa, reason))
-    }
 
     /// A VM's slot key in `VM_SLOTS`: the phase in the high half, the tgid below.
     #[inline(always)]
@@ -779,7 +716,7 @@ pub mod count {
         /// `COUNT_EPOCH` when cached: user space bumps it when it frees a slot or
         /// adds a pid to the filter, which empties every CPU's cache.
         pub epoch: u32,
-        /// The slot, or [`NOT_TRACED`].
+        /// The slot, or `rows::FULL_SLOT` when none was free.
         pub slot: u32,
     }
 }

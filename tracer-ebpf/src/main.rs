@@ -26,12 +26,12 @@
 //! (`module:module_load`) starts a new one, so a record that spans
 //! `rmmod kvm_intel; insmod kvm-intel.ko ept=0` keeps both halves apart.
 //!
-//! Counts and times live in per-CPU maps and are bumped with plain adds: a per-CPU
-//! slot has one writer. With `--snapshots`, the per-VM counts that counter reads are
-//! compared with are the count path's per-CPU cells too (no hash lookup, no atomic
-//! per exit), summed over CPUs when a guest reads a counter. Shared, with atomic
-//! adds: a few control slots (the phase, the outstanding reads, the cache epoch) and
-//! the ended VMs' total, once per VM. Every
+//! Counts and times live in thread rows or per-CPU maps and are bumped with plain
+//! adds: each has one writer. With `--snapshots`, the per-VM counts that counter
+//! reads are compared with are rows per VM ([`vm_rows`]), added to atomically by the
+//! VM's own vCPUs. Shared by all CPUs, with atomic adds: a few control slots (the
+//! phase, the outstanding reads, the cache epoch) and the ended VMs' total, once per
+//! VM. Every
 //! insert that fails bumps a `DROPS` slot, so nothing is lost silently. Field offsets
 //! are globals the loader fills in from the tracepoint's `format` file.
 //!
@@ -54,6 +54,7 @@ mod lifecycle;
 mod snapshots;
 mod thread_rows;
 mod timing;
+mod vm_rows;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},

@@ -6,7 +6,7 @@
 use super::*;
 
 /// With snapshots, the ended VMs' exits ([`vm_totals_key::ENDED`]), added once per
-/// VM when it ends. (A VM's own counts are the count path's cells, summed at a read.)
+/// VM when it ends. (A VM's own counts are its row in [`vm_rows`].)
 #[map]
 pub(crate) static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
 
@@ -106,8 +106,13 @@ pub(crate) fn cpuid_snapshot(tid: u32, vm: &VmExitKey, guest_rip: u64) {
     if !counter_leaf(function) {
         return;
     }
-    let (host_reason_count, host_total, host_all_vms) =
-        count_path::vm_counts(vm.pid, vm.exit.isa, index);
+    let Some((host_reason_count, host_total, host_all_vms)) =
+        vm_rows::vm_counts(vm.pid, vm.exit.isa, index)
+    else {
+        // The VM has no row (every VM slot was taken): nothing to compare with.
+        count_drop(drop_kind::SNAPSHOT_LOST);
+        return;
+    };
     // SAFETY: a plain read of a value other CPUs may be adding to; a helper call.
     let event = unsafe {
         CpuidEvent {
@@ -273,11 +278,15 @@ pub(crate) fn entry_snapshot(ctx: &RawTracePointContext, pid_tgid: u64) {
     event.rbx = rbx;
     event.rcx = rcx;
     event.rdx = rdx;
+    let Some(at_entry) = vm_rows::vm_counts(tgid, event.isa, event.index) else {
+        count_drop(drop_kind::SNAPSHOT_LOST);
+        return;
+    };
     (
         event.host_reason_count_entry,
         event.host_total_entry,
         event.host_all_vms_entry,
-    ) = count_path::vm_counts(tgid, event.isa, event.index);
+    ) = at_entry;
     if CPUID_EVENTS.output::<CpuidEvent>(&event, 0).is_err() {
         count_drop(drop_kind::CPUID_RING_FULL);
     }
@@ -344,7 +353,11 @@ pub(crate) fn on_cpuid(ctx: &TracePointContext, function: u32) {
         // SAFETY: the entry is copied out.
         _ => unsafe { PENDING.get(tid) }.map_or(0, |p| p.row.exit().isa),
     };
-    let (host_reason_count, host_total, host_all_vms) = count_path::vm_counts(tgid, isa, index);
+    let Some((host_reason_count, host_total, host_all_vms)) = vm_rows::vm_counts(tgid, isa, index)
+    else {
+        count_drop(drop_kind::SNAPSHOT_LOST);
+        return;
+    };
     // Only kvm_cpuid saw this read (no CPUID exit asked it, e.g. the emulator's CPUID,
     // or the register layout is not known yet).
     let event = CpuidEvent {

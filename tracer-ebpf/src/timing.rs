@@ -1,7 +1,7 @@
 //! The timing path: each exit is parked per CPU (or per thread once its thread
 //! leaves the CPU) and counted with its handling time at its thread's next
 //! `kvm_entry`, in the thread's row ([`thread_rows`], per VM or per vCPU) or, with
-//! `--detail`, `--rip`, `--vcpu` or snapshots, in its per-vCPU hash row.
+//! `--detail`, `--rip` or `--vcpu`, in its per-vCPU hash row.
 
 use super::*;
 
@@ -89,12 +89,14 @@ pub fn kvm_exit_raw(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     if global(&VM_TIME) != 0 {
-        vm_exit(now, isa, raw_reason, || {
+        let vcpu_id = || {
             if global(&VCPU_ROWS) == 0 {
                 return count::ALL_VCPUS;
             }
             count_path::vcpu_id_of(vcpu).unwrap_or(count::ALL_VCPUS)
-        });
+        };
+        // This program runs only where no snapshot needs the RIP (the layout is known).
+        vm_exit(now, isa, raw_reason, vcpu_id, || 0);
         return 0;
     }
     let Some(vcpu_id) = count_path::vcpu_id_of(vcpu) else {
@@ -124,11 +126,25 @@ pub(crate) struct Exit<'a> {
 /// for its entry to count and time it in the thread's row. The slot is cached per
 /// CPU; `vcpu_id` is read only when the thread takes its slot.
 #[inline(always)]
-pub(crate) fn vm_exit(now: u64, isa: u32, raw_reason: u32, vcpu_id: impl FnOnce() -> u32) {
+pub(crate) fn vm_exit(
+    now: u64,
+    isa: u32,
+    raw_reason: u32,
+    vcpu_id: impl FnOnce() -> u32,
+    guest_rip: impl FnOnce() -> u64,
+) {
     let Some(me) = thread_rows::current(vcpu_id) else {
         // Not traced.
         return;
     };
+    if global(&SNAPSHOTS) != 0 {
+        let vm = VmExitKey {
+            pid: me.tgid,
+            exit: ExitKey::from_raw(isa, raw_reason),
+        };
+        vm_rows::count_for_snapshots(isa, raw_reason);
+        cpuid_snapshot(me.tid, &vm, guest_rip());
+    }
     if me.slot == rows::FULL_SLOT {
         count_drop(drop_kind::COUNT_SLOTS_FULL);
     }
@@ -161,14 +177,23 @@ pub(crate) fn vm_exit(now: u64, isa: u32, raw_reason: u32, vcpu_id: impl FnOnce(
 
 #[inline(always)]
 pub(crate) fn on_exit(now: u64, ex: &Exit<'_>) {
+    // Only snapshots and `--rip` need the RIP: assembled for them alone, from the
+    // record (the raw program runs only where neither needs it: 0).
+    let guest_rip = || {
+        let at =
+            (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
+        ex.fields
+            .map_or(0, |f| u64::from(f[at]) | (u64::from(f[at + 1]) << 32))
+    };
     if global(&VM_TIME) != 0 {
-        vm_exit(now, ex.isa, ex.raw_reason, || {
+        let vcpu_id = || {
             if global(&VCPU_ROWS) == 0 {
                 count::ALL_VCPUS
             } else {
                 ex.vcpu_id
             }
-        });
+        };
+        vm_exit(now, ex.isa, ex.raw_reason, vcpu_id, guest_rip);
         return;
     }
     let Some((tgid, tid)) = traced_current() else {
@@ -188,17 +213,9 @@ pub(crate) fn on_exit(now: u64, ex: &Exit<'_>) {
     let phase = PHASE.get(0).copied().unwrap_or(0);
     let row = PhaseVcpuKey::new(phase, &vcpu);
     let one = untimed_one();
-    // Only snapshots and `--rip` need the RIP: assembled for them alone, from the
-    // record (the raw program runs only where neither needs it: 0).
-    let guest_rip = || {
-        let at =
-            (global(&EXIT_RIP_OFF) / 4) as usize & ((limits::EXIT_FIELDS_BYTES / 4 - 2) as usize);
-        ex.fields
-            .map_or(0, |f| u64::from(f[at]) | (u64::from(f[at + 1]) << 32))
-    };
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
-        count_path::count_for_snapshots(isa, raw_reason);
+        vm_rows::count_for_snapshots(isa, raw_reason);
         cpuid_snapshot(tid, &vm, guest_rip());
     }
     if global(&RIPS) != 0 {

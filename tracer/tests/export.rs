@@ -60,14 +60,16 @@ fn start(port: u16) -> Exporter {
     let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
     let mut lines = BufReader::new(err).lines();
     let started = Instant::now();
+    let mut said = Vec::new();
     loop {
         let line = lines
             .next()
-            .unwrap_or_else(|| panic!("kvmtrace export ended before serving"))
+            .unwrap_or_else(|| panic!("kvmtrace export ended before serving: {said:?}"))
             .unwrap_or_else(|e| panic!("stderr: {e}"));
         if line.contains("serving KVM exit metrics on http://127.0.0.1:") {
             break;
         }
+        said.push(line);
         assert!(started.elapsed() < Duration::from_secs(60), "not serving");
     }
     // Keep reading its log so it never blocks on a full pipe.

@@ -199,7 +199,7 @@ fn trace(args: &RecordArgs, tracefs: &Tracefs, start: Instant) -> anyhow::Result
     };
     let source = if config.snapshots.is_some() && !config.sum_per_cpu {
         format!(
-            "{source}; the counts the reads are compared with are kept in cells shared by all CPUs (per-CPU ones need Linux 5.19)"
+            "{source}; the all-VMs count the reads are compared with is kept in one cell shared by all CPUs (per-CPU ones need Linux 5.19)"
         )
     } else {
         source

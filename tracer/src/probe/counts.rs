@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, Queue};
+use aya::maps::{Array, HashMap, MapData, MapError, Queue};
 use kvmtrace_model::snapshot::{Snapshot, sum_stats};
 use tracer_common::{
     ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps,
@@ -22,9 +22,7 @@ use crate::exit_layout::{self, Choice};
 /// reads before that is an error (its BTF appears while it loads).
 const RELOAD_GRACE: Duration = Duration::from_secs(2);
 
-/// Cells of one VM slot, per CPU (snapshots).
-type Cells = [u64; count::CELLS as usize];
-/// A count row.
+/// A count row (and a snapshots' VM row).
 type CountRow = [u64; rows::CELLS as usize];
 /// A time row: exits and their time.
 type TimeRow = [ExitStats; rows::CELLS as usize];
@@ -48,6 +46,8 @@ pub(super) struct CountPath {
     /// Ended threads, read from their rows: (phase, pid, vcpu_id) -> exits per
     /// reason.
     ended: BTreeMap<(u32, u32, u32), BTreeMap<ExitKey, ExitStats>>,
+    /// Snapshots' VM slots whose VM has ended but is not reaped yet.
+    vms_ended: Vec<u32>,
 }
 
 impl CountPath {
@@ -60,6 +60,7 @@ impl CountPath {
             verified_phase: 0,
             unverified_since: None,
             ended: BTreeMap::new(),
+            vms_ended: Vec::new(),
         }
     }
 
@@ -138,15 +139,28 @@ impl Probe {
         )
     }
 
-    /// Puts every slot but slot 0 on the free queue (at attach).
+    /// Puts every slot but slot 0 on the free queues (at attach): the thread rows',
+    /// and the snapshots' VM rows'.
     pub(super) fn fill_free_slots(&mut self) -> Result<(), ProbeError> {
-        if !self.counts.as_ref().is_some_and(CountPath::rows) {
+        let Some(path) = &self.counts else {
             return Ok(());
+        };
+        let (rows, snapshots) = (path.rows(), path.snapshots);
+        if rows {
+            self.fill_queue(maps::FREE_SLOTS)?;
         }
+        if snapshots {
+            self.fill_queue(maps::VM_FREE)?;
+        }
+        Ok(())
+    }
+
+    /// Puts slots `1..=capacity` on the queue `name`.
+    fn fill_queue(&mut self, name: &'static str) -> Result<(), ProbeError> {
         let mut free: Queue<&mut MapData, u32> =
-            Queue::try_from(self.map_mut(maps::FREE_SLOTS)?).map_err(map_err(maps::FREE_SLOTS))?;
+            Queue::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         for slot in 1..=free.capacity() {
-            free.push(slot, 0).map_err(map_err(maps::FREE_SLOTS))?;
+            free.push(slot, 0).map_err(map_err(name))?;
         }
         Ok(())
     }
@@ -259,58 +273,80 @@ impl Probe {
         Ok(())
     }
 
-    /// Zeroes slot `slot` of the per-CPU cells `map` on every CPU.
-    fn zero_cells(&mut self, slot: u32, nr_cpus: usize) -> Result<(), ProbeError> {
-        let zeros = PerCpuValues::try_from(vec![[0u64; count::CELLS as usize]; nr_cpus])
-            .map_err(ProbeError::Cpus)?;
-        let mut cells: PerCpuArray<&mut MapData, Cells> =
-            PerCpuArray::try_from(self.map_mut(maps::COUNTS)?).map_err(map_err(maps::COUNTS))?;
-        cells.set(slot, zeros, 0).map_err(map_err(maps::COUNTS))
+    /// The next slot whose VM has ended, if any (snapshots).
+    fn next_vm_ended(&mut self) -> Result<Option<u32>, ProbeError> {
+        let mut ended: Queue<&mut MapData, u32> =
+            Queue::try_from(self.map_mut(maps::VM_ENDED)?).map_err(map_err(maps::VM_ENDED))?;
+        match ended.pop(0) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(MapError::ElementNotFound) => Ok(None),
+            Err(e) => Err(ProbeError::Map {
+                map: maps::VM_ENDED,
+                source: e,
+            }),
+        }
     }
 
-    /// Snapshots: zeroes the cells of every VM slot whose VM has ended and been
-    /// reaped, and frees the slot.
+    /// Snapshots: zeroes the row of every VM slot whose VM has ended and been reaped,
+    /// and frees the slot. An ended VM not reaped yet waits for a later tick.
     fn free_vm_slots(&mut self) -> Result<(), ProbeError> {
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| ProbeError::Cpus(e))?;
-        let ended_slots: Vec<u32> = {
-            let flags: Array<&MapData, u32> =
-                Array::try_from(self.map(maps::SLOT_ENDED)?).map_err(map_err(maps::SLOT_ENDED))?;
-            let owners: HashMap<&MapData, u32, u64> =
-                HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
-                    .map_err(map_err(maps::SLOT_OWNERS))?;
-            (1..count::MAX_VMS)
-                .filter(|&s| flags.get(&s, 0).is_ok_and(|v| v != 0))
-                // Only once the process is reaped: the group leader's exit ends the VM
-                // (kernels without `group_dead`), and its other threads may still exit.
-                .filter(|&s| {
-                    owners
-                        .get(&s, 0)
-                        .map_or(true, |key| !pid_exists(key as u32))
-                })
-                .collect()
-        };
-        for slot in ended_slots {
-            self.zero_cells(slot, nr_cpus)?;
-            // The shared cells, where they are used (older kernels).
-            let mut shared: Array<&mut MapData, Cells> =
-                Array::try_from(self.map_mut(maps::SHARED_CELLS)?)
-                    .map_err(map_err(maps::SHARED_CELLS))?;
-            if slot < shared.len() {
-                shared
-                    .set(slot, [0u64; count::CELLS as usize], 0)
-                    .map_err(map_err(maps::SHARED_CELLS))?;
+        while let Some(slot) = self.next_vm_ended()? {
+            if let Some(path) = self.counts.as_mut() {
+                path.vms_ended.push(slot);
             }
-            let mut flags: Array<&mut MapData, u32> =
-                Array::try_from(self.map_mut(maps::SLOT_ENDED)?)
-                    .map_err(map_err(maps::SLOT_ENDED))?;
-            flags.set(slot, 0, 0).map_err(map_err(maps::SLOT_ENDED))?;
-            let mut owners: HashMap<&mut MapData, u32, u64> =
-                HashMap::try_from(self.map_mut(maps::SLOT_OWNERS)?)
-                    .map_err(map_err(maps::SLOT_OWNERS))?;
-            // The slot is free from here on: a new VM may take it.
-            owners.remove(&slot).map_err(map_err(maps::SLOT_OWNERS))?;
+        }
+        let waiting = self
+            .counts
+            .as_mut()
+            .map(|path| std::mem::take(&mut path.vms_ended))
+            .unwrap_or_default();
+        let mut still = Vec::new();
+        for slot in waiting {
+            let owner: Option<u64> = {
+                let owners: HashMap<&MapData, u32, u64> =
+                    HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
+                        .map_err(map_err(maps::SLOT_OWNERS))?;
+                owners.get(&slot, 0).ok()
+            };
+            // Only once the process is reaped: the group leader's exit ends the VM
+            // (kernels without `group_dead`), and its other threads may still run.
+            if owner.is_some_and(|key| pid_exists(key as u32)) {
+                still.push(slot);
+                continue;
+            }
+            self.free_vm_slot(slot)?;
+        }
+        if let Some(path) = self.counts.as_mut() {
+            path.vms_ended = still;
         }
         Ok(())
+    }
+
+    /// Zeroes VM slot `slot`'s row and total and puts it on the free queue.
+    fn free_vm_slot(&mut self, slot: u32) -> Result<(), ProbeError> {
+        let mut rows: Array<&mut MapData, CountRow> =
+            Array::try_from(self.map_mut(maps::VM_ROWS)?).map_err(map_err(maps::VM_ROWS))?;
+        rows.set(slot, [0; rows::CELLS as usize], 0)
+            .map_err(map_err(maps::VM_ROWS))?;
+        let mut totals: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(maps::VM_EXITS)?).map_err(map_err(maps::VM_EXITS))?;
+        totals.set(slot, 0, 0).map_err(map_err(maps::VM_EXITS))?;
+        let mut owners: HashMap<&mut MapData, u32, u64> =
+            HashMap::try_from(self.map_mut(maps::SLOT_OWNERS)?)
+                .map_err(map_err(maps::SLOT_OWNERS))?;
+        match owners.remove(&slot) {
+            Ok(()) | Err(MapError::ElementNotFound) => {}
+            Err(e) => {
+                return Err(ProbeError::Map {
+                    map: maps::SLOT_OWNERS,
+                    source: e,
+                });
+            }
+        }
+        // The slot is free from here on: a new VM may take it.
+        let mut free: Queue<&mut MapData, u32> =
+            Queue::try_from(self.map_mut(maps::VM_FREE)?).map_err(map_err(maps::VM_FREE))?;
+        free.push(slot, 0).map_err(map_err(maps::VM_FREE))
     }
 
     /// The thread rows: every VM (live threads' rows, ended threads', slot 0's

@@ -160,6 +160,10 @@ mod tests {
             vcpu_rows: true,
             ..record.clone()
         };
+        let snapshots = ProbeConfig {
+            snapshots: Some(kvmtrace_model::leaves::PRESETS[0].1),
+            ..record.clone()
+        };
         vec![
             (
                 "record (time, rows per VM: the default), export --time",
@@ -167,7 +171,8 @@ mod tests {
             ),
             ("record --counts-only, top, export", counts),
             ("record --per-vcpu", per_vcpu),
-            ("record --detail, --rip or --snapshots", base),
+            ("record --snapshots", snapshots),
+            ("record --detail, --rip or --vcpu", base),
         ]
     }
 
@@ -190,6 +195,11 @@ mod tests {
         assert!(
             total(&modes[1].1, 384) <= 32 << 20,
             "count path at 384 CPUs"
+        );
+        // Snapshots' rows per VM are not per CPU: at most the default's target more.
+        assert!(
+            total(&modes[3].1, 384) <= 2 * (64 << 20),
+            "snapshots at 384 CPUs"
         );
     }
 

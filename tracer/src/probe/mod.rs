@@ -125,13 +125,13 @@ pub struct ProbeConfig {
     /// tracepoint) instead of the `kvm:kvm_exit` record. Only where nothing needs the
     /// record's other fields: no `--detail`, no `--rip`, no register learning.
     pub raw_exit: Option<crate::exit_layout::Offsets>,
-    /// With snapshots: a counter read sums the VM's per-CPU cells in the kernel
-    /// (5.19+, [`sums_per_cpu`]); false: every exit also adds to shared cells.
+    /// With snapshots: a counter read sums the all-VMs count's per-CPU cells in the
+    /// kernel (5.19+, [`sums_per_cpu`]); false: every exit also adds to a shared cell.
     pub sum_per_cpu: bool,
     /// The timing path on thread rows: each exit is parked with its thread's slot and
     /// its entry counts and times it in the thread's row, with no hash lookup at
-    /// either (per VM, or per vCPU with `vcpu_rows`). Only without `vcpu`, `detail`,
-    /// `rips` and `snapshots` ([`ProbeConfig::per_vm_time_fits`]).
+    /// either (per VM, or per vCPU with `vcpu_rows`). Only without `vcpu`, `detail`
+    /// and `rips` ([`ProbeConfig::per_vm_time_fits`]).
     pub vm_time: bool,
     /// The ISA whose reasons have cells in thread rows and latency cells: the host's
     /// ([`host_isa`]).
@@ -142,13 +142,10 @@ pub struct ProbeConfig {
 
 impl ProbeConfig {
     /// Whether nothing asked for needs the hash rows: the timing path can then keep
-    /// thread rows (`vm_time`), per VM or per vCPU (`vcpu_rows`).
+    /// thread rows (`vm_time`), per VM or per vCPU (`vcpu_rows`). Snapshots keep
+    /// their own rows per VM beside them.
     pub fn per_vm_time_fits(&self) -> bool {
-        self.counts.is_none()
-            && self.vcpu.is_none()
-            && !self.detail
-            && !self.rips
-            && self.snapshots.is_none()
+        self.counts.is_none() && self.vcpu.is_none() && !self.detail && !self.rips
     }
 }
 

@@ -6,7 +6,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use kvmtrace_model::tracefs_format::{Field, Tracepoint};
-use tracer_common::{NO_FIELD, count, globals, isa, limits, maps, rows};
+use tracer_common::{NO_FIELD, globals, isa, limits, maps, rows};
 
 use super::{ProbeConfig, ProbeError, find_program, load_error};
 use crate::{exit_layout::Choice, tracefs::Tracefs};
@@ -352,6 +352,7 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
     // Thread rows: the count path's, or the per-VM timing path's.
     let rows = counting || config.vm_time;
     let threads = limits::MAX_THREADS;
+    let vms = limits::MAX_VMS;
     // With thread rows, the per-CPU hashes only take the reasons without a cell.
     let hashed = |size: u32| {
         if config.vm_time {
@@ -381,16 +382,18 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (maps::ENDED_SLOTS, on(rows, threads, 1)),
         (maps::COUNT_ROWS, on(counting, threads + 1, 1)),
         (maps::TIME_ROWS, on(config.vm_time, threads + 1, 1)),
-        (maps::COUNTS, on(snap, count::MAX_VMS, 1)),
+        (maps::VM_ROWS, on(snap, vms + 1, 1)),
+        (maps::VM_EXITS, on(snap, vms + 1, 1)),
+        (maps::VM_FREE, on(snap, vms, 1)),
+        (maps::VM_ENDED, on(snap, vms, 1)),
+        (maps::VM_SLOTS, on(snap, vms, 1)),
+        (maps::SLOT_OWNERS, on(snap, vms, 1)),
         (
             maps::COUNT_OVERFLOW,
             on(counting || snap, config.max_overflow_rows, 1),
         ),
-        (
-            maps::SHARED_CELLS,
-            on(snap && !config.sum_per_cpu, count::MAX_VMS, 1),
-        ),
-        (maps::VM_TOTALS, on(snap, limits::MAX_VMS, 1)),
+        // Only the ended VMs' total.
+        (maps::VM_TOTALS, on(snap, 1, 1)),
         (
             maps::CPUID_EVENTS,
             on(snap, limits::CPUID_RING_BYTES, ring_min),
@@ -400,7 +403,7 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
             on(snap, limits::LEARN_RING_BYTES, ring_min),
         ),
         (maps::VCPU_OF, on(snap, limits::MAX_VCPU_THREADS, 1)),
-        (maps::VM_SYNTHETIC, on(snap, limits::MAX_VMS, 1)),
+        (maps::VM_SYNTHETIC, on(snap, vms, 1)),
         (maps::RUN_STARTED, on(snap, limits::MAX_VCPU_THREADS, 1)),
         (maps::PENDING_READS, on(snap, limits::MAX_VCPU_THREADS, 1)),
         (
