@@ -617,13 +617,16 @@ fn amd_vms_starting_and_stopping_keep_their_rows() {
 /// The crowd: `vms` micro VMs at once on two L1 CPUs, VM i running 100 + i CPUIDs.
 /// Every VM has its own row, which equals the kernel's hist of its thread reason by
 /// reason (the thread named by its CPUID count), and nothing is dropped.
+/// `vms` micro VMs at once on the patched 6.1 L1, recorded with `--snapshots`: every
+/// VM's row equals the hist by its threads, and every guest read of the leaves (3 per
+/// VM) equals that VM's own host count at that instant: a read compared with another
+/// VM's row, or not compared at all, fails.
 fn crowd_is_exact(vms: u16, tag: &'static str) {
     let s = Scenario {
         workload: "crowd",
-        modules: "stock",
         vms,
         tag,
-        extra: &["--l1-cpus", "2"],
+        extra: &["--l1-cpus", "2", "--record-args", "--snapshots"],
         ..micro("amd")
     };
     for nested in [true, false] {
@@ -631,6 +634,18 @@ fn crowd_is_exact(vms: u16, tag: &'static str) {
         assert_matches_hist(&dir);
         let rec = record(&dir);
         assert!(!rec.dropped.any(), "{}: {:?}", dir.display(), rec.dropped);
+        let r = reconcile(&rec);
+        assert_eq!(
+            r.verdict.reads,
+            3 * usize::from(vms),
+            "{}: guest reads",
+            dir.display()
+        );
+        let bad: Vec<_> = r.rows.iter().filter(|x| !x.verdict.is_ok()).collect();
+        assert!(bad.is_empty(), "{}: {bad:#?}", dir.display());
+        let read_vms: std::collections::BTreeSet<u32> =
+            rec.cpuid_reads.iter().map(|read| read.pid).collect();
+        assert_eq!(read_vms.len(), usize::from(vms), "{}", dir.display());
         let hist_text = read(&dir.join("hist.txt"));
         let rows = kvmtrace_model::kernel_hist::rows(&hist_text).expect("hist.txt parses");
         // Thread -> (raw reason -> count), from the `common_pid,exit_reason` trigger.
