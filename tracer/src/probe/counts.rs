@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError, Queue};
+use aya::maps::{Array, HashMap, MapData, MapError, Queue, Stack};
 use kvmtrace_model::snapshot::{Snapshot, sum_stats};
 use tracer_common::{
     ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps,
@@ -147,19 +147,19 @@ impl Probe {
         };
         let (rows, snapshots) = (path.rows(), path.snapshots);
         if rows {
-            self.fill_queue(maps::FREE_SLOTS)?;
+            self.fill_free(maps::FREE_SLOTS)?;
         }
         if snapshots {
-            self.fill_queue(maps::VM_FREE)?;
+            self.fill_free(maps::VM_FREE)?;
         }
         Ok(())
     }
 
-    /// Puts slots `1..=capacity` on the queue `name`.
-    fn fill_queue(&mut self, name: &'static str) -> Result<(), ProbeError> {
-        let mut free: Queue<&mut MapData, u32> =
-            Queue::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for slot in 1..=free.capacity() {
+    /// Puts slots `1..=capacity` on the free stack `name`, slot 1 on top.
+    fn fill_free(&mut self, name: &'static str) -> Result<(), ProbeError> {
+        let mut free: Stack<&mut MapData, u32> =
+            Stack::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for slot in (1..=free.capacity()).rev() {
             free.push(slot, 0).map_err(map_err(name))?;
         }
         Ok(())
@@ -265,8 +265,8 @@ impl Probe {
                     .map_err(map_err(maps::SLOT_THREADS))?;
             owners.remove(&slot).map_err(map_err(maps::SLOT_THREADS))?;
             // The slot is free from here on: a new thread may take it.
-            let mut free: Queue<&mut MapData, u32> =
-                Queue::try_from(self.map_mut(maps::FREE_SLOTS)?)
+            let mut free: Stack<&mut MapData, u32> =
+                Stack::try_from(self.map_mut(maps::FREE_SLOTS)?)
                     .map_err(map_err(maps::FREE_SLOTS))?;
             free.push(slot, 0).map_err(map_err(maps::FREE_SLOTS))?;
         }
@@ -344,8 +344,8 @@ impl Probe {
             }
         }
         // The slot is free from here on: a new VM may take it.
-        let mut free: Queue<&mut MapData, u32> =
-            Queue::try_from(self.map_mut(maps::VM_FREE)?).map_err(map_err(maps::VM_FREE))?;
+        let mut free: Stack<&mut MapData, u32> =
+            Stack::try_from(self.map_mut(maps::VM_FREE)?).map_err(map_err(maps::VM_FREE))?;
         free.push(slot, 0).map_err(map_err(maps::VM_FREE))
     }
 
