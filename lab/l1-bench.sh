@@ -16,9 +16,15 @@
 #   patched-no-cycles  the same series without its cycles (BENCH ONLY variant), the
 #              count alone
 #   unpatched  the same out-of-tree build without the patch, nothing tracing
+#   stock-crowd, kvmtrace-counts-crowd, kvmtrace-crowd  the same CPUID exits spread over
+#              CROWD micro VMs at once (each CPUIDS / CROWD), untraced, under
+#              --counts-only and under the default record: the first start to the
+#              last end
 # then once more under kvmtrace (default and --counts-only) with
-# kernel.bpf_stats_enabled=1 for the eBPF run time per exit. Lines for xtask:
+# kernel.bpf_stats_enabled=1 for the eBPF run time per exit, and `kvmtrace export`
+# scraped SCRAPES times with EXPORT_VMS VMs' series in it. Lines for xtask:
 #   KVMLAB bench CONFIG ROUND run_ns=N        one timed run
+#   KVMLAB scrape vms=N series=N bytes=N scrapes=N seconds=S
 # besides the protocol of lab/l1-lib.sh.
 export PATH=/bin:/usr/bin
 . /lab/lib.sh
@@ -39,6 +45,22 @@ measure() { # CONFIG ROUND
     /bin/micro $CPUIDS 0 > /tmp/micro.out 2>&1 || { cat /tmp/micro.out; finish fail "micro under $1"; }
     ns=$(sed -n 's/^micro: run_ns=//p' /tmp/micro.out)
     say "bench $1 $2 run_ns=$ns"
+}
+# The same CPUID exits over CROWD VMs at once: from the first VM's first KVM_RUN to the
+# last VM's last HLT exit, on L1's monotonic clock.
+measure_crowd() { # CONFIG ROUND
+    rm -f /tmp/crowd.*
+    n=0
+    while [ $n -lt $CROWD ]; do
+        /bin/micro $((CPUIDS / CROWD)) 0 > /tmp/crowd.$n 2>&1 &
+        n=$((n + 1))
+    done
+    wait
+    ended=$(grep -l 'KVMLAB-L2 end' /tmp/crowd.* | wc -l)
+    [ "$ended" = "$CROWD" ] || { cat /tmp/crowd.0; finish fail "crowd under $1: $ended of $CROWD VMs ended"; }
+    from=$(sed -n 's/^micro: run_from_ns=\([0-9]*\) .*/\1/p' /tmp/crowd.* | sort -n | head -n 1)
+    to=$(sed -n 's/^micro: run_from_ns=.* run_to_ns=//p' /tmp/crowd.* | sort -n | tail -n 1)
+    say "bench $1 $2 run_ns=$((to - from))"
 }
 # perf kvm stat record as users run it (-a: every CPU, like kvmtrace; -o in tmpfs),
 # with more arguments after the round; perf writes its header at once.
@@ -146,6 +168,14 @@ for round in $(seq 1 $ROUNDS); do
     wait $BT
     section bpftrace r$round /tmp/bt.out
 
+    measure_crowd stock-crowd $round
+    kvmtrace_start cc$round --counts-only
+    measure_crowd kvmtrace-counts-crowd $round
+    kvmtrace_stop cc$round
+    kvmtrace_start rc$round
+    measure_crowd kvmtrace-crowd $round
+    kvmtrace_stop rc$round
+
     unload
     load patched
     measure patched $round
@@ -168,4 +198,37 @@ kvmtrace_start stats-counts --counts-only
 measure kvmtrace-counts-stats 1
 kvmtrace_stop stats-counts
 echo 0 > /proc/sys/kernel/bpf_stats_enabled
+
+# One scrape of `kvmtrace export` with EXPORT_VMS VMs' series (VMs that ran and ended,
+# kept for the retention), SCRAPES times: its time and bytes.
+step export-scrape $ROUND_BUDGET
+kvmtrace export --listen 127.0.0.1:10470 --time --retention 3600 </dev/null 2>/tmp/export.err &
+EXP=$!
+n=0
+until grep -q "serving KVM exit metrics" /tmp/export.err; do
+    kill -0 $EXP 2>/dev/null || { cat /tmp/export.err; finish fail "kvmtrace export exited"; }
+    n=$((n + 1))
+    [ $n -lt 600 ] || finish fail "kvmtrace export did not start"
+    sleep 0.2
+done
+n=0
+while [ $n -lt $EXPORT_VMS ]; do
+    /bin/micro 10 0 > /dev/null 2>&1 &
+    n=$((n + 1))
+    [ $((n % 256)) = 0 ] && wait
+done
+wait
+wget -q -O /tmp/scrape.txt http://127.0.0.1:10470/metrics || finish fail "scrape"
+t0=$(up)
+n=0
+while [ $n -lt $SCRAPES ]; do
+    wget -q -O /tmp/scrape.txt http://127.0.0.1:10470/metrics || finish fail "scrape"
+    n=$((n + 1))
+done
+t1=$(up)
+vms=$(sed -n 's/^kvmtrace_exits_total{.*vm="\([^"]*\)".*/\1/p' /tmp/scrape.txt | sort -u | wc -l)
+series=$(grep -c '^kvmtrace_' /tmp/scrape.txt)
+say "scrape vms=$vms series=$series bytes=$(wc -c < /tmp/scrape.txt) scrapes=$SCRAPES from=$t0 to=$t1"
+kill -TERM $EXP
+wait $EXP
 finish pass

@@ -617,6 +617,34 @@ fn amd_vms_starting_and_stopping_keep_their_rows() {
 /// The crowd: `vms` micro VMs at once on two L1 CPUs, VM i running 100 + i CPUIDs.
 /// Every VM has its own row, which equals the kernel's hist of its thread reason by
 /// reason (the thread named by its CPUID count), and nothing is dropped.
+/// A crowd VM's row (raw reason -> count) -> its name: (CPUIDs, port writes).
+fn crowd_name(row: &std::collections::BTreeMap<u64, u64>) -> (u64, u64) {
+    let n = |r| row.get(&r).copied().unwrap_or(0);
+    (n(0x72), n(0x7b))
+}
+
+/// A crowd mode's VMs by name, from the kernel's `common_pid,exit_reason` hist: each
+/// thread's row (raw reason -> count); the crowd's VMs have one vCPU.
+fn hist_vms(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<(u64, u64), std::collections::BTreeMap<u64, u64>> {
+    let hist_text = read(&dir.join("hist.txt"));
+    let rows = kvmtrace_model::kernel_hist::rows(&hist_text).expect("hist.txt parses");
+    let mut threads: std::collections::BTreeMap<u64, std::collections::BTreeMap<u64, u64>> =
+        std::collections::BTreeMap::new();
+    for (keys, n) in rows {
+        if let (Some(&tid), Some(&reason), 2) =
+            (keys.get("common_pid"), keys.get("exit_reason"), keys.len())
+        {
+            *threads.entry(tid).or_default().entry(reason).or_default() += n;
+        }
+    }
+    threads
+        .values()
+        .map(|t| (crowd_name(t), t.clone()))
+        .collect()
+}
+
 /// The crowd's VMs: `vms` micro VMs on the patched 6.1 L1 (2 CPUs), `waves` of them at
 /// once, recorded with `--snapshots`. Every VM's row equals the hist by its threads,
 /// and every guest read of the leaves (3 per VM) equals that VM's own host count at
@@ -639,27 +667,7 @@ fn crowd_is_exact(s: Scenario, vms: u16, wave: u16) {
         let read_vms: std::collections::BTreeSet<u32> =
             rec.cpuid_reads.iter().map(|read| read.pid).collect();
         assert_eq!(read_vms.len(), usize::from(vms), "{}", dir.display());
-        let hist_text = read(&dir.join("hist.txt"));
-        let rows = kvmtrace_model::kernel_hist::rows(&hist_text).expect("hist.txt parses");
-        // Thread -> (raw reason -> count), from the `common_pid,exit_reason` trigger.
-        let mut threads: std::collections::BTreeMap<u64, std::collections::BTreeMap<u64, u64>> =
-            std::collections::BTreeMap::new();
-        for (keys, n) in rows {
-            if let (Some(&tid), Some(&reason), 2) =
-                (keys.get("common_pid"), keys.get("exit_reason"), keys.len())
-            {
-                *threads.entry(tid).or_default().entry(reason).or_default() += n;
-            }
-        }
-        // Per VM, by its (CPUIDs + the guest's 3 leaf reads, port writes): hist and
-        // kvmtrace.
-        let (cpuid, io) = (0x72, 0x7b);
-        let named = |row: &std::collections::BTreeMap<u64, u64>| {
-            let n = |r| row.get(&r).copied().unwrap_or(0);
-            (n(cpuid), n(io))
-        };
-        let hist_vms: std::collections::BTreeMap<(u64, u64), std::collections::BTreeMap<u64, u64>> =
-            threads.values().map(|t| (named(t), t.clone())).collect();
+        let hist_vms = hist_vms(&dir);
         let mut kvmtrace_vms = std::collections::BTreeMap::new();
         for vm in &rec.vms {
             let row: std::collections::BTreeMap<u64, u64> = rec
@@ -668,7 +676,7 @@ fn crowd_is_exact(s: Scenario, vms: u16, wave: u16) {
                 .filter(|v| v.pid == vm.pid)
                 .map(|v| (u64::from(v.reason), v.totals.count))
                 .collect();
-            let name = named(&row);
+            let name = crowd_name(&row);
             assert!(
                 kvmtrace_vms.insert(name, row).is_none(),
                 "{}: two VMs with {name:?}",
@@ -719,6 +727,50 @@ fn amd_crowd_of_1024_vms_is_exact() {
         "crowd",
     );
     crowd_is_exact(s, 1024, 1024);
+}
+
+/// `kvmtrace export` over a crowd of 256 VMs (stock 6.1 L1, nested paging): the last
+/// value Prometheus scraped of each VM's series equals the hist by that VM's thread,
+/// reason by reason.
+#[test]
+fn amd_export_crowd_of_256_vms_equals_hist() {
+    let s = crowd(
+        256,
+        &["--l1-cpus", "2", "--scenario", "export", "--modes", "1"],
+        "export-crowd",
+    );
+    let s = Scenario {
+        modules: "stock",
+        ..s
+    };
+    let dir = mode_dir(s, true);
+    let path = dir.join("prometheus-vms.json");
+    let vms: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+        serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut scraped = std::collections::BTreeMap::new();
+    for (vm, reasons) in &vms {
+        let row: std::collections::BTreeMap<u64, u64> = reasons
+            .iter()
+            .map(|r| {
+                let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+                (n("reason"), n("count"))
+            })
+            .collect();
+        let name = crowd_name(&row);
+        assert!(
+            scraped.insert(name, row).is_none(),
+            "{}: two VMs with {name:?} ({vm})",
+            dir.display()
+        );
+    }
+    let want: Vec<(u64, u64)> = (0..256).map(|i| (100 + i + 3, 1)).collect();
+    assert_eq!(
+        scraped.keys().copied().collect::<Vec<_>>(),
+        want,
+        "{}",
+        dir.display()
+    );
+    assert_eq!(hist_vms(&dir), scraped, "{}", dir.display());
 }
 
 /// 4 096 VM lifetimes, 256 at a time: every row is freed and taken again many times

@@ -54,8 +54,16 @@ pub struct Options {
     pub timeout_scale: f64,
 }
 
-/// The configurations, in the order L1 runs them; the first is the baseline.
-const CONFIGS: [(&str, &str); 15] = [
+/// VMs at once in the crowd configurations, which spread the same CPUID exits over them.
+const CROWD: u32 = 256;
+/// VMs whose series `kvmtrace export` serves in the scrape that is timed.
+const EXPORT_VMS: u32 = 1024;
+/// Scrapes timed together (L1's clock ticks in 10 ms).
+const SCRAPES: u32 = 10;
+
+/// The configurations, in the order L1 runs them; the first is the baseline, and
+/// `stock-crowd` the crowd configurations'.
+const CONFIGS: [(&str, &str); 18] = [
     ("stock", "stock kvm, untraced"),
     ("kvmtrace-counts", "+ kvmtrace record --counts-only"),
     (
@@ -71,6 +79,12 @@ const CONFIGS: [(&str, &str); 15] = [
     ("perf-big", "+ perf kvm stat record -m 128M, throttling off"),
     ("hist", "+ hist trigger on kvm:kvm_exit"),
     ("bpftrace", "+ bpftrace: kvm:kvm_exit { @ = count() }"),
+    ("stock-crowd", "256 VMs at once, stock kvm, untraced"),
+    (
+        "kvmtrace-counts-crowd",
+        "256 VMs at once, + kvmtrace record --counts-only",
+    ),
+    ("kvmtrace-crowd", "256 VMs at once, + kvmtrace record"),
     ("patched", "patched kvm (counter leaves), untraced"),
     (
         "patched-no-cycles",
@@ -80,7 +94,7 @@ const CONFIGS: [(&str, &str); 15] = [
 ];
 
 /// The kvmtrace records of each round: (console tag prefix, configuration).
-const RECORDS: [(&str, &str); 7] = [
+const RECORDS: [(&str, &str); 9] = [
     ("c", "kvmtrace-counts"),
     ("k", "kvmtrace-counts-classic"),
     ("r", "kvmtrace"),
@@ -88,7 +102,18 @@ const RECORDS: [(&str, &str); 7] = [
     ("v", "kvmtrace-per-vcpu"),
     ("s", "kvmtrace-snapshots"),
     ("d", "kvmtrace-detail"),
+    ("cc", "kvmtrace-counts-crowd"),
+    ("rc", "kvmtrace-crowd"),
 ];
+
+/// The untraced run a configuration's ratios are to.
+fn baseline(config: &str) -> &'static str {
+    if config.ends_with("-crowd") {
+        "stock-crowd"
+    } else {
+        "stock"
+    }
+}
 
 /// perf's ring buffer for `perf-big`: 200 000 exits make ~45 MB of samples.
 const PERF_BIG_BUFFER: &str = "128M";
@@ -248,7 +273,8 @@ fn write_initrd(
         (f64::from(opts.cpuids) * CONFIGS.len() as f64 * 0.4e-3 + 900.0) * opts.timeout_scale;
     let env = format!(
         "# Written by cargo xtask bench; sourced by /init.\nCPUIDS={}\nROUNDS={}\nPAGING=ept\n\
-         KVM_DEPS='{}'\nKVM_VENDOR={}\nKVM_MODULE={}\nROUND_BUDGET={}\nPERF_PAGES={PERF_BIG_BUFFER}\n",
+         KVM_DEPS='{}'\nKVM_VENDOR={}\nKVM_MODULE={}\nROUND_BUDGET={}\nPERF_PAGES={PERF_BIG_BUFFER}\n\
+         CROWD={CROWD}\nEXPORT_VMS={EXPORT_VMS}\nSCRAPES={SCRAPES}\n",
         opts.cpuids,
         opts.rounds,
         deps.join(" "),
@@ -293,6 +319,51 @@ struct Results {
     perf_big_cpuid: Option<String>,
     /// What bpftrace counted in round 1.
     bpftrace_count: Option<u64>,
+    /// The timed scrapes of `kvmtrace export`.
+    scrape: Scrape,
+}
+
+/// `SCRAPES` scrapes of `kvmtrace export` serving `EXPORT_VMS` VMs' series.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Scrape {
+    vms: u64,
+    series: u64,
+    bytes: u64,
+    /// L1 seconds per scrape.
+    seconds: f64,
+}
+
+impl Scrape {
+    /// The `KVMLAB scrape ...` line.
+    fn parse(lines: &[Line]) -> anyhow::Result<Self> {
+        let line = lines
+            .iter()
+            .find_map(|l| l.text.strip_prefix("KVMLAB scrape "))
+            .context("L1 printed no scrape line: see the bench's serial log")?;
+        let field = |name: &str| -> anyhow::Result<f64> {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name} in the scrape line: {line}"))
+        };
+        let scrapes = field("scrapes")?;
+        if scrapes < 1.0 {
+            bail!("the scrape line timed no scrape: {line}");
+        }
+        let scrape = Self {
+            vms: field("vms")? as u64,
+            series: field("series")? as u64,
+            bytes: field("bytes")? as u64,
+            seconds: (field("to")? - field("from")?) / scrapes,
+        };
+        if scrape.vms < u64::from(EXPORT_VMS) {
+            bail!(
+                "the scrape served {} VMs, not the {EXPORT_VMS} that ran: {line}",
+                scrape.vms
+            );
+        }
+        Ok(scrape)
+    }
 }
 
 /// The CPUID line of a `perf kvm stat report` section.
@@ -385,12 +456,49 @@ impl Results {
             perf_cpuid: perf_line(lines, "perf"),
             perf_big_cpuid: perf_line(lines, "perf-big"),
             bpftrace_count,
+            scrape: Scrape::parse(lines)?,
         })
     }
 
-    /// The ratio of `config` to the untraced stock run, per round.
+    /// The ratio of `config` to its untraced baseline ([`baseline`]), per round.
     fn ratios(&self, config: &str) -> Vec<f64> {
-        self.ratio_of(config, "stock")
+        self.ratio_of(config, baseline(config))
+    }
+
+    /// The per-exit cost of `traced` above `untraced` (ns per exit, mean of the rounds).
+    fn overhead_ns(&self, traced: &str, untraced: &str, exits: u32) -> Option<f64> {
+        let d = self.mean_ns(traced)? - self.mean_ns(untraced)?;
+        // No exit (fewer CPUIDs than VMs): no cost per exit, a dash, not NaN.
+        (exits > 0).then(|| d / f64::from(exits))
+    }
+
+    /// The crowd's table: each traced configuration's cost per exit with 256 VMs at
+    /// once against one VM.
+    fn crowd_markdown(&self, cpuids: u32) -> String {
+        let crowd_cpuids = cpuids / CROWD * CROWD;
+        let mut md = format!(
+            "\nThe same CPUID exits over {CROWD} VMs at once ({} each), against one VM: what \
+             tracing adds per exit.\n\n| configuration | 1 VM | {CROWD} VMs | change |\n|---|---:|---:|---:|\n",
+            cpuids / CROWD
+        );
+        for (one, crowd, label) in [
+            (
+                "kvmtrace-counts",
+                "kvmtrace-counts-crowd",
+                "kvmtrace record --counts-only",
+            ),
+            ("kvmtrace", "kvmtrace-crowd", "kvmtrace record"),
+        ] {
+            let a = self.overhead_ns(one, "stock", cpuids);
+            let b = self.overhead_ns(crowd, "stock-crowd", crowd_cpuids);
+            let change = match (a, b) {
+                (Some(a), Some(b)) if a > 0.0 => format!("{:+.1} %", (b / a - 1.0) * 100.0),
+                _ => "-".to_owned(),
+            };
+            let ns = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ns"));
+            let _ = writeln!(md, "| {label} | {} | {} | {change} |", ns(a), ns(b));
+        }
+        md
     }
 
     /// The ratio of `config` to `base`, per round.
@@ -517,6 +625,17 @@ impl Results {
         if let Some(n) = self.bpftrace_count {
             let _ = writeln!(md, "\nbpftrace counted {n} exits in round 1.");
         }
+        md.push_str(&self.crowd_markdown(opts.cpuids));
+        let s = &self.scrape;
+        let _ = writeln!(
+            md,
+            "\n`kvmtrace export --time` serving {} VMs: one scrape is {} bytes, {} series, \
+             and takes {:.0} ms of L1 time (mean of {SCRAPES}).",
+            s.vms,
+            s.bytes,
+            s.series,
+            s.seconds * 1e3
+        );
         md
     }
 
@@ -535,6 +654,12 @@ impl Results {
             "patch_own": self.ratio_of("patched", "unpatched"),
             "count_own": self.ratio_of("patched-no-cycles", "unpatched"),
             "host": {"attach_ms": host.attach_ms, "peak_rss_mib": host.peak_rss_mib},
+            "crowd": {
+                "vms": CROWD,
+                "counts_ns_per_exit": [self.overhead_ns("kvmtrace-counts", "stock", opts.cpuids), self.overhead_ns("kvmtrace-counts-crowd", "stock-crowd", opts.cpuids / CROWD * CROWD)],
+                "record_ns_per_exit": [self.overhead_ns("kvmtrace", "stock", opts.cpuids), self.overhead_ns("kvmtrace-crowd", "stock-crowd", opts.cpuids / CROWD * CROWD)],
+            },
+            "scrape": {"vms": self.scrape.vms, "series": self.scrape.series, "bytes": self.scrape.bytes, "seconds": self.scrape.seconds},
             "perf_cpuid": self.perf_cpuid,
         })
     }
@@ -611,6 +736,9 @@ mod tests {
         }
         section(&mut lines, "kvmtrace", "stats", &record(150));
         section(&mut lines, "kvmtrace", "stats-counts", &record(150));
+        lines.push(line(format!(
+            "KVMLAB scrape vms={EXPORT_VMS} series=4100 bytes=900000 scrapes={SCRAPES} from=100.00 to=101.50"
+        )));
         lines
     }
 

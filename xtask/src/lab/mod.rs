@@ -114,7 +114,10 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         .map(|m| format!("{}{m}", opts.isa.paging()))
         .collect();
     let exported = prometheus
-        .map(|(p, _)| prometheus::collect(&p, &run.lines, &tags, &root.join("dist")))
+        .map(|(p, _)| {
+            let crowd = opts.workload == options::Workload::Crowd;
+            prometheus::collect(&p, &run.lines, &tags, &root.join("dist"), crowd)
+        })
         .transpose()?;
     let outcome = results::summarize(opts, &out, &run, &l1, exported.as_ref());
     if let Some((kvmtrace, _)) = &l1.kvmtrace {

@@ -310,6 +310,14 @@ impl Options {
                 "--micro-vcpus is for the micro, churn and crowd workloads (the boot VM takes --smp)"
             );
         }
+        if self.scenario == Scenario::Export
+            && self.workload == Workload::Crowd
+            && self.modes.len() != 1
+        {
+            bail!(
+                "--scenario export with --workload crowd takes one mode (e.g. --modes 1): the crowd's VMs are told apart by their counts, not by their mode"
+            );
+        }
         if let Some(k) = self.at_once {
             if self.workload != Workload::Crowd {
                 bail!("--at-once is for --workload crowd (the VMs of one wave run at once)");

@@ -237,8 +237,11 @@ fn reason_of(labels: &BTreeMap<String, String>) -> anyhow::Result<Reason> {
 #[derive(Default)]
 pub struct Exported {
     pub prometheus_version: String,
-    /// Per mode tag: the last values Prometheus scraped of the mode's VM (`l2-TAG`).
+    /// Per mode tag: the last values Prometheus scraped of the mode's VM (`l2-TAG`),
+    /// or of all its VMs (a crowd).
     pub by_mode: BTreeMap<String, Counts>,
+    /// A crowd's: per mode tag, the last values of each of its VMs, by `vm` label.
+    pub vms_by_mode: BTreeMap<String, BTreeMap<String, Counts>>,
     /// Per mode tag: what is wrong with the scrapes (lint, a VM that stayed past its
     /// retention, in L1's scrape or in Prometheus at the end).
     pub problems: BTreeMap<String, Vec<String>>,
@@ -251,14 +254,27 @@ pub fn vm_of(tag: &str) -> String {
     format!("l2-{tag}")
 }
 
-/// Reads, for each mode in `tags`, Prometheus's last values of its VM, lints L1's
-/// scrape of it (`metrics` section) and checks the scrape after the retention
-/// (`metrics-after`) and Prometheus now no longer have it.
+/// The `vm` labels of `kvmtrace_exits_total` in a scrape.
+fn vm_labels(scrape: &str) -> std::collections::BTreeSet<String> {
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("kvmtrace_exits_total{"))
+        .filter_map(|l| l.split("vm=\"").nth(1))
+        .filter_map(|l| l.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Reads, for each mode in `tags`, Prometheus's last values of its VM (a crowd: of
+/// each VM in L1's final scrape of the mode), lints L1's scrape of it (`metrics`
+/// section) and checks the scrape after the retention (`metrics-after`) and
+/// Prometheus now no longer have it.
 pub fn collect(
     prom: &Prometheus,
     lines: &[super::console::Line],
     tags: &[String],
     dist: &Path,
+    crowd: bool,
 ) -> anyhow::Result<Exported> {
     let mut out = Exported {
         prometheus_version: prom.version.clone(),
@@ -285,6 +301,11 @@ pub fn collect(
         }
     }
     for tag in tags {
+        if crowd {
+            let problems = collect_crowd(prom, lines, tag, &mut out)?;
+            out.problems.insert(tag.clone(), problems);
+            continue;
+        }
         let vm = vm_of(tag);
         let label = format!("vm=\"{vm}\"");
         let mut problems = Vec::new();
@@ -322,4 +343,77 @@ pub fn collect(
         out.problems.insert(tag.clone(), problems);
     }
     Ok(out)
+}
+
+/// A crowd's mode `tag` (its only mode: every VM Prometheus saw is the mode's): each
+/// VM as Prometheus last scraped it (into `out`); what is wrong with the scrapes. A VM
+/// that ended early may have left L1's exporter (its retention) before the mode's
+/// final scrape: Prometheus still has its last values.
+fn collect_crowd(
+    prom: &Prometheus,
+    lines: &[super::console::Line],
+    tag: &str,
+    out: &mut Exported,
+) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let Some(scrape) = super::console::section(lines, "metrics", tag) else {
+        return Ok(vec!["no scrape of L1's exporter on the console".to_owned()]);
+    };
+    let lint = prom.check_metrics(&scrape)?;
+    if !lint.is_empty() {
+        problems.push(lint);
+    }
+    // Every VM's series at once: one query, grouped by its label.
+    let mut by_vm: BTreeMap<String, Counts> = BTreeMap::new();
+    for (labels, value) in prom.query("last_over_time(kvmtrace_exits_total[1h])")? {
+        let Some(vm) = labels.get("vm") else {
+            continue;
+        };
+        // Counts are exact integers well below 2^53.
+        *by_vm
+            .entry(vm.clone())
+            .or_default()
+            .entry(reason_of(&labels)?)
+            .or_default() += value as u64;
+    }
+    let vms: std::collections::BTreeSet<String> = by_vm.keys().cloned().collect();
+    if vms.is_empty() {
+        problems.push("Prometheus has no VM's series".to_owned());
+    }
+    let mut all = Counts::new();
+    for counts in by_vm.values() {
+        for (&r, &n) in counts {
+            *all.entry(r).or_default() += n;
+        }
+    }
+    match super::console::section(lines, "metrics-after", tag) {
+        Some(after) => {
+            let stayed = vm_labels(&after).intersection(&vms).count();
+            if stayed > 0 {
+                problems.push(format!("{stayed} VMs are still served after the retention"));
+            }
+            if !after.contains("kvmtrace_build_info") {
+                problems.push(format!("the scrape after the retention failed: {after}"));
+            }
+        }
+        None => problems.push("no scrape after the retention on the console".to_owned()),
+    }
+    let live = prom
+        .query("kvmtrace_exits_total")?
+        .into_iter()
+        .filter(|(labels, _)| labels.get("vm").is_some_and(|vm| vms.contains(vm)))
+        .count();
+    if live > 0 {
+        problems.push(format!(
+            "Prometheus still has {live} live series of the crowd's VMs at the end"
+        ));
+    }
+    println!(
+        "  {tag}: Prometheus has the last values of {} VMs ({} in L1's final scrape)",
+        by_vm.len(),
+        vm_labels(&scrape).len()
+    );
+    out.by_mode.insert(tag.to_owned(), all);
+    out.vms_by_mode.insert(tag.to_owned(), by_vm);
+    Ok(problems)
 }

@@ -14,7 +14,7 @@ use super::{
     image::{self, L1, Workload as L2Workload},
     options::{Options, Scenario, mode_dir_name, workload_label},
     prometheus::Exported,
-    reason::Reason,
+    reason::{Counts, Reason},
     record::{self, Record},
 };
 use crate::files::write_in as write;
@@ -178,6 +178,23 @@ fn read_mode<'a>(
         write(
             &dir,
             "prometheus.json",
+            &serde_json::to_string_pretty(&rows)?,
+        )?;
+    }
+    if let Some(vms) = lab.exported.and_then(|e| e.vms_by_mode.get(&tag)) {
+        let rows: serde_json::Map<String, serde_json::Value> = vms
+            .iter()
+            .map(|(vm, counts)| {
+                let reasons: Vec<_> = counts
+                    .iter()
+                    .map(|(r, n)| json!({"isa": r.isa, "reason": r.reason, "failed_entry": r.failed_entry, "count": n}))
+                    .collect();
+                (vm.clone(), serde_json::Value::from(reasons))
+            })
+            .collect();
+        write(
+            &dir,
+            "prometheus-vms.json",
             &serde_json::to_string_pretty(&rows)?,
         )?;
     }
@@ -351,13 +368,26 @@ fn check_mode(
             )),
             io: Reason::from(tracer_common::ExitKey::from_raw(isa, micro::io_reason(isa))),
         };
-        problems.extend(crowd::problems(
-            tag,
-            vms,
-            &threads,
-            m.record.as_ref(),
-            names,
-        ));
+        match lab.exported.and_then(|e| e.vms_by_mode.get(tag)) {
+            Some(scraped) => {
+                let rows: Vec<&Counts> = scraped.values().collect();
+                problems.extend(crowd::rows_problems(
+                    tag,
+                    "Prometheus",
+                    vms,
+                    &threads,
+                    &rows,
+                    names,
+                ));
+            }
+            None => problems.extend(crowd::problems(
+                tag,
+                vms,
+                &threads,
+                m.record.as_ref(),
+                names,
+            )),
+        }
     }
     if let L2Workload::Micro { .. } = &l1.workload
         && opts.scenario != Scenario::Signal

@@ -76,14 +76,35 @@ pub fn problems(
     record: Option<&Record>,
     names: Names,
 ) -> Vec<String> {
-    let mut problems = Vec::new();
     let Some(rec) = record else {
         return vec![format!("{tag}: the crowd has no record")];
     };
+    let rows: Vec<&Counts> = rec.by_vm.values().collect();
+    let mut problems = rows_problems(tag, "kvmtrace", vms, threads, &rows, names);
+    let d = &rec.dropped;
+    if d.any() {
+        problems.push(format!("{tag}: kvmtrace dropped something: {d:?}"));
+    }
+    println!("  crowd: count_slots_full {}", d.count_slots_full);
+    problems
+}
+
+/// What is wrong with the crowd's rows per VM (`rows`, from `source`: the record, or
+/// what Prometheus scraped) against the hist by thread: each VM must have one row in
+/// each, equal reason by reason.
+pub fn rows_problems(
+    tag: &str,
+    source: &str,
+    vms: &[MicroVm],
+    threads: &BTreeMap<u64, Counts>,
+    rows: &[&Counts],
+    names: Names,
+) -> Vec<String> {
+    let mut problems = Vec::new();
     let reference = by_vm(threads, names);
-    // kvmtrace's rows, by the VM's (CPUID, I/O) counts.
+    // The rows, by the VM's (CPUID, I/O) counts.
     let mut mine: BTreeMap<(u64, u64), Vec<&Counts>> = BTreeMap::new();
-    for counts in rec.by_vm.values() {
+    for &counts in rows {
         mine.entry(names.of(counts)).or_default().push(counts);
     }
     let mut exact = 0;
@@ -96,7 +117,7 @@ pub fn problems(
         match (hist, kvmtrace) {
             (Some((threads, h)), [k]) if u64::from(*threads) == vcpus && h == *k => exact += 1,
             (Some((threads, h)), [k]) => problems.push(format!(
-                "{tag}: VM with {} CPUIDs, {} port writes: hist ({threads} threads) {h:?}, kvmtrace {k:?}",
+                "{tag}: VM with {} CPUIDs, {} port writes: hist ({threads} threads) {h:?}, {source} {k:?}",
                 vm.cpuids, vm.outs
             )),
             (None, _) => problems.push(format!(
@@ -104,27 +125,22 @@ pub fn problems(
                 vm.cpuids, vm.outs
             )),
             (Some(_), rows) => problems.push(format!(
-                "{tag}: VM with {} CPUIDs, {} port writes: {} kvmtrace rows with {want:?}, want 1",
+                "{tag}: VM with {} CPUIDs, {} port writes: {} {source} rows with {want:?}, want 1",
                 vm.cpuids,
                 vm.outs,
                 rows.len()
             )),
         }
     }
-    let d = &rec.dropped;
-    if d.any() {
-        problems.push(format!("{tag}: kvmtrace dropped something: {d:?}"));
-    }
     println!(
-        "  crowd: {exact} of {} VMs exact against the hist by thread; {} kvmtrace VM rows; count_slots_full {}",
+        "  crowd: {exact} of {} VMs exact against the hist by thread; {} {source} VM rows",
         vms.len(),
-        rec.by_vm.len(),
-        d.count_slots_full
+        rows.len(),
     );
-    if rec.by_vm.len() != vms.len() {
+    if rows.len() != vms.len() {
         problems.push(format!(
-            "{tag}: kvmtrace has {} VM rows, the crowd had {} VMs",
-            rec.by_vm.len(),
+            "{tag}: {source} has {} VM rows, the crowd had {} VMs",
+            rows.len(),
             vms.len()
         ));
     }
