@@ -155,6 +155,17 @@ perf_stop() { # TAG
 workload() {
     timeout $RUN_TIMEOUT /lab/workload </dev/null 2>&1 | tee /tmp/l2.out | sed 's/^/L2| /'
 }
+available_kb() { sed -n 's/^MemAvailable: *\([0-9]*\) kB/\1/p' /proc/meminfo; }
+# The crowd: L1's least MemAvailable while its VMs run (sampled every 0.2 s), so that
+# xtask can say what a VM takes.
+memory_watch() {
+    least=$(available_kb)
+    while :; do
+        now=$(available_kb)
+        [ "$now" -lt "$least" ] && least=$now && echo $least > /tmp/mem.least
+        sleep 0.2
+    done
+}
 
 # --scenario export: the network, and the exporter.
 export_start() {
@@ -202,6 +213,12 @@ for mode in $MODES; do
     reference_arm || finish fail "cannot arm the $REFERENCE reference"
     detail_triggers "" || finish fail "cannot arm the detail triggers"
     step "$tag:run" $RUN_BUDGET
+    if [ "$CROWD" = 1 ]; then
+        before_kb=$(available_kb)
+        echo $before_kb > /tmp/mem.least
+        memory_watch &
+        MEMWATCH=$!
+    fi
     say "run $tag start uptime=$(up)"
     rm -f /tmp/rec.json /tmp/l2.out /tmp/kvmtrace.err
     expect_end=1
@@ -245,6 +262,11 @@ for mode in $MODES; do
         fi
     fi
     say "run $tag end rc=$rc uptime=$(up)"
+    if [ "$CROWD" = 1 ]; then
+        kill $MEMWATCH
+        wait $MEMWATCH 2>/dev/null
+        say "memory $tag available_before_kb=$before_kb least_available_kb=$(cat /tmp/mem.least)"
+    fi
     if [ $expect_end = 1 ]; then
         grep -q "$END_MARKER" /tmp/l2.out || failed="$failed $tag:no-end-marker"
     fi

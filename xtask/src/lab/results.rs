@@ -354,10 +354,13 @@ fn check_mode(
     }
     if let L2Workload::Micro {
         vms,
-        launch: image::Launch::Waves(_),
+        launch: image::Launch::Waves(wave),
         ..
     } = &l1.workload
     {
+        if let Some(line) = crowd::memory_per_vm(m.lines, tag, usize::from(*wave)) {
+            println!("  {line}");
+        }
         let isa = opts.isa.trace_isa();
         let text = std::fs::read_to_string(m.dir.join("hist.txt")).unwrap_or_default();
         let threads = crowd::by_thread(&text, isa)?;

@@ -10,10 +10,33 @@ use kvmtrace_model::kernel_hist;
 use tracer_common::ExitKey;
 
 use crate::lab::{
+    console::Line,
     image::MicroVm,
     reason::{Counts, Reason},
     record::Record,
 };
+
+/// What a crowd VM takes of L1's memory: from the `KVMLAB memory TAG
+/// available_before_kb=B least_available_kb=L` line, (B - L) / VMs at once, with the
+/// line's numbers; `None` when L1 printed no such line.
+pub fn memory_per_vm(lines: &[Line], tag: &str, at_once: usize) -> Option<String> {
+    let rest = lines
+        .iter()
+        .find_map(|l| l.text.strip_prefix(&format!("KVMLAB memory {tag} ")))?;
+    let field = |name: &str| -> Option<u64> {
+        rest.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    let (before, least) = (field("available_before_kb")?, field("least_available_kb")?);
+    let per_vm = before.saturating_sub(least) / at_once.max(1) as u64;
+    Some(format!(
+        "L1 memory: {} MiB available before the crowd, {} MiB at the least while it ran: about {per_vm} KiB per VM ({at_once} at once)",
+        before >> 10,
+        least >> 10
+    ))
+}
 
 /// The micro guest's own counter-leaf reads (CPUIDs) at its end, per vCPU.
 const LEAF_READS: u64 = super::micro::MICRO_LEAF_READS;
@@ -160,6 +183,18 @@ mod tests {
 { isa:          2, exit_reason:        114 } hitcount:        207
 Dropped: 0
 ";
+
+    #[test]
+    fn memory_per_vm_is_what_the_crowd_took_over_its_vms() {
+        let lines = [Line {
+            at: 0.0,
+            text: "KVMLAB memory npt1 available_before_kb=800000 least_available_kb=544000"
+                .to_owned(),
+        }];
+        let said = memory_per_vm(&lines, "npt1", 256).expect("a line");
+        assert!(said.contains("about 1000 KiB per VM (256 at once)"), "{said}");
+        assert_eq!(memory_per_vm(&lines, "npt0", 256), None);
+    }
 
     #[test]
     fn threads_are_read_and_named_by_their_cpuids() {
