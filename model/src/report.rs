@@ -32,7 +32,7 @@
 //!                "vm_map_full": 0, "cpuid_ring_full": 0, "pending_lost": 0,
 //!                "read_pending_full": 0, "recursion_misses": 0, "detail_capped": 0,
 //!                "detail_map_full": 0, "rip_map_full": 0, "count_slots_full": 0,
-//!                "snapshot_lost": 0 },
+//!                "snapshot_lost": 0, "record_lost": 0 },
 //!   "phases": [
 //!     { "phase": 0, "paging": { "module": "kvm_intel", "parameter": "ept", "nested": true },
 //!       "since": "2026-11-24T16:00:00.000000Z", "total": { "count": 6800, "timed": 6799, "time_ns": 123456789 },
@@ -141,6 +141,10 @@
 //!   - `snapshot_lost` (`--snapshots`): guest counter reads whose registers or
 //!     `kvm:kvm_cpuid` record could not be read; their exits are counted, the reads
 //!     are not in `cpuid_reads`.
+//!   - `record_lost`: `kvm:kvm_msr` or `kvm:kvm_page_fault` records (`--detail`) or
+//!     `module:module_load` records that could not be read: an exit awaiting its
+//!     sub-key stays `undecoded` (an emulated instruction is in no detail row), or a
+//!     vendor module load starts no new phase. Their exits are counted.
 //!   - `recursion_misses`: runs of kvmtrace's eBPF programs that the kernel skipped
 //!     because another eBPF program was running on that CPU (`bpf_prog_info`'s
 //!     `recursion_misses`, summed over kvmtrace's programs; kernels before 5.12 do not
@@ -347,6 +351,11 @@ pub struct Dropped {
     /// `cpuid_reads`).
     #[serde(default)]
     pub snapshot_lost: u64,
+    /// `kvm:kvm_msr`, `kvm:kvm_page_fault` or `module:module_load` records that could
+    /// not be read: a `--detail` sub-key, or a new phase, is missing (the exits are
+    /// counted).
+    #[serde(default)]
+    pub record_lost: u64,
 }
 
 impl Dropped {
@@ -396,6 +405,7 @@ impl From<&Drops> for Dropped {
             rip_map_full: drops.get(drop_kind::RIP_MAP_FULL),
             count_slots_full: drops.get(drop_kind::COUNT_SLOTS_FULL),
             snapshot_lost: drops.get(drop_kind::SNAPSHOT_LOST),
+            record_lost: drops.get(drop_kind::RECORD_LOST),
         }
     }
 }
@@ -1392,6 +1402,7 @@ pub(crate) mod tests {
             d.rip_map_full,
             d.count_slots_full,
             d.snapshot_lost,
+            d.record_lost,
         ];
         assert_eq!(seen.len(), drop_kind::COUNT as usize, "a kind has no field");
         seen.sort_unstable();

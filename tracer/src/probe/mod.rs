@@ -25,6 +25,8 @@ mod object_check;
 mod programs;
 mod read;
 mod setup;
+#[cfg(test)]
+mod source_check;
 
 pub use config::{BTF_DIR, ProbeConfig, host_isa, sums_per_cpu};
 pub use error::ProbeError;
