@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 
 use aya::{
     Pod,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
-use kvmtrace_model::snapshot::{Drops, Snapshot, sum_stats, sum_u64};
+use kvmtrace_model::snapshot::{Drops, Overflow, Snapshot, sum_stats, sum_u64};
 use tracer_common::{ExitStats, PendingExit, drop_kind, limits, maps, rows};
 
 use super::{
@@ -21,33 +21,36 @@ pub(super) fn phase(loaded: &Loaded) -> Result<u32, ProbeError> {
     phase.get(&0, 0).map_err(map_err(maps::PHASE))
 }
 
+/// Every entry of the per-CPU hash `name`, its values summed over CPUs by `sum`.
+fn per_cpu<K: Pod, V: Pod>(
+    loaded: &Loaded,
+    name: &'static str,
+    sum: impl Fn(&PerCpuValues<V>) -> Result<V, Overflow>,
+) -> Result<Vec<(K, V)>, ProbeError> {
+    let map: PerCpuHashMap<&MapData, K, V> = loaded.typed(name)?;
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (key, per_cpu) = item.map_err(map_err(name))?;
+        out.push((key, sum(&per_cpu)?));
+    }
+    Ok(out)
+}
+
 /// Every entry of the per-CPU hash `name` of [`ExitStats`], summed over CPUs.
 pub(super) fn per_cpu_stats<K: Pod>(
     loaded: &Loaded,
     name: &'static str,
 ) -> Result<Vec<(K, ExitStats)>, ProbeError> {
-    let map: PerCpuHashMap<&MapData, K, ExitStats> = loaded.typed(name)?;
-    let mut out = Vec::new();
-    for item in map.iter() {
-        let (key, per_cpu) = item.map_err(map_err(name))?;
-        out.push((key, sum_stats(per_cpu.iter())?));
-    }
-    Ok(out)
+    per_cpu(loaded, name, |v| sum_stats(v.iter()))
 }
 
-/// Every entry of the per-CPU hash `name` of counts, summed over CPUs.
+/// Every entry of the per-CPU hash `name` of counts (of `what`), summed over CPUs.
 fn per_cpu_counts<K: Pod>(
     loaded: &Loaded,
     name: &'static str,
     what: &'static str,
 ) -> Result<Vec<(K, u64)>, ProbeError> {
-    let map: PerCpuHashMap<&MapData, K, u64> = loaded.typed(name)?;
-    let mut out = Vec::new();
-    for item in map.iter() {
-        let (key, per_cpu) = item.map_err(map_err(name))?;
-        out.push((key, sum_u64(per_cpu.iter().copied(), what)?));
-    }
-    Ok(out)
+    per_cpu(loaded, name, |v| sum_u64(v.iter().copied(), what))
 }
 
 /// The per-vCPU rows of the timing path, into both the vCPU and the reason counts.
