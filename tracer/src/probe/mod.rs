@@ -3,8 +3,9 @@
 //!
 //! Its parts depend on each other one way: [`error`] and [`config`] depend on none;
 //! `loaded` (the object and its typed maps) on `error`; `programs` (one row per
-//! program) on those; `setup`, `read` (the snapshot's readers) and `counts` (the
-//! thread rows) on the ones before them; this module on all.
+//! program) on those; `setup`, `read` (the snapshot's readers), `counts` (the
+//! thread rows) and `memory` (the maps' cost) on the ones before them; this module
+//! on all.
 
 use std::collections::BTreeSet;
 
