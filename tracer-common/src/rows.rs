@@ -96,8 +96,10 @@ pub const SVM_CODES: [u32; CELLS as usize] = [
     u32::MAX, // SVM_EXIT_ERR
 ];
 
-/// SVM codes below this are looked up in [`SVM_LOW`].
-pub const SVM_LOW_CODES: u32 = 0xa8;
+/// SVM codes below this are looked up in [`SVM_LOW`]: a power of two, so that the
+/// index's mask alone shows the verifier the bound (a reason a guest asks about,
+/// from its ECX, can be anything).
+pub const SVM_LOW_CODES: u32 = 0x100;
 /// SVM code `0..SVM_LOW_CODES` -> its cell, or [`NONE`].
 pub static SVM_LOW: [u8; SVM_LOW_CODES as usize] = svm_low();
 
@@ -129,7 +131,7 @@ pub fn cell(row_isa: u32, exit_isa: u32, raw: u32) -> u32 {
     }
     if exit_isa == isa::SVM {
         if raw < SVM_LOW_CODES {
-            return u32::from(SVM_LOW[raw as usize]);
+            return u32::from(SVM_LOW[(raw & (SVM_LOW_CODES - 1)) as usize]);
         }
         // The few high codes: a compare each, no table.
         let mut i = 0;

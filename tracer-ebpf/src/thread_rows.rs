@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, Queue},
+    maps::{Array, HashMap, PerCpuArray, Queue, Stack},
 };
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
@@ -30,9 +30,11 @@ static THREAD_SLOTS: HashMap<u32, ThreadSlot> = HashMap::with_max_entries(limits
 /// Slot -> the thread that holds it, for user space; removed when user space frees it.
 #[map]
 static SLOT_THREADS: HashMap<u32, ThreadOwner> = HashMap::with_max_entries(limits::MAX_THREADS, 0);
-/// Free slots (1..), filled by user space at load and as it frees ended ones.
+/// Free slots (1..), filled by user space at load and as it frees ended ones: a
+/// stack, so a freed slot is the next one taken (its row is warm, and reuse is the
+/// common case, not a rare one).
 #[map]
-static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(limits::MAX_THREADS, 0);
+static FREE_SLOTS: Stack<u32> = Stack::with_max_entries(limits::MAX_THREADS, 0);
 /// Slots whose thread has ended: their rows are final, for user space to read.
 #[map]
 static ENDED_SLOTS: Queue<u32> = Queue::with_max_entries(limits::MAX_THREADS, 0);

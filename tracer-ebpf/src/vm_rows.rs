@@ -21,7 +21,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_current_pid_tgid, bpf_map_lookup_percpu_elem},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, Queue},
+    maps::{Array, HashMap, PerCpuArray, Queue, Stack},
 };
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
@@ -51,9 +51,10 @@ static VM_ROWS: Array<[u64; rows::CELLS as usize]> =
 /// Per VM slot: all of the VM's exits.
 #[map]
 static VM_EXITS: Array<u64> = Array::with_max_entries(limits::MAX_VMS + 1, 0);
-/// Free VM slots (1..), filled by user space at load and as it frees ended ones.
+/// Free VM slots (1..), filled by user space at load and as it frees ended ones: a
+/// stack, as the thread rows' free slots.
 #[map]
-static VM_FREE: Queue<u32> = Queue::with_max_entries(limits::MAX_VMS, 0);
+static VM_FREE: Stack<u32> = Stack::with_max_entries(limits::MAX_VMS, 0);
 /// Slots whose VM has ended, for user space to zero and free once it is reaped.
 #[map]
 static VM_ENDED: Queue<u32> = Queue::with_max_entries(limits::MAX_VMS, 0);

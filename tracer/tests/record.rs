@@ -607,8 +607,8 @@ fn the_root_guard_skips_locally_and_fails_in_ci() {
     );
 }
 
-/// The snapshots' shared cells (kernels before 5.19 have no per-CPU reads in eBPF)
-/// pass the verifier and attach; kvmtrace says that it uses them.
+/// The snapshots' shared all-VMs cell (kernels before 5.19 have no per-CPU reads in
+/// eBPF) passes the verifier and attaches; kvmtrace says that it uses it.
 #[test]
 fn snapshots_in_shared_cells_attach() {
     if !is_root() || !has_kvm_tracepoints() {
@@ -626,7 +626,7 @@ fn snapshots_in_shared_cells_attach() {
         stderr(&out)
     );
     assert!(
-        stderr(&out).contains("cells shared by all CPUs"),
+        stderr(&out).contains("one cell shared by all CPUs"),
         "{}",
         stderr(&out)
     );

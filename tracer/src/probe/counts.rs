@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError, Queue};
+use aya::maps::{Array, HashMap, MapData, MapError, Queue, Stack};
 use kvmtrace_model::snapshot::{Snapshot, sum_stats};
 use tracer_common::{
     ExitKey, ExitStats, PhaseVcpuKey, VcpuKey, count, maps,
@@ -135,14 +135,14 @@ impl CountPath {
         )
     }
 
-    /// Puts every slot but slot 0 on the free queues (at attach): the thread rows',
+    /// Puts every slot but slot 0 on the free stacks (at attach): the thread rows',
     /// and the snapshots' VM rows'.
     pub fn fill_free_slots(&self, maps: &mut Loaded) -> Result<(), ProbeError> {
         if self.rows() {
-            fill_queue(maps, maps::FREE_SLOTS)?;
+            fill_free(maps, maps::FREE_SLOTS)?;
         }
         if self.snapshots {
-            fill_queue(maps, maps::VM_FREE)?;
+            fill_free(maps, maps::VM_FREE)?;
         }
         Ok(())
     }
@@ -323,18 +323,18 @@ impl CountPath {
     }
 }
 
-/// Puts slots `1..=capacity` on the queue `name`.
-fn fill_queue(maps: &mut Loaded, name: &'static str) -> Result<(), ProbeError> {
-    let mut free: Queue<&mut MapData, u32> = maps.typed_mut(name)?;
-    for slot in 1..=free.capacity() {
+/// Puts slots `1..=capacity` on the free stack `name`, slot 1 on top.
+fn fill_free(maps: &mut Loaded, name: &'static str) -> Result<(), ProbeError> {
+    let mut free: Stack<&mut MapData, u32> = maps.typed_mut(name)?;
+    for slot in (1..=free.capacity()).rev() {
         free.push(slot, 0).map_err(map_err(name))?;
     }
     Ok(())
 }
 
-/// Puts `slot` back on the free queue `name`.
+/// Puts `slot` back on the free stack `name`: the next slot taken.
 fn free_slot(maps: &mut Loaded, name: &'static str, slot: u32) -> Result<(), ProbeError> {
-    let mut free: Queue<&mut MapData, u32> = maps.typed_mut(name)?;
+    let mut free: Stack<&mut MapData, u32> = maps.typed_mut(name)?;
     free.push(slot, 0).map_err(map_err(name))
 }
 
@@ -348,7 +348,7 @@ fn next_ended(maps: &mut Loaded, name: &'static str) -> Result<Option<u32>, Prob
     }
 }
 
-/// Zeroes VM slot `slot`'s row and total and puts it on the free queue.
+/// Zeroes VM slot `slot`'s row and total and puts it on the free stack.
 fn free_vm_slot(maps: &mut Loaded, slot: u32) -> Result<(), ProbeError> {
     let mut rows: Array<&mut MapData, CountRow> = maps.typed_mut(maps::VM_ROWS)?;
     rows.set(slot, [0; rows::CELLS as usize], 0)

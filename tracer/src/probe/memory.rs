@@ -51,6 +51,7 @@ fn kind_name(map_type: u32) -> &'static str {
         x if x == t::BPF_MAP_TYPE_HASH as u32 => "hash",
         x if x == t::BPF_MAP_TYPE_PERCPU_HASH as u32 => "per-CPU hash",
         x if x == t::BPF_MAP_TYPE_QUEUE as u32 => "queue",
+        x if x == t::BPF_MAP_TYPE_STACK as u32 => "stack",
         x if x == t::BPF_MAP_TYPE_RINGBUF as u32 => "ring buffer",
         _ => "other",
     }

@@ -58,8 +58,9 @@ pub enum Launch {
     InTurn,
     /// The first in the background, the others one after the other meanwhile.
     Overlap,
-    /// All at once (the crowd).
-    AllAtOnce,
+    /// In waves of this many at once (the crowd): each wave starts together, and the
+    /// next once it has ended.
+    Waves(u16),
 }
 
 /// One run of the `micro` VMM: one VM, whose `vcpus` vCPUs (a thread each) each run
@@ -253,16 +254,18 @@ fn add_workload(a: &mut Archive, workload: &Workload) -> anyhow::Result<String> 
         Workload::Micro {
             binary,
             vms,
-            launch: Launch::AllAtOnce,
+            launch: Launch::Waves(wave),
         } => {
             a.file("bin/micro", binary)?;
-            // Every VM in the background; a VM that fails says so (its counts are then
-            // missing, which the checks see too).
+            // Every VM of a wave in the background; a VM that fails says so (its counts
+            // are then missing, which the checks see too).
             let mut s = String::new();
-            for vm in vms {
-                let _ = writeln!(s, "{{ {} || echo \"micro failed: $?\"; }} &", vm.command());
+            for chunk in vms.chunks(usize::from((*wave).max(1))) {
+                for vm in chunk {
+                    let _ = writeln!(s, "{{ {} || echo \"micro failed: $?\"; }} &", vm.command());
+                }
+                s.push_str("wait\n");
             }
-            s.push_str("wait");
             s
         }
         Workload::Micro {
@@ -310,7 +313,7 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     let crowd = matches!(
         l1.workload,
         Workload::Micro {
-            launch: Launch::AllAtOnce,
+            launch: Launch::Waves(_),
             ..
         }
     );

@@ -165,6 +165,11 @@ pub struct Options {
     /// zero), or with --workload crowd, at once (1..=4096).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub vms: u16,
+    /// --workload crowd: at most this many VMs at once, in waves (each wave's VMs all
+    /// start together, and the next wave once they have all ended), so that rows are
+    /// freed and taken again. Default: all --vms at once.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub at_once: Option<u16>,
     /// Where the results go (default: target/lab/<isa>, with .micro/.smpN suffixes).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -305,6 +310,17 @@ impl Options {
                 "--micro-vcpus is for the micro, churn and crowd workloads (the boot VM takes --smp)"
             );
         }
+        if let Some(k) = self.at_once {
+            if self.workload != Workload::Crowd {
+                bail!("--at-once is for --workload crowd (the VMs of one wave run at once)");
+            }
+            if k > self.vms {
+                bail!(
+                    "--at-once {k} is more than --vms {}: give at most --vms",
+                    self.vms
+                );
+            }
+        }
         if self.workload != Workload::Crowd && self.vms > MAX_VMS_IN_TURN {
             bail!(
                 "--vms {} runs that many VMs one after the other: at most {MAX_VMS_IN_TURN} (--workload crowd runs up to 4096 at once)",
@@ -405,6 +421,9 @@ pub fn mode_dir_name(opts: &Options, mode: u8) -> String {
             });
             if opts.workload == Workload::Crowd {
                 name.push_str(&format!("{}", opts.vms));
+                if let Some(k) = opts.at_once.filter(|&k| k < opts.vms) {
+                    name.push_str(&format!(".waves{k}"));
+                }
             }
             if opts.micro_vcpus > 1 {
                 name.push_str(&format!(".vcpus{}", opts.micro_vcpus));

@@ -337,23 +337,26 @@ fn check_mode(
     }
     if let L2Workload::Micro {
         vms,
-        launch: image::Launch::AllAtOnce,
+        launch: image::Launch::Waves(_),
         ..
     } = &l1.workload
     {
         let isa = opts.isa.trace_isa();
         let text = std::fs::read_to_string(m.dir.join("hist.txt")).unwrap_or_default();
         let threads = crowd::by_thread(&text, isa)?;
-        let cpuid = Reason::from(tracer_common::ExitKey::from_raw(
-            isa,
-            micro::cpuid_reason(isa),
-        ));
+        let names = crowd::Names {
+            cpuid: Reason::from(tracer_common::ExitKey::from_raw(
+                isa,
+                micro::cpuid_reason(isa),
+            )),
+            io: Reason::from(tracer_common::ExitKey::from_raw(isa, micro::io_reason(isa))),
+        };
         problems.extend(crowd::problems(
             tag,
             vms,
             &threads,
             m.record.as_ref(),
-            cpuid,
+            names,
         ));
     }
     if let L2Workload::Micro { .. } = &l1.workload

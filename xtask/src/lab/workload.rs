@@ -126,7 +126,7 @@ fn l2_workload(
             },
             launch: match opts.workload {
                 Workload::Churn => image::Launch::Overlap,
-                Workload::Crowd => image::Launch::AllAtOnce,
+                Workload::Crowd => image::Launch::Waves(crowd_wave(opts)),
                 _ => image::Launch::InTurn,
             },
         },
@@ -159,13 +159,21 @@ fn in_turn(opts: &Options) -> u16 {
     }
 }
 
-/// The VMs of the crowd workload: `--vms` of them, VM i running 100 + i CPUIDs, one
-/// port write and --micro-vcpus vCPUs, all at once.
+/// The crowd's VMs at once: --at-once, else all --vms.
+fn crowd_wave(opts: &Options) -> u16 {
+    opts.at_once.unwrap_or(opts.vms)
+}
+
+/// The VMs of the crowd workload: `--vms` of them, with --micro-vcpus vCPUs, in waves
+/// of K (--at-once, default all): VM i of the crowd runs 100 + (i mod K) CPUIDs and
+/// 1 + (i div K) port writes, so that (CPUIDs, port writes) names each VM, and all
+/// VMs at once (one wave) run 100 + i CPUIDs and 1 port write.
 fn crowd_vms(opts: &Options) -> Vec<image::MicroVm> {
+    let wave = u32::from(crowd_wave(opts));
     (0..u32::from(opts.vms))
         .map(|i| image::MicroVm {
-            cpuids: CROWD_CPUIDS + i,
-            outs: 1,
+            cpuids: CROWD_CPUIDS + i % wave,
+            outs: 1 + i / wave,
             vcpus: opts.micro_vcpus,
             msrs: 0,
         })

@@ -1,8 +1,8 @@
-//! The crowd workload: many micro VMs at once, VM i running 100 + i CPUIDs per vCPU.
-//! The kernel's own hist keyed by thread (`common_pid`) and reason is the reference:
-//! a thread's CPUID count names its VM, the VM's threads summed are its row, and
-//! kvmtrace's row of the VM with that CPUID count must equal it reason by reason.
-//! Nothing may be dropped.
+//! The crowd workload: many micro VMs at once (or in waves of `--at-once`), each VM
+//! with its own (CPUIDs, port writes) per vCPU. The kernel's own hist keyed by thread
+//! (`common_pid`) and reason is the reference: a thread's (CPUID, I/O) counts name its
+//! VM, the VM's threads summed are its row, and kvmtrace's row of the VM with those
+//! counts must equal it reason by reason. Nothing may be dropped.
 
 use std::collections::BTreeMap;
 
@@ -35,14 +35,30 @@ pub fn by_thread(hist: &str, isa: u32) -> anyhow::Result<BTreeMap<u64, Counts>> 
     Ok(out)
 }
 
-/// Each VM's reference row, by its CPUID count per vCPU: its threads' rows summed.
-fn by_vm(threads: &BTreeMap<u64, Counts>, cpuid: Reason) -> BTreeMap<u64, (u32, Counts)> {
-    let mut out: BTreeMap<u64, (u32, Counts)> = BTreeMap::new();
+/// The CPUID and I/O reasons that name a crowd VM.
+#[derive(Clone, Copy, Debug)]
+pub struct Names {
+    pub cpuid: Reason,
+    pub io: Reason,
+}
+
+impl Names {
+    /// A row's (CPUID, I/O) counts.
+    fn of(self, counts: &Counts) -> (u64, u64) {
+        let n = |r| counts.get(&r).copied().unwrap_or(0);
+        (n(self.cpuid), n(self.io))
+    }
+}
+
+/// Each VM's reference row, by its (CPUID, I/O) counts per vCPU: its threads' rows
+/// summed.
+fn by_vm(threads: &BTreeMap<u64, Counts>, names: Names) -> BTreeMap<(u64, u64), (u32, Counts)> {
+    let mut out: BTreeMap<(u64, u64), (u32, Counts)> = BTreeMap::new();
     for counts in threads.values() {
-        let Some(&n) = counts.get(&cpuid) else {
+        if !counts.contains_key(&names.cpuid) {
             continue;
-        };
-        let vm = out.entry(n).or_default();
+        }
+        let vm = out.entry(names.of(counts)).or_default();
         vm.0 += 1;
         for (&r, &c) in counts {
             *vm.1.entry(r).or_default() += c;
@@ -58,39 +74,39 @@ pub fn problems(
     vms: &[MicroVm],
     threads: &BTreeMap<u64, Counts>,
     record: Option<&Record>,
-    cpuid: Reason,
+    names: Names,
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let Some(rec) = record else {
         return vec![format!("{tag}: the crowd has no record")];
     };
-    let reference = by_vm(threads, cpuid);
-    // kvmtrace's rows, by the VM's CPUID count per vCPU.
-    let mut mine: BTreeMap<u64, Vec<&Counts>> = BTreeMap::new();
+    let reference = by_vm(threads, names);
+    // kvmtrace's rows, by the VM's (CPUID, I/O) counts.
+    let mut mine: BTreeMap<(u64, u64), Vec<&Counts>> = BTreeMap::new();
     for counts in rec.by_vm.values() {
-        let n = counts.get(&cpuid).copied().unwrap_or(0);
-        mine.entry(n).or_default().push(counts);
+        mine.entry(names.of(counts)).or_default().push(counts);
     }
     let mut exact = 0;
     for vm in vms {
         let vcpus = u64::from(vm.vcpus);
-        let per_vcpu = u64::from(vm.cpuids) + LEAF_READS;
-        let want = per_vcpu * vcpus;
+        let per_vcpu = (u64::from(vm.cpuids) + LEAF_READS, u64::from(vm.outs));
+        let want = (per_vcpu.0 * vcpus, per_vcpu.1 * vcpus);
         let hist = reference.get(&per_vcpu);
         let kvmtrace = mine.get(&want).map(Vec::as_slice).unwrap_or_default();
         match (hist, kvmtrace) {
             (Some((threads, h)), [k]) if u64::from(*threads) == vcpus && h == *k => exact += 1,
             (Some((threads, h)), [k]) => problems.push(format!(
-                "{tag}: VM with {} CPUIDs: hist ({threads} threads) {h:?}, kvmtrace {k:?}",
-                vm.cpuids
+                "{tag}: VM with {} CPUIDs, {} port writes: hist ({threads} threads) {h:?}, kvmtrace {k:?}",
+                vm.cpuids, vm.outs
             )),
             (None, _) => problems.push(format!(
-                "{tag}: VM with {} CPUIDs: no thread in the hist ran {per_vcpu}",
-                vm.cpuids
+                "{tag}: VM with {} CPUIDs, {} port writes: no thread in the hist ran {per_vcpu:?}",
+                vm.cpuids, vm.outs
             )),
             (Some(_), rows) => problems.push(format!(
-                "{tag}: VM with {} CPUIDs: {} kvmtrace rows with {want} CPUIDs, want 1",
+                "{tag}: VM with {} CPUIDs, {} port writes: {} kvmtrace rows with {want:?}, want 1",
                 vm.cpuids,
+                vm.outs,
                 rows.len()
             )),
         }
@@ -133,10 +149,16 @@ Dropped: 0
     fn threads_are_read_and_named_by_their_cpuids() {
         let threads = by_thread(HIST, ISA_SVM).expect("parses");
         assert_eq!(threads.len(), 2, "the isa-keyed line is not a thread");
-        let cpuid = Reason::from(ExitKey::from_raw(ISA_SVM, 0x72));
-        let vms = by_vm(&threads, cpuid);
-        assert_eq!(vms.keys().copied().collect::<Vec<_>>(), [103, 104]);
-        assert_eq!(vms[&104].0, 1);
-        assert_eq!(vms[&104].1.values().sum::<u64>(), 105);
+        let names = Names {
+            cpuid: Reason::from(ExitKey::from_raw(ISA_SVM, 0x72)),
+            io: Reason::from(ExitKey::from_raw(ISA_SVM, 0x7b)),
+        };
+        let vms = by_vm(&threads, names);
+        assert_eq!(
+            vms.keys().copied().collect::<Vec<_>>(),
+            [(103, 0), (104, 1)]
+        );
+        assert_eq!(vms[&(104, 1)].0, 1);
+        assert_eq!(vms[&(104, 1)].1.values().sum::<u64>(), 105);
     }
 }

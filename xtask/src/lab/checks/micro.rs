@@ -155,6 +155,15 @@ pub fn cpuid_reason(isa: u32) -> u32 {
     }
 }
 
+/// The raw port I/O exit reason of `isa`.
+pub fn io_reason(isa: u32) -> u32 {
+    if isa == crate::lab::reason::ISA_VMX {
+        VMX_IO_INSTRUCTION
+    } else {
+        SVM_IOIO
+    }
+}
+
 /// The micro VMM's exits that are fixed in advance.
 /// The micro guest's own counter-leaf reads at the end (CPUID count, I/O count, total).
 pub const MICRO_LEAF_READS: u64 = 3;
