@@ -1,7 +1,7 @@
 //! Loading the eBPF programs, attaching them, and copying their maps into a
 //! [`Snapshot`]. This is the only module that touches aya.
 //!
-//! Its parts depend on each other one way: [`error`] and [`config`] depend on none;
+//! Its parts depend on each other one way: `error` and `config` depend on none;
 //! `loaded` (the object and its typed maps) on `error`; `programs` (one row per
 //! program) on those; `setup`, `read` (the snapshot's readers), `counts` (the
 //! thread rows) and `memory` (the maps' cost) on the ones before them; this module
@@ -326,8 +326,11 @@ impl Probe {
             .map_err(map_err(maps::COUNT_EPOCH))
     }
 
-    /// The rows' upkeep (see [`counts::CountPath::tick`]); nothing on the timing path
-    /// without thread rows.
+    /// The rows' upkeep, at least every 100 ms while a record runs: reads the rows of
+    /// threads that ended (so slots are free for new ones), frees the snapshots' VM
+    /// slots of reaped VMs, and after a vendor module reload checks that the module
+    /// the raw program reads has the same layout (a module without it is an error).
+    /// Nothing on the timing path without thread rows.
     pub fn tick(&mut self) -> Result<(), ProbeError> {
         match &mut self.counts {
             Some(path) => path.tick(&mut self.loaded),
