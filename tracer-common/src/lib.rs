@@ -99,7 +99,8 @@ pub mod drop_kind {
     /// A VM had its cap of detail sub-keys for the exit's reason (or the cap's
     /// bookkeeping was full): the exit is in its reason's `other` detail row.
     pub const DETAIL_CAPPED: u32 = 10;
-    /// The detail map was full: the exit is counted, but in no detail row.
+    /// The detail map was full: the exit is counted, but in no detail row (or its
+    /// handling time is in none).
     pub const DETAIL_MAP_FULL: u32 = 11;
     /// The guest-RIP map was full: the exit is counted, but its RIP is not.
     pub const RIP_MAP_FULL: u32 = 12;
@@ -110,8 +111,13 @@ pub mod drop_kind {
     /// `kvm:kvm_cpuid` record could not be read: that read's snapshot is lost. (The
     /// exit itself is counted.)
     pub const SNAPSHOT_LOST: u32 = 14;
+    /// A `kvm:kvm_msr`, `kvm:kvm_page_fault` or `module:module_load` record could not
+    /// be read: an exit awaiting its `--detail` sub-key stays undecoded (an emulated
+    /// instruction is in no detail row), or a vendor module load starts no new phase.
+    /// (The exit itself is counted.)
+    pub const RECORD_LOST: u32 = 15;
     /// Number of slots.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Names of the eBPF globals the loader sets before loading (`EbpfLoader::set_global`).

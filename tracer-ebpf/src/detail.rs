@@ -179,6 +179,7 @@ pub fn kvm_msr(ctx: TracePointContext) -> u32 {
             ctx.read_at::<u32>(global(&MSR_WRITE_OFF) as usize),
         )
     }) else {
+        count_drop(drop_kind::RECORD_LOST);
         return 0;
     };
     detail_event(
@@ -192,8 +193,10 @@ pub fn kvm_msr(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "kvm", name = "kvm_page_fault")]
 pub fn kvm_page_fault(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the format file; read_at checks bounds.
-    if let Ok(address) = unsafe { ctx.read_at::<u64>(global(&PF_ADDRESS_OFF) as usize) } {
-        detail_event(detail_kind::GPA, address >> detail_kind::GPA_REGION_SHIFT);
-    }
+    let Ok(address) = (unsafe { ctx.read_at::<u64>(global(&PF_ADDRESS_OFF) as usize) }) else {
+        count_drop(drop_kind::RECORD_LOST);
+        return 0;
+    };
+    detail_event(detail_kind::GPA, address >> detail_kind::GPA_REGION_SHIFT);
     0
 }

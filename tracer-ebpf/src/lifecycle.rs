@@ -10,6 +10,7 @@ use super::*;
 pub fn module_load(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the format file; read_at checks bounds.
     let Ok(loc) = (unsafe { ctx.read_at::<u32>(global(&MODULE_NAME_OFF) as usize) }) else {
+        count_drop(drop_kind::RECORD_LOST);
         return 0;
     };
     // __data_loc: the low 16 bits are the string's offset in the record.

@@ -385,7 +385,9 @@ pub(crate) fn on_entry() {
     if detail.kind != 0 {
         let timed = ExitStats { count: 0, ..timed };
         // Exists too: its exit (or the tracepoint that gave its sub-key) created it.
-        add_stats(&DETAIL_EXITS, &detail, &timed);
+        if !add_stats(&DETAIL_EXITS, &detail, &timed) {
+            count_drop(drop_kind::DETAIL_MAP_FULL);
+        }
     }
     let bucket = hist_bucket(elapsed);
     if cell < rows::CELLS {

@@ -15,7 +15,12 @@ use tracer_common::{
     rows::{self, ThreadOwner},
 };
 
-use super::{Probe, ProbeError, map_err};
+use super::{
+    config::BTF_DIR,
+    error::{ProbeError, map_err},
+    loaded::Loaded,
+    read,
+};
 use crate::exit_layout::{self, Choice};
 
 /// How long a reloaded vendor module may lack a layout equal to the one the program
@@ -110,28 +115,19 @@ fn add_stats(row: &mut ExitStats, more: ExitStats) -> Result<(), ProbeError> {
     Ok(())
 }
 
-impl Probe {
-    fn count_state(&mut self) -> Option<&mut CountPath> {
-        self.counts.as_mut()
-    }
-
+impl CountPath {
     /// Slot `slot`'s row: the count path's (counts), or the per-VM timing path's
     /// (counts and time).
-    fn slot_rows(&self, slot: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
-        let Some(path) = &self.counts else {
-            return Ok(Vec::new());
-        };
-        if path.times {
-            let rows: Array<&MapData, TimeRow> =
-                Array::try_from(self.map(maps::TIME_ROWS)?).map_err(map_err(maps::TIME_ROWS))?;
+    fn slot_rows(&self, maps: &Loaded, slot: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
+        if self.times {
+            let rows: Array<&MapData, TimeRow> = maps.typed(maps::TIME_ROWS)?;
             let row = rows.get(&slot, 0).map_err(map_err(maps::TIME_ROWS))?;
-            return row_exits(path.cell_isa, row.into_iter());
+            return row_exits(self.cell_isa, row.into_iter());
         }
-        let rows: Array<&MapData, CountRow> =
-            Array::try_from(self.map(maps::COUNT_ROWS)?).map_err(map_err(maps::COUNT_ROWS))?;
+        let rows: Array<&MapData, CountRow> = maps.typed(maps::COUNT_ROWS)?;
         let row = rows.get(&slot, 0).map_err(map_err(maps::COUNT_ROWS))?;
         row_exits(
-            path.cell_isa,
+            self.cell_isa,
             row.into_iter().map(|n| ExitStats {
                 count: n,
                 ..ExitStats::default()
@@ -139,28 +135,14 @@ impl Probe {
         )
     }
 
-    /// Puts every slot but slot 0 on the free queues (at attach): the thread rows',
+    /// Puts every slot but slot 0 on the free stacks (at attach): the thread rows',
     /// and the snapshots' VM rows'.
-    pub(super) fn fill_free_slots(&mut self) -> Result<(), ProbeError> {
-        let Some(path) = &self.counts else {
-            return Ok(());
-        };
-        let (rows, snapshots) = (path.rows(), path.snapshots);
-        if rows {
-            self.fill_free(maps::FREE_SLOTS)?;
+    pub fn fill_free_slots(&self, maps: &mut Loaded) -> Result<(), ProbeError> {
+        if self.rows() {
+            fill_free(maps, maps::FREE_SLOTS)?;
         }
-        if snapshots {
-            self.fill_free(maps::VM_FREE)?;
-        }
-        Ok(())
-    }
-
-    /// Puts slots `1..=capacity` on the free stack `name`, slot 1 on top.
-    fn fill_free(&mut self, name: &'static str) -> Result<(), ProbeError> {
-        let mut free: Stack<&mut MapData, u32> =
-            Stack::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        for slot in (1..=free.capacity()).rev() {
-            free.push(slot, 0).map_err(map_err(name))?;
+        if self.snapshots {
+            fill_free(maps, maps::VM_FREE)?;
         }
         Ok(())
     }
@@ -170,39 +152,32 @@ impl Probe {
     /// slots of reaped VMs, and after a vendor module reload checks that the module
     /// the raw program reads has the same layout. A module without it is an error:
     /// the reasons read would be wrong.
-    pub fn tick(&mut self) -> Result<(), ProbeError> {
-        let Some(path) = &self.counts else {
-            return Ok(());
-        };
-        let (rows, snapshots) = (path.rows(), path.snapshots);
-        self.verify_layout()?;
-        if rows {
-            self.harvest()?;
+    pub fn tick(&mut self, maps: &mut Loaded) -> Result<(), ProbeError> {
+        self.verify_layout(maps)?;
+        if self.rows() {
+            self.harvest(maps)?;
         }
-        if snapshots {
-            self.free_vm_slots()?;
+        if self.snapshots {
+            self.free_vm_slots(maps)?;
         }
         Ok(())
     }
 
-    fn verify_layout(&mut self) -> Result<(), ProbeError> {
-        let phase = self.phase()?;
-        let Some(path) = self.count_state() else {
+    fn verify_layout(&mut self, maps: &Loaded) -> Result<(), ProbeError> {
+        let Some(choice @ Choice::Raw { .. }) = &self.choice else {
             return Ok(());
         };
-        let Some(choice @ Choice::Raw { .. }) = &path.choice else {
-            return Ok(());
-        };
-        if phase == path.verified_phase {
+        let phase = read::phase(maps)?;
+        if phase == self.verified_phase {
             return Ok(());
         }
-        let now = exit_layout::choose(std::path::Path::new(super::BTF_DIR));
+        let now = exit_layout::choose(std::path::Path::new(BTF_DIR));
         if now == *choice {
-            path.verified_phase = phase;
-            path.unverified_since = None;
+            self.verified_phase = phase;
+            self.unverified_since = None;
             return Ok(());
         }
-        let since = *path.unverified_since.get_or_insert_with(Instant::now);
+        let since = *self.unverified_since.get_or_insert_with(Instant::now);
         if since.elapsed() < RELOAD_GRACE {
             return Ok(());
         }
@@ -212,100 +187,50 @@ impl Probe {
         })
     }
 
-    /// The next slot whose thread has ended, if any.
-    fn next_ended(&mut self) -> Result<Option<u32>, ProbeError> {
-        let mut ended: Queue<&mut MapData, u32> = Queue::try_from(self.map_mut(maps::ENDED_SLOTS)?)
-            .map_err(map_err(maps::ENDED_SLOTS))?;
-        match ended.pop(0) {
-            Ok(slot) => Ok(Some(slot)),
-            Err(MapError::ElementNotFound) => Ok(None),
-            Err(e) => Err(ProbeError::Map {
-                map: maps::ENDED_SLOTS,
-                source: e,
-            }),
-        }
-    }
-
     /// Reads the row of every slot whose thread has ended into the ended VMs' counts,
     /// zeroes it, and frees the slot. Only its thread wrote the row, and it has ended.
-    fn harvest(&mut self) -> Result<(), ProbeError> {
-        while let Some(slot) = self.next_ended()? {
+    fn harvest(&mut self, maps: &mut Loaded) -> Result<(), ProbeError> {
+        while let Some(slot) = next_ended(maps, maps::ENDED_SLOTS)? {
             let owner = {
-                let owners: HashMap<&MapData, u32, ThreadOwner> =
-                    HashMap::try_from(self.map(maps::SLOT_THREADS)?)
-                        .map_err(map_err(maps::SLOT_THREADS))?;
+                let owners: HashMap<&MapData, u32, ThreadOwner> = maps.typed(maps::SLOT_THREADS)?;
                 owners.get(&slot, 0).map_err(map_err(maps::SLOT_THREADS))?
             };
-            let sums = self.slot_rows(slot)?;
-            let Some(path) = self.counts.as_mut() else {
-                return Ok(());
-            };
-            let vm = path
+            let sums = self.slot_rows(maps, slot)?;
+            let vm = self
                 .ended
                 .entry((owner.phase, owner.tgid, owner.vcpu_id))
                 .or_default();
             for (exit, stats) in sums {
                 add_stats(vm.entry(exit).or_default(), stats)?;
             }
-            if path.times {
-                let mut rows: Array<&mut MapData, TimeRow> =
-                    Array::try_from(self.map_mut(maps::TIME_ROWS)?)
-                        .map_err(map_err(maps::TIME_ROWS))?;
+            if self.times {
+                let mut rows: Array<&mut MapData, TimeRow> = maps.typed_mut(maps::TIME_ROWS)?;
                 rows.set(slot, [ExitStats::default(); rows::CELLS as usize], 0)
                     .map_err(map_err(maps::TIME_ROWS))?;
             } else {
-                let mut rows: Array<&mut MapData, CountRow> =
-                    Array::try_from(self.map_mut(maps::COUNT_ROWS)?)
-                        .map_err(map_err(maps::COUNT_ROWS))?;
+                let mut rows: Array<&mut MapData, CountRow> = maps.typed_mut(maps::COUNT_ROWS)?;
                 rows.set(slot, [0; rows::CELLS as usize], 0)
                     .map_err(map_err(maps::COUNT_ROWS))?;
             }
             let mut owners: HashMap<&mut MapData, u32, ThreadOwner> =
-                HashMap::try_from(self.map_mut(maps::SLOT_THREADS)?)
-                    .map_err(map_err(maps::SLOT_THREADS))?;
+                maps.typed_mut(maps::SLOT_THREADS)?;
             owners.remove(&slot).map_err(map_err(maps::SLOT_THREADS))?;
             // The slot is free from here on: a new thread may take it.
-            let mut free: Stack<&mut MapData, u32> =
-                Stack::try_from(self.map_mut(maps::FREE_SLOTS)?)
-                    .map_err(map_err(maps::FREE_SLOTS))?;
-            free.push(slot, 0).map_err(map_err(maps::FREE_SLOTS))?;
+            free_slot(maps, maps::FREE_SLOTS, slot)?;
         }
         Ok(())
     }
 
-    /// The next slot whose VM has ended, if any (snapshots).
-    fn next_vm_ended(&mut self) -> Result<Option<u32>, ProbeError> {
-        let mut ended: Queue<&mut MapData, u32> =
-            Queue::try_from(self.map_mut(maps::VM_ENDED)?).map_err(map_err(maps::VM_ENDED))?;
-        match ended.pop(0) {
-            Ok(slot) => Ok(Some(slot)),
-            Err(MapError::ElementNotFound) => Ok(None),
-            Err(e) => Err(ProbeError::Map {
-                map: maps::VM_ENDED,
-                source: e,
-            }),
-        }
-    }
-
     /// Snapshots: zeroes the row of every VM slot whose VM has ended and been reaped,
     /// and frees the slot. An ended VM not reaped yet waits for a later tick.
-    fn free_vm_slots(&mut self) -> Result<(), ProbeError> {
-        while let Some(slot) = self.next_vm_ended()? {
-            if let Some(path) = self.counts.as_mut() {
-                path.vms_ended.push(slot);
-            }
+    fn free_vm_slots(&mut self, maps: &mut Loaded) -> Result<(), ProbeError> {
+        while let Some(slot) = next_ended(maps, maps::VM_ENDED)? {
+            self.vms_ended.push(slot);
         }
-        let waiting = self
-            .counts
-            .as_mut()
-            .map(|path| std::mem::take(&mut path.vms_ended))
-            .unwrap_or_default();
         let mut still = Vec::new();
-        for slot in waiting {
+        for slot in std::mem::take(&mut self.vms_ended) {
             let owner: Option<u64> = {
-                let owners: HashMap<&MapData, u32, u64> =
-                    HashMap::try_from(self.map(maps::SLOT_OWNERS)?)
-                        .map_err(map_err(maps::SLOT_OWNERS))?;
+                let owners: HashMap<&MapData, u32, u64> = maps.typed(maps::SLOT_OWNERS)?;
                 owners.get(&slot, 0).ok()
             };
             // Only once the process is reaped: the group leader's exit ends the VM
@@ -314,51 +239,20 @@ impl Probe {
                 still.push(slot);
                 continue;
             }
-            self.free_vm_slot(slot)?;
+            free_vm_slot(maps, slot)?;
         }
-        if let Some(path) = self.counts.as_mut() {
-            path.vms_ended = still;
-        }
+        self.vms_ended = still;
         Ok(())
-    }
-
-    /// Zeroes VM slot `slot`'s row and total and puts it on the free queue.
-    fn free_vm_slot(&mut self, slot: u32) -> Result<(), ProbeError> {
-        let mut rows: Array<&mut MapData, CountRow> =
-            Array::try_from(self.map_mut(maps::VM_ROWS)?).map_err(map_err(maps::VM_ROWS))?;
-        rows.set(slot, [0; rows::CELLS as usize], 0)
-            .map_err(map_err(maps::VM_ROWS))?;
-        let mut totals: Array<&mut MapData, u64> =
-            Array::try_from(self.map_mut(maps::VM_EXITS)?).map_err(map_err(maps::VM_EXITS))?;
-        totals.set(slot, 0, 0).map_err(map_err(maps::VM_EXITS))?;
-        let mut owners: HashMap<&mut MapData, u32, u64> =
-            HashMap::try_from(self.map_mut(maps::SLOT_OWNERS)?)
-                .map_err(map_err(maps::SLOT_OWNERS))?;
-        match owners.remove(&slot) {
-            Ok(()) | Err(MapError::ElementNotFound) => {}
-            Err(e) => {
-                return Err(ProbeError::Map {
-                    map: maps::SLOT_OWNERS,
-                    source: e,
-                });
-            }
-        }
-        // The slot is free from here on: a new VM may take it.
-        let mut free: Stack<&mut MapData, u32> =
-            Stack::try_from(self.map_mut(maps::VM_FREE)?).map_err(map_err(maps::VM_FREE))?;
-        free.push(slot, 0).map_err(map_err(maps::VM_FREE))
     }
 
     /// The thread rows: every VM (live threads' rows, ended threads', slot 0's
     /// threads under pid 0) per reason, and the overflow map's reasons.
-    pub(super) fn count_rows(&mut self, snap: &mut Snapshot) -> Result<(), ProbeError> {
-        self.tick()?;
-        let phase = self.phase()?;
+    pub fn count_rows(&mut self, maps: &mut Loaded, snap: &mut Snapshot) -> Result<(), ProbeError> {
+        self.tick(maps)?;
+        let phase = read::phase(maps)?;
         // By slot: a walk that restarts (the map changed under it) sees a slot twice.
         let owners: BTreeMap<u32, ThreadOwner> = {
-            let owners: HashMap<&MapData, u32, ThreadOwner> =
-                HashMap::try_from(self.map(maps::SLOT_THREADS)?)
-                    .map_err(map_err(maps::SLOT_THREADS))?;
+            let owners: HashMap<&MapData, u32, ThreadOwner> = maps.typed(maps::SLOT_THREADS)?;
             let walk = 2 * tracer_common::limits::MAX_THREADS as usize;
             owners.iter().take(walk).filter_map(Result::ok).collect()
         };
@@ -370,20 +264,16 @@ impl Probe {
         };
         let slots = owners.into_iter().chain([(rows::FULL_SLOT, full)]);
         for (slot, owner) in slots {
-            for (exit, stats) in self.slot_rows(slot)? {
+            for (exit, stats) in self.slot_rows(maps, slot)? {
                 add(snap, (owner.phase, owner.tgid, owner.vcpu_id), exit, stats)?;
             }
         }
-        if let Some(path) = &self.counts {
-            for (&row, exits) in &path.ended {
-                for (&exit, &stats) in exits {
-                    add(snap, row, exit, stats)?;
-                }
+        for (&row, exits) in &self.ended {
+            for (&exit, &stats) in exits {
+                add(snap, row, exit, stats)?;
             }
         }
-        let overflow: HashMap<&MapData, PhaseVcpuKey, u64> =
-            HashMap::try_from(self.map(maps::COUNT_OVERFLOW)?)
-                .map_err(map_err(maps::COUNT_OVERFLOW))?;
+        let overflow: HashMap<&MapData, PhaseVcpuKey, u64> = maps.typed(maps::COUNT_OVERFLOW)?;
         for item in overflow.iter() {
             let (key, n) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
             let stats = ExitStats {
@@ -396,24 +286,22 @@ impl Probe {
     }
 
     /// Forgets an ended VM's counts (the count path): returns what they were.
-    pub(super) fn forget_counted_vm(
+    pub fn forget_vm(
         &mut self,
+        maps: &mut Loaded,
         pid: u32,
     ) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
-        self.tick()?;
+        self.tick(maps)?;
         let mut gone: BTreeMap<ExitKey, ExitStats> = BTreeMap::new();
-        if let Some(path) = self.count_state() {
-            let keys: Vec<(u32, u32, u32)> =
-                path.ended.keys().filter(|k| k.1 == pid).copied().collect();
-            for key in keys {
-                for (exit, stats) in path.ended.remove(&key).unwrap_or_default() {
-                    add_stats(gone.entry(exit).or_default(), stats)?;
-                }
+        let keys: Vec<(u32, u32, u32)> =
+            self.ended.keys().filter(|k| k.1 == pid).copied().collect();
+        for key in keys {
+            for (exit, stats) in self.ended.remove(&key).unwrap_or_default() {
+                add_stats(gone.entry(exit).or_default(), stats)?;
             }
         }
         let mut overflow: HashMap<&mut MapData, PhaseVcpuKey, u64> =
-            HashMap::try_from(self.map_mut(maps::COUNT_OVERFLOW)?)
-                .map_err(map_err(maps::COUNT_OVERFLOW))?;
+            maps.typed_mut(maps::COUNT_OVERFLOW)?;
         let mut rows = Vec::new();
         for item in overflow.iter() {
             let (key, n) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
@@ -433,6 +321,47 @@ impl Probe {
         }
         Ok(gone.into_iter().collect())
     }
+}
+
+/// Puts slots `1..=capacity` on the free stack `name`, slot 1 on top.
+fn fill_free(maps: &mut Loaded, name: &'static str) -> Result<(), ProbeError> {
+    let mut free: Stack<&mut MapData, u32> = maps.typed_mut(name)?;
+    for slot in (1..=free.capacity()).rev() {
+        free.push(slot, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Puts `slot` back on the free stack `name`: the next slot taken.
+fn free_slot(maps: &mut Loaded, name: &'static str, slot: u32) -> Result<(), ProbeError> {
+    let mut free: Stack<&mut MapData, u32> = maps.typed_mut(name)?;
+    free.push(slot, 0).map_err(map_err(name))
+}
+
+/// The next slot on the queue of ended threads or VMs `name`, if any.
+fn next_ended(maps: &mut Loaded, name: &'static str) -> Result<Option<u32>, ProbeError> {
+    let mut ended: Queue<&mut MapData, u32> = maps.typed_mut(name)?;
+    match ended.pop(0) {
+        Ok(slot) => Ok(Some(slot)),
+        Err(MapError::ElementNotFound) => Ok(None),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
+/// Zeroes VM slot `slot`'s row and total and puts it on the free stack.
+fn free_vm_slot(maps: &mut Loaded, slot: u32) -> Result<(), ProbeError> {
+    let mut rows: Array<&mut MapData, CountRow> = maps.typed_mut(maps::VM_ROWS)?;
+    rows.set(slot, [0; rows::CELLS as usize], 0)
+        .map_err(map_err(maps::VM_ROWS))?;
+    let mut totals: Array<&mut MapData, u64> = maps.typed_mut(maps::VM_EXITS)?;
+    totals.set(slot, 0, 0).map_err(map_err(maps::VM_EXITS))?;
+    let mut owners: HashMap<&mut MapData, u32, u64> = maps.typed_mut(maps::SLOT_OWNERS)?;
+    match owners.remove(&slot) {
+        Ok(()) | Err(MapError::ElementNotFound) => {}
+        Err(e) => return Err(map_err(maps::SLOT_OWNERS)(e)),
+    }
+    // The slot is free from here on: a new VM may take it.
+    free_slot(maps, maps::VM_FREE, slot)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 
 use aya_obj::generated::bpf_map_type as t;
 
-use super::{ProbeConfig, ProbeError, setup};
+use super::{config::ProbeConfig, error::ProbeError, setup};
 
 /// A page, as the kernel rounds a map's footprint.
 const PAGE: u64 = 4096;

@@ -1,71 +1,53 @@
 //! What the programs are loaded with: the field offsets read from tracefs and the
-//! settings, as eBPF globals; the map sizes; and the tracepoint each program attaches to.
+//! settings, as eBPF globals; the map sizes; and the attaching of the tracepoint
+//! programs [`PROGRAMS`] names.
 
-use aya::{
-    Ebpf,
-    programs::{RawTracePoint, TracePoint},
-};
 use kvmtrace_model::tracefs_format::{Field, Tracepoint};
-use tracer_common::{NO_FIELD, globals, isa, limits, maps, rows};
+use tracer_common::{NO_FIELD, globals, limits, maps, rows};
 
-use super::{ProbeConfig, ProbeError, find_program, load_error};
-use crate::{exit_layout::Choice, tracefs::Tracefs};
+use super::{
+    config::ProbeConfig,
+    error::ProbeError,
+    loaded::Loaded,
+    programs::{
+        KVM_CPUID, KVM_MSR, KVM_PAGE_FAULT, Kind, MODULE_LOAD, PROGRAMS, Program,
+        SCHED_PROCESS_EXIT, TASK_NEWTASK,
+    },
+};
+use crate::tracefs::Tracefs;
 
-/// The programs, in attach order: the entry, exit-cleanup and new-task programs first,
-/// so an exit is only timed once its entry program is attached, threads that exit from
-/// now on are forgotten, and child processes created from now on are followed.
-const PROGRAMS: [&str; 12] = [
-    "kvm_exit_raw",
-    "kvm_exit_count",
-    "kvm_exit_count_tp",
-    "kvm_entry",
-    "sched_switch",
-    "sched_process_exit",
-    "task_newtask",
-    "kvm_cpuid",
-    "kvm_msr",
-    "kvm_page_fault",
-    "module_load",
-    "kvm_exit",
-];
-
-/// The tracepoints the programs attach to, and the globals they are loaded with.
+/// The globals the programs are loaded with, and whether this kernel has
+/// `module:module_load`.
 pub(super) struct Setup {
     pub globals: Vec<(&'static str, u32)>,
-    newtask: Tracepoint,
-    process_exit: Tracepoint,
-    switch: Tracepoint,
-    cpuid: Tracepoint,
-    msr: Tracepoint,
-    page_fault: Tracepoint,
-    /// `None` on kernels without `module:module_load`.
-    module: Option<Tracepoint>,
+    module_load: bool,
+}
+
+/// The tracepoint of `program`, whose record's fields are read.
+fn record(program: &Program, config: &ProbeConfig) -> Result<Tracepoint, ProbeError> {
+    program
+        .tracepoint(config)
+        .ok_or_else(|| ProbeError::Program {
+            action: "read the record of",
+            program: program.name.to_owned(),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })
 }
 
 impl Setup {
     /// Reads every field offset the programs need from `tracefs`; the optional ones
     /// (`group_dead`, `module_load`, and with `--detail` the exit's `info1` and
-    /// `intr_info`) are [`NO_FIELD`] or `None` where this kernel lacks them.
+    /// `intr_info`) are [`NO_FIELD`] or absent where this kernel lacks them.
     pub fn read(tracefs: &Tracefs, config: &ProbeConfig) -> Result<Self, ProbeError> {
         let exit_tp = &config.exit_tracepoint;
         tracefs.require(exit_tp)?;
         tracefs.require(&config.entry_tracepoint)?;
-        let s = Self {
-            globals: Vec::new(),
-            newtask: Tracepoint::new("task", "task_newtask"),
-            process_exit: Tracepoint::new("sched", "sched_process_exit"),
-            switch: Tracepoint::new("sched", "sched_switch"),
-            cpuid: Tracepoint::new("kvm", "kvm_cpuid"),
-            msr: Tracepoint::new("kvm", "kvm_msr"),
-            page_fault: Tracepoint::new("kvm", "kvm_page_fault"),
-            module: None,
-        };
         let mut g = exit_globals(tracefs, exit_tp, config.detail)?;
-        g.extend(s.task_globals(tracefs)?);
-        g.extend(s.kvm_globals(tracefs, config)?);
+        g.extend(task_globals(tracefs, config)?);
+        g.extend(kvm_globals(tracefs, config)?);
         g.extend(settings(config));
         // Optional: without it a vendor module reload does not start a new phase.
-        let module = Tracepoint::new("module", "module_load");
+        let module = record(&MODULE_LOAD, config)?;
         let module_name_off = tracefs.offset(&module, "name").ok();
         g.push((globals::MODULE_NAME_OFF, module_name_off.unwrap_or(0)));
         if module_name_off.is_none() {
@@ -75,144 +57,86 @@ impl Setup {
         }
         Ok(Self {
             globals: g,
-            module: module_name_off.map(|_| module),
-            ..s
+            module_load: module_name_off.is_some(),
         })
     }
 
     /// Whether a vendor module reload starts a new phase.
     pub fn tracks_phases(&self) -> bool {
-        self.module.is_some()
+        self.module_load
     }
 
-    /// `task:task_newtask` and `sched:sched_process_exit`.
-    fn task_globals(&self, tracefs: &Tracefs) -> Result<Vec<(&'static str, u32)>, ProbeError> {
-        let group_dead = group_dead_offset(&tracefs.fields(&self.process_exit)?);
-        if group_dead.is_none() {
-            log::debug!(
-                "{} has no group_dead field: a traced process is forgotten when its group leader exits",
-                self.process_exit
-            );
-        }
-        Ok(vec![
-            (
-                globals::NEWTASK_PID_OFF,
-                tracefs.offset(&self.newtask, "pid")?,
-            ),
-            (
-                globals::NEWTASK_FLAGS_OFF,
-                tracefs.offset(&self.newtask, "clone_flags")?,
-            ),
-            (globals::EXIT_GROUP_DEAD_OFF, group_dead.unwrap_or(NO_FIELD)),
-        ])
-    }
-
-    /// `kvm:kvm_cpuid`, and with `--detail` `kvm:kvm_msr` and `kvm:kvm_page_fault`.
-    fn kvm_globals(
+    /// Loads each tracepoint program `config` wants and attaches it, in the table's
+    /// order; `module_load` only where the kernel has its tracepoint.
+    pub fn attach_programs(
         &self,
-        tracefs: &Tracefs,
+        loaded: &mut Loaded,
         config: &ProbeConfig,
-    ) -> Result<Vec<(&'static str, u32)>, ProbeError> {
-        let cpuid = |field| tracefs.offset(&self.cpuid, field);
-        let mut g = vec![
-            (globals::CPUID_FUNCTION_OFF, cpuid("function")?),
-            (globals::CPUID_INDEX_OFF, cpuid("index")?),
-            (globals::CPUID_RAX_OFF, cpuid("rax")?),
-            (globals::CPUID_RBX_OFF, cpuid("rbx")?),
-            (globals::CPUID_RCX_OFF, cpuid("rcx")?),
-            (globals::CPUID_RDX_OFF, cpuid("rdx")?),
-        ];
-        if config.detail {
-            g.extend([
-                (globals::MSR_ECX_OFF, tracefs.offset(&self.msr, "ecx")?),
-                (globals::MSR_WRITE_OFF, tracefs.offset(&self.msr, "write")?),
-                (
-                    globals::PF_ADDRESS_OFF,
-                    tracefs.offset(&self.page_fault, "fault_address")?,
-                ),
-            ]);
-        }
-        Ok(g)
-    }
-
-    /// Loads each program and attaches it to its tracepoint; the optional ones only
-    /// when used.
-    pub fn attach_programs(&self, ebpf: &mut Ebpf, config: &ProbeConfig) -> Result<(), ProbeError> {
-        let detail = config.detail;
-        let counting = config.counts.as_ref();
-        let raw = matches!(counting, Some(Choice::Raw { .. }));
-        for program in PROGRAMS {
-            // The count path: its one exit program, and the process and module
-            // tracking; no entry, no sched_switch, no per-exit tracepoint but one.
-            let timing_only = matches!(
-                program,
-                "kvm_exit"
-                    | "kvm_entry"
-                    | "sched_switch"
-                    | "kvm_cpuid"
-                    | "kvm_msr"
-                    | "kvm_page_fault"
-            );
-            let raw_exit = config.raw_exit.is_some();
-            let skip = match program {
-                "kvm_exit_count" => !raw,
-                "kvm_exit_count_tp" => counting.is_none() || raw,
-                "kvm_exit_raw" => counting.is_some() || !raw_exit,
-                "kvm_exit" => counting.is_some() || raw_exit,
-                _ => counting.is_some() && timing_only,
-            };
-            if skip {
+    ) -> Result<(), ProbeError> {
+        for program in &PROGRAMS {
+            if program.kind == Kind::KProbe || !(program.wanted)(config) {
                 continue;
             }
-            let tp = match program {
-                "kvm_entry" => &config.entry_tracepoint,
-                "sched_switch" => &self.switch,
-                "sched_process_exit" => &self.process_exit,
-                "task_newtask" => &self.newtask,
-                "module_load" => match &self.module {
-                    Some(tp) => tp,
-                    None => continue,
-                },
-                // Its tracepoint fires on every CPUID exit: only pay for it when used.
-                "kvm_cpuid" if config.snapshots.is_none() && !detail => continue,
-                "kvm_cpuid" => &self.cpuid,
-                "kvm_msr" | "kvm_page_fault" if !detail => continue,
-                "kvm_msr" => &self.msr,
-                "kvm_page_fault" => &self.page_fault,
-                _ => &config.exit_tracepoint,
-            };
-            attach(ebpf, program, tp)?;
+            if program.name == MODULE_LOAD.name && !self.module_load {
+                continue;
+            }
+            program.attach(loaded, &record(program, config)?)?;
         }
         Ok(())
     }
 }
 
-/// Loads `program` and attaches it to `tp`.
-fn attach(ebpf: &mut Ebpf, program: &str, tp: &Tracepoint) -> Result<(), ProbeError> {
-    let prog = find_program(ebpf, program)?;
-    let unusable = |source| ProbeError::Program {
-        action: "use",
-        program: program.to_owned(),
-        source,
-    };
-    let attached = if matches!(
-        program,
-        "kvm_entry" | "sched_switch" | "kvm_exit_count" | "kvm_exit_raw"
-    ) {
-        // A raw tracepoint: it needs no field of the record.
-        let raw: &mut RawTracePoint = prog.try_into().map_err(unusable)?;
-        raw.load().map_err(|e| load_error(program, e))?;
-        raw.attach(&tp.name).map(drop)
-    } else {
-        let tracepoint: &mut TracePoint = prog.try_into().map_err(unusable)?;
-        tracepoint.load().map_err(|e| load_error(program, e))?;
-        tracepoint.attach(&tp.category, &tp.name).map(drop)
-    };
-    attached.map_err(|source| ProbeError::Program {
-        action: "attach",
-        program: format!("{program} to {tp}"),
-        source,
-    })
+/// `task:task_newtask` and `sched:sched_process_exit`.
+fn task_globals(
+    tracefs: &Tracefs,
+    config: &ProbeConfig,
+) -> Result<Vec<(&'static str, u32)>, ProbeError> {
+    let process_exit = record(&SCHED_PROCESS_EXIT, config)?;
+    let newtask = record(&TASK_NEWTASK, config)?;
+    let group_dead = group_dead_offset(&tracefs.fields(&process_exit)?);
+    if group_dead.is_none() {
+        log::debug!(
+            "{process_exit} has no group_dead field: a traced process is forgotten when its group leader exits"
+        );
+    }
+    Ok(vec![
+        (globals::NEWTASK_PID_OFF, tracefs.offset(&newtask, "pid")?),
+        (
+            globals::NEWTASK_FLAGS_OFF,
+            tracefs.offset(&newtask, "clone_flags")?,
+        ),
+        (globals::EXIT_GROUP_DEAD_OFF, group_dead.unwrap_or(NO_FIELD)),
+    ])
+}
+
+/// `kvm:kvm_cpuid`, and with `--detail` `kvm:kvm_msr` and `kvm:kvm_page_fault`.
+fn kvm_globals(
+    tracefs: &Tracefs,
+    config: &ProbeConfig,
+) -> Result<Vec<(&'static str, u32)>, ProbeError> {
+    let cpuid_tp = record(&KVM_CPUID, config)?;
+    let cpuid = |field| tracefs.offset(&cpuid_tp, field);
+    let mut g = vec![
+        (globals::CPUID_FUNCTION_OFF, cpuid("function")?),
+        (globals::CPUID_INDEX_OFF, cpuid("index")?),
+        (globals::CPUID_RAX_OFF, cpuid("rax")?),
+        (globals::CPUID_RBX_OFF, cpuid("rbx")?),
+        (globals::CPUID_RCX_OFF, cpuid("rcx")?),
+        (globals::CPUID_RDX_OFF, cpuid("rdx")?),
+    ];
+    if config.detail {
+        let msr = record(&KVM_MSR, config)?;
+        let page_fault = record(&KVM_PAGE_FAULT, config)?;
+        g.extend([
+            (globals::MSR_ECX_OFF, tracefs.offset(&msr, "ecx")?),
+            (globals::MSR_WRITE_OFF, tracefs.offset(&msr, "write")?),
+            (
+                globals::PF_ADDRESS_OFF,
+                tracefs.offset(&page_fault, "fault_address")?,
+            ),
+        ]);
+    }
+    Ok(g)
 }
 
 /// `kvm:kvm_exit`'s fields: where the one read starts and each field's place in it.
@@ -297,46 +221,6 @@ fn settings(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (globals::DETAIL, u32::from(config.detail)),
         (globals::RIPS, u32::from(config.rips)),
     ]
-}
-
-/// Whether a program can read another CPU's value of a per-CPU map entry
-/// (`bpf_map_lookup_percpu_elem`, Linux 5.19): then a counter read sums the per-CPU
-/// cells; otherwise exits also go to shared cells. When the version cannot be read,
-/// the shared cells: slower, but they load everywhere.
-pub fn sums_per_cpu() -> bool {
-    use aya::util::KernelVersion;
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 19, 0))
-}
-
-/// The host's ISA, whose exit reasons get cells in thread rows: VMX where the CPU
-/// has `vmx`, SVM where it has `svm` (`/proc/cpuinfo`), else by vendor. A host runs
-/// one vendor's KVM; exits of the other ISA would still be counted, in the overflow
-/// maps.
-pub fn host_isa() -> u32 {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    isa_of_cpuinfo(&cpuinfo)
-}
-
-/// [`host_isa`] from the text of `/proc/cpuinfo`.
-pub(super) fn isa_of_cpuinfo(cpuinfo: &str) -> u32 {
-    let line = |key: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
-            .and_then(|l| l.split_once(':'))
-            .map_or("", |(_, v)| v)
-    };
-    let flags: Vec<&str> = line("flags").split_whitespace().collect();
-    if flags.contains(&"vmx") {
-        return isa::VMX;
-    }
-    if flags.contains(&"svm") {
-        return isa::SVM;
-    }
-    match line("vendor_id").trim() {
-        "AuthenticAMD" | "HygonGenuine" => isa::SVM,
-        _ => isa::VMX,
-    }
 }
 
 /// Every map's size: as configured, or 1 entry (1 page for ring buffers) when the
@@ -451,4 +335,101 @@ pub(super) fn exit_fields(
 pub(super) fn optional_exit_field(base: u32, offset: u32, size: u32) -> Option<u32> {
     let rel = offset.checked_sub(base)?;
     (rel + size <= limits::EXIT_FIELDS_BYTES && rel % size == 0).then_some(rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optional_fields_are_used_where_the_read_reaches() {
+        // 6.1: info1 at 32, intr_info at 48, the read starts at 8.
+        assert_eq!(optional_exit_field(8, 32, 8), Some(24));
+        assert_eq!(optional_exit_field(8, 48, 4), Some(40));
+        assert_eq!(optional_exit_field(8, 70, 4), None, "beyond the read");
+        assert_eq!(optional_exit_field(8, 4, 4), None, "before it");
+        assert_eq!(optional_exit_field(8, 36, 8), None, "misaligned");
+    }
+
+    #[test]
+    fn exit_fields_are_read_at_once() {
+        let tp = Tracepoint::new("kvm", "kvm_exit");
+        // 6.1: exit_reason 8, guest_rip 16, isa 24, vcpu_id 56.
+        let f = |r, i, v, rip| [(r, 4), (i, 4), (v, 4), (rip, 8)];
+        assert_eq!(
+            exit_fields(&tp, f(8, 24, 56, 16)).ok(),
+            Some([8, 0, 16, 48, 8])
+        );
+        assert_eq!(
+            exit_fields(&tp, f(56, 8, 24, 16)).ok(),
+            Some([8, 48, 0, 16, 8])
+        );
+        let apart = exit_fields(&tp, f(8, 24, 80, 16))
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            apart.is_some_and(|e| e.contains("76 bytes apart")),
+            "fields too far apart are refused"
+        );
+        assert!(exit_fields(&tp, f(8, 26, 40, 16)).is_err(), "misaligned");
+        assert!(
+            exit_fields(&tp, f(8, 24, 56, 12)).is_err(),
+            "a u64 guest_rip not 8-aligned from the start"
+        );
+    }
+
+    /// `sched:sched_process_exit` on 6.18 (with `group_dead`) and on 6.1 (without).
+    const PROCESS_EXIT_6_18: &str = "name: sched_process_exit
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;
+";
+    const PROCESS_EXIT_6_1: &str = "name: sched_process_exit
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn group_dead_is_found_where_the_kernel_has_it() {
+        use kvmtrace_model::tracefs_format::parse_format;
+        assert_eq!(
+            group_dead_offset(&parse_format(PROCESS_EXIT_6_18)),
+            Some(32)
+        );
+        assert_eq!(group_dead_offset(&parse_format(PROCESS_EXIT_6_1)), None);
+        let wide = PROCESS_EXIT_6_18.replace("size:1;", "size:4;");
+        assert_eq!(
+            group_dead_offset(&parse_format(&wide)),
+            None,
+            "only a one-byte bool is read"
+        );
+    }
+
+    #[test]
+    fn newtask_fields_parse() {
+        use kvmtrace_model::tracefs_format::parse_format;
+        let newtask = "name: task_newtask
+format:
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:pid_t pid;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;
+\tfield:u64 clone_flags;\toffset:32;\tsize:8;\tsigned:0;
+\tfield:short oom_score_adj;\toffset:40;\tsize:2;\tsigned:1;
+";
+        let fields = parse_format(newtask);
+        let off = |n: &str| fields.iter().find(|f| f.name == n).map(|f| f.offset);
+        assert_eq!((off("pid"), off("clone_flags")), (Some(8), Some(32)));
+        assert_eq!(tracer_common::CLONE_THREAD, libc::CLONE_THREAD as u32);
+    }
 }
