@@ -85,7 +85,9 @@ pub mod drop_kind {
     /// child process of a traced process is not traced.
     pub const FILTER_MAP_FULL: u32 = 5;
     /// With snapshots, a map kept beside a VM's own counts was full: an ended VM
-    /// missing from `VM_TOTALS`, or a synthetic exit missing from `VM_SYNTHETIC`.
+    /// missing from `VM_TOTALS`, a synthetic exit missing from `VM_SYNTHETIC`, or an
+    /// exit of a reason without a cell missing from its VM's `VM_OVERFLOW` (a guest's
+    /// read of that reason then gets a count too low). The exit itself is counted.
     pub const VM_MAP_FULL: u32 = 6;
     /// The CPUID snapshot ring buffer was full: a guest counter read was not recorded.
     pub const CPUID_RING_FULL: u32 = 7;
@@ -224,6 +226,7 @@ pub mod maps {
     pub const VM_EXITS: &str = "VM_EXITS";
     pub const VM_FREE: &str = "VM_FREE";
     pub const VM_ENDED: &str = "VM_ENDED";
+    pub const VM_OVERFLOW: &str = "VM_OVERFLOW";
     pub const SHARED_ALL: &str = "SHARED_ALL";
     pub const VM_SLOTS: &str = "VM_SLOTS";
     pub const SLOT_OWNERS: &str = "SLOT_OWNERS";

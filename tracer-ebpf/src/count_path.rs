@@ -147,7 +147,7 @@ pub fn bump_epoch() {
 
 /// Counts one exit of a reason without a cell, per (phase, VM, reason), atomically.
 #[inline(always)]
-pub fn overflow_add(phase: u32, tgid: u32, exit_isa: u32, raw: u32) {
+fn overflow_add(phase: u32, tgid: u32, exit_isa: u32, raw: u32) {
     let vcpu = VcpuKey {
         pid: tgid,
         vcpu_id: count::ALL_VCPUS,
@@ -158,11 +158,4 @@ pub fn overflow_add(phase: u32, tgid: u32, exit_isa: u32, raw: u32) {
         return;
     }
     count_drop(drop_kind::EXIT_MAP_FULL);
-}
-
-/// The exits counted under `key` in the overflow map.
-#[inline(always)]
-pub fn overflow_count(key: &PhaseVcpuKey) -> u64 {
-    // SAFETY: the value is copied out.
-    unsafe { COUNT_OVERFLOW.get(key) }.copied().unwrap_or(0)
 }

@@ -64,6 +64,13 @@ static VM_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(limits::MAX_VMS, 
 /// Slot -> the (phase, tgid) that holds it, for user space; removed when it frees it.
 #[map]
 static SLOT_OWNERS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
+/// Per (VM slot, reason), for the reasons without a cell: exits, added to atomically.
+/// The key is a `PhaseVcpuKey` whose `pid` is the VM's slot (one VM's lifetime) and
+/// whose phase is 0; user space removes a slot's entries when it frees the slot. (Not
+/// the count path's overflow map: the report reads that one as rows.)
+#[map]
+static VM_OVERFLOW: HashMap<PhaseVcpuKey, u64> =
+    HashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
 /// Slot 0 of each CPU: every traced VM's exits on this CPU (`SUM_PER_CPU` = 1).
 #[map]
 static ALL_EXITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -106,8 +113,9 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
     }
     let c = thread_rows::cell(exit_isa, raw);
     if c >= rows::CELLS {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        count_path::overflow_add(PHASE.get(0).copied().unwrap_or(0), tgid, exit_isa, raw);
+        if !shared_add(&VM_OVERFLOW, overflow_key(slot, exit_isa, raw), 1) {
+            count_drop(drop_kind::VM_MAP_FULL);
+        }
         return;
     }
     let Some(row) = VM_ROWS.get_ptr_mut(slot) else {
@@ -189,17 +197,25 @@ pub fn vm_counts(pid: u32, exit_isa: u32, reason: u32) -> Option<(u64, u64, u64)
         let i = unsafe { core::ptr::read_volatile(&c) } & (rows::CELLS - 1);
         VM_ROWS.get(slot)?[i as usize]
     } else {
-        let key = PhaseVcpuKey::new(
-            phase,
-            &VcpuKey {
-                pid,
-                vcpu_id: count::ALL_VCPUS,
-                exit: ExitKey::from_raw(exit_isa, reason),
-            },
-        );
-        count_path::overflow_count(&key)
+        // SAFETY: the value is copied out.
+        unsafe { VM_OVERFLOW.get(overflow_key(slot, exit_isa, reason)) }
+            .copied()
+            .unwrap_or(0)
     };
     Some((of_reason, total, all_exits()))
+}
+
+/// `VM_OVERFLOW`'s key of a reason without a cell in VM slot `slot`.
+#[inline(always)]
+fn overflow_key(slot: u32, exit_isa: u32, raw: u32) -> PhaseVcpuKey {
+    PhaseVcpuKey::new(
+        0,
+        &VcpuKey {
+            pid: slot,
+            vcpu_id: count::ALL_VCPUS,
+            exit: ExitKey::from_raw(exit_isa, raw),
+        },
+    )
 }
 
 /// Every traced VM's exits so far.

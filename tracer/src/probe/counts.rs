@@ -227,7 +227,7 @@ impl CountPath {
         while let Some(slot) = next_ended(maps, maps::VM_ENDED)? {
             self.vms_ended.push(slot);
         }
-        let mut still = Vec::new();
+        let (mut still, mut freed) = (Vec::new(), Vec::new());
         for slot in std::mem::take(&mut self.vms_ended) {
             let owner: Option<u64> = {
                 let owners: HashMap<&MapData, u32, u64> = maps.typed(maps::SLOT_OWNERS)?;
@@ -239,9 +239,17 @@ impl CountPath {
                 still.push(slot);
                 continue;
             }
-            free_vm_slot(maps, slot)?;
+            clear_vm_slot(maps, slot)?;
+            freed.push(slot);
         }
         self.vms_ended = still;
+        if !freed.is_empty() {
+            clear_vm_overflow(maps, &freed)?;
+        }
+        // Free from here on: a new VM may take them.
+        for slot in freed {
+            free_slot(maps, maps::VM_FREE, slot)?;
+        }
         Ok(())
     }
 
@@ -348,8 +356,8 @@ fn next_ended(maps: &mut Loaded, name: &'static str) -> Result<Option<u32>, Prob
     }
 }
 
-/// Zeroes VM slot `slot`'s row and total and puts it on the free stack.
-fn free_vm_slot(maps: &mut Loaded, slot: u32) -> Result<(), ProbeError> {
+/// Zeroes VM slot `slot`'s row and total and forgets its owner (it is freed after).
+fn clear_vm_slot(maps: &mut Loaded, slot: u32) -> Result<(), ProbeError> {
     let mut rows: Array<&mut MapData, CountRow> = maps.typed_mut(maps::VM_ROWS)?;
     rows.set(slot, [0; rows::CELLS as usize], 0)
         .map_err(map_err(maps::VM_ROWS))?;
@@ -360,8 +368,26 @@ fn free_vm_slot(maps: &mut Loaded, slot: u32) -> Result<(), ProbeError> {
         Ok(()) | Err(MapError::ElementNotFound) => {}
         Err(e) => return Err(map_err(maps::SLOT_OWNERS)(e)),
     }
-    // The slot is free from here on: a new VM may take it.
-    free_slot(maps, maps::VM_FREE, slot)
+    Ok(())
+}
+
+/// Removes the `VM_OVERFLOW` entries of the VM slots `slots` (its key's `pid` is the
+/// slot), before they are freed.
+fn clear_vm_overflow(maps: &mut Loaded, slots: &[u32]) -> Result<(), ProbeError> {
+    let mut overflow: HashMap<&mut MapData, PhaseVcpuKey, u64> =
+        maps.typed_mut(maps::VM_OVERFLOW)?;
+    let keys: Vec<PhaseVcpuKey> = overflow
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| slots.contains(&k.pid))
+        .collect();
+    for key in keys {
+        match overflow.remove(&key) {
+            Ok(()) | Err(MapError::ElementNotFound) => {}
+            Err(e) => return Err(map_err(maps::VM_OVERFLOW)(e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -272,9 +272,10 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (maps::VM_ENDED, on(snap, vms, 1)),
         (maps::VM_SLOTS, on(snap, vms, 1)),
         (maps::SLOT_OWNERS, on(snap, vms, 1)),
+        (maps::VM_OVERFLOW, on(snap, config.max_overflow_rows, 1)),
         (
             maps::COUNT_OVERFLOW,
-            on(counting || snap, config.max_overflow_rows, 1),
+            on(counting, config.max_overflow_rows, 1),
         ),
         // Only the ended VMs' total.
         (maps::VM_TOTALS, on(snap, 1, 1)),

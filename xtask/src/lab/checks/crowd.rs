@@ -192,7 +192,10 @@ Dropped: 0
                 .to_owned(),
         }];
         let said = memory_per_vm(&lines, "npt1", 256).expect("a line");
-        assert!(said.contains("about 1000 KiB per VM (256 at once)"), "{said}");
+        assert!(
+            said.contains("about 1000 KiB per VM (256 at once)"),
+            "{said}"
+        );
         assert_eq!(memory_per_vm(&lines, "npt0", 256), None);
     }
 
