@@ -346,7 +346,11 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     let _ = writeln!(
         env,
         "EXPORT_RETENTION={}",
-        super::options::EXPORT_RETENTION_SECS
+        if crowd {
+            super::options::EXPORT_RETENTION_CROWD_SECS
+        } else {
+            super::options::EXPORT_RETENTION_SECS
+        }
     );
     env
 }

@@ -54,6 +54,10 @@ pub enum Scenario {
 /// they are gone).
 pub const EXPORT_PORT: u16 = 10470;
 pub const EXPORT_RETENTION_SECS: u64 = 4;
+/// The same for a crowd: long enough that every VM's final values are still served
+/// when the crowd has ended (L1's scrapes of hundreds of VMs can take longer than
+/// Prometheus's 1 s timeout, so a VM's last values may come in a later scrape).
+pub const EXPORT_RETENTION_CROWD_SECS: u64 = 60;
 
 impl Scenario {
     pub fn name(self) -> &'static str {
