@@ -731,8 +731,9 @@ fn amd_crowd_of_1024_vms_is_exact() {
 
 /// `kvmtrace export` over a crowd of 256 VMs (stock 6.1 L1, nested paging): the last
 /// value Prometheus scraped of each VM's series equals the hist by that VM's thread,
-/// reason by reason. (In --full: its first run lost one micro VM to a
-/// KVM_EXIT_SHUTDOWN under QEMU TCG's nested SVM, as the 1 024 crowd once did.)
+/// reason by reason. (In --full: not yet reliable. Of its two runs on 2026-12-07, one
+/// lost a micro VM to KVM_EXIT_SHUTDOWN under QEMU TCG's nested SVM, as the 1 024
+/// crowd once did, and in the other two VMs never ended; cause not found.)
 #[test]
 #[ignore = "a second crowd of 256: cargo xtask test --full"]
 fn amd_export_crowd_of_256_vms_equals_hist() {
