@@ -14,7 +14,7 @@ use crate::{
     exit_reasons::{self, Isa},
     leaves::UNDEFINED_EDX,
     report::{CpuidRead, LeafKind, Report},
-    verdict::{Judging, RecordVerdict},
+    verdict::{JudgedRead, Judging, RecordVerdict},
 };
 
 /// One guest read, reconciled.
@@ -57,6 +57,27 @@ struct ReadPoint {
     tracepoint_differs: bool,
     /// A read of the cycles leaf: no count to weigh against the VM's other reads.
     cycles: bool,
+}
+
+impl JudgedRead for Row {
+    fn main_verdict(&self) -> Verdict {
+        self.verdict
+    }
+    fn causes_found(&self) -> &[Verdict] {
+        self.every_cause()
+    }
+    fn set_accepted(&mut self, accepted: bool) {
+        self.accepted = accepted;
+    }
+    fn reads_cycles(&self) -> bool {
+        self.is_cycles()
+    }
+    fn asked_reason(&self) -> Option<u32> {
+        self.reason
+    }
+    fn guest_value(&self) -> u64 {
+        self.guest
+    }
 }
 
 impl Row {

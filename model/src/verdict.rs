@@ -7,7 +7,24 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::{cause::Verdict, guest::GuestReadout, reconcile::Row};
+use crate::{cause::Verdict, guest::GuestReadout};
+
+/// What the verdict needs of a reconciled read (reconcile's rows implement it), so
+/// that the verdict does not depend on reconcile, which uses it.
+pub trait JudgedRead {
+    /// Its main verdict.
+    fn main_verdict(&self) -> Verdict;
+    /// Every cause found for it.
+    fn causes_found(&self) -> &[Verdict];
+    /// Marks it as wrong only for causes the user accepts.
+    fn set_accepted(&mut self, accepted: bool);
+    /// Whether it read a cycles leaf.
+    fn reads_cycles(&self) -> bool;
+    /// The reason it asked about (`None`: the total leaf).
+    fn asked_reason(&self) -> Option<u32>;
+    /// What the guest received.
+    fn guest_value(&self) -> u64;
+}
 
 /// What the verdict weighs besides the record's reads.
 #[derive(Clone, Debug, Default)]
@@ -49,13 +66,13 @@ pub enum Standing {
 }
 
 impl Standing {
-    pub fn of(row: &Row, accept: &BTreeSet<Verdict>) -> Self {
-        let causes = row.every_cause();
+    pub fn of(row: &impl JudgedRead, accept: &BTreeSet<Verdict>) -> Self {
+        let causes = row.causes_found();
         let mut faults = causes.iter().filter(|c| c.is_fault()).peekable();
         if causes.contains(&Verdict::Unexplained) {
             Self::Unexplained
         } else if faults.peek().is_none() {
-            Self::Right(row.verdict)
+            Self::Right(row.main_verdict())
         } else if faults.all(|c| accept.contains(c)) {
             Self::Accepted
         } else {
@@ -99,7 +116,7 @@ pub struct RecordVerdict {
 
 impl RecordVerdict {
     /// Judges `rows` (marking the accepted ones) and the guest's printout.
-    pub fn judge(rows: &mut [Row], judging: &Judging) -> Self {
+    pub fn judge(rows: &mut [impl JudgedRead], judging: &Judging) -> Self {
         let mismatches = judging
             .guest
             .map(|g| printout_mismatches(rows, g))
@@ -119,8 +136,8 @@ impl RecordVerdict {
         };
         let mut touched: BTreeMap<Verdict, usize> = BTreeMap::new();
         for row in rows.iter_mut() {
-            let standing = Standing::of(row, &judging.accept);
-            row.accepted = standing == Standing::Accepted;
+            let standing = Standing::of(&*row, &judging.accept);
+            row.set_accepted(standing == Standing::Accepted);
             let tally = match standing {
                 Standing::Right(Verdict::Undefined) => &mut v.undefined,
                 Standing::Right(Verdict::CpuidSelfExit) => &mut v.cpuid_self_exit,
@@ -130,7 +147,7 @@ impl RecordVerdict {
                 Standing::Unexplained => &mut v.unexplained_reads,
             };
             *tally += 1;
-            for &c in row.every_cause().iter().filter(|c| c.is_fault()) {
+            for &c in row.causes_found().iter().filter(|c| c.is_fault()) {
                 *touched.entry(c).or_default() += 1;
             }
         }
@@ -160,16 +177,16 @@ impl RecordVerdict {
 /// for a reason must be one that a read of that reason returned (a record may hold
 /// several VMs, each with its readout). Reasons the record has no read of are not
 /// judged.
-pub fn printout_mismatches(rows: &[Row], guest: &GuestReadout) -> Vec<String> {
+pub fn printout_mismatches(rows: &[impl JudgedRead], guest: &GuestReadout) -> Vec<String> {
     guest
         .reasons
         .iter()
         .filter(|g| {
             let mut reads = rows
                 .iter()
-                .filter(|r| !r.is_cycles() && r.reason == Some(g.reason))
+                .filter(|r| !r.reads_cycles() && r.asked_reason() == Some(g.reason))
                 .peekable();
-            reads.peek().is_some() && !reads.any(|r| r.guest == g.count)
+            reads.peek().is_some() && !reads.any(|r| r.guest_value() == g.count)
         })
         .map(|g| {
             format!(

@@ -16,10 +16,9 @@
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap},
+    maps::HashMap,
     programs::{RawTracePointContext, TracePointContext},
 };
-use core::intrinsics::AtomicOrdering;
 use tracer_common::{ExitKey, NO_FIELD, PhaseVcpuKey, VcpuKey, count, drop_kind, isa, limits};
 
 use crate::{
@@ -43,10 +42,6 @@ const VMCB_EXIT_CODE: u64 = 0x70;
 #[map]
 static COUNT_OVERFLOW: HashMap<PhaseVcpuKey, u64> =
     HashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
-/// Slot 0: bumped whenever a cached slot may have become wrong (a VM ended, the pid
-/// filter grew); a cache entry of another epoch is not used.
-#[map]
-static COUNT_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 /// The raw tracepoint: `kvm_exit(struct kvm_vcpu *vcpu, u32 isa)` since 5.11.
 #[raw_tracepoint(tracepoint = "kvm_exit")]
 pub fn kvm_exit_count(ctx: RawTracePointContext) -> u32 {
@@ -128,21 +123,6 @@ pub fn kvm_exit_count_tp(ctx: TracePointContext) -> u32 {
     };
     count_in_row(&me, field(&EXIT_ISA_OFF), field(&EXIT_REASON_OFF));
     0
-}
-
-/// The epoch of the cached VM slots and thread slots (see `COUNT_EPOCH`).
-#[inline(always)]
-pub fn epoch() -> u32 {
-    COUNT_EPOCH.get(0).copied().unwrap_or(0)
-}
-
-/// Empties every CPU's cache of VM and thread slots.
-#[inline(always)]
-pub fn bump_epoch() {
-    if let Some(epoch) = COUNT_EPOCH.get_ptr_mut(0) {
-        // SAFETY: a live map value other CPUs may bump too.
-        unsafe { core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(epoch, 1) };
-    }
 }
 
 /// Counts one exit of a reason without a cell, per (phase, VM, reason), atomically.

@@ -3,6 +3,7 @@
 //! and `--rip` (exits per guest RIP).
 
 use super::*;
+use crate::pending::{CPU_PENDING, PENDING};
 
 /// `--detail`: exits per (phase, VM, reason, sub-key), with their handling time.
 #[map]

@@ -3,6 +3,11 @@
 //! pending exit, row and entries are finished.
 
 use super::*;
+use crate::{
+    pending::{CPU_PENDING, PENDING},
+    snapshots::{PENDING_READS, REGS, RUN_STARTED, VCPU_OF, VM_SYNTHETIC},
+    timing::count_untimed,
+};
 
 /// Starts a new phase when kvm_intel or kvm_amd is loaded. It runs before the module's
 /// init, so before any exit of a VM under the new load.

@@ -50,7 +50,9 @@
 
 mod count_path;
 mod detail;
+mod epoch;
 mod lifecycle;
+mod pending;
 mod snapshots;
 mod thread_rows;
 mod timing;
@@ -75,7 +77,6 @@ use tracer_common::{
     count, cpuid_exit, detail_kind, detail_plan, drop_kind, hist_bucket, limits, read_source,
     regs_slot, rows, vendor, vm_totals_key,
 };
-use {detail::*, snapshots::*, timing::*};
 
 #[unsafe(no_mangle)]
 static EXIT_FIELDS_OFF: u32 = 8;

@@ -4,11 +4,11 @@
 //! does not give it.
 
 use super::*;
-
-/// With snapshots, the ended VMs' exits ([`vm_totals_key::ENDED`]), added once per
-/// VM when it ends. (A VM's own counts are its row in [`vm_rows`].)
-#[map]
-pub(crate) static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
+use crate::{
+    detail::detail_event,
+    pending::{CPU_PENDING, PENDING},
+    vm_rows::VM_TOTALS,
+};
 
 /// Per-VM synthetic exits (VMX INVALID_STATE, made up by `vmx_vcpu_run()` without a
 /// VM entry), kept only with snapshots while the probe on `vmx_vcpu_run()` is attached.

@@ -18,7 +18,7 @@ use tracer_common::{
     rows::{self, CachedThread, FULL_SLOT, NOT_TRACED, ThreadOwner, ThreadSlot},
 };
 
-use crate::{PHASE, count_path, global, traced};
+use crate::{PHASE, epoch, global, traced};
 
 /// The ISA whose reasons have cells ([`rows::cell`]): the host's, set by the loader.
 #[unsafe(no_mangle)]
@@ -63,7 +63,7 @@ pub fn current(vcpu_id: impl FnOnce() -> u32) -> Option<CachedThread> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let phase = PHASE.get(0).copied().unwrap_or(0);
-    let epoch = count_path::epoch();
+    let epoch = epoch::epoch();
     let cache = CPU_THREAD.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; only programs on this CPU use it, one at a time.
     let cached = unsafe { *cache };
@@ -151,7 +151,7 @@ pub fn thread_ended(tid: u32) {
     };
     end_slot(have.slot);
     let _ = THREAD_SLOTS.remove(tid);
-    count_path::bump_epoch();
+    epoch::bump_epoch();
 }
 
 /// Counts one exit in cell `c` (below [`rows::CELLS`]) of `slot`'s count row. Only

@@ -4,6 +4,11 @@
 //! `--detail`, `--rip` or `--vcpu`, in its per-vCPU hash row.
 
 use super::*;
+use crate::{
+    detail::{DETAIL_EXITS, count_rip, exit_detail},
+    pending::{CPU_PENDING, PENDING},
+    snapshots::{cpuid_snapshot, entry_snapshot},
+};
 
 /// Exits the per-vCPU map had no room for, per reason: the overflow, not the counts.
 #[map]
@@ -30,20 +35,6 @@ pub(crate) const HIST_BUCKETS_POW2: u32 = 64;
 #[map]
 pub(crate) static LATENCY_HIST: PerCpuHashMap<HistKey, u64> =
     PerCpuHashMap::with_max_entries(limits::MAX_HIST_ROWS, 0);
-
-/// vCPU thread id -> its exit being handled. One writer per key: the thread itself,
-/// which updates its entry in place. Not LRU: a full map is counted
-/// (`PENDING_MAP_FULL`), never a silent eviction; an exiting thread's entry is deleted.
-#[map]
-pub(crate) static PENDING: HashMap<u32, PendingExit> =
-    HashMap::with_max_entries(limits::MAX_PENDING, 0);
-
-/// Slot 0 of each CPU: the exit its vCPU thread is handling, while that thread has not
-/// left the CPU. `sched_switch` moves it to `PENDING` when the thread is switched out,
-/// so an entry finds its exit here (no hash lookup) unless the thread slept, was
-/// preempted or migrated in between.
-#[map]
-pub(crate) static CPU_PENDING: PerCpuArray<PendingExit> = PerCpuArray::with_max_entries(1, 0);
 
 #[tracepoint(category = "kvm", name = "kvm_exit")]
 pub fn kvm_exit(ctx: TracePointContext) -> u32 {

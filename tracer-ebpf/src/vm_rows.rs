@@ -32,7 +32,7 @@ use tracer_common::{
     vm_totals_key,
 };
 
-use crate::{PHASE, VM_TOTALS, count_drop, count_path, global, shared_add, thread_rows};
+use crate::{PHASE, count_drop, epoch, global, shared_add, thread_rows};
 
 /// Possible CPUs: a read sums the all-VMs cells of CPUs `0..NR_CPUS`.
 #[unsafe(no_mangle)]
@@ -42,6 +42,11 @@ static NR_CPUS: u32 = 1;
 /// branch not taken (read-only data), so an older kernel never sees the helper.
 #[unsafe(no_mangle)]
 static SUM_PER_CPU: u32 = 1;
+
+/// With snapshots, the ended VMs' exits ([`vm_totals_key::ENDED`]), added once per
+/// VM when it ends. (A VM's own counts are its row.)
+#[map]
+pub(crate) static VM_TOTALS: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_VMS, 0);
 
 /// Per VM slot: exits per thread-row cell, added to atomically by the VM's vCPUs.
 /// Slot 0 is never used (a VM without a slot has no row).
@@ -135,7 +140,7 @@ fn add(slot: u32, exit_isa: u32, raw: u32) {
 /// VM `tgid`'s slot in `phase` ([`FULL_SLOT`] when none was free), cached per CPU.
 #[inline(always)]
 fn vm_slot_of(tgid: u32, phase: u32) -> u32 {
-    let epoch = count_path::epoch();
+    let epoch = epoch::epoch();
     let Some(cache) = CPU_SLOT.get_ptr_mut(0) else {
         return FULL_SLOT;
     };
@@ -264,5 +269,5 @@ pub fn vm_ended(tgid: u32) {
     let _ = VM_SLOTS.remove(key);
     // The queue holds every slot: a slot is ended once before it is free again.
     let _ = VM_ENDED.push(slot, 0);
-    count_path::bump_epoch();
+    epoch::bump_epoch();
 }
