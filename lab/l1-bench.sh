@@ -202,6 +202,7 @@ echo 0 > /proc/sys/kernel/bpf_stats_enabled
 # One scrape of `kvmtrace export` with EXPORT_VMS VMs' series (VMs that ran and ended,
 # kept for the retention), SCRAPES times: its time and bytes.
 step export-scrape $ROUND_BUDGET
+ip link set lo up || finish fail "no loopback"
 kvmtrace export --listen 127.0.0.1:10470 --time --retention 3600 </dev/null 2>/tmp/export.err &
 EXP=$!
 n=0
