@@ -133,7 +133,7 @@ pub(crate) fn vm_exit(
             pid: me.tgid,
             exit: ExitKey::from_raw(isa, raw_reason),
         };
-        vm_rows::count_for_snapshots(isa, raw_reason);
+        vm_rows::count_for_snapshots(me.tgid, me.phase, isa, raw_reason);
         cpuid_snapshot(me.tid, &vm, guest_rip());
     }
     if me.slot == rows::FULL_SLOT {
@@ -206,7 +206,7 @@ pub(crate) fn on_exit(now: u64, ex: &Exit<'_>) {
     let one = untimed_one();
     if global(&SNAPSHOTS) != 0 {
         let vm = VmExitKey { pid: tgid, exit };
-        vm_rows::count_for_snapshots(isa, raw_reason);
+        vm_rows::count_for_snapshots(tgid, phase, isa, raw_reason);
         cpuid_snapshot(tid, &vm, guest_rip());
     }
     if global(&RIPS) != 0 {

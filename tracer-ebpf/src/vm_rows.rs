@@ -19,7 +19,7 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     cty::c_void,
-    helpers::{bpf_get_current_pid_tgid, bpf_map_lookup_percpu_elem},
+    helpers::bpf_map_lookup_percpu_elem,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, Queue, Stack},
 };
@@ -87,11 +87,11 @@ static SHARED_ALL: Array<u64> = Array::with_max_entries(1, 0);
 static CPU_SLOT: PerCpuArray<CachedSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counts the current thread's exit in its VM's row and in the all-VMs count. The
-/// caller has checked that the pid filter traces it.
+/// caller has checked that the pid filter traces it, and passes the VM (`tgid`) and
+/// the phase it already read.
 #[inline(always)]
-pub fn count_for_snapshots(exit_isa: u32, raw: u32) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let slot = vm_slot_of(tgid, PHASE.get(0).copied().unwrap_or(0));
+pub fn count_for_snapshots(tgid: u32, phase: u32, exit_isa: u32, raw: u32) {
+    let slot = vm_slot_of(tgid, phase);
     if slot != FULL_SLOT {
         add(slot, exit_isa, raw);
     }

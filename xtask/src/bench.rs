@@ -106,6 +106,12 @@ const RECORDS: [(&str, &str); 9] = [
     ("rc", "kvmtrace-crowd"),
 ];
 
+/// The CPUIDs a crowd run makes in all: `cpuids` spread over `CROWD` VMs, each
+/// `cpuids / CROWD`.
+fn crowd_cpuids(cpuids: u32) -> u32 {
+    cpuids / CROWD * CROWD
+}
+
 /// The untraced run a configuration's ratios are to.
 fn baseline(config: &str) -> &'static str {
     if config.ends_with("-crowd") {
@@ -475,7 +481,7 @@ impl Results {
     /// The crowd's table: each traced configuration's cost per exit with 256 VMs at
     /// once against one VM.
     fn crowd_markdown(&self, cpuids: u32) -> String {
-        let crowd_cpuids = cpuids / CROWD * CROWD;
+        let crowd_cpuids = crowd_cpuids(cpuids);
         let mut md = format!(
             "\nThe same CPUID exits over {CROWD} VMs at once ({} each), against one VM: what \
              tracing adds per exit.\n\n| configuration | 1 VM | {CROWD} VMs | change |\n|---|---:|---:|---:|\n",
@@ -656,8 +662,8 @@ impl Results {
             "host": {"attach_ms": host.attach_ms, "peak_rss_mib": host.peak_rss_mib},
             "crowd": {
                 "vms": CROWD,
-                "counts_ns_per_exit": [self.overhead_ns("kvmtrace-counts", "stock", opts.cpuids), self.overhead_ns("kvmtrace-counts-crowd", "stock-crowd", opts.cpuids / CROWD * CROWD)],
-                "record_ns_per_exit": [self.overhead_ns("kvmtrace", "stock", opts.cpuids), self.overhead_ns("kvmtrace-crowd", "stock-crowd", opts.cpuids / CROWD * CROWD)],
+                "counts_ns_per_exit": [self.overhead_ns("kvmtrace-counts", "stock", opts.cpuids), self.overhead_ns("kvmtrace-counts-crowd", "stock-crowd", crowd_cpuids(opts.cpuids))],
+                "record_ns_per_exit": [self.overhead_ns("kvmtrace", "stock", opts.cpuids), self.overhead_ns("kvmtrace-crowd", "stock-crowd", crowd_cpuids(opts.cpuids))],
             },
             "scrape": {"vms": self.scrape.vms, "series": self.scrape.series, "bytes": self.scrape.bytes, "seconds": self.scrape.seconds},
             "perf_cpuid": self.perf_cpuid,
