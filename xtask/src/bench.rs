@@ -188,6 +188,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let machine = Machine {
         isa: Isa::Intel,
         cpus: 1,
+        parallel: false,
         inputs: &inputs,
         initrd: &initrd,
         build: &build,

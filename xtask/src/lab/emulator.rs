@@ -43,6 +43,11 @@ pub struct Run {
 pub struct Machine<'a> {
     pub isa: Isa,
     pub cpus: u8,
+    /// QEMU only: L1's CPUs each in a host thread of their own (multi-threaded TCG).
+    /// QEMU 7.2's multi-threaded TCG corrupts L1 under nested SVM with hundreds of
+    /// VMs (a 1 024-VM crowd: "corrupted stack end detected inside scheduler", and a
+    /// VM shut down with or without kvmtrace); in one thread the same crowd is exact.
+    pub parallel: bool,
     pub inputs: &'a Inputs,
     pub initrd: &'a Path,
     pub build: &'a Path,
@@ -68,6 +73,7 @@ impl Machine<'_> {
                 self.inputs,
                 self.initrd,
                 self.cpus,
+                self.parallel,
                 self.forward,
             )?,
         };

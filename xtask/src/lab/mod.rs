@@ -90,6 +90,9 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let machine = Machine {
         isa: opts.isa,
         cpus: opts.l1_cpus,
+        // A crowd's L1 CPUs take turns (see `Machine::parallel`); the other
+        // workloads need them truly parallel (a racy counter must race).
+        parallel: opts.workload != options::Workload::Crowd,
         inputs: &inputs,
         initrd: &initrd,
         build: &build,

@@ -7,8 +7,9 @@ use super::{
     inputs::Inputs,
 };
 
-/// QEMU TCG as L1 with `cpus` CPUs; with more than one, each runs in a host thread of
-/// its own (multi-threaded TCG), so L1's CPUs run truly in parallel.
+/// QEMU TCG as L1 with `cpus` CPUs. With more than one and `parallel`, each runs in a
+/// host thread of its own (multi-threaded TCG), so L1's CPUs run truly in parallel;
+/// without `parallel` they take turns in one host thread.
 /// With `forward` (guest port, host port): a virtio network card on QEMU's user
 /// network with `restrict=on` (L1 reaches nothing outside), and only that guest port
 /// forwarded, to the host's loopback address only.
@@ -17,6 +18,7 @@ pub fn command(
     inputs: &Inputs,
     initrd: &Path,
     cpus: u8,
+    parallel: bool,
     forward: Option<(u16, u16)>,
 ) -> anyhow::Result<Command> {
     let qemu = inputs.qemu_root.join("usr/bin/qemu-system-x86_64");
@@ -27,7 +29,12 @@ pub fn command(
     for d in &inputs.qemu_data_dirs {
         cmd.arg("-L").arg(d);
     }
-    cmd.args(["-accel", if cpus > 1 { "tcg,thread=multi" } else { "tcg" }])
+    let accel = if cpus > 1 && parallel {
+        "tcg,thread=multi"
+    } else {
+        "tcg,thread=single"
+    };
+    cmd.args(["-accel", accel])
         .args(["-cpu", "max", "-smp"])
         .arg(cpus.to_string())
         .args(["-no-reboot", "-nodefaults"])
