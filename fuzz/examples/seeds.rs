@@ -83,6 +83,7 @@ fn record(isa: Isa, reasons: &[(u32, u64)], reads: bool) -> Report {
             snap.vcpus.insert(
                 VcpuKey {
                     pid: 4242,
+                    reuse: 0,
                     vcpu_id,
                     exit,
                 },

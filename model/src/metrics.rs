@@ -21,9 +21,10 @@ pub const OTHER_VM: &str = "_other";
 /// One scrape's inputs.
 pub struct Scrape<'a> {
     pub snapshot: &'a Snapshot,
-    /// The `vm` label of each traced VM process, by pid (see [`vm_label`]); a pid
-    /// missing here is labelled with its number.
-    pub vms: &'a BTreeMap<u32, String>,
+    /// The `vm` label of each traced VM process, by (pid, reuse) (see [`vm_label`]
+    /// and `VcpuKey::reuse`); a VM missing here is labelled with its number
+    /// ([`crate::report::vm_id`]).
+    pub vms: &'a BTreeMap<(u32, u32), String>,
     /// A `vcpu` label on the exit counters.
     pub per_vcpu: bool,
     /// Whether exit handling is timed (the histogram is only served then).
@@ -100,19 +101,20 @@ fn reason_name(exit: &ExitKey) -> String {
 /// The series of one scrape.
 pub fn expose(scrape: &Scrape) -> Result<Exposition, Overflow> {
     let snap = scrape.snapshot;
-    let vm_of = |pid: u32| {
+    let vm_of = |pid: u32, reuse: u32| {
         scrape
             .vms
-            .get(&pid)
+            .get(&(pid, reuse))
             .cloned()
-            .unwrap_or_else(|| pid.to_string())
+            .unwrap_or_else(|| crate::report::vm_id(pid, reuse))
     };
     // Per (isa, reason) with the VM (and vCPU) of each per-vCPU row.
     let mut rows: BTreeMap<(ExitKey, String, Option<u32>), u64> = BTreeMap::new();
     let mut per_reason: BTreeMap<ExitKey, u64> = BTreeMap::new();
     for (key, stats) in &snap.vcpus {
         let vcpu = scrape.per_vcpu.then_some(key.vcpu_id);
-        add(&mut rows, (key.exit, vm_of(key.pid), vcpu), stats.count)?;
+        let vm = vm_of(key.pid, key.reuse);
+        add(&mut rows, (key.exit, vm, vcpu), stats.count)?;
         add(&mut per_reason, key.exit, stats.count)?;
     }
     // The cap: the series with the most exits stay, the rest go to `_other`.
@@ -154,7 +156,7 @@ pub fn expose(scrape: &Scrape) -> Result<Exposition, Overflow> {
 
     let mut vms: BTreeMap<String, u32> = BTreeMap::new();
     for key in snap.vcpus.keys() {
-        vms.insert(vm_of(key.pid), key.pid);
+        vms.insert(vm_of(key.pid, key.reuse), key.pid);
     }
     let handling = if scrape.timing {
         snap.latency
@@ -299,8 +301,16 @@ pub(crate) mod tests {
         ];
         for (pid, vcpu_id, reason, n, t) in rows {
             let exit = vmx(reason);
-            s.add_vcpu(VcpuKey { pid, vcpu_id, exit }, stats(n, t))
-                .unwrap_or_else(|e| panic!("{e}"));
+            s.add_vcpu(
+                VcpuKey {
+                    pid,
+                    reuse: 0,
+                    vcpu_id,
+                    exit,
+                },
+                stats(n, t),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
             s.add_exits(0, exit, stats(n, t))
                 .unwrap_or_else(|e| panic!("{e}"));
         }
@@ -318,7 +328,7 @@ pub(crate) mod tests {
 
     pub(crate) fn scrape_of<'a>(
         snap: &'a Snapshot,
-        vms: &'a BTreeMap<u32, String>,
+        vms: &'a BTreeMap<(u32, u32), String>,
         paging: &'a [Paging],
     ) -> Scrape<'a> {
         Scrape {
@@ -343,7 +353,7 @@ pub(crate) mod tests {
     #[test]
     fn exits_by_vm_and_reason_add_up_to_the_maps() {
         let snap = snapshot();
-        let vms = BTreeMap::from([(100, "web".to_owned())]);
+        let vms = BTreeMap::from([((100, 0), "web".to_owned())]);
         let e = expose(&scrape_of(&snap, &vms, &[])).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(count(&e, "web", r::VMX_CPUID), Some(1500));
         assert_eq!(count(&e, "web", r::VMX_IO_INSTRUCTION), Some(100));
@@ -353,6 +363,25 @@ pub(crate) mod tests {
         assert_eq!(Some(total), snap.total_exits().ok());
         assert_eq!(e.vms, [("200".to_owned(), 200), ("web".to_owned(), 100)]);
         assert!(e.dropped.contains(&("vcpu_map_full".to_owned(), 5)));
+    }
+
+    #[test]
+    fn a_pid_used_again_is_a_series_of_its_own() {
+        let mut snap = snapshot();
+        let key = VcpuKey {
+            pid: 200,
+            reuse: 1,
+            vcpu_id: 0,
+            exit: vmx(r::VMX_HLT),
+        };
+        snap.add_vcpu(key, stats(4, 0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        snap.add_exits(0, key.exit, stats(4, 0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let vms = BTreeMap::new();
+        let e = expose(&scrape_of(&snap, &vms, &[])).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(count(&e, "200", r::VMX_HLT), Some(3), "the first process");
+        assert_eq!(count(&e, "200#2", r::VMX_HLT), Some(4), "the second");
     }
 
     #[test]

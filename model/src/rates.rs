@@ -115,6 +115,7 @@ mod tests {
             s.vcpus.insert(
                 VcpuKey {
                     pid: 9,
+                    reuse: 0,
                     vcpu_id: 0,
                     exit,
                 },

@@ -87,7 +87,9 @@ pub mod drop_kind {
     /// With snapshots, a map kept beside a VM's own counts was full: an ended VM
     /// missing from `VM_TOTALS`, a synthetic exit missing from `VM_SYNTHETIC`, or an
     /// exit of a reason without a cell missing from its VM's `VM_OVERFLOW` (a guest's
-    /// read of that reason then gets a count too low). The exit itself is counted.
+    /// read of that reason then gets a count too low). Or, with thread rows, a VM's
+    /// birth missing from `VM_BORN` (a later process with its pid may then share its
+    /// rows). The exit itself is counted.
     pub const VM_MAP_FULL: u32 = 6;
     /// The CPUID snapshot ring buffer was full: a guest counter read was not recorded.
     pub const CPUID_RING_FULL: u32 = 7;
@@ -233,6 +235,7 @@ pub mod maps {
     pub const COUNT_EPOCH: &str = "COUNT_EPOCH";
     pub const THREAD_SLOTS: &str = "THREAD_SLOTS";
     pub const SLOT_THREADS: &str = "SLOT_THREADS";
+    pub const VM_BORN: &str = "VM_BORN";
     pub const FREE_SLOTS: &str = "FREE_SLOTS";
     pub const ENDED_SLOTS: &str = "ENDED_SLOTS";
     pub const COUNT_ROWS: &str = "COUNT_ROWS";
@@ -318,6 +321,9 @@ pub struct ExitStats {
 pub struct VcpuKey {
     /// Process id (tgid) of the VMM that owns the vCPU.
     pub pid: u32,
+    /// How many earlier VM processes with the same pid the trace saw (0: the first).
+    /// Only thread rows tell them apart; elsewhere it is 0.
+    pub reuse: u32,
     pub vcpu_id: u32,
     pub exit: ExitKey,
 }
@@ -374,6 +380,7 @@ impl PhaseVcpuKey {
     pub fn vcpu(&self) -> VcpuKey {
         VcpuKey {
             pid: self.pid,
+            reuse: 0,
             vcpu_id: self.vcpu_id,
             exit: self.exit(),
         }

@@ -179,6 +179,10 @@ pub struct ThreadOwner {
     /// `kvm:kvm_exit`'s `vcpu_id` at the thread's first exit (a VMM runs one vCPU per
     /// thread).
     pub vcpu_id: u32,
+    /// When the process first took a slot (`bpf_ktime_get_ns`; `VM_BORN`): a later
+    /// process with the same pid has a later one, so it is another VM. 0 when
+    /// `VM_BORN` was full (counted in `drop_kind::VM_MAP_FULL`).
+    pub born_ns: u64,
 }
 
 /// This CPU's last vCPU thread: while the thread, phase and epoch match, its slot is

@@ -130,6 +130,7 @@ pub fn kvm_exit_count_tp(ctx: TracePointContext) -> u32 {
 fn overflow_add(phase: u32, tgid: u32, exit_isa: u32, raw: u32) {
     let vcpu = VcpuKey {
         pid: tgid,
+        reuse: 0,
         vcpu_id: count::ALL_VCPUS,
         exit: ExitKey::from_raw(exit_isa, raw),
     };

@@ -118,6 +118,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // Its row is final (its last exit, if any, is counted above).
     thread_rows::thread_ended(tid);
     if gone {
+        thread_rows::vm_gone(tgid);
         vm_rows::vm_ended(tgid);
     }
     if global(&FILTER_PIDS_ENABLED) != 0 && gone {

@@ -7,18 +7,18 @@
 //! each of its exits is counted in `drop_kind::COUNT_SLOTS_FULL` too.
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
-    helpers::bpf_get_current_pid_tgid,
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, Queue, Stack},
 };
 use core::intrinsics::AtomicOrdering;
 use tracer_common::{
-    ExitStats, isa, limits,
+    ExitStats, drop_kind, isa, limits,
     rows::{self, CachedThread, FULL_SLOT, NOT_TRACED, ThreadOwner, ThreadSlot},
 };
 
-use crate::{PHASE, epoch, global, traced};
+use crate::{PHASE, count_drop, epoch, global, traced};
 
 /// The ISA whose reasons have cells ([`rows::cell`]): the host's, set by the loader.
 #[unsafe(no_mangle)]
@@ -30,6 +30,11 @@ static THREAD_SLOTS: HashMap<u32, ThreadSlot> = HashMap::with_max_entries(limits
 /// Slot -> the thread that holds it, for user space; removed when user space frees it.
 #[map]
 static SLOT_THREADS: HashMap<u32, ThreadOwner> = HashMap::with_max_entries(limits::MAX_THREADS, 0);
+/// VM process (tgid) -> when it first took a slot, while it lives: what tells it from
+/// a later process with the same pid. As many entries as slots: a process in it took
+/// a slot, and leaves it when it ends.
+#[map]
+static VM_BORN: HashMap<u32, u64> = HashMap::with_max_entries(limits::MAX_THREADS, 0);
 /// Free slots (1..), filled by user space at load and as it frees ended ones: a
 /// stack, so a freed slot is the next one taken (its row is warm, and reuse is the
 /// common case, not a rare one).
@@ -116,6 +121,7 @@ fn take(tid: u32, tgid: u32, phase: u32, vcpu_id: impl FnOnce() -> u32) -> Threa
         tgid,
         tid,
         vcpu_id,
+        born_ns: born(tgid),
     };
     let mine = ThreadSlot { slot, ..full };
     if SLOT_THREADS
@@ -130,6 +136,37 @@ fn take(tid: u32, tgid: u32, phase: u32, vcpu_id: impl FnOnce() -> u32) -> Threa
         return full;
     }
     mine
+}
+
+/// When process `tgid` first took a slot: noted by its first thread to take one (its
+/// other threads find it). 0 when `VM_BORN` is full.
+#[inline(always)]
+fn born(tgid: u32) -> u64 {
+    // SAFETY: the value is copied out.
+    if let Some(&ns) = unsafe { VM_BORN.get(tgid) } {
+        return ns;
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if VM_BORN.insert(tgid, now, u64::from(BPF_NOEXIST)).is_ok() {
+        return now;
+    }
+    // Another thread of the process noted it first, or the map is full.
+    // SAFETY: as above.
+    match unsafe { VM_BORN.get(tgid) } {
+        Some(&ns) => ns,
+        None => {
+            count_drop(drop_kind::VM_MAP_FULL);
+            0
+        }
+    }
+}
+
+/// Process `tgid` has ended: a later process with its pid is another VM.
+#[inline(always)]
+pub fn vm_gone(tgid: u32) {
+    // Fails (ENOENT) for a process that took no slot.
+    let _ = VM_BORN.remove(tgid);
 }
 
 /// Hands an ended thread's slot to user space.

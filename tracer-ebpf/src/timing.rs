@@ -143,6 +143,7 @@ pub(crate) fn vm_exit(
         me.phase,
         &VcpuKey {
             pid: me.tgid,
+            reuse: 0,
             vcpu_id: me.vcpu_id,
             exit: ExitKey::from_raw(isa, raw_reason),
         },
@@ -198,6 +199,7 @@ pub(crate) fn on_exit(now: u64, ex: &Exit<'_>) {
     let exit = ExitKey::from_raw(isa, raw_reason);
     let vcpu = VcpuKey {
         pid: tgid,
+        reuse: 0,
         vcpu_id,
         exit,
     };

@@ -217,6 +217,7 @@ fn overflow_key(slot: u32, exit_isa: u32, raw: u32) -> PhaseVcpuKey {
         0,
         &VcpuKey {
             pid: slot,
+            reuse: 0,
             vcpu_id: count::ALL_VCPUS,
             exit: ExitKey::from_raw(exit_isa, raw),
         },

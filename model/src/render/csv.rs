@@ -47,7 +47,7 @@ pub fn render(report: &Report, opts: Options) -> Result<Vec<u8>, RenderError> {
     if opts.per_vcpu {
         w.write_record(["pid", "vcpu_id"].into_iter().chain(REASON_COLUMNS))?;
         for r in &report.vcpus {
-            let key = [r.pid.to_string(), r.vcpu_label()];
+            let key = [r.vm_id(), r.vcpu_label()];
             let cells = reason_cells(r.isa, r.reason, &r.name, r.failed_entry, &r.totals, all);
             w.write_record(key.into_iter().chain(cells))?;
         }

@@ -149,7 +149,7 @@ mod tests {
 
     fn exposition() -> Exposition {
         let snap = m::snapshot();
-        let vms = BTreeMap::from([(100, "web".to_owned())]);
+        let vms = BTreeMap::from([((100, 0), "web".to_owned())]);
         let paging = [Paging {
             module: "kvm_intel".to_owned(),
             parameter: "ept".to_owned(),

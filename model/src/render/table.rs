@@ -204,11 +204,11 @@ pub fn render(report: &Report, opts: Options) -> String {
             let comm = report
                 .vms
                 .iter()
-                .find(|v| v.pid == r.pid)
+                .find(|v| v.pid == r.pid && v.reuse == r.reuse)
                 .and_then(|v| v.comm.clone())
                 .unwrap_or_default();
             let key = [
-                format!("{} {comm}", r.pid).trim_end().to_owned(),
+                format!("{} {comm}", r.vm_id()).trim_end().to_owned(),
                 r.vcpu_label(),
             ];
             let cells = reason_cells(

@@ -102,14 +102,16 @@ impl Report {
             &info,
         );
 
-        let mut vms: BTreeMap<u32, Totals> = BTreeMap::new();
+        // By (pid, reuse): a later process with an earlier VM's pid is a VM of its own.
+        let mut vms: BTreeMap<(u32, u32), Totals> = BTreeMap::new();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for (key, stats) in &snap.vcpus {
             let totals = Totals::from(*stats);
-            let vm = vms.entry(key.pid).or_default();
+            let vm = vms.entry((key.pid, key.reuse)).or_default();
             *vm = vm.checked_add(totals)?;
             vcpus.push(VcpuRow {
                 pid: key.pid,
+                reuse: key.reuse,
                 vcpu_id: key.vcpu_id,
                 isa: Isa::from_raw(key.exit.isa),
                 reason: key.exit.reason,
@@ -118,11 +120,16 @@ impl Report {
                 totals,
             });
         }
+        // A pid's name is its current process's: the last VM with that pid.
+        let last: BTreeMap<u32, u32> = vms.keys().copied().collect();
         let vms = vms
             .into_iter()
-            .map(|(pid, totals)| VmRow {
+            .map(|((pid, reuse), totals)| VmRow {
                 pid,
-                comm: info.comms.get(&pid).cloned(),
+                reuse,
+                comm: (last.get(&pid) == Some(&reuse))
+                    .then(|| info.comms.get(&pid).cloned())
+                    .flatten(),
                 totals,
             })
             .collect();
@@ -236,6 +243,41 @@ mod tests {
     }
 
     #[test]
+    fn a_pid_used_again_is_a_vm_of_its_own() {
+        let mut snap = Snapshot::default();
+        let io = ExitKey::from_raw(1, 30);
+        for (reuse, n) in [(0, 5), (1, 7)] {
+            let key = VcpuKey {
+                pid: 42,
+                reuse,
+                vcpu_id: 0,
+                exit: io,
+            };
+            snap.add_vcpu(key, stats(n, 0, 0)).ok();
+            snap.add_exits(0, io, stats(n, 0, 0)).ok();
+        }
+        let info = RunInfo {
+            comms: [(42, "qemu".to_owned())].into(),
+            ..RunInfo::default()
+        };
+        let b = Report::build(&snap, info).unwrap_or_else(|e| panic!("{e}"));
+        let vms: Vec<_> = b
+            .vms
+            .iter()
+            .map(|v| (v.pid, v.reuse, v.comm.as_deref(), v.totals.count))
+            .collect();
+        // The pid's name is its current process's: the second VM's.
+        assert_eq!(vms, [(42, 0, None, 5), (42, 1, Some("qemu"), 7)]);
+        let ids: Vec<String> = b.vcpus.iter().map(VcpuRow::vm_id).collect();
+        assert_eq!(ids, ["42", "42#2"]);
+        // Only a reused pid's rows say so in the JSON.
+        let text = serde_json::to_string(&b).unwrap_or_default();
+        assert_eq!(text.matches("\"reuse\":1").count(), 2, "{text}");
+        assert!(!text.contains("\"reuse\":0"));
+        assert_eq!(Report::from_json(&text).ok(), Some(b));
+    }
+
+    #[test]
     fn emulated_rows_are_kept_beside_their_reason() {
         let mut snap = Snapshot::default();
         let io = ExitKey::from_raw(1, 30);
@@ -245,6 +287,7 @@ mod tests {
                 0,
                 &VcpuKey {
                     pid: 42,
+                    reuse: 0,
                     vcpu_id: 0,
                     exit,
                 },

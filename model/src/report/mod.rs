@@ -166,5 +166,5 @@ pub(crate) mod tests;
 pub use build::RunInfo;
 pub use schema::{
     Cost, CpuidRead, DetailRow, Dropped, Filter, LeafKind, ParseError, PhaseInfo, PhaseRow,
-    ReadSource, ReasonRow, RegistersInfo, Report, RipRow, SCHEMA, Totals, VcpuRow, VmRow,
+    ReadSource, ReasonRow, RegistersInfo, Report, RipRow, SCHEMA, Totals, VcpuRow, VmRow, vm_id,
 };

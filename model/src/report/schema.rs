@@ -124,6 +124,10 @@ pub struct RipRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRow {
     pub pid: u32,
+    /// How many earlier VM processes with this pid the trace saw (0, left out of the
+    /// JSON: the first).
+    #[serde(default, skip_serializing_if = "is_first")]
+    pub reuse: u32,
     pub comm: Option<String>,
     #[serde(flatten)]
     pub totals: Totals,
@@ -133,6 +137,9 @@ pub struct VmRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuRow {
     pub pid: u32,
+    /// As [`VmRow::reuse`].
+    #[serde(default, skip_serializing_if = "is_first")]
+    pub reuse: u32,
     /// The vCPU, or `tracer_common::count::ALL_VCPUS` in a count-path record, whose
     /// rows are per VM ([`VcpuRow::vcpu_label`] says `all`).
     pub vcpu_id: u32,
@@ -452,6 +459,29 @@ impl Report {
     }
 }
 
+/// Whether a VM is its pid's first (for `skip_serializing_if`).
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_first(reuse: &u32) -> bool {
+    *reuse == 0
+}
+
+/// How a VM is named by number: its pid, and after a `#` which process with that pid
+/// it was when the trace saw several (`4242#2`: the second).
+pub fn vm_id(pid: u32, reuse: u32) -> String {
+    if reuse == 0 {
+        pid.to_string()
+    } else {
+        format!("{pid}#{}", u64::from(reuse) + 1)
+    }
+}
+
+impl VcpuRow {
+    /// Its VM by number ([`vm_id`]).
+    pub fn vm_id(&self) -> String {
+        vm_id(self.pid, self.reuse)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +491,7 @@ mod tests {
     fn count_path_rows_say_all_vcpus() {
         let row = |vcpu_id| VcpuRow {
             pid: 7,
+            reuse: 0,
             vcpu_id,
             isa: Isa::Vmx,
             reason: 10,

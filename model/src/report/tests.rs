@@ -40,6 +40,7 @@ pub(crate) fn sample_report() -> Report {
         snap.vcpus.insert(
             VcpuKey {
                 pid: 42,
+                reuse: 0,
                 vcpu_id,
                 exit: key,
             },
@@ -86,6 +87,7 @@ pub(crate) fn detail_report() -> Report {
             0,
             &VcpuKey {
                 pid: 42,
+                reuse: 0,
                 vcpu_id: 0,
                 exit,
             },

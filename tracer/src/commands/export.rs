@@ -30,6 +30,7 @@ use kvmtrace::{
 use kvmtrace_model::{
     metrics::{Scrape, expose, vm_label},
     render::metrics::{OPENMETRICS_TYPE, PROMETHEUS_TYPE, text},
+    report::vm_id,
 };
 use tokio::{
     net::TcpListener,
@@ -39,10 +40,11 @@ use tokio::{
 use super::BadInput;
 use crate::{cli::ExportArgs, exit_status::Status};
 
-/// A VM process seen in the maps.
+/// A VM process seen in the maps, by (pid, reuse) (`VcpuKey::reuse`).
 struct Vm {
     label: String,
-    /// `starttime` from /proc/PID/stat: a new process with the same pid is another VM.
+    /// `starttime` from /proc/PID/stat when first seen: a VM whose pid now has
+    /// another start time (or none) has ended.
     started: Option<u64>,
     /// When it was first seen gone.
     gone_at: Option<Instant>,
@@ -51,7 +53,7 @@ struct Vm {
 /// What the exporter keeps between scrapes.
 struct Exporter {
     probe: Probe,
-    vms: BTreeMap<u32, Vm>,
+    vms: BTreeMap<(u32, u32), Vm>,
     args: ExportArgs,
     /// Handling time of the VMs forgotten so far, per reason (see [`Scrape`]).
     forgotten_time_ns: BTreeMap<tracer_common::ExitKey, u64>,
@@ -68,12 +70,14 @@ fn start_time(pid: u32) -> Option<u64> {
 impl Exporter {
     /// Names new VMs, notes ended ones, and forgets those ended longer than the
     /// retention ago. Returns whether it forgot any.
-    fn track_vms(&mut self, pids: &BTreeSet<u32>, now: Instant) -> anyhow::Result<bool> {
-        for &pid in pids {
+    fn track_vms(&mut self, seen: &BTreeSet<(u32, u32)>, now: Instant) -> anyhow::Result<bool> {
+        // The last VM process of each pid: an earlier one with that pid has ended.
+        let last: BTreeMap<u32, u32> = seen.iter().copied().collect();
+        for &(pid, reuse) in seen {
             let started = start_time(pid);
-            let vm = self.vms.entry(pid).or_insert_with(|| {
+            let vm = self.vms.entry((pid, reuse)).or_insert_with(|| {
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let label = vm_label(&cmdline).unwrap_or_else(|| pid.to_string());
+                let label = vm_label(&cmdline).unwrap_or_else(|| vm_id(pid, reuse));
                 log::info!("VM {label} (pid {pid}): exits seen");
                 Vm {
                     label,
@@ -81,7 +85,8 @@ impl Exporter {
                     gone_at: None,
                 }
             });
-            if vm.gone_at.is_none() && (started.is_none() || started != vm.started) {
+            let replaced = last.get(&pid).is_some_and(|&l| l > reuse);
+            if vm.gone_at.is_none() && (replaced || started.is_none() || started != vm.started) {
                 log::info!(
                     "VM {} (pid {pid}) ended: its series stay for {} s",
                     vm.label,
@@ -90,23 +95,23 @@ impl Exporter {
                 vm.gone_at = Some(now);
             }
         }
-        let expired: Vec<u32> = self
+        let expired: Vec<(u32, u32)> = self
             .vms
             .iter()
             .filter(|(_, vm)| {
                 vm.gone_at
                     .is_some_and(|t| now.duration_since(t) >= self.args.retention)
             })
-            .map(|(&pid, _)| pid)
+            .map(|(&key, _)| key)
             .collect();
         let forgot = !expired.is_empty();
-        for pid in expired {
-            let rows = self.probe.forget_vm(pid)?;
+        for (pid, reuse) in expired {
+            let rows = self.probe.forget_vm((pid, reuse))?;
             for (exit, stats) in &rows {
                 let t = self.forgotten_time_ns.entry(*exit).or_default();
                 *t = t.saturating_add(stats.time_ns);
             }
-            if let Some(vm) = self.vms.remove(&pid) {
+            if let Some(vm) = self.vms.remove(&(pid, reuse)) {
                 log::info!("VM {} (pid {pid}): {} rows forgotten", vm.label, rows.len());
             }
         }
@@ -117,8 +122,8 @@ impl Exporter {
     fn scrape(&mut self, openmetrics: bool) -> anyhow::Result<String> {
         let now = Instant::now();
         let mut snapshot = self.probe.snapshot()?;
-        let pids: BTreeSet<u32> = snapshot.vcpus.keys().map(|k| k.pid).collect();
-        if self.track_vms(&pids, now)? {
+        let seen: BTreeSet<(u32, u32)> = snapshot.vcpus.keys().map(|k| (k.pid, k.reuse)).collect();
+        if self.track_vms(&seen, now)? {
             // The snapshot served holds no forgotten VM.
             snapshot = self.probe.snapshot()?;
         }
@@ -138,21 +143,21 @@ impl Exporter {
     }
 }
 
-/// Each VM's label; a name two VMs share gets the pid after it (`web:4242`), so no two
-/// VMs' series add up.
-fn unique_labels(vms: &BTreeMap<u32, Vm>) -> BTreeMap<u32, String> {
+/// Each VM's label; a name two VMs share gets the VM's number after it (`web:4242`,
+/// `web:4242#2` for the pid's second process), so no two VMs' series add up.
+fn unique_labels(vms: &BTreeMap<(u32, u32), Vm>) -> BTreeMap<(u32, u32), String> {
     let mut uses: BTreeMap<&str, usize> = BTreeMap::new();
     for vm in vms.values() {
         *uses.entry(vm.label.as_str()).or_default() += 1;
     }
     vms.iter()
-        .map(|(&pid, vm)| {
+        .map(|(&(pid, reuse), vm)| {
             let label = if uses.get(vm.label.as_str()).copied().unwrap_or(0) > 1 {
-                format!("{}:{pid}", vm.label)
+                format!("{}:{}", vm.label, vm_id(pid, reuse))
             } else {
                 vm.label.clone()
             };
-            (pid, label)
+            ((pid, reuse), label)
         })
         .collect()
 }

@@ -18,6 +18,7 @@ use tracer_common::{
 use super::{
     config::BTF_DIR,
     error::{ProbeError, map_err},
+    lives::Lives,
     loaded::Loaded,
     read,
 };
@@ -48,9 +49,11 @@ pub(super) struct CountPath {
     verified_phase: u32,
     /// Since when the current phase's module has not shown that layout.
     unverified_since: Option<Instant>,
-    /// Ended threads, read from their rows: (phase, pid, vcpu_id) -> exits per
-    /// reason.
-    ended: BTreeMap<(u32, u32, u32), BTreeMap<ExitKey, ExitStats>>,
+    /// Ended threads, read from their rows: (phase, pid, birth, vcpu_id) -> exits
+    /// per reason.
+    ended: BTreeMap<(u32, u32, u64, u32), BTreeMap<ExitKey, ExitStats>>,
+    /// Which VM process each (pid, birth) is.
+    lives: Lives,
     /// Snapshots' VM slots whose VM has ended but is not reaped yet.
     vms_ended: Vec<u32>,
 }
@@ -65,6 +68,7 @@ impl CountPath {
             verified_phase: 0,
             unverified_since: None,
             ended: BTreeMap::new(),
+            lives: Lives::default(),
             vms_ended: Vec::new(),
         }
     }
@@ -75,15 +79,20 @@ impl CountPath {
     }
 }
 
-/// Adds `stats` of `exit` by VM `pid`'s vCPU `vcpu_id` (`ALL_VCPUS`: the VM's row)
-/// in `phase` to `snap`.
+/// Adds `stats` of `exit` by VM (`pid`, `reuse`)'s vCPU `vcpu_id` (`ALL_VCPUS`: the
+/// VM's row) in `phase` to `snap`.
 fn add(
     snap: &mut Snapshot,
-    (phase, pid, vcpu_id): (u32, u32, u32),
+    (phase, pid, reuse, vcpu_id): (u32, u32, u32, u32),
     exit: ExitKey,
     stats: ExitStats,
 ) -> Result<(), ProbeError> {
-    let vcpu = VcpuKey { pid, vcpu_id, exit };
+    let vcpu = VcpuKey {
+        pid,
+        reuse,
+        vcpu_id,
+        exit,
+    };
     snap.add_vcpu(vcpu, stats)?;
     snap.add_exits(phase, exit, stats)?;
     Ok(())
@@ -198,7 +207,7 @@ impl CountPath {
             let sums = self.slot_rows(maps, slot)?;
             let vm = self
                 .ended
-                .entry((owner.phase, owner.tgid, owner.vcpu_id))
+                .entry((owner.phase, owner.tgid, owner.born_ns, owner.vcpu_id))
                 .or_default();
             for (exit, stats) in sums {
                 add_stats(vm.entry(exit).or_default(), stats)?;
@@ -269,18 +278,29 @@ impl CountPath {
             tgid: 0,
             tid: 0,
             vcpu_id: count::ALL_VCPUS,
+            born_ns: 0,
         };
+        self.lives.note(
+            owners
+                .values()
+                .map(|o| (o.tgid, o.born_ns))
+                .chain(self.ended.keys().map(|k| (k.1, k.2))),
+        );
         let slots = owners.into_iter().chain([(rows::FULL_SLOT, full)]);
-        for (slot, owner) in slots {
+        for (slot, o) in slots {
+            let reuse = self.lives.reuse(o.tgid, o.born_ns);
             for (exit, stats) in self.slot_rows(maps, slot)? {
-                add(snap, (owner.phase, owner.tgid, owner.vcpu_id), exit, stats)?;
+                add(snap, (o.phase, o.tgid, reuse, o.vcpu_id), exit, stats)?;
             }
         }
-        for (&row, exits) in &self.ended {
+        for (&(phase, pid, born, vcpu_id), exits) in &self.ended {
+            let reuse = self.lives.reuse(pid, born);
             for (&exit, &stats) in exits {
-                add(snap, row, exit, stats)?;
+                add(snap, (phase, pid, reuse, vcpu_id), exit, stats)?;
             }
         }
+        // The reasons without a cell are kept by pid, not by process: they count
+        // for the pid's last process.
         let overflow: HashMap<&MapData, PhaseVcpuKey, u64> = maps.typed(maps::COUNT_OVERFLOW)?;
         for item in overflow.iter() {
             let (key, n) = item.map_err(map_err(maps::COUNT_OVERFLOW))?;
@@ -288,25 +308,43 @@ impl CountPath {
                 count: n,
                 ..ExitStats::default()
             };
-            add(snap, (key.phase(), key.pid, key.vcpu_id), key.exit(), stats)?;
+            let reuse = self.lives.last(key.pid).unwrap_or(0);
+            let row = (key.phase(), key.pid, reuse, key.vcpu_id);
+            add(snap, row, key.exit(), stats)?;
         }
         Ok(())
     }
 
-    /// Forgets an ended VM's counts (the count path): returns what they were.
+    /// The reuse number of the last VM process seen with `pid` (0 if none).
+    pub fn last_life(&self, pid: u32) -> u32 {
+        self.lives.last(pid).unwrap_or(0)
+    }
+
+    /// Forgets ended VM (`pid`, `reuse`)'s counts (the count path): returns what they
+    /// were. The pid's reasons without a cell go with its last process.
     pub fn forget_vm(
         &mut self,
         maps: &mut Loaded,
-        pid: u32,
+        (pid, reuse): (u32, u32),
     ) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
         self.tick(maps)?;
         let mut gone: BTreeMap<ExitKey, ExitStats> = BTreeMap::new();
-        let keys: Vec<(u32, u32, u32)> =
-            self.ended.keys().filter(|k| k.1 == pid).copied().collect();
+        let born = self.lives.born(pid, reuse);
+        let keys: Vec<_> = self
+            .ended
+            .keys()
+            .filter(|k| k.1 == pid && Some(k.2) == born)
+            .copied()
+            .collect();
         for key in keys {
             for (exit, stats) in self.ended.remove(&key).unwrap_or_default() {
                 add_stats(gone.entry(exit).or_default(), stats)?;
             }
+        }
+        let last = self.lives.last(pid).unwrap_or(0) == reuse;
+        self.lives.forget(pid, reuse);
+        if !last {
+            return Ok(gone.into_iter().collect());
         }
         let mut overflow: HashMap<&mut MapData, PhaseVcpuKey, u64> =
             maps.typed_mut(maps::COUNT_OVERFLOW)?;

@@ -14,11 +14,14 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
 };
 use kvmtrace_model::snapshot::{ProgramCost, Snapshot};
-use tracer_common::{CpuidEvent, ExitKey, ExitStats, PhaseVcpuKey, RegsSample, maps, regs_slot};
+use tracer_common::{
+    CpuidEvent, ExitKey, ExitStats, PhaseVcpuKey, RegsSample, VcpuKey, maps, regs_slot,
+};
 
 mod config;
 mod counts;
 mod error;
+mod lives;
 mod loaded;
 pub mod memory;
 #[cfg(test)]
@@ -338,19 +341,29 @@ impl Probe {
         }
     }
 
-    /// Deletes the per-vCPU rows of VM process `pid` (it has ended): its exits leave
-    /// every later snapshot. Returns what the deleted rows held, per exit reason.
-    pub fn forget_vm(&mut self, pid: u32) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
+    /// Deletes the per-vCPU rows of VM process (`pid`, `reuse`) (it has ended; see
+    /// `VcpuKey::reuse`): its exits leave every later snapshot. Returns what the
+    /// deleted rows held, per exit reason.
+    pub fn forget_vm(
+        &mut self,
+        (pid, reuse): (u32, u32),
+    ) -> Result<Vec<(ExitKey, ExitStats)>, ProbeError> {
         let counted = self.count_path().is_some();
         // The count path's rows, and the per-VM timing path's cells.
         let mut gone = match &mut self.counts {
-            Some(path) if counted || path.times => path.forget_vm(&mut self.loaded, pid)?,
+            Some(path) if counted || path.times => {
+                path.forget_vm(&mut self.loaded, (pid, reuse))?
+            }
             _ => Vec::new(),
         };
         if counted {
             return Ok(gone);
         }
-        // The rows of reasons without a cell.
+        // The rows of reasons without a cell: the pid's last process's.
+        let last = self.counts.as_ref().map_or(0, |c| c.last_life(pid));
+        if reuse != last {
+            return Ok(gone);
+        }
         let rows: Vec<(PhaseVcpuKey, ExitStats)> =
             read::per_cpu_stats(&self.loaded, maps::VCPU_EXITS)?;
         let rows: Vec<_> = rows
@@ -378,10 +391,21 @@ impl Probe {
         }
         let loaded = &self.loaded;
         // Every counted exit is in a per-vCPU row, or (when that map was full) in the
-        // per-reason overflow map.
-        read::vcpu_rows(loaded, &mut snap)?;
+        // per-reason overflow map. Those rows are kept by pid: they count for the
+        // pid's last VM process the thread rows saw (see `VcpuKey::reuse`).
+        let mut by_pid = Snapshot::default();
+        read::vcpu_rows(loaded, &mut by_pid)?;
         if timing {
-            read::parked(loaded, &mut snap)?;
+            read::parked(loaded, &mut by_pid)?;
+        }
+        for (key, stats) in by_pid.vcpus {
+            let reuse = self.counts.as_ref().map_or(0, |c| c.last_life(key.pid));
+            snap.add_vcpu(VcpuKey { reuse, ..key }, stats)?;
+        }
+        for (phase, exits) in by_pid.phases {
+            for (exit, stats) in exits {
+                snap.add_exits(phase, exit, stats)?;
+            }
         }
         read::overflow(loaded, &mut snap)?;
         if timing {
@@ -448,6 +472,7 @@ mod tests {
         let exit = tracer_common::ExitKey::from_raw(tracer_common::isa::VMX, 0x8000_0021);
         let vcpu = tracer_common::VcpuKey {
             pid: 4_194_304,
+            reuse: 0,
             vcpu_id: 4095,
             exit,
         };

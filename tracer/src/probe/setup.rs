@@ -262,6 +262,7 @@ pub(super) fn map_sizes(config: &ProbeConfig) -> Vec<(&'static str, u32)> {
         (maps::PENDING, on(!counting, limits::MAX_PENDING, 1)),
         (maps::THREAD_SLOTS, on(rows, threads, 1)),
         (maps::SLOT_THREADS, on(rows, threads, 1)),
+        (maps::VM_BORN, on(rows, threads, 1)),
         (maps::FREE_SLOTS, on(rows, threads, 1)),
         (maps::ENDED_SLOTS, on(rows, threads, 1)),
         (maps::COUNT_ROWS, on(counting, threads + 1, 1)),

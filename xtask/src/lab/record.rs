@@ -235,6 +235,7 @@ mod tests {
             .iter()
             .map(|r| VcpuRow {
                 pid: 1,
+                reuse: 0,
                 vcpu_id: 0,
                 isa: r.isa,
                 reason: r.reason,
