@@ -3,6 +3,8 @@
 # count, so a run's time repeats). The `micro` VMM runs CPUIDS CPUID exits under each
 # configuration, ROUNDS times, configurations interleaved within a round:
 #   stock      Debian's kvm modules, nothing tracing
+#   kvmtrace-empty  + an empty eBPF program on the raw exit tracepoint (`record
+#              --counts-only --empty-program`): the floor any eBPF counter pays
 #   kvmtrace-counts  + `kvmtrace record --counts-only` (the count path)
 #   kvmtrace-counts-classic  the same on the classic tracepoint
 #   kvmtrace   + `kvmtrace record` (system-wide, attached before the VM starts)
@@ -108,6 +110,11 @@ load stock
 for round in $(seq 1 $ROUNDS); do
     step round$round $ROUND_BUDGET
     measure stock $round
+
+    kvmtrace_start e$round --counts-only --empty-program
+    measure kvmtrace-empty $round
+    kill -INT $KT
+    wait $KT
 
     kvmtrace_start c$round --counts-only
     measure kvmtrace-counts $round

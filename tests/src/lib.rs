@@ -109,6 +109,7 @@ enum Stream {
     Amd,
     /// Alone: L1 or L2 with more than one CPU (`--l1-cpus 2` makes QEMU two threads,
     /// and a race needs the CPUs to run truly at once). These run after the streams.
+    /// A crowd's two L1 CPUs take turns in one QEMU thread: it runs in the AMD stream.
     Alone,
 }
 
@@ -120,6 +121,7 @@ impl Scenario {
             .find(|w| w[0] == "--l1-cpus")
             .map_or(1, |w| w[1].parse::<u8>().unwrap_or(u8::MAX));
         match self.isa {
+            "amd" if self.workload == "crowd" && self.smp == 1 => Stream::Amd,
             _ if l1_cpus > 1 || self.smp > 1 => Stream::Alone,
             "intel" => Stream::Intel,
             _ => Stream::Amd,
@@ -508,6 +510,12 @@ mod tests {
         };
         assert_eq!(l1.stream(), Stream::Alone);
         assert_eq!(Scenario { smp: 2, ..intel }.stream(), Stream::Alone);
+        // One QEMU thread for both L1 CPUs.
+        let crowd = Scenario {
+            workload: "crowd",
+            ..l1
+        };
+        assert_eq!(crowd.stream(), Stream::Amd);
         let one = Scenario {
             extra: &["--l1-cpus", "1"],
             ..BOOT

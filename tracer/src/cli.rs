@@ -328,6 +328,17 @@ pub struct RecordArgs {
     #[arg(long, hide = true)]
     pub classic_tracepoint: bool,
 
+    /// With --counts-only: attach an empty program to the raw exit tracepoint instead
+    /// of the count path's, and count nothing: the floor that any eBPF counter on that
+    /// tracepoint pays (for `cargo xtask bench`).
+    #[arg(
+        long,
+        hide = true,
+        requires = "counts_only",
+        conflicts_with = "classic_tracepoint"
+    )]
+    pub empty_program: bool,
+
     /// With --snapshots: keep each VM's counts for the reads in cells shared by all
     /// CPUs, as on kernels before 5.19, even where per-CPU cells would do (to test
     /// that path here).

@@ -63,8 +63,12 @@ const SCRAPES: u32 = 10;
 
 /// The configurations, in the order L1 runs them; the first is the baseline, and
 /// `stock-crowd` the crowd configurations'.
-const CONFIGS: [(&str, &str); 18] = [
+const CONFIGS: [(&str, &str); 19] = [
     ("stock", "stock kvm, untraced"),
+    (
+        "kvmtrace-empty",
+        "+ an empty eBPF program on the raw exit tracepoint (the floor)",
+    ),
     ("kvmtrace-counts", "+ kvmtrace record --counts-only"),
     (
         "kvmtrace-counts-classic",
@@ -505,7 +509,23 @@ impl Results {
             let ns = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ns"));
             let _ = writeln!(md, "| {label} | {} | {} | {change} |", ns(a), ns(b));
         }
+        md.push_str(&self.floor_markdown(cpuids));
         md
+    }
+
+    /// How far the count path is from the floor: an empty program on the same raw
+    /// tracepoint.
+    fn floor_markdown(&self, cpuids: u32) -> String {
+        let floor = self.overhead_ns("kvmtrace-empty", "stock", cpuids);
+        let counts = self.overhead_ns("kvmtrace-counts", "stock", cpuids);
+        match (floor, counts) {
+            (Some(f), Some(c)) => format!(
+                "\nThe floor, an empty eBPF program on the raw exit tracepoint, adds {f:.0} ns \
+                 per exit; the count path adds {c:.0} ns, {:.0} ns above it.\n",
+                c - f
+            ),
+            _ => String::new(),
+        }
     }
 
     /// The ratio of `config` to `base`, per round.

@@ -132,6 +132,7 @@ fn probe_config(args: &RecordArgs) -> anyhow::Result<ProbeConfig> {
         vm_time: false,
         cell_isa: kvmtrace::probe::host_isa(),
         vcpu_rows: false,
+        empty_exit: false,
     })
     .map(|config| with_exit_source(config, args))
 }
@@ -148,6 +149,7 @@ fn with_exit_source(config: ProbeConfig, args: &RecordArgs) -> ProbeConfig {
             .then(|| choice.offsets())
             .flatten(),
         counts: args.counts_only.then_some(choice),
+        empty_exit: args.empty_program,
         ..config
     };
     ProbeConfig {

@@ -55,6 +55,9 @@ pub struct ProbeConfig {
     pub cell_isa: u32,
     /// With `vm_time`: a row per vCPU (the thread's `vcpu_id`), not per VM.
     pub vcpu_rows: bool,
+    /// With `counts`: an empty program on the raw exit tracepoint instead of the
+    /// count path's, which counts nothing (the floor any eBPF counter there pays).
+    pub empty_exit: bool,
 }
 
 impl ProbeConfig {
@@ -85,6 +88,7 @@ impl Default for ProbeConfig {
             vm_time: false,
             cell_isa: host_isa(),
             vcpu_rows: false,
+            empty_exit: false,
         }
     }
 }

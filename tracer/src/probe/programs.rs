@@ -115,7 +115,7 @@ fn counting(c: &ProbeConfig) -> bool {
 
 /// The count path reading the exit from the vCPU (a raw tracepoint).
 fn counting_raw(c: &ProbeConfig) -> bool {
-    matches!(c.counts, Some(Choice::Raw { .. }))
+    matches!(c.counts, Some(Choice::Raw { .. })) && !c.empty_exit
 }
 
 pub(super) const KVM_EXIT_RAW: Program = Program {
@@ -134,7 +134,14 @@ pub(super) const KVM_EXIT_COUNT_TP: Program = Program {
     name: "kvm_exit_count_tp",
     kind: Kind::Classic,
     target: Target::Exit,
-    wanted: |c| counting(c) && !counting_raw(c),
+    wanted: |c| counting(c) && !counting_raw(c) && !c.empty_exit,
+};
+/// The floor: an empty program where the count path's would be (for the bench).
+pub(super) const KVM_EXIT_EMPTY: Program = Program {
+    name: "kvm_exit_empty",
+    kind: Kind::Raw,
+    target: Target::Exit,
+    wanted: |c| counting(c) && c.empty_exit,
 };
 pub(super) const KVM_ENTRY: Program = Program {
     name: "kvm_entry",
@@ -205,10 +212,11 @@ pub(super) const VCPU_RUN_VMX: Program = Program {
 /// so an exit is only timed once its entry program is attached, threads that exit from
 /// now on are forgotten, and child processes created from now on are followed. The
 /// kprobe comes last, once every tracepoint is attached.
-pub(super) const PROGRAMS: [Program; 13] = [
+pub(super) const PROGRAMS: [Program; 14] = [
     KVM_EXIT_RAW,
     KVM_EXIT_COUNT,
     KVM_EXIT_COUNT_TP,
+    KVM_EXIT_EMPTY,
     KVM_ENTRY,
     SCHED_SWITCH,
     SCHED_PROCESS_EXIT,
@@ -250,15 +258,31 @@ mod tests {
             counts: Some(counts),
             ..ProbeConfig::default()
         };
-        let raw = Choice::Raw {
-            offsets,
-            module: "kvm_intel".to_owned(),
-        };
-        assert_eq!(exit_programs(&counts(raw)), ["kvm_exit_count"]);
+        assert_eq!(
+            exit_programs(&counts(raw_choice(offsets))),
+            ["kvm_exit_count"]
+        );
         let classic = Choice::Classic {
             reason: "no BTF".to_owned(),
         };
-        assert_eq!(exit_programs(&counts(classic)), ["kvm_exit_count_tp"]);
+        assert_eq!(
+            exit_programs(&counts(classic.clone())),
+            ["kvm_exit_count_tp"]
+        );
+        for choice in [raw_choice(offsets), classic] {
+            let floor = ProbeConfig {
+                empty_exit: true,
+                ..counts(choice)
+            };
+            assert_eq!(exit_programs(&floor), ["kvm_exit_empty"]);
+        }
+    }
+
+    fn raw_choice(offsets: crate::exit_layout::Offsets) -> Choice {
+        Choice::Raw {
+            offsets,
+            module: "kvm_intel".to_owned(),
+        }
     }
 
     #[test]
