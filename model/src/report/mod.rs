@@ -57,6 +57,10 @@
 //!   `kvm:kvm_entry` of the same thread within the run; `time_ns` is the sum of those
 //!   exit→entry times (the time KVM spent handling the exit, sleeps in HLT included).
 //! - `reasons` are sorted by count, highest first; `vcpus` by pid, vcpu, reason.
+//! - `vms[].reuse` and `vcpus[].reuse` (only when not 0): the record saw an earlier VM
+//!   process with the same pid (pids wrap); 1 is the pid's second VM process, shown as
+//!   `1234#2`. Rows of reasons without a thread-row cell, and `--detail`, `--rip` and
+//!   `--vcpu` rows, are kept by pid and count for its last process.
 //! - `max_ns` (in every `count`/`timed`/`time_ns` group; 0 in reports from before it)
 //!   is the longest exit→entry time. `p50_ns` and `p99_ns` (reasons with a
 //!   histogram) are upper bounds: the end of the log2 bucket the quantile falls in,
