@@ -53,11 +53,15 @@ measure() { # CONFIG ROUND
 measure_crowd() { # CONFIG ROUND
     rm -f /tmp/crowd.*
     n=0
+    vms=
     while [ $n -lt $CROWD ]; do
         /bin/micro $((CPUIDS / CROWD)) 0 > /tmp/crowd.$n 2>&1 &
+        vms="$vms $!"
         n=$((n + 1))
     done
-    wait
+    # The VMs only: a bare `wait` would also wait for the kvmtrace record running
+    # in the background, which ends only at its SIGINT.
+    wait $vms
     ended=$(grep -l 'KVMLAB-L2 end' /tmp/crowd.* | wc -l)
     [ "$ended" = "$CROWD" ] || { cat /tmp/crowd.0; finish fail "crowd under $1: $ended of $CROWD VMs ended"; }
     from=$(sed -n 's/^micro: run_from_ns=\([0-9]*\) .*/\1/p' /tmp/crowd.* | sort -n | head -n 1)
@@ -220,12 +224,18 @@ until grep -q "serving KVM exit metrics" /tmp/export.err; do
     sleep 0.2
 done
 n=0
+vms=
 while [ $n -lt $EXPORT_VMS ]; do
     /bin/micro 10 0 > /dev/null 2>&1 &
+    vms="$vms $!"
     n=$((n + 1))
-    [ $((n % 256)) = 0 ] && wait
+    # 256 at a time; the VMs only (the exporter runs in the background too).
+    if [ $((n % 256)) = 0 ]; then
+        wait $vms
+        vms=
+    fi
 done
-wait
+wait $vms
 wget -q -O /tmp/scrape.txt http://127.0.0.1:10470/metrics || finish fail "scrape"
 t0=$(up)
 n=0
