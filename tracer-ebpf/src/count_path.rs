@@ -42,7 +42,6 @@ const VMCB_EXIT_CODE: u64 = 0x70;
 #[map]
 static COUNT_OVERFLOW: HashMap<PhaseVcpuKey, u64> =
     HashMap::with_max_entries(limits::MAX_OVERFLOW_ROWS, 0);
-/// The raw tracepoint: `kvm_exit(struct kvm_vcpu *vcpu, u32 isa)` since 5.11.
 /// The floor (`record --counts-only --empty-program`, for the bench): what any eBPF
 /// program on the raw exit tracepoint costs, counting nothing.
 #[raw_tracepoint(tracepoint = "kvm_exit")]
@@ -50,6 +49,7 @@ pub fn kvm_exit_empty(_ctx: RawTracePointContext) -> u32 {
     0
 }
 
+/// The raw tracepoint: `kvm_exit(struct kvm_vcpu *vcpu, u32 isa)` since 5.11.
 #[raw_tracepoint(tracepoint = "kvm_exit")]
 pub fn kvm_exit_count(ctx: RawTracePointContext) -> u32 {
     let Some(me) = thread_rows::current(|| count::ALL_VCPUS) else {

@@ -21,23 +21,18 @@ impl Lives {
         let mut seen: Vec<(u32, u64)> = seen.into_iter().collect();
         seen.sort_unstable();
         for (pid, born) in seen {
-            let (births, next) = self.pids.entry(pid).or_default();
-            if let std::collections::btree_map::Entry::Vacant(e) = births.entry(born) {
-                e.insert(*next);
-                *next += 1;
-            }
+            self.reuse(pid, born);
         }
     }
 
     /// The reuse number of process (`pid`, `born`); a birth not noted yet takes the
     /// next number.
     pub fn reuse(&mut self, pid: u32, born: u64) -> u32 {
-        self.note([(pid, born)]);
-        self.pids
-            .get(&pid)
-            .and_then(|(births, _)| births.get(&born))
-            .copied()
-            .unwrap_or(0)
+        let (births, next) = self.pids.entry(pid).or_default();
+        *births.entry(born).or_insert_with(|| {
+            *next += 1;
+            *next - 1
+        })
     }
 
     /// The birth of (`pid`, `reuse`), if it was noted.
