@@ -12,7 +12,11 @@
 //! Every configuration is printed as a ratio to the untraced stock run of the same
 //! round, with kvmtrace's own numbers (eBPF ns per exit from
 //! `kernel.bpf_stats_enabled`, start-to-attached time, peak RSS), in L1 and on this
-//! host. Results: target/bench/bench.md and bench.json.
+//! host. The crowd spreads the same exits over 256 VMs at once, measured three ways
+//! (the VMs' own CPU time, the span from the first start to the last end, and the
+//! programs' run time), with the tracer's user space CPU time beside it.
+//! Results: target/bench/bench.md and bench.json; runs.json has the runs timed so far
+//! even when a later step fails.
 
 use std::{
     collections::BTreeMap,
@@ -52,7 +56,47 @@ pub struct Options {
     /// Multiplies every time limit (for slow machines).
     #[arg(long, default_value_t = 1.0)]
     pub timeout_scale: f64,
+    /// Which configurations each round runs: all of them, or only what the crowd's
+    /// table needs (stock, the two records, and the crowd's three), which takes about a
+    /// third of the time. The bpf-stats runs and the export scrape come in both.
+    #[arg(long, value_enum, default_value_t = Parts::All)]
+    pub only: Parts,
 }
+
+/// The configurations a bench runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parts {
+    /// Every configuration of [`CONFIGS`].
+    All,
+    /// [`CROWD_PART`] only.
+    Crowd,
+}
+
+impl Parts {
+    /// Whether this bench runs `config`.
+    fn runs(self, config: &str) -> bool {
+        self == Self::All || CROWD_PART.contains(&config)
+    }
+
+    /// L1's `PARTS`.
+    fn env(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Crowd => "crowd",
+        }
+    }
+}
+
+/// The configurations of `--only crowd`: the crowd's and the one-VM runs it is
+/// compared with.
+const CROWD_PART: [&str; 6] = [
+    "stock",
+    "kvmtrace-counts",
+    "kvmtrace",
+    "stock-crowd",
+    "kvmtrace-counts-crowd",
+    "kvmtrace-crowd",
+];
 
 /// VMs at once in the crowd configurations, which spread the same CPUID exits over them.
 const CROWD: u32 = 256;
@@ -205,14 +249,39 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         opts.cpuids
     );
     let serial_log = out.join("serial.log");
-    let (run, result, _) = machine.boot(root, what, opts.timeout_scale, &serial_log)?;
+    let booted = machine.boot(root, what, opts.timeout_scale, &serial_log);
+    // What was timed, as far as L1 got: kept even when a later step fails or overruns.
+    let read;
+    let lines = match &booted {
+        Ok((run, ..)) => &run.lines,
+        Err(_) => {
+            read = console_of(&serial_log);
+            &read
+        }
+    };
+    let result = booted
+        .as_ref()
+        .map_or_else(|e| format!("{e:#}"), |(_, r, _)| r.clone());
+    let [runs, cpu, tracer] = Results::timed(lines)?;
+    write(
+        &out,
+        "runs.json",
+        &serde_json::to_string_pretty(&json!({
+            "result": result,
+            "runs_ns": runs,
+            "cpu_ns": cpu,
+            "tracer_ns": tracer,
+        }))?,
+    )?;
+    let (run, result, _) = booted?;
     if result != "pass" {
         bail!(
-            "the bench did not finish: {result} (console in {})",
-            serial_log.display()
+            "the bench did not finish: {result} (console in {}; the runs timed so far in {})",
+            serial_log.display(),
+            out.join("runs.json").display()
         );
     }
-    let results = Results::parse(&run.lines, opts.cpuids, opts.rounds)?;
+    let results = Results::parse(&run.lines, opts.cpuids, opts.rounds, opts.only)?;
     let md = results.markdown(opts, &host);
     write(&out, "bench.md", &md)?;
     write(
@@ -223,6 +292,21 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     println!("\n{md}");
     println!("-> {}", out.join("bench.md").display());
     Ok(())
+}
+
+/// The console lines of a serial log ([`console::transcript`]'s `[   12.34] text`); none
+/// if it cannot be read.
+fn console_of(serial_log: &Path) -> Vec<Line> {
+    let text = std::fs::read_to_string(serial_log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (at, text) = l.strip_prefix('[')?.split_once("] ")?;
+            Some(Line {
+                at: at.trim().parse().ok()?,
+                text: text.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// The programs the bench carries into L1, each with the libraries it loads.
@@ -285,13 +369,14 @@ fn write_initrd(
     let env = format!(
         "# Written by cargo xtask bench; sourced by /init.\nCPUIDS={}\nROUNDS={}\nPAGING=ept\n\
          KVM_DEPS='{}'\nKVM_VENDOR={}\nKVM_MODULE={}\nROUND_BUDGET={}\nPERF_PAGES={PERF_BIG_BUFFER}\n\
-         CROWD={CROWD}\nEXPORT_VMS={EXPORT_VMS}\nSCRAPES={SCRAPES}\n",
+         CROWD={CROWD}\nEXPORT_VMS={EXPORT_VMS}\nSCRAPES={SCRAPES}\nPARTS={}\n",
         opts.cpuids,
         opts.rounds,
         deps.join(" "),
         vendor.trim_end_matches(".ko"),
         vendor.trim_end_matches(".ko").replace('-', "_"),
-        round_budget as u64
+        round_budget as u64,
+        opts.only.env()
     );
     a.bytes("lab/env", env, 0o644)?;
     a.write_to(initrd)
@@ -315,15 +400,64 @@ fn host_costs(kvmtrace: &Path) -> anyhow::Result<Cost> {
     Ok(runs.swap_remove(runs.len() / 2))
 }
 
+/// config -> round -> ns
+type ByRound = BTreeMap<String, BTreeMap<u32, u64>>;
+
+/// One `KVMLAB bench CONFIG ROUND run_ns=N cpu_ns=N [tracer_ns=N]` line.
+#[derive(Debug, PartialEq)]
+struct BenchLine<'a> {
+    config: &'a str,
+    round: u32,
+    /// L1 time from the (first) VM's start to its (last) HLT exit.
+    run_ns: u64,
+    /// The vCPU threads' own CPU time.
+    cpu_ns: Option<u64>,
+    /// The tracer's user space CPU time meanwhile (crowd runs under kvmtrace).
+    tracer_ns: Option<u64>,
+}
+
+impl<'a> BenchLine<'a> {
+    fn parse(text: &'a str) -> anyhow::Result<Option<Self>> {
+        let Some(rest) = text.strip_prefix("KVMLAB bench ") else {
+            return Ok(None);
+        };
+        let bad = || anyhow::anyhow!("bad bench line: {text}");
+        let mut it = rest.split_whitespace();
+        let (Some(config), Some(round)) = (it.next(), it.next()) else {
+            return Err(bad());
+        };
+        let mut fields = BTreeMap::new();
+        for kv in it {
+            let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+            fields.insert(k, v.parse::<u64>().map_err(|_| bad())?);
+        }
+        Ok(Some(Self {
+            config,
+            round: round.parse().map_err(|_| bad())?,
+            run_ns: *fields.get("run_ns").ok_or_else(bad)?,
+            cpu_ns: fields.get("cpu_ns").copied(),
+            tracer_ns: fields.get("tracer_ns").copied(),
+        }))
+    }
+}
+
 /// The timed runs, by configuration and round.
 struct Results {
+    parts: Parts,
     /// config -> round -> L1 ns
-    runs: BTreeMap<String, BTreeMap<u32, u64>>,
+    runs: ByRound,
+    /// config -> round -> the vCPU threads' CPU ns
+    cpu: ByRound,
+    /// config -> round -> the tracer's user space CPU ns (crowd runs)
+    tracer: ByRound,
     /// kvmtrace's default record of each round (its start time and memory).
     kvmtrace: Vec<Cost>,
-    /// The bpf-stats runs: the default record, and the count path.
+    /// The bpf-stats runs: the default record, and the count path, with one VM and
+    /// with the crowd.
     stats: Cost,
     stats_counts: Cost,
+    stats_crowd: Cost,
+    stats_counts_crowd: Cost,
     /// perf kvm stat report's line for CPUID (what perf counted), as users run it and
     /// with the big buffer.
     perf_cpuid: Option<String>,
@@ -377,6 +511,21 @@ impl Scrape {
     }
 }
 
+/// What bpftrace counted in `round`: at least the `cpuids` CPUIDs.
+fn bpftrace_counted(lines: &[Line], round: u32, cpuids: u32) -> anyhow::Result<u64> {
+    let text = console::section(lines, "bpftrace", &format!("r{round}"))
+        .with_context(|| format!("no bpftrace output of round {round}"))?;
+    let counted = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("@exits:"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .with_context(|| format!("bpftrace printed no count in round {round}: {text}"))?;
+    if counted < u64::from(cpuids) {
+        bail!("bpftrace counted {counted} exits in round {round}, fewer than the {cpuids} CPUIDs");
+    }
+    Ok(counted)
+}
+
 /// The CPUID line of a `perf kvm stat report` section.
 fn perf_line(lines: &[Line], config: &str) -> Option<String> {
     console::section(lines, &format!("{config}-report"), "r1").and_then(|t| {
@@ -387,35 +536,48 @@ fn perf_line(lines: &[Line], config: &str) -> Option<String> {
 }
 
 impl Results {
-    /// Reads the `rounds` rounds L1 was asked for from its console.
-    fn parse(lines: &[Line], cpuids: u32, rounds: u32) -> anyhow::Result<Self> {
-        let mut runs: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
+    /// The timed runs L1 printed, whatever else is missing (for a bench that did not
+    /// finish): runs, CPU and tracer ns by configuration and round.
+    fn timed(lines: &[Line]) -> anyhow::Result<[ByRound; 3]> {
+        let mut by: [ByRound; 3] = Default::default();
         for l in lines {
-            let Some(rest) = l.text.strip_prefix("KVMLAB bench ") else {
+            let Some(b) = BenchLine::parse(&l.text)? else {
                 continue;
             };
-            let mut it = rest.split_whitespace();
-            let (Some(config), Some(round), Some(ns)) = (it.next(), it.next(), it.next()) else {
-                bail!("bad bench line: {}", l.text);
-            };
-            let round: u32 = round.parse().context("bad round")?;
-            let ns: u64 = ns
-                .strip_prefix("run_ns=")
-                .and_then(|n| n.parse().ok())
-                .with_context(|| format!("bad bench line: {}", l.text))?;
-            if !(1..=rounds).contains(&round) {
+            let [runs, cpu, tracer] = &mut by;
+            let config = b.config.to_owned();
+            runs.entry(config.clone())
+                .or_default()
+                .insert(b.round, b.run_ns);
+            if let Some(ns) = b.cpu_ns {
+                cpu.entry(config.clone()).or_default().insert(b.round, ns);
+            }
+            if let Some(ns) = b.tracer_ns {
+                tracer.entry(config).or_default().insert(b.round, ns);
+            }
+        }
+        Ok(by)
+    }
+
+    /// Reads the `rounds` rounds L1 was asked for from its console.
+    fn parse(lines: &[Line], cpuids: u32, rounds: u32, parts: Parts) -> anyhow::Result<Self> {
+        for l in lines {
+            if let Some(b) = BenchLine::parse(&l.text)?
+                && !(1..=rounds).contains(&b.round)
+            {
                 bail!(
-                    "L1 ran round {round}, not one of the {rounds} asked for: {}",
+                    "L1 ran round {}, not one of the {rounds} asked for: {}",
+                    b.round,
                     l.text
                 );
             }
-            runs.entry(config.to_owned()).or_default().insert(round, ns);
         }
+        let [runs, cpu, tracer] = Self::timed(lines)?;
         // A configuration with no run in a round asked for would print an empty ratio:
         // fail instead.
-        for (config, _) in CONFIGS {
+        for (config, _) in CONFIGS.iter().filter(|(c, _)| parts.runs(c)) {
             for round in 1..=rounds {
-                if !runs.get(config).is_some_and(|r| r.contains_key(&round)) {
+                if !runs.get(*config).is_some_and(|r| r.contains_key(&round)) {
                     bail!(
                         "L1 measured no {config} run in round {round}: see the bench's serial log"
                     );
@@ -425,7 +587,7 @@ impl Results {
         let mut kvmtrace = Vec::new();
         let mut bpftrace_count = None;
         for round in 1..=rounds {
-            for (tag, config) in RECORDS {
+            for (tag, config) in RECORDS.iter().filter(|(_, c)| parts.runs(c)) {
                 let text = console::section(lines, "kvmtrace", &format!("{tag}{round}"))
                     .with_context(|| format!("no {config} record of round {round}"))?;
                 let cost = Cost::from_record(&text)?;
@@ -435,23 +597,13 @@ impl Results {
                         cost.exits
                     );
                 }
-                if tag == "r" {
+                if *tag == "r" {
                     kvmtrace.push(cost);
                 }
             }
-            let text = console::section(lines, "bpftrace", &format!("r{round}"))
-                .with_context(|| format!("no bpftrace output of round {round}"))?;
-            let counted = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("@exits:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .with_context(|| format!("bpftrace printed no count in round {round}: {text}"))?;
-            if counted < u64::from(cpuids) {
-                bail!(
-                    "bpftrace counted {counted} exits in round {round}, fewer than the {cpuids} CPUIDs"
-                );
+            if parts == Parts::All {
+                bpftrace_count.get_or_insert(bpftrace_counted(lines, round, cpuids)?);
             }
-            bpftrace_count.get_or_insert(counted);
         }
         let stats = |tag: &str| -> anyhow::Result<Cost> {
             Cost::from_record(
@@ -460,10 +612,15 @@ impl Results {
             )
         };
         Ok(Self {
+            parts,
             runs,
+            cpu,
+            tracer,
             kvmtrace,
             stats: stats("stats")?,
             stats_counts: stats("stats-counts")?,
+            stats_crowd: stats("stats-crowd")?,
+            stats_counts_crowd: stats("stats-counts-crowd")?,
             perf_cpuid: perf_line(lines, "perf"),
             perf_big_cpuid: perf_line(lines, "perf-big"),
             bpftrace_count,
@@ -476,38 +633,91 @@ impl Results {
         self.ratio_of(config, baseline(config))
     }
 
-    /// The per-exit cost of `traced` above `untraced` (ns per exit, mean of the rounds).
+    /// The per-exit cost of `traced` above `untraced` in L1 time (ns per exit, mean
+    /// of the rounds).
     fn overhead_ns(&self, traced: &str, untraced: &str, exits: u32) -> Option<f64> {
-        let d = self.mean_ns(traced)? - self.mean_ns(untraced)?;
+        self.overhead(&self.runs, traced, untraced, exits)
+    }
+
+    /// The per-exit cost of `traced` above `untraced` in `by` (L1 time or the VMs'
+    /// CPU time), ns per exit, mean of the rounds.
+    fn overhead(&self, by: &ByRound, traced: &str, untraced: &str, exits: u32) -> Option<f64> {
+        let d = mean(by.get(traced))? - mean(by.get(untraced))?;
         // No exit (fewer CPUIDs than VMs): no cost per exit, a dash, not NaN.
         (exits > 0).then(|| d / f64::from(exits))
     }
 
     /// The crowd's table: each traced configuration's cost per exit with 256 VMs at
-    /// once against one VM.
+    /// once against one VM, three ways: the VMs' own CPU time, the span from the first
+    /// start to the last end (which also holds the tracer's user space and the
+    /// scheduling of 256 processes on one CPU), and the eBPF programs' own run time.
     fn crowd_markdown(&self, cpuids: u32) -> String {
         let crowd_cpuids = crowd_cpuids(cpuids);
         let mut md = format!(
             "\nThe same CPUID exits over {CROWD} VMs at once ({} each), against one VM: what \
-             tracing adds per exit.\n\n| configuration | 1 VM | {CROWD} VMs | change |\n|---|---:|---:|---:|\n",
+             tracing adds per exit.\n\n| configuration | measured as | 1 VM | {CROWD} VMs | change |\n\
+             |---|---|---:|---:|---:|\n",
             cpuids / CROWD
         );
-        for (one, crowd, label) in [
+        let ns = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ns"));
+        let change = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if a > 0.0 => format!("{:+.1} %", (b / a - 1.0) * 100.0),
+            _ => "-".to_owned(),
+        };
+        for (one, crowd, label, stats) in [
             (
                 "kvmtrace-counts",
                 "kvmtrace-counts-crowd",
                 "kvmtrace record --counts-only",
+                [&self.stats_counts, &self.stats_counts_crowd],
             ),
-            ("kvmtrace", "kvmtrace-crowd", "kvmtrace record"),
+            (
+                "kvmtrace",
+                "kvmtrace-crowd",
+                "kvmtrace record",
+                [&self.stats, &self.stats_crowd],
+            ),
         ] {
-            let a = self.overhead_ns(one, "stock", cpuids);
-            let b = self.overhead_ns(crowd, "stock-crowd", crowd_cpuids);
-            let change = match (a, b) {
-                (Some(a), Some(b)) if a > 0.0 => format!("{:+.1} %", (b / a - 1.0) * 100.0),
-                _ => "-".to_owned(),
-            };
-            let ns = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ns"));
-            let _ = writeln!(md, "| {label} | {} | {} | {change} |", ns(a), ns(b));
+            let rows = [
+                (
+                    "the VMs' CPU time",
+                    self.overhead(&self.cpu, one, "stock", cpuids),
+                    self.overhead(&self.cpu, crowd, "stock-crowd", crowd_cpuids),
+                ),
+                (
+                    "first start to last end",
+                    self.overhead(&self.runs, one, "stock", cpuids),
+                    self.overhead(&self.runs, crowd, "stock-crowd", crowd_cpuids),
+                ),
+                (
+                    "eBPF run time (bpf_stats)",
+                    stats[0].ns_per_exit,
+                    stats[1].ns_per_exit,
+                ),
+            ];
+            for (how, a, b) in rows {
+                let _ = writeln!(
+                    md,
+                    "| {label} | {how} | {} | {} | {} |",
+                    ns(a),
+                    ns(b),
+                    change(a, b)
+                );
+            }
+        }
+        for (crowd, label) in [
+            ("kvmtrace-counts-crowd", "kvmtrace record --counts-only"),
+            ("kvmtrace-crowd", "kvmtrace record"),
+        ] {
+            if let Some(t) = mean(self.tracer.get(crowd)) {
+                let _ = writeln!(
+                    md,
+                    "\n`{label}`'s own user space took {:.1} ms of CPU in the crowd's span: \
+                     {:.0} µs per VM.",
+                    t / 1e6,
+                    t / 1e3 / f64::from(CROWD)
+                );
+            }
         }
         md.push_str(&self.floor_markdown(cpuids));
         md
@@ -542,8 +752,7 @@ impl Results {
     }
 
     fn mean_ns(&self, config: &str) -> Option<f64> {
-        let runs = self.runs.get(config)?;
-        (!runs.is_empty()).then(|| runs.values().sum::<u64>() as f64 / runs.len() as f64)
+        mean(self.runs.get(config))
     }
 
     fn markdown(&self, opts: &Options, host: &Cost) -> String {
@@ -558,7 +767,7 @@ impl Results {
             md,
             "| configuration | L1 time per exit | vs untraced stock (each round) | overhead |\n|---|---:|---:|---:|"
         );
-        for (config, label) in CONFIGS {
+        for (config, label) in CONFIGS.iter().filter(|(c, _)| self.parts.runs(c)) {
             let per_exit = self.mean_ns(config).map_or("-".into(), |ns| {
                 format!("{:.2} µs", ns / f64::from(opts.cpuids) / 1e3)
             });
@@ -585,16 +794,18 @@ impl Results {
                 .collect();
             each.join(" / ")
         };
-        let _ = writeln!(
-            md,
-            "\nThe patch's own cost (patched against the same build without it, each round): {}",
-            own("patched")
-        );
-        let _ = writeln!(
-            md,
-            "\nThe count's own cost (the patch without its cycles against the same build without the patch, each round): {}",
-            own("patched-no-cycles")
-        );
+        if self.parts == Parts::All {
+            let _ = writeln!(
+                md,
+                "\nThe patch's own cost (patched against the same build without it, each round): {}",
+                own("patched")
+            );
+            let _ = writeln!(
+                md,
+                "\nThe count's own cost (the patch without its cycles against the same build without the patch, each round): {}",
+                own("patched-no-cycles")
+            );
+        }
         let attach: Vec<String> = self
             .kvmtrace
             .iter()
@@ -670,6 +881,7 @@ impl Results {
         json!({
             "cpuids": opts.cpuids,
             "rounds": opts.rounds,
+            "only": opts.only.env(),
             "runs_ns": self.runs,
             "ratios": CONFIGS.iter().map(|(c, _)| (c.to_string(), json!(self.ratios(c)))).collect::<serde_json::Map<_, _>>(),
             "kvmtrace": self.kvmtrace.iter().map(|c| json!({"attach_ms": c.attach_ms, "peak_rss_mib": c.peak_rss_mib, "exits": c.exits})).collect::<Vec<_>>(),
@@ -681,15 +893,27 @@ impl Results {
             "patch_own": self.ratio_of("patched", "unpatched"),
             "count_own": self.ratio_of("patched-no-cycles", "unpatched"),
             "host": {"attach_ms": host.attach_ms, "peak_rss_mib": host.peak_rss_mib},
+            "cpu_ns": self.cpu,
+            "tracer_ns": self.tracer,
             "crowd": {
                 "vms": CROWD,
                 "counts_ns_per_exit": [self.overhead_ns("kvmtrace-counts", "stock", opts.cpuids), self.overhead_ns("kvmtrace-counts-crowd", "stock-crowd", crowd_cpuids(opts.cpuids))],
                 "record_ns_per_exit": [self.overhead_ns("kvmtrace", "stock", opts.cpuids), self.overhead_ns("kvmtrace-crowd", "stock-crowd", crowd_cpuids(opts.cpuids))],
+                "counts_cpu_ns_per_exit": [self.overhead(&self.cpu, "kvmtrace-counts", "stock", opts.cpuids), self.overhead(&self.cpu, "kvmtrace-counts-crowd", "stock-crowd", crowd_cpuids(opts.cpuids))],
+                "record_cpu_ns_per_exit": [self.overhead(&self.cpu, "kvmtrace", "stock", opts.cpuids), self.overhead(&self.cpu, "kvmtrace-crowd", "stock-crowd", crowd_cpuids(opts.cpuids))],
+                "counts_ebpf_ns_per_exit": [self.stats_counts.ns_per_exit, self.stats_counts_crowd.ns_per_exit],
+                "record_ebpf_ns_per_exit": [self.stats.ns_per_exit, self.stats_crowd.ns_per_exit],
             },
             "scrape": {"vms": self.scrape.vms, "series": self.scrape.series, "bytes": self.scrape.bytes, "seconds": self.scrape.seconds},
             "perf_cpuid": self.perf_cpuid,
         })
     }
+}
+
+/// The mean of a configuration's rounds.
+fn mean(by_round: Option<&BTreeMap<u32, u64>>) -> Option<f64> {
+    let runs = by_round?;
+    (!runs.is_empty()).then(|| runs.values().sum::<u64>() as f64 / runs.len() as f64)
 }
 
 fn host_cpu() -> String {
@@ -747,8 +971,9 @@ mod tests {
         for round in 1..=rounds {
             for (config, _) in CONFIGS.iter().filter(|_| runs) {
                 lines.push(line(format!(
-                    "KVMLAB bench {config} {round} run_ns={}",
-                    ns(config)
+                    "KVMLAB bench {config} {round} run_ns={} cpu_ns={}",
+                    ns(config),
+                    ns(config) / 2
                 )));
             }
             for (tag, _) in RECORDS {
@@ -763,6 +988,8 @@ mod tests {
         }
         section(&mut lines, "kvmtrace", "stats", &record(150));
         section(&mut lines, "kvmtrace", "stats-counts", &record(150));
+        section(&mut lines, "kvmtrace", "stats-crowd", &record(150));
+        section(&mut lines, "kvmtrace", "stats-counts-crowd", &record(150));
         lines.push(line(format!(
             "KVMLAB scrape vms={EXPORT_VMS} series=4100 bytes=900000 scrapes={SCRAPES} from=100.00 to=101.50"
         )));
@@ -775,11 +1002,12 @@ mod tests {
             rounds,
             out: PathBuf::new(),
             timeout_scale: 1.0,
+            only: Parts::All,
         }
     }
 
     fn err(lines: &[Line], rounds: u32) -> String {
-        Results::parse(lines, CPUIDS, rounds)
+        Results::parse(lines, CPUIDS, rounds, Parts::All)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
@@ -805,7 +1033,7 @@ mod tests {
                 2,
                 true,
                 1,
-                "L1 ran round 2, not one of the 1 asked for: KVMLAB bench stock 2 run_ns=1000",
+                "L1 ran round 2, not one of the 1 asked for: KVMLAB bench stock 2 run_ns=1000 cpu_ns=500",
             ),
             (1, true, 1, ""),
         ] {
@@ -835,7 +1063,7 @@ mod tests {
         ] {
             let ns = move |c: &str| if c == "stock" { stock } else { 1500 };
             let lines = console(rounds, true, &ns);
-            let md = Results::parse(&lines, CPUIDS, rounds)
+            let md = Results::parse(&lines, CPUIDS, rounds, Parts::All)
                 .unwrap_or_else(|e| panic!("{e}"))
                 .markdown(&opts(rounds), &host);
             assert!(!md.contains("NaN"), "{md}");
@@ -844,5 +1072,102 @@ mod tests {
                 .find(|l| l.starts_with("| + kvmtrace record (with time)"));
             assert_eq!(row, Some(want), "stock {stock} ns");
         }
+    }
+
+    #[test]
+    fn bench_lines_give_their_fields() {
+        let l = BenchLine::parse("KVMLAB bench kvmtrace-crowd 2 run_ns=10 cpu_ns=8 tracer_ns=3");
+        assert_eq!(
+            l.ok().flatten(),
+            Some(BenchLine {
+                config: "kvmtrace-crowd",
+                round: 2,
+                run_ns: 10,
+                cpu_ns: Some(8),
+                tracer_ns: Some(3),
+            })
+        );
+        assert!(matches!(
+            BenchLine::parse("KVMLAB step round1 900"),
+            Ok(None)
+        ));
+        for bad in [
+            "KVMLAB bench stock 1 cpu_ns=5",
+            "KVMLAB bench stock 1 run_ns=",
+            "KVMLAB bench stock one run_ns=5",
+            "KVMLAB bench stock",
+        ] {
+            let e = BenchLine::parse(bad).err().map(|e| e.to_string());
+            assert_eq!(e, Some(format!("bad bench line: {bad}")));
+        }
+    }
+
+    #[test]
+    fn the_crowd_part_needs_only_its_configurations() {
+        let mut lines = console(1, true, &|c| match c {
+            "stock" => 1_000_000,
+            "kvmtrace-counts" | "kvmtrace" => 1_100_000,
+            "stock-crowd" => 2_000_000,
+            _ => 2_100_000,
+        });
+        lines.retain(|l| {
+            BenchLine::parse(&l.text)
+                .ok()
+                .flatten()
+                .is_none_or(|b| CROWD_PART.contains(&b.config))
+        });
+        for l in &mut lines {
+            if l.text.starts_with("KVMLAB bench kvmtrace-counts-crowd ") {
+                l.text.push_str(" tracer_ns=2560000");
+            }
+        }
+        // The whole bench needs every configuration; the crowd part, its own.
+        assert_eq!(
+            err(&lines, 1),
+            "L1 measured no kvmtrace-empty run in round 1: see the bench's serial log"
+        );
+        let r = Results::parse(&lines, CPUIDS, 1, Parts::Crowd).unwrap_or_else(|e| panic!("{e}"));
+        let md = r.markdown(
+            &Options {
+                only: Parts::Crowd,
+                ..opts(1)
+            },
+            &Cost::default(),
+        );
+        assert!(!md.contains("perf kvm stat record"), "{md}");
+        assert!(!md.contains("patch's own cost"), "{md}");
+        // 100 CPUIDs: 100 000 ns more over 100 exits alone, 100 000 ns more over the
+        // crowd's (100 / 256 * 256 = 0): no exit, a dash.
+        assert!(
+            md.contains(
+                "| kvmtrace record --counts-only | first start to last end | 1000 ns | - | - |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| kvmtrace record --counts-only | the VMs' CPU time | 500 ns | - | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("own user space took 2.6 ms of CPU in the crowd's span: 10 µs per VM."),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn a_console_cut_short_still_gives_its_runs() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let log = dir.path().join("serial.log");
+        let lines = vec![
+            line("KVMLAB bench stock 1 run_ns=7 cpu_ns=6".to_owned()),
+            line("KVMLAB step export-scrape 900".to_owned()),
+        ];
+        std::fs::write(&log, console::transcript(&lines)).unwrap_or_else(|e| panic!("{e}"));
+        let read = console_of(&log);
+        let [runs, cpu, tracer] = Results::timed(&read).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(runs["stock"][&1], 7);
+        assert_eq!(cpu["stock"][&1], 6);
+        assert!(tracer.is_empty());
+        assert!(console_of(&dir.path().join("none")).is_empty());
     }
 }

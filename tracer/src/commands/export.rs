@@ -1,5 +1,6 @@
 //! `kvmtrace export`: an HTTP endpoint serving `/metrics` to Prometheus. Each scrape
-//! copies the eBPF maps (no polling loop between scrapes), names the VMs, forgets the
+//! copies the eBPF maps (between scrapes, only the rows' upkeep runs, once a second:
+//! ended threads' slots are freed for new ones), names the VMs, forgets the
 //! VMs that ended more than `--retention` ago, and renders the series
 //! ([`kvmtrace_model::metrics`], [`kvmtrace_model::render::metrics`]).
 
@@ -39,6 +40,10 @@ use tokio::{
 
 use super::BadInput;
 use crate::{cli::ExportArgs, exit_status::Status};
+
+/// How often the rows of ended threads are read and their slots freed between
+/// scrapes ([`Probe::tick`]).
+const UPKEEP: Duration = Duration::from_secs(1);
 
 /// A VM process seen in the maps, by (pid, reuse) (`VcpuKey::reuse`).
 struct Vm {
@@ -278,8 +283,24 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
         "serving KVM exit metrics on http://{}/metrics",
         listener.local_addr()?
     );
+    // The rows' upkeep between scrapes: ended threads' slots are freed whether or not
+    // anyone scrapes (Prometheus may be down for hours while VMs come and go).
+    let mut upkeep = tokio::time::interval(UPKEEP);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut upkeep_failed: Option<String> = None;
     loop {
         let (stream, peer) = tokio::select! {
+            _ = upkeep.tick() => {
+                let now = exporter.borrow_mut().probe.tick().err().map(|e| format!("{e:#}"));
+                // Said once, not every second; again when it changes.
+                if let Some(why) = &now
+                    && now != upkeep_failed
+                {
+                    log::error!("the maps' upkeep failed: {why}");
+                }
+                upkeep_failed = now;
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

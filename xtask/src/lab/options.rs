@@ -197,9 +197,11 @@ pub struct Options {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_MICRO_VCPUS))]
     pub micro_vcpus: u8,
     /// CPUs of the emulated host L1. More than 1 only with --isa amd: QEMU then runs
-    /// L1's CPUs in threads of their own (-accel tcg,thread=multi), truly in parallel.
-    /// Bochs runs all its CPUs in one thread, one instruction at a time, so it cannot
-    /// show races: --isa intel takes 1.
+    /// L1's CPUs in threads of their own (-accel tcg,thread=multi), truly in parallel,
+    /// except with --workload crowd, whose hundreds of nested VMs QEMU 7.2's
+    /// multi-threaded TCG corrupts: its CPUs take turns in one thread. Bochs runs all
+    /// its CPUs in one thread, one instruction at a time, so it cannot show races:
+    /// --isa intel takes 1.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub l1_cpus: u8,
     /// Directory with kvm.ko and the vendor module (e.g. patched ones) to load instead of
