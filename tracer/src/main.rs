@@ -14,6 +14,11 @@ use clap::{
 use crate::exit_status::Status;
 
 fn main() -> ExitCode {
+    // Packaging's `kvmtrace dist-files DIR`: kept out of the command line users see, so
+    // that it is in neither its help nor the man pages and completions it writes.
+    if let Some(code) = commands::dist_files::run_if_asked() {
+        return code;
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),

@@ -1,6 +1,7 @@
 //! One module per `kvmtrace` subcommand.
 
 pub mod diff;
+pub mod dist_files;
 pub mod export;
 pub mod guest;
 pub mod reasons;
