@@ -2,6 +2,7 @@
 
 mod apt;
 mod bench;
+mod dist;
 mod exec;
 mod files;
 mod fuzz;
@@ -50,6 +51,14 @@ enum Command {
     /// Measure what tracing costs an exit-bound guest in the Bochs lab: kvmtrace,
     /// perf kvm stat, the hist trigger and the patched modules against stock, untraced.
     Bench(bench::Options),
+    /// Build the Debian package, target/dist/kvmtrace_<version>_amd64.deb, and check it.
+    ///
+    /// The static kvmtrace the lab uses, its man pages and bash, zsh and fish
+    /// completions (made from its own command line), and the kvmtrace-export service
+    /// (installed, not enabled; its flags in /etc/default/kvmtrace). The checks:
+    /// systemd-analyze verify and security on the unit, and lintian (installed if
+    /// missing), which must report no error.
+    Dist(dist::Options),
 }
 
 /// The checkout xtask runs in: `cargo xtask` (`cargo run`) names the package it runs
@@ -90,6 +99,7 @@ fn main() -> std::process::ExitCode {
             Command::Lab(opts) => lab::run(&opts, &root),
             Command::Fuzz(opts) => fuzz::run(&opts, &root),
             Command::Bench(opts) => bench::run(&opts, &root),
+            Command::Dist(opts) => dist::run(&opts, &root),
         });
     process::wait_if_stopping();
     match result {
