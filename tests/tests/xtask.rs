@@ -1,7 +1,7 @@
 //! The developer tasks themselves, as a new user meets them: set-up on a machine with
 //! empty package lists, a lab that fails when kvmtrace does not build, kernel modules
-//! built without a kernel installed on the host, and a lab stopped by a signal that
-//! takes its emulator with it.
+//! built without a kernel installed on the host, a lab stopped by a signal that
+//! takes its emulator with it, and the Debian package `cargo xtask dist` builds.
 //!
 //! They run `target/release/xtask` (built by `cargo xtask test`, which runs them) and
 //! only one emulator at a time (`--test-threads=1`).
@@ -115,6 +115,79 @@ fn a_kvmtrace_that_cannot_build_fails_the_lab_naming_the_step() {
         !out_dir.join("lab/build/serial.out").exists(),
         "the lab booted although kvmtrace did not build"
     );
+}
+
+/// `cargo xtask dist` builds the .deb and checks it (lintian without errors, the unit
+/// verified and rated 3.0 or less); the package's man pages render and its bash
+/// completion completes subcommands.
+#[test]
+fn dist_builds_a_deb_that_lintian_passes() {
+    let out = run(xtask().arg("dist"));
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "xtask dist failed:\n{stderr}");
+    assert!(stderr.contains("lintian: 0 errors"), "{stderr}");
+    let deb = PathBuf::from(text(&out.stdout).trim());
+    assert!(
+        deb.is_file() && deb.starts_with(workspace().join("target/dist")),
+        "{}",
+        deb.display()
+    );
+    let root = scratch("dist");
+    let x = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    assert!(x.status.success(), "dpkg-deb -x: {}", text(&x.stderr));
+
+    let man1 = root.join("usr/share/man/man1");
+    let pages: Vec<PathBuf> = fs::read_dir(&man1)
+        .unwrap_or_else(|e| panic!("{}: {e}", man1.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    for name in [
+        "kvmtrace.1.gz",
+        "kvmtrace-record.1.gz",
+        "kvmtrace-export.1.gz",
+    ] {
+        assert!(man1.join(name).is_file(), "{name} is not in the package");
+    }
+    for page in &pages {
+        let out = run(Command::new("man")
+            .args(["--warnings", "-l", "-Tutf8", "-Z"])
+            .arg(page)
+            .env("MANWIDTH", "80"));
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "man -l {}: {}",
+            page.display(),
+            text(&out.stderr)
+        );
+    }
+
+    let bash = root.join("usr/share/bash-completion/completions/kvmtrace");
+    let script = format!(
+        "source {}\nCOMP_WORDS=(kvmtrace re)\nCOMP_CWORD=1\n_kvmtrace kvmtrace re kvmtrace\n\
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        bash.display()
+    );
+    let out = run(Command::new("bash").args(["--norc", "--noprofile", "-c", &script]));
+    let mut words: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    words.sort();
+    assert_eq!(
+        words,
+        ["reasons", "reconcile", "record"],
+        "{}",
+        text(&out.stderr)
+    );
+    for file in [
+        "usr/bin/kvmtrace",
+        "usr/share/zsh/vendor-completions/_kvmtrace",
+        "usr/share/fish/vendor_completions.d/kvmtrace.fish",
+        "lib/systemd/system/kvmtrace-export.service",
+        "etc/default/kvmtrace",
+        "usr/share/doc/kvmtrace/copyright",
+        "usr/share/doc/kvmtrace/changelog.Debian.gz",
+    ] {
+        assert!(root.join(file).is_file(), "{file} is not in the package");
+    }
 }
 
 /// Names of the installed packages that a kernel build must not put on the host.
