@@ -19,6 +19,11 @@ pub enum TracefsError {
     )]
     NotMounted(#[source] std::io::Error),
     #[error(
+        "cannot read tracefs at {root}: permission denied (it is root's, mode 0700): run kvmtrace as root, or give it CAP_DAC_READ_SEARCH",
+        root = .0.display()
+    )]
+    Unreadable(PathBuf),
+    #[error(
         "tracepoint {category}:{name} not found in {root}/events: {hint}",
         root = .root.display()
     )]
@@ -51,11 +56,20 @@ pub struct Tracefs {
 
 impl Tracefs {
     /// Finds tracefs, mounting it at [`TRACEFS`] if it is not mounted anywhere.
+    /// A tracefs this process may not read is said so, not mounted again.
     pub fn find_or_mount() -> Result<Self, TracefsError> {
+        let mut unreadable = None;
         for root in [TRACEFS, DEBUGFS_TRACING] {
-            if Path::new(root).join("events").is_dir() {
-                return Ok(Self { root: root.into() });
+            match fs::metadata(Path::new(root).join("events")) {
+                Ok(m) if m.is_dir() => return Ok(Self { root: root.into() }),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    unreadable.get_or_insert(root);
+                }
+                _ => {}
             }
+        }
+        if let Some(root) = unreadable {
+            return Err(TracefsError::Unreadable(root.into()));
         }
         mount_tracefs().map_err(TracefsError::NotMounted)?;
         Ok(Self {

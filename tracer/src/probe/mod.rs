@@ -432,26 +432,30 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
         return EbpfLoader::new();
     };
     // SAFETY: plain syscalls on this thread; no memory is shared with them.
-    let hidden = unsafe {
-        libc::unshare(libc::CLONE_NEWNS) == 0
-            && libc::mount(
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNS) } == 0;
+    // SAFETY: as above.
+    let hidden = unshared
+        && unsafe {
+            libc::mount(
                 c"none".as_ptr(),
                 c"/".as_ptr(),
                 std::ptr::null(),
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ) == 0
-            && libc::mount(
-                c"none".as_ptr(),
-                c"/sys/kernel/btf".as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_RDONLY,
-                std::ptr::null(),
-            ) == 0
-    };
+                && libc::mount(
+                    c"none".as_ptr(),
+                    c"/sys/kernel/btf".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY,
+                    std::ptr::null(),
+                ) == 0
+        };
     let loader = EbpfLoader::new();
+    // Without CAP_SYS_ADMIN (a service with only the capabilities it needs) unshare
+    // fails and the thread never left its namespace: nothing to go back to.
     // SAFETY: `own` is this process's original mount namespace.
-    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+    if unshared && unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
         log::warn!(
             "cannot return to the original mount namespace: {}",
             std::io::Error::last_os_error()
