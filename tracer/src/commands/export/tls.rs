@@ -51,6 +51,12 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, String
                 settings.key_file.display(),
                 settings.cert_file.display()
             ),
+            // webpki's error has no other way out of rustls' `Other`.
+            other if format!("{other:?}").contains("UnsupportedCertVersion") => format!(
+                "{} (tls_server_config.cert_file) is an X.509 v1 certificate, which rustls \
+                 refuses: make it with extensions (openssl x509 -extfile with a subjectAltName)",
+                settings.cert_file.display()
+            ),
             other => format!(
                 "{} and {} (tls_server_config.cert_file and key_file) cannot be used: {other}",
                 settings.cert_file.display(),
@@ -211,5 +217,153 @@ impl ClientCertVerifier for AnyClientCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    /// Runs openssl in `dir`, or fails saying how to get it.
+    fn openssl(dir: &Path, args: &str) {
+        let out = Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl ({e}): apt-get install openssl"));
+        assert!(
+            out.status.success(),
+            "openssl {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CA (ca.crt), a server certificate it signed (server.crt, server.key) and a
+    /// second key (other.key).
+    fn pki() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let d = dir.path();
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        openssl(
+            d,
+            &format!("req -x509 {key} -keyout ca.key -out ca.crt -days 2 -subj /CN=ca"),
+        );
+        openssl(
+            d,
+            &format!("req {key} -keyout server.key -out server.csr -subj /CN=localhost"),
+        );
+        let sign = "x509 -req -CA ca.crt -CAkey ca.key -CAcreateserial -days 2";
+        std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost\n")
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        openssl(
+            d,
+            &format!("{sign} -in server.csr -out server.crt -extfile san.ext"),
+        );
+        // Without extensions openssl makes an X.509 v1 certificate, which rustls refuses.
+        openssl(d, &format!("{sign} -in server.csr -out v1.crt"));
+        openssl(d, "genpkey -algorithm ed25519 -out other.key");
+        dir
+    }
+
+    fn settings(dir: &Path, cert: &str, key: &str) -> TlsSettings {
+        TlsSettings {
+            cert_file: dir.join(cert),
+            key_file: dir.join(key),
+            client_auth: ClientAuth::None,
+            client_ca_file: None,
+            min_version: TlsVersion::Tls12,
+            max_version: TlsVersion::Tls13,
+        }
+    }
+
+    fn error(s: &TlsSettings) -> String {
+        match server_config(s) {
+            Ok(_) => panic!("accepted {s:?}"),
+            Err(e) => {
+                assert!(!e.contains('\n'), "not one line: {e}");
+                e
+            }
+        }
+    }
+
+    #[test]
+    fn every_client_auth_type_builds() {
+        let dir = pki();
+        for auth in [
+            ClientAuth::None,
+            ClientAuth::Request,
+            ClientAuth::RequireAny,
+            ClientAuth::VerifyIfGiven,
+            ClientAuth::RequireAndVerify,
+        ] {
+            let s = TlsSettings {
+                client_auth: auth,
+                client_ca_file: auth.verifies().then(|| dir.path().join("ca.crt")),
+                ..settings(dir.path(), "server.crt", "server.key")
+            };
+            let config = server_config(&s).unwrap_or_else(|e| panic!("{auth:?}: {e}"));
+            assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn a_missing_certificate_is_named() {
+        let dir = pki();
+        let e = error(&settings(dir.path(), "nope.crt", "server.key"));
+        assert!(
+            e.starts_with(&format!(
+                "cannot read {} (tls_server_config.cert_file): No such file",
+                dir.path().join("nope.crt").display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let dir = pki();
+        let e = error(&settings(dir.path(), "server.crt", "other.key"));
+        assert!(
+            e.contains("other.key (tls_server_config.key_file) is not the private key of"),
+            "{e}"
+        );
+        let e = error(&settings(dir.path(), "server.crt", "ca.key"));
+        assert!(e.contains("is not the private key of"), "{e}");
+    }
+
+    #[test]
+    fn files_without_the_pem_they_need_are_named() {
+        let dir = pki();
+        let e = error(&settings(dir.path(), "server.key", "server.key"));
+        assert!(
+            e.contains("server.key (tls_server_config.cert_file) holds no certificate"),
+            "{e}"
+        );
+        let e = error(&settings(dir.path(), "server.crt", "server.crt"));
+        assert!(
+            e.contains("server.crt (tls_server_config.key_file) holds no private key"),
+            "{e}"
+        );
+        let e = error(&TlsSettings {
+            client_auth: ClientAuth::RequireAndVerify,
+            client_ca_file: Some(dir.path().join("server.key")),
+            ..settings(dir.path(), "server.crt", "server.key")
+        });
+        assert!(
+            e.contains("(tls_server_config.client_ca_file) holds no certificate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_v1_certificate_is_explained() {
+        let dir = pki();
+        let e = error(&settings(dir.path(), "v1.crt", "server.key"));
+        assert!(
+            e.contains("v1.crt (tls_server_config.cert_file) is an X.509 v1 certificate"),
+            "{e}"
+        );
     }
 }
