@@ -353,3 +353,181 @@ fn a_missing_certificate_at_start_is_one_line() {
         )
     );
 }
+
+/// The exporter's resident memory now and at its peak, in KiB (VmRSS and VmHWM).
+fn memory(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Lets this process hold `n` more open files.
+fn allow_open_files(n: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit), 0);
+        limit.rlim_cur = limit.rlim_max.min(limit.rlim_cur.max(n + 256));
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit), 0);
+    }
+    assert!(
+        limit.rlim_cur >= n,
+        "this test needs {n} open files: ulimit -n"
+    );
+}
+
+/// Whether the server has closed `s` (it reads end of file, or a reset, at once).
+fn closed(mut s: &TcpStream) -> bool {
+    use std::io::Read as _;
+    s.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+    !matches!(s.read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// 2 000 connections that send nothing (default --max-connections 512), then scrapes:
+/// 20 on new connections, each answered within 1 s, and 10 000 on one kept-alive
+/// connection, each within 1 s and all within 30 s; the exporter's peak RSS stays under
+/// 64 MiB, the idle connections beyond the limit are closed at once, and the others
+/// when --header-timeout runs out. (About 20 s here.)
+#[test]
+fn a_flood_of_idle_connections_stays_bounded() {
+    const IDLE: usize = 2_000;
+    const MAX_CONNECTIONS: usize = 512;
+    const SCRAPES: usize = 10_000;
+    const RSS_BOUND_KIB: u64 = 64 * 1024;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+    if !is_root() || !has_kvm_tracepoints() {
+        return;
+    }
+    let pki = pki();
+    let d = pki.path();
+    write(
+        &d.join("web.yml"),
+        &web_config("RequireAndVerifyClientCert", true),
+    );
+    let port = free_port();
+    let (mut exporter, _log) = serve(d, port, &["--header-timeout", "5"]);
+    let user = format!("prometheus:{PASSWORD}");
+    allow_open_files(u64::try_from(IDLE).unwrap_or(u64::MAX));
+    let (rss_before, _) = memory(exporter.pid());
+
+    let flood = Instant::now();
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|i| {
+            TcpStream::connect(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
+        .collect();
+    let opened = flood.elapsed();
+
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let a = curl(
+            d,
+            port,
+            &with(TRUSTED, &["-u", &user, "-w", "\n%{time_total}"]),
+        );
+        assert_eq!(a.code, 200, "during the flood: {} {}", a.text, a.error);
+        let took: f64 = a
+            .text
+            .lines()
+            .last()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no time in {}", a.text));
+        slowest = slowest.max(Duration::from_secs_f64(took));
+    }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a new connection's scrape took {slowest:?}"
+    );
+    // Each connection beyond the limit (the scrapes' too) took an idle one's place.
+    let displaced = idle.iter().filter(|s| closed(s)).count();
+    assert!(
+        flood.elapsed() < HEADER_TIMEOUT,
+        "too slow to tell displaced connections from timed-out ones: {IDLE} connections \
+         opened in {opened:?}, 20 scrapes done at {:?}",
+        flood.elapsed()
+    );
+    assert!(
+        displaced >= IDLE - MAX_CONNECTIONS,
+        "only {displaced} idle connections closed"
+    );
+
+    // Many scrapes on one connection: a curl config file with the URL SCRAPES times.
+    let url = format!("url = \"https://127.0.0.1:{port}/metrics\"\noutput = \"/dev/null\"\n");
+    write(&d.join("scrapes.curl"), &url.repeat(SCRAPES));
+    let started = Instant::now();
+    let out = tool(
+        d,
+        "curl",
+        &with(
+            TRUSTED,
+            &[
+                "-sS",
+                "-u",
+                &user,
+                "-w",
+                "%{http_code} %{time_total}\n",
+                "-K",
+                "scrapes.curl",
+            ],
+        ),
+    );
+    let all = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<(&str, f64)> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(code, t)| (code, t.parse().unwrap_or(f64::INFINITY)))
+        .collect();
+    assert_eq!(
+        answers.len(),
+        SCRAPES,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        answers.iter().all(|(code, _)| *code == "200"),
+        "not all 200"
+    );
+    let slowest_kept = answers.iter().map(|(_, t)| *t).fold(0.0, f64::max);
+    assert!(
+        slowest_kept < 1.0,
+        "a kept-alive scrape took {slowest_kept} s"
+    );
+    assert!(
+        all < Duration::from_secs(30),
+        "{SCRAPES} scrapes took {all:?}"
+    );
+
+    let (rss_after, peak) = memory(exporter.pid());
+    println!(
+        "flood: {IDLE} idle connections, {displaced} closed for newer ones; slowest new-connection \
+         scrape {slowest:?}; {SCRAPES} kept-alive scrapes in {all:?}, slowest {slowest_kept} s; \
+         RSS {rss_before} KiB before, {rss_after} KiB after, peak {peak} KiB"
+    );
+    assert!(peak < RSS_BOUND_KIB, "peak RSS {peak} KiB");
+
+    // The rest go when the handshake time runs out.
+    if let Some(left) = (HEADER_TIMEOUT + Duration::from_secs(1)).checked_sub(flood.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let open = idle.iter().filter(|s| !closed(s)).count();
+    assert_eq!(
+        open, 0,
+        "idle connections still open after --header-timeout"
+    );
+    assert!(
+        exporter.0.try_wait().ok().flatten().is_none(),
+        "the exporter ended"
+    );
+}

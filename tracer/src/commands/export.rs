@@ -40,7 +40,7 @@ use kvmtrace_model::{
     report::vm_id,
 };
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpSocket},
     signal::unix::{SignalKind, signal},
 };
 
@@ -226,9 +226,25 @@ fn respond(exporter: &RefCell<Exporter>, req: &Request<Incoming>) -> Response<Fu
     }
 }
 
+/// The listen backlog: room for a burst of connections the accept loop has not taken
+/// yet, as Go servers ask for (the kernel caps it at net.core.somaxconn). tokio's
+/// `TcpListener::bind` asks for 1 024 but gets 128 on some kernels, and a loopback burst
+/// of a few hundred then waits a second for SYN retransmits.
+const BACKLOG: u32 = 4096;
+
 /// Binds `addr`, with one clear line for the usual failures.
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map_err(|e: std::io::Error| {
         let why = match e.kind() {
             std::io::ErrorKind::AddrInUse => {
                 "the port is in use (another exporter?): pick another with --listen".to_owned()
@@ -297,7 +313,7 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     // The web configuration first: a bad one stops kvmtrace before anything is attached.
     let mut live = site::Live::load(args.web_config.as_deref()).map_err(BadInput)?;
     allow_open_files(args.max_connections)?;
-    let listener = bind(args.listen).await?;
+    let listener = bind(args.listen)?;
     let tracefs = Tracefs::find_or_mount()?;
     let choice = super::count_choice(false);
     let counting = !args.time && !args.per_vcpu;
