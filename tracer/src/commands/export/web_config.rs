@@ -416,6 +416,17 @@ mod tests {
     }
 
     #[test]
+    fn dist_web_config_parses() {
+        let c = parse(include_str!("../../../../dist/web-config.yml"))
+            .unwrap_or_else(|e| panic!("dist/web-config.yml: {e}"));
+        let tls = c.tls.unwrap_or_else(|| panic!("no tls"));
+        assert_eq!(tls.client_auth, ClientAuth::RequireAndVerify);
+        assert_eq!(tls.key_file, Path::new("/etc/kvmtrace/server.key"));
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.headers.len(), 2);
+    }
+
+    #[test]
     fn every_client_auth_type_is_known() {
         for (name, auth, ca) in [
             ("NoClientCert", ClientAuth::None, false),
