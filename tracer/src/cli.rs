@@ -73,9 +73,10 @@ pub enum Command {
     /// scrape.
     ///
     /// Binds to localhost unless told otherwise. Stops cleanly on SIGTERM or Ctrl-C;
-    /// logs go to standard error. With --web-config it serves HTTPS, asks for a password
-    /// or a client certificate, and re-reads that file (and the certificates it names)
-    /// on each new connection and on SIGHUP.
+    /// logs go to standard error. Scrapes never overlap: one that comes during another
+    /// waits for it, then reads the maps itself. With --web-config it serves HTTPS and
+    /// asks for what that file says (a client certificate, a password); it reads the file
+    /// again, with the certificates it names, when they change and on SIGHUP.
     ///
     /// Examples:
     ///   kvmtrace export

@@ -86,6 +86,11 @@ fn pki() -> tempfile::TempDir {
     dir
 }
 
+/// [`pki`], when the test can run here (as root, with kvm).
+fn pki_as_root() -> Option<tempfile::TempDir> {
+    (is_root() && has_kvm_tracepoints()).then(pki)
+}
+
 /// A web configuration, with paths relative to it (as the toolkit reads them).
 fn web_config(client_auth: &str, users: bool) -> String {
     let mut text =
@@ -174,10 +179,9 @@ fn lines(log: &Receiver<String>, wait: Duration) -> Vec<String> {
 
 #[test]
 fn only_the_right_scraper_is_served() {
-    if !is_root() || !has_kvm_tracepoints() {
+    let Some(pki) = pki_as_root() else {
         return;
-    }
-    let pki = pki();
+    };
     let d = pki.path();
     write(
         &d.join("web.yml"),
@@ -253,10 +257,9 @@ fn only_the_right_scraper_is_served() {
 
 #[test]
 fn the_file_is_read_again_when_it_changes_and_on_sighup() {
-    if !is_root() || !has_kvm_tracepoints() {
+    let Some(pki) = pki_as_root() else {
         return;
-    }
-    let pki = pki();
+    };
     let d = pki.path();
     let config = d.join("web.yml");
     write(&config, &web_config("", true));
@@ -324,10 +327,9 @@ fn the_file_is_read_again_when_it_changes_and_on_sighup() {
 
 #[test]
 fn a_missing_certificate_at_start_is_one_line() {
-    if !is_root() || !has_kvm_tracepoints() {
+    let Some(pki) = pki_as_root() else {
         return;
-    }
-    let pki = pki();
+    };
     let d = pki.path();
     let config = d.join("web.yml");
     write(
@@ -405,10 +407,9 @@ fn a_flood_of_idle_connections_stays_bounded() {
     const SCRAPES: usize = 10_000;
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-    if !is_root() || !has_kvm_tracepoints() {
+    let Some(pki) = pki_as_root() else {
         return;
-    }
-    let pki = pki();
+    };
     let d = pki.path();
     write(
         &d.join("web.yml"),
