@@ -73,10 +73,14 @@ pub enum Command {
     /// scrape.
     ///
     /// Binds to localhost unless told otherwise. Stops cleanly on SIGTERM or Ctrl-C;
-    /// logs go to standard error.
+    /// logs go to standard error. Scrapes never overlap: one that comes during another
+    /// waits for it, then reads the maps itself. With --web-config it serves HTTPS and
+    /// asks for what that file says (a client certificate, a password); it reads the file
+    /// again, with the certificates it names, when they change and on SIGHUP.
     ///
     /// Examples:
     ///   kvmtrace export
+    ///   kvmtrace export --listen 0.0.0.0:10470 --web-config /etc/kvmtrace/web-config.yml
     ///   kvmtrace export --listen 0.0.0.0:10470 --time --retention 600
     #[command(verbatim_doc_comment, after_help = exit_status::help(&[]))]
     Export(ExportArgs),
@@ -108,6 +112,44 @@ pub struct ExportArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_series,
           allow_negative_numbers = true)]
     pub max_series: usize,
+    /// TLS, client certificates, basic auth and response headers, in the Prometheus
+    /// exporter toolkit's web configuration format (the file node_exporter takes with
+    /// --web.config.file). A field kvmtrace does not support is an error. Relative paths
+    /// in it are relative to its directory.
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
+    /// The most connections served at once. Beyond it a new connection takes the place
+    /// of the oldest one that has not yet made an authorised request (a client that
+    /// connects and sends nothing); when there is none, it is closed at once.
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = parse_connections,
+          allow_negative_numbers = true)]
+    pub max_connections: usize,
+    /// Seconds a client has to finish the TLS handshake after it connects, and then to
+    /// send each request's headers (an idle kept-alive connection is closed after it).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds,
+          allow_negative_numbers = true)]
+    pub header_timeout: std::time::Duration,
+    /// The largest request head (request line and headers) accepted, in bytes; a larger
+    /// one is answered 431. A scrape's head is well under 1 KiB.
+    #[arg(long, value_name = "BYTES", default_value_t = 8192, value_parser = parse_request_bytes,
+          allow_negative_numbers = true)]
+    pub max_request_bytes: usize,
+}
+
+fn parse_connections(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=1_000_000).contains(n))
+        .ok_or_else(|| format!("'{text}' is not a number of connections: give 1 to 1000000"))
+}
+
+fn parse_request_bytes(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|n| (1024..=1 << 20).contains(n))
+        .ok_or_else(|| format!("'{text}' is not a request size: give 1024 to 1048576 bytes"))
 }
 
 fn parse_series(text: &str) -> Result<usize, String> {

@@ -7,21 +7,14 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    process::{Child, Stdio},
-    time::{Duration, Instant},
 };
 
-use common::{has_kvm_tracepoints, is_root, kvmtrace, run, run_unprivileged, stderr};
-
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    l.local_addr()
-        .unwrap_or_else(|e| panic!("addr: {e}"))
-        .port()
-}
+use common::{
+    exporter::{free_port, start},
+    has_kvm_tracepoints, is_root, kvmtrace, run, run_unprivileged, stderr,
+};
 
 /// An HTTP/1.0 request: (status line, headers and body).
 fn get(port: u16, method: &str, path: &str, accept: &str) -> (String, String) {
@@ -36,45 +29,6 @@ fn get(port: u16, method: &str, path: &str, accept: &str) -> (String, String) {
         .unwrap_or_else(|e| panic!("read: {e}"));
     let (status, rest) = text.split_once("\r\n").unwrap_or((&text, ""));
     (status.to_owned(), rest.to_owned())
-}
-
-/// A running exporter, killed if the test fails before it stops it.
-struct Exporter(Child);
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `kvmtrace export` on `port` and waits until it serves.
-fn start(port: u16) -> Exporter {
-    let mut child = kvmtrace()
-        .args(["export", "--time", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn: {e}"));
-    let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
-    let mut lines = BufReader::new(err).lines();
-    let started = Instant::now();
-    let mut said = Vec::new();
-    loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("kvmtrace export ended before serving: {said:?}"))
-            .unwrap_or_else(|e| panic!("stderr: {e}"));
-        if line.contains("serving KVM exit metrics on http://127.0.0.1:") {
-            break;
-        }
-        said.push(line);
-        assert!(started.elapsed() < Duration::from_secs(60), "not serving");
-    }
-    // Keep reading its log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Exporter(child)
 }
 
 #[test]

@@ -3,11 +3,21 @@
 //! ended threads' slots are freed for new ones), names the VMs, forgets the
 //! VMs that ended more than `--retention` ago, and renders the series
 //! ([`kvmtrace_model::metrics`], [`kvmtrace_model::render::metrics`]).
+//!
+//! With `--web-config` it serves HTTPS with basic auth and client certificates as the
+//! Prometheus exporter toolkit does ([`web_config`], [`tls`], [`auth`], [`site`]), and
+//! every connection is bounded ([`slots`], [`connection`]).
+
+mod auth;
+mod connection;
+mod site;
+mod slots;
+mod tls;
+mod web_config;
 
 use std::{
     cell::RefCell,
     collections::{BTreeMap, BTreeSet},
-    convert::Infallible,
     net::SocketAddr,
     process::ExitCode,
     rc::Rc,
@@ -19,10 +29,7 @@ use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header,
-    server::conn::http1,
-    service::service_fn,
 };
-use hyper_util::rt::TokioIo;
 use kvmtrace::{
     host,
     probe::{Probe, ProbeConfig},
@@ -34,7 +41,7 @@ use kvmtrace_model::{
     report::vm_id,
 };
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpSocket},
     signal::unix::{SignalKind, signal},
 };
 
@@ -224,9 +231,25 @@ fn respond(exporter: &RefCell<Exporter>, req: &Request<Incoming>) -> Response<Fu
     }
 }
 
+/// The listen backlog: room for a burst of connections the accept loop has not taken
+/// yet, as Go servers ask for (the kernel caps it at net.core.somaxconn). tokio's
+/// `TcpListener::bind` asks for 1 024 but gets 128 on some kernels, and a loopback burst
+/// of a few hundred then waits a second for SYN retransmits.
+const BACKLOG: u32 = 4096;
+
 /// Binds `addr`, with one clear line for the usual failures.
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map_err(|e: std::io::Error| {
         let why = match e.kind() {
             std::io::ErrorKind::AddrInUse => {
                 "the port is in use (another exporter?): pick another with --listen".to_owned()
@@ -252,8 +275,50 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     local.block_on(&runtime, serve(args))
 }
 
+/// Makes sure this process may open the files `--max-connections` asks for: raises
+/// its soft limit of open files up to the hard one if needed.
+fn allow_open_files(max_connections: usize) -> Result<(), BadInput> {
+    // The connections, plus the listener, the eBPF maps and programs, and the files
+    // read along the way.
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(256);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        log::debug!("getrlimit: {}", std::io::Error::last_os_error());
+        return Ok(());
+    }
+    if limit.rlim_cur >= needed {
+        return Ok(());
+    }
+    if limit.rlim_max < needed {
+        return Err(BadInput(format!(
+            "--max-connections {max_connections} needs about {needed} open files, but this \
+             process may open only {} (RLIMIT_NOFILE): lower --max-connections, or raise the \
+             limit (LimitNOFILE= in the unit, ulimit -n)",
+            limit.rlim_max
+        )));
+    }
+    limit.rlim_cur = needed;
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) } != 0 {
+        log::warn!(
+            "cannot raise the open-file limit to {needed}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
-    let listener = bind(args.listen).await?;
+    // The web configuration first: a bad one stops kvmtrace before anything is attached.
+    let mut live = site::Live::load(args.web_config.as_deref()).map_err(BadInput)?;
+    allow_open_files(args.max_connections)?;
+    let listener = bind(args.listen)?;
     let tracefs = Tracefs::find_or_mount()?;
     let choice = super::count_choice(false);
     let counting = !args.time && !args.per_vcpu;
@@ -271,17 +336,32 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
         ..config
     };
     let probe = Probe::attach(&tracefs, &config)?;
-    let exporter = Rc::new(RefCell::new(Exporter {
-        probe,
-        vms: BTreeMap::new(),
-        args: args.clone(),
-        forgotten_time_ns: BTreeMap::new(),
-    }));
+    let shared = Rc::new(connection::Shared {
+        exporter: RefCell::new(Exporter {
+            probe,
+            vms: BTreeMap::new(),
+            args: args.clone(),
+            forgotten_time_ns: BTreeMap::new(),
+        }),
+        auth: auth::Auth::new().map_err(anyhow::Error::msg)?,
+        limits: connection::Limits {
+            header_timeout: args.header_timeout,
+            max_request_bytes: args.max_request_bytes,
+        },
+    });
+    let slots = slots::Slots::new(args.max_connections);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let site = live.current();
     log::info!(
-        "serving KVM exit metrics on http://{}/metrics",
-        listener.local_addr()?
+        "serving KVM exit metrics on {}://{}/metrics{}",
+        if site.tls.is_some() { "https" } else { "http" },
+        listener.local_addr()?,
+        match site.description.split_once(' ') {
+            Some((_, what)) => format!(" {what}"),
+            None => String::new(),
+        }
     );
     // The rows' upkeep between scrapes: ended threads' slots are freed whether or not
     // anyone scrapes (Prometheus may be down for hours while VMs come and go).
@@ -291,7 +371,7 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     loop {
         let (stream, peer) = tokio::select! {
             _ = upkeep.tick() => {
-                let now = exporter.borrow_mut().probe.tick().err().map(|e| format!("{e:#}"));
+                let now = shared.exporter.borrow_mut().probe.tick().err().map(|e| format!("{e:#}"));
                 // Said once, not every second; again when it changes.
                 if let Some(why) = &now
                     && now != upkeep_failed
@@ -310,22 +390,26 @@ async fn serve(args: &ExportArgs) -> anyhow::Result<ExitCode> {
                     continue;
                 }
             },
+            _ = hup.recv() => {
+                live.reload();
+                continue;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        let exporter = Rc::clone(&exporter);
-        tokio::task::spawn_local(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let response = respond(&exporter, &req);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                log::debug!("connection from {peer}: {e}");
-            }
-        });
+        let site = live.current();
+        let Some(slot) = slots.admit() else {
+            // Every place is taken by a client that made an authorised request.
+            drop(stream);
+            continue;
+        };
+        tokio::task::spawn_local(connection::serve(
+            stream,
+            peer,
+            site,
+            slot,
+            Rc::clone(&shared),
+        ));
     }
     log::info!("stopped");
     Ok(Status::Success.into())

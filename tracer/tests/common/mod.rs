@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test crate uses a different part
 
+pub mod exporter;
+
 use std::{
     ffi::OsStr,
     path::Path,

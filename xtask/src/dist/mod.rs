@@ -198,6 +198,14 @@ fn lay_out(root: &Path, binary: &Path, tree: &Path, version: &str) -> anyhow::Re
         &tree.join("etc/default/kvmtrace"),
         0o644,
     )?;
+    // The exporter's web configuration (a conffile: a hash nobody knows until the
+    // operator puts theirs), and the recipe that makes its certificates.
+    install(
+        &root.join("dist/web-config.yml"),
+        &tree.join("etc/kvmtrace/web-config.yml"),
+        0o644,
+    )?;
+    install(&root.join("dist/README.md"), &doc.join("README.web"), 0o644)?;
     install(&deb_dir.join("copyright"), &doc.join("copyright"), 0o644)?;
     gzip(&deb_dir.join("changelog"), &doc.join("changelog.Debian.gz"))?;
     install(
@@ -473,6 +481,8 @@ mod tests {
             "dist/deb/postinst",
             "dist/deb/prerm",
             "dist/deb/postrm",
+            "dist/web-config.yml",
+            "dist/README.md",
         ] {
             assert!(root.join(file).is_file(), "{file} is missing");
         }

@@ -159,30 +159,14 @@ impl Prometheus {
         Ok(counts)
     }
 
-    /// `promtool` on dist/: the fleet configuration, the alert rules and their tests.
-    /// Each failure, as promtool printed it.
+    /// `promtool` on dist/: the fleet configuration, the alert rules and their tests,
+    /// and the exporters' web configuration. Each failure, as promtool printed it.
+    ///
+    /// The certificates and password files these name live under /etc on the servers,
+    /// not here: prometheus.yml is checked for syntax only, and web-config.yml (which
+    /// promtool loads the certificates of) on a copy pointing at a throwaway CA's.
     pub fn check_dist(&self, dist: &Path) -> anyhow::Result<Vec<String>> {
-        let mut problems = Vec::new();
-        for args in [
-            ["check", "config", "prometheus.yml"],
-            ["check", "rules", "kvmtrace-alerts.yml"],
-            ["test", "rules", "kvmtrace-alerts.test.yml"],
-        ] {
-            let out = Command::new(&self.promtool)
-                .args(args)
-                .current_dir(dist)
-                .output()
-                .with_context(|| format!("cannot run {}", self.promtool.display()))?;
-            if !out.status.success() {
-                problems.push(format!(
-                    "dist/: promtool {} failed: {}{}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-        }
-        Ok(problems)
+        check_dist(&self.promtool, dist)
     }
 
     /// `promtool check metrics` on one scrape: its complaints, empty when clean.
@@ -415,5 +399,80 @@ fn collect_crowd(
     );
     out.by_mode.insert(tag.to_owned(), all);
     out.vms_by_mode.insert(tag.to_owned(), by_vm);
+    Ok(problems)
+}
+
+/// The files dist/web-config.yml names under /etc/kvmtrace/, made in `dir` with openssl:
+/// a CA (also the clients' CA) and a server certificate it signed.
+fn throwaway_pki(dir: &Path) -> anyhow::Result<()> {
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    write(&dir.join("server.ext"), "subjectAltName=DNS:localhost\n")?;
+    for args in [
+        &[
+            "req",
+            "-x509",
+            "-keyout",
+            "clients-ca.key",
+            "-out",
+            "clients-ca.crt",
+        ][..],
+        &["req", "-keyout", "server.key", "-out", "server.csr"],
+    ] {
+        crate::exec::output(
+            Command::new("openssl")
+                .args(args)
+                .args(key)
+                .args(["-days", "1", "-subj", "/CN=kvmtrace lab"])
+                .current_dir(dir),
+        )?;
+    }
+    crate::exec::output(
+        Command::new("openssl")
+            .args(["x509", "-req", "-in", "server.csr", "-CA", "clients-ca.crt"])
+            .args(["-CAkey", "clients-ca.key", "-CAcreateserial", "-days", "1"])
+            .args(["-out", "server.crt", "-extfile", "server.ext"])
+            .current_dir(dir),
+    )?;
+    Ok(())
+}
+
+/// [`Prometheus::check_dist`] with `promtool`.
+fn check_dist(promtool: &Path, dist: &Path) -> anyhow::Result<Vec<String>> {
+    let pki = tempfile::tempdir().context("cannot make a temporary directory")?;
+    throwaway_pki(pki.path())?;
+    let web_config = std::fs::read_to_string(dist.join("web-config.yml"))
+        .with_context(|| format!("cannot read {}", dist.join("web-config.yml").display()))?
+        .replace("/etc/kvmtrace/", &format!("{}/", pki.path().display()));
+    write(&pki.path().join("web-config.yml"), web_config)?;
+    let mut problems = Vec::new();
+    for (args, dir) in [
+        (
+            &["check", "config", "--syntax-only", "prometheus.yml"][..],
+            dist,
+        ),
+        (&["check", "rules", "kvmtrace-alerts.yml"], dist),
+        (&["test", "rules", "kvmtrace-alerts.test.yml"], dist),
+        (&["check", "web-config", "web-config.yml"], pki.path()),
+    ] {
+        let out = Command::new(promtool)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .with_context(|| format!("cannot run {}", promtool.display()))?;
+        if !out.status.success() {
+            problems.push(format!(
+                "dist/: promtool {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
     Ok(problems)
 }
