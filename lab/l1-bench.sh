@@ -54,7 +54,7 @@ measure() { # CONFIG ROUND
 # The CPU time of process $1's live threads (ns), from the scheduler: 0 without $1.
 cpu_of() { # [PID]
     [ -n "$1" ] || { echo 0; return; }
-    cat /proc/$1/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'
+    cat /proc/$1/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f", s }'
 }
 # The same CPUID exits over CROWD VMs at once: from the first VM's first KVM_RUN to the
 # last VM's last HLT exit, on L1's monotonic clock (run_ns); the VMs' vCPU threads' own
@@ -78,8 +78,8 @@ measure_crowd() { # CONFIG ROUND [TRACER]
     from=$(sed -n 's/^micro: run_from_ns=\([0-9]*\) .*/\1/p' /tmp/crowd.* | sort -n | head -n 1)
     to=$(sed -n 's/^micro: run_from_ns=.* run_to_ns=//p' /tmp/crowd.* | sort -n | tail -n 1)
     tracer1=$(cpu_of $3)
-    # awk: the sum passes 2^31 (its doubles are exact to 2^53).
-    cpu=$(cat /tmp/crowd.* | awk -F= '/^micro: cpu_ns=/ { s += $2 } END { printf "%d", s }')
+    # The sum passes 2^31: printed as a double (exact to 2^53), not with %d.
+    cpu=$(cat /tmp/crowd.* | awk -F= '/^micro: cpu_ns=/ { s += $2 } END { printf "%.0f", s }')
     say "bench $1 $2 run_ns=$((to - from)) cpu_ns=$cpu tracer_ns=$((tracer1 - tracer0))"
 }
 # perf kvm stat record as users run it (-a: every CPU, like kvmtrace; -o in tmpfs),

@@ -244,7 +244,7 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let what = format!(
         "{} rounds of {} configurations, {} CPUID exits each",
         opts.rounds,
-        CONFIGS.len(),
+        CONFIGS.iter().filter(|(c, _)| opts.only.runs(c)).count(),
         opts.cpuids
     );
     let serial_log = out.join("serial.log");
@@ -261,16 +261,11 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     let result = booted
         .as_ref()
         .map_or_else(|e| format!("{e:#}"), |(_, r, _)| r.clone());
-    let [runs, cpu, tracer] = Results::timed(lines)?;
+    let timed = Results::timed(lines);
     write(
         &out,
         "runs.json",
-        &serde_json::to_string_pretty(&json!({
-            "result": result,
-            "runs_ns": runs,
-            "cpu_ns": cpu,
-            "tracer_ns": tracer,
-        }))?,
+        &serde_json::to_string_pretty(&json!({ "result": result, "timed": timed }))?,
     )?;
     let (run, result, _) = booted?;
     if result != "pass" {

@@ -15,6 +15,22 @@ use crate::lab::{
 /// config -> round -> ns
 pub(super) type ByRound = BTreeMap<String, BTreeMap<u32, u64>>;
 
+/// The timed runs of a console, as far as they go, by configuration and round.
+#[derive(Default, serde::Serialize)]
+pub(super) struct Timed {
+    /// L1 ns
+    #[serde(rename = "runs_ns")]
+    pub(super) runs: ByRound,
+    /// the vCPU threads' CPU ns
+    #[serde(rename = "cpu_ns")]
+    pub(super) cpu: ByRound,
+    /// the tracer's user space CPU ns (crowd runs)
+    #[serde(rename = "tracer_ns")]
+    pub(super) tracer: ByRound,
+    /// Bench lines that could not be read.
+    pub(super) bad: Vec<String>,
+}
+
 /// One `KVMLAB bench CONFIG ROUND run_ns=N cpu_ns=N [tracer_ns=N]` line.
 #[derive(Debug, PartialEq)]
 pub(super) struct BenchLine<'a> {
@@ -150,25 +166,30 @@ fn perf_line(lines: &[Line], config: &str) -> Option<String> {
 impl Results {
     /// The timed runs L1 printed, whatever else is missing (for a bench that did not
     /// finish): runs, CPU and tracer ns by configuration and round.
-    pub(super) fn timed(lines: &[Line]) -> anyhow::Result<[ByRound; 3]> {
-        let mut by: [ByRound; 3] = Default::default();
+    pub(super) fn timed(lines: &[Line]) -> Timed {
+        let mut t = Timed::default();
         for l in lines {
-            let Some(b) = BenchLine::parse(&l.text)? else {
-                continue;
+            let b = match BenchLine::parse(&l.text) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(_) => {
+                    t.bad.push(l.text.clone());
+                    continue;
+                }
             };
-            let [runs, cpu, tracer] = &mut by;
             let config = b.config.to_owned();
-            runs.entry(config.clone())
+            t.runs
+                .entry(config.clone())
                 .or_default()
                 .insert(b.round, b.run_ns);
             if let Some(ns) = b.cpu_ns {
-                cpu.entry(config.clone()).or_default().insert(b.round, ns);
+                t.cpu.entry(config.clone()).or_default().insert(b.round, ns);
             }
             if let Some(ns) = b.tracer_ns {
-                tracer.entry(config).or_default().insert(b.round, ns);
+                t.tracer.entry(config).or_default().insert(b.round, ns);
             }
         }
-        Ok(by)
+        t
     }
 
     /// Reads the `rounds` rounds L1 was asked for from its console.
@@ -189,7 +210,9 @@ impl Results {
                 );
             }
         }
-        let [runs, cpu, tracer] = Self::timed(lines)?;
+        let Timed {
+            runs, cpu, tracer, ..
+        } = Self::timed(lines);
         // A configuration with no run in a round asked for would print an empty ratio:
         // fail instead.
         for (config, _) in CONFIGS.iter().filter(|(c, _)| parts.runs(c)) {

@@ -238,13 +238,18 @@ fn a_console_cut_short_still_gives_its_runs() {
     let log = dir.path().join("serial.log");
     let lines = vec![
         line("KVMLAB bench stock 1 run_ns=7 cpu_ns=6".to_owned()),
+        line("KVMLAB bench stock-crowd 1 run_ns=9 cpu_ns=-2147483648".to_owned()),
         line("KVMLAB step export-scrape 900".to_owned()),
     ];
     std::fs::write(&log, console::transcript(&lines)).unwrap_or_else(|e| panic!("{e}"));
     let read = console_of(&log);
-    let [runs, cpu, tracer] = Results::timed(&read).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(runs["stock"][&1], 7);
-    assert_eq!(cpu["stock"][&1], 6);
-    assert!(tracer.is_empty());
+    let t = Results::timed(&read);
+    assert_eq!(t.runs["stock"][&1], 7);
+    assert_eq!(t.cpu["stock"][&1], 6);
+    assert!(t.tracer.is_empty());
+    assert_eq!(
+        t.bad,
+        ["KVMLAB bench stock-crowd 1 run_ns=9 cpu_ns=-2147483648"]
+    );
     assert!(console_of(&dir.path().join("none")).is_empty());
 }
