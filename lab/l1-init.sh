@@ -13,7 +13,8 @@
 #           first loaded: each mode is an rmmod + insmod while it runs;
 #   signal  each mode's `kvmtrace record -- workload` gets the next signal of SIGNALS
 #           SIGNAL_AFTER seconds in, while the workload still runs;
-#   export  one `kvmtrace export` across all modes, on eth0 (QEMU forwards its port
+#   export  one `kvmtrace export` across all modes, over TLS with a client certificate
+#           and a password (/lab/tls), on eth0 (QEMU forwards its port
 #           to the host, where Prometheus scrapes it); after each mode's VM ends, its
 #           scrape is printed, and again after EXPORT_RETENTION, when it must be gone.
 export PATH=/bin
@@ -176,7 +177,7 @@ export_start() {
     ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 \
         || finish fail "cannot bring up eth0"
     kvmtrace export --listen 0.0.0.0:$EXPORT_PORT --time --retention $EXPORT_RETENTION \
-        </dev/null 2>/tmp/kvmtrace-all.err &
+        --web-config /lab/tls/web-config.yml </dev/null 2>/tmp/kvmtrace-all.err &
     KT=$!
     n=0
     until grep -q "serving KVM exit metrics" /tmp/kvmtrace-all.err; do
@@ -186,9 +187,23 @@ export_start() {
         sleep 0.1
     done
     say "export serving uptime=$(up)"
+    # Served over TLS only, to a client with the lab CA's certificate and the password.
+    wget -q -O /tmp/plain.txt http://127.0.0.1:$EXPORT_PORT/metrics 2>/dev/null \
+        && finish fail "the exporter served plain HTTP on its TLS port"
+    code=$(/usr/bin/curl -s -o /dev/null -w '%{http_code}' --cacert /lab/tls/ca.crt \
+        --cert /lab/tls/client.crt --key /lab/tls/client.key \
+        https://127.0.0.1:$EXPORT_PORT/metrics)
+    [ "$code" = 401 ] || finish fail "a scrape without the password got HTTP $code, not 401"
+    /usr/bin/curl -s -o /dev/null --cacert /lab/tls/ca.crt -u prometheus:$(cat /lab/tls/password) \
+        https://127.0.0.1:$EXPORT_PORT/metrics \
+        && finish fail "a scrape without a client certificate was served"
+    say "export refused plain HTTP, no password (401) and no client certificate"
 }
 scrape() { # SECTION TAG
-    wget -q -O /tmp/metrics.txt http://127.0.0.1:$EXPORT_PORT/metrics || echo "scrape failed" > /tmp/metrics.txt
+    /usr/bin/curl -sS --fail -o /tmp/metrics.txt --cacert /lab/tls/ca.crt \
+        --cert /lab/tls/client.crt --key /lab/tls/client.key \
+        -u prometheus:$(cat /lab/tls/password) https://127.0.0.1:$EXPORT_PORT/metrics \
+        2>/tmp/curl.err || { echo "scrape failed: $(cat /tmp/curl.err)" > /tmp/metrics.txt; }
     section $1 $2 /tmp/metrics.txt
 }
 

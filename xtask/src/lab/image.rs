@@ -108,6 +108,11 @@ pub struct L1 {
     pub scenario: &'static str,
     /// Network driver modules, in load order (`--scenario export`).
     pub net_modules: Vec<PathBuf>,
+    /// More files, as (path in the initrd, file here): `--scenario export`'s TLS files.
+    pub files: Vec<(String, PathBuf)>,
+    /// More host programs, as (path in the initrd, program, its libraries): `curl` for
+    /// L1's own scrapes over TLS.
+    pub tools: Vec<(String, PathBuf, Vec<PathBuf>)>,
     /// `signal`: the signal names, one per mode in turn.
     pub signals: String,
     /// `signal`: L1 seconds from attach to the signal.
@@ -134,6 +139,8 @@ impl L1 {
             vms,
             scenario: "modes",
             net_modules: Vec::new(),
+            files: Vec::new(),
+            tools: Vec::new(),
             signals: String::new(),
             signal_after: 0,
         }
@@ -213,6 +220,13 @@ pub fn l1_initrd(l1: &L1, out: &Path) -> anyhow::Result<u64> {
     }
     if let Some((perf, libs)) = &l1.perf {
         a.file("usr/bin/perf", perf)?;
+        add_libraries(&mut a, libs)?;
+    }
+    for (at, file) in &l1.files {
+        a.file(at, file)?;
+    }
+    for (at, program, libs) in &l1.tools {
+        a.file(at, program)?;
         add_libraries(&mut a, libs)?;
     }
 

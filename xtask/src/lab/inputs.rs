@@ -313,6 +313,12 @@ pub fn bpftrace_tool(root: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     host_tool(root, "bpftrace", "bpftrace", "--version")
 }
 
+/// Debian's curl, installed on the host, with the libraries it loads: L1's own scrapes
+/// of an exporter that wants a client certificate and a password.
+pub fn curl_tool(root: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    host_tool(root, "curl", "curl", "--version")
+}
+
 /// `/usr/bin/NAME` from Debian package `package`, installed on the host (apt in the
 /// checkout `root`), with the libraries it loads; the step line shows what `NAME
 /// VERSION_ARG` prints.

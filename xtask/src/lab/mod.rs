@@ -30,6 +30,7 @@ mod reason;
 pub mod record;
 pub mod results;
 pub mod step;
+mod tls;
 mod workload;
 
 use std::{path::Path, time::Instant};
@@ -74,18 +75,29 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
     if opts.perf {
         l1.perf = Some(inputs::perf_tool(root)?);
     }
+    // --scenario export serves over TLS, with a client certificate and a password.
+    let pki = match opts.scenario {
+        options::Scenario::Export => {
+            let pki = tls::Pki::make(&build.join("tls"))?;
+            l1.files.extend(pki.l1_files());
+            let (curl, libs) = inputs::curl_tool(root)?;
+            l1.tools.push(("usr/bin/curl".to_owned(), curl, libs));
+            Some(pki)
+        }
+        _ => None,
+    };
     let initrd = build.join("l1-initrd.cpio");
     let size = image::l1_initrd(&l1, &initrd)?;
     s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));
 
     // --scenario export: Prometheus scrapes L1's exporter through a forwarded port.
-    let prometheus = match opts.scenario {
-        options::Scenario::Export => {
+    let prometheus = match &pki {
+        Some(pki) => {
             let host_port = prometheus::free_port()?;
-            let p = prometheus::Prometheus::start(root, &cache, &build, host_port)?;
+            let p = prometheus::Prometheus::start(root, &cache, &build, host_port, pki)?;
             Some((p, host_port))
         }
-        _ => None,
+        None => None,
     };
     let machine = Machine {
         isa: opts.isa,

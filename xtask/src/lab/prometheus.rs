@@ -52,9 +52,15 @@ struct Sample {
 
 impl Prometheus {
     /// Unpacks Debian's `prometheus` under `cache` (once), and starts it with its data
-    /// in `build/prometheus`, scraping 127.0.0.1:`target` every second. `root`: the
-    /// checkout, for apt.
-    pub fn start(root: &Path, cache: &Path, build: &Path, target: u16) -> anyhow::Result<Self> {
+    /// in `build/prometheus`, scraping https://127.0.0.1:`target` every second with
+    /// `tls`'s client certificate and password. `root`: the checkout, for apt.
+    pub fn start(
+        root: &Path,
+        cache: &Path,
+        build: &Path,
+        target: u16,
+        tls: &super::tls::Pki,
+    ) -> anyhow::Result<Self> {
         let deb = apt::download(root, &cache.join("debs"), "prometheus")?;
         let root = apt::unpack(&deb, &cache.join("roots"))?;
         let version = apt::deb_field(&deb, "Version")?;
@@ -75,8 +81,9 @@ impl Prometheus {
             format!(
                 "# Written by cargo xtask lab --scenario export.\n\
                  global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-                 scrape_configs:\n  - job_name: kvmtrace\n    static_configs:\n\
-                 \x20     - targets: ['127.0.0.1:{target}']\n"
+                 scrape_configs:\n  - job_name: kvmtrace\n{}    static_configs:\n\
+                 \x20     - targets: ['127.0.0.1:{target}']\n",
+                tls.scrape_config()
             ),
         )?;
         let port = free_port()?;

@@ -46,6 +46,8 @@ pub fn l1(
         } else {
             Vec::new()
         },
+        files: Vec::new(),
+        tools: Vec::new(),
         signals: opts.signals.join(" "),
         signal_after: opts.signal_after,
     })
