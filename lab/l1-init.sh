@@ -118,6 +118,61 @@ for m in $KVM_DEPS; do
     insmod /lib/modules/lab/$m || finish fail "insmod $m"
 done
 [ -e $EXIT/format ] || finish fail "no kvm:kvm_exit after loading $KVM_DEPS"
+
+# --install deb (INSTALL=deb): the package of `cargo xtask dist` (/lab/kvmtrace.deb),
+# installed with dpkg -i; from then on `kvmtrace` is /usr/bin/kvmtrace as the
+# exporter's unit runs it: uid 65534, exactly the unit's capabilities (UNIT_CAPS) as
+# ambient ones and nothing else, no memlock limit (the unit's LimitMEMLOCK=infinity).
+setpriv_caps() { # [CAP]: UNIT_CAPS without CAP, as setpriv takes them (-all,+bpf,...)
+    out=-all
+    for c in $UNIT_CAPS; do
+        [ "$c" = "$1" ] || out="$out,+$(echo ${c#CAP_} | tr A-Z a-z)"
+    done
+    echo $out
+}
+as_unit() { # CAPS PROGRAM [ARGS]: as the unit's user with CAPS only
+    caps=$1
+    shift
+    ulimit -l unlimited
+    /usr/bin/setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=$caps \
+        --ambient-caps=$caps --bounding-set=$caps "$@"
+}
+install_deb() {
+    step deb:install 600
+    mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates /var/lib/dpkg/triggers /var/log \
+        /usr/sbin /etc
+    touch /var/lib/dpkg/status /var/lib/dpkg/available
+    # dpkg wants ldconfig in PATH; a static kvmtrace needs no ld.so cache.
+    printf '#!/bin/sh\nexit 0\n' > /usr/sbin/ldconfig
+    chmod 755 /usr/sbin/ldconfig
+    PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg -i /lab/kvmtrace.deb >/tmp/dpkg.out 2>&1 \
+        || { cat /tmp/dpkg.out; finish fail "dpkg -i kvmtrace.deb failed"; }
+    section dpkg install /tmp/dpkg.out
+    [ -x /usr/bin/kvmtrace ] || finish fail "the .deb installed no /usr/bin/kvmtrace"
+    say "deb installed $(PATH=/usr/bin:/bin dpkg-query -W kvmtrace) caps=$UNIT_CAPS"
+    # With one capability fewer: no record, and one line that names what is missing.
+    for c in $UNIT_CAPS; do
+        as_unit $(setpriv_caps $c) /usr/bin/kvmtrace record -d 0.1 -o /tmp/capcheck.json \
+            </dev/null >/dev/null 2>/tmp/capcheck.err \
+            && finish fail "kvmtrace recorded without $c"
+        lines=$(wc -l < /tmp/capcheck.err)
+        if [ "$lines" != 1 ] || ! grep -q "$c" /tmp/capcheck.err; then
+            cat /tmp/capcheck.err
+            finish fail "without $c kvmtrace said $lines lines, not one that names $c"
+        fi
+        say "deb without $c: $(cat /tmp/capcheck.err)"
+    done
+    all=$(setpriv_caps)
+    rm -f /bin/kvmtrace
+    printf '#!/bin/sh\n# kvmtrace as the unit runs it (written by /init).\nulimit -l unlimited\nexec /usr/bin/setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=%s --ambient-caps=%s --bounding-set=%s /usr/bin/kvmtrace "$@"\n' \
+        $all $all $all > /bin/kvmtrace
+    chmod 755 /bin/kvmtrace
+    # The workload runs as kvmtrace's child, as that user: KVM's device must let it.
+    say "deb kvmtrace runs as uid 65534 with $all"
+}
+if [ "$INSTALL" = deb ]; then
+    install_deb
+fi
 if [ -e $EXIT/hist ]; then
     REFERENCE=hist DUMP_BUDGET=120
 else
@@ -223,6 +278,8 @@ for mode in $MODES; do
     step "$tag:load" 120
     insmod /lib/modules/lab/$KVM_VENDOR.ko $PAGING=$mode || finish fail "insmod $KVM_VENDOR.ko $PAGING=$mode"
     [ -c /dev/kvm ] || finish fail "no /dev/kvm with $PAGING=$mode"
+    # --install deb: the workload runs as kvmtrace's unprivileged user.
+    [ "$INSTALL" = deb ] && chmod 666 /dev/kvm
     say "paging $tag $PAGING=$(cat /sys/module/$KVM_MODULE/parameters/$PAGING)"
 
     reference_arm || finish fail "cannot arm the $REFERENCE reference"

@@ -111,8 +111,11 @@ pub struct L1 {
     /// More files, as (path in the initrd, file here): `--scenario export`'s TLS files.
     pub files: Vec<(String, PathBuf)>,
     /// More host programs, as (path in the initrd, program, its libraries): `curl` for
-    /// L1's own scrapes over TLS.
+    /// L1's own scrapes over TLS, dpkg and setpriv for `--install deb`.
     pub tools: Vec<(String, PathBuf, Vec<PathBuf>)>,
+    /// `--install deb`: the exporter unit's capabilities (`CAP_BPF ...`), which
+    /// kvmtrace runs with after installing /lab/kvmtrace.deb.
+    pub unit_caps: Option<String>,
     /// `signal`: the signal names, one per mode in turn.
     pub signals: String,
     /// `signal`: L1 seconds from attach to the signal.
@@ -141,6 +144,7 @@ impl L1 {
             net_modules: Vec::new(),
             files: Vec::new(),
             tools: Vec::new(),
+            unit_caps: None,
             signals: String::new(),
             signal_after: 0,
         }
@@ -323,6 +327,9 @@ fn env(l1: &L1, vendor: &str, deps: &[String]) -> String {
     let _ = writeln!(env, "RUN_TIMEOUT={}", l1.run_timeout);
     let _ = writeln!(env, "RUN_BUDGET={}", l1.run_timeout + 60);
     let _ = writeln!(env, "RECORD_ARGS='{}'", l1.record_args);
+    if let Some(caps) = &l1.unit_caps {
+        let _ = writeln!(env, "INSTALL=deb\nUNIT_CAPS='{caps}'");
+    }
     // The crowd's reference is per thread, too: a thread's CPUID count names its VM.
     let crowd = matches!(
         l1.workload,

@@ -319,6 +319,16 @@ pub fn curl_tool(root: &Path) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     host_tool(root, "curl", "curl", "--version")
 }
 
+/// `/usr/bin/NAME` from Debian package `package` (installed on the host), with the
+/// libraries it loads.
+pub fn host_program(
+    root: &Path,
+    name: &str,
+    package: &str,
+) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    host_tool(root, name, package, "--version")
+}
+
 /// `/usr/bin/NAME` from Debian package `package`, installed on the host (apt in the
 /// checkout `root`), with the libraries it loads; the step line shows what `NAME
 /// VERSION_ARG` prints.

@@ -19,6 +19,7 @@ mod bochs;
 mod checks;
 pub mod console;
 mod cpio;
+mod deb;
 pub mod emulator;
 mod hist;
 pub mod image;
@@ -86,6 +87,9 @@ pub fn run(opts: &Options, root: &Path) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if opts.install == options::Install::Deb {
+        deb::add(root, &mut l1)?;
+    }
     let initrd = build.join("l1-initrd.cpio");
     let size = image::l1_initrd(&l1, &initrd)?;
     s.done(format!("{} ({} MiB)", initrd.display(), size >> 20));

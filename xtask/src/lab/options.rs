@@ -53,6 +53,18 @@ pub enum Scenario {
 /// ended VM's series stay (each mode waits that long after its VM ends, and checks
 /// they are gone).
 pub const EXPORT_PORT: u16 = 10470;
+
+/// How kvmtrace gets into L1 (`--install`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Install {
+    /// The static binary at /bin/kvmtrace, run as root.
+    Bin,
+    /// The .deb of `cargo xtask dist`, installed with `dpkg -i`: kvmtrace runs from
+    /// /usr/bin as an unprivileged user (uid 65534) with exactly the capabilities of
+    /// the exporter's unit (dist/kvmtrace-export.service), after failing, with each
+    /// of them missing in turn, with one line that names it.
+    Deb,
+}
 pub const EXPORT_RETENTION_SECS: u64 = 4;
 /// The same for a crowd: long enough that every VM's final values are still served
 /// when the crowd has ended (L1's scrapes of hundreds of VMs can take longer than
@@ -214,6 +226,10 @@ pub struct Options {
     /// How kvmtrace runs: per mode, across module reloads, or stopped by a signal.
     #[arg(long, value_enum, default_value_t = Scenario::Modes)]
     pub scenario: Scenario,
+    /// How kvmtrace gets into L1: its static binary, run as root, or the .deb of
+    /// `cargo xtask dist`, installed and run as the package's service runs it.
+    #[arg(long, value_enum, default_value_t = Install::Bin)]
+    pub install: Install,
     /// --scenario signal: the signal each mode's record gets, in mode order.
     #[arg(long, value_delimiter = ',', default_values_t = ["INT".to_owned(), "TERM".to_owned()],
           value_parser = ["INT", "TERM"])]
@@ -289,6 +305,9 @@ impl Options {
                 "--l1-cpus {} needs --isa amd: Bochs runs its CPUs in one thread, one instruction at a time, so it cannot show races",
                 self.l1_cpus
             );
+        }
+        if self.install == Install::Deb && self.kvmtrace == Kvmtrace::Off {
+            bail!("--install deb installs kvmtrace: it cannot go with --kvmtrace off");
         }
         if self.scenario == Scenario::Export && self.isa != Isa::Amd {
             bail!(

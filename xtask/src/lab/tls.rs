@@ -167,8 +167,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e:#}"));
             assert!(out.contains(": OK"), "{out}");
         }
-        let password = std::fs::read_to_string(pki.dir.join("password"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let password =
+            std::fs::read_to_string(pki.dir.join("password")).unwrap_or_else(|e| panic!("{e}"));
         let config = std::fs::read_to_string(pki.dir.join("web-config.yml"))
             .unwrap_or_else(|e| panic!("{e}"));
         let hash = config
@@ -176,7 +176,10 @@ mod tests {
             .find_map(|l| l.trim().strip_prefix("prometheus: "))
             .unwrap_or_else(|| panic!("no hash in {config}"));
         assert_eq!(bcrypt::verify(&password, hash).ok(), Some(true));
-        assert!(config.contains("cert_file: /lab/tls/server.crt"), "{config}");
+        assert!(
+            config.contains("cert_file: /lab/tls/server.crt"),
+            "{config}"
+        );
         assert_eq!(pki.l1_files().len(), 7);
         assert!(pki.scrape_config().contains("scheme: https"));
     }

@@ -48,6 +48,7 @@ pub fn l1(
         },
         files: Vec::new(),
         tools: Vec::new(),
+        unit_caps: None,
         signals: opts.signals.join(" "),
         signal_after: opts.signal_after,
     })
