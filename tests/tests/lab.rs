@@ -1422,14 +1422,20 @@ fn amd_micro_detail_is_exact() {
 /// (`vm="l2-npt1"`, from QEMU's `-name`) equal L1's kernel hist, reason by reason; the
 /// lab also checks the scrape lints clean, the VM leaves the scrape after the
 /// retention, the exporter stops with status 0 on SIGTERM, and dist/ passes promtool.
+///
+/// The exporter serves over TLS, to a client certificate of the lab's CA with a
+/// password (L1 checks that plain HTTP, no password and no certificate are refused),
+/// and it is the .deb's kvmtrace, run as the unit runs it (see
+/// [`assert_runs_as_the_units_user`]).
 #[test]
 fn amd_export_prometheus_equals_hist() {
     let s = Scenario {
         modules: "stock",
-        extra: &["--scenario", "export"],
+        extra: &["--scenario", "export", "--install", "deb"],
         tag: "export",
         ..boot("amd")
     };
+    assert_runs_as_the_units_user(s);
     for nested in [true, false] {
         let dir = mode_dir(s, nested);
         assert_l2_ended(&dir);
@@ -1532,6 +1538,61 @@ fn amd_linux6_12_patched_micro_reconciles_exactly() {
     };
     assert_kernels(s);
     micro_counts_are_exact(s, "CPUID", "IOIO", "HLT");
+}
+
+/// The .deb of `cargo xtask dist`, installed in L1 with `dpkg -i`, its kvmtrace run
+/// from /usr/bin as the exporter's unit runs it: uid 65534 with exactly the unit's
+/// capabilities. Before that, L1 ran it with each capability missing in turn: it must
+/// fail with one line that names the missing one.
+fn assert_runs_as_the_units_user(s: Scenario) {
+    let path = kvmtrace_e2e::lab(s).join("serial.log");
+    let log = read(&path);
+    assert!(
+        log.contains("KVMLAB deb installed kvmtrace"),
+        "{}: no dpkg -i",
+        path.display()
+    );
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"] {
+        let said = log
+            .lines()
+            .find_map(|l| l.split_once(&format!("KVMLAB deb without {cap}: ")))
+            .map(|(_, said)| said)
+            .unwrap_or_else(|| panic!("{}: nothing run without {cap}", path.display()));
+        assert!(said.contains(cap), "without {cap}: {said}");
+    }
+    assert!(
+        log.contains(
+            "KVMLAB deb kvmtrace runs as uid 65534 with -all,+bpf,+perfmon,+dac_read_search"
+        ),
+        "{}",
+        path.display()
+    );
+}
+
+/// The .deb on Debian 11's 5.10 (see [`assert_runs_as_the_units_user`]): the record
+/// of the package's kvmtrace, as the unit's user, equals the kernel's trace buffer.
+#[test]
+fn intel_linux5_10_deb_records_as_the_units_user() {
+    let s = Scenario {
+        modules: "stock",
+        kernel: "5.10",
+        extra: &[
+            "--record-args",
+            "--per-vcpu --snapshots",
+            "--install",
+            "deb",
+        ],
+        tag: "deb",
+        ..micro("intel")
+    };
+    assert_runs_as_the_units_user(s);
+    for nested in [true, false] {
+        let dir = mode_dir(s, nested);
+        let rec = record(&dir);
+        let diffs = differences(&counts(&rec), &hist(&dir));
+        assert!(diffs.is_empty(), "{}: {}", dir.display(), diffs.join("\n"));
+        assert!(rec.total.count > 1000, "{}", dir.display());
+    }
 }
 
 /// Debian 11's 5.10 in L1: no hist triggers there, so the reference is every

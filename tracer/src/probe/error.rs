@@ -59,6 +59,70 @@ pub enum ProbeError {
     ObjectMaps(String),
     #[error("cannot tell how many CPUs this host has: {0}")]
     Cpus(#[source] std::io::Error),
+    #[error(
+        "cannot attach eBPF program {program}: the kernel refuses perf events to all but CAP_SYS_ADMIN (kernel.perf_event_paranoid is {paranoid}, Debian's restriction): set it to 2 (sysctl kernel.perf_event_paranoid=2, or a file in /etc/sysctl.d), then CAP_PERFMON suffices; or run kvmtrace as root"
+    )]
+    PerfRestricted { program: String, paranoid: i32 },
+}
+
+/// A failed attach of `program` (to a tracepoint, through perf_event_open): named as
+/// Debian's perf restriction when that is what refused it (EACCES, with
+/// `kernel.perf_event_paranoid` above 2 and no CAP_SYS_ADMIN), so that the line says
+/// what to change.
+pub(super) fn attach_error(program: String, source: ProgramError) -> ProbeError {
+    let paranoid = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    let admin = caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_ADMIN,
+    )
+    .unwrap_or(false);
+    match paranoid {
+        Some(paranoid) if paranoid > 2 && !admin && denied(&source) => {
+            ProbeError::PerfRestricted { program, paranoid }
+        }
+        _ => ProbeError::Program {
+            action: "attach",
+            program,
+            source,
+        },
+    }
+}
+
+/// Whether an error, or one it was caused by, is an EACCES.
+fn denied(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(err);
+    while let Some(e) = at {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EACCES))
+        {
+            return true;
+        }
+        at = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eacces_is_found_down_the_chain() {
+        let io = std::io::Error::from_raw_os_error(libc::EACCES);
+        let wrapped = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "perf_event_open_trace_point",
+            io_error: io,
+        });
+        assert!(denied(&wrapped));
+        let other = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "perf_event_open_trace_point",
+            io_error: std::io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        assert!(!denied(&other));
+    }
 }
 
 /// A failed operation on map `map`, as a [`ProbeError`].

@@ -72,11 +72,7 @@ impl Program {
             }
             Kind::KProbe => return Err(unusable(name)(ProgramError::UnexpectedProgramType)),
         };
-        attached.map_err(|source| ProbeError::Program {
-            action: "attach",
-            program: format!("{name} to {tp}"),
-            source,
-        })
+        attached.map_err(|source| super::error::attach_error(format!("{name} to {tp}"), source))
     }
 
     /// Loads it and attaches it to its function (a kprobe). The attach's own failure
