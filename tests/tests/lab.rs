@@ -1543,7 +1543,9 @@ fn amd_linux6_12_patched_micro_reconciles_exactly() {
 /// The .deb of `cargo xtask dist`, installed in L1 with `dpkg -i`, its kvmtrace run
 /// from /usr/bin as the exporter's unit runs it: uid 65534 with exactly the unit's
 /// capabilities. Before that, L1 ran it with each capability missing in turn: it must
-/// fail with one line that names the missing one.
+/// fail with one line that names the missing one; and with all of them at Debian's
+/// `kernel.perf_event_paranoid=3`, which lets only CAP_SYS_ADMIN attach tracepoints: one
+/// line naming the sysctl (L1 then sets it to 2, as dist/deb/README.md says).
 fn assert_runs_as_the_units_user(s: Scenario) {
     let path = kvmtrace_e2e::lab(s).join("serial.log");
     let log = read(&path);
@@ -1560,6 +1562,17 @@ fn assert_runs_as_the_units_user(s: Scenario) {
             .unwrap_or_else(|| panic!("{}: nothing run without {cap}", path.display()));
         assert!(said.contains(cap), "without {cap}: {said}");
     }
+    // Debian's perf_event_paranoid=3 refuses CAP_PERFMON: one line that names it.
+    let paranoid = log
+        .lines()
+        .find_map(|l| l.split_once("KVMLAB deb perf_event_paranoid="))
+        .map(|(_, said)| said)
+        .unwrap_or_else(|| panic!("{}: no run with the unit's capabilities", path.display()));
+    assert!(
+        paranoid.starts_with("3: kvmtrace: cannot attach eBPF program")
+            && paranoid.contains("kernel.perf_event_paranoid is 3"),
+        "{paranoid}"
+    );
     assert!(
         log.contains(
             "KVMLAB deb kvmtrace runs as uid 65534 with -all,+bpf,+perfmon,+dac_read_search"

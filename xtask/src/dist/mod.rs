@@ -206,6 +206,12 @@ fn lay_out(root: &Path, binary: &Path, tree: &Path, version: &str) -> anyhow::Re
         0o644,
     )?;
     install(&root.join("dist/README.md"), &doc.join("README.web"), 0o644)?;
+    // What the unit runs with, and the sysctl Debian's kernels need.
+    install(
+        &deb_dir.join("README.md"),
+        &doc.join("README.Debian"),
+        0o644,
+    )?;
     install(&deb_dir.join("copyright"), &doc.join("copyright"), 0o644)?;
     gzip(&deb_dir.join("changelog"), &doc.join("changelog.Debian.gz"))?;
     install(
