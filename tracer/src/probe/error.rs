@@ -105,26 +105,6 @@ fn denied(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn eacces_is_found_down_the_chain() {
-        let io = std::io::Error::from_raw_os_error(libc::EACCES);
-        let wrapped = ProgramError::SyscallError(aya::sys::SyscallError {
-            call: "perf_event_open_trace_point",
-            io_error: io,
-        });
-        assert!(denied(&wrapped));
-        let other = ProgramError::SyscallError(aya::sys::SyscallError {
-            call: "perf_event_open_trace_point",
-            io_error: std::io::Error::from_raw_os_error(libc::ENOENT),
-        });
-        assert!(!denied(&other));
-    }
-}
-
 /// A failed operation on map `map`, as a [`ProbeError`].
 pub(super) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> ProbeError {
     move |source| ProbeError::Map { map, source }
@@ -151,5 +131,25 @@ pub(super) fn load_error(program: &str, err: ProgramError) -> ProbeError {
             program: program.to_owned(),
             source,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eacces_is_found_down_the_chain() {
+        let io = std::io::Error::from_raw_os_error(libc::EACCES);
+        let wrapped = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "perf_event_open_trace_point",
+            io_error: io,
+        });
+        assert!(denied(&wrapped));
+        let other = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "perf_event_open_trace_point",
+            io_error: std::io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        assert!(!denied(&other));
     }
 }
