@@ -408,7 +408,9 @@ impl Lintian {
 /// prints what it says, and fails when it reports an error.
 pub fn lintian(deb: &Path) -> anyhow::Result<Lintian> {
     let mut cmd = Command::new("lintian");
-    cmd.args(["--display-info", "--show-overrides", "--fail-on", "error"])
+    // The errors are counted from its lines: with --show-overrides, --fail-on error
+    // also fails on an overridden one (each override is explained in the file).
+    cmd.args(["--display-info", "--show-overrides", "--fail-on", "none"])
         .arg(deb);
     let out = process::output(&mut cmd)
         .context("lintian is missing: install it (apt-get install lintian)")?;

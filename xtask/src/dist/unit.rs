@@ -87,6 +87,11 @@ pub fn verify(tree: &Path, man: bool) -> anyhow::Result<()> {
     let units = root.join(UNIT_DIR);
     copy_dir(Path::new("/").join(UNIT_DIR).as_path(), &units)?;
     copy_dir(tree, root)?;
+    // ExecReload's kill(1) is the host's (procps, a dependency of the package).
+    let kill = root.join("bin/kill");
+    std::fs::create_dir_all(root.join("bin")).context("cannot make the root's /bin")?;
+    std::fs::copy("/bin/kill", &kill)
+        .context("cannot copy /bin/kill for the unit's ExecReload: install procps")?;
     let man_flag = if man { "--man=yes" } else { "--man=no" };
     let root_flag = format!("--root={}", root.display());
     let man_path: PathBuf = tree.join("usr/share/man");
