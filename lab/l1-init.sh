@@ -141,7 +141,11 @@ install_deb() {
     step deb:install 600
     mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates /var/lib/dpkg/triggers /var/log \
         /usr/sbin /etc
-    touch /var/lib/dpkg/status /var/lib/dpkg/available
+    touch /var/lib/dpkg/available
+    # The package depends on procps for the unit's ExecReload=/bin/kill: here busybox
+    # is /bin/kill, and this L1's dpkg database says so.
+    printf 'Package: procps\nStatus: install ok installed\nPriority: important\nSection: admin\nMaintainer: kvmtrace lab\nArchitecture: amd64\nVersion: 2:4.0.2-3\nDescription: /bin/kill (busybox in this L1)\n\n' \
+        > /var/lib/dpkg/status
     # dpkg wants ldconfig in PATH; a static kvmtrace needs no ld.so cache.
     printf '#!/bin/sh\nexit 0\n' > /usr/sbin/ldconfig
     chmod 755 /usr/sbin/ldconfig
@@ -180,6 +184,12 @@ install_deb() {
         echo 2 > /proc/sys/kernel/perf_event_paranoid || finish fail "cannot set perf_event_paranoid"
         say "deb perf_event_paranoid=2 from here on, as the unit's documentation says"
     fi
+    # Both commands the package runs, as its user, before the scenario runs one of them.
+    for cmd in "record -d 0.2 -o /tmp/capcheck.json" "top -n 1"; do
+        as_unit $all /usr/bin/kvmtrace $cmd </dev/null >/tmp/capcheck.out 2>/tmp/capcheck.err \
+            || { cat /tmp/capcheck.err; finish fail "kvmtrace $cmd failed as the unit's user"; }
+    done
+    say "deb record and top ran as the unit's user"
     rm -f /bin/kvmtrace
     printf '#!/bin/sh\n# kvmtrace as the unit runs it (written by /init).\nulimit -l unlimited\nexec /usr/bin/setpriv --reuid 65534 --regid 65534 --clear-groups --inh-caps=%s --ambient-caps=%s --bounding-set=%s /usr/bin/kvmtrace "$@"\n' \
         $all $all $all > /bin/kvmtrace

@@ -1574,6 +1574,11 @@ fn assert_runs_as_the_units_user(s: Scenario) {
         "{paranoid}"
     );
     assert!(
+        log.contains("KVMLAB deb record and top ran as the unit's user"),
+        "{}",
+        path.display()
+    );
+    assert!(
         log.contains(
             "KVMLAB deb kvmtrace runs as uid 65534 with -all,+bpf,+perfmon,+dac_read_search"
         ),

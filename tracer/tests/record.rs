@@ -64,6 +64,34 @@ fn record_attaches_and_writes_an_empty_report() {
     std::fs::remove_file(&path).ok();
 }
 
+/// The command after `--` (a VMM) gets none of kvmtrace's ambient capabilities: the
+/// .deb's service user holds its capabilities that way, and a VMM has no use for them.
+#[test]
+fn the_command_gets_none_of_kvmtraces_ambient_capabilities() {
+    if !is_root() || !has_kvm_tracepoints() {
+        return;
+    }
+    let dir = tempdir();
+    let said = dir.path().join("status");
+    let caps = "+bpf,+perfmon,+dac_read_search";
+    let out = run(Command::new("setpriv")
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .arg(env!("CARGO_BIN_EXE_kvmtrace"))
+        .args(["record", "--format", "json", "-o"])
+        .arg(dir.path().join("rec.json"))
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "grep -E '^Cap(Amb|Inh)' /proc/self/status > {}",
+            said.display()
+        )));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = std::fs::read_to_string(&said).unwrap_or_else(|e| panic!("{e}"));
+    // The ambient set is empty; the inheritable one (not raised at exec) stays.
+    assert!(status.contains("CapAmb:\t0000000000000000"), "{status}");
+    assert!(!status.contains("CapInh:\t0000000000000000"), "{status}");
+}
+
 #[test]
 fn record_runs_a_command_and_filters_its_pid() {
     if !is_root() || !has_kvm_tracepoints() {

@@ -288,7 +288,28 @@ fn wait(
         let mut signals = Signals::install()?;
         let mut child = match args.command.split_first() {
             Some((program, rest)) => {
-                let child = Command::new(program).args(rest).spawn().map_err(|e| {
+                let mut command = Command::new(program);
+                command.args(rest);
+                // The command (a VMM) gets none of kvmtrace's ambient capabilities (the
+                // .deb's service user holds CAP_BPF, CAP_PERFMON and
+                // CAP_DAC_READ_SEARCH that way): a VMM has no use for them.
+                // SAFETY: prctl is async-signal-safe, and nothing else runs between
+                // fork and exec here.
+                unsafe {
+                    command.pre_exec(|| {
+                        // Before 4.3 there are no ambient capabilities: EINVAL, nothing
+                        // to clear.
+                        let _ = libc::prctl(
+                            libc::PR_CAP_AMBIENT,
+                            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                            0,
+                            0,
+                            0,
+                        );
+                        Ok(())
+                    });
+                }
+                let child = command.spawn().map_err(|e| {
                     BadInput(format!(
                         "cannot run {program}: {e}: check the command after --"
                     ))

@@ -24,6 +24,9 @@ pub struct Prometheus {
     api: String,
     promtool: PathBuf,
     pub version: String,
+    /// What promtool says of the lab's own files: this server's configuration (its
+    /// https scrape, client certificate and password) and L1's web configuration.
+    lab_problems: Vec<String>,
 }
 
 /// A free TCP port on the host's loopback address (free when this returns).
@@ -86,6 +89,7 @@ impl Prometheus {
                 tls.scrape_config()
             ),
         )?;
+        let lab_problems = check_lab(&promtool, &dir, tls)?;
         let port = free_port()?;
         let log = std::fs::File::create(dir.join("prometheus.log"))
             .with_context(|| format!("cannot create {}", dir.join("prometheus.log").display()))?;
@@ -107,6 +111,7 @@ impl Prometheus {
             api: format!("http://127.0.0.1:{port}"),
             promtool,
             version,
+            lab_problems,
         };
         let started = Instant::now();
         while ureq::get(format!("{}/-/ready", p.api)).call().is_err() {
@@ -269,7 +274,7 @@ pub fn collect(
 ) -> anyhow::Result<Exported> {
     let mut out = Exported {
         prometheus_version: prom.version.clone(),
-        dist_problems: prom.check_dist(dist)?,
+        dist_problems: [prom.check_dist(dist)?, prom.lab_problems.clone()].concat(),
         ..Exported::default()
     };
     // The vendor module is removed and loaded again between modes while the exporter
@@ -409,50 +414,46 @@ fn collect_crowd(
     Ok(problems)
 }
 
-/// The files dist/web-config.yml names under /etc/kvmtrace/, made in `dir` with openssl:
-/// a CA (also the clients' CA) and a server certificate it signed.
-fn throwaway_pki(dir: &Path) -> anyhow::Result<()> {
-    let key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    write(&dir.join("server.ext"), "subjectAltName=DNS:localhost\n")?;
-    for args in [
-        &[
-            "req",
-            "-x509",
-            "-keyout",
-            "clients-ca.key",
-            "-out",
-            "clients-ca.crt",
-        ][..],
-        &["req", "-keyout", "server.key", "-out", "server.csr"],
-    ] {
-        crate::exec::output(
-            Command::new("openssl")
-                .args(args)
-                .args(key)
-                .args(["-days", "1", "-subj", "/CN=kvmtrace lab"])
-                .current_dir(dir),
-        )?;
-    }
-    crate::exec::output(
-        Command::new("openssl")
-            .args(["x509", "-req", "-in", "server.csr", "-CA", "clients-ca.crt"])
-            .args(["-CAkey", "clients-ca.key", "-CAcreateserial", "-days", "1"])
-            .args(["-out", "server.crt", "-extfile", "server.ext"])
-            .current_dir(dir),
+/// `promtool` on the lab's own files: `check config` on the server's configuration in
+/// `dir` (whole: its CA, client certificate and password file exist here), and `check
+/// web-config` on L1's, on a copy naming the files where they are on this host.
+fn check_lab(promtool: &Path, dir: &Path, tls: &super::tls::Pki) -> anyhow::Result<Vec<String>> {
+    let l1 = std::fs::read_to_string(tls.dir.join("web-config.yml"))
+        .with_context(|| format!("cannot read {}", tls.dir.join("web-config.yml").display()))?;
+    let here = tls.dir.join("web-config.here.yml");
+    write(
+        &here,
+        l1.replace(
+            &format!("/{}/", super::tls::L1_DIR),
+            &format!("{}/", tls.dir.display()),
+        ),
     )?;
-    Ok(())
+    let mut problems = Vec::new();
+    for (what, file) in [("config", dir.join("prometheus.yml")), ("web-config", here)] {
+        let out = Command::new(promtool)
+            .args(["check", what])
+            .arg(&file)
+            .output()
+            .with_context(|| format!("cannot run {}", promtool.display()))?;
+        if !out.status.success() {
+            problems.push(format!(
+                "the lab's {}: promtool check {what} failed: {}{}",
+                file.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(problems)
 }
 
 /// [`Prometheus::check_dist`] with `promtool`.
 fn check_dist(promtool: &Path, dist: &Path) -> anyhow::Result<Vec<String>> {
     let pki = tempfile::tempdir().context("cannot make a temporary directory")?;
-    throwaway_pki(pki.path())?;
+    // A throwaway CA and server certificate, under the names dist's file gives them.
+    super::tls::Pki::make(pki.path())?;
+    std::fs::copy(pki.path().join("ca.crt"), pki.path().join("clients-ca.crt"))
+        .context("cannot copy the throwaway CA")?;
     let web_config = std::fs::read_to_string(dist.join("web-config.yml"))
         .with_context(|| format!("cannot read {}", dist.join("web-config.yml").display()))?
         .replace("/etc/kvmtrace/", &format!("{}/", pki.path().display()));
