@@ -222,6 +222,13 @@ impl Results {
                         "L1 measured no {config} run in round {round}: see the bench's serial log"
                     );
                 }
+                // The crowd's table compares the VMs' CPU time: a run without it would
+                // print a dash where a number belongs.
+                if !cpu.get(*config).is_some_and(|r| r.contains_key(&round)) {
+                    bail!(
+                        "L1 measured no CPU time of the {config} run in round {round}: see the bench's serial log"
+                    );
+                }
             }
         }
         let mut kvmtrace = Vec::new();

@@ -253,3 +253,17 @@ fn a_console_cut_short_still_gives_its_runs() {
     );
     assert!(console_of(&dir.path().join("none")).is_empty());
 }
+
+#[test]
+fn a_run_without_its_cpu_time_fails_the_bench() {
+    let mut lines = console(1, true, &|_| 1000);
+    for l in &mut lines {
+        if l.text.starts_with("KVMLAB bench stock-crowd 1 ") {
+            l.text = "KVMLAB bench stock-crowd 1 run_ns=1000".to_owned();
+        }
+    }
+    assert_eq!(
+        err(&lines, 1),
+        "L1 measured no CPU time of the stock-crowd run in round 1: see the bench's serial log"
+    );
+}
